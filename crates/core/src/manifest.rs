@@ -1,0 +1,392 @@
+//! The model manifest: a TOML file next to each `.tflite` that says what the model is, how it was
+//! made, and exactly which preprocessing its input expects.
+//!
+//! ```toml
+//! [model]
+//! id = "df-mini"            # embeddings and heads are bound to this id
+//! version = "1"
+//! file = "df-mini.fp32.tflite"   # relative to the manifest
+//! sha256 = "…"              # of the .tflite; a mismatch is refused
+//! precision = "fp32"        # fp32 | fp16 | int8 | int16x8 | dynamic-int8
+//! embedding_dim = 6144
+//!
+//! [input]
+//! width = 448
+//! height = 448
+//! channels = 3
+//! layout = "nhwc"           # nhwc | nchw
+//! color_order = "rgb"       # rgb | bgr
+//! dtype = "float32"         # float32 | uint8 | int8: the model's input tensor type
+//! resize_filter = "bilinear"  # TensorFlow's bilinear: half-pixel centres, no antialiasing
+//! scale = 0.00392156862745098 # value = pixel (0–255) * scale + offset
+//! offset = 0.0
+//! # [input.quantization]    # required when dtype is uint8/int8: must equal the model's
+//! # scale = 0.0039215689
+//! # zero_point = -128
+//!
+//! [output]
+//! name = "embedding"
+//! dtype = "float32"         # float32 | uint8 | int8 (quantised outputs are dequantised)
+//!
+//! [provenance]              # free-form strings: source, tool, notes, …
+//! ```
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Largest input side a manifest may declare; larger inputs are a typo, not a model.
+pub const MAX_INPUT_SIDE: u32 = 4096;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelManifest {
+    pub model: ModelSection,
+    pub input: InputSpec,
+    pub output: OutputSpec,
+    #[serde(default)]
+    pub provenance: BTreeMap<String, String>,
+    /// Where the manifest was read from; model paths resolve relative to its directory.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub id: String,
+    pub version: String,
+    pub file: PathBuf,
+    pub sha256: String,
+    pub precision: Precision,
+    pub embedding_dim: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    Fp32,
+    Fp16,
+    Int8,
+    Int16x8,
+    DynamicInt8,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
+            Precision::Int16x8 => "int16x8",
+            Precision::DynamicInt8 => "dynamic-int8",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    pub width: u32,
+    pub height: u32,
+    pub channels: u32,
+    pub layout: Layout,
+    pub color_order: ColorOrder,
+    pub dtype: TensorDtype,
+    pub resize_filter: ResizeFilter,
+    pub scale: f32,
+    pub offset: f32,
+    #[serde(default)]
+    pub quantization: Option<QuantSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantSpec {
+    pub scale: f32,
+    pub zero_point: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    pub name: String,
+    pub dtype: TensorDtype,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Nhwc,
+    Nchw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColorOrder {
+    Rgb,
+    Bgr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeFilter {
+    /// TensorFlow's `tf.image.resize(method="bilinear", antialias=False)`: half-pixel centres.
+    Bilinear,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TensorDtype {
+    Float32,
+    Uint8,
+    Int8,
+}
+
+impl TensorDtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TensorDtype::Float32 => "float32",
+            TensorDtype::Uint8 => "uint8",
+            TensorDtype::Int8 => "int8",
+        }
+    }
+}
+
+/// What is wrong with a manifest or the model file it names.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{path}: cannot read manifest: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid dermedge manifest: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: field `{field}`: {message}")]
+    Invalid { path: PathBuf, field: &'static str, message: String },
+    #[error("{manifest}: model file {model} cannot be read: {source}")]
+    ModelMissing { manifest: PathBuf, model: PathBuf, source: std::io::Error },
+    #[error(
+        "{manifest}: model file {model} has sha256 {actual}, but the manifest expects {expected} \
+         (the file is truncated, corrupt or a different model)"
+    )]
+    ChecksumMismatch { manifest: PathBuf, model: PathBuf, expected: String, actual: String },
+}
+
+impl ModelManifest {
+    /// Read and validate a manifest. Does not touch the model file; see [`Self::verify_model_file`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ManifestError> {
+        let path = path.as_ref();
+        let text = fs::read_to_string(path)
+            .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
+        let mut manifest = Self::parse(&text, path)?;
+        manifest.path = path.to_path_buf();
+        Ok(manifest)
+    }
+
+    /// Parse and validate manifest text; `path` is used in error messages and to resolve the model.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ManifestError> {
+        let mut manifest: ModelManifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        manifest.path = path.to_path_buf();
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    fn invalid(&self, field: &'static str, message: impl Into<String>) -> ManifestError {
+        ManifestError::Invalid { path: self.path.clone(), field, message: message.into() }
+    }
+
+    fn validate(&self) -> Result<(), ManifestError> {
+        let m = &self.model;
+        if m.id.trim().is_empty() || m.id.chars().any(char::is_whitespace) {
+            return Err(self.invalid("model.id", "expected a non-empty id without whitespace"));
+        }
+        if m.sha256.len() != 64 || !m.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(self.invalid("model.sha256", "expected 64 hexadecimal digits"));
+        }
+        if m.embedding_dim == 0 || m.embedding_dim > 1 << 20 {
+            return Err(self.invalid("model.embedding_dim", "expected 1 to 1048576"));
+        }
+        let i = &self.input;
+        for (field, v) in [("input.width", i.width), ("input.height", i.height)] {
+            if v == 0 || v > MAX_INPUT_SIDE {
+                return Err(self.invalid(field, format!("{v} is out of range; expected 1 to {MAX_INPUT_SIDE}")));
+            }
+        }
+        if i.channels != 3 {
+            return Err(self.invalid("input.channels", format!("{} is not supported; expected 3", i.channels)));
+        }
+        if !i.scale.is_finite() || i.scale == 0.0 {
+            return Err(self.invalid("input.scale", "expected a finite, non-zero number"));
+        }
+        if !i.offset.is_finite() {
+            return Err(self.invalid("input.offset", "expected a finite number"));
+        }
+        match (i.dtype, &i.quantization) {
+            (TensorDtype::Float32, Some(_)) => {
+                return Err(self.invalid("input.quantization", "only allowed when input.dtype is uint8 or int8"))
+            }
+            (TensorDtype::Uint8 | TensorDtype::Int8, None) => {
+                return Err(self.invalid("input.quantization", "required when input.dtype is uint8 or int8"))
+            }
+            (_, Some(q)) if !(q.scale.is_finite() && q.scale > 0.0) => {
+                return Err(self.invalid("input.quantization.scale", "expected a finite number > 0"))
+            }
+            (TensorDtype::Uint8, Some(q)) if !(0..=255).contains(&q.zero_point) => {
+                return Err(self.invalid("input.quantization.zero_point", "expected 0 to 255 for uint8"))
+            }
+            (TensorDtype::Int8, Some(q)) if !(-128..=127).contains(&q.zero_point) => {
+                return Err(self.invalid("input.quantization.zero_point", "expected -128 to 127 for int8"))
+            }
+            _ => {}
+        }
+        if self.output.name.trim().is_empty() {
+            return Err(self.invalid("output.name", "expected the name of the embedding output tensor"));
+        }
+        Ok(())
+    }
+
+    /// The model file, resolved relative to the manifest's directory.
+    pub fn model_path(&self) -> PathBuf {
+        if self.model.file.is_absolute() {
+            return self.model.file.clone();
+        }
+        self.path.parent().unwrap_or_else(|| Path::new(".")).join(&self.model.file)
+    }
+
+    /// Read the model file and check it against `model.sha256`. Returns its bytes.
+    pub fn verify_model_file(&self) -> Result<Vec<u8>, ManifestError> {
+        let model = self.model_path();
+        let missing = |source| ManifestError::ModelMissing {
+            manifest: self.path.clone(),
+            model: model.clone(),
+            source,
+        };
+        let mut bytes = Vec::new();
+        fs::File::open(&model).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(missing)?;
+        let actual = sha256_hex(&bytes);
+        if !actual.eq_ignore_ascii_case(&self.model.sha256) {
+            return Err(ManifestError::ChecksumMismatch {
+                manifest: self.path.clone(),
+                model,
+                expected: self.model.sha256.to_ascii_lowercase(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Number of values in one input tensor (batch 1).
+    pub fn input_len(&self) -> usize {
+        (self.input.width * self.input.height * self.input.channels) as usize
+    }
+}
+
+/// Lower-case hexadecimal sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[model]
+id = "df-mini"
+version = "1"
+file = "m.tflite"
+sha256 = "bfbd7251e59942aa05fef9c574a79fa89d91542283cda75b55a0bebb63c0ff47"
+precision = "fp32"
+embedding_dim = 6144
+
+[input]
+width = 448
+height = 448
+channels = 3
+layout = "nhwc"
+color_order = "rgb"
+dtype = "float32"
+resize_filter = "bilinear"
+scale = 0.00392156862745098
+offset = 0.0
+
+[output]
+name = "embedding"
+dtype = "float32"
+"#;
+
+    fn parse(text: &str) -> Result<ModelManifest, ManifestError> {
+        ModelManifest::parse(text, Path::new("/models/m.toml"))
+    }
+
+    #[test]
+    fn parses_a_good_manifest_and_resolves_the_model_next_to_it() {
+        let m = parse(GOOD).unwrap();
+        assert_eq!(m.model.embedding_dim, 6144);
+        assert_eq!(m.model.precision, Precision::Fp32);
+        assert_eq!(m.model_path(), PathBuf::from("/models/m.tflite"));
+        assert_eq!(m.input_len(), 448 * 448 * 3);
+    }
+
+    fn field_error(text: &str) -> (String, String) {
+        match parse(text).unwrap_err() {
+            ManifestError::Invalid { field, message, .. } => (field.to_string(), message),
+            ManifestError::Parse { message, .. } => ("<parse>".into(), message),
+            other => panic!("unexpected error {other}"),
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_keys_naming_them() {
+        let (field, message) = field_error(&GOOD.replace("offset = 0.0", "offset = 0.0\nofset = 1"));
+        assert_eq!(field, "<parse>");
+        assert!(message.contains("ofset"), "{message}");
+    }
+
+    #[test]
+    fn rejects_impossible_values_naming_the_field() {
+        let cases = [
+            (GOOD.replace("width = 448", "width = 0"), "input.width"),
+            (GOOD.replace("height = 448", "height = 100000"), "input.height"),
+            (GOOD.replace("channels = 3", "channels = 4"), "input.channels"),
+            (GOOD.replace("embedding_dim = 6144", "embedding_dim = 0"), "model.embedding_dim"),
+            (GOOD.replace("sha256 = \"bf", "sha256 = \"zz"), "model.sha256"),
+            (GOOD.replace("scale = 0.00392156862745098", "scale = 0.0"), "input.scale"),
+            (GOOD.replace("dtype = \"float32\"\nresize", "dtype = \"uint8\"\nresize"), "input.quantization"),
+            (GOOD.replace("id = \"df-mini\"", "id = \"\""), "model.id"),
+        ];
+        for (text, expected) in cases {
+            let (field, message) = field_error(&text);
+            assert_eq!(field, expected, "{message}");
+            assert!(!message.is_empty());
+        }
+    }
+
+    #[test]
+    fn rejects_unsupported_enum_values() {
+        let (field, message) = field_error(&GOOD.replace("\"bilinear\"", "\"lanczos\""));
+        assert_eq!(field, "<parse>");
+        assert!(message.contains("lanczos") && message.contains("bilinear"), "{message}");
+    }
+
+    #[test]
+    fn checksum_mismatch_and_missing_model_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest_path = dir.path().join("m.toml");
+        std::fs::write(&manifest_path, GOOD).unwrap();
+        let m = ModelManifest::load(&manifest_path).unwrap();
+        let err = m.verify_model_file().unwrap_err().to_string();
+        assert!(err.contains("m.tflite") && err.contains("cannot be read"), "{err}");
+
+        std::fs::write(dir.path().join("m.tflite"), b"TFL3 but not the model").unwrap();
+        let err = m.verify_model_file().unwrap_err();
+        assert!(matches!(err, ManifestError::ChecksumMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("bfbd7251"), "{err}");
+    }
+}
