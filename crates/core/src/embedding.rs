@@ -57,7 +57,11 @@ mod tests {
 
     #[test]
     fn norm_and_dim() {
-        let e = Embedding { model_id: "m".into(), precision: "fp32".into(), values: vec![3.0, 4.0] };
+        let e = Embedding {
+            model_id: "m".into(),
+            precision: "fp32".into(),
+            values: vec![3.0, 4.0],
+        };
         assert_eq!(e.dim(), 2);
         assert_eq!(e.l2_norm(), 5.0);
     }

@@ -161,26 +161,44 @@ impl TensorDtype {
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("{path}: cannot read manifest: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a valid dermedge manifest: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: field `{field}`: {message}")]
-    Invalid { path: PathBuf, field: &'static str, message: String },
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
     #[error("{manifest}: model file {model} cannot be read: {source}")]
-    ModelMissing { manifest: PathBuf, model: PathBuf, source: std::io::Error },
+    ModelMissing {
+        manifest: PathBuf,
+        model: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "{manifest}: model file {model} has sha256 {actual}, but the manifest expects {expected} \
          (the file is truncated, corrupt or a different model)"
     )]
-    ChecksumMismatch { manifest: PathBuf, model: PathBuf, expected: String, actual: String },
+    ChecksumMismatch {
+        manifest: PathBuf,
+        model: PathBuf,
+        expected: String,
+        actual: String,
+    },
 }
 
 impl ModelManifest {
     /// Read and validate a manifest. Does not touch the model file; see [`Self::verify_model_file`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ManifestError> {
         let path = path.as_ref();
-        let text = fs::read_to_string(path)
-            .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
+        let text = fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut manifest = Self::parse(&text, path)?;
         manifest.path = path.to_path_buf();
         Ok(manifest)
@@ -188,17 +206,22 @@ impl ModelManifest {
 
     /// Parse and validate manifest text; `path` is used in error messages and to resolve the model.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ManifestError> {
-        let mut manifest: ModelManifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })?;
+        let mut manifest: ModelManifest =
+            toml::from_str(text).map_err(|e| ManifestError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string().trim_end().replace('\n', " "),
+            })?;
         manifest.path = path.to_path_buf();
         manifest.validate()?;
         Ok(manifest)
     }
 
     fn invalid(&self, field: &'static str, message: impl Into<String>) -> ManifestError {
-        ManifestError::Invalid { path: self.path.clone(), field, message: message.into() }
+        ManifestError::Invalid {
+            path: self.path.clone(),
+            field,
+            message: message.into(),
+        }
     }
 
     fn validate(&self) -> Result<(), ManifestError> {
@@ -215,11 +238,17 @@ impl ModelManifest {
         let i = &self.input;
         for (field, v) in [("input.width", i.width), ("input.height", i.height)] {
             if v == 0 || v > MAX_INPUT_SIDE {
-                return Err(self.invalid(field, format!("{v} is out of range; expected 1 to {MAX_INPUT_SIDE}")));
+                return Err(self.invalid(
+                    field,
+                    format!("{v} is out of range; expected 1 to {MAX_INPUT_SIDE}"),
+                ));
             }
         }
         if i.channels != 3 {
-            return Err(self.invalid("input.channels", format!("{} is not supported; expected 3", i.channels)));
+            return Err(self.invalid(
+                "input.channels",
+                format!("{} is not supported; expected 3", i.channels),
+            ));
         }
         if !i.scale.is_finite() || i.scale == 0.0 {
             return Err(self.invalid("input.scale", "expected a finite, non-zero number"));
@@ -229,24 +258,39 @@ impl ModelManifest {
         }
         match (i.dtype, &i.quantization) {
             (TensorDtype::Float32, Some(_)) => {
-                return Err(self.invalid("input.quantization", "only allowed when input.dtype is uint8 or int8"))
+                return Err(self.invalid(
+                    "input.quantization",
+                    "only allowed when input.dtype is uint8 or int8",
+                ))
             }
             (TensorDtype::Uint8 | TensorDtype::Int8, None) => {
-                return Err(self.invalid("input.quantization", "required when input.dtype is uint8 or int8"))
+                return Err(self.invalid(
+                    "input.quantization",
+                    "required when input.dtype is uint8 or int8",
+                ))
             }
             (_, Some(q)) if !(q.scale.is_finite() && q.scale > 0.0) => {
                 return Err(self.invalid("input.quantization.scale", "expected a finite number > 0"))
             }
             (TensorDtype::Uint8, Some(q)) if !(0..=255).contains(&q.zero_point) => {
-                return Err(self.invalid("input.quantization.zero_point", "expected 0 to 255 for uint8"))
+                return Err(self.invalid(
+                    "input.quantization.zero_point",
+                    "expected 0 to 255 for uint8",
+                ))
             }
             (TensorDtype::Int8, Some(q)) if !(-128..=127).contains(&q.zero_point) => {
-                return Err(self.invalid("input.quantization.zero_point", "expected -128 to 127 for int8"))
+                return Err(self.invalid(
+                    "input.quantization.zero_point",
+                    "expected -128 to 127 for int8",
+                ))
             }
             _ => {}
         }
         if self.output.name.trim().is_empty() {
-            return Err(self.invalid("output.name", "expected the name of the embedding output tensor"));
+            return Err(self.invalid(
+                "output.name",
+                "expected the name of the embedding output tensor",
+            ));
         }
         Ok(())
     }
@@ -256,20 +300,35 @@ impl ModelManifest {
         if self.model.file.is_absolute() {
             return self.model.file.clone();
         }
-        self.path.parent().unwrap_or_else(|| Path::new(".")).join(&self.model.file)
+        self.path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(&self.model.file)
     }
 
-    /// Read the model file and check it against `model.sha256`. Returns its bytes.
-    pub fn verify_model_file(&self) -> Result<Vec<u8>, ManifestError> {
+    /// Check the model file against `model.sha256`, reading it in chunks (models can be GBs).
+    pub fn verify_model_file(&self) -> Result<(), ManifestError> {
         let model = self.model_path();
         let missing = |source| ManifestError::ModelMissing {
             manifest: self.path.clone(),
             model: model.clone(),
             source,
         };
-        let mut bytes = Vec::new();
-        fs::File::open(&model).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(missing)?;
-        let actual = sha256_hex(&bytes);
+        let mut file = fs::File::open(&model).map_err(missing)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).map_err(missing)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let actual: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         if !actual.eq_ignore_ascii_case(&self.model.sha256) {
             return Err(ManifestError::ChecksumMismatch {
                 manifest: self.path.clone(),
@@ -278,7 +337,7 @@ impl ModelManifest {
                 actual,
             });
         }
-        Ok(bytes)
+        Ok(())
     }
 
     /// Number of values in one input tensor (batch 1).
@@ -289,7 +348,10 @@ impl ModelManifest {
 
 /// Lower-case hexadecimal sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -344,7 +406,8 @@ dtype = "float32"
 
     #[test]
     fn rejects_unknown_keys_naming_them() {
-        let (field, message) = field_error(&GOOD.replace("offset = 0.0", "offset = 0.0\nofset = 1"));
+        let (field, message) =
+            field_error(&GOOD.replace("offset = 0.0", "offset = 0.0\nofset = 1"));
         assert_eq!(field, "<parse>");
         assert!(message.contains("ofset"), "{message}");
     }
@@ -353,12 +416,30 @@ dtype = "float32"
     fn rejects_impossible_values_naming_the_field() {
         let cases = [
             (GOOD.replace("width = 448", "width = 0"), "input.width"),
-            (GOOD.replace("height = 448", "height = 100000"), "input.height"),
-            (GOOD.replace("channels = 3", "channels = 4"), "input.channels"),
-            (GOOD.replace("embedding_dim = 6144", "embedding_dim = 0"), "model.embedding_dim"),
-            (GOOD.replace("sha256 = \"bf", "sha256 = \"zz"), "model.sha256"),
-            (GOOD.replace("scale = 0.00392156862745098", "scale = 0.0"), "input.scale"),
-            (GOOD.replace("dtype = \"float32\"\nresize", "dtype = \"uint8\"\nresize"), "input.quantization"),
+            (
+                GOOD.replace("height = 448", "height = 100000"),
+                "input.height",
+            ),
+            (
+                GOOD.replace("channels = 3", "channels = 4"),
+                "input.channels",
+            ),
+            (
+                GOOD.replace("embedding_dim = 6144", "embedding_dim = 0"),
+                "model.embedding_dim",
+            ),
+            (
+                GOOD.replace("sha256 = \"bf", "sha256 = \"zz"),
+                "model.sha256",
+            ),
+            (
+                GOOD.replace("scale = 0.00392156862745098", "scale = 0.0"),
+                "input.scale",
+            ),
+            (
+                GOOD.replace("dtype = \"float32\"\nresize", "dtype = \"uint8\"\nresize"),
+                "input.quantization",
+            ),
             (GOOD.replace("id = \"df-mini\"", "id = \"\""), "model.id"),
         ];
         for (text, expected) in cases {
@@ -372,7 +453,10 @@ dtype = "float32"
     fn rejects_unsupported_enum_values() {
         let (field, message) = field_error(&GOOD.replace("\"bilinear\"", "\"lanczos\""));
         assert_eq!(field, "<parse>");
-        assert!(message.contains("lanczos") && message.contains("bilinear"), "{message}");
+        assert!(
+            message.contains("lanczos") && message.contains("bilinear"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -382,11 +466,17 @@ dtype = "float32"
         std::fs::write(&manifest_path, GOOD).unwrap();
         let m = ModelManifest::load(&manifest_path).unwrap();
         let err = m.verify_model_file().unwrap_err().to_string();
-        assert!(err.contains("m.tflite") && err.contains("cannot be read"), "{err}");
+        assert!(
+            err.contains("m.tflite") && err.contains("cannot be read"),
+            "{err}"
+        );
 
         std::fs::write(dir.path().join("m.tflite"), b"TFL3 but not the model").unwrap();
         let err = m.verify_model_file().unwrap_err();
-        assert!(matches!(err, ManifestError::ChecksumMismatch { .. }), "{err}");
+        assert!(
+            matches!(err, ManifestError::ChecksumMismatch { .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("bfbd7251"), "{err}");
     }
 }

@@ -24,7 +24,11 @@ pub struct DecodeLimits {
 
 impl Default for DecodeLimits {
     fn default() -> Self {
-        Self { max_side: 12_000, min_side: 16, max_alloc_bytes: 512 << 20 }
+        Self {
+            max_side: 12_000,
+            min_side: 16,
+            max_alloc_bytes: 512 << 20,
+        }
     }
 }
 
@@ -32,37 +36,67 @@ impl Default for DecodeLimits {
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("{path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: empty file (0 bytes); expected a PNG, JPEG, BMP, TIFF or WebP image")]
     Empty { path: PathBuf },
     #[error("{path}: not a recognised image (starts with {magic}); expected PNG, JPEG, BMP, TIFF or WebP")]
     UnknownFormat { path: PathBuf, magic: String },
     #[error("{path}: image is {width}×{height} px; {reason}")]
-    BadSize { path: PathBuf, width: u32, height: u32, reason: String },
+    BadSize {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        reason: String,
+    },
     #[error("{path}: corrupt or unsupported {format} image: {message}")]
-    Corrupt { path: PathBuf, format: String, message: String },
+    Corrupt {
+        path: PathBuf,
+        format: String,
+        message: String,
+    },
     #[error("input buffer holds {actual} values of {dtype}; the manifest's input needs {expected} of {expected_dtype}")]
-    Buffer { actual: usize, dtype: &'static str, expected: usize, expected_dtype: &'static str },
+    Buffer {
+        actual: usize,
+        dtype: &'static str,
+        expected: usize,
+        expected_dtype: &'static str,
+    },
 }
 
 /// Decode an image file to RGB8, applying EXIF orientation; grayscale is expanded, alpha dropped
 /// (as `tf.io.decode_image(channels=3)` does) and 16-bit samples keep their high byte (as TensorFlow's PNG decoder does).
 pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
-    let bytes = fs::read(path).map_err(|source| DecodeError::Read { path: path.to_path_buf(), source })?;
+    let bytes = fs::read(path).map_err(|source| DecodeError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     decode_bytes(&bytes, path, limits)
 }
 
 /// Decode encoded image bytes; `path` only names the source in errors.
-pub fn decode_bytes(bytes: &[u8], path: &Path, limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
+pub fn decode_bytes(
+    bytes: &[u8],
+    path: &Path,
+    limits: &DecodeLimits,
+) -> Result<RgbImage, DecodeError> {
     let path_buf = || path.to_path_buf();
     if bytes.is_empty() {
         return Err(DecodeError::Empty { path: path_buf() });
     }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|source| DecodeError::Read { path: path_buf(), source })?;
+        .map_err(|source| DecodeError::Read {
+            path: path_buf(),
+            source,
+        })?;
     let Some(format) = reader.format() else {
-        return Err(DecodeError::UnknownFormat { path: path_buf(), magic: describe_magic(bytes) });
+        return Err(DecodeError::UnknownFormat {
+            path: path_buf(),
+            magic: describe_magic(bytes),
+        });
     };
     let format_name = format!("{format:?}").to_uppercase();
     let corrupt = |e: image::ImageError| DecodeError::Corrupt {
@@ -72,12 +106,23 @@ pub fn decode_bytes(bytes: &[u8], path: &Path, limits: &DecodeLimits) -> Result<
     };
     let mut decoder = reader.into_decoder().map_err(corrupt)?;
     let (width, height) = decoder.dimensions();
-    let bad_size = |reason: String| DecodeError::BadSize { path: path_buf(), width, height, reason };
+    let bad_size = |reason: String| DecodeError::BadSize {
+        path: path_buf(),
+        width,
+        height,
+        reason,
+    };
     if width.min(height) < limits.min_side {
-        return Err(bad_size(format!("at least {} px per side expected", limits.min_side)));
+        return Err(bad_size(format!(
+            "at least {} px per side expected",
+            limits.min_side
+        )));
     }
     if width.max(height) > limits.max_side {
-        return Err(bad_size(format!("at most {} px per side accepted (refused before decoding)", limits.max_side)));
+        return Err(bad_size(format!(
+            "at most {} px per side accepted (refused before decoding)",
+            limits.max_side
+        )));
     }
     let mut image_limits = image::Limits::default();
     image_limits.max_image_width = Some(limits.max_side);
@@ -109,7 +154,11 @@ fn into_rgb8(image: DynamicImage) -> RgbImage {
         | DynamicImage::ImageRgba16(_) => {
             let wide = image.into_rgb16();
             let (w, h) = wide.dimensions();
-            let narrow = wide.into_raw().into_iter().map(|v| (v >> 8) as u8).collect();
+            let narrow = wide
+                .into_raw()
+                .into_iter()
+                .map(|v| (v >> 8) as u8)
+                .collect();
             RgbImage::from_raw(w, h, narrow).expect("same dimensions, three channels")
         }
         other => other.into_rgb8(),
@@ -118,10 +167,16 @@ fn into_rgb8(image: DynamicImage) -> RgbImage {
 
 fn describe_magic(bytes: &[u8]) -> String {
     let head = &bytes[..bytes.len().min(8)];
-    if head.iter().all(|b| b.is_ascii_graphic() || *b == b' ' || b.is_ascii_whitespace()) {
+    if head
+        .iter()
+        .all(|b| b.is_ascii_graphic() || *b == b' ' || b.is_ascii_whitespace())
+    {
         format!("text {:?}", String::from_utf8_lossy(head))
     } else {
-        head.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+        head.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
@@ -181,7 +236,8 @@ impl AxisTable {
             let pos = (i as f32 + 0.5) * scale - 0.5;
             let floor = pos.floor();
             self.lower.push(floor.max(0.0) as u32);
-            self.upper.push((pos.ceil() as i64).clamp(0, src_len as i64 - 1) as u32);
+            self.upper
+                .push((pos.ceil() as i64).clamp(0, src_len as i64 - 1) as u32);
             self.lerp.push(pos - floor);
         }
     }
@@ -201,7 +257,12 @@ pub struct Preprocessor {
 impl Preprocessor {
     /// `quant` must be the input tensor's quantisation when the input dtype is uint8/int8.
     pub fn new(spec: &InputSpec, quant: Option<QuantParams>) -> Self {
-        Self { spec: spec.clone(), quant, rows: AxisTable::default(), cols: AxisTable::default() }
+        Self {
+            spec: spec.clone(),
+            quant,
+            rows: AxisTable::default(),
+            cols: AxisTable::default(),
+        }
     }
 
     pub fn spec(&self) -> &InputSpec {
@@ -228,7 +289,10 @@ impl Preprocessor {
             }
         }
         let (scale, offset) = (self.spec.scale, self.spec.offset);
-        let quant = self.quant.unwrap_or(QuantParams { scale: 1.0, zero_point: 0 });
+        let quant = self.quant.unwrap_or(QuantParams {
+            scale: 1.0,
+            zero_point: 0,
+        });
         let inv_qscale = 1.0 / quant.scale;
         let zp = quant.zero_point as f32;
         let channel_src = match self.spec.color_order {
@@ -246,9 +310,17 @@ impl Preprocessor {
         let stride = image.width() as usize * 3;
         let mut out = out;
         for y in 0..h as usize {
-            let (y0, y1, ly) = (self.rows.lower[y] as usize, self.rows.upper[y] as usize, self.rows.lerp[y]);
+            let (y0, y1, ly) = (
+                self.rows.lower[y] as usize,
+                self.rows.upper[y] as usize,
+                self.rows.lerp[y],
+            );
             for x in 0..w as usize {
-                let (x0, x1, lx) = (self.cols.lower[x] as usize, self.cols.upper[x] as usize, self.cols.lerp[x]);
+                let (x0, x1, lx) = (
+                    self.cols.lower[x] as usize,
+                    self.cols.upper[x] as usize,
+                    self.cols.lerp[x],
+                );
                 for (c, &sc) in channel_src.iter().enumerate() {
                     let px = |yy: usize, xx: usize| src[yy * stride + xx * 3 + sc] as f32;
                     let (tl, tr, bl, br) = (px(y0, x0), px(y0, x1), px(y1, x0), px(y1, x1));
@@ -258,8 +330,12 @@ impl Preprocessor {
                     let i = index(y, x, c);
                     match &mut out {
                         InputBuffer::F32(b) => b[i] = value,
-                        InputBuffer::U8(b) => b[i] = (value * inv_qscale + zp).round().clamp(0.0, 255.0) as u8,
-                        InputBuffer::I8(b) => b[i] = (value * inv_qscale + zp).round().clamp(-128.0, 127.0) as i8,
+                        InputBuffer::U8(b) => {
+                            b[i] = (value * inv_qscale + zp).round().clamp(0.0, 255.0) as u8
+                        }
+                        InputBuffer::I8(b) => {
+                            b[i] = (value * inv_qscale + zp).round().clamp(-128.0, 127.0) as i8
+                        }
                     }
                 }
             }
@@ -305,8 +381,13 @@ mod tests {
 
     #[test]
     fn identity_size_copies_pixels_scaled() {
-        let img = RgbImage::from_fn(4, 3, |x, y| image::Rgb([(x * 10) as u8, (y * 20) as u8, 200]));
-        let mut p = Preprocessor::new(&spec(4, 3, TensorDtype::Float32, Layout::Nhwc, ColorOrder::Rgb), None);
+        let img = RgbImage::from_fn(4, 3, |x, y| {
+            image::Rgb([(x * 10) as u8, (y * 20) as u8, 200])
+        });
+        let mut p = Preprocessor::new(
+            &spec(4, 3, TensorDtype::Float32, Layout::Nhwc, ColorOrder::Rgb),
+            None,
+        );
         let v = p.to_f32(&img).unwrap();
         for y in 0..3 {
             for x in 0..4 {
@@ -336,33 +417,58 @@ mod tests {
         let mut s = spec(2, 2, TensorDtype::Float32, Layout::Nchw, ColorOrder::Bgr);
         s.scale = 1.0;
         let v = Preprocessor::new(&s, None).to_f32(&img).unwrap();
-        assert_eq!(v, vec![30.0, 30.0, 30.0, 30.0, 20.0, 20.0, 20.0, 20.0, 10.0, 10.0, 10.0, 10.0]);
+        assert_eq!(
+            v,
+            vec![30.0, 30.0, 30.0, 30.0, 20.0, 20.0, 20.0, 20.0, 10.0, 10.0, 10.0, 10.0]
+        );
     }
 
     #[test]
     fn quantised_inputs_use_scale_and_zero_point() {
         let img = RgbImage::from_pixel(2, 2, image::Rgb([0, 128, 255]));
-        let q = QuantParams { scale: 1.0 / 255.0, zero_point: -128 };
+        let q = QuantParams {
+            scale: 1.0 / 255.0,
+            zero_point: -128,
+        };
         let mut s = spec(2, 2, TensorDtype::Int8, Layout::Nhwc, ColorOrder::Rgb);
-        s.quantization = Some(crate::manifest::QuantSpec { scale: q.scale, zero_point: q.zero_point });
+        s.quantization = Some(crate::manifest::QuantSpec {
+            scale: q.scale,
+            zero_point: q.zero_point,
+        });
         let mut out = vec![0i8; 12];
-        Preprocessor::new(&s, Some(q)).run(&img, InputBuffer::I8(&mut out)).unwrap();
+        Preprocessor::new(&s, Some(q))
+            .run(&img, InputBuffer::I8(&mut out))
+            .unwrap();
         assert_eq!(&out[..3], &[-128, 0, 127]);
 
-        let qu = QuantParams { scale: 1.0 / 255.0, zero_point: 0 };
+        let qu = QuantParams {
+            scale: 1.0 / 255.0,
+            zero_point: 0,
+        };
         let mut s = spec(2, 2, TensorDtype::Uint8, Layout::Nhwc, ColorOrder::Rgb);
-        s.quantization = Some(crate::manifest::QuantSpec { scale: qu.scale, zero_point: 0 });
+        s.quantization = Some(crate::manifest::QuantSpec {
+            scale: qu.scale,
+            zero_point: 0,
+        });
         let mut out = vec![0u8; 12];
-        Preprocessor::new(&s, Some(qu)).run(&img, InputBuffer::U8(&mut out)).unwrap();
+        Preprocessor::new(&s, Some(qu))
+            .run(&img, InputBuffer::U8(&mut out))
+            .unwrap();
         assert_eq!(&out[..3], &[0, 128, 255]);
     }
 
     #[test]
     fn wrong_buffer_is_an_error_not_a_panic() {
         let img = RgbImage::from_pixel(2, 2, image::Rgb([0, 0, 0]));
-        let mut p = Preprocessor::new(&spec(2, 2, TensorDtype::Float32, Layout::Nhwc, ColorOrder::Rgb), None);
+        let mut p = Preprocessor::new(
+            &spec(2, 2, TensorDtype::Float32, Layout::Nhwc, ColorOrder::Rgb),
+            None,
+        );
         let mut small = vec![0f32; 5];
-        let err = p.run(&img, InputBuffer::F32(&mut small)).unwrap_err().to_string();
+        let err = p
+            .run(&img, InputBuffer::F32(&mut small))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("needs 12"), "{err}");
         let mut wrong_type = vec![0u8; 12];
         assert!(p.run(&img, InputBuffer::U8(&mut wrong_type)).is_err());
@@ -374,17 +480,35 @@ mod tests {
 
     fn read_reference(name: &str) -> (Vec<usize>, Vec<f32>) {
         use std::io::Read;
-        let gz = fs::read(fixtures().join("reference").join(format!("{name}.input.npy.gz"))).unwrap();
+        let gz = fs::read(
+            fixtures()
+                .join("reference")
+                .join(format!("{name}.input.npy.gz")),
+        )
+        .unwrap();
         let mut npy = Vec::new();
-        flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut npy).unwrap();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut npy)
+            .unwrap();
         assert_eq!(&npy[..6], b"\x93NUMPY");
         let header_len = u16::from_le_bytes([npy[8], npy[9]]) as usize;
         let header = std::str::from_utf8(&npy[10..10 + header_len]).unwrap();
         assert!(header.contains("'<f2'"), "{header}");
-        let shape: Vec<usize> = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap()
-            .split(',').filter_map(|s| s.trim().parse().ok()).collect();
+        let shape: Vec<usize> = header
+            .split("'shape': (")
+            .nth(1)
+            .unwrap()
+            .split(')')
+            .next()
+            .unwrap()
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
         let data = &npy[10 + header_len..];
-        let values = data.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect();
+        let values = data
+            .chunks_exact(2)
+            .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+            .collect();
         (shape, values)
     }
 
@@ -404,16 +528,26 @@ mod tests {
     #[test]
     fn matches_tensorflow_reference_on_fixture_images() {
         let manifest = ModelManifest::load(fixtures().join("df-mini/df-mini.fp32.toml")).unwrap();
-        let index: serde_json::Value =
-            serde_json::from_str(&fs::read_to_string(fixtures().join("reference/index.json")).unwrap()).unwrap();
-        let rows: Vec<usize> =
-            index["reference_rows"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let index: serde_json::Value = serde_json::from_str(
+            &fs::read_to_string(fixtures().join("reference/index.json")).unwrap(),
+        )
+        .unwrap();
+        let rows: Vec<usize> = index["reference_rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
         let mut pre = Preprocessor::new(&manifest.input, None);
         let images = index["images"].as_array().unwrap();
         assert!(images.len() >= 8);
         for name in images {
             let name = name.as_str().unwrap();
-            let img = decode_file(&fixtures().join("images").join(name), &DecodeLimits::default()).unwrap();
+            let img = decode_file(
+                &fixtures().join("images").join(name),
+                &DecodeLimits::default(),
+            )
+            .unwrap();
             let ours = pre.to_f32(&img).unwrap();
             let (shape, reference) = read_reference(name);
             assert_eq!(shape, vec![rows.len(), 448, 3], "{name}");
@@ -425,7 +559,10 @@ mod tests {
                     worst = worst.max((a - b).abs());
                 }
             }
-            assert!(worst <= 1.0 / 255.0, "{name}: max abs difference {worst} > 1/255");
+            assert!(
+                worst <= 1.0 / 255.0,
+                "{name}: max abs difference {worst} > 1/255"
+            );
         }
     }
 
@@ -441,19 +578,39 @@ mod tests {
         let limits = DecodeLimits::default();
         let empty = write(dir.path(), "empty.png", b"");
         let err = decode_file(&empty, &limits).unwrap_err();
-        assert!(matches!(err, DecodeError::Empty { .. }) && err.to_string().contains("empty.png"), "{err}");
+        assert!(
+            matches!(err, DecodeError::Empty { .. }) && err.to_string().contains("empty.png"),
+            "{err}"
+        );
 
-        let text = write(dir.path(), "notes.png", b"these are clinic notes, not a photo\n");
+        let text = write(
+            dir.path(),
+            "notes.png",
+            b"these are clinic notes, not a photo\n",
+        );
         let err = decode_file(&text, &limits).unwrap_err();
         assert!(matches!(err, DecodeError::UnknownFormat { .. }), "{err}");
-        assert!(err.to_string().contains("notes.png") && err.to_string().contains("text"), "{err}");
+        assert!(
+            err.to_string().contains("notes.png") && err.to_string().contains("text"),
+            "{err}"
+        );
 
         let mut one = Vec::new();
         RgbImage::from_pixel(1, 1, image::Rgb([1, 2, 3]))
             .write_to(&mut Cursor::new(&mut one), image::ImageFormat::Png)
             .unwrap();
         let err = decode_file(&write(dir.path(), "dot.png", &one), &limits).unwrap_err();
-        assert!(matches!(err, DecodeError::BadSize { width: 1, height: 1, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                DecodeError::BadSize {
+                    width: 1,
+                    height: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
 
         let mut good = Vec::new();
         RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]))
@@ -474,7 +631,11 @@ mod tests {
         let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), 20_000, 20_000);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_compression(png::Compression::Fastest);
-        let mut writer = encoder.write_header().unwrap().into_stream_writer().unwrap();
+        let mut writer = encoder
+            .write_header()
+            .unwrap()
+            .into_stream_writer()
+            .unwrap();
         let row = vec![0u8; 20_000 * 3];
         use std::io::Write;
         for _ in 0..200 {
@@ -482,19 +643,36 @@ mod tests {
         }
         drop(writer); // an incomplete image data stream: the header alone must be enough to refuse
         let err = decode_file(&path, &DecodeLimits::default()).unwrap_err();
-        assert!(matches!(err, DecodeError::BadSize { width: 20_000, height: 20_000, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                DecodeError::BadSize {
+                    width: 20_000,
+                    height: 20_000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn exif_orientation_is_applied() {
         // A 40×20 landscape JPEG tagged "rotate 90° clockwise" (orientation 6) decodes 20×40.
-        let img = RgbImage::from_fn(40, 20, |x, _| if x < 20 { image::Rgb([250, 0, 0]) } else { image::Rgb([0, 0, 250]) });
+        let img = RgbImage::from_fn(40, 20, |x, _| {
+            if x < 20 {
+                image::Rgb([250, 0, 0])
+            } else {
+                image::Rgb([0, 0, 250])
+            }
+        });
         let mut jpeg = Vec::new();
-        img.write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+        img.write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
         // Insert an APP1 Exif segment with Orientation=6 after SOI.
         let tiff: Vec<u8> = [
             b"MM\0\x2a\0\0\0\x08".as_slice(),
-            &[0, 1],                              // one IFD entry
+            &[0, 1],                                     // one IFD entry
             &[0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0], // Orientation, SHORT, 1, value 6
             &[0, 0, 0, 0],
         ]
@@ -507,7 +685,11 @@ mod tests {
         tagged.extend_from_slice(&app1);
         tagged.extend_from_slice(&jpeg[2..]);
         let dir = tempfile::tempdir().unwrap();
-        let decoded = decode_file(&write(dir.path(), "rotated.jpg", &tagged), &DecodeLimits::default()).unwrap();
+        let decoded = decode_file(
+            &write(dir.path(), "rotated.jpg", &tagged),
+            &DecodeLimits::default(),
+        )
+        .unwrap();
         assert_eq!(decoded.dimensions(), (20, 40));
         // Rotating 90° clockwise puts the left (red) half on top.
         assert!(decoded.get_pixel(10, 5).0[0] > 200 && decoded.get_pixel(10, 35).0[2] > 200);

@@ -1,0 +1,56 @@
+//! Errors of the engine: runtime library problems, model/manifest disagreements, runtime calls.
+
+use std::path::PathBuf;
+
+use dermedge_core::ManifestError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(
+        "LiteRT {version} runtime (libLiteRt.so) not found; searched: {searched}. \
+         Fetch it with `scripts/fetch-litert.py`, or point DERMEDGE_LITERT_LIB at the library"
+    )]
+    RuntimeNotFound { version: String, searched: String },
+    #[error(
+        "{path}: not the pinned LiteRT {expected_version} runtime for {target}: sha256 {actual}, \
+         expected {expected}. Re-fetch it with `scripts/fetch-litert.py`, or allow an unpinned \
+         runtime explicitly"
+    )]
+    RuntimeMismatch {
+        path: PathBuf,
+        target: String,
+        expected_version: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: cannot load as the LiteRT {expected_version} runtime: {message}")]
+    RuntimeLoad {
+        path: PathBuf,
+        expected_version: String,
+        message: String,
+    },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{path}: not a TFLite model: {reason}")]
+    NotTflite { path: PathBuf, reason: String },
+    #[error("{path}: LiteRT {call} failed: {message} (status {status})")]
+    Runtime {
+        path: PathBuf,
+        call: &'static str,
+        status: i32,
+        message: String,
+    },
+    #[error("{manifest}: the manifest disagrees with model {model}: {message}")]
+    TensorMismatch {
+        manifest: PathBuf,
+        model: PathBuf,
+        message: String,
+    },
+    #[error("accelerator {requested} unavailable: {reason} (fallback policy is `fail`)")]
+    AcceleratorUnavailable { requested: String, reason: String },
+    #[error("option `{field}`: {message}")]
+    InvalidOption {
+        field: &'static str,
+        message: String,
+    },
+}

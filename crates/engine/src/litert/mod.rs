@@ -1,0 +1,8 @@
+//! The LiteRT 2.x backend: `libLiteRt.so` loaded at run time through its C API.
+
+mod embedder;
+mod ffi;
+mod runtime;
+
+pub use embedder::LiteRtEmbedder;
+pub use runtime::{AcceleratorInfo, LiteRtRuntime, RuntimeLock, RuntimeReport};
