@@ -1,1 +1,78 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests: the `dermedge` binary, the fixtures, golden files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn fixtures() -> PathBuf {
+    root().join("tests/fixtures")
+}
+
+/// The `dermedge` binary of this build profile, built on first use if `cargo test` has not.
+pub fn dermedge_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps/..");
+        let bin = profile_dir.join("dermedge");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut build = Command::new(env!("CARGO"));
+        build.current_dir(root()).args([
+            "build",
+            "--quiet",
+            "-p",
+            "dermedge-cli",
+            "--bin",
+            "dermedge",
+        ]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "building dermedge failed");
+        bin
+    })
+    .clone()
+}
+
+/// Run `dermedge` with `args`; returns its output.
+pub fn dermedge(args: &[&str]) -> Output {
+    Command::new(dermedge_bin())
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run dermedge")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// golden.df-mini.npy: the TensorFlow graph's fp32 embeddings of the fixture images, in
+/// reference/index.json order.
+pub fn golden() -> Vec<Vec<f32>> {
+    let npy = std::fs::read(fixtures().join("reference/golden.df-mini.npy")).expect("golden file");
+    let header_len = u16::from_le_bytes([npy[8], npy[9]]) as usize;
+    npy[10 + header_len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect::<Vec<_>>()
+        .chunks(6144)
+        .map(<[f32]>::to_vec)
+        .collect()
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}

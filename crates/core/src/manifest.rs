@@ -160,10 +160,10 @@ impl TensorDtype {
 /// What is wrong with a manifest or the model file it names.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("{path}: cannot read manifest: {source}")]
+    #[error("{path}: cannot read manifest: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: not a valid dermedge manifest: {message}")]
     Parse { path: PathBuf, message: String },
@@ -173,11 +173,11 @@ pub enum ManifestError {
         field: &'static str,
         message: String,
     },
-    #[error("{manifest}: model file {model} cannot be read: {source}")]
+    #[error("{manifest}: model file {model} cannot be read: {cause}")]
     ModelMissing {
         manifest: PathBuf,
         model: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "{manifest}: model file {model} has sha256 {actual}, but the manifest expects {expected} \
@@ -195,9 +195,9 @@ impl ModelManifest {
     /// Read and validate a manifest. Does not touch the model file; see [`Self::verify_model_file`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ManifestError> {
         let path = path.as_ref();
-        let text = fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        let text = fs::read_to_string(path).map_err(|cause| ManifestError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         let mut manifest = Self::parse(&text, path)?;
         manifest.path = path.to_path_buf();
@@ -309,10 +309,10 @@ impl ModelManifest {
     /// Check the model file against `model.sha256`, reading it in chunks (models can be GBs).
     pub fn verify_model_file(&self) -> Result<(), ManifestError> {
         let model = self.model_path();
-        let missing = |source| ManifestError::ModelMissing {
+        let missing = |cause| ManifestError::ModelMissing {
             manifest: self.path.clone(),
             model: model.clone(),
-            source,
+            cause,
         };
         let mut file = fs::File::open(&model).map_err(missing)?;
         let mut hasher = Sha256::new();

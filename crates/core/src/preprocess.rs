@@ -35,10 +35,10 @@ impl Default for DecodeLimits {
 /// Why a file could not be turned into an RGB image.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: empty file (0 bytes); expected a PNG, JPEG, BMP, TIFF or WebP image")]
     Empty { path: PathBuf },
@@ -69,9 +69,9 @@ pub enum DecodeError {
 /// Decode an image file to RGB8, applying EXIF orientation; grayscale is expanded, alpha dropped
 /// (as `tf.io.decode_image(channels=3)` does) and 16-bit samples keep their high byte (as TensorFlow's PNG decoder does).
 pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
-    let bytes = fs::read(path).map_err(|source| DecodeError::Read {
+    let bytes = fs::read(path).map_err(|cause| DecodeError::Read {
         path: path.to_path_buf(),
-        source,
+        cause,
     })?;
     decode_bytes(&bytes, path, limits)
 }
@@ -88,9 +88,9 @@ pub fn decode_bytes(
     }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|source| DecodeError::Read {
+        .map_err(|cause| DecodeError::Read {
             path: path_buf(),
-            source,
+            cause,
         })?;
     let Some(format) = reader.format() else {
         return Err(DecodeError::UnknownFormat {

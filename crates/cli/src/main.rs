@@ -1,0 +1,231 @@
+//! `dermedge`: the device-side command line. The only crate that picks runtime features, reads
+//! configuration and sets up logging; everything it does is built from the library crates.
+
+mod embed;
+mod inputs;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use dermedge_core::ModelManifest;
+use dermedge_engine::{litert::LiteRtRuntime, Accelerator, EngineOptions, Fallback};
+
+#[derive(Parser)]
+#[command(
+    name = "dermedge",
+    version,
+    about = "Derm Foundation embeddings on the device, offline"
+)]
+struct Cli {
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embed image files (or every image in directories) with a model.
+    Embed(embed::EmbedArgs),
+    /// Model files: inspect.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Report the TFLite runtime found, its version and the accelerators it offers.
+    Doctor(RuntimeArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Print a model's manifest, verify its checksum and show its tensors.
+    Info {
+        /// The model's manifest (.toml next to the .tflite).
+        manifest: PathBuf,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Options shared by every command that runs a model.
+#[derive(Args, Clone, Debug)]
+pub struct RuntimeArgs {
+    /// Inference threads (default: every core).
+    #[arg(long)]
+    threads: Option<u32>,
+    /// Accelerator: cpu, gpu, npu or edge-tpu. Unavailable ones fall back to CPU with a warning.
+    #[arg(long, default_value = "cpu")]
+    accelerator: Accelerator,
+    /// Fail instead of falling back to CPU when the accelerator is unavailable.
+    #[arg(long)]
+    require_accelerator: bool,
+    /// The LiteRT runtime library (file or directory) to use instead of the search path.
+    #[arg(long, value_name = "PATH")]
+    runtime: Option<PathBuf>,
+    /// Accept a runtime library whose checksum is not the pinned one.
+    #[arg(long)]
+    allow_unpinned_runtime: bool,
+}
+
+impl RuntimeArgs {
+    pub fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            threads: self.threads,
+            accelerator: self.accelerator,
+            fallback: if self.require_accelerator {
+                Fallback::Fail
+            } else {
+                Fallback::Cpu
+            },
+            runtime_path: self.runtime.clone(),
+            allow_unpinned_runtime: self.allow_unpinned_runtime,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
+    let result = match cli.command {
+        Command::Embed(args) => embed::run(&args),
+        Command::Model(ModelCommand::Info {
+            manifest,
+            runtime,
+            json,
+        }) => model_info(&manifest, &runtime, json).map(|_| true),
+        Command::Doctor(runtime) => doctor(&runtime).map(|_| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn model_info(manifest_path: &std::path::Path, runtime: &RuntimeArgs, json: bool) -> Result<()> {
+    let manifest = ModelManifest::load(manifest_path)?;
+    let embedder = dermedge_engine::load(&manifest, &runtime.engine_options())
+        .with_context(|| format!("loading {}", manifest.model_path().display()))?;
+    let size = std::fs::metadata(manifest.model_path())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    if json {
+        let value = serde_json::json!({
+            "manifest": manifest_path,
+            "model": manifest.model,
+            "input": manifest.input,
+            "output": manifest.output,
+            "provenance": manifest.provenance,
+            "file_bytes": size,
+            "sha256_verified": true,
+            "signature": embedder.signature_key(),
+            "input_tensor": embedder.input_details(),
+            "output_tensor": embedder.output_details(),
+            "runtime": format!("LiteRT {}", embedder.runtime().version()),
+            "accelerator": embedder.accelerator().name(),
+            "threads": embedder.threads(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let m = &manifest.model;
+    let i = &manifest.input;
+    println!("manifest      {}", manifest_path.display());
+    println!(
+        "model         {} v{} ({})",
+        m.id,
+        m.version,
+        m.precision.as_str()
+    );
+    println!(
+        "file          {} ({size} bytes, sha256 {} verified)",
+        manifest.model_path().display(),
+        m.sha256
+    );
+    println!(
+        "embedding     {} values from output `{}`",
+        m.embedding_dim, manifest.output.name
+    );
+    println!(
+        "preprocessing {}×{} {:?} {:?}, {:?} resize, value = pixel × {} + {}",
+        i.width, i.height, i.layout, i.color_order, i.resize_filter, i.scale, i.offset
+    );
+    println!("signature     {}", embedder.signature_key());
+    println!("input tensor  {}", embedder.input_details());
+    println!("output tensor {}", embedder.output_details());
+    println!(
+        "runtime       LiteRT {} from {} ({} on {} threads)",
+        embedder.runtime().version(),
+        embedder.runtime().path().display(),
+        embedder.accelerator(),
+        embedder.threads()
+    );
+    for (k, v) in &manifest.provenance {
+        println!("provenance    {k}: {v}");
+    }
+    Ok(())
+}
+
+fn doctor(runtime: &RuntimeArgs) -> Result<()> {
+    let options = runtime.engine_options();
+    let (candidates, _) = LiteRtRuntime::candidates(&options);
+    println!("LiteRT search path:");
+    for c in &candidates {
+        println!(
+            "  {} {}",
+            if c.is_file() { "found  " } else { "missing" },
+            c.display()
+        );
+    }
+    let rt = LiteRtRuntime::locate(&options)?;
+    let report = rt.report()?;
+    println!("runtime      LiteRT {} ({})", report.version, report.target);
+    println!("library      {}", report.path.display());
+    println!(
+        "sha256       {} ({})",
+        report.sha256,
+        if report.pinned {
+            "pinned"
+        } else {
+            "NOT the pinned build"
+        }
+    );
+    println!("accelerators registered by the runtime:");
+    for a in &report.accelerators {
+        println!(
+            "  {:<20} v{:<8} hardware: {}",
+            a.name,
+            a.version,
+            a.hardware.join(", ")
+        );
+    }
+    let offered: Vec<&str> = report
+        .accelerators
+        .iter()
+        .flat_map(|a| a.hardware.iter().copied())
+        .collect();
+    for wanted in [Accelerator::Gpu, Accelerator::Npu, Accelerator::EdgeTpu] {
+        if !offered.contains(&wanted.name()) {
+            println!(
+                "  {:<20} not available here (requests fall back to CPU)",
+                wanted.name()
+            );
+        }
+    }
+    Ok(())
+}
