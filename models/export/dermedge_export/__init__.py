@@ -1,0 +1,1 @@
+"""dermedge model tooling: Derm-Foundation-shaped stand-ins, image sets, and the TFLite exporter."""

@@ -1,0 +1,75 @@
+"""dermedge model tooling.
+
+    python -m dermedge_export standin {df-mini,df-r101x3,lesion-x448} --out DIR
+    python -m dermedge_export images --out DIR
+    python -m dermedge_export export SAVEDMODEL --name NAME --out DIR --calibration DIR --evaluation DIR
+    python -m dermedge_export build NAME            # per models/models.toml, into .cache/models/
+
+Run it through scripts/python-env.sh (or models/export/dermedge-export), which provides the
+pinned tensorflow-cpu venv.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from .export import ExportError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dermedge-export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("standin", help="build a stand-in SavedModel with Derm Foundation's serving signature")
+    p.add_argument("name", choices=["df-mini", "df-r101x3", "lesion-x448"])
+    p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("images", help="build calibration/evaluation image sets from real sources")
+    p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("export", help="export a SavedModel to fp32 + int8 TFLite with manifests and reports")
+    p.add_argument("savedmodel", type=Path)
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", default="1")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--calibration", required=True, type=Path, help="directory of calibration images")
+    p.add_argument("--evaluation", required=True, type=Path, help="directory of evaluation images (disjoint)")
+    p.add_argument("--calibration-count", type=int, default=64)
+    p.add_argument("--input-type", choices=["float32", "uint8", "int8"], default="float32",
+                   help="int8 model's input tensor type (default: float in, float out)")
+    p.add_argument("--image-tensor", help="cut the graph at this tensor instead of the recovered one")
+    p.add_argument("--size", type=int)
+    p.add_argument("--scale", type=float)
+    p.add_argument("--offset", type=float)
+
+    p = sub.add_parser("build", help="build a registry model (models/models.toml) into the cache")
+    p.add_argument("name")
+    p.add_argument("--cache", type=Path, default=None)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "standin":
+            from . import standins
+            standins.build(args.name, args.out)
+            print(f"wrote SavedModel {args.out}")
+        elif args.command == "images":
+            from . import images
+            images.build(args.out)
+            print(f"wrote image sets to {args.out}")
+        elif args.command == "export":
+            from . import export
+            export.export(args.savedmodel, args.name, args.out, args.calibration, args.evaluation,
+                          version=args.version, input_type=args.input_type,
+                          calibration_count=args.calibration_count, image_tensor=args.image_tensor,
+                          size=args.size, scale=args.scale, offset=args.offset)
+        elif args.command == "build":
+            from . import registry
+            registry.build(args.name, args.cache)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

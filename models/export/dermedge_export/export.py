@@ -1,0 +1,367 @@
+"""Export a Derm-Foundation-style SavedModel to fp32 and full-int8 TFLite for dermedge.
+
+The SavedModel's `serving_default` takes serialized tf.train.Example strings (PNG bytes under
+`image/encoded`) and returns `embedding`; decoding, resizing and scaling happen in its graph.
+The device cannot run string parsing and PNG decoding in TFLite, so the exporter:
+
+1. freezes `serving_default` and finds its preprocessing: the image decode op, the one bilinear
+   resize (its size and half-pixel attributes) and the chain of scalar affine ops after it;
+2. cuts the graph after that chain, so the TFLite model takes the decoded, resized, scaled image
+   tensor [1, H, W, 3], and states in the manifest exactly what dermedge's Rust preprocessing
+   must do to produce it (size, bilinear half-pixel resize, value = pixel * scale + offset);
+3. converts fp32 and full-int8 (representative dataset from the calibration images), and writes
+   a calibration record, an op report, per-layer quantisation errors (QuantizationDebugger) and
+   a comparison of the TFLite files against the SavedModel's own serving path.
+
+If the preprocessing cannot be recovered (e.g. it runs inside a loop), name the image tensor with
+--image-tensor and state the mapping with --scale/--offset/--size.
+"""
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework import tensor_util
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+from . import opreport
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+class ExportError(Exception):
+    """A clear, user-facing reason the export cannot proceed."""
+
+
+@dataclass
+class Preprocessing:
+    decode_op: str
+    resize_op: str
+    height: int
+    width: int
+    scale: float
+    offset: float
+    cut_tensor: str
+    chain: list
+    recovered: bool
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_serving(savedmodel: Path):
+    savedmodel = Path(savedmodel)
+    if not savedmodel.is_dir() or not (savedmodel / "saved_model.pb").is_file():
+        raise ExportError(f"{savedmodel}: not a SavedModel directory (no saved_model.pb)")
+    loaded = tf.saved_model.load(str(savedmodel))
+    signatures = list(loaded.signatures.keys())
+    if "serving_default" not in signatures:
+        raise ExportError(f"{savedmodel}: no `serving_default` signature; it has: {signatures or 'none'}")
+    fn = loaded.signatures["serving_default"]
+    outputs = fn.structured_outputs
+    if not isinstance(outputs, dict) or "embedding" not in outputs:
+        names = list(outputs) if isinstance(outputs, dict) else [str(outputs)]
+        raise ExportError(f"{savedmodel}: serving_default returns {names}, not `embedding`")
+    inputs = [s for s in tf.nest.flatten(fn.structured_input_signature) if isinstance(s, tf.TensorSpec)]
+    if len(inputs) != 1 or inputs[0].dtype != tf.string:
+        raise ExportError(f"{savedmodel}: serving_default must take one string tensor of serialized "
+                          f"tf.train.Example; it takes {inputs}")
+    return loaded, fn
+
+
+def _const_scalar(nodes, name):
+    node = nodes.get(name.split(":")[0].lstrip("^"))
+    if node is None or node.op != "Const":
+        return None
+    value = tensor_util.MakeNdarray(node.attr["value"].tensor)
+    return float(value.reshape(-1)[0]) if value.size == 1 else None
+
+
+def find_preprocessing(frozen) -> Preprocessing:
+    gd = frozen.graph.as_graph_def()
+    nodes = {n.name: n for n in gd.node}
+    consumers = {}
+    for n in gd.node:
+        for i in n.input:
+            consumers.setdefault(i.split(":")[0].lstrip("^") + (":" + i.split(":")[1] if ":" in i else ":0"), []).append(n)
+    decodes = [n for n in gd.node if n.op in ("DecodePng", "DecodeImage", "DecodeJpeg", "DecodeBmp")]
+    unsupported = [n for n in gd.node if n.op in ("ScaleAndTranslate", "ResizeBicubic", "ResizeArea", "ResizeNearestNeighbor")]
+    resizes = [n for n in gd.node if n.op == "ResizeBilinear"]
+    if unsupported:
+        raise ExportError(f"the serving graph resizes with {unsupported[0].op} (antialiased or non-bilinear); "
+                          "dermedge reproduces TensorFlow's bilinear resize only -- pass --image-tensor to cut after it")
+    if len(resizes) != 1 or len(decodes) < 1:
+        raise ExportError(f"could not recover the preprocessing: found {len(decodes)} decode and {len(resizes)} "
+                          "bilinear resize ops in the top-level serving graph (preprocessing inside a loop?); "
+                          "name the image tensor with --image-tensor and state --size/--scale/--offset")
+    resize = resizes[0]
+    if resize.attr["align_corners"].b or not resize.attr["half_pixel_centers"].b:
+        raise ExportError(f"{resize.name}: bilinear resize without half-pixel centres; dermedge reproduces "
+                          "tf.image.resize (half_pixel_centers=True, align_corners=False) only")
+    size_node = nodes[resize.input[1].split(":")[0]]
+    height, width = [int(v) for v in tensor_util.MakeNdarray(size_node.attr["value"].tensor)]
+    tensor, scale, offset, chain = resize.name + ":0", 1.0, 0.0, []
+    while True:
+        users = consumers.get(tensor, [])
+        if len(users) != 1:
+            break
+        op = users[0]
+        others = [i for i in op.input if not i.startswith("^") and (i if ":" in i else i + ":0") != tensor]
+        if op.op in ("ExpandDims", "Squeeze", "Identity", "Cast", "Reshape"):
+            pass
+        elif op.op in ("Mul", "RealDiv", "Sub", "AddV2", "Add") and len(others) == 1:
+            c = _const_scalar(nodes, others[0])
+            first = (op.input[0] if ":" in op.input[0] else op.input[0] + ":0") == tensor
+            if c is None or (op.op in ("RealDiv", "Sub") and not first):
+                break
+            if op.op == "Mul":
+                scale, offset = scale * c, offset * c
+            elif op.op == "RealDiv":
+                scale, offset = scale / c, offset / c
+            elif op.op == "Sub":
+                offset -= c
+            else:
+                offset += c
+        else:
+            break
+        chain.append(f"{op.op}({op.name})")
+        tensor = op.name + ":0"
+    shape = frozen.graph.get_tensor_by_name(tensor).shape
+    if shape.rank != 4 or list(shape[1:]) != [height, width, 3]:
+        raise ExportError(f"the preprocessed image tensor {tensor} has shape {shape}, not [1, {height}, {width}, 3]; "
+                          "name the model's image input with --image-tensor")
+    return Preprocessing(decodes[0].op, resize.name, height, width, scale, offset, tensor, chain, True)
+
+
+def cut(frozen, image_tensor: str, output_tensor: str):
+    gd = frozen.graph.as_graph_def()
+    # Control edges (input validation asserts on the serialized strings) would tie the embedding to
+    # the string placeholder; the cut graph feeds the image directly, so they are dropped.
+    for node in gd.node:
+        data_inputs = [i for i in node.input if not i.startswith("^")]
+        del node.input[:]
+        node.input.extend(data_inputs)
+    wrapped = tf.compat.v1.wrap_function(lambda: tf.compat.v1.import_graph_def(gd, name=""), [])
+    g = wrapped.graph
+    try:
+        feed = g.get_tensor_by_name(image_tensor)
+    except KeyError as e:
+        raise ExportError(f"no tensor named {image_tensor!r} in the serving graph") from e
+    pruned = wrapped.prune(feeds=[feed], fetches=g.get_tensor_by_name(output_tensor))
+    shape = [1] + list(feed.shape[1:])
+
+    # A signature (input `image`, output `embedding`) for the TFLite file, as dermedge expects.
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])
+    def serving_default(image):
+        return {"embedding": pruned(image)}
+
+    return wrapped, serving_default.get_concrete_function()
+
+
+def list_images(directory: Path, what: str) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ExportError(f"{what} directory {directory} does not exist")
+    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    readable = []
+    for p in files:
+        try:
+            tf.io.decode_image(p.read_bytes(), channels=3, expand_animations=False)
+            readable.append(p)
+        except Exception:  # noqa: BLE001 -- report and skip unreadable files
+            print(f"warning: {p}: not a readable image, skipped")
+    if not readable:
+        raise ExportError(f"{what} directory {directory} holds no readable images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return readable
+
+
+def model_input(path: Path, pre: Preprocessing) -> np.ndarray:
+    """What dermedge's Rust preprocessing computes, in TensorFlow: decode, bilinear resize, affine."""
+    img = tf.io.decode_image(path.read_bytes(), channels=3, expand_animations=False)
+    img = tf.image.resize(img, [pre.height, pre.width], method="bilinear", antialias=False)
+    return (img.numpy() * np.float32(pre.scale) + np.float32(pre.offset))[None].astype(np.float32)
+
+
+def serialized_example(path: Path) -> bytes:
+    png = path.read_bytes()
+    if path.suffix.lower() != ".png":
+        png = tf.io.encode_png(tf.io.decode_image(png, channels=3, expand_animations=False)).numpy()
+    feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png]))}
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def run_tflite(path: Path, inputs: list[np.ndarray]) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path), num_threads=2)
+    runner = interp.get_signature_runner("serving_default")
+    name = interp.get_signature_list()["serving_default"]["inputs"][0]
+    detail = runner.get_input_details()[name]
+    outs = []
+    for x in inputs:
+        if detail["dtype"] != np.float32:
+            s, z = detail["quantization"]
+            info = np.iinfo(detail["dtype"])
+            x = np.clip(np.round(x / s + z), info.min, info.max).astype(detail["dtype"])
+        outs.append(runner(**{name: x})["embedding"][0].astype(np.float32))
+    return np.stack(outs)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def summary(values: np.ndarray) -> dict:
+    return {"n": int(values.size), "min": float(values.min()), "p1": float(np.percentile(values, 1)),
+            "median": float(np.median(values)), "mean": float(values.mean())}
+
+
+def write_manifest(path: Path, tflite: Path, name: str, version: str, precision: str, dim: int,
+                   pre: Preprocessing, input_dtype: str, quant, provenance: dict):
+    lines = [
+        f"# dermedge model manifest: what {tflite.name} is and the preprocessing its input expects.",
+        "[model]", f'id = "{name}"', f'version = "{version}"', f'file = "{tflite.name}"',
+        f'sha256 = "{sha256(tflite)}"', f'precision = "{precision}"', f"embedding_dim = {dim}", "",
+        "[input]", f"width = {pre.width}", f"height = {pre.height}", "channels = 3", 'layout = "nhwc"',
+        'color_order = "rgb"', f'dtype = "{input_dtype}"', 'resize_filter = "bilinear"',
+        f"# value = pixel (0-255, after the bilinear resize) * scale + offset; "
+        f"{'recovered from' if pre.recovered else 'stated for'} the serving graph",
+        f"scale = {pre.scale!r}", f"offset = {pre.offset!r}",
+    ]
+    if quant is not None:
+        lines += ["", "[input.quantization]", f"scale = {quant[0]!r}", f"zero_point = {quant[1]}"]
+    lines += ["", "[output]", 'name = "embedding"', 'dtype = "float32"', "", "[provenance]"]
+    lines += [f"{k} = {json.dumps(str(v))}" for k, v in provenance.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation: Path, version: str = "1",
+           input_type: str = "float32", calibration_count: int = 64, debug_count: int = 4,
+           image_tensor: str | None = None, size: int | None = None, scale: float | None = None,
+           offset: float | None = None, progress=print) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    cal_files = list_images(calibration, "calibration")[:calibration_count]
+    eval_files = list_images(evaluation, "evaluation")
+    overlap = {sha256(p) for p in cal_files} & {sha256(p) for p in eval_files}
+    if overlap:
+        raise ExportError(f"{len(overlap)} images are in both the calibration and the evaluation set; they must be disjoint")
+
+    progress(f"[{name}] loading {savedmodel}")
+    _, fn = load_serving(savedmodel)
+    frozen = convert_variables_to_constants_v2(fn)
+    # The frozen function's outputs follow tf.nest's flattening of the signature's dict (sorted keys).
+    output_tensor = frozen.outputs[sorted(fn.structured_outputs).index("embedding")].name
+    if image_tensor:
+        if size is None or scale is None or offset is None:
+            raise ExportError("--image-tensor needs --size, --scale and --offset (the preprocessing it stands for)")
+        pre = Preprocessing("stated", "stated", size, size, scale, offset, image_tensor, [], False)
+    else:
+        pre = find_preprocessing(frozen)
+    progress(f"[{name}] preprocessing: {pre.decode_op} -> bilinear {pre.height}x{pre.width} -> "
+             f"x*{pre.scale:.8g}+{pre.offset:.8g}; graph cut at {pre.cut_tensor}")
+    wrapped, core = cut(frozen, pre.cut_tensor, output_tensor)
+    dim = int(core.structured_outputs["embedding"].shape[-1])
+    if core.structured_outputs["embedding"].shape.rank != 2:
+        raise ExportError(f"`embedding` has shape {core.structured_outputs['embedding'].shape}; expected [batch, dim]")
+
+    cal_inputs = [model_input(p, pre) for p in cal_files]
+
+    def representative():
+        for x in cal_inputs:
+            yield [x]
+
+    # Converting from a SavedModel (rather than the concrete function) gives the TFLite file a
+    # `serving_default` signature with input `image` and output `embedding`, which dermedge checks.
+    core_dir = Path(tempfile.mkdtemp(prefix=f"{name}-core-"))
+    holder = tf.Module()
+    holder.serving_default = core
+    tf.saved_model.save(holder, str(core_dir), signatures={"serving_default": core})
+
+    def converter(int8: bool):
+        conv = tf.lite.TFLiteConverter.from_saved_model(str(core_dir), signature_keys=["serving_default"])
+        if int8:
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+            conv.representative_dataset = representative
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            conv.inference_input_type = {"float32": tf.float32, "uint8": tf.uint8, "int8": tf.int8}[input_type]
+            conv.inference_output_type = tf.float32
+        return conv
+
+    tool = f"models/export (tensorflow {tf.__version__})"
+    files = {}
+    for precision in ("fp32", "int8"):
+        progress(f"[{name}] converting {precision}")
+        tflite = out / f"{name}.{precision}.tflite"
+        tflite.write_bytes(converter(precision == "int8").convert())
+        files[precision] = tflite
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    detail = Interpreter(model_path=str(files["int8"])).get_input_details()[0]
+    int8_dtype = {np.float32: "float32", np.uint8: "uint8", np.int8: "int8"}[detail["dtype"]]
+    quant = detail["quantization"] if int8_dtype != "float32" else None
+    common = {"source": f"SavedModel {savedmodel} (serving_default)", "tool": tool,
+              "preprocessing": "recovered from the serving graph" if pre.recovered else "stated on the command line",
+              "graph_cut": pre.cut_tensor}
+    write_manifest(out / f"{name}.fp32.toml", files["fp32"], name, version, "fp32", dim, pre, "float32", None,
+                   {**common, "conversion": "TFLiteConverter, float32"})
+    write_manifest(out / f"{name}.int8.toml", files["int8"], name, version, "int8", dim, pre, int8_dtype,
+                   quant and (float(quant[0]), int(quant[1])),
+                   {**common, "conversion": f"full-integer int8, {int8_dtype} input, float32 output; "
+                                            f"{len(cal_files)} calibration images",
+                    "calibration": f"{name}.calibration.json"})
+
+    (out / f"{name}.calibration.json").write_text(json.dumps({
+        "calibration_dir": str(calibration), "count": len(cal_files),
+        "sampling": f"the first {calibration_count} readable images of the directory in sorted order, "
+                    "decoded and preprocessed exactly as dermedge does",
+        "files": [p.name for p in cal_files], "evaluation_dir": str(evaluation), "evaluation_count": len(eval_files),
+        "disjoint": "checked by content hash",
+    }, indent=1) + "\n")
+
+    progress(f"[{name}] op report")
+    ops = {p: opreport.analyse(f.read_bytes()) for p, f in files.items()}
+    (out / f"{name}.ops.json").write_text(json.dumps(ops, indent=1) + "\n")
+    (out / f"{name}.ops.md").write_text(opreport.markdown(name, ops))
+
+    progress(f"[{name}] per-layer quantisation error ({debug_count} images)")
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter(True), debug_dataset=lambda: ([x] for x in cal_inputs[:debug_count]))
+    debugger.run()
+    with open(out / f"{name}.int8.layer-errors.csv", "w") as f:
+        debugger.layer_statistics_dump(f)
+
+    progress(f"[{name}] comparing against the SavedModel on {len(eval_files)} evaluation images")
+    serving = tf.saved_model.load(str(savedmodel)).signatures["serving_default"]
+    reference = np.stack([serving(tf.constant([serialized_example(p)]))["embedding"].numpy()[0] for p in eval_files])
+    eval_inputs = [model_input(p, pre) for p in eval_files]
+    fp32 = run_tflite(files["fp32"], eval_inputs)
+    int8 = run_tflite(files["int8"], eval_inputs)
+    np.save(out / f"{name}.savedmodel-embeddings.npy", reference.astype(np.float32))
+    report = {
+        "name": name, "embedding_dim": dim, "preprocessing": asdict(pre),
+        "files": {p: {"path": f.name, "bytes": f.stat().st_size, "sha256": sha256(f)} for p, f in files.items()},
+        "evaluation_images": [str(p) for p in eval_files],
+        "fp32_tflite_vs_savedmodel_cosine": summary(cosine_rows(fp32, reference)),
+        "int8_vs_fp32_cosine": summary(cosine_rows(int8, fp32)),
+        "int8_vs_savedmodel_cosine": summary(cosine_rows(int8, reference)),
+        "seconds": round(time.time() - started, 1),
+    }
+    shutil.rmtree(core_dir, ignore_errors=True)
+    (out / f"{name}.export-report.json").write_text(json.dumps(report, indent=1) + "\n")
+    progress(f"[{name}] fp32 TFLite vs SavedModel cosine min {report['fp32_tflite_vs_savedmodel_cosine']['min']:.6f}; "
+             f"int8 vs fp32 cosine median {report['int8_vs_fp32_cosine']['median']:.4f} "
+             f"p1 {report['int8_vs_fp32_cosine']['p1']:.4f}")
+    return report

