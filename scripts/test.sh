@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up and run every check: formatting, clippy (warnings are errors) and the whole test suite.
+# Set up and run every check: formatting, clippy (warnings are errors), the model tooling's tests,
+# the CI models built by the exporter (df-mini, lesion-x448), and the whole Rust test suite.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -7,4 +8,10 @@ scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo build --workspace --locked
+ci_models=(df-mini lesion-x448)
+for model in "${ci_models[@]}"; do
+  ./target/debug/dermedge models build "$model"
+done
+scripts/python-env.sh -m unittest discover -s models/export/tests
+DERMEDGE_REQUIRE_MODELS="$(IFS=,; echo "${ci_models[*]}")" cargo test --workspace --locked

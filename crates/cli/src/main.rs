@@ -3,6 +3,7 @@
 
 mod embed;
 mod inputs;
+mod models;
 mod output;
 
 use std::path::PathBuf;
@@ -36,6 +37,9 @@ enum Command {
     Model(ModelCommand),
     /// Report the TFLite runtime found, its version and the accelerators it offers.
     Doctor(RuntimeArgs),
+    /// The model registry (models/models.toml): list and build models into .cache/models/.
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
 }
 
 #[derive(Subcommand)]
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
             json,
         }) => model_info(&manifest, &runtime, json).map(|_| true),
         Command::Doctor(runtime) => doctor(&runtime).map(|_| true),
+        Command::Models(command) => models::run(&command).map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

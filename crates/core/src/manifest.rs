@@ -314,21 +314,7 @@ impl ModelManifest {
             model: model.clone(),
             cause,
         };
-        let mut file = fs::File::open(&model).map_err(missing)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf).map_err(missing)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let actual: String = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let actual = file_sha256(&model).map_err(missing)?;
         if !actual.eq_ignore_ascii_case(&self.model.sha256) {
             return Err(ManifestError::ChecksumMismatch {
                 manifest: self.path.clone(),
@@ -344,6 +330,25 @@ impl ModelManifest {
     pub fn input_len(&self) -> usize {
         (self.input.width * self.input.height * self.input.channels) as usize
     }
+}
+
+/// Lower-case hexadecimal sha256 of a file, read in chunks (models can be GBs).
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let mut file = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// Lower-case hexadecimal sha256 of `bytes`.

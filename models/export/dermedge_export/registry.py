@@ -1,0 +1,86 @@
+"""`build NAME`: build a registry model (models/models.toml) into .cache/models/NAME/, idempotently.
+
+Steps, each skipped when its output is already there and verified: the image sets
+(.cache/models/images/), the stand-in SavedModel, the export. Every built .tflite is checked
+against the sha256 the registry records; a mismatch is an error (the conversion did not reproduce).
+"""
+import hashlib
+import json
+import time
+import tomllib
+from pathlib import Path
+
+from .export import ExportError
+
+ROOT = Path(__file__).resolve().parents[3]
+REGISTRY = ROOT / "models" / "models.toml"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_registry() -> dict:
+    return tomllib.loads(REGISTRY.read_text())
+
+
+def verified(directory: Path, files: dict) -> tuple[bool, list[str]]:
+    problems = []
+    for name, spec in files.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif spec.get("sha256") and sha256(path) != spec["sha256"]:
+            problems.append(f"{name}: sha256 {sha256(path)} != registry {spec['sha256']}")
+    return not problems, problems
+
+
+def build(name: str, cache: Path | None = None) -> Path:
+    registry = load_registry()
+    models = registry["models"]
+    if name not in models:
+        raise ExportError(f"{REGISTRY}: no model {name!r}; it lists: {', '.join(models)}")
+    spec = models[name]
+    cache = Path(cache or ROOT / ".cache" / "models")
+    out = cache / name
+    files = spec["files"]
+    started = time.time()
+
+    def step(message):
+        print(f"[{time.time() - started:6.1f}s] {name}: {message}", flush=True)
+
+    ok, problems = verified(out, files)
+    if ok and all(f.get("sha256") for f in files.values()):
+        step(f"up to date in {out} (checksums verified)")
+        return out
+
+    images = cache / "images"
+    if not (images / "sets.json").is_file():
+        step(f"building calibration/evaluation image sets in {images}")
+        from . import images as image_sets
+        image_sets.build(images)
+    savedmodel = out / "savedmodel"
+    if not (savedmodel / "saved_model.pb").is_file():
+        step(f"building the {spec['standin']} stand-in SavedModel")
+        from . import standins
+        standins.build(spec["standin"], savedmodel)
+    step("exporting fp32 and int8 TFLite")
+    from . import export
+    export.export(savedmodel, name, out, images / "calibration", images / "evaluation",
+                  calibration_count=spec.get("calibration_count", 64), progress=step)
+    for extra in ("evaluation-upscaled",):
+        (out / f"{name}.{extra}.txt").write_text(str(images / extra) + "\n")
+
+    ok, problems = verified(out, files)
+    unrecorded = {f: sha256(out / f) for f, s in files.items() if not s.get("sha256") and (out / f).is_file()}
+    if not ok:
+        raise ExportError(f"{name}: the build does not reproduce the registry's files: {'; '.join(problems)}")
+    for f, digest in unrecorded.items():
+        step(f"{f}: sha256 {digest} (not yet recorded in {REGISTRY.name})")
+    step(f"built and verified in {out}")
+    (out / "BUILT").write_text(json.dumps({f: sha256(out / f) for f in files}, indent=1) + "\n")
+    return out

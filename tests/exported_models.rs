@@ -1,0 +1,128 @@
+//! The registry's exported models (built by `dermedge models build`) through the Rust side:
+//! dermedge's preprocessing + LiteRT on the exported fp32 file must reproduce the SavedModel's own
+//! `serving_default` (tf.Example with PNG bytes) on the same images, and every exported file must
+//! run with its manifest.
+//!
+//! Models not built are reported and skipped, except those named in DERMEDGE_REQUIRE_MODELS
+//! (comma-separated; scripts/test.sh builds and requires the CI models), which must be there.
+
+use std::fs;
+
+use dermedge_e2e::{cosine, dermedge, read_npy_rows, root, text};
+use serde_json::Value;
+
+/// fp32 TFLite through Rust preprocessing vs the SavedModel serving path on PNG bytes.
+const FP32_VS_SAVEDMODEL_MIN_COSINE: f64 = 0.9999;
+
+fn required() -> Vec<String> {
+    std::env::var("DERMEDGE_REQUIRE_MODELS")
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[test]
+fn exported_models_reproduce_their_savedmodel_through_rust_preprocessing() {
+    let registry: toml::Value =
+        toml::from_str(&fs::read_to_string(root().join("models/models.toml")).unwrap()).unwrap();
+    let required = required();
+    let mut checked = Vec::new();
+    for name in registry["models"].as_table().unwrap().keys() {
+        let dir = root().join(".cache/models").join(name);
+        if !dir.join("BUILT").is_file() {
+            assert!(
+                !required.contains(name),
+                "{name} is required but not built: run `dermedge models build {name}`"
+            );
+            eprintln!("skipping {name}: not built (dermedge models build {name})");
+            continue;
+        }
+        let report: Value = serde_json::from_str(
+            &fs::read_to_string(dir.join(format!("{name}.export-report.json"))).unwrap(),
+        )
+        .unwrap();
+        let images: Vec<String> = report["evaluation_images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        let reference = read_npy_rows(&dir.join(format!("{name}.savedmodel-embeddings.npy")));
+        assert_eq!(reference.len(), images.len());
+        let tmp = tempfile::tempdir().unwrap();
+        let mut outputs = Vec::new();
+        for precision in ["fp32", "int8"] {
+            let manifest = dir.join(format!("{name}.{precision}.toml"));
+            let info = dermedge(&[
+                "model",
+                "info",
+                manifest.to_str().unwrap(),
+                "--threads",
+                "2",
+            ]);
+            assert!(
+                info.status.success(),
+                "{name} {precision}: model info failed: {}",
+                text(&info.stderr)
+            );
+            let out = tmp.path().join(format!("{precision}.npy"));
+            let mut args = vec![
+                "embed",
+                "--model",
+                manifest.to_str().unwrap(),
+                "--threads",
+                "2",
+                "--out",
+                out.to_str().unwrap(),
+            ];
+            args.extend(images.iter().map(String::as_str));
+            let run = dermedge(&args);
+            assert!(
+                run.status.success(),
+                "{name} {precision}: {}",
+                text(&run.stderr)
+            );
+            outputs.push(read_npy_rows(&out));
+        }
+        let (fp32, int8) = (&outputs[0], &outputs[1]);
+        let dim = fp32[0].len();
+        assert_eq!(
+            fp32[0].len(),
+            reference[0].len(),
+            "{name}: embedding dimension"
+        );
+        for ((image, ours), theirs) in images.iter().zip(fp32).zip(&reference) {
+            let c = cosine(ours, theirs);
+            assert!(
+                c >= FP32_VS_SAVEDMODEL_MIN_COSINE,
+                "{name}: {image}: fp32 TFLite (Rust preprocessing) vs SavedModel cosine {c}"
+            );
+        }
+        let mut cos: Vec<f64> = fp32.iter().zip(int8).map(|(a, b)| cosine(a, b)).collect();
+        cos.sort_by(f64::total_cmp);
+        eprintln!(
+            "{name} ({dim}-d): int8 vs fp32 cosine over {} evaluation images: min {:.4}, p1 {:.4}, median {:.4}",
+            cos.len(),
+            cos[0],
+            percentile(&cos, 0.01),
+            percentile(&cos, 0.5)
+        );
+        assert!(
+            cos[0] > 0.0,
+            "{name}: an int8 embedding points away from its fp32 one"
+        );
+        checked.push(name.clone());
+    }
+    for name in &required {
+        assert!(
+            checked.contains(name),
+            "required model {name} is not in models/models.toml"
+        );
+    }
+}
