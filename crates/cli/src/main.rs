@@ -2,6 +2,7 @@
 //! configuration and sets up logging; everything it does is built from the library crates.
 
 mod embed;
+mod fidelity;
 mod inputs;
 mod models;
 mod output;
@@ -32,6 +33,8 @@ struct Cli {
 enum Command {
     /// Embed image files (or every image in directories) with a model.
     Embed(embed::EmbedArgs),
+    /// Compare a candidate model's embeddings with a reference model's; gates and report.
+    Fidelity(fidelity::FidelityArgs),
     /// Model files: inspect.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Embed(args) => embed::run(&args),
+        Command::Fidelity(args) => fidelity::run(&args),
         Command::Model(ModelCommand::Info {
             manifest,
             runtime,

@@ -6,7 +6,7 @@ Sources (both ship in registry packages; see models/README.md for licences):
 - photos bundled with scikit-image.
 
 Sets (disjoint by source patch and by source photo):
-- calibration/            mosaics of distinct patches (14x14 patches of 32 px = 448 px) + photo crops
+- calibration/            mosaics of 4 distinct patches, each tiled 7x7 (448 px, native sharpness) + photo crops
 - evaluation/             mosaics from the other half of the patches + crops of other photos
 - evaluation-upscaled/    single patches upscaled to 448 by the model itself: a separately reported hard case
 A `sets.json` records every file's sources and how it was sampled.
@@ -48,12 +48,32 @@ def distinct(paths: list[Path]) -> list[tuple[str, np.ndarray]]:
     return [seen[k] for k in sorted(seen)]
 
 
-def mosaic(patches, rng) -> tuple[np.ndarray, list[str]]:
-    n = SIZE // PATCH
-    idx = rng.choice(len(patches), n * n, replace=False)
-    tiles = [patches[i][1] for i in idx]
+def tiled(patch: np.ndarray, n: int, rng) -> np.ndarray:
+    """An n x n tiling of one patch, each tile randomly flipped/transposed: native-resolution texture."""
+    tiles = []
+    for _ in range(n * n):
+        t = patch
+        if rng.random() < 0.5:
+            t = t[:, ::-1]
+        if rng.random() < 0.5:
+            t = t[::-1, :]
+        if rng.random() < 0.5:
+            t = t.transpose(1, 0, 2)
+        tiles.append(t)
     rows = [np.concatenate(tiles[r * n:(r + 1) * n], axis=1) for r in range(n)]
-    return np.concatenate(rows, axis=0), [patches[i][0] for i in idx]
+    return np.concatenate(rows, axis=0)
+
+
+def mosaic(patches, rng) -> tuple[np.ndarray, list[str]]:
+    """Four quadrants, each one distinct patch tiled 7x7. Many different patches per image would
+    average out under global pooling and make every mosaic look alike to the model; four keep
+    each image distinct while staying sharp at 448 px."""
+    half = SIZE // 2
+    idx = rng.choice(len(patches), 4, replace=False)
+    quads = [tiled(patches[i][1], half // PATCH, rng) for i in idx]
+    top = np.concatenate(quads[:2], axis=1)
+    bottom = np.concatenate(quads[2:], axis=1)
+    return np.concatenate([top, bottom], axis=0), [patches[i][0] for i in idx]
 
 
 def photo_crops(name: str, image: np.ndarray, count: int, rng) -> list[tuple[np.ndarray, str]]:
@@ -69,7 +89,7 @@ def photo_crops(name: str, image: np.ndarray, count: int, rng) -> list[tuple[np.
     return out
 
 
-def build(out: Path, mosaics_per_set: int = 48, photo_crops_per_photo: int = 8, upscaled: int = 24) -> Path:
+def build(out: Path, mosaics_per_set: int = 96, photo_crops_per_photo: int = 8, upscaled: int = 24) -> Path:
     import skimage.data as skd
 
     rng = np.random.default_rng(SEED)
@@ -93,7 +113,7 @@ def build(out: Path, mosaics_per_set: int = 48, photo_crops_per_photo: int = 8, 
             img, sources = mosaic(pool, rng)
             name = f"mosaic-{i:03d}.png"
             Image.fromarray(img).save(d / name)
-            entries.append({"file": name, "kind": "mosaic of 196 distinct 32px patches", "sources": sources})
+            entries.append({"file": name, "kind": "4 distinct 32px patches, each tiled 7x7 into a quadrant", "sources": sources})
         for pname, photo in photos[split].items():
             for j, (crop, src) in enumerate(photo_crops(pname, photo, photo_crops_per_photo, rng)):
                 name = f"photo-{pname}-{j:02d}.png"

@@ -1,0 +1,288 @@
+//! `dermedge fidelity`: embed the same images with a reference and a candidate model, compare,
+//! check the gates, and write the report.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use dermedge_core::preprocess::{decode_file, DecodeLimits};
+use dermedge_core::{Embedder, ModelManifest};
+use dermedge_fidelity::report::{write_report, Report};
+use dermedge_fidelity::{compare, Gates};
+use dermedge_head::{kmeans::kmeans, train_softmax, LinearHead, TrainOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::{inputs, RuntimeArgs};
+
+#[derive(Args, Debug)]
+pub struct FidelityArgs {
+    /// Manifest of the reference model (usually fp32).
+    #[arg(long)]
+    reference: PathBuf,
+    /// Manifest of the candidate model (int8, another export, ...).
+    #[arg(long)]
+    candidate: PathBuf,
+    /// Evaluation images (files or directories); never the calibration images.
+    #[arg(long, required = true, num_args = 1..)]
+    images: Vec<PathBuf>,
+    /// A separately reported, ungated hard case (e.g. upscaled 32 px patches).
+    #[arg(long, num_args = 1..)]
+    hard_images: Vec<PathBuf>,
+    /// Linear head trained on reference embeddings; default: one trained on k-means clusters.
+    #[arg(long)]
+    head: Option<PathBuf>,
+    /// Gates (TOML); default: the built-in gates (docs/FIDELITY.md).
+    #[arg(long)]
+    gates: Option<PathBuf>,
+    /// Where report.json, report.md and the SVG plots go.
+    #[arg(long)]
+    report: PathBuf,
+    /// Threads for the noise-floor run of the reference (default: 1, or 2 when --threads is 1).
+    #[arg(long)]
+    noise_threads: Option<u32>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+/// Embeddings of the same images by several models: `sets[model][image]`.
+type EmbeddingSets = Vec<Vec<Vec<f32>>>;
+
+struct Embedded {
+    files: Vec<String>,
+    reference: Vec<Vec<f32>>,
+    candidate: Vec<Vec<f32>>,
+    noise: Vec<Vec<f32>>,
+}
+
+fn embed_all(
+    files: &[PathBuf],
+    models: &mut [&mut dermedge_engine::litert::LiteRtEmbedder],
+    what: &str,
+) -> Result<(Vec<String>, EmbeddingSets)> {
+    let bar = ProgressBar::new(files.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} {{elapsed}} eta {{eta}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let mut kept = Vec::new();
+    let mut out = vec![Vec::new(); models.len()];
+    for file in files {
+        match decode_file(file, &DecodeLimits::default()) {
+            Ok(image) => {
+                for (m, o) in models.iter_mut().zip(out.iter_mut()) {
+                    o.push(
+                        m.embed(&image)
+                            .with_context(|| format!("{}: embedding failed", file.display()))?
+                            .values,
+                    );
+                }
+                kept.push(file.display().to_string());
+            }
+            Err(e) => bar.suspend(|| eprintln!("warning: skipped {e}")),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok((kept, out))
+}
+
+fn kmeans_head(model_id: &str, reference: &[Vec<f32>]) -> Result<LinearHead> {
+    let n = reference.len();
+    let k = (n / 8).clamp(2, 8);
+    // Cluster on L2-normalised, centred embeddings: the shared component would dominate otherwise.
+    let normed: Vec<Vec<f32>> = reference
+        .iter()
+        .map(|v| {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            v.iter().map(|x| x / norm).collect()
+        })
+        .collect();
+    let dim = normed[0].len();
+    let mean: Vec<f32> = (0..dim)
+        .map(|d| normed.iter().map(|v| v[d]).sum::<f32>() / n as f32)
+        .collect();
+    let centred: Vec<Vec<f32>> = normed
+        .iter()
+        .map(|v| v.iter().zip(&mean).map(|(a, m)| a - m).collect())
+        .collect();
+    let labels = kmeans(&centred, k, 0x5eed, 100);
+    let classes = (0..k).map(|c| format!("cluster-{c}")).collect();
+    let head = train_softmax(
+        &format!("kmeans-{k}"),
+        model_id,
+        reference,
+        &labels,
+        classes,
+        &TrainOptions::default(),
+        |_, _| {},
+    )?;
+    Ok(head)
+}
+
+pub fn run(args: &FidelityArgs) -> Result<bool> {
+    let reference = ModelManifest::load(&args.reference)?;
+    let candidate = ModelManifest::load(&args.candidate)?;
+    if reference.model.embedding_dim != candidate.model.embedding_dim {
+        bail!(
+            "reference {} is {}-d and candidate {} is {}-d: fidelity compares models of the same embedding",
+            args.reference.display(),
+            reference.model.embedding_dim,
+            args.candidate.display(),
+            candidate.model.embedding_dim
+        );
+    }
+    let gates = match &args.gates {
+        Some(path) => Gates::load(path)?,
+        None => Gates::default_gates(),
+    };
+    let gates_name = args
+        .gates
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "built-in gates".into());
+    let head = match &args.head {
+        Some(path) => {
+            let head = LinearHead::load(path)?;
+            head.check_model(&reference.model.id, reference.model.embedding_dim)?;
+            Some(head)
+        }
+        None => None,
+    };
+    let files = inputs::expand(&args.images)?;
+    let options = args.runtime.engine_options();
+    let mut ref_model =
+        dermedge_engine::load(&reference, &options).context("loading the reference model")?;
+    let mut cand_model =
+        dermedge_engine::load(&candidate, &options).context("loading the candidate model")?;
+    let threads = ref_model.threads();
+    let noise_threads = args
+        .noise_threads
+        .unwrap_or(if threads == 1 { 2 } else { 1 });
+    let noise_options = dermedge_engine::EngineOptions {
+        threads: Some(noise_threads),
+        ..options.clone()
+    };
+    let mut noise_model =
+        dermedge_engine::load(&reference, &noise_options).context("loading the reference again")?;
+
+    let (kept, mut sets) = embed_all(
+        &files,
+        &mut [&mut ref_model, &mut cand_model, &mut noise_model],
+        "embedding",
+    )?;
+    if kept.len() < 3 {
+        bail!(
+            "only {} readable images in {:?}; fidelity needs at least 3 (better: hundreds)",
+            kept.len(),
+            args.images
+        );
+    }
+    let embedded = Embedded {
+        files: kept,
+        noise: sets.pop().unwrap(),
+        candidate: sets.pop().unwrap(),
+        reference: sets.pop().unwrap(),
+    };
+    let head = match head {
+        Some(h) => h,
+        None => kmeans_head(&reference.model.id, &embedded.reference)?,
+    };
+    let comparison = compare(&embedded.reference, &embedded.candidate, Some(&head))?;
+    let noise = compare(&embedded.reference, &embedded.noise, Some(&head))?;
+    let results = gates.evaluate(&comparison, &gates_name)?;
+    let noise_results = gates.evaluate(&noise, &gates_name)?;
+    let mut warnings = Vec::new();
+    if let Some(h) = comparison.head.as_ref().filter(|h| h.degenerate) {
+        warnings.push(format!(
+            "head `{}` puts {:.0}% of images in one class; its agreement is nearly meaningless",
+            h.head,
+            h.reference_top_class_share * 100.0
+        ));
+    }
+    for g in noise_results.iter().filter(|g| !g.pass) {
+        warnings.push(format!("gate `{}` fails even for the reference against itself ({:.4}): it is below the noise floor", g.gate, g.value));
+    }
+    let pass = results.iter().all(|g| g.pass);
+    let noise_label = format!("{threads} vs {noise_threads} threads");
+    let describe = |m: &ModelManifest, p: &Path| {
+        format!(
+            "{} {} ({})",
+            m.model.id,
+            m.model.precision.as_str(),
+            p.display()
+        )
+    };
+    let report = Report {
+        reference: describe(&reference, &args.reference),
+        candidate: describe(&candidate, &args.candidate),
+        images: embedded.files.clone(),
+        comparison: &comparison,
+        noise_floor: Some((&noise_label, &noise)),
+        gates: &results,
+        verdict: if pass { "PASS" } else { "FAIL" },
+        warnings: warnings.clone(),
+    };
+    write_report(&args.report, &report)?;
+
+    if !args.hard_images.is_empty() {
+        let hard_files = inputs::expand(&args.hard_images)?;
+        let (kept, mut sets) = embed_all(
+            &hard_files,
+            &mut [&mut ref_model, &mut cand_model],
+            "hard case",
+        )?;
+        let (cand, refs) = (sets.pop().unwrap(), sets.pop().unwrap());
+        let hard = compare(&refs, &cand, Some(&head))?;
+        let hard_results = gates.evaluate(&hard, &gates_name)?;
+        let hard_report = Report {
+            images: kept,
+            comparison: &hard,
+            noise_floor: None,
+            gates: &hard_results,
+            verdict: "NOT GATED (hard case, reported separately)",
+            warnings: Vec::new(),
+            ..report.clone()
+        };
+        write_report(&args.report.join("hard-case"), &hard_report)?;
+        println!(
+            "hard case ({} images, not gated): centred cosine p1 {:.4}, SQNR p1 {:.2} dB",
+            hard.images, hard.centred_cosine.p1, hard.sqnr_db.p1
+        );
+    }
+
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    println!(
+        "{} vs {} on {} images: centred cosine p1 {:.4} (raw {:.4}; different images {:.4}), SQNR p1 {:.2} dB, top-10 overlap {:.3}, self-retrieval {:.3}",
+        report.candidate,
+        report.reference,
+        comparison.images,
+        comparison.centred_cosine.p1,
+        comparison.cosine.p1,
+        comparison.reference_inter_image_cosine.median,
+        comparison.sqnr_db.p1,
+        comparison.top10_overlap.mean,
+        comparison.self_retrieval
+    );
+    for g in &results {
+        println!("  {g}");
+    }
+    println!(
+        "verdict: {} (report in {})",
+        report.verdict,
+        args.report.display()
+    );
+    if !pass {
+        let failed: Vec<String> = results
+            .iter()
+            .filter(|g| !g.pass)
+            .map(|g| g.to_string())
+            .collect();
+        eprintln!("error: fidelity gates failed: {}", failed.join("; "));
+    }
+    Ok(pass)
+}

@@ -1,0 +1,392 @@
+//! dermedge-head: small linear classifiers on embeddings (condition, quality, body site, …).
+//!
+//! A head file binds the weights to the embedding model (`model_id`, `embedding_dim`): applying a
+//! head to embeddings of another model is refused. Inputs may be L2-normalised, then centred and
+//! scaled by constants stored in the file, so training and inference agree by construction.
+//! Training is deterministic: multinomial logistic regression with L2 regularisation, full-batch
+//! gradient descent from zeros. [`kmeans`] gives deterministic cluster labels for unlabelled sets.
+//!
+//! Depends on nothing else in dermedge.
+
+pub mod kmeans;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT: &str = "dermedge-head/1";
+
+/// How class scores become probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadKind {
+    /// Mutually exclusive classes.
+    Softmax,
+    /// Independent labels.
+    Sigmoid,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinearHead {
+    pub format: String,
+    pub name: String,
+    pub model_id: String,
+    pub embedding_dim: usize,
+    pub kind: HeadKind,
+    pub classes: Vec<String>,
+    pub l2_normalize: bool,
+    /// Subtracted after normalisation (the training set's mean); empty for none.
+    pub input_mean: Vec<f32>,
+    /// Divides the centred input.
+    pub input_scale: f32,
+    /// One row of `embedding_dim` weights per class.
+    pub weights: Vec<Vec<f32>>,
+    pub bias: Vec<f32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    #[error("{path}: cannot read head: {cause}")]
+    Read {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("{path}: not a valid dermedge head: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error(
+        "head `{head}` is bound to model {head_model} ({head_dim}-d), not to {model} ({dim}-d)"
+    )]
+    ModelMismatch {
+        head: String,
+        head_model: String,
+        head_dim: usize,
+        model: String,
+        dim: usize,
+    },
+    #[error("training data: {0}")]
+    Training(String),
+}
+
+impl LinearHead {
+    pub fn load(path: &Path) -> Result<Self, HeadError> {
+        let text = std::fs::read_to_string(path).map_err(|cause| HeadError::Read {
+            path: path.into(),
+            cause,
+        })?;
+        let head: LinearHead = serde_json::from_str(&text).map_err(|e| HeadError::Invalid {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        head.validate().map_err(|message| HeadError::Invalid {
+            path: path.into(),
+            message,
+        })?;
+        Ok(head)
+    }
+
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::write(path, serde_json::to_string(self).expect("serialisable"))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.format != FORMAT {
+            return Err(format!("format {:?}, expected {FORMAT:?}", self.format));
+        }
+        let k = self.classes.len();
+        if k == 0 || self.weights.len() != k || self.bias.len() != k {
+            return Err(format!("{k} classes need {k} weight rows and {k} biases"));
+        }
+        if self.weights.iter().any(|w| w.len() != self.embedding_dim) {
+            return Err(format!(
+                "every weight row must have embedding_dim = {} values",
+                self.embedding_dim
+            ));
+        }
+        if !self.input_mean.is_empty() && self.input_mean.len() != self.embedding_dim {
+            return Err("input_mean must be empty or embedding_dim long".into());
+        }
+        if !(self.input_scale.is_finite() && self.input_scale > 0.0) {
+            return Err("input_scale must be a finite number > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Refuse embeddings of another model.
+    pub fn check_model(&self, model_id: &str, dim: usize) -> Result<(), HeadError> {
+        if self.model_id != model_id || self.embedding_dim != dim {
+            return Err(HeadError::ModelMismatch {
+                head: self.name.clone(),
+                head_model: self.model_id.clone(),
+                head_dim: self.embedding_dim,
+                model: model_id.into(),
+                dim,
+            });
+        }
+        Ok(())
+    }
+
+    fn prepare(&self, embedding: &[f32]) -> Vec<f32> {
+        prepare(
+            embedding,
+            self.l2_normalize,
+            &self.input_mean,
+            self.input_scale,
+        )
+    }
+
+    /// Class probabilities for one embedding (of `embedding_dim` values).
+    pub fn predict(&self, embedding: &[f32]) -> Vec<f32> {
+        let x = self.prepare(embedding);
+        let logits: Vec<f32> = self
+            .weights
+            .iter()
+            .zip(&self.bias)
+            .map(|(w, b)| dot(w, &x) + b)
+            .collect();
+        match self.kind {
+            HeadKind::Softmax => softmax(&logits),
+            HeadKind::Sigmoid => logits.iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect(),
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn prepare(embedding: &[f32], l2: bool, mean: &[f32], scale: f32) -> Vec<f32> {
+    let norm = if l2 {
+        embedding
+            .iter()
+            .map(|v| v * v)
+            .sum::<f32>()
+            .sqrt()
+            .max(1e-12)
+    } else {
+        1.0
+    };
+    embedding
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v / norm - mean.get(i).copied().unwrap_or(0.0)) / scale)
+        .collect()
+}
+
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|z| (z - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.iter().map(|e| e / sum).collect()
+}
+
+/// Training settings. The defaults suit a few hundred embeddings.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub l2_normalize: bool,
+    /// L2 regularisation strength on the weights.
+    pub lambda: f32,
+    pub iterations: usize,
+    pub learning_rate: f32,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            l2_normalize: true,
+            lambda: 1e-3,
+            iterations: 400,
+            learning_rate: 0.5,
+        }
+    }
+}
+
+/// Fit a softmax head to embeddings `x` with labels `y` (indices into `classes`).
+/// `progress` is called with (iteration, loss) after each step.
+pub fn train_softmax(
+    name: &str,
+    model_id: &str,
+    x: &[Vec<f32>],
+    y: &[usize],
+    classes: Vec<String>,
+    options: &TrainOptions,
+    mut progress: impl FnMut(usize, f32),
+) -> Result<LinearHead, HeadError> {
+    let (n, k) = (x.len(), classes.len());
+    if n == 0 || n != y.len() {
+        return Err(HeadError::Training(format!(
+            "{n} embeddings and {} labels",
+            y.len()
+        )));
+    }
+    let d = x[0].len();
+    if x.iter().any(|v| v.len() != d) {
+        return Err(HeadError::Training(
+            "embeddings of different dimensions".into(),
+        ));
+    }
+    if let Some(bad) = y.iter().find(|&&c| c >= k) {
+        return Err(HeadError::Training(format!(
+            "label {bad} but only {k} classes"
+        )));
+    }
+    // Normalise, centre on the training mean, and scale to unit mean norm: fixed, stored constants.
+    let normalised: Vec<Vec<f32>> = x
+        .iter()
+        .map(|v| prepare(v, options.l2_normalize, &[], 1.0))
+        .collect();
+    let mut mean = vec![0f32; d];
+    for v in &normalised {
+        for (m, a) in mean.iter_mut().zip(v) {
+            *m += a / n as f32;
+        }
+    }
+    let centred: Vec<Vec<f32>> = normalised
+        .iter()
+        .map(|v| v.iter().zip(&mean).map(|(a, m)| a - m).collect())
+        .collect();
+    let scale = (centred.iter().map(|v| dot(v, v).sqrt()).sum::<f32>() / n as f32).max(1e-12);
+    let inputs: Vec<Vec<f32>> = centred
+        .iter()
+        .map(|v| v.iter().map(|a| a / scale).collect())
+        .collect();
+
+    let mut w = vec![vec![0f32; d]; k];
+    let mut b = vec![0f32; k];
+    for it in 0..options.iterations {
+        let mut gw = vec![vec![0f32; d]; k];
+        let mut gb = vec![0f32; k];
+        let mut loss = 0f32;
+        for (xi, &yi) in inputs.iter().zip(y) {
+            let logits: Vec<f32> = w.iter().zip(&b).map(|(wc, bc)| dot(wc, xi) + bc).collect();
+            let p = softmax(&logits);
+            loss -= p[yi].max(1e-12).ln() / n as f32;
+            for c in 0..k {
+                let g = (p[c] - if c == yi { 1.0 } else { 0.0 }) / n as f32;
+                gb[c] += g;
+                for (gwj, xj) in gw[c].iter_mut().zip(xi) {
+                    *gwj += g * xj;
+                }
+            }
+        }
+        for c in 0..k {
+            loss += 0.5 * options.lambda * dot(&w[c], &w[c]);
+            for (wj, gj) in w[c].iter_mut().zip(&gw[c]) {
+                *wj -= options.learning_rate * (gj + options.lambda * *wj);
+            }
+            b[c] -= options.learning_rate * gb[c];
+        }
+        progress(it, loss);
+    }
+    Ok(LinearHead {
+        format: FORMAT.into(),
+        name: name.into(),
+        model_id: model_id.into(),
+        embedding_dim: d,
+        kind: HeadKind::Softmax,
+        classes,
+        l2_normalize: options.l2_normalize,
+        input_mean: mean,
+        input_scale: scale,
+        weights: w,
+        bias: b,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blobs() -> (Vec<Vec<f32>>, Vec<usize>) {
+        // Three well-separated directions plus a large shared component, like real embeddings.
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for i in 0..30 {
+            let c = i % 3;
+            let mut v = vec![5.0f32; 16];
+            v[c] += 1.0 + (i as f32 * 0.37).sin() * 0.2;
+            v[8 + (i % 5)] += 0.1;
+            x.push(v);
+            y.push(c);
+        }
+        (x, y)
+    }
+
+    #[test]
+    fn trains_deterministically_and_separates_classes() {
+        let (x, y) = blobs();
+        let classes = vec!["a".into(), "b".into(), "c".into()];
+        let opts = TrainOptions::default();
+        let h1 = train_softmax("t", "m", &x, &y, classes.clone(), &opts, |_, _| {}).unwrap();
+        let h2 = train_softmax("t", "m", &x, &y, classes, &opts, |_, _| {}).unwrap();
+        assert_eq!(h1, h2);
+        let correct = x.iter().zip(&y).filter(|(v, &c)| {
+            let p = h1.predict(v);
+            p.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0
+                == c
+        });
+        assert_eq!(correct.count(), 30);
+    }
+
+    #[test]
+    fn files_round_trip_and_bind_to_their_model() {
+        let (x, y) = blobs();
+        let head = train_softmax(
+            "t",
+            "df-mini",
+            &x,
+            &y,
+            vec!["a".into(), "b".into(), "c".into()],
+            &TrainOptions::default(),
+            |_, _| {},
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.json");
+        head.save(&path).unwrap();
+        let loaded = LinearHead::load(&path).unwrap();
+        assert_eq!(loaded, head);
+        assert!(loaded.check_model("df-mini", 16).is_ok());
+        let err = loaded
+            .check_model("lesion-x448", 2048)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("df-mini") && err.contains("lesion-x448"),
+            "{err}"
+        );
+        std::fs::write(&path, "{\"format\": \"something else\"}").unwrap();
+        assert!(LinearHead::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("h.json"));
+    }
+
+    #[test]
+    fn bad_training_data_is_an_error() {
+        let err = train_softmax(
+            "t",
+            "m",
+            &[vec![1.0], vec![1.0, 2.0]],
+            &[0, 0],
+            vec!["a".into()],
+            &TrainOptions::default(),
+            |_, _| {},
+        );
+        assert!(err.is_err());
+        let err = train_softmax(
+            "t",
+            "m",
+            &[vec![1.0]],
+            &[3],
+            vec!["a".into()],
+            &TrainOptions::default(),
+            |_, _| {},
+        );
+        assert!(err.unwrap_err().to_string().contains("label 3"));
+    }
+}

@@ -1,0 +1,226 @@
+//! `dermedge fidelity` end to end on the trained stand-in `lesion-x448` and its evaluation images
+//! (built by `dermedge models build`; calibration images are never used here):
+//! the noise-floor pair passes the gates, a deliberately broken int8 model fails them naming the
+//! gates, the plain int8 export's verdict is written as measured, and bad inputs are clear errors.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use dermedge_e2e::{dermedge, root, text};
+use serde_json::Value;
+
+fn built(name: &str) -> Option<PathBuf> {
+    let dir = root().join(".cache/models").join(name);
+    if dir.join("BUILT").is_file() {
+        return Some(dir);
+    }
+    let required = std::env::var("DERMEDGE_REQUIRE_MODELS").unwrap_or_default();
+    assert!(
+        !required.split(',').any(|m| m.trim() == name),
+        "{name} is required but not built"
+    );
+    eprintln!("skipping: {name} not built (dermedge models build {name})");
+    None
+}
+
+fn evaluation_images() -> String {
+    root()
+        .join(".cache/models/images/evaluation")
+        .display()
+        .to_string()
+}
+
+fn fidelity(args: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["fidelity", "--threads", "2"];
+    all.extend_from_slice(args);
+    let out = dermedge(&all);
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        text(&out.stderr)
+    );
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+fn report(dir: &Path) -> Value {
+    serde_json::from_str(&fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn noise_floor_pair_passes_and_a_broken_model_fails_naming_the_gates() {
+    let Some(dir) = built("lesion-x448") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let fp32 = dir.join("lesion-x448.fp32.toml");
+    let images = evaluation_images();
+
+    // fp32 against itself under another thread count: the noise floor passes every gate.
+    let out = tmp.path().join("noise");
+    let (ok, stdout, stderr) = fidelity(&[
+        "--reference",
+        fp32.to_str().unwrap(),
+        "--candidate",
+        fp32.to_str().unwrap(),
+        "--noise-threads",
+        "1",
+        "--images",
+        &images,
+        "--report",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert_eq!(report(&out)["verdict"], "PASS");
+    for file in [
+        "report.json",
+        "report.md",
+        "cosine.svg",
+        "centred-cosine.svg",
+        "sqnr.svg",
+        "bias.svg",
+    ] {
+        assert!(out.join(file).is_file(), "missing {file}");
+    }
+
+    // A broken int8 model: the right file, preprocessed with a wrong input scale.
+    let broken = tmp.path().join("broken.int8.toml");
+    let manifest = fs::read_to_string(dir.join("lesion-x448.int8.toml")).unwrap();
+    let manifest = manifest
+        .replace(
+            "file = \"lesion-x448.int8.tflite\"",
+            &format!(
+                "file = \"{}\"",
+                dir.join("lesion-x448.int8.tflite").display()
+            ),
+        )
+        .replace("scale = 1.0\n", "scale = 0.5\n");
+    assert!(manifest.contains("scale = 0.5"), "{manifest}");
+    fs::write(&broken, manifest).unwrap();
+    let out = tmp.path().join("broken");
+    let (ok, stdout, stderr) = fidelity(&[
+        "--reference",
+        fp32.to_str().unwrap(),
+        "--candidate",
+        broken.to_str().unwrap(),
+        "--images",
+        &images,
+        "--report",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok, "a broken model passed:\n{stdout}");
+    assert!(
+        stderr.contains("fidelity gates failed")
+            && stderr.contains("sqnr_db_p1")
+            && stderr.contains("centred_cosine_p1"),
+        "{stderr}"
+    );
+    assert_eq!(report(&out)["verdict"], "FAIL");
+}
+
+#[test]
+fn plain_int8_export_verdict_is_reported_as_measured() {
+    let Some(dir) = built("lesion-x448") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("int8");
+    let (ok, stdout, _) = fidelity(&[
+        "--reference",
+        dir.join("lesion-x448.fp32.toml").to_str().unwrap(),
+        "--candidate",
+        dir.join("lesion-x448.int8.toml").to_str().unwrap(),
+        "--images",
+        &evaluation_images(),
+        "--hard-images",
+        root()
+            .join(".cache/models/images/evaluation-upscaled")
+            .to_str()
+            .unwrap(),
+        "--report",
+        out.to_str().unwrap(),
+    ]);
+    let r = report(&out);
+    let verdict = r["verdict"].as_str().unwrap();
+    assert_eq!(ok, verdict == "PASS");
+    let c = &r["comparison"];
+    eprintln!(
+        "lesion-x448 plain int8 vs fp32: verdict {verdict}; centred cosine p1 {:.4}, SQNR p1 {:.2} dB, top-10 overlap {:.3}, self-retrieval {:.3}, head agreement {:.3}",
+        c["centred_cosine"]["p1"], c["sqnr_db"]["p1"], c["top10_overlap"]["mean"], c["self_retrieval"], c["head"]["top1_agreement"]
+    );
+    assert!(stdout.contains("verdict"));
+    assert!(out.join("hard-case/report.md").is_file());
+    // The head must spread over the images, or its agreement would mean nothing.
+    assert!(
+        c["head"]["reference_top_class_share"].as_f64().unwrap() < 0.9,
+        "degenerate head: {}",
+        c["head"]
+    );
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let (Some(lesion), Some(mini)) = (built("lesion-x448"), built("df-mini")) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let report_dir = tmp.path().join("r");
+    let lesion_fp32 = lesion.join("lesion-x448.fp32.toml");
+    let images = evaluation_images();
+
+    // Different embedding dimensions.
+    let (ok, _, stderr) = fidelity(&[
+        "--reference",
+        lesion_fp32.to_str().unwrap(),
+        "--candidate",
+        mini.join("df-mini.int8.toml").to_str().unwrap(),
+        "--images",
+        &images,
+        "--report",
+        report_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stderr.contains("2048") && stderr.contains("6144"),
+        "{stderr}"
+    );
+
+    // An empty image directory.
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    let (ok, _, stderr) = fidelity(&[
+        "--reference",
+        lesion_fp32.to_str().unwrap(),
+        "--candidate",
+        lesion_fp32.to_str().unwrap(),
+        "--images",
+        empty.to_str().unwrap(),
+        "--report",
+        report_dir.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("no images"), "{stderr}");
+
+    // A head bound to another model.
+    let head = tmp.path().join("head.json");
+    fs::write(
+        &head,
+        r#"{"format":"dermedge-head/1","name":"mini-head","model_id":"df-mini","embedding_dim":6144,"kind":"softmax",
+            "classes":["a"],"l2_normalize":true,"input_mean":[],"input_scale":1.0,"weights":[[]],"bias":[0.0]}"#
+            .replace("[[]]", &format!("[[{}]]", vec!["0.0"; 6144].join(","))),
+    )
+    .unwrap();
+    let (ok, _, stderr) = fidelity(&[
+        "--reference",
+        lesion_fp32.to_str().unwrap(),
+        "--candidate",
+        lesion_fp32.to_str().unwrap(),
+        "--images",
+        &images,
+        "--head",
+        head.to_str().unwrap(),
+        "--report",
+        report_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stderr.contains("df-mini") && stderr.contains("lesion-x448"),
+        "{stderr}"
+    );
+}
