@@ -40,6 +40,14 @@ enum Command {
     Model(ModelCommand),
     /// Report the TFLite runtime found, its version and the accelerators it offers.
     Doctor(RuntimeArgs),
+    /// List cameras (USB dermatoscopes) with their formats, resolutions and frame rates.
+    Devices,
+    /// Judge image files with the image-quality gate (exposure, sharpness, colour cast).
+    Quality {
+        /// Image files or directories.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
     /// The model registry (models/models.toml): list and build models into .cache/models/.
     #[command(subcommand)]
     Models(models::ModelsCommand),
@@ -115,6 +123,8 @@ fn main() -> ExitCode {
         }) => model_info(&manifest, &runtime, json).map(|_| true),
         Command::Doctor(runtime) => doctor(&runtime).map(|_| true),
         Command::Models(command) => models::run(&command).map(|_| true),
+        Command::Devices => devices().map(|_| true),
+        Command::Quality { inputs } => quality(&inputs),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -188,6 +198,65 @@ fn model_info(manifest_path: &std::path::Path, runtime: &RuntimeArgs, json: bool
         println!("provenance    {k}: {v}");
     }
     Ok(())
+}
+
+fn devices() -> Result<()> {
+    let devices = dermedge_camera::list_devices()?;
+    if devices.is_empty() {
+        println!(
+            "no cameras found (no V4L2 video devices on this machine{})",
+            if cfg!(feature = "uvc") {
+                ""
+            } else {
+                "; built without the `uvc` feature"
+            }
+        );
+        return Ok(());
+    }
+    for d in devices {
+        println!("{}  {}  {}", d.index, d.name, d.description);
+        for (format, w, h, fps) in d.formats {
+            println!("    {format:<6} {w}×{h} @ {fps} fps");
+        }
+    }
+    Ok(())
+}
+
+fn quality(inputs: &[PathBuf]) -> Result<bool> {
+    let gate = dermedge_core::QualityThresholds::default();
+    let mut all_ok = true;
+    for file in inputs::expand(inputs)? {
+        match dermedge_core::preprocess::decode_file(&file, &dermedge_core::DecodeLimits::default())
+        {
+            Ok(image) => {
+                let v = gate.judge(&image);
+                let m = v.measures;
+                let verdict = if v.accepted {
+                    "accepted".to_string()
+                } else {
+                    v.issues
+                        .iter()
+                        .map(|i| i.message())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                println!(
+                    "{}	mean {:.0}  dark {:.2}  bright {:.2}  sharpness {:.1}  cast {:.1}	{verdict}",
+                    file.display(),
+                    m.mean_luminance,
+                    m.clipped_dark,
+                    m.clipped_bright,
+                    m.sharpness,
+                    m.colour_cast
+                );
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                all_ok = false;
+            }
+        }
+    }
+    Ok(all_ok)
 }
 
 fn doctor(runtime: &RuntimeArgs) -> Result<()> {

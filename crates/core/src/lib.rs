@@ -2,20 +2,25 @@
 //!
 //! It holds the domain types ([`Embedding`]), the [`Embedder`] trait that runtime backends
 //! implement, the model [`manifest`] that describes a `.tflite` file and the preprocessing its
-//! input needs, and the [`preprocess`] code that turns image files into model input tensors.
+//! input needs, the [`preprocess`] code that turns image files into model input tensors, frames and
+//! the [`FrameSource`] trait, and the image-[`quality`] gate.
 //!
 //! It depends on no runtime, camera or storage crate; it does no I/O beyond reading the files it
 //! is asked to read.
 
 pub mod embedder;
 pub mod embedding;
+pub mod frame;
 pub mod manifest;
 pub mod preprocess;
+pub mod quality;
 
 pub use embedder::{EmbedError, Embedder};
 pub use embedding::Embedding;
+pub use frame::{Frame, FrameSource, SourceError};
 pub use manifest::{ManifestError, ModelManifest, Precision, TensorDtype};
 pub use preprocess::{DecodeError, DecodeLimits, InputBuffer, Preprocessor, QuantParams};
+pub use quality::{QualityIssue, QualityThresholds, QualityVerdict};
 
 /// RGB8 image, any size: what frame sources produce and preprocessing consumes.
 pub type RgbImage = image::RgbImage;
