@@ -120,12 +120,13 @@ impl Handoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::synthetic::SyntheticSource;
+    use crate::replay::ReplaySource;
     use dermedge_core::FrameSource;
     use std::sync::Arc;
     use std::time::Instant;
 
-    /// A 30 fps source against an embedder that needs 100 ms per frame: the queue never holds
+    /// A replay source looping over the fixture images at a simulated 30 fps, against an embedder
+    /// that needs 100 ms per frame: the queue never holds
     /// more than its capacity, stale frames are dropped and counted, and every frame the embedder
     /// takes is the newest one captured at that moment.
     #[test]
@@ -135,8 +136,14 @@ mod tests {
         let producer = {
             let (handoff, latest) = (handoff.clone(), latest.clone());
             std::thread::spawn(move || {
-                let mut source = SyntheticSource::new(64, 48, Some(30.0), Some(45));
-                while let Some(frame) = source.next_frame().unwrap() {
+                let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../tests/fixtures/images");
+                let mut source = ReplaySource::from_images(&[fixtures], true, Some(30.0)).unwrap();
+                for _ in 0..45 {
+                    let frame = source
+                        .next_frame()
+                        .unwrap()
+                        .expect("looping replay never ends");
                     latest.store(frame.sequence, Ordering::SeqCst);
                     handoff.offer(frame);
                     assert!(handoff.waiting() <= HANDOFF_CAPACITY);
