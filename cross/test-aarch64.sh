@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Cross-build dermedge for aarch64 and run its tests under qemu-user-static: the library crates'
+# unit tests, then `dermedge embed` of fixture images by the aarch64 binary against the x86_64
+# binary's output, fp32 and int8 (tests/cross_arch.rs holds the tolerances).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+cross/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+source cross/env.sh
+target=aarch64-unknown-linux-gnu
+# Unit tests of every library crate (the engine's include the runtime lock, the flatbuffer check
+# and the C-API layouts); the model runs below cover inference itself.
+cargo test --locked --target "$target" -p dermedge-core -p dermedge-camera -p dermedge-head -p dermedge-fidelity
+cargo test --locked --target "$target" -p dermedge-engine --lib
+cargo build --release --locked --target "$target" -p dermedge-cli
+cargo build --locked -p dermedge-cli
+out="$(mktemp -d)"
+# Emulated XNNPACK is slow (tens of seconds per image): three fixture images, both precisions.
+images=(tests/fixtures/images/astronaut-480.png tests/fixtures/images/dermoscopy-patch1354a.bmp tests/fixtures/images/retina-16bit.png)
+for p in fp32 int8; do
+  ./target/debug/dermedge embed "${images[@]}" --model "tests/fixtures/df-mini/df-mini.$p.toml" --threads 2 --out "$out/x86_64.$p.npy"
+  qemu-aarch64-static -L /usr/aarch64-linux-gnu "target/$target/release/dermedge" embed "${images[@]}" \
+    --model "tests/fixtures/df-mini/df-mini.$p.toml" --threads 2 --out "$out/aarch64.$p.npy"
+done
+DERMEDGE_CROSS_DIR="$out" cargo test --locked -p dermedge-e2e --test cross_arch -- --ignored --nocapture
+rm -rf "$out"

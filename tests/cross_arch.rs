@@ -1,0 +1,49 @@
+//! aarch64 (under QEMU) vs x86_64 embeddings of the fixture images, written by
+//! `cross/test-aarch64.sh` into DERMEDGE_CROSS_DIR; that script runs this ignored test.
+
+use std::path::PathBuf;
+
+use dermedge_e2e::{cosine, read_npy_rows};
+
+/// fp32: the same gate as TFLite vs TensorFlow.
+const FP32_MIN_COSINE: f64 = 0.99999;
+const FP32_MAX_ABS_PER_NORM: f32 = 1e-4;
+/// int8: integer kernels may round requantisation differently per ISA.
+const INT8_MIN_COSINE: f64 = 0.999;
+
+#[test]
+#[ignore = "needs the aarch64 embeddings cross/test-aarch64.sh produces"]
+fn aarch64_embeddings_match_x86_64() {
+    let dir = PathBuf::from(
+        std::env::var_os("DERMEDGE_CROSS_DIR")
+            .expect("DERMEDGE_CROSS_DIR: run cross/test-aarch64.sh"),
+    );
+    for precision in ["fp32", "int8"] {
+        let x86 = read_npy_rows(&dir.join(format!("x86_64.{precision}.npy")));
+        let arm = read_npy_rows(&dir.join(format!("aarch64.{precision}.npy")));
+        assert_eq!(x86.len(), arm.len());
+        let mut worst = 1.0f64;
+        for (a, b) in x86.iter().zip(&arm) {
+            let c = cosine(a, b);
+            worst = worst.min(c);
+            let norm = a.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let max_abs = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            if precision == "fp32" {
+                assert!(
+                    c >= FP32_MIN_COSINE && max_abs <= FP32_MAX_ABS_PER_NORM * norm,
+                    "fp32: cosine {c}, max abs {max_abs}"
+                );
+            } else {
+                assert!(c >= INT8_MIN_COSINE, "int8: cosine {c}");
+            }
+        }
+        eprintln!(
+            "{precision}: aarch64 vs x86_64 minimum cosine over {} images: {worst:.7}",
+            x86.len()
+        );
+    }
+}
