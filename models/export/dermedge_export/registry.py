@@ -4,24 +4,15 @@ Steps, each skipped when its output is already there and verified: the image set
 (.cache/models/images/), the stand-in SavedModel, the export. Every built .tflite is checked
 against the sha256 the registry records; a mismatch is an error (the conversion did not reproduce).
 """
-import hashlib
 import json
 import time
 import tomllib
 from pathlib import Path
 
-from .export import ExportError
+from .export import ExportError, sha256
 
 ROOT = Path(__file__).resolve().parents[3]
 REGISTRY = ROOT / "models" / "models.toml"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_registry() -> dict:

@@ -11,13 +11,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_int, CStr, CString};
-use std::fs;
-use std::io::Read;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use dermedge_core::manifest::file_sha256;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use super::ffi::{self, Api, Handle, STATUS_OK};
 use crate::{EngineError, EngineOptions};
@@ -86,24 +85,6 @@ pub struct RuntimeReport {
     pub sha256: String,
     pub pinned: bool,
     pub accelerators: Vec<AcceleratorInfo>,
-}
-
-fn file_sha256(path: &Path) -> std::io::Result<String> {
-    let mut file = fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 fn resolve_named(path: &Path) -> PathBuf {
@@ -404,7 +385,7 @@ mod tests {
     fn a_wrong_library_is_refused_with_the_expected_version() {
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join(LIBRARY_NAME);
-        fs::write(&fake, b"\x7fELF not really").unwrap();
+        std::fs::write(&fake, b"\x7fELF not really").unwrap();
         let options = EngineOptions {
             runtime_path: Some(dir.path().to_path_buf()),
             ..Default::default()
