@@ -12,6 +12,7 @@
 
 pub mod decode;
 pub mod handoff;
+pub mod pace;
 pub mod recording;
 pub mod replay;
 pub mod synthetic;

@@ -2,12 +2,13 @@
 //! looped, optionally paced to a frame rate.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use dermedge_core::preprocess::{decode_file, DecodeLimits};
 use dermedge_core::{Frame, FrameSource, SourceError};
 
 use crate::decode::decode;
+use crate::pace::Pacer;
 use crate::recording::RecordingReader;
 
 enum Input {
@@ -25,8 +26,7 @@ pub struct ReplaySource {
     name: String,
     input: Input,
     looped: bool,
-    frame_interval: Option<Duration>,
-    next_due: Option<Instant>,
+    pacer: Pacer,
     sequence: u64,
     limits: DecodeLimits,
 }
@@ -136,23 +136,9 @@ impl ReplaySource {
             name,
             input,
             looped,
-            frame_interval: fps
-                .filter(|f| *f > 0.0)
-                .map(|f| Duration::from_secs_f64(1.0 / f)),
-            next_due: None,
+            pacer: Pacer::new(fps),
             sequence: 0,
             limits: DecodeLimits::default(),
-        }
-    }
-
-    fn pace(&mut self) {
-        if let Some(interval) = self.frame_interval {
-            let due = *self.next_due.get_or_insert_with(Instant::now);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            self.next_due = Some(due.max(now) + interval);
         }
     }
 }
@@ -163,7 +149,7 @@ impl FrameSource for ReplaySource {
     }
 
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError> {
-        self.pace();
+        self.pacer.wait();
         let sequence = self.sequence;
         self.sequence += 1;
         match &mut self.input {

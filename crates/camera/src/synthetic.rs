@@ -1,16 +1,17 @@
 //! Generated frames: a moving skin-toned pattern with texture, deterministic per sequence number.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use dermedge_core::{Frame, FrameSource, RgbImage, SourceError};
+
+use crate::pace::Pacer;
 
 pub struct SyntheticSource {
     width: u32,
     height: u32,
-    frame_interval: Option<Duration>,
+    pacer: Pacer,
     remaining: Option<u64>,
     sequence: u64,
-    next_due: Option<Instant>,
 }
 
 impl SyntheticSource {
@@ -19,12 +20,9 @@ impl SyntheticSource {
         Self {
             width,
             height,
-            frame_interval: fps
-                .filter(|f| *f > 0.0)
-                .map(|f| Duration::from_secs_f64(1.0 / f)),
+            pacer: Pacer::new(fps),
             remaining: count,
             sequence: 0,
-            next_due: None,
         }
     }
 
@@ -56,14 +54,7 @@ impl FrameSource for SyntheticSource {
         if self.remaining == Some(0) {
             return Ok(None);
         }
-        if let Some(interval) = self.frame_interval {
-            let due = *self.next_due.get_or_insert_with(Instant::now);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            self.next_due = Some(due + interval);
-        }
+        self.pacer.wait();
         self.remaining = self.remaining.map(|r| r - 1);
         let frame = Frame {
             image: Self::render(self.width, self.height, self.sequence),
