@@ -117,9 +117,10 @@ impl LiteRtEmbedder {
 
         let (signature_index, signature_key, signature) =
             find_signature(&runtime, &model_path, model, manifest)?;
-        let input = tensor_details(&runtime, &model_path, signature, 0, true)?;
+        let (input, input_type) = tensor_details(&runtime, &model_path, signature, 0, true)?;
         let output_index = output_index(&runtime, &model_path, signature, &manifest.output.name)?;
-        let output = tensor_details(&runtime, &model_path, signature, output_index, false)?;
+        let (output, output_type) =
+            tensor_details(&runtime, &model_path, signature, output_index, false)?;
         check_against_manifest(manifest, &model_path, &input, &output)?;
         let input_quant = match input.quantization {
             Quantization::PerTensor { scale, zero_point } => {
@@ -127,32 +128,6 @@ impl LiteRtEmbedder {
             }
             _ => None,
         };
-        let mut input_type = ffi::RankedTensorType {
-            element_type: 0,
-            layout: zeroed_layout(),
-        };
-        let mut output_type = input_type;
-        // SAFETY: tensors belong to the live model; out-pointers valid.
-        unsafe {
-            let mut t: Handle = std::ptr::null_mut();
-            check(
-                "LiteRtGetSignatureInputTensorByIndex",
-                (api.LiteRtGetSignatureInputTensorByIndex)(signature, 0, &mut t),
-            )?;
-            check(
-                "LiteRtGetRankedTensorType",
-                (api.LiteRtGetRankedTensorType)(t, &mut input_type),
-            )?;
-            check(
-                "LiteRtGetSignatureOutputTensorByIndex",
-                (api.LiteRtGetSignatureOutputTensorByIndex)(signature, output_index, &mut t),
-            )?;
-            check(
-                "LiteRtGetRankedTensorType",
-                (api.LiteRtGetRankedTensorType)(t, &mut output_type),
-            )?;
-        }
-
         let (compiled, accelerator) =
             compile(&runtime, &env, &model_path, model, options, threads)?;
         let mut fully = false;
@@ -514,13 +489,14 @@ fn output_index(
         .unwrap_or(0))
 }
 
+/// Details of one signature input or output, and the ranked type its runtime buffer is created with.
 fn tensor_details(
     rt: &LiteRtRuntime,
     path: &Path,
     signature: Handle,
     index: usize,
     input: bool,
-) -> Result<TensorDetails, EngineError> {
+) -> Result<(TensorDetails, ffi::RankedTensorType), EngineError> {
     let api = &rt.api;
     let mut tensor: Handle = std::ptr::null_mut();
     let mut name = std::ptr::null();
@@ -611,12 +587,13 @@ fn tensor_details(
         }
         code => Quantization::Other { code },
     };
-    Ok(TensorDetails {
+    let details = TensorDetails {
         name: c_str(name),
         dtype: element_type(ranked.element_type),
         shape: ranked.layout.dims().to_vec(),
         quantization,
-    })
+    };
+    Ok((details, ranked))
 }
 
 /// The model's tensors must be what the manifest says: shape, dtype and quantisation.
