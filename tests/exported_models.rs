@@ -7,6 +7,7 @@
 //! (comma-separated; scripts/test.sh builds and requires the CI models), which must be there.
 
 use std::fs;
+use std::path::Path;
 
 use dermedge_e2e::{cosine, dermedge, read_npy_rows, root, text};
 use serde_json::Value;
@@ -117,6 +118,10 @@ fn exported_models_reproduce_their_savedmodel_through_rust_preprocessing() {
             cos[0] > 0.0,
             "{name}: an int8 embedding points away from its fp32 one"
         );
+        let teacher = dir.join(format!("{name}.teacher-labels.csv"));
+        if teacher.is_file() {
+            head_learns_the_teacher(name, &tmp.path().join("fp32.npy"), &teacher, tmp.path());
+        }
         checked.push(name.clone());
     }
     for name in &required {
@@ -125,4 +130,102 @@ fn exported_models_reproduce_their_savedmodel_through_rust_preprocessing() {
             "required model {name} is not in models/models.toml"
         );
     }
+}
+
+/// A head trained with `dermedge head train` on half of the real embeddings, labelled by the
+/// model's own trained classifier, predicts the other half's labels (`dermedge head eval`).
+fn head_learns_the_teacher(name: &str, embeddings: &Path, teacher: &Path, tmp: &Path) {
+    let rows: Vec<String> = fs::read_to_string(teacher)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(String::from)
+        .collect();
+    let split = |parity: usize| {
+        let path = tmp.join(format!("labels-{parity}.csv"));
+        let body: Vec<&str> = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == parity)
+            .map(|(_, r)| r.as_str())
+            .collect();
+        fs::write(&path, format!("file,label\n{}\n", body.join("\n"))).unwrap();
+        path
+    };
+    let (train, test) = (split(0), split(1));
+    let head = tmp.join("teacher-head.json");
+    let classes = "akiec,bcc,bkl,df,mel,nv,vasc";
+    let run = dermedge(&[
+        "head",
+        "train",
+        "--embeddings",
+        embeddings.to_str().unwrap(),
+        "--labels",
+        train.to_str().unwrap(),
+        "--out",
+        head.to_str().unwrap(),
+        "--classes",
+        classes,
+    ]);
+    assert!(
+        run.status.success(),
+        "{name}: head train: {}",
+        text(&run.stderr)
+    );
+    let run = dermedge(&[
+        "head",
+        "eval",
+        "--head",
+        head.to_str().unwrap(),
+        "--embeddings",
+        embeddings.to_str().unwrap(),
+        "--labels",
+        test.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        run.status.success(),
+        "{name}: head eval: {}",
+        text(&run.stderr)
+    );
+    let score: Value = serde_json::from_slice(&run.stdout).unwrap();
+    eprintln!("{name}: head trained on teacher labels, held-out half: {score}");
+    let majority = {
+        let mut counts = std::collections::HashMap::new();
+        let held_out: Vec<&String> = rows.iter().skip(1).step_by(2).collect();
+        for r in &held_out {
+            *counts
+                .entry(r.rsplit(',').next().unwrap())
+                .or_insert(0usize) += 1;
+        }
+        *counts.values().max().unwrap() as f64 / held_out.len() as f64
+    };
+    let accuracy = score["accuracy"].as_f64().unwrap();
+    assert!(
+        accuracy >= majority,
+        "{name}: held-out accuracy {accuracy} is below the majority-class rate {majority}"
+    );
+    let auc = score["macro_roc_auc"].as_f64().unwrap();
+    assert!(auc >= 0.8, "{name}: held-out macro ROC AUC {auc}");
+    // A head bound to this model is refused on another model's embeddings.
+    let other = tmp.join("other.json");
+    let mut foreign: Value = serde_json::from_str(&fs::read_to_string(&head).unwrap()).unwrap();
+    foreign["model_id"] = Value::from("df-mini");
+    fs::write(&other, foreign.to_string()).unwrap();
+    let run = dermedge(&[
+        "head",
+        "eval",
+        "--head",
+        other.to_str().unwrap(),
+        "--embeddings",
+        embeddings.to_str().unwrap(),
+        "--labels",
+        test.to_str().unwrap(),
+    ]);
+    assert!(!run.status.success());
+    assert!(
+        text(&run.stderr).contains("df-mini"),
+        "{}",
+        text(&run.stderr)
+    );
 }

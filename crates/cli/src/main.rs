@@ -2,7 +2,9 @@
 //! configuration and sets up logging; everything it does is built from the library crates.
 
 mod embed;
+mod embeddings_file;
 mod fidelity;
+mod head;
 mod inputs;
 mod models;
 mod output;
@@ -48,6 +50,9 @@ enum Command {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
+    /// Linear heads on embeddings: train, evaluate, predict.
+    #[command(subcommand)]
+    Head(head::HeadCommand),
     /// The model registry (models/models.toml): list and build models into .cache/models/.
     #[command(subcommand)]
     Models(models::ModelsCommand),
@@ -122,6 +127,7 @@ fn main() -> ExitCode {
             json,
         }) => model_info(&manifest, &runtime, json).map(|_| true),
         Command::Doctor(runtime) => doctor(&runtime).map(|_| true),
+        Command::Head(command) => head::run(&command).map(|_| true),
         Command::Models(command) => models::run(&command).map(|_| true),
         Command::Devices => devices().map(|_| true),
         Command::Quality { inputs } => quality(&inputs),

@@ -4,11 +4,16 @@
 //! head to embeddings of another model is refused. Inputs may be L2-normalised, then centred and
 //! scaled by constants stored in the file, so training and inference agree by construction.
 //! Training is deterministic: multinomial logistic regression with L2 regularisation, full-batch
-//! gradient descent from zeros. [`kmeans`] gives deterministic cluster labels for unlabelled sets.
+//! gradient descent from zeros; softmax for mutually exclusive classes, sigmoid for independent
+//! labels. [`eval`] scores a head on labelled embeddings (accuracy, per-class ROC AUC, confusion). [`kmeans`] gives deterministic cluster labels for unlabelled sets.
 //!
 //! Depends on nothing else in dermedge.
 
+pub mod eval;
 pub mod kmeans;
+mod train;
+
+pub use train::{train, train_softmax, Targets, TrainOptions};
 
 use std::path::{Path, PathBuf};
 
@@ -146,16 +151,16 @@ impl LinearHead {
             .collect();
         match self.kind {
             HeadKind::Softmax => softmax(&logits),
-            HeadKind::Sigmoid => logits.iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect(),
+            HeadKind::Sigmoid => logits.iter().map(|&z| train::sigmoid(z)).collect(),
         }
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-fn prepare(embedding: &[f32], l2: bool, mean: &[f32], scale: f32) -> Vec<f32> {
+pub(crate) fn prepare(embedding: &[f32], l2: bool, mean: &[f32], scale: f32) -> Vec<f32> {
     let norm = if l2 {
         embedding
             .iter()
@@ -178,119 +183,6 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
     let exp: Vec<f32> = logits.iter().map(|z| (z - max).exp()).collect();
     let sum: f32 = exp.iter().sum();
     exp.iter().map(|e| e / sum).collect()
-}
-
-/// Training settings. The defaults suit a few hundred embeddings.
-#[derive(Debug, Clone)]
-pub struct TrainOptions {
-    pub l2_normalize: bool,
-    /// L2 regularisation strength on the weights.
-    pub lambda: f32,
-    pub iterations: usize,
-    pub learning_rate: f32,
-}
-
-impl Default for TrainOptions {
-    fn default() -> Self {
-        Self {
-            l2_normalize: true,
-            lambda: 1e-3,
-            iterations: 400,
-            learning_rate: 0.5,
-        }
-    }
-}
-
-/// Fit a softmax head to embeddings `x` with labels `y` (indices into `classes`).
-/// `progress` is called with (iteration, loss) after each step.
-pub fn train_softmax(
-    name: &str,
-    model_id: &str,
-    x: &[Vec<f32>],
-    y: &[usize],
-    classes: Vec<String>,
-    options: &TrainOptions,
-    mut progress: impl FnMut(usize, f32),
-) -> Result<LinearHead, HeadError> {
-    let (n, k) = (x.len(), classes.len());
-    if n == 0 || n != y.len() {
-        return Err(HeadError::Training(format!(
-            "{n} embeddings and {} labels",
-            y.len()
-        )));
-    }
-    let d = x[0].len();
-    if x.iter().any(|v| v.len() != d) {
-        return Err(HeadError::Training(
-            "embeddings of different dimensions".into(),
-        ));
-    }
-    if let Some(bad) = y.iter().find(|&&c| c >= k) {
-        return Err(HeadError::Training(format!(
-            "label {bad} but only {k} classes"
-        )));
-    }
-    // Normalise, centre on the training mean, and scale to unit mean norm: fixed, stored constants.
-    let normalised: Vec<Vec<f32>> = x
-        .iter()
-        .map(|v| prepare(v, options.l2_normalize, &[], 1.0))
-        .collect();
-    let mut mean = vec![0f32; d];
-    for v in &normalised {
-        for (m, a) in mean.iter_mut().zip(v) {
-            *m += a / n as f32;
-        }
-    }
-    let centred: Vec<Vec<f32>> = normalised
-        .iter()
-        .map(|v| v.iter().zip(&mean).map(|(a, m)| a - m).collect())
-        .collect();
-    let scale = (centred.iter().map(|v| dot(v, v).sqrt()).sum::<f32>() / n as f32).max(1e-12);
-    let inputs: Vec<Vec<f32>> = centred
-        .iter()
-        .map(|v| v.iter().map(|a| a / scale).collect())
-        .collect();
-
-    let mut w = vec![vec![0f32; d]; k];
-    let mut b = vec![0f32; k];
-    for it in 0..options.iterations {
-        let mut gw = vec![vec![0f32; d]; k];
-        let mut gb = vec![0f32; k];
-        let mut loss = 0f32;
-        for (xi, &yi) in inputs.iter().zip(y) {
-            let logits: Vec<f32> = w.iter().zip(&b).map(|(wc, bc)| dot(wc, xi) + bc).collect();
-            let p = softmax(&logits);
-            loss -= p[yi].max(1e-12).ln() / n as f32;
-            for c in 0..k {
-                let g = (p[c] - if c == yi { 1.0 } else { 0.0 }) / n as f32;
-                gb[c] += g;
-                for (gwj, xj) in gw[c].iter_mut().zip(xi) {
-                    *gwj += g * xj;
-                }
-            }
-        }
-        for c in 0..k {
-            loss += 0.5 * options.lambda * dot(&w[c], &w[c]);
-            for (wj, gj) in w[c].iter_mut().zip(&gw[c]) {
-                *wj -= options.learning_rate * (gj + options.lambda * *wj);
-            }
-            b[c] -= options.learning_rate * gb[c];
-        }
-        progress(it, loss);
-    }
-    Ok(LinearHead {
-        format: FORMAT.into(),
-        name: name.into(),
-        model_id: model_id.into(),
-        embedding_dim: d,
-        kind: HeadKind::Softmax,
-        classes,
-        l2_normalize: options.l2_normalize,
-        input_mean: mean,
-        input_scale: scale,
-        weights: w,
-        bias: b,
-    })
 }
 
 #[cfg(test)]
@@ -364,6 +256,67 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("h.json"));
+    }
+
+    #[test]
+    fn sigmoid_heads_learn_independent_labels() {
+        // Label 0: first coordinate high; label 1: second coordinate high; both may hold.
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for i in 0..40 {
+            let (a, b) = (i % 2 == 0, i % 3 == 0);
+            let mut v = vec![3.0f32; 8];
+            v[0] += if a { 1.0 } else { -1.0 };
+            v[1] += if b { 1.0 } else { -1.0 };
+            v[4] += (i as f32 * 0.7).sin() * 0.1;
+            x.push(v);
+            y.push(vec![a, b]);
+        }
+        let targets = Targets::Multi(y);
+        let options = TrainOptions {
+            iterations: 600,
+            ..TrainOptions::default()
+        };
+        let head = train(
+            "m",
+            "m",
+            &x,
+            &targets,
+            vec!["a".into(), "b".into()],
+            &options,
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(head.kind, HeadKind::Sigmoid);
+        let score = eval::evaluate(&head, &x, &targets).unwrap();
+        assert_eq!(score.exact_match, Some(1.0), "{score}");
+        assert!(score.classes.iter().all(|c| c.roc_auc == Some(1.0)));
+        // Labels for a softmax head do not score a sigmoid head.
+        assert!(eval::evaluate(&head, &x, &Targets::Single(vec![0; 40])).is_err());
+    }
+
+    #[test]
+    fn evaluation_counts_a_confusion_matrix() {
+        let (x, y) = blobs();
+        let classes = vec!["a".into(), "b".into(), "c".into()];
+        let head = train_softmax(
+            "t",
+            "m",
+            &x,
+            &y,
+            classes,
+            &TrainOptions::default(),
+            |_, _| {},
+        )
+        .unwrap();
+        let mut wrong = y.clone();
+        wrong[0] = (wrong[0] + 1) % 3;
+        let score = eval::evaluate(&head, &x, &Targets::Single(wrong)).unwrap();
+        let confusion = score.confusion.clone().unwrap();
+        assert_eq!(confusion.iter().flatten().sum::<usize>(), 30);
+        assert_eq!((0..3).map(|c| confusion[c][c]).sum::<usize>(), 29);
+        assert!((score.accuracy - 29.0 / 30.0).abs() < 1e-9);
+        assert!(score.to_string().contains("confusion"));
     }
 
     #[test]

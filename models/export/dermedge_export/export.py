@@ -226,6 +226,23 @@ def summary(values: np.ndarray) -> dict:
             "median": float(np.median(values)), "mean": float(values.mean())}
 
 
+TEACHER_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+
+
+def write_teacher_labels(savedmodel: Path, embeddings: np.ndarray, files: list[Path], path: Path):
+    """Where the SavedModel carries a trained `teacher` signature (embedding -> class probabilities),
+    label each evaluation image with the teacher's top class: real labels for training and
+    evaluating dermedge heads on the model's own embeddings."""
+    signatures = tf.saved_model.load(str(savedmodel)).signatures
+    if "teacher" not in signatures:
+        return
+    probabilities = signatures["teacher"](embedding=tf.constant(embeddings))["probabilities"].numpy()
+    with open(path, "w") as f:
+        f.write("file,label\n")
+        for file, row in zip(files, probabilities):
+            f.write(f"{file.name},{TEACHER_CLASSES[int(np.argmax(row))]}\n")
+
+
 def write_manifest(path: Path, tflite: Path, name: str, version: str, precision: str, dim: int,
                    pre: Preprocessing, input_dtype: str, quant, provenance: dict):
     lines = [
@@ -350,6 +367,7 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
     fp32 = run_tflite(files["fp32"], eval_inputs)
     int8 = run_tflite(files["int8"], eval_inputs)
     np.save(out / f"{name}.savedmodel-embeddings.npy", reference.astype(np.float32))
+    write_teacher_labels(savedmodel, reference, eval_files, out / f"{name}.teacher-labels.csv")
     report = {
         "name": name, "embedding_dim": dim, "preprocessing": asdict(pre),
         "files": {p: {"path": f.name, "bytes": f.stat().st_size, "sha256": sha256(f)} for p, f in files.items()},
