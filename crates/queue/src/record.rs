@@ -1,0 +1,160 @@
+//! What one capture leaves behind: the record the device queues and the hub stores.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub const RECORD_FORMAT: u32 = 1;
+
+/// One capture: who, when, which model, the embedding and what the device made of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    /// Record format version ([`RECORD_FORMAT`]).
+    pub format: u32,
+    /// 128 random bits, hex: unique across devices, the hub's dedup key.
+    pub id: String,
+    /// Capture time, milliseconds since the Unix epoch (device clock).
+    pub captured_at_ms: i64,
+    pub device_id: String,
+    pub model_id: String,
+    /// `fp32` or `int8`: which export produced the embedding.
+    pub precision: String,
+    pub embedding: Embedding,
+    pub heads: Vec<HeadResult>,
+    pub quality: Option<QualityResult>,
+    /// Where the frame came from (file name, camera).
+    pub source: Option<String>,
+    #[serde(with = "serde_bytes")]
+    pub thumbnail_jpeg: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingType {
+    F32,
+    F16,
+}
+
+/// An embedding as little-endian bytes of `dtype`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Embedding {
+    pub dtype: EmbeddingType,
+    pub dim: u32,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl Embedding {
+    pub fn new(values: &[f32], dtype: EmbeddingType) -> Self {
+        let data = match dtype {
+            EmbeddingType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            EmbeddingType::F16 => values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+        };
+        Self {
+            dtype,
+            dim: values.len() as u32,
+            data,
+        }
+    }
+
+    /// The values as f32; `None` when the byte length does not match `dim` and `dtype`.
+    pub fn to_f32(&self) -> Option<Vec<f32>> {
+        let width = match self.dtype {
+            EmbeddingType::F32 => 4,
+            EmbeddingType::F16 => 2,
+        };
+        if self.data.len() != self.dim as usize * width {
+            return None;
+        }
+        Some(match self.dtype {
+            EmbeddingType::F32 => self
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            EmbeddingType::F16 => self
+                .data
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        })
+    }
+}
+
+/// One head's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadResult {
+    pub head: String,
+    pub classes: Vec<String>,
+    pub probabilities: Vec<f32>,
+}
+
+/// The image-quality gate's verdict on the frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QualityResult {
+    pub acceptable: bool,
+    pub reasons: Vec<String>,
+    pub metrics: BTreeMap<String, f32>,
+}
+
+/// A fresh record id: 128 random bits as hex.
+pub fn new_record_id() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::getrandom(&mut bytes).expect("the OS random source is available");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Record {
+    pub fn to_cbor(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(self, &mut out).expect("a record always serialises");
+        out
+    }
+
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, String> {
+        let record: Record = ciborium::from_reader(bytes).map_err(|e| e.to_string())?;
+        if record.format != RECORD_FORMAT {
+            return Err(format!(
+                "record format {}, expected {RECORD_FORMAT}",
+                record.format
+            ));
+        }
+        Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embeddings_round_trip_in_both_widths() {
+        let values = [0.5f32, -1.25, 3.0e-3, 1024.0];
+        let e = Embedding::new(&values, EmbeddingType::F32);
+        assert_eq!(e.data.len(), 16);
+        assert_eq!(e.to_f32().unwrap(), values);
+        let h = Embedding::new(&values, EmbeddingType::F16);
+        assert_eq!(h.data.len(), 8);
+        let back = h.to_f32().unwrap();
+        for (a, b) in values.iter().zip(&back) {
+            assert!((a - b).abs() <= a.abs() * 1e-3, "{a} vs {b}");
+        }
+        let broken = Embedding { dim: 5, ..e };
+        assert!(broken.to_f32().is_none());
+    }
+
+    #[test]
+    fn ids_are_unique_hex() {
+        let a = new_record_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, new_record_id());
+    }
+}

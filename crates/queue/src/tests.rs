@@ -1,0 +1,357 @@
+use super::*;
+
+fn record(i: u64, marker: &str) -> Record {
+    Record {
+        format: RECORD_FORMAT,
+        id: new_record_id(),
+        captured_at_ms: 1_790_000_000_000 + i as i64,
+        device_id: "dev-1".into(),
+        model_id: "df-mini".into(),
+        precision: "int8".into(),
+        embedding: Embedding::new(&[i as f32, 0.5, -1.0, 2.0], EmbeddingType::F32),
+        heads: vec![HeadResult {
+            head: "condition".into(),
+            classes: vec!["a".into(), "b".into()],
+            probabilities: vec![0.25, 0.75],
+        }],
+        quality: None,
+        source: Some(format!("{marker}-{i}.png")),
+        thumbnail_jpeg: None,
+    }
+}
+
+fn small() -> QueueOptions {
+    QueueOptions {
+        segment_bytes: 4096,
+        ..QueueOptions::default()
+    }
+}
+
+fn all(q: &Queue) -> Vec<Stored> {
+    q.read_after(0, usize::MAX, usize::MAX).unwrap()
+}
+
+#[test]
+fn records_survive_reopening_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DeviceKey::generate();
+    let mut written = Vec::new();
+    {
+        let mut q = Queue::open(dir.path(), &key, "dev-1", small()).unwrap();
+        for i in 0..40 {
+            let r = record(i, "x");
+            let receipt = q.append(&r).unwrap();
+            assert_eq!(
+                receipt,
+                Receipt {
+                    seq: i + 1,
+                    durable: true
+                }
+            );
+            written.push(r);
+        }
+        assert!(q.stats().segments > 1, "the test should span segments");
+    }
+    let mut q = Queue::open(dir.path(), &key, "dev-1", small()).unwrap();
+    assert!(q.recovery().is_clean());
+    let read: Vec<Record> = all(&q).into_iter().map(|s| s.record).collect();
+    assert_eq!(read, written);
+    assert_eq!(q.append(&record(40, "x")).unwrap().seq, 41);
+}
+
+#[test]
+fn a_log_cut_at_every_byte_of_its_last_segment_reopens_with_the_whole_records_before_the_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DeviceKey::generate();
+    let mut ends = Vec::new(); // (seq, end offset in the last segment)
+    {
+        let mut q = Queue::open(dir.path(), &key, "dev-1", small()).unwrap();
+        for i in 0..30 {
+            q.append(&record(i, "x")).unwrap();
+        }
+        let last = q.segments.last().unwrap();
+        for f in &last.frames {
+            ends.push((f.seq, f.offset + u64::from(f.len)));
+        }
+    }
+    let mut segs: Vec<PathBuf> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "dlog"))
+        .collect();
+    segs.sort();
+    let last = segs.last().unwrap().clone();
+    let full = fs::read(&last).unwrap();
+    let before_last = ends.first().map_or(0, |e| e.0 - 1);
+    for cut in 0..=full.len() {
+        let copy = tempfile::tempdir().unwrap();
+        for entry in fs::read_dir(dir.path()).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_file() {
+                fs::copy(&p, copy.path().join(p.file_name().unwrap())).unwrap();
+            }
+        }
+        let cut_file = copy.path().join(last.file_name().unwrap());
+        fs::write(&cut_file, &full[..cut]).unwrap();
+        let q = Queue::open(copy.path(), &key, "dev-1", small())
+            .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        let expected = ends
+            .iter()
+            .filter(|(_, end)| *end as usize <= cut)
+            .map(|(seq, _)| *seq)
+            .max()
+            .unwrap_or(before_last);
+        let seqs: Vec<u64> = all(&q).iter().map(|s| s.seq).collect();
+        assert_eq!(seqs, (1..=expected).collect::<Vec<_>>(), "cut at {cut}");
+        assert!(
+            q.recovery().skipped.is_empty(),
+            "cut at {cut}: {:?}",
+            q.recovery()
+        );
+        let torn = !ends.iter().any(|(_, end)| *end as usize == cut) && cut > HEADER_LEN;
+        assert_eq!(
+            q.recovery().torn_tails.len(),
+            usize::from(torn),
+            "cut at {cut}"
+        );
+    }
+}
+
+#[test]
+fn a_damaged_record_in_the_middle_is_skipped_reported_and_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DeviceKey::generate();
+    let target;
+    {
+        let mut q = Queue::open(dir.path(), &key, "dev-1", QueueOptions::default()).unwrap();
+        for i in 0..5 {
+            q.append(&record(i, "x")).unwrap();
+        }
+        target = (q.segments[0].path.clone(), q.segments[0].frames[2]);
+    }
+    let mut bytes = fs::read(&target.0).unwrap();
+    bytes[target.1.offset as usize + 60] ^= 0x55;
+    fs::write(&target.0, &bytes).unwrap();
+    for _ in 0..2 {
+        let q = Queue::open(dir.path(), &key, "dev-1", QueueOptions::default()).unwrap();
+        let seqs: Vec<u64> = all(&q).iter().map(|s| s.seq).collect();
+        assert_eq!(seqs, [1, 2, 4, 5]);
+        assert_eq!(q.recovery().skipped.len(), 1);
+        assert_eq!(q.recovery().skipped[0].1, target.1.offset);
+        let copy = &q.recovery().quarantined[0];
+        assert_eq!(fs::read(copy).unwrap().len(), target.1.len as usize);
+    }
+}
+
+#[test]
+fn without_the_key_nothing_is_readable_and_a_wrong_key_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DeviceKey::generate();
+    {
+        let mut q = Queue::open(dir.path(), &key, "dev-1", QueueOptions::default()).unwrap();
+        q.append(&record(7, "patient-secret-marker")).unwrap();
+    }
+    for entry in fs::read_dir(dir.path()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            let bytes = fs::read(&p).unwrap();
+            for needle in [
+                &b"patient-secret-marker"[..],
+                b"df-mini",
+                b"condition",
+                b"dev-1-",
+            ] {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle),
+                    "{} holds {:?} in the clear",
+                    p.display(),
+                    String::from_utf8_lossy(needle)
+                );
+            }
+        }
+    }
+    let err = Queue::open(
+        dir.path(),
+        &DeviceKey::generate(),
+        "dev-1",
+        QueueOptions::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(err, QueueError::WrongKey { .. }), "{err}");
+    assert!(err.to_string().contains("another device key"));
+    let err = Queue::open(dir.path(), &key, "dev-2", QueueOptions::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("dev-1"), "{err}");
+}
+
+#[test]
+fn foreign_files_and_a_second_writer_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DeviceKey::generate();
+    let q = Queue::open(dir.path(), &key, "dev-1", QueueOptions::default()).unwrap();
+    let err = Queue::open(dir.path(), &key, "dev-1", QueueOptions::default())
+        .err()
+        .unwrap();
+    assert!(matches!(err, QueueError::Locked { .. }), "{err}");
+    drop(q);
+    fs::write(dir.path().join("holiday.jpg"), b"jpeg").unwrap();
+    let err = Queue::open(dir.path(), &key, "dev-1", QueueOptions::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("holiday.jpg"), "{err}");
+    fs::remove_file(dir.path().join("holiday.jpg")).unwrap();
+    fs::write(
+        dir.path().join("seg-00000000000000000099.dlog"),
+        b"garbage that is long enough to be a header",
+    )
+    .unwrap();
+    let err = Queue::open(dir.path(), &key, "dev-1", QueueOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("seg-00000000000000000099.dlog"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_oversized_record_is_refused_and_nothing_else_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DeviceKey::generate();
+    let options = QueueOptions {
+        max_record_bytes: 1000,
+        ..small()
+    };
+    let mut q = Queue::open(dir.path(), &key, "dev-1", options.clone()).unwrap();
+    q.append(&record(0, "x")).unwrap();
+    let mut big = record(1, "x");
+    big.thumbnail_jpeg = Some(vec![0xAB; 5000]);
+    let err = q.append(&big).unwrap_err();
+    assert!(
+        matches!(err, QueueError::RecordTooLarge { bytes, limit: 1000, .. } if bytes > 5000),
+        "{err}"
+    );
+    q.append(&record(2, "x")).unwrap();
+    drop(q);
+    let q = Queue::open(dir.path(), &key, "dev-1", options).unwrap();
+    assert_eq!(all(&q).iter().map(|s| s.seq).collect::<Vec<_>>(), [1, 2]);
+}
+
+#[test]
+fn a_full_queue_rejects_or_evicts_as_configured() {
+    let key = DeviceKey::generate();
+    let reject = QueueOptions {
+        max_records: 10,
+        ..small()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut q = Queue::open(dir.path(), &key, "dev-1", reject.clone()).unwrap();
+    for i in 0..10 {
+        q.append(&record(i, "x")).unwrap();
+    }
+    let err = q.append(&record(10, "x")).unwrap_err();
+    assert!(matches!(err, QueueError::Full { records: 10, .. }), "{err}");
+    assert_eq!(all(&q).len(), 10, "nothing queued is lost");
+    q.acknowledge(4).unwrap();
+    q.append(&record(10, "x")).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let bytes_cap = QueueOptions {
+        max_bytes: 8192,
+        ..small()
+    };
+    let mut q = Queue::open(dir.path(), &key, "dev-1", bytes_cap).unwrap();
+    let mut refused = 0;
+    for i in 0..100 {
+        if let Err(e) = q.append(&record(i, "x")) {
+            assert!(matches!(e, QueueError::Full { .. }), "{e}");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0 && q.stats().bytes <= 8192);
+
+    let dir = tempfile::tempdir().unwrap();
+    let evict = QueueOptions {
+        max_records: 30,
+        full_policy: FullPolicy::EvictOldest,
+        ..small()
+    };
+    let mut q = Queue::open(dir.path(), &key, "dev-1", evict).unwrap();
+    for i in 0..100 {
+        q.append(&record(i, "x")).unwrap();
+    }
+    let seqs: Vec<u64> = all(&q).iter().map(|s| s.seq).collect();
+    assert!(seqs.len() <= 30 && *seqs.last().unwrap() == 100, "{seqs:?}");
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+    let journal = fs::read_to_string(dir.path().join(EVICTED)).unwrap();
+    assert!(journal.contains("evicted records 1..="), "{journal}");
+}
+
+#[test]
+fn acknowledged_segments_are_removed_and_the_cursor_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DeviceKey::generate();
+    let mut q = Queue::open(dir.path(), &key, "dev-1", small()).unwrap();
+    for i in 0..60 {
+        q.append(&record(i, "x")).unwrap();
+    }
+    let before = q.stats().segments;
+    assert!(matches!(
+        q.acknowledge(61),
+        Err(QueueError::AckBeyondEnd { .. })
+    ));
+    q.acknowledge(45).unwrap();
+    assert!(q.stats().segments < before);
+    assert_eq!(q.unacknowledged(usize::MAX, usize::MAX).unwrap()[0].seq, 46);
+    drop(q);
+    let mut q = Queue::open(dir.path(), &key, "dev-1", small()).unwrap();
+    assert_eq!(q.acked_seq(), 45);
+    assert_eq!(q.stats().pending_records, 15);
+    q.acknowledge(60).unwrap();
+    drop(q);
+    let mut q = Queue::open(dir.path(), &key, "dev-1", small()).unwrap();
+    assert_eq!(
+        q.append(&record(60, "x")).unwrap().seq,
+        61,
+        "sequence numbers never repeat"
+    );
+}
+
+#[test]
+fn group_commit_accepts_records_in_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DeviceKey::generate();
+    let options = QueueOptions {
+        durability: Durability::Group {
+            max_records: 3,
+            max_delay_ms: 60_000,
+        },
+        ..QueueOptions::default()
+    };
+    let mut q = Queue::open(dir.path(), &key, "dev-1", options).unwrap();
+    let durable: Vec<bool> = (0..4)
+        .map(|i| q.append(&record(i, "x")).unwrap().durable)
+        .collect();
+    assert_eq!(durable, [false, false, true, false]);
+    assert_eq!(q.durable_seq(), 3);
+    assert_eq!(
+        q.unacknowledged(10, usize::MAX).unwrap().len(),
+        3,
+        "only accepted records are synced"
+    );
+    q.commit().unwrap();
+    assert_eq!(q.durable_seq(), 4);
+}
+
+#[test]
+fn bad_options_name_the_field() {
+    let err = QueueOptions {
+        segment_bytes: 10,
+        ..QueueOptions::default()
+    }
+    .validate()
+    .unwrap_err();
+    assert!(err.to_string().starts_with("segment_bytes"), "{err}");
+}
