@@ -40,6 +40,8 @@ const CURSOR: &str = "acked";
 const CURSOR_TMP: &str = "acked.tmp";
 const EVICTED: &str = "evicted.log";
 const QUARANTINE: &str = "quarantine";
+/// The sync client's request counter lives next to the queue it drains.
+pub const SYNC_STATE: &str = "sync.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -57,7 +59,7 @@ pub enum QueueError {
     Locked { dir: PathBuf },
     #[error(
         "{dir}: `{file}` is not part of a dermedge queue; the directory may only hold {META}, \
-         {LOCK}, {CURSOR}, {EVICTED}, {QUARANTINE}/ and seg-<20 digits>.dlog files"
+         {LOCK}, {CURSOR}, {EVICTED}, {SYNC_STATE}, {QUARANTINE}/ and seg-<20 digits>.dlog files"
     )]
     ForeignFile { dir: PathBuf, file: String },
     #[error("{path}: not a dermedge queue file: {message}")]
@@ -317,7 +319,7 @@ impl Queue {
             let entry = entry.map_err(io(dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             match name.as_str() {
-                META | LOCK | CURSOR | EVICTED => {}
+                META | LOCK | CURSOR | EVICTED | SYNC_STATE => {}
                 CURSOR_TMP => fs::remove_file(entry.path()).map_err(io(&entry.path()))?,
                 QUARANTINE if entry.path().is_dir() => {}
                 _ => match segment::parse_segment_name(&name) {
