@@ -5,9 +5,11 @@ mod embed;
 mod embeddings_file;
 mod fidelity;
 mod head;
+mod hub;
 mod inputs;
 mod models;
 mod output;
+mod queue;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +52,19 @@ enum Command {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
+    /// Make a new device key (32 random bytes, owner-only file).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The device's record queue: add images through the pipeline, inspect.
+    #[command(subcommand)]
+    Queue(queue::QueueCommand),
+    /// Push the queue's records to the hub until none wait.
+    Sync(queue::SyncArgs),
+    /// The clinic hub: enroll devices, receive batches, export.
+    #[command(subcommand)]
+    Hub(hub::HubCommand),
     /// Linear heads on embeddings: train, evaluate, predict.
     #[command(subcommand)]
     Head(head::HeadCommand),
@@ -127,6 +142,10 @@ fn main() -> ExitCode {
             json,
         }) => model_info(&manifest, &runtime, json).map(|_| true),
         Command::Doctor(runtime) => doctor(&runtime).map(|_| true),
+        Command::Keygen { out } => queue::keygen(&out).map(|_| true),
+        Command::Queue(command) => queue::run(&command),
+        Command::Sync(args) => queue::sync(&args).map(|_| true),
+        Command::Hub(command) => hub::run(&command).map(|_| true),
         Command::Head(command) => head::run(&command).map(|_| true),
         Command::Models(command) => models::run(&command).map(|_| true),
         Command::Devices => devices().map(|_| true),

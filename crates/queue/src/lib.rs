@@ -548,6 +548,14 @@ impl Queue {
         Ok(queue)
     }
 
+    /// The device a queue directory belongs to, from its `queue.json`, without opening it.
+    pub fn stored_device_id(dir: &Path) -> Option<String> {
+        let text = fs::read_to_string(dir.join(META)).ok()?;
+        serde_json::from_str::<Meta>(&text)
+            .ok()
+            .map(|m| m.device_id)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
