@@ -99,8 +99,8 @@ pub fn decode(
             )));
         }
         let odd = match format {
-            RawFormat::Yuyv => width % 2 != 0,
-            RawFormat::Nv12 => width % 2 != 0 || height % 2 != 0,
+            RawFormat::Yuyv => !width.is_multiple_of(2),
+            RawFormat::Nv12 => !width.is_multiple_of(2) || !height.is_multiple_of(2),
             _ => false,
         };
         if odd {

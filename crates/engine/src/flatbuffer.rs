@@ -84,7 +84,7 @@ impl<'a> Buf<'a> {
         let vtable_len = self.u16(vtable, what)? as usize;
         let table_len = self.u16(vtable + 2, what)? as usize;
         if vtable_len < 4
-            || vtable_len % 2 != 0
+            || !vtable_len.is_multiple_of(2)
             || vtable + vtable_len > self.b.len()
             || pos + table_len > self.b.len()
         {

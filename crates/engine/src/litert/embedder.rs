@@ -257,7 +257,7 @@ impl LiteRtEmbedder {
         if status != ffi::STATUS_OK || ptr.is_null() {
             return Err(self.runtime_error("LiteRtLockTensorBuffer", status));
         }
-        if (ptr as usize) % elem != 0 {
+        if !(ptr as usize).is_multiple_of(elem) {
             // SAFETY: locked above.
             unsafe { (api.LiteRtUnlockTensorBuffer)(self.input_buffer) };
             return Err(self.backend_error("input buffer is misaligned".into()));
