@@ -1,6 +1,7 @@
 //! `dermedge`: the device-side command line. The only crate that picks runtime features, reads
 //! configuration and sets up logging; everything it does is built from the library crates.
 
+mod bench;
 mod embed;
 mod embeddings_file;
 mod fidelity;
@@ -52,6 +53,9 @@ enum Command {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
+    /// Measure this device: queue appends, sync throughput (Markdown for docs/BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Make a new device key (32 random bytes, owner-only file).
     Keygen {
         #[arg(long)]
@@ -142,6 +146,7 @@ fn main() -> ExitCode {
             json,
         }) => model_info(&manifest, &runtime, json).map(|_| true),
         Command::Doctor(runtime) => doctor(&runtime).map(|_| true),
+        Command::Bench(command) => bench::run(&command).map(|_| true),
         Command::Keygen { out } => queue::keygen(&out).map(|_| true),
         Command::Queue(command) => queue::run(&command),
         Command::Sync(args) => queue::sync(&args).map(|_| true),

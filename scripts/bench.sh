@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Benchmarks: builds the release binary and prints Markdown tables for docs/BENCHMARKS.md.
+#   scripts/bench.sh [queue|sync|all]
+# Results depend on the machine and its storage: run it on the device (queue numbers measure the
+# disk the queue lives on; pass DERMEDGE_BENCH_DIR to point at the SD card).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+what="${1:-all}"
+cargo build --release --locked -q -p dermedge-cli
+bin=target/release/dermedge
+dir="${DERMEDGE_BENCH_DIR:-.cache/bench}"
+echo "machine: $(uname -m), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), storage of $dir: $(df -T "$(dirname "$dir")" | awk 'NR==2{print $2}')"
+echo
+if [[ "$what" == queue || "$what" == all ]]; then
+  "$bin" bench queue --dir "$dir"
+  echo
+fi
+if [[ "$what" == sync || "$what" == all ]]; then
+  "$bin" bench sync --dir "$dir"
+  echo
+fi
