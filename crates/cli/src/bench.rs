@@ -46,7 +46,9 @@ pub enum BenchCommand {
 }
 
 fn record(i: usize, dim: usize, dtype: EmbeddingType) -> Record {
-    let values: Vec<f32> = (0..dim).map(|j| ((i * dim + j) as f32 * 0.001).sin()).collect();
+    let values: Vec<f32> = (0..dim)
+        .map(|j| ((i * dim + j) as f32 * 0.001).sin())
+        .collect();
     Record {
         format: RECORD_FORMAT,
         id: new_record_id(),
@@ -97,7 +99,11 @@ pub fn run(command: &BenchCommand) -> Result<()> {
 fn bench_queue(dir: &Option<PathBuf>, n: usize, rounds: usize, dim: usize) -> Result<()> {
     let key = DeviceKey::generate();
     let configs: [(&str, Durability, EmbeddingType); 4] = [
-        ("fsync per record, f32", Durability::PerRecord, EmbeddingType::F32),
+        (
+            "fsync per record, f32",
+            Durability::PerRecord,
+            EmbeddingType::F32,
+        ),
         (
             "group commit (16 records / 50 ms), f32",
             Durability::Group {
@@ -106,7 +112,11 @@ fn bench_queue(dir: &Option<PathBuf>, n: usize, rounds: usize, dim: usize) -> Re
             },
             EmbeddingType::F32,
         ),
-        ("fsync per record, f16", Durability::PerRecord, EmbeddingType::F16),
+        (
+            "fsync per record, f16",
+            Durability::PerRecord,
+            EmbeddingType::F16,
+        ),
         (
             "group commit (16 records / 50 ms), f16",
             Durability::Group {
@@ -135,7 +145,11 @@ fn bench_queue(dir: &Option<PathBuf>, n: usize, rounds: usize, dim: usize) -> Re
             let secs = started.elapsed().as_secs_f64();
             rates[c].push(n as f64 / secs);
             sizes[c] = queue.stats().bytes / n as u64;
-            log::info!("round {round}: {}: {:.0} records/s", configs[c].0, n as f64 / secs);
+            log::info!(
+                "round {round}: {}: {:.0} records/s",
+                configs[c].0,
+                n as f64 / secs
+            );
         }
     }
     println!("| queue append ({n} records of {dim}-d + 4 KiB thumbnail, {rounds} rounds) | median records/s | bytes/record on disk | vs fsync per record |");
