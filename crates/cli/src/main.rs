@@ -2,6 +2,7 @@
 //! configuration and sets up logging; everything it does is built from the library crates.
 
 mod bench;
+mod device;
 mod embed;
 mod embeddings_file;
 mod fidelity;
@@ -53,6 +54,15 @@ enum Command {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
+    /// The device application: camera, quality gate, model, heads, screen, queue and sync, as
+    /// a firmware config describes them. SIGINT/SIGTERM stop it after the record in hand.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Device configuration files (firmware-config/*.toml).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Measure this device: queue appends, sync throughput (Markdown for docs/BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -75,6 +85,12 @@ enum Command {
     /// The model registry (models/models.toml): list and build models into .cache/models/.
     #[command(subcommand)]
     Models(models::ModelsCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration: every key, range and file, and that the model and heads agree.
+    Check { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -130,6 +146,8 @@ impl RuntimeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
+        // The device loop's health lines and captures are its normal output.
+        0 if matches!(cli.command, Command::Run { .. }) => "info",
         0 => "warn",
         1 => "info",
         _ => "debug",
@@ -146,6 +164,8 @@ fn main() -> ExitCode {
             json,
         }) => model_info(&manifest, &runtime, json).map(|_| true),
         Command::Doctor(runtime) => doctor(&runtime).map(|_| true),
+        Command::Run { config } => device::run(&config),
+        Command::Config(ConfigCommand::Check { file }) => device::check(&file).map(|_| true),
         Command::Bench(command) => bench::run(&command).map(|_| true),
         Command::Keygen { out } => queue::keygen(&out).map(|_| true),
         Command::Queue(command) => queue::run(&command),

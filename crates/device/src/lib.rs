@@ -2,8 +2,17 @@
 //!
 //! [`pipeline::Pipeline`] turns one frame into a queued [`dermedge_queue::Record`]: quality gate,
 //! embedding, every configured head, a small JPEG thumbnail. It knows the model only through the
-//! [`dermedge_core::Embedder`] contract, so any backend (and any test double) plugs in.
+//! [`dermedge_core::Embedder`] contract, so any backend plugs in.
+//!
+//! [`config`] is the per-device TOML (`firmware-config/`), [`run::run`] the capture loop: an
+//! explicit state machine over a frame source ([`source`]), a trigger ([`trigger`]), the pipeline,
+//! the queue, background sync and a screen output ([`screens`]).
 
+pub mod config;
 pub mod pipeline;
+pub mod run;
+pub mod screens;
+pub mod source;
+pub mod trigger;
 
 pub use pipeline::{Outcome, Pipeline, PipelineError, PipelineOptions};

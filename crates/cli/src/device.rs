@@ -1,0 +1,97 @@
+//! `dermedge run --config` (the device application) and `dermedge config check`.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use dermedge_core::ModelManifest;
+use dermedge_device::config::LoadedConfig;
+use dermedge_engine::{EngineOptions, Fallback};
+
+use crate::queue::load_heads;
+
+pub fn check(path: &Path) -> Result<()> {
+    let config = LoadedConfig::load(path)?;
+    let c = &config.config;
+    // The model and heads must load and agree, not just exist.
+    let manifest = ModelManifest::load(&c.model.manifest)?;
+    for head in load_heads(&c.heads)? {
+        head.check_model(&manifest.model.id, manifest.model.embedding_dim)?;
+    }
+    if !c.device.key_file.exists() && !c.device.create_key {
+        eprintln!(
+            "warning: {}: device.key_file {} does not exist yet; provision it before `dermedge run`",
+            path.display(),
+            c.device.key_file.display()
+        );
+    }
+    println!(
+        "{}: ok — device {}, model {} {} ({}), {} head(s), camera {:?}, trigger {:?}, display {:?} {}x{}, queue {}, sync {}",
+        path.display(),
+        c.device.id,
+        manifest.model.id,
+        manifest.model.precision.as_str(),
+        c.model.accelerator,
+        c.heads.len(),
+        c.camera.source,
+        c.capture.trigger,
+        c.display.target,
+        config.display_size.0,
+        config.display_size.1,
+        c.queue.dir.display(),
+        if c.sync.enabled {
+            c.sync.hub.clone().unwrap_or_else(|| "local hub".into())
+        } else {
+            "off".into()
+        }
+    );
+    Ok(())
+}
+
+pub fn run(path: &Path) -> Result<bool> {
+    let config = LoadedConfig::load(path)?;
+    let c = &config.config;
+    let manifest = ModelManifest::load(&c.model.manifest)?;
+    let heads = load_heads(&c.heads)?;
+    let options = EngineOptions {
+        threads: c.model.threads.map(|t| t as u32),
+        accelerator: c
+            .model
+            .accelerator
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{}: model.accelerator: {e}", path.display()))?,
+        fallback: if c.model.fallback == "fail" {
+            Fallback::Fail
+        } else {
+            Fallback::Cpu
+        },
+        runtime_path: c.model.runtime.clone(),
+        allow_unpinned_runtime: false,
+    };
+    let embedder = dermedge_engine::load(&manifest, &options)
+        .with_context(|| format!("loading model {}", manifest.model_path().display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    let summary = dermedge_device::run::run(&config, embedder, heads, stop)?;
+    println!(
+        "{}: {} frames, {} accepted, {} refused by the quality gate, {} failed; queue: {} waiting, acknowledged through {}; synced {} records{} ({}, {:.1} s)",
+        summary.device_id,
+        summary.frames,
+        summary.accepted,
+        summary.refused,
+        summary.failed,
+        summary.queue.pending_records,
+        summary.queue.acked_seq,
+        summary.synced_records,
+        summary.hub.as_deref().map(|h| format!(" to {h}")).unwrap_or_default(),
+        summary.stopped_by,
+        summary.seconds
+    );
+    if let Some(e) = &summary.last_sync_error {
+        eprintln!("warning: last sync attempt failed: {e}");
+    }
+    Ok(summary.failed == 0)
+}

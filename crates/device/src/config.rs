@@ -1,0 +1,666 @@
+//! Per-device configuration (`firmware-config/*.toml`): schema, defaults, validation.
+//!
+//! Every error names the file, the key and what was expected. Relative paths are relative to the
+//! configuration file's directory.
+
+use std::path::{Path, PathBuf};
+
+use dermedge_core::quality::QualityThresholds;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub device: DeviceSection,
+    pub model: ModelSection,
+    /// Head files run on every capture (`dermedge-head/1` JSON).
+    #[serde(default)]
+    pub heads: Vec<PathBuf>,
+    pub camera: CameraSection,
+    #[serde(default)]
+    pub capture: CaptureSection,
+    #[serde(default)]
+    pub quality: QualityThresholds,
+    pub display: DisplaySection,
+    pub queue: QueueSection,
+    #[serde(default)]
+    pub sync: SyncSection,
+    #[serde(default)]
+    pub health: HealthSection,
+    #[serde(default)]
+    pub run: RunSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    /// 1–128 printable characters; the hub knows the device by it.
+    pub id: String,
+    /// The device key (64 hex digits; `dermedge keygen`).
+    pub key_file: PathBuf,
+    /// Make the key on first start if the file does not exist (development devices).
+    #[serde(default)]
+    pub create_key: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// The model's manifest (.toml next to the .tflite).
+    pub manifest: PathBuf,
+    /// Inference threads, 1–64 (default: every core).
+    pub threads: Option<i64>,
+    /// cpu, gpu, npu or edge-tpu.
+    #[serde(default = "default_accelerator")]
+    pub accelerator: String,
+    /// What to do when the accelerator is unavailable: `cpu` (log and fall back) or `fail`.
+    #[serde(default = "default_fallback")]
+    pub fallback: String,
+    /// The LiteRT runtime library (file or directory) instead of the search path.
+    pub runtime: Option<PathBuf>,
+}
+
+fn default_accelerator() -> String {
+    "cpu".into()
+}
+
+fn default_fallback() -> String {
+    "cpu".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    /// Image files or a raw recording, paced at `fps`.
+    Replay,
+    /// A USB dermatoscope (UVC).
+    Uvc,
+    /// Generated frames.
+    Synthetic,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraSection {
+    pub source: SourceKind,
+    /// replay: an image file, a directory, `dir/pattern`, or a `.dmraw` recording.
+    pub path: Option<PathBuf>,
+    /// Frames per second (replay, synthetic: pacing; uvc: requested), 0 < fps ≤ 120.
+    pub fps: Option<f64>,
+    /// replay: start again at the end.
+    #[serde(default)]
+    pub looped: bool,
+    /// replay: show each image for this many frames, as a held camera would (1–100).
+    #[serde(default = "one")]
+    pub hold_frames: i64,
+    /// uvc: device index or name (default: the first).
+    pub device: Option<String>,
+    /// uvc: requested resolution.
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    /// uvc: mjpeg, yuyv, nv12 or grey (default: negotiated).
+    pub format: Option<String>,
+}
+
+fn one() -> i64 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TriggerKind {
+    /// When the frame has been still for `stable_frames` frames and is sharp (or has been still
+    /// long enough that the quality gate should explain why not).
+    Auto,
+    /// A line on standard input (a key press on a kiosk keyboard, a foot switch as keyboard).
+    Key,
+    /// A rising edge on a GPIO line, read from its sysfs `value` file.
+    Gpio,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureSection {
+    pub trigger: TriggerKind,
+    /// auto: consecutive still frames needed (1–100).
+    pub stable_frames: i64,
+    /// auto: mean absolute change of the 32×32 luminance thumbnail (0–255) below which a frame
+    /// counts as still.
+    pub stillness: f64,
+    /// gpio: the line's value file, e.g. /sys/class/gpio/gpio17/value.
+    pub gpio_value_file: Option<PathBuf>,
+    /// Stop after this many accepted captures (default: run until stopped or the source ends).
+    pub max_captures: Option<i64>,
+}
+
+impl Default for CaptureSection {
+    fn default() -> Self {
+        Self {
+            trigger: TriggerKind::Auto,
+            stable_frames: 3,
+            stillness: 4.0,
+            gpio_value_file: None,
+            max_captures: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DisplayTarget {
+    /// PNG snapshots of each screen (headless).
+    Png,
+    /// A Linux framebuffer device.
+    Framebuffer,
+    /// A desktop window (built with the `simulator` feature).
+    Simulator,
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisplaySection {
+    pub target: DisplayTarget,
+    /// `WIDTHxHEIGHT`; layouts are tested at 240x240, 320x240 and 800x480.
+    #[serde(default = "default_size")]
+    pub size: String,
+    /// png: where snapshots go.
+    pub dir: Option<PathBuf>,
+    /// framebuffer: the device, e.g. /dev/fb0 (or /dev/fb1 for an SPI panel).
+    pub device: Option<PathBuf>,
+    /// framebuffer: `rgb565` or `xrgb8888` when the device does not report its layout.
+    pub pixel_format: Option<String>,
+    /// How long a result or refusal stays before the preview returns (0–60 s).
+    #[serde(default = "default_result_seconds")]
+    pub result_seconds: f64,
+    /// Redraw the preview every this many frames (1–1000).
+    #[serde(default = "one")]
+    pub preview_every: i64,
+}
+
+fn default_size() -> String {
+    "320x240".into()
+}
+
+fn default_result_seconds() -> f64 {
+    3.0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSection {
+    pub dir: PathBuf,
+    /// `per-record` (fsync each) or `group`.
+    #[serde(default = "default_durability")]
+    pub durability: String,
+    #[serde(default = "default_group_records")]
+    pub group_max_records: i64,
+    #[serde(default = "default_group_delay")]
+    pub group_max_delay_ms: i64,
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: i64,
+    #[serde(default = "default_max_records")]
+    pub max_records: i64,
+    /// `reject` or `evict-oldest`.
+    #[serde(default = "default_full_policy")]
+    pub full_policy: String,
+    /// `f32` or `f16`.
+    #[serde(default = "default_embedding")]
+    pub embedding: String,
+    /// Longest side of the JPEG thumbnail kept with each record; 0 keeps none.
+    #[serde(default = "default_thumbnail")]
+    pub thumbnail_side: i64,
+}
+
+fn default_durability() -> String {
+    "per-record".into()
+}
+fn default_group_records() -> i64 {
+    16
+}
+fn default_group_delay() -> i64 {
+    200
+}
+fn default_max_bytes() -> i64 {
+    1 << 30
+}
+fn default_max_records() -> i64 {
+    1_000_000
+}
+fn default_full_policy() -> String {
+    "reject".into()
+}
+fn default_embedding() -> String {
+    "f32".into()
+}
+fn default_thumbnail() -> i64 {
+    96
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalHubSection {
+    /// The hub's SQLite database.
+    pub db: PathBuf,
+    /// host:port (port 0: any free port).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:0".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncSection {
+    pub enabled: bool,
+    /// http://host:port or https://host:port. An unreachable hub is not an error: the device
+    /// works offline and syncs when the hub answers.
+    pub hub: Option<String>,
+    /// Seconds between sync attempts (1–86400).
+    pub interval_seconds: f64,
+    pub batch_records: i64,
+    pub timeout_seconds: f64,
+    /// Development: run a hub in this process (and enroll this device in it).
+    pub local_hub: Option<LocalHubSection>,
+    /// On a normal end (source finished), try to push what is left before exiting (0–600 s).
+    pub final_sync_seconds: f64,
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            hub: None,
+            interval_seconds: 30.0,
+            batch_records: 64,
+            timeout_seconds: 10.0,
+            local_hub: None,
+            final_sync_seconds: 10.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSection {
+    /// Seconds between health log lines (1–86400).
+    pub interval_seconds: f64,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        Self {
+            interval_seconds: 10.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    /// Where to write the run summary (JSON) at the end.
+    pub summary: Option<PathBuf>,
+}
+
+/// A validated configuration with paths resolved.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub path: PathBuf,
+    pub config: DeviceConfig,
+    pub display_size: (u32, u32),
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    file: &Path,
+    key: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError {
+            file: file.into(),
+            key: key.into(),
+            message: format!("{value} is outside the allowed range {min} to {max}"),
+        });
+    }
+    Ok(value)
+}
+
+fn one_of(file: &Path, key: &str, value: &str, allowed: &[&str]) -> Result<(), ConfigError> {
+    if !allowed.contains(&value) {
+        return Err(ConfigError {
+            file: file.into(),
+            key: key.into(),
+            message: format!("{value:?} is not one of {}", allowed.join(", ")),
+        });
+    }
+    Ok(())
+}
+
+fn existing(file: &Path, key: &str, path: &Path, what: &str) -> Result<(), ConfigError> {
+    if !path.exists() {
+        return Err(ConfigError {
+            file: file.into(),
+            key: key.into(),
+            message: format!("{}: no such {what}", path.display()),
+        });
+    }
+    Ok(())
+}
+
+pub fn parse_size(text: &str) -> Option<(u32, u32)> {
+    let (w, h) = text.split_once(['x', 'X'])?;
+    Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
+}
+
+impl LoadedConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            file: path.into(),
+            key: key.into(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err("(file)", e.to_string()))?;
+        let mut config: DeviceConfig = toml::from_str(&text).map_err(|e| {
+            let key = e
+                .message()
+                .split('`')
+                .nth(1)
+                .map(String::from)
+                .unwrap_or_else(|| "(syntax)".into());
+            let place = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            err(&key, format!("{}{place}", e.message()))
+        })?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut config.device.key_file);
+        resolve(&mut config.model.manifest);
+        if let Some(r) = config.model.runtime.as_mut() {
+            resolve(r);
+        }
+        config.heads.iter_mut().for_each(resolve);
+        if let Some(p) = config.camera.path.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = config.capture.gpio_value_file.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = config.display.dir.as_mut() {
+            resolve(p);
+        }
+        resolve(&mut config.queue.dir);
+        if let Some(h) = config.sync.local_hub.as_mut() {
+            resolve(&mut h.db);
+        }
+        if let Some(p) = config.run.summary.as_mut() {
+            resolve(p);
+        }
+        let display_size = validate(path, &config)?;
+        Ok(Self {
+            path: path.into(),
+            config,
+            display_size,
+        })
+    }
+}
+
+fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
+    let err = |key: &str, message: String| ConfigError {
+        file: file.into(),
+        key: key.into(),
+        message,
+    };
+    let id = &c.device.id;
+    if id.is_empty() || id.len() > 128 || id.chars().any(|ch| ch.is_control()) {
+        return Err(err(
+            "device.id",
+            format!("{id:?}: expected 1 to 128 printable characters"),
+        ));
+    }
+    existing(file, "model.manifest", &c.model.manifest, "model manifest")?;
+    if let Some(t) = c.model.threads {
+        in_range(file, "model.threads", t, 1, 64)?;
+    }
+    one_of(
+        file,
+        "model.accelerator",
+        &c.model.accelerator,
+        &["cpu", "gpu", "npu", "edge-tpu"],
+    )?;
+    one_of(file, "model.fallback", &c.model.fallback, &["cpu", "fail"])?;
+    if let Some(r) = &c.model.runtime {
+        existing(file, "model.runtime", r, "runtime library")?;
+    }
+    for (i, h) in c.heads.iter().enumerate() {
+        existing(file, &format!("heads[{i}]"), h, "head file")?;
+    }
+    match c.camera.source {
+        SourceKind::Replay => {
+            let path = c.camera.path.as_ref().ok_or_else(|| {
+                err(
+                    "camera.path",
+                    "required for source = \"replay\": image files, a directory or a recording"
+                        .into(),
+                )
+            })?;
+            let pattern = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(['*', '?']));
+            if !pattern {
+                existing(file, "camera.path", path, "file or directory")?;
+            }
+        }
+        SourceKind::Uvc => {
+            if let Some(f) = &c.camera.format {
+                one_of(file, "camera.format", f, &["mjpeg", "yuyv", "nv12", "grey"])?;
+            }
+            for (key, v) in [
+                ("camera.width", c.camera.width),
+                ("camera.height", c.camera.height),
+            ] {
+                if let Some(v) = v {
+                    in_range(file, key, v, 16, 8192)?;
+                }
+            }
+        }
+        SourceKind::Synthetic => {}
+    }
+    if let Some(fps) = c.camera.fps {
+        if !(fps > 0.0 && fps <= 120.0) {
+            return Err(err(
+                "camera.fps",
+                format!("{fps} is outside the allowed range (0, 120]"),
+            ));
+        }
+    }
+    in_range(file, "camera.hold_frames", c.camera.hold_frames, 1, 100)?;
+    in_range(
+        file,
+        "capture.stable_frames",
+        c.capture.stable_frames,
+        1,
+        100,
+    )?;
+    in_range(file, "capture.stillness", c.capture.stillness, 0.0, 255.0)?;
+    if c.capture.trigger == TriggerKind::Gpio && c.capture.gpio_value_file.is_none() {
+        return Err(err(
+            "capture.gpio_value_file",
+            "required for trigger = \"gpio\"".into(),
+        ));
+    }
+    if let Some(m) = c.capture.max_captures {
+        in_range(file, "capture.max_captures", m, 1, i64::MAX)?;
+    }
+    let q = &c.quality;
+    in_range(
+        file,
+        "quality.min_mean_luminance",
+        q.min_mean_luminance,
+        0.0,
+        255.0,
+    )?;
+    in_range(
+        file,
+        "quality.max_mean_luminance",
+        q.max_mean_luminance,
+        q.min_mean_luminance,
+        255.0,
+    )?;
+    in_range(
+        file,
+        "quality.max_clipped_dark",
+        q.max_clipped_dark,
+        0.0,
+        1.0,
+    )?;
+    in_range(
+        file,
+        "quality.max_clipped_bright",
+        q.max_clipped_bright,
+        0.0,
+        1.0,
+    )?;
+    in_range(file, "quality.min_sharpness", q.min_sharpness, 0.0, 1e6)?;
+
+    let size = parse_size(&c.display.size).ok_or_else(|| {
+        err(
+            "display.size",
+            format!("{:?}: expected WIDTHxHEIGHT, e.g. 320x240", c.display.size),
+        )
+    })?;
+    in_range(file, "display.size (width)", size.0, 96, 4096)?;
+    in_range(file, "display.size (height)", size.1, 96, 4096)?;
+    match c.display.target {
+        DisplayTarget::Png if c.display.dir.is_none() => {
+            return Err(err("display.dir", "required for target = \"png\"".into()))
+        }
+        DisplayTarget::Framebuffer if c.display.device.is_none() => {
+            return Err(err(
+                "display.device",
+                "required for target = \"framebuffer\", e.g. /dev/fb0".into(),
+            ))
+        }
+        _ => {}
+    }
+    if let Some(f) = &c.display.pixel_format {
+        one_of(file, "display.pixel_format", f, &["rgb565", "xrgb8888"])?;
+    }
+    in_range(
+        file,
+        "display.result_seconds",
+        c.display.result_seconds,
+        0.0,
+        60.0,
+    )?;
+    in_range(
+        file,
+        "display.preview_every",
+        c.display.preview_every,
+        1,
+        1000,
+    )?;
+
+    let qu = &c.queue;
+    one_of(
+        file,
+        "queue.durability",
+        &qu.durability,
+        &["per-record", "group"],
+    )?;
+    in_range(
+        file,
+        "queue.group_max_records",
+        qu.group_max_records,
+        1,
+        100_000,
+    )?;
+    in_range(
+        file,
+        "queue.group_max_delay_ms",
+        qu.group_max_delay_ms,
+        1,
+        600_000,
+    )?;
+    in_range(file, "queue.max_bytes", qu.max_bytes, 1 << 20, i64::MAX)?;
+    in_range(file, "queue.max_records", qu.max_records, 1, i64::MAX)?;
+    one_of(
+        file,
+        "queue.full_policy",
+        &qu.full_policy,
+        &["reject", "evict-oldest"],
+    )?;
+    one_of(file, "queue.embedding", &qu.embedding, &["f32", "f16"])?;
+    in_range(file, "queue.thumbnail_side", qu.thumbnail_side, 0, 1024)?;
+
+    let s = &c.sync;
+    if s.enabled {
+        match (&s.hub, &s.local_hub) {
+            (Some(url), _) => {
+                let rest = url
+                    .strip_prefix("http://")
+                    .or_else(|| url.strip_prefix("https://"))
+                    .ok_or_else(|| {
+                        err(
+                            "sync.hub",
+                            format!("{url:?}: expected http://host:port or https://host:port"),
+                        )
+                    })?;
+                if rest.trim_end_matches('/').is_empty() {
+                    return Err(err("sync.hub", format!("{url:?}: no host")));
+                }
+            }
+            (None, Some(_)) => {}
+            (None, None) => {
+                return Err(err(
+                    "sync.hub",
+                    "required when sync.enabled = true (or configure sync.local_hub)".into(),
+                ))
+            }
+        }
+    }
+    in_range(
+        file,
+        "sync.interval_seconds",
+        s.interval_seconds,
+        1.0,
+        86_400.0,
+    )?;
+    in_range(file, "sync.batch_records", s.batch_records, 1, 10_000)?;
+    in_range(file, "sync.timeout_seconds", s.timeout_seconds, 0.1, 600.0)?;
+    in_range(
+        file,
+        "sync.final_sync_seconds",
+        s.final_sync_seconds,
+        0.0,
+        600.0,
+    )?;
+    in_range(
+        file,
+        "health.interval_seconds",
+        c.health.interval_seconds,
+        1.0,
+        86_400.0,
+    )?;
+    Ok(size)
+}
