@@ -1,7 +1,7 @@
 //! When to capture: auto (still and sharp), a key, or a GPIO line.
 
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::Receiver;
 
 use dermedge_core::RgbImage;
 
@@ -108,12 +108,10 @@ impl Trigger {
                 auto.observe(thumbnail(image), sharp)
             }
             Trigger::Key(rx) => {
+                // Every press since the last frame counts as one capture request.
                 let mut fired = false;
-                loop {
-                    match rx.try_recv() {
-                        Ok(()) => fired = true,
-                        Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
-                    }
+                while rx.try_recv().is_ok() {
+                    fired = true;
                 }
                 fired
             }
