@@ -371,8 +371,8 @@ impl SyncClient {
     }
 
     /// Push until the queue holds nothing unacknowledged, retrying transient failures with
-    /// backoff. Stops early (without error) when `stop` is set, or with the last error after
-    /// `max_retries` consecutive failures.
+    /// backoff. Stops early when `stop` is set (with the last error if the hub was failing then),
+    /// or with the last error after `max_retries` consecutive failures.
     pub fn drain(
         &mut self,
         queue: &Mutex<Queue>,
@@ -381,14 +381,16 @@ impl SyncClient {
     ) -> Result<DrainReport, SyncError> {
         let mut report = DrainReport::default();
         let mut attempt = 0u32;
+        let mut failing: Option<SyncError> = None;
         while !stop.load(Ordering::Relaxed) {
             match self.push_once(queue) {
-                Ok(Pushed::Idle) => break,
+                Ok(Pushed::Idle) => return Ok(report),
                 Ok(Pushed::Batch {
                     records,
                     acked_through,
                 }) => {
                     attempt = 0;
+                    failing = None;
                     report.batches += 1;
                     report.records += records;
                     report.acked_through = acked_through;
@@ -398,10 +400,15 @@ impl SyncClient {
                     log::warn!("sync: {e}; retrying in {:.1}s", wait.as_secs_f64());
                     attempt += 1;
                     report.retries += 1;
+                    failing = Some(e);
                     sleep_unless(stop, wait);
                 }
                 Err(e) => return Err(e),
             }
+        }
+        // Stopped while the hub was failing: that failure is the outcome.
+        if let Some(e) = failing {
+            return Err(e);
         }
         Ok(report)
     }

@@ -1,0 +1,448 @@
+//! The device application end to end: the README's main-job config on the bundled session,
+//! SIGTERM during a run, and each example config broken five ways.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dermedge_e2e::{dermedge, dermedge_bin, fixtures, read_npy_rows, root, text};
+use serde_json::Value;
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+fn ok(args: &[&str]) -> std::process::Output {
+    let out = dermedge(args);
+    assert!(
+        out.status.success(),
+        "dermedge {args:?}: {}",
+        text(&out.stderr)
+    );
+    out
+}
+
+/// The image-kind head scripts/run.sh trains, into `dir`.
+fn train_head(dir: &Path) -> PathBuf {
+    let npy = dir.join("training.npy");
+    ok(&[
+        "embed",
+        "--model",
+        &s(&fixtures().join("df-mini/df-mini.int8.toml")),
+        "--threads",
+        "2",
+        &s(&fixtures().join("images")),
+        "--out",
+        &s(&npy),
+    ]);
+    let mut labels = String::from("file,label\n");
+    for entry in fs::read_dir(fixtures().join("images")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        let label = if name.starts_with("dermoscopy") {
+            "dermoscopy"
+        } else {
+            "photo"
+        };
+        labels += &format!("{name},{label}\n");
+    }
+    fs::write(dir.join("labels.csv"), labels).unwrap();
+    let head = dir.join("image-kind.json");
+    ok(&[
+        "head",
+        "train",
+        "--embeddings",
+        &s(&npy),
+        "--labels",
+        &s(&dir.join("labels.csv")),
+        "--out",
+        &s(&head),
+    ]);
+    head
+}
+
+/// firmware-config/x86-dev.toml with its outputs moved into `dir` and `edit` applied.
+fn x86_config(dir: &Path, head: &Path, edit: impl Fn(String) -> String) -> PathBuf {
+    let text = fs::read_to_string(root().join("firmware-config/x86-dev.toml"))
+        .unwrap()
+        .replace("../out/x86-dev/heads/image-kind.json", &s(head))
+        .replace("../out/x86-dev", &s(dir))
+        .replace("../tests/fixtures", &s(&fixtures()));
+    let path = dir.join("device.toml");
+    fs::write(&path, edit(text)).unwrap();
+    path
+}
+
+#[test]
+fn the_main_job_leaves_screens_records_and_a_hub_database() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let head = train_head(dir);
+    // Slower pacing than the demo, so a loaded CI machine still sees every held image.
+    let config = x86_config(dir, &head, |t| t.replace("fps = 12", "fps = 4"));
+    ok(&["config", "check", &s(&config)]);
+    let out = ok(&["run", "--config", &s(&config)]);
+    assert!(
+        text(&out.stdout).contains("5 accepted, 2 refused"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let summary: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["accepted"], 5);
+    assert_eq!(summary["refused"], 2);
+    assert_eq!(summary["queue"]["pending_records"], 0, "{summary}");
+    let ids: Vec<String> = summary["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().into())
+        .collect();
+
+    let screens: Vec<String> = fs::read_dir(dir.join("screens"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for expected in [
+        "preview.png",
+        "latest.png",
+        "0001-result.png",
+        "0002-quality.png",
+    ] {
+        assert!(
+            screens.contains(&expected.to_string()),
+            "{expected} missing from {screens:?}"
+        );
+    }
+    assert_eq!(
+        screens
+            .iter()
+            .filter(|n| n.ends_with("-result.png"))
+            .count(),
+        5
+    );
+    assert_eq!(
+        screens
+            .iter()
+            .filter(|n| n.ends_with("-quality.png"))
+            .count(),
+        2
+    );
+
+    // The hub holds exactly the accepted records, in order, with the embeddings dermedge computes
+    // for those files.
+    let db = dir.join("hub.sqlite");
+    let csv = dir.join("hub.csv");
+    let npy = dir.join("hub.npy");
+    ok(&[
+        "hub",
+        "export",
+        "--db",
+        &s(&db),
+        "--csv",
+        &s(&csv),
+        "--npy",
+        &s(&npy),
+    ]);
+    let rows: Vec<Vec<String>> = fs::read_to_string(&csv)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect();
+    assert_eq!(rows.iter().map(|r| r[0].clone()).collect::<Vec<_>>(), ids);
+    let sources: Vec<PathBuf> = rows.iter().map(|r| PathBuf::from(&r[7])).collect();
+    for (row, source) in rows.iter().zip(&sources) {
+        let kind = if source.to_string_lossy().contains("dermoscopy") {
+            "image-kind=dermoscopy"
+        } else {
+            "image-kind=photo"
+        };
+        assert!(row[9].starts_with(kind), "{row:?}");
+    }
+    let direct = dir.join("direct.npy");
+    let mut args = vec![
+        "embed".to_string(),
+        "--model".into(),
+        s(&fixtures().join("df-mini/df-mini.int8.toml")),
+        "--threads".into(),
+        "2".into(),
+        "--out".into(),
+        s(&direct),
+    ];
+    args.extend(sources.iter().map(|p| s(p)));
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        read_npy_rows(&npy),
+        read_npy_rows(&direct),
+        "hub embeddings differ from `dermedge embed`"
+    );
+}
+
+#[test]
+fn sigterm_loses_no_accepted_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let head = train_head(dir);
+    let config = x86_config(dir, &head, |t| {
+        t.replace("fps = 12", "fps = 20\nlooped = true")
+            .replace("hold_frames = 4", "hold_frames = 2")
+            .replace("enabled = true", "enabled = false")
+    });
+    let mut child = Command::new(dermedge_bin())
+        .args(["run", "--config", &s(&config)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut accepted = Vec::new();
+    let mut lines = stderr.lines();
+    let started = Instant::now();
+    while accepted.len() < 4 && started.elapsed() < Duration::from_secs(120) {
+        let Some(Ok(line)) = lines.next() else { break };
+        if let Some(rest) = line.split("accepted record ").nth(1) {
+            accepted.push(rest.split_whitespace().next().unwrap().to_string());
+        }
+    }
+    assert!(
+        accepted.len() >= 4,
+        "the device should have accepted captures: {accepted:?}"
+    );
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    // Records accepted while the signal was being delivered count too.
+    for line in lines.map_while(Result::ok) {
+        if let Some(rest) = line.split("accepted record ").nth(1) {
+            accepted.push(rest.split_whitespace().next().unwrap().to_string());
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit {:?}", out.status);
+    assert!(
+        text(&out.stdout).contains("(signal"),
+        "{}",
+        text(&out.stdout)
+    );
+    let list = ok(&[
+        "queue",
+        "list",
+        "--queue",
+        &s(&dir.join("queue")),
+        "--key-file",
+        &s(&dir.join("device.key")),
+    ]);
+    let queued: Vec<String> = text(&list.stdout)
+        .lines()
+        .map(|l| l.split('\t').nth(1).unwrap().to_string())
+        .collect();
+    for id in &accepted {
+        assert!(
+            queued.contains(id),
+            "accepted record {id} is not in the queue after SIGTERM"
+        );
+    }
+    assert_eq!(queued.len(), accepted.len());
+}
+
+/// The shipped device configs as installed by the bundle: firmware-config/ next to models/,
+/// with the model they name (df-mini's files under that name) and a head bound to it.
+fn staged_bundle(dir: &Path, head: &Path) -> PathBuf {
+    let models = dir.join("models/derm-foundation");
+    fs::create_dir_all(&models).unwrap();
+    for p in ["int8", "fp32"] {
+        fs::copy(
+            fixtures().join(format!("df-mini/df-mini.{p}.toml")),
+            models.join(format!("derm-foundation.{p}.toml")),
+        )
+        .unwrap();
+        fs::copy(
+            fixtures().join(format!("df-mini/df-mini.{p}.tflite")),
+            models.join(format!("df-mini.{p}.tflite")),
+        )
+        .unwrap();
+    }
+    fs::copy(head, models.join("condition.head.json")).unwrap();
+    let configs = dir.join("firmware-config");
+    fs::create_dir_all(&configs).unwrap();
+    for name in ["pi5-handheld.toml", "jetson-orin-kiosk.toml"] {
+        fs::copy(
+            root().join("firmware-config").join(name),
+            configs.join(name),
+        )
+        .unwrap();
+    }
+    configs
+}
+
+#[test]
+fn each_example_config_broken_five_ways_is_a_clear_error_or_runs_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let head = train_head(dir);
+    let configs = staged_bundle(dir, &head);
+    let x86 = x86_config(dir, &head, |t| t);
+    let files = [
+        x86.clone(),
+        configs.join("pi5-handheld.toml"),
+        configs.join("jetson-orin-kiosk.toml"),
+    ];
+    for file in &files {
+        let good = fs::read_to_string(file).unwrap();
+        ok(&["config", "check", &s(file)]);
+        let threads_line = good
+            .lines()
+            .find(|l| l.starts_with("threads = "))
+            .unwrap()
+            .to_string();
+        let manifest_line = good
+            .lines()
+            .find(|l| l.starts_with("manifest = "))
+            .unwrap()
+            .to_string();
+        let broken: [(&str, String, &[&str]); 4] = [
+            (
+                "unknown key",
+                good.replacen(
+                    &threads_line,
+                    &format!("{threads_line}\nthread_count = 4"),
+                    1,
+                ),
+                &["thread_count", "unknown field"],
+            ),
+            (
+                "wrong type",
+                good.replacen(&threads_line, "threads = \"four\"", 1),
+                &["invalid type", "line"],
+            ),
+            (
+                "missing model file",
+                good.replacen(&manifest_line, "manifest = \"no-such-model.toml\"", 1),
+                &[
+                    "model.manifest",
+                    "no-such-model.toml",
+                    "no such model manifest",
+                ],
+            ),
+            (
+                "negative threads",
+                good.replacen(&threads_line, "threads = -2", 1),
+                &["model.threads", "-2", "1 to 64"],
+            ),
+        ];
+        for (what, text_, expected) in broken {
+            let path = file.with_extension("broken.toml");
+            fs::write(&path, text_).unwrap();
+            let out = dermedge(&["config", "check", &s(&path)]);
+            let err = text(&out.stderr);
+            assert!(!out.status.success(), "{}: {what} accepted", file.display());
+            assert!(
+                err.contains("broken.toml"),
+                "{what}: the error must name the file: {err}"
+            );
+            for e in expected {
+                assert!(
+                    err.contains(e),
+                    "{}: {what}: expected {e:?} in: {err}",
+                    file.display()
+                );
+            }
+            // The device refuses to start on it, with the same message.
+            let run = dermedge(&["run", "--config", &s(&path)]);
+            assert!(
+                !run.status.success() && text(&run.stderr).contains("broken.toml"),
+                "{what}"
+            );
+        }
+        // An unreachable hub is not a configuration error: the device works offline.
+        let offline = good
+            .replace(
+                "hub = \"http://dermedge-hub.local:8787\"",
+                "hub = \"http://127.0.0.1:9\"",
+            )
+            .replace(
+                "hub = \"http://192.168.10.2:8787\"",
+                "hub = \"http://127.0.0.1:9\"",
+            );
+        let path = file.with_extension("offline.toml");
+        fs::write(&path, &offline).unwrap();
+        ok(&["config", "check", &s(&path)]);
+    }
+
+    // x86-dev with an unreachable hub runs offline, keeps its records, and syncs later.
+    let offline = x86_config(dir, &head, |t| {
+        t.replace(
+            "local_hub = { db = ",
+            "hub = \"http://127.0.0.1:9\"\ntimeout_seconds = 1\nfinal_sync_seconds = 1\n# local_hub = { db = ",
+        )
+        .replace("fps = 12", "fps = 4")
+    });
+    let out = ok(&["run", "--config", &s(&offline)]);
+    assert!(
+        text(&out.stdout).contains("5 accepted"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("last sync attempt failed"),
+        "{}",
+        text(&out.stderr)
+    );
+    let queue = [
+        "--queue".to_string(),
+        s(&dir.join("queue")),
+        "--key-file".into(),
+        s(&dir.join("device.key")),
+    ];
+    let status = ok(&[
+        "queue", "status", &queue[0], &queue[1], &queue[2], &queue[3],
+    ]);
+    assert!(
+        text(&status.stdout).contains("5 records waiting"),
+        "{}",
+        text(&status.stdout)
+    );
+    // The hub comes back: the same records arrive.
+    let db = dir.join("later.sqlite");
+    ok(&[
+        "hub",
+        "enroll",
+        "--db",
+        &s(&db),
+        "--device-id",
+        "x86-dev-01",
+        "--key-file",
+        &s(&dir.join("device.key")),
+    ]);
+    let mut hub = Command::new(dermedge_bin())
+        .args(["hub", "serve", "--db", &s(&db), "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(hub.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let synced = dermedge(&[
+        "sync", "--hub", &url, &queue[0], &queue[1], &queue[2], &queue[3],
+    ]);
+    let _ = hub.kill();
+    let _ = hub.wait();
+    assert!(synced.status.success(), "{}", text(&synced.stderr));
+    assert!(
+        text(&synced.stdout).contains("synced 5 records"),
+        "{}",
+        text(&synced.stdout)
+    );
+}
