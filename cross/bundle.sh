@@ -32,6 +32,10 @@ mkdir -p "$stage/bin" "$stage/lib/dermedge" "$stage/share/dermedge/models"
 cp "target/$target/release/dermedge" "$stage/bin/"
 cp ".cache/litert/$litert/$target/"*.so ".cache/litert/$litert/$target/VERSION" "$stage/lib/dermedge/"
 cp -r firmware-config "$stage/share/dermedge/"
+if [[ -f "firmware-config/$device.toml" ]]; then
+  # The systemd unit runs firmware-config/device.toml: this bundle's device.
+  ln -s "$device.toml" "$stage/share/dermedge/firmware-config/device.toml"
+fi
 cp models/models.toml models/README.md "$stage/share/dermedge/models/"
 cp -r tests/fixtures/df-mini "$stage/share/dermedge/models/"
 cp -r tests/fixtures/images "$stage/share/dermedge/samples"

@@ -388,7 +388,10 @@ impl LoadedConfig {
                 .unwrap_or_default();
             err(&key, format!("{}{place}", e.message()))
         })?;
-        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        // Relative paths follow the real file, so a symlinked config (device.toml) still finds
+        // the models next to it.
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let base = real.parent().unwrap_or(Path::new(".")).to_path_buf();
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
