@@ -19,6 +19,12 @@ use dermedge_sync::{SyncClient, SyncConfig};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Embedding speed and memory, per stage, like TFLite's benchmark_model: load, first
+    /// embedding, warm-up, timed runs (median, p90, min), peak RSS; a --threads sweep.
+    Embed(EmbedBenchArgs),
+    /// One configuration of `bench embed`, in this process, as JSON (used by the sweep).
+    #[command(hide = true)]
+    EmbedOne(EmbedBenchArgs),
     /// Append throughput: fsync per record vs group commit (and f16 embeddings).
     Queue {
         /// Where to put the scratch queues (the storage to measure; default: a temp dir).
@@ -81,6 +87,8 @@ fn scratch(dir: &Option<PathBuf>) -> Result<tempfile::TempDir> {
 
 pub fn run(command: &BenchCommand) -> Result<()> {
     match command {
+        BenchCommand::Embed(args) => bench_embed(args),
+        BenchCommand::EmbedOne(args) => bench_embed_one(args),
         BenchCommand::Queue {
             dir,
             records,
@@ -210,5 +218,294 @@ fn bench_sync(dir: &Option<PathBuf>, n: usize, rounds: usize, dim: usize) -> Res
             m * (dim * 4) as f64 / 1e6
         );
     }
+    Ok(())
+}
+
+/// One configuration of `dermedge bench embed`, measured in its own process (clean RSS and
+/// start-up numbers).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EmbedBench {
+    pub model: String,
+    pub precision: String,
+    pub model_bytes: u64,
+    pub threads: u32,
+    pub accelerator: String,
+    pub weight_cache: bool,
+    /// Model load and compile, seconds.
+    pub load_s: f64,
+    /// The first embedding (preprocess + invoke + read), seconds.
+    pub first_embed_s: f64,
+    /// From process start to the first embedding, seconds.
+    pub start_to_first_embedding_s: f64,
+    pub runs: usize,
+    /// Per stage: median, p90, min seconds over the timed runs.
+    pub stages: Vec<(String, [f64; 3])>,
+    pub peak_rss_bytes: u64,
+}
+
+fn stat(mut v: Vec<f64>) -> [f64; 3] {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    [at(0.5), at(0.9), v[0]]
+}
+
+/// Seconds since this process started (/proc/self/stat field 22 against /proc/uptime).
+fn process_age() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let start_ticks: f64 = after.split_whitespace().nth(19)?.parse().ok()?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let hz = clock_ticks_per_second();
+    Some(uptime - start_ticks / hz)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // _SC_CLK_TCK is 100 on every Linux dermedge targets; read it from getconf where available.
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EmbedBenchArgs {
+    /// The model's manifest.
+    #[arg(long, short)]
+    pub model: PathBuf,
+    /// Images to cycle through (files or directories).
+    #[arg(long, default_value = "tests/fixtures/images")]
+    pub images: Vec<PathBuf>,
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Thread counts to sweep, each in its own process.
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    pub threads: Vec<u32>,
+    /// cpu, gpu, npu or edge-tpu.
+    #[arg(long, default_value = "cpu")]
+    pub accelerator: dermedge_engine::Accelerator,
+    /// XNNPACK weight cache file (made on the first start, mapped on later ones).
+    #[arg(long)]
+    pub weight_cache: Option<PathBuf>,
+    /// Heads to time (default: a 7-class head with random weights bound to the model).
+    #[arg(long = "head")]
+    pub heads: Vec<PathBuf>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Run each thread count in a child process and print a table (and JSON).
+pub fn bench_embed(args: &EmbedBenchArgs) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut results = Vec::new();
+    for &threads in &args.threads {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["bench", "embed-one", "--model"])
+            .arg(&args.model)
+            .args([
+                "--runs",
+                &args.runs.to_string(),
+                "--warmup",
+                &args.warmup.to_string(),
+            ])
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "--accelerator",
+                &args.accelerator.to_string(),
+            ]);
+        for i in &args.images {
+            cmd.arg("--images").arg(i);
+        }
+        for h in &args.heads {
+            cmd.arg("--head").arg(h);
+        }
+        if let Some(c) = &args.weight_cache {
+            cmd.arg("--weight-cache").arg(c);
+        }
+        let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "benchmark with {threads} threads failed"
+        );
+        let r: EmbedBench = serde_json::from_slice(&out.stdout)?;
+        results.push(r);
+    }
+    println!("| {} {} ({} MB), {} runs after {} warm-up | threads | load s | first embed s | start→first s | invoke median / p90 / min s | decode | preprocess | read | heads | enqueue | pre+post ÷ invoke | peak RSS MB | RSS ÷ file |",
+        results[0].model, results[0].precision, results[0].model_bytes / 1_000_000, args.runs, args.warmup);
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &results {
+        let get = |name: &str| {
+            r.stages
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or([0.0; 3], |s| s.1)
+        };
+        let invoke = get("invoke");
+        let overhead = (get("preprocess")[0] + get("read")[0] + get("heads")[0]) / invoke[0];
+        println!(
+            "| {}{} | {} | {:.3} | {:.3} | {:.3} | {:.4} / {:.4} / {:.4} | {:.4} | {:.4} | {:.5} | {:.5} | {:.4} | {:.1} % | {:.0} | {:.2} |",
+            r.accelerator,
+            if r.weight_cache { ", weight cache" } else { "" },
+            r.threads,
+            r.load_s,
+            r.first_embed_s,
+            r.start_to_first_embedding_s,
+            invoke[0],
+            invoke[1],
+            invoke[2],
+            get("decode")[0],
+            get("preprocess")[0],
+            get("read")[0],
+            get("heads")[0],
+            get("enqueue")[0],
+            overhead * 100.0,
+            r.peak_rss_bytes as f64 / 1e6,
+            r.peak_rss_bytes as f64 / r.model_bytes as f64
+        );
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+    }
+    Ok(())
+}
+
+/// One configuration, measured in this process; prints JSON.
+pub fn bench_embed_one(args: &EmbedBenchArgs) -> Result<()> {
+    use dermedge_core::preprocess::{decode_file, DecodeLimits};
+    use dermedge_core::ModelManifest;
+    use dermedge_engine::{EngineOptions, Fallback};
+
+    let manifest = ModelManifest::load(&args.model)?;
+    let files = crate::inputs::expand(&args.images)?;
+    anyhow::ensure!(!files.is_empty(), "no images to benchmark with");
+    let threads = args.threads[0];
+    let options = EngineOptions {
+        threads: Some(threads),
+        accelerator: args.accelerator,
+        fallback: Fallback::Cpu,
+        weight_cache: args.weight_cache.clone(),
+        ..EngineOptions::default()
+    };
+    let started = Instant::now();
+    let mut embedder = dermedge_engine::load(&manifest, &options)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let dim = manifest.model.embedding_dim;
+    let heads = if args.heads.is_empty() {
+        // Timing only: a 7-class head of the model's shape.
+        let x: Vec<Vec<f32>> = (0..14)
+            .map(|i| {
+                (0..dim)
+                    .map(|j| ((i * dim + j) as f32 * 0.7).sin())
+                    .collect()
+            })
+            .collect();
+        let y: Vec<usize> = (0..14).map(|i| i % 7).collect();
+        let classes = (0..7).map(|c| format!("class{c}")).collect();
+        let options = dermedge_head::TrainOptions {
+            iterations: 1,
+            ..Default::default()
+        };
+        vec![dermedge_head::train_softmax(
+            "bench",
+            &manifest.model.id,
+            &x,
+            &y,
+            classes,
+            &options,
+            |_, _| {},
+        )?]
+    } else {
+        crate::queue::load_heads(&args.heads)?
+    };
+    let tmp = tempfile::tempdir()?;
+    let key = DeviceKey::generate();
+    let mut queue = Queue::open(tmp.path(), &key, "bench", QueueOptions::default())?;
+
+    let first_image = decode_file(&files[0], &DecodeLimits::default())?;
+    let t = Instant::now();
+    embedder.fill_input(&first_image)?;
+    embedder.invoke()?;
+    embedder.read_output()?;
+    let first_embed_s = t.elapsed().as_secs_f64();
+    let start_to_first_embedding_s = process_age().unwrap_or(f64::NAN);
+
+    for i in 0..args.warmup {
+        let image = decode_file(&files[i % files.len()], &DecodeLimits::default())?;
+        embedder.fill_input(&image)?;
+        embedder.invoke()?;
+        embedder.read_output()?;
+    }
+    let names = ["decode", "preprocess", "invoke", "read", "heads", "enqueue"];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for i in 0..args.runs {
+        let file = &files[i % files.len()];
+        let mut lap = Instant::now();
+        let mut split = |k: usize, times: &mut Vec<Vec<f64>>| {
+            times[k].push(lap.elapsed().as_secs_f64());
+            lap = Instant::now();
+        };
+        let image = decode_file(file, &DecodeLimits::default())?;
+        split(0, &mut times);
+        embedder.fill_input(&image)?;
+        split(1, &mut times);
+        embedder.invoke()?;
+        split(2, &mut times);
+        let embedding = embedder.read_output()?;
+        split(3, &mut times);
+        let answers: Vec<dermedge_queue::HeadResult> = heads
+            .iter()
+            .map(|h| dermedge_queue::HeadResult {
+                head: h.name.clone(),
+                classes: h.classes.clone(),
+                probabilities: h.predict(&embedding),
+            })
+            .collect();
+        split(4, &mut times);
+        let mut record = record(i, 0, EmbeddingType::F32);
+        record.embedding = Embedding::new(&embedding, EmbeddingType::F32);
+        record.heads = answers;
+        queue.append(&record)?;
+        split(5, &mut times);
+    }
+    let result = EmbedBench {
+        model: manifest.model.id.clone(),
+        precision: manifest.model.precision.as_str().into(),
+        model_bytes: std::fs::metadata(manifest.model_path())?.len(),
+        threads: embedder.threads(),
+        accelerator: embedder.accelerator().to_string(),
+        weight_cache: args.weight_cache.is_some(),
+        load_s,
+        first_embed_s,
+        start_to_first_embedding_s,
+        runs: args.runs,
+        stages: names
+            .iter()
+            .zip(times)
+            .map(|(n, t)| (n.to_string(), stat(t)))
+            .collect(),
+        peak_rss_bytes: peak_rss_bytes(),
+    };
+    println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }

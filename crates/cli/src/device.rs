@@ -68,6 +68,7 @@ pub fn run(path: &Path) -> Result<bool> {
         },
         runtime_path: c.model.runtime.clone(),
         allow_unpinned_runtime: false,
+        weight_cache: c.model.weight_cache.clone(),
     };
     let embedder = dermedge_engine::load(&manifest, &options)
         .with_context(|| format!("loading model {}", manifest.model_path().display()))?;

@@ -63,7 +63,8 @@ enum Command {
     /// Device configuration files (firmware-config/*.toml).
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Measure this device: queue appends, sync throughput (Markdown for docs/BENCHMARKS.md).
+    /// Measure this device: embedding per stage, queue appends, sync throughput (Markdown for
+    /// docs/BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Make a new device key (32 random bytes, owner-only file).
@@ -125,6 +126,9 @@ pub struct RuntimeArgs {
     /// Accept a runtime library whose checksum is not the pinned one.
     #[arg(long)]
     allow_unpinned_runtime: bool,
+    /// XNNPACK weight cache file: written on the first start, mapped on later ones (faster start).
+    #[arg(long, value_name = "FILE")]
+    weight_cache: Option<PathBuf>,
 }
 
 impl RuntimeArgs {
@@ -139,6 +143,7 @@ impl RuntimeArgs {
             },
             runtime_path: self.runtime.clone(),
             allow_unpinned_runtime: self.allow_unpinned_runtime,
+            weight_cache: self.weight_cache.clone(),
         }
     }
 }

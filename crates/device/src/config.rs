@@ -66,6 +66,8 @@ pub struct ModelSection {
     pub fallback: String,
     /// The LiteRT runtime library (file or directory) instead of the search path.
     pub runtime: Option<PathBuf>,
+    /// XNNPACK weight cache file (CPU): made on the first start, mapped on later ones.
+    pub weight_cache: Option<PathBuf>,
 }
 
 fn default_accelerator() -> String {
@@ -401,6 +403,9 @@ impl LoadedConfig {
         resolve(&mut config.model.manifest);
         if let Some(r) = config.model.runtime.as_mut() {
             resolve(r);
+        }
+        if let Some(w) = config.model.weight_cache.as_mut() {
+            resolve(w);
         }
         config.heads.iter_mut().for_each(resolve);
         if let Some(p) = config.camera.path.as_mut() {

@@ -15,6 +15,9 @@ pub struct EngineOptions {
     pub runtime_path: Option<PathBuf>,
     /// Accept a runtime library whose sha256 is not the pinned one (logged as a warning).
     pub allow_unpinned_runtime: bool,
+    /// XNNPACK weight cache file: packed weights are written on the first start and mapped on
+    /// later ones, so a restart skips repacking (CPU only).
+    pub weight_cache: Option<PathBuf>,
 }
 
 impl Default for EngineOptions {
@@ -25,6 +28,7 @@ impl Default for EngineOptions {
             fallback: Fallback::Cpu,
             runtime_path: None,
             allow_unpinned_runtime: false,
+            weight_cache: None,
         }
     }
 }

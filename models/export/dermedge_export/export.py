@@ -264,13 +264,14 @@ def write_manifest(path: Path, tflite: Path, name: str, version: str, precision:
 
 def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation: Path, version: str = "1",
            input_type: str = "float32", calibration_count: int = 64, debug_count: int = 4,
+           evaluation_count: int | None = None,
            image_tensor: str | None = None, size: int | None = None, scale: float | None = None,
            offset: float | None = None, progress=print) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     cal_files = list_images(calibration, "calibration")[:calibration_count]
-    eval_files = list_images(evaluation, "evaluation")
+    eval_files = list_images(evaluation, "evaluation")[:evaluation_count]
     overlap = {sha256(p) for p in cal_files} & {sha256(p) for p in eval_files}
     if overlap:
         raise ExportError(f"{len(overlap)} images are in both the calibration and the evaluation set; they must be disjoint")

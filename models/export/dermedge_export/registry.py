@@ -62,7 +62,9 @@ def build(name: str, cache: Path | None = None) -> Path:
     step("exporting fp32 and int8 TFLite")
     from . import export
     export.export(savedmodel, name, out, images / "calibration", images / "evaluation",
-                  calibration_count=spec.get("calibration_count", 64), progress=step)
+                  calibration_count=spec.get("calibration_count", 64),
+                  evaluation_count=spec.get("evaluation_count"),
+                  debug_count=spec.get("debug_count", 4), progress=step)
     for extra in ("evaluation-upscaled",):
         (out / f"{name}.{extra}.txt").write_text(str(images / extra) + "\n")
 

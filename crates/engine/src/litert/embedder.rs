@@ -11,7 +11,9 @@ use dermedge_core::{
 };
 
 use super::ffi::{self, Handle};
-use super::runtime::{cpu_options_payload, free_cstring_payload, Environment, LiteRtRuntime};
+use super::runtime::{
+    cpu_options_payload, free_cstring_payload, CpuSettings, Environment, LiteRtRuntime,
+};
 use crate::{
     Accelerator, ElementType, EngineError, EngineOptions, Fallback, Quantization, TensorDetails,
 };
@@ -128,8 +130,17 @@ impl LiteRtEmbedder {
             }
             _ => None,
         };
-        let (compiled, accelerator) =
-            compile(&runtime, &env, &model_path, model, options, threads)?;
+        let (compiled, accelerator) = compile(
+            &runtime,
+            &env,
+            &model_path,
+            model,
+            options,
+            &CpuSettings {
+                threads,
+                weight_cache: options.weight_cache.clone(),
+            },
+        )?;
         let mut fully = false;
         // SAFETY: live compiled model, valid out-pointer.
         let fully_accelerated =
@@ -231,7 +242,8 @@ impl LiteRtEmbedder {
     }
 
     /// Write the preprocessed `image` into the input tensor.
-    fn fill_input(&mut self, image: &RgbImage) -> Result<(), EmbedError> {
+    /// Stage 1 of [`Embedder::embed`]: preprocess `image` straight into the input tensor.
+    pub fn fill_input(&mut self, image: &RgbImage) -> Result<(), EmbedError> {
         let api = &self.env.runtime.api;
         let len = self.manifest.input_len();
         let mut ptr: *mut std::ffi::c_void = std::ptr::null_mut();
@@ -286,7 +298,8 @@ impl LiteRtEmbedder {
     }
 
     /// Read and dequantise the output tensor.
-    fn read_output(&self) -> Result<Vec<f32>, EmbedError> {
+    /// Stage 3: the embedding from the output tensor.
+    pub fn read_output(&self) -> Result<Vec<f32>, EmbedError> {
         let api = &self.env.runtime.api;
         let dim = self.manifest.model.embedding_dim;
         let mut ptr: *mut std::ffi::c_void = std::ptr::null_mut();
@@ -327,7 +340,8 @@ impl LiteRtEmbedder {
     }
 
     /// Run the model on the input tensor as it is.
-    fn invoke(&mut self) -> Result<(), EmbedError> {
+    /// Stage 2: run the model on the input already filled.
+    pub fn invoke(&mut self) -> Result<(), EmbedError> {
         let api = &self.env.runtime.api;
         let mut inputs = [self.input_buffer];
         let mut outputs = [self.output_buffer];
@@ -685,7 +699,7 @@ fn compile(
     path: &Path,
     model: Handle,
     options: &EngineOptions,
-    threads: u32,
+    cpu: &CpuSettings,
 ) -> Result<(Handle, Accelerator), EngineError> {
     let requested = options.accelerator;
     let unavailable = |reason: String| -> Result<(Handle, Accelerator), EngineError> {
@@ -697,14 +711,14 @@ fn compile(
             Fallback::Cpu => {
                 log::warn!("accelerator {requested} unavailable ({reason}); falling back to CPU");
                 Ok((
-                    compile_for(rt, env, path, model, ffi::HW_CPU, threads)?,
+                    compile_for(rt, env, path, model, ffi::HW_CPU, cpu)?,
                     Accelerator::Cpu,
                 ))
             }
         }
     };
     let hw = match requested {
-        Accelerator::Cpu => return Ok((compile_for(rt, env, path, model, ffi::HW_CPU, threads)?, Accelerator::Cpu)),
+        Accelerator::Cpu => return Ok((compile_for(rt, env, path, model, ffi::HW_CPU, cpu)?, Accelerator::Cpu)),
         Accelerator::Gpu => ffi::HW_GPU,
         Accelerator::Npu => ffi::HW_NPU,
         Accelerator::EdgeTpu => {
@@ -723,7 +737,7 @@ fn compile(
             list.join(", ")
         ));
     }
-    match compile_for(rt, env, path, model, hw | ffi::HW_CPU, threads) {
+    match compile_for(rt, env, path, model, hw | ffi::HW_CPU, cpu) {
         Ok(compiled) => Ok((compiled, requested)),
         Err(e) => unavailable(format!("compiling for {name} failed: {e}")),
     }
@@ -735,7 +749,7 @@ fn compile_for(
     path: &Path,
     model: Handle,
     hw: c_int,
-    threads: u32,
+    cpu: &CpuSettings,
 ) -> Result<Handle, EngineError> {
     let api = &rt.api;
     let mut options: Handle = std::ptr::null_mut();
@@ -748,7 +762,7 @@ fn compile_for(
         rt.check(path, "LiteRtSetOptionsHardwareAccelerators", unsafe {
             (api.LiteRtSetOptionsHardwareAccelerators)(options, hw)
         })?;
-        let (identifier, payload) = cpu_options_payload(threads);
+        let (identifier, payload) = cpu_options_payload(cpu);
         let payload = payload.into_raw();
         let mut opaque: Handle = std::ptr::null_mut();
         // SAFETY: LiteRT copies the identifier; the payload is owned by the opaque options from

@@ -335,11 +335,28 @@ impl Drop for Environment {
 /// The CPU accelerator's options as LiteRT's opaque-options entry: identifier `xnnpack` and a
 /// TOML payload, the format LiteRT's own CPU-options helpers produce (those helpers are not
 /// exported by the runtime library, so dermedge builds the entry itself).
-pub(crate) fn cpu_options_payload(threads: u32) -> (CString, CString) {
+pub(crate) fn cpu_options_payload(cpu: &CpuSettings) -> (CString, CString) {
+    let mut toml = format!("num_threads = {}\n", cpu.threads);
+    if let Some(cache) = &cpu.weight_cache {
+        // A TOML basic string: escape backslashes and quotes.
+        let path = cache
+            .to_string_lossy()
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"");
+        toml.push_str(&format!("weight_cache_file_path = \"{path}\"\n"));
+    }
     (
         CString::new("xnnpack").expect("no NUL"),
-        CString::new(format!("num_threads = {threads}\n")).expect("no NUL"),
+        CString::new(toml).unwrap_or_else(|_| CString::new("").expect("no NUL")),
     )
+}
+
+/// What the CPU (XNNPACK) accelerator is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CpuSettings {
+    pub threads: u32,
+    /// XNNPACK packs weights into this file once; later starts map it instead of repacking.
+    pub weight_cache: Option<std::path::PathBuf>,
 }
 
 /// Destructor LiteRT calls for a payload made by `CString::into_raw`.
