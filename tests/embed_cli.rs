@@ -338,3 +338,62 @@ fn bad_images_are_reported_and_the_good_ones_still_embedded() {
         );
     }
 }
+
+/// The smallest gap between distinct values of a dequantised vector: its quantisation step.
+fn quantisation_step(values: &[f32]) -> f32 {
+    let mut v: Vec<f32> = values.to_vec();
+    v.sort_by(f32::total_cmp);
+    v.dedup();
+    v.windows(2)
+        .map(|w| w[1] - w[0])
+        .filter(|d| *d > 0.0)
+        .fold(f32::INFINITY, f32::min)
+}
+
+#[test]
+fn int8_embeddings_match_this_runtimes_golden_file_under_each_configuration() {
+    let name = format!(
+        "reference/golden.df-mini.int8.litert-2.1.4-{}.npy",
+        std::env::consts::ARCH
+    );
+    let golden_path = fixtures().join(&name);
+    assert!(
+        golden_path.is_file(),
+        "{name} missing: run tests/fixtures/reference/generate-runtime-golden.sh on this architecture"
+    );
+    let golden = dermedge_e2e::read_npy_rows(&golden_path);
+    let dir = tempfile::tempdir().unwrap();
+    for threads in ["1", "2"] {
+        let out = dir.path().join(format!("int8-{threads}.npy"));
+        let mut args = vec![
+            "embed".to_string(),
+            "--model".into(),
+            INT8.into(),
+            "--threads".into(),
+            threads.into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ];
+        args.extend(
+            fixture_names()
+                .iter()
+                .map(|n| format!("tests/fixtures/images/{n}")),
+        );
+        let run = dermedge(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(run.status.success(), "{}", text(&run.stderr));
+        let ours = dermedge_e2e::read_npy_rows(&out);
+        for (i, (a, g)) in ours.iter().zip(&golden).enumerate() {
+            let step = quantisation_step(g);
+            let worst = a
+                .iter()
+                .zip(g)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 3.0 * step,
+                "{threads} threads, image {i}: max difference {worst} is more than 3 quantisation steps ({step})"
+            );
+            assert!(cosine(a, g) > 0.9999, "{threads} threads, image {i}");
+        }
+    }
+}

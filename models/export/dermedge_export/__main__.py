@@ -16,6 +16,11 @@ from .export import ExportError
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["baseline"]:
+        # The pipelines users would run instead of dermedge, for the side-by-side benchmark.
+        from . import baseline
+        return baseline.main(argv[1:])
     parser = argparse.ArgumentParser(prog="dermedge-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
