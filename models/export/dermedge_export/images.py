@@ -89,7 +89,8 @@ def photo_crops(name: str, image: np.ndarray, count: int, rng) -> list[tuple[np.
     return out
 
 
-def build(out: Path, mosaics_per_set: int = 96, photo_crops_per_photo: int = 8, upscaled: int = 24) -> Path:
+def build(out: Path, mosaics_per_set: int = 96, photo_crops_per_photo: int = 8, upscaled: int = 24,
+          unseen_mosaics: int = 48) -> Path:
     import skimage.data as skd
 
     rng = np.random.default_rng(SEED)
@@ -129,8 +130,35 @@ def build(out: Path, mosaics_per_set: int = 96, photo_crops_per_photo: int = 8, 
         Image.fromarray(px).save(d / name)
         entries.append({"file": name, "kind": "single 32px patch (the model resizes it to 448)", "sources": [src]})
     record["sets"]["evaluation-upscaled"] = {"count": len(entries), "files": entries}
+    # Never seen by calibration or evaluation: mosaics of evaluation-pool patches that no evaluation
+    # image uses, and crops of two photos used in no other set. Drawn after the other sets, so adding
+    # it changed none of them.
+    used = {s for name in ("evaluation", "evaluation-upscaled") for e in record["sets"][name]["files"] for s in e["sources"]}
+    fresh = [p for p in pools["evaluation"] if p[0] not in used]
+    d = out / "unseen"
+    d.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(unseen_mosaics):
+        img, sources = mosaic(fresh, rng)
+        name = f"mosaic-{i:03d}.png"
+        Image.fromarray(img).save(d / name)
+        entries.append({"file": name, "kind": "4 distinct 32px patches, each tiled 7x7 into a quadrant", "sources": sources})
+    def at_least(photo: np.ndarray) -> np.ndarray:
+        # These photos are a little under 448 px high: enlarge them slightly (bicubic, < 1.2x).
+        h, w = photo.shape[:2]
+        k = max(1.0, (SIZE + 16) / min(h, w))
+        return np.asarray(Image.fromarray(photo).resize((round(w * k), round(h * k)), Image.BICUBIC))
+
+    for pname, photo in {"coffee": at_least(skd.coffee()), "rocket": at_least(skd.rocket())}.items():
+        for j, (crop, src) in enumerate(photo_crops(pname, photo, photo_crops_per_photo, rng)):
+            name = f"photo-{pname}-{j:02d}.png"
+            Image.fromarray(crop).save(d / name)
+            entries.append({"file": name, "kind": "448px crop of a photo", "sources": [src]})
+    record["sets"]["unseen"] = {"count": len(entries), "patch_pool": len(fresh), "files": entries}
     cal = {s for e in record["sets"]["calibration"]["files"] for s in e["sources"]}
     ev = {s for name in ("evaluation", "evaluation-upscaled") for e in record["sets"][name]["files"] for s in e["sources"]}
+    unseen = {s for e in record["sets"]["unseen"]["files"] for s in e["sources"]}
     assert not cal & ev, "calibration and evaluation must be disjoint"
+    assert not unseen & (cal | ev), "the unseen set must share no source with calibration or evaluation"
     (out / "sets.json").write_text(json.dumps(record, indent=1) + "\n")
     return out

@@ -50,7 +50,7 @@ def build(name: str, cache: Path | None = None) -> Path:
         return out
 
     images = cache / "images"
-    if not (images / "sets.json").is_file():
+    if not (images / "sets.json").is_file() or not (images / "unseen").is_dir():
         step(f"building calibration/evaluation image sets in {images}")
         from . import images as image_sets
         image_sets.build(images)
