@@ -234,15 +234,21 @@ fn unseen_images_give_numbers_consistent_with_the_committed_baseline() {
         return;
     };
     let unseen = root().join(".cache/models/images/unseen");
-    assert!(unseen.is_dir(), "{}: rebuild the image sets (dermedge models build lesion-x448)", unseen.display());
+    assert!(
+        unseen.is_dir(),
+        "{}: rebuild the image sets (dermedge models build lesion-x448)",
+        unseen.display()
+    );
     let baseline: Value = serde_json::from_str(
-        &fs::read_to_string(root().join("crates/fidelity/baselines/lesion-x448.int8.json")).unwrap(),
+        &fs::read_to_string(root().join("crates/fidelity/baselines/lesion-x448.int8.json"))
+            .unwrap(),
     )
     .unwrap();
-    let bands: toml::Table = fs::read_to_string(root().join("crates/fidelity/baselines/bands.toml"))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let bands: toml::Table =
+        fs::read_to_string(root().join("crates/fidelity/baselines/bands.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("unseen");
     let (ok, _, _) = fidelity(&[
@@ -258,16 +264,27 @@ fn unseen_images_give_numbers_consistent_with_the_committed_baseline() {
     let r = report(&out);
     let c = &r["comparison"];
     let measured = [
-        ("centred_cosine_median", c["centred_cosine"]["median"].as_f64().unwrap()),
+        (
+            "centred_cosine_median",
+            c["centred_cosine"]["median"].as_f64().unwrap(),
+        ),
         ("sqnr_db_median", c["sqnr_db"]["median"].as_f64().unwrap()),
-        ("top10_overlap_mean", c["top10_overlap"]["mean"].as_f64().unwrap()),
-        ("spearman", c["pairwise_similarity_spearman"].as_f64().unwrap()),
+        (
+            "top10_overlap_mean",
+            c["top10_overlap"]["mean"].as_f64().unwrap(),
+        ),
+        (
+            "spearman",
+            c["pairwise_similarity_spearman"].as_f64().unwrap(),
+        ),
     ];
     let mut report_lines = Vec::new();
     for (name, value) in measured {
         let base = baseline[name].as_f64().unwrap();
         let band = bands[name].as_float().unwrap();
-        report_lines.push(format!("{name}: unseen {value:.4}, baseline {base:.4}, band ±{band}"));
+        report_lines.push(format!(
+            "{name}: unseen {value:.4}, baseline {base:.4}, band ±{band}"
+        ));
         assert!(
             (value - base).abs() <= band,
             "{name} on unseen images is {value:.4}, the committed baseline {base:.4} ± {band}"
