@@ -11,7 +11,7 @@ use dermedge_core::preprocess::{decode_file, DecodeLimits};
 use dermedge_core::ModelManifest;
 use dermedge_device::{Outcome, Pipeline, PipelineOptions};
 use dermedge_head::LinearHead;
-use dermedge_queue::{DeviceKey, EmbeddingType, Queue, QueueOptions};
+use dermedge_queue::{now_ms, DeviceKey, EmbeddingType, Queue, QueueOptions};
 use dermedge_sync::{SyncClient, SyncConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -170,13 +170,6 @@ pub fn load_heads(paths: &[PathBuf]) -> Result<Vec<LinearHead>> {
         .iter()
         .map(|p| LinearHead::load(p).map_err(anyhow::Error::from))
         .collect()
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn add(args: &AddArgs) -> Result<bool> {

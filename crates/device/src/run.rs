@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use dermedge_camera::Handoff;
 use dermedge_core::quality::measure;
@@ -15,7 +15,7 @@ use dermedge_display::{HeadView, Screen, Status, SyncView};
 use dermedge_hub::server::HubServer;
 use dermedge_hub::store::Store;
 use dermedge_queue::{
-    DeviceKey, Durability, EmbeddingType, FullPolicy, Queue, QueueOptions, QueueStats,
+    now_ms, DeviceKey, Durability, EmbeddingType, FullPolicy, Queue, QueueOptions, QueueStats,
 };
 use dermedge_sync::{sleep_unless, SyncClient, SyncConfig};
 use serde::Serialize;
@@ -80,13 +80,6 @@ pub struct Summary {
     pub last_sync_error: Option<String>,
     pub stopped_by: String,
     pub screens: Option<PathBuf>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn frame_ms(frame: &Frame) -> i64 {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dermedge_queue::{hex, DeviceKey, Record};
+use dermedge_queue::{hex, now_ms, DeviceKey, Record};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::HubError;
@@ -76,13 +76,6 @@ fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> HubError + '_ {
         path: path.into(),
         message: e.to_string(),
     }
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl Store {

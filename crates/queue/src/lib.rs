@@ -28,7 +28,8 @@ use serde::{Deserialize, Serialize};
 
 pub use key::{hex, DeviceKey, KEY_BYTES};
 pub use record::{
-    new_record_id, Embedding, EmbeddingType, HeadResult, QualityResult, Record, RECORD_FORMAT,
+    new_record_id, now_ms, Embedding, EmbeddingType, HeadResult, QualityResult, Record,
+    RECORD_FORMAT,
 };
 pub use segment::FRAME_OVERHEAD;
 use segment::{Cipher, FrameRef, HeaderState, HEADER_LEN};
@@ -721,7 +722,7 @@ impl Queue {
         );
         let line = format!(
             "{} evicted records {first}..={last} ({} unacknowledged) from {}: queue full\n",
-            unix_ms(),
+            now_ms(),
             oldest
                 .frames
                 .iter()
@@ -912,13 +913,6 @@ fn quarantine(dir: &Path, segment: &Path, offset: u64, bytes: &[u8]) -> Result<P
     f.write_all(bytes).map_err(io(&path))?;
     f.sync_all().map_err(io(&path))?;
     Ok(path)
-}
-
-fn unix_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

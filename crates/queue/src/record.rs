@@ -104,6 +104,14 @@ pub struct QualityResult {
     pub metrics: BTreeMap<String, f32>,
 }
 
+/// Milliseconds since the Unix epoch on the device clock (0 if the clock is before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// A fresh record id: 128 random bits as hex.
 pub fn new_record_id() -> String {
     let mut bytes = [0u8; 16];
