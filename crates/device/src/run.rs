@@ -319,13 +319,14 @@ pub fn run<E: Embedder>(
         });
         if !fire {
             if state == State::Preview && frames % c.display.preview_every as u64 == 0 {
-                screens.show(
+                show(
+                    &mut *screens,
                     &Screen::Preview {
                         frame: &frame.image,
                         hint,
                     },
                     &status(accepted),
-                )?;
+                );
             }
             continue;
         }
@@ -348,13 +349,14 @@ pub fn run<E: Embedder>(
                     frame.source,
                     reasons.join("; ")
                 );
-                screens.show(
+                show(
+                    &mut *screens,
                     &Screen::QualityWarning {
                         frame: Some(&frame.image),
                         reasons: &reasons,
                     },
                     &status(accepted),
-                )?;
+                );
             }
             Ok(Outcome::Accepted { record, .. }) => {
                 let appended = {
@@ -382,37 +384,40 @@ pub fn run<E: Embedder>(
                             .iter()
                             .map(|h| HeadView::new(&h.head, &h.classes, &h.probabilities))
                             .collect();
-                        screens.show(
+                        show(
+                            &mut *screens,
                             &Screen::Result {
                                 heads: &views,
                                 record: &record.id,
                             },
                             &status(accepted),
-                        )?;
+                        );
                     }
                     Err(e) => {
                         failed += 1;
                         log::error!("capture from {} not queued: {e}", frame.source);
-                        screens.show(
+                        show(
+                            &mut *screens,
                             &Screen::Error {
                                 title: "Not saved",
                                 message: &e.to_string(),
                             },
                             &status(accepted),
-                        )?;
+                        );
                     }
                 }
             }
             Err(e) => {
                 failed += 1;
                 log::error!("capture from {} failed: {e}", frame.source);
-                screens.show(
+                show(
+                    &mut *screens,
                     &Screen::Error {
                         title: "Capture failed",
                         message: &e.to_string(),
                     },
                     &status(accepted),
-                )?;
+                );
             }
         }
         state = State::Showing(Instant::now() + result_for);
@@ -455,12 +460,13 @@ pub fn run<E: Embedder>(
         hub.shutdown();
     }
     let final_status = status(accepted);
-    screens.show(
+    show(
+        &mut *screens,
         &Screen::Status {
             details: &[format!("Stopped: {stopped_by}")],
         },
         &final_status,
-    )?;
+    );
     let s = shared.lock().expect("sync state");
     let summary = Summary {
         device_id: c.device.id.clone(),
@@ -492,6 +498,13 @@ pub fn run<E: Embedder>(
     }
     source_result?;
     Ok(summary)
+}
+
+/// Draw a screen; a display fault is logged, never allowed to stop capture or lose a record.
+fn show(screens: &mut dyn ScreenOutput, screen: &Screen, status: &Status) {
+    if let Err(e) = screens.show(screen, status) {
+        log::error!("display: {e}");
+    }
 }
 
 fn sync_round(
