@@ -287,6 +287,10 @@ pub struct Queue {
     acked_seq: u64,
     pending_since: Option<Instant>,
     recovery: RecoveryReport,
+    /// Unacknowledged records and bytes on disk, kept current so that `stats` (read on every
+    /// preview frame and append) costs nothing; recounted on open, acknowledge and eviction.
+    pending: u64,
+    bytes: u64,
     _lock: File,
 }
 
@@ -534,9 +538,12 @@ impl Queue {
             acked_seq,
             pending_since: None,
             recovery,
+            pending: 0,
+            bytes: 0,
             _lock: lock,
         };
         queue.remove_acknowledged()?;
+        queue.recount();
         let stats = queue.stats();
         log::info!(
             "queue {}: {} pending records in {} segments ({} bytes), acknowledged through {}",
@@ -575,8 +582,8 @@ impl Queue {
 
     pub fn stats(&self) -> QueueStats {
         QueueStats {
-            pending_records: self.pending_records(),
-            bytes: self.segments.iter().map(|s| s.bytes).sum(),
+            pending_records: self.pending,
+            bytes: self.bytes,
             segments: self.segments.len(),
             last_seq: self.last_seq,
             durable_seq: self.durable_seq,
@@ -584,11 +591,13 @@ impl Queue {
         }
     }
 
-    fn pending_records(&self) -> u64 {
-        self.segments
+    fn recount(&mut self) {
+        self.pending = self
+            .segments
             .iter()
             .map(|s| s.frames.iter().filter(|f| f.seq > self.acked_seq).count() as u64)
-            .sum()
+            .sum();
+        self.bytes = self.segments.iter().map(|s| s.bytes).sum();
     }
 
     /// Append `record`. Under [`Durability::PerRecord`] it is accepted when this returns `Ok`;
@@ -624,6 +633,8 @@ impl Queue {
             len: frame.len() as u32,
         });
         segment.bytes += frame_len;
+        self.pending += 1;
+        self.bytes += frame_len;
         self.last_seq = seq;
         self.pending_since.get_or_insert_with(Instant::now);
         let durable = match self.options.durability {
@@ -679,6 +690,7 @@ impl Queue {
         self.commit()?;
         let (segment, file) = create_segment(&self.dir, self.last_seq + 1, &self.key_check)?;
         log::debug!("queue: new segment {}", segment.path.display());
+        self.bytes += segment.bytes;
         self.segments.push(segment);
         self.active = file;
         Ok(())
@@ -740,6 +752,7 @@ impl Queue {
         f.sync_all().map_err(io(&journal))?;
         log::error!("queue full: {}", line.trim_end());
         fs::remove_file(&oldest.path).map_err(io(&oldest.path))?;
+        self.recount();
         sync_dir(&self.dir)
     }
 
@@ -824,7 +837,9 @@ impl Queue {
             format!("{seq}\n").as_bytes(),
         )?;
         self.acked_seq = seq;
-        self.remove_acknowledged()
+        self.remove_acknowledged()?;
+        self.recount();
+        Ok(())
     }
 
     fn remove_acknowledged(&mut self) -> Result<()> {

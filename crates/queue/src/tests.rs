@@ -355,3 +355,41 @@ fn bad_options_name_the_field() {
     .unwrap_err();
     assert!(err.to_string().starts_with("segment_bytes"), "{err}");
 }
+
+#[test]
+fn running_counts_match_the_files_through_appends_acks_and_evictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DeviceKey::generate();
+    let options = QueueOptions {
+        max_records: 25,
+        full_policy: FullPolicy::EvictOldest,
+        ..small()
+    };
+    let mut q = Queue::open(dir.path(), &key, "dev-1", options.clone()).unwrap();
+    let check = |q: &Queue| {
+        let on_disk: u64 = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "dlog"))
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum();
+        let stats = q.stats();
+        assert_eq!(stats.bytes, on_disk);
+        assert_eq!(
+            stats.pending_records,
+            q.unacknowledged(usize::MAX, usize::MAX).unwrap().len() as u64
+        );
+    };
+    for i in 0..60 {
+        q.append(&record(i, "x")).unwrap();
+        check(&q);
+        if i % 17 == 16 {
+            let last = q.stats().last_seq;
+            q.acknowledge(last - 3).unwrap();
+            check(&q);
+        }
+    }
+    drop(q);
+    let q = Queue::open(dir.path(), &key, "dev-1", options).unwrap();
+    check(&q);
+}
