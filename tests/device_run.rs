@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dermedge_e2e::{dermedge, dermedge_bin, fixtures, read_npy_rows, root, text};
+use dermedge_e2e::{dermedge, dermedge_bin, fixtures, read_npy_rows, root, text, HubProcess};
 use serde_json::Value;
 
 fn s(p: &Path) -> String {
@@ -419,26 +419,12 @@ fn each_example_config_broken_five_ways_is_a_clear_error_or_runs_offline() {
         "--key-file",
         &s(&dir.join("device.key")),
     ]);
-    let mut hub = Command::new(dermedge_bin())
-        .args(["hub", "serve", "--db", &s(&db), "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(hub.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
+    let mut hub = HubProcess::start(&db);
+    let url = hub.url();
     let synced = dermedge(&[
         "sync", "--hub", &url, &queue[0], &queue[1], &queue[2], &queue[3],
     ]);
-    let _ = hub.kill();
-    let _ = hub.wait();
+    hub.kill();
     assert!(synced.status.success(), "{}", text(&synced.stderr));
     assert!(
         text(&synced.stdout).contains("synced 5 records"),

@@ -5,12 +5,12 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dermedge_e2e::{dermedge, dermedge_bin, fixtures, read_npy_rows, text};
+use dermedge_e2e::{dermedge, fixtures, read_npy_rows, text, HubProcess};
 use dermedge_queue::{
     new_record_id, DeviceKey, Embedding, EmbeddingType, Queue, QueueOptions, Record, RECORD_FORMAT,
 };
@@ -104,52 +104,6 @@ fn no_accepted_record_is_lost_when_the_writer_is_killed() {
         "the writer should have accepted records: {total_accepted}"
     );
     eprintln!("crash test: 200 SIGKILLs, {total_accepted} accepted records, none lost");
-}
-
-/// A `dermedge hub serve` process on a free port.
-struct HubProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl HubProcess {
-    fn start(db: &Path) -> Self {
-        let mut child = Command::new(dermedge_bin())
-            .args([
-                "hub",
-                "serve",
-                "--db",
-                db.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("hub printed {line:?}"))
-            .parse()
-            .unwrap();
-        Self { child, addr }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for HubProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -1,5 +1,6 @@
 //! Helpers shared by the end-to-end tests: the `dermedge` binary, the fixtures, golden files.
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -98,4 +99,54 @@ pub fn read_npy_rows(path: &Path) -> Vec<Vec<f32>> {
         .chunks(dim)
         .map(<[f32]>::to_vec)
         .collect()
+}
+
+/// A `dermedge hub serve` process on a free port.
+pub struct HubProcess {
+    child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl HubProcess {
+    pub fn start(db: &Path) -> Self {
+        let mut child = Command::new(dermedge_bin())
+            .args([
+                "hub",
+                "serve",
+                "--db",
+                db.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("hub printed {line:?}"))
+            .parse()
+            .unwrap();
+        Self { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
