@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dermedge_e2e::{dermedge, dermedge_bin, fixtures, read_npy_rows, root, text, HubProcess};
+use dermedge_e2e::{
+    dermedge, dermedge_bin, fixtures, read_npy_rows, root, text, train_image_kind_head, HubProcess,
+};
 use serde_json::Value;
 
 fn s(p: &Path) -> String {
@@ -22,44 +24,6 @@ fn ok(args: &[&str]) -> std::process::Output {
         text(&out.stderr)
     );
     out
-}
-
-/// The image-kind head scripts/run.sh trains, into `dir`.
-fn train_head(dir: &Path) -> PathBuf {
-    let npy = dir.join("training.npy");
-    ok(&[
-        "embed",
-        "--model",
-        &s(&fixtures().join("df-mini/df-mini.int8.toml")),
-        "--threads",
-        "2",
-        &s(&fixtures().join("images")),
-        "--out",
-        &s(&npy),
-    ]);
-    let mut labels = String::from("file,label\n");
-    for entry in fs::read_dir(fixtures().join("images")).unwrap() {
-        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
-        let label = if name.starts_with("dermoscopy") {
-            "dermoscopy"
-        } else {
-            "photo"
-        };
-        labels += &format!("{name},{label}\n");
-    }
-    fs::write(dir.join("labels.csv"), labels).unwrap();
-    let head = dir.join("image-kind.json");
-    ok(&[
-        "head",
-        "train",
-        "--embeddings",
-        &s(&npy),
-        "--labels",
-        &s(&dir.join("labels.csv")),
-        "--out",
-        &s(&head),
-    ]);
-    head
 }
 
 /// firmware-config/x86-dev.toml with its outputs moved into `dir` and `edit` applied.
@@ -78,7 +42,7 @@ fn x86_config(dir: &Path, head: &Path, edit: impl Fn(String) -> String) -> PathB
 fn the_main_job_leaves_screens_records_and_a_hub_database() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let head = train_head(dir);
+    let head = train_image_kind_head(dir);
     // Slower pacing than the demo, so a loaded CI machine still sees every held image.
     let config = x86_config(dir, &head, |t| t.replace("fps = 12", "fps = 4"));
     ok(&["config", "check", &s(&config)]);
@@ -185,7 +149,7 @@ fn the_main_job_leaves_screens_records_and_a_hub_database() {
 fn sigterm_loses_no_accepted_record() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let head = train_head(dir);
+    let head = train_image_kind_head(dir);
     let config = x86_config(dir, &head, |t| {
         t.replace("fps = 12", "fps = 20\nlooped = true")
             .replace("hold_frames = 4", "hold_frames = 2")
@@ -284,7 +248,7 @@ fn staged_bundle(dir: &Path, head: &Path) -> PathBuf {
 fn each_example_config_broken_five_ways_is_a_clear_error_or_runs_offline() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let head = train_head(dir);
+    let head = train_image_kind_head(dir);
     let configs = staged_bundle(dir, &head);
     let x86 = x86_config(dir, &head, |t| t);
     let files = [

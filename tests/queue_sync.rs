@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dermedge_e2e::{dermedge, fixtures, read_npy_rows, text, HubProcess};
+use dermedge_e2e::{dermedge, fixtures, read_npy_rows, text, train_image_kind_head, HubProcess};
 use dermedge_queue::{
     new_record_id, DeviceKey, Embedding, EmbeddingType, Queue, QueueOptions, Record, RECORD_FORMAT,
 };
@@ -369,37 +369,7 @@ fn images_reach_the_hub_through_heads_queue_and_sync() {
         out
     };
     // A head trained on the model's embeddings of the fixtures: dermoscopy patch or photo.
-    run(&[
-        "embed",
-        "--model",
-        model.to_str().unwrap(),
-        "--threads",
-        "2",
-        images.to_str().unwrap(),
-        "--out",
-        &s(&p("e.npy")),
-    ]);
-    let mut labels = String::from("file,label\n");
-    for entry in std::fs::read_dir(&images).unwrap() {
-        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
-        let label = if name.starts_with("dermoscopy") {
-            "dermoscopy"
-        } else {
-            "photo"
-        };
-        labels += &format!("{name},{label}\n");
-    }
-    std::fs::write(p("labels.csv"), labels).unwrap();
-    run(&[
-        "head",
-        "train",
-        "--embeddings",
-        &s(&p("e.npy")),
-        "--labels",
-        &s(&p("labels.csv")),
-        "--out",
-        &s(&p("kind.json")),
-    ]);
+    let kind_head = s(&train_image_kind_head(dir.path()));
 
     run(&["keygen", "--out", &s(&p("device.key"))]);
     run(&[
@@ -418,7 +388,6 @@ fn images_reach_the_hub_through_heads_queue_and_sync() {
         "--key-file",
         &s(&p("device.key")),
     ];
-    let kind_head = s(&p("kind.json"));
     let mut add = vec![
         "queue",
         "add",
@@ -502,7 +471,10 @@ fn images_reach_the_hub_through_heads_queue_and_sync() {
         "--npy",
         &s(&p("hub.npy")),
     ]);
-    assert_eq!(read_npy_rows(&p("hub.npy")), read_npy_rows(&p("e.npy")));
+    assert_eq!(
+        read_npy_rows(&p("hub.npy")),
+        read_npy_rows(&p("training.npy"))
+    );
 }
 
 #[test]

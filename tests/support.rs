@@ -150,3 +150,53 @@ impl Drop for HubProcess {
         self.kill();
     }
 }
+
+fn ok(args: &[&str]) {
+    let out = dermedge(args);
+    assert!(
+        out.status.success(),
+        "dermedge {args:?}: {}",
+        text(&out.stderr)
+    );
+}
+
+/// The image-kind head (dermoscopy patch or photo) that scripts/run.sh trains: the fixture images
+/// embedded with df-mini int8 into `dir/training.npy`, labelled by file name, trained into
+/// `dir/image-kind.json` (returned).
+pub fn train_image_kind_head(dir: &Path) -> PathBuf {
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let npy = dir.join("training.npy");
+    ok(&[
+        "embed",
+        "--model",
+        &s(&fixtures().join("df-mini/df-mini.int8.toml")),
+        "--threads",
+        "2",
+        &s(&fixtures().join("images")),
+        "--out",
+        &s(&npy),
+    ]);
+    let mut labels = String::from("file,label\n");
+    for entry in std::fs::read_dir(fixtures().join("images")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        let label = if name.starts_with("dermoscopy") {
+            "dermoscopy"
+        } else {
+            "photo"
+        };
+        labels += &format!("{name},{label}\n");
+    }
+    std::fs::write(dir.join("labels.csv"), labels).unwrap();
+    let head = dir.join("image-kind.json");
+    ok(&[
+        "head",
+        "train",
+        "--embeddings",
+        &s(&npy),
+        "--labels",
+        &s(&dir.join("labels.csv")),
+        "--out",
+        &s(&head),
+    ]);
+    head
+}
