@@ -171,6 +171,13 @@ where
             .map(|_| ())
     }
 
+    /// A screen title in the large font, shortened to the width.
+    fn title(&mut self, text: &str, y: u32, color: Rgb888) -> Result<(), D::Error> {
+        let l = self.layout;
+        let max = Layout::chars(l.large, l.inner_width());
+        self.text(&fit(text, max), l.margin as i32, y as i32, l.large, color)
+    }
+
     /// Nearest-neighbour scale of `image` into the box, keeping its aspect ratio, centred.
     fn image(&mut self, image: &RgbImage, x: i32, y: i32, w: u32, h: u32) -> Result<(), D::Error> {
         let (iw, ih) = image.dimensions();
@@ -412,14 +419,7 @@ where
         }
         Screen::QualityWarning { frame, reasons } => {
             let mut y = top + l.margin;
-            let max = Layout::chars(l.large, l.inner_width());
-            p.text(
-                &fit("Photo not accepted", max),
-                l.margin as i32,
-                y as i32,
-                l.large,
-                WARNING,
-            )?;
+            p.title("Photo not accepted", y, WARNING)?;
             y += Layout::line(l.large) + l.margin / 2;
             let footer_h = Layout::line(l.small) + l.margin;
             let text_bottom = l.height.saturating_sub(footer_h);
@@ -463,14 +463,7 @@ where
         Screen::Status { details } => {
             let mut y = top + l.margin;
             let line = Layout::line(l.small);
-            let max = Layout::chars(l.large, l.inner_width());
-            p.text(
-                &fit("Status", max),
-                l.margin as i32,
-                y as i32,
-                l.large,
-                ACCENT,
-            )?;
+            p.title("Status", y, ACCENT)?;
             y += Layout::line(l.large);
             let status_lines = [
                 format!("Queue: {} records wait for the hub", status.queue_depth),
