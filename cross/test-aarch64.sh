@@ -11,17 +11,20 @@ source cross/env.sh
 target=aarch64-unknown-linux-gnu
 # Unit tests of every library crate (the engine's include the runtime lock, the flatbuffer check
 # and the C-API layouts); the model runs below cover inference itself.
-cargo test --locked --target "$target" -p dermedge-core -p dermedge-camera -p dermedge-head -p dermedge-fidelity
+cargo test --locked --target "$target" -p dermedge-core -p dermedge-camera -p dermedge-head -p dermedge-fidelity -p dermedge-queue
 cargo test --locked --target "$target" -p dermedge-engine --lib
 cargo build --release --locked --target "$target" -p dermedge-cli
 cargo build --locked -p dermedge-cli
 out="$(mktemp -d)"
-# Emulated XNNPACK is slow (tens of seconds per image): three fixture images, both precisions.
-images=(tests/fixtures/images/astronaut-480.png tests/fixtures/images/dermoscopy-patch1354a.bmp tests/fixtures/images/retina-16bit.png)
+# Every fixture image, both precisions, on the cores of both target boards: Cortex-A76 (Pi 5) and
+# Neoverse-N1 (the closest QEMU model to the Jetson Orin's Cortex-A78AE: Armv8.2-A, dot product).
+images=(tests/fixtures/images/*)
 for p in fp32 int8; do
   ./target/debug/dermedge embed "${images[@]}" --model "tests/fixtures/df-mini/df-mini.$p.toml" --threads 2 --out "$out/x86_64.$p.npy"
-  qemu-aarch64-static -L /usr/aarch64-linux-gnu "target/$target/release/dermedge" embed "${images[@]}" \
-    --model "tests/fixtures/df-mini/df-mini.$p.toml" --threads 2 --out "$out/aarch64.$p.npy"
+  for cpu in cortex-a76 neoverse-n1; do
+    qemu-aarch64-static -cpu "$cpu" -L /usr/aarch64-linux-gnu "target/$target/release/dermedge" embed "${images[@]}" \
+      --model "tests/fixtures/df-mini/df-mini.$p.toml" --threads 2 --out "$out/aarch64-$cpu.$p.npy"
+  done
 done
 DERMEDGE_CROSS_DIR="$out" cargo test --locked -p dermedge-e2e --test cross_arch -- --ignored --nocapture
 rm -rf "$out"

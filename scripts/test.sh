@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run every check: formatting, clippy (warnings are errors), the model tooling's tests,
-# the CI models built by the exporter (df-mini, lesion-x448), and the whole Rust test suite.
+# the CI models built by the exporter (df-mini, lesion-x448), the whole Rust test suite, and the
+# aarch64 cross build tested under QEMU (cross/test-aarch64.sh).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -15,3 +16,5 @@ for model in "${ci_models[@]}"; do
 done
 scripts/python-env.sh -m unittest discover -s models/export/tests
 DERMEDGE_REQUIRE_MODELS="$(IFS=,; echo "${ci_models[*]}")" cargo test --workspace --locked
+# aarch64: the cross build's tests under qemu-user-static and its embeddings against x86_64's.
+cross/test-aarch64.sh

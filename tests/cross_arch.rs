@@ -1,5 +1,6 @@
 //! aarch64 (under QEMU) vs x86_64 embeddings of the fixture images, written by
-//! `cross/test-aarch64.sh` into DERMEDGE_CROSS_DIR; that script runs this ignored test.
+//! `cross/test-aarch64.sh` into DERMEDGE_CROSS_DIR (`x86_64.<precision>.npy` and one
+//! `aarch64-<qemu cpu>.<precision>.npy` per emulated core); that script runs this ignored test.
 
 use std::path::PathBuf;
 
@@ -10,6 +11,8 @@ const FP32_MIN_COSINE: f64 = 0.99999;
 const FP32_MAX_ABS_PER_NORM: f32 = 1e-4;
 /// int8: integer kernels may round requantisation differently per ISA.
 const INT8_MIN_COSINE: f64 = 0.999;
+/// The emulated cores of the target boards, as `cross/test-aarch64.sh` names them.
+const CPUS: [&str; 2] = ["cortex-a76", "neoverse-n1"];
 
 #[test]
 #[ignore = "needs the aarch64 embeddings cross/test-aarch64.sh produces"]
@@ -18,10 +21,14 @@ fn aarch64_embeddings_match_x86_64() {
         std::env::var_os("DERMEDGE_CROSS_DIR")
             .expect("DERMEDGE_CROSS_DIR: run cross/test-aarch64.sh"),
     );
-    for precision in ["fp32", "int8"] {
+    for (precision, cpu) in ["fp32", "int8"]
+        .into_iter()
+        .flat_map(|p| CPUS.map(|c| (p, c)))
+    {
         let x86 = read_npy_rows(&dir.join(format!("x86_64.{precision}.npy")));
-        let arm = read_npy_rows(&dir.join(format!("aarch64.{precision}.npy")));
+        let arm = read_npy_rows(&dir.join(format!("aarch64-{cpu}.{precision}.npy")));
         assert_eq!(x86.len(), arm.len());
+        assert!(!x86.is_empty(), "{precision}: no embeddings");
         let mut worst = 1.0f64;
         for (a, b) in x86.iter().zip(&arm) {
             let c = cosine(a, b);
@@ -35,14 +42,14 @@ fn aarch64_embeddings_match_x86_64() {
             if precision == "fp32" {
                 assert!(
                     c >= FP32_MIN_COSINE && max_abs <= FP32_MAX_ABS_PER_NORM * norm,
-                    "fp32: cosine {c}, max abs {max_abs}"
+                    "fp32 on {cpu}: cosine {c}, max abs {max_abs}"
                 );
             } else {
-                assert!(c >= INT8_MIN_COSINE, "int8: cosine {c}");
+                assert!(c >= INT8_MIN_COSINE, "int8 on {cpu}: cosine {c}");
             }
         }
         eprintln!(
-            "{precision}: aarch64 vs x86_64 minimum cosine over {} images: {worst:.7}",
+            "{precision}: aarch64 ({cpu}) vs x86_64, minimum cosine over {} images: {worst:.7}",
             x86.len()
         );
     }
