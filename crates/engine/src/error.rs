@@ -40,6 +40,8 @@ pub enum EngineError {
         status: i32,
         message: String,
     },
+    #[error("{path}: TensorFlow Lite (classic) failed: {message}")]
+    Classic { path: PathBuf, message: String },
     #[error("{manifest}: the manifest disagrees with model {model}: {message}")]
     TensorMismatch {
         manifest: PathBuf,

@@ -173,6 +173,104 @@ impl<'a> Buf<'a> {
     }
 }
 
+/// The custom operator names a model declares (`edgetpu-custom-op` marks a model compiled by
+/// `edgetpu_compiler`). Call [`check_tflite`] first; this only reads the operator codes.
+pub fn custom_op_codes(bytes: &[u8]) -> Result<Vec<String>, Malformed> {
+    let buf = Buf { b: bytes };
+    if bytes.len() < 8 || &bytes[4..8] != b"TFL3" {
+        return bad("missing the TFL3 flatbuffer identifier");
+    }
+    let root = buf.table(buf.deref(0, "model")?, "model")?;
+    let mut names = Vec::new();
+    for (i, oc) in buf.tables(root, 1, "operator_codes")?.iter().enumerate() {
+        let what = format!("operator_codes[{i}].custom_code");
+        buf.string(*oc, 1, &what)?;
+        if let Some((start, len)) = buf.vector(*oc, 1, 1, &what)? {
+            names.push(String::from_utf8_lossy(&bytes[start..start + len]).into_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// For each output of the main subgraph, in order, the names it goes by: its tensor name and
+/// every signature output name bound to it. Call [`check_tflite`] first.
+pub fn output_names(bytes: &[u8]) -> Result<Vec<Vec<String>>, Malformed> {
+    let buf = Buf { b: bytes };
+    let text = |t: Table, index: usize, what: &str| -> Check<Option<String>> {
+        buf.string(t, index, what)?;
+        Ok(buf
+            .vector(t, index, 1, what)?
+            .map(|(start, len)| String::from_utf8_lossy(&bytes[start..start + len]).into_owned()))
+    };
+    let root = buf.table(buf.deref(0, "model")?, "model")?;
+    let subgraphs = buf.tables(root, 2, "subgraphs")?;
+    let Some(main) = subgraphs.first() else {
+        return bad("model has no subgraphs");
+    };
+    let tensors = buf.tables(*main, 0, "subgraphs[0].tensors")?;
+    let mut names = Vec::new();
+    for index in buf.ints(*main, 2, "subgraphs[0].outputs")? {
+        let tensor = tensors.get(index as usize).ok_or_else(|| Malformed {
+            what: format!("output tensor {index} out of range"),
+        })?;
+        names.push((
+            index,
+            text(*tensor, 3, "tensor name")?
+                .into_iter()
+                .collect::<Vec<_>>(),
+        ));
+    }
+    for sig in buf.tables(root, 7, "signature_defs")? {
+        if buf.scalar_u32(sig, 4, "signature_defs")? != 0 {
+            continue;
+        }
+        for map in buf.tables(sig, 1, "signature outputs")? {
+            let tensor = buf.scalar_u32(map, 1, "signature outputs")? as i32;
+            if let (Some(name), Some((_, known))) = (
+                text(map, 0, "signature output name")?,
+                names.iter_mut().find(|(i, _)| *i == tensor),
+            ) {
+                known.push(name);
+            }
+        }
+    }
+    Ok(names.into_iter().map(|(_, n)| n).collect())
+}
+
+/// The highest input rank of any ADD or MUL in the model (GroupNorm exports broadcast at rank 5,
+/// which old TensorFlow Lite kernels do not handle). Call [`check_tflite`] first.
+pub fn max_add_mul_rank(bytes: &[u8]) -> Result<usize, Malformed> {
+    const ADD: i32 = 0;
+    const MUL: i32 = 18;
+    let buf = Buf { b: bytes };
+    let root = buf.table(buf.deref(0, "model")?, "model")?;
+    let mut codes = Vec::new();
+    for oc in buf.tables(root, 1, "operator_codes")? {
+        let deprecated = match buf.field(oc, 0, "operator code")? {
+            Some(at) => *bytes.get(at).unwrap_or(&0) as i8 as i32,
+            None => 0,
+        };
+        let code = buf.scalar_u32(oc, 3, "operator code")? as i32;
+        codes.push(code.max(deprecated));
+    }
+    let mut rank = 0;
+    for sg in buf.tables(root, 2, "subgraphs")? {
+        let tensors = buf.tables(sg, 0, "tensors")?;
+        for op in buf.tables(sg, 3, "operators")? {
+            let code = codes.get(buf.scalar_u32(op, 0, "operator")? as usize);
+            if !matches!(code, Some(&ADD) | Some(&MUL)) {
+                continue;
+            }
+            for input in buf.ints(op, 1, "operator inputs")? {
+                if let Some(t) = tensors.get(input as usize) {
+                    rank = rank.max(buf.ints(*t, 0, "tensor shape")?.len());
+                }
+            }
+        }
+    }
+    Ok(rank)
+}
+
 /// Check that `bytes` is a structurally sound TFLite model.
 pub fn check_tflite(bytes: &[u8]) -> Result<(), Malformed> {
     let buf = Buf { b: bytes };
@@ -300,6 +398,34 @@ mod tests {
             "/../../tests/fixtures/df-mini/df-mini.int8.tflite"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn reads_custom_operator_names() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/edgetpu/");
+        let compiled = std::fs::read(format!("{dir}patch_edgetpu.tflite")).unwrap();
+        check_tflite(&compiled).unwrap();
+        assert_eq!(custom_op_codes(&compiled).unwrap(), ["edgetpu-custom-op"]);
+        let plain = std::fs::read(format!("{dir}patch.tflite")).unwrap();
+        assert!(custom_op_codes(&plain).unwrap().is_empty());
+        assert!(custom_op_codes(&fixture()).unwrap().is_empty());
+        assert!(custom_op_codes(b"not a model at all").is_err());
+        assert_eq!(output_names(&plain).unwrap(), [["embedding"]]);
+    }
+
+    #[test]
+    fn finds_the_rank_5_broadcasts_of_group_norm() {
+        assert_eq!(max_add_mul_rank(&fixture()).unwrap(), 5);
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/edgetpu/");
+        let plain = std::fs::read(format!("{dir}patch.tflite")).unwrap();
+        assert_eq!(max_add_mul_rank(&plain).unwrap(), 0);
+    }
+
+    #[test]
+    fn output_names_include_the_signature_names() {
+        let names = output_names(&fixture()).unwrap();
+        assert_eq!(names.len(), 1);
+        assert!(names[0].iter().any(|n| n == "embedding"), "{names:?}");
     }
 
     #[test]

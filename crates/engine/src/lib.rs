@@ -12,6 +12,9 @@
 //! Depends on `dermedge-core` only.
 
 mod accelerator;
+mod check;
+#[cfg(feature = "classic")]
+pub mod classic;
 mod error;
 pub mod flatbuffer;
 #[cfg(feature = "litert")]

@@ -1,0 +1,330 @@
+//! Every runtime backend on the committed df-mini fixture: golden embeddings, determinism, threads,
+//! quantised models, accelerator fallback, and the manifest/model disagreements it must refuse.
+//! The tests every backend must pass are one body each, instantiated per backend by
+//! `embedder_suite!`: LiteRT always, the classic TensorFlow Lite backend with `--features classic`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use dermedge_core::preprocess::{decode_file, DecodeLimits};
+use dermedge_core::{embedding::cosine, Embedder, ModelManifest};
+use dermedge_engine::{
+    litert::LiteRtEmbedder, Accelerator, EngineError, EngineOptions, Fallback, Quantization,
+};
+
+/// fp32 TFLite vs the TensorFlow graph: the gate the foundation issue sets.
+const FP32_MIN_COSINE: f64 = 0.99999;
+const FP32_MAX_ABS_PER_NORM: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn manifest(precision: &str) -> ModelManifest {
+    ModelManifest::load(fixtures().join(format!("df-mini/df-mini.{precision}.toml"))).unwrap()
+}
+
+fn options(threads: u32) -> EngineOptions {
+    EngineOptions {
+        threads: Some(threads),
+        ..Default::default()
+    }
+}
+
+fn fixture_images() -> Vec<String> {
+    let index: String = fs::read_to_string(fixtures().join("reference/index.json")).unwrap();
+    let start = index.find("\"images\": [").unwrap();
+    let list = &index[start + 11..];
+    let list = &list[..list.find(']').unwrap()];
+    list.split(',')
+        .map(|s| s.trim().trim_matches('"').to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// golden.df-mini.npy: float32 [n, 6144], C order.
+fn golden() -> Vec<Vec<f32>> {
+    let npy = fs::read(fixtures().join("reference/golden.df-mini.npy")).unwrap();
+    let header_len = u16::from_le_bytes([npy[8], npy[9]]) as usize;
+    let data = &npy[10 + header_len..];
+    let values: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    values.chunks(6144).map(<[f32]>::to_vec).collect()
+}
+
+fn embed_all(embedder: &mut impl Embedder) -> Vec<Vec<f32>> {
+    fixture_images()
+        .iter()
+        .map(|name| {
+            let image = decode_file(
+                &fixtures().join("images").join(name),
+                &DecodeLimits::default(),
+            )
+            .unwrap();
+            embedder.embed(&image).unwrap().values
+        })
+        .collect()
+}
+
+fn copy_fixture(dir: &Path, precision: &str) -> PathBuf {
+    for ext in ["toml", "tflite"] {
+        let name = format!("df-mini.{precision}.{ext}");
+        fs::copy(fixtures().join("df-mini").join(&name), dir.join(&name)).unwrap();
+    }
+    dir.join(format!("df-mini.{precision}.toml"))
+}
+
+/// The tests every backend must pass, in a module named after the backend.
+macro_rules! embedder_suite {
+    ($module:ident, $embedder:ty, $small_model:expr) => {
+        mod $module {
+            use super::*;
+            type E = $embedder;
+
+            fn load_err(manifest_path: &Path) -> String {
+                let manifest = ModelManifest::load(manifest_path).map_err(|e| e.to_string());
+                match manifest {
+                    Err(e) => e,
+                    Ok(m) => E::load(&m, &options(1))
+                        .err()
+                        .expect("load must fail")
+                        .to_string(),
+                }
+            }
+
+            #[test]
+            fn bad_models_and_manifests_are_refused_with_clear_errors() {
+                let dir = tempfile::tempdir().unwrap();
+                let toml = copy_fixture(dir.path(), "fp32");
+                let tflite = dir.path().join("df-mini.fp32.tflite");
+                let text = fs::read_to_string(&toml).unwrap();
+
+                // Wrong embedding dimension.
+                fs::write(
+                    &toml,
+                    text.replace("embedding_dim = 6144", "embedding_dim = 2048"),
+                )
+                .unwrap();
+                let err = load_err(&toml);
+                assert!(
+                    err.contains("embedding_dim") && err.contains("6144"),
+                    "{err}"
+                );
+
+                // Wrong input size.
+                fs::write(&toml, text.replace("width = 448", "width = 224")).unwrap();
+                let err = load_err(&toml);
+                assert!(
+                    err.contains("[1, 448, 448, 3]") && err.contains("224"),
+                    "{err}"
+                );
+
+                // Wrong output name.
+                fs::write(
+                    &toml,
+                    text.replace("name = \"embedding\"", "name = \"logits\""),
+                )
+                .unwrap();
+                let err = load_err(&toml);
+                assert!(err.contains("logits") && err.contains("embedding"), "{err}");
+
+                // Wrong input dtype.
+                fs::write(
+                    &toml,
+                    text.replace("dtype = \"float32\"\nresize", "dtype = \"uint8\"\nresize")
+                        .replace(
+                            "offset = 0.0",
+                            "offset = 0.0\n[input.quantization]\nscale = 0.0039215689\nzero_point = 0",
+                        ),
+                )
+                .unwrap();
+                let err = load_err(&toml);
+                assert!(err.contains("float32") && err.contains("uint8"), "{err}");
+
+                // sha256 that does not match the file.
+                fs::write(&toml, &text).unwrap();
+                let bytes = fs::read(&tflite).unwrap();
+                fs::write(&tflite, &bytes[..bytes.len() / 3]).unwrap();
+                let err = load_err(&toml);
+                assert!(
+                    err.contains("sha256") && err.contains("df-mini.fp32.tflite"),
+                    "{err}"
+                );
+
+                // A truncated model whose manifest was (wrongly) regenerated: the runtime must refuse it too.
+                let truncated_sha = dermedge_core::manifest::sha256_hex(&bytes[..bytes.len() / 3]);
+                let sha_line = text.lines().find(|l| l.starts_with("sha256")).unwrap();
+                fs::write(
+                    &toml,
+                    text.replace(sha_line, &format!("sha256 = \"{truncated_sha}\"")),
+                )
+                .unwrap();
+                let err = load_err(&toml);
+                assert!(err.contains("df-mini.fp32.tflite"), "{err}");
+
+                // A text file named .tflite.
+                let junk = b"this is not a model at all, just some text that happens to be long enough........";
+                fs::write(&tflite, junk).unwrap();
+                let junk_sha = dermedge_core::manifest::sha256_hex(junk);
+                fs::write(
+                    &toml,
+                    text.replace(sha_line, &format!("sha256 = \"{junk_sha}\"")),
+                )
+                .unwrap();
+                let err = load_err(&toml);
+                assert!(err.contains("not a TFLite model"), "{err}");
+
+                // Missing model file.
+                fs::remove_file(&tflite).unwrap();
+                let err = load_err(&toml);
+                assert!(err.contains("cannot be read"), "{err}");
+            }
+
+            #[test]
+            fn edge_tpu_without_a_coral_falls_back_to_cpu_or_fails_as_asked() {
+                let requested = EngineOptions {
+                    accelerator: Accelerator::EdgeTpu,
+                    ..options(1)
+                };
+                let model = $small_model;
+                let mut embedder = E::load(&model, &requested).unwrap();
+                assert_eq!(embedder.accelerator(), Accelerator::Cpu);
+                let image = decode_file(
+                    &fixtures().join("images/astronaut-480.png"),
+                    &DecodeLimits::default(),
+                )
+                .unwrap();
+                assert_eq!(
+                    embedder.embed(&image).unwrap().dim(),
+                    model.model.embedding_dim
+                );
+                let strict = EngineOptions {
+                    fallback: Fallback::Fail,
+                    ..requested
+                };
+                let err = E::load(&model, &strict)
+                    .err()
+                    .expect("must fail");
+                assert!(
+                    matches!(err, EngineError::AcceleratorUnavailable { .. }),
+                    "{err}"
+                );
+            }
+        }
+    };
+}
+
+embedder_suite!(litert_backend, LiteRtEmbedder, manifest("fp32"));
+// TensorFlow Lite 2.6 (the classic library CI links) cannot run df-mini's rank-5 GroupNorm
+// broadcasts, so its run uses the one-op Edge TPU fixture; tests/classic.rs has the rest.
+#[cfg(feature = "classic")]
+embedder_suite!(
+    classic_backend,
+    dermedge_engine::classic::ClassicEmbedder,
+    ModelManifest::load(fixtures().join("edgetpu/patch.toml")).unwrap()
+);
+
+// LiteRT only: golden embeddings, determinism, int8, signatures, and the GPU/NPU accelerators.
+
+#[test]
+fn fp32_matches_the_tensorflow_golden_embeddings() {
+    let mut embedder = LiteRtEmbedder::load(&manifest("fp32"), &options(2)).unwrap();
+    assert_eq!(embedder.accelerator(), Accelerator::Cpu);
+    let ours = embed_all(&mut embedder);
+    let golden = golden();
+    assert_eq!(ours.len(), golden.len());
+    for (name, (a, g)) in fixture_images().iter().zip(ours.iter().zip(&golden)) {
+        assert_eq!(a.len(), 6144);
+        let cos = cosine(a, g);
+        let norm = g.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let max_abs = a
+            .iter()
+            .zip(g)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(cos >= FP32_MIN_COSINE, "{name}: cosine {cos}");
+        assert!(
+            max_abs <= FP32_MAX_ABS_PER_NORM * norm,
+            "{name}: max abs {max_abs} vs norm {norm}"
+        );
+    }
+}
+
+#[test]
+fn same_threads_give_bit_identical_embeddings() {
+    for threads in [1, 2] {
+        let mut first = LiteRtEmbedder::load(&manifest("fp32"), &options(threads)).unwrap();
+        let a = embed_all(&mut first);
+        let b = embed_all(&mut first);
+        drop(first);
+        let mut second = LiteRtEmbedder::load(&manifest("fp32"), &options(threads)).unwrap();
+        let c = embed_all(&mut second);
+        for ((x, y), z) in a.iter().zip(&b).zip(&c) {
+            assert!(
+                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{threads} threads: run 2 differs"
+            );
+            assert!(
+                x.iter().zip(z).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{threads} threads: reload differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn int8_model_runs_and_stays_close_to_fp32() {
+    let mut int8 = LiteRtEmbedder::load(&manifest("int8"), &options(2)).unwrap();
+    assert!(
+        matches!(int8.input_details().quantization, Quantization::None),
+        "float-in model"
+    );
+    let q = embed_all(&mut int8);
+    for (name, (a, g)) in fixture_images().iter().zip(q.iter().zip(&golden())) {
+        let cos = cosine(a, g);
+        // A seeded, untrained network quantised with 24 calibration patches: loose, but a broken
+        // dequantisation or wrong input mapping lands far below this.
+        assert!(cos > 0.98, "{name}: int8 vs fp32 cosine {cos}");
+    }
+}
+
+#[test]
+fn tensor_details_are_exposed() {
+    let embedder = LiteRtEmbedder::load(&manifest("fp32"), &options(1)).unwrap();
+    assert_eq!(embedder.input_details().shape, vec![1, 448, 448, 3]);
+    assert_eq!(embedder.output_details().shape, vec![1, 6144]);
+    assert_eq!(embedder.output_details().name, "embedding");
+    assert_eq!(embedder.signature_key(), "serving_default");
+}
+
+#[test]
+fn unavailable_accelerators_fall_back_to_cpu_or_fail_as_asked() {
+    for requested in [Accelerator::Gpu, Accelerator::Npu] {
+        let fallback = EngineOptions {
+            accelerator: requested,
+            ..options(1)
+        };
+        let mut embedder = LiteRtEmbedder::load(&manifest("fp32"), &fallback).unwrap();
+        let image = decode_file(
+            &fixtures().join("images/astronaut-480.png"),
+            &DecodeLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(embedder.embed(&image).unwrap().dim(), 6144);
+        if embedder.accelerator() == Accelerator::Cpu {
+            let strict = EngineOptions {
+                fallback: Fallback::Fail,
+                ..fallback
+            };
+            let err = LiteRtEmbedder::load(&manifest("fp32"), &strict)
+                .err()
+                .expect("must fail");
+            assert!(
+                matches!(err, EngineError::AcceleratorUnavailable { .. }),
+                "{err}"
+            );
+        }
+    }
+}
