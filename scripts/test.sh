@@ -17,6 +17,6 @@ done
 scripts/python-env.sh -m unittest discover -s models/export/tests
 DERMEDGE_REQUIRE_MODELS="$(IFS=,; echo "${ci_models[*]}")" cargo test --workspace --locked
 # The classic TensorFlow Lite backend (tflitec) and the Coral Edge TPU path.
-scripts/test-classic.sh
+DERMEDGE_REQUIRE_MODELS=lesion-x448 scripts/test-classic.sh
 # aarch64: the cross build's tests under qemu-user-static and its embeddings against x86_64's.
 cross/test-aarch64.sh
