@@ -28,3 +28,12 @@ fi
 DOCS_RS=1 cargo clippy --locked -p dermedge-engine --features classic --all-targets -- -D warnings
 DOCS_RS=1 cargo test --locked -p dermedge-engine --features classic -- --nocapture 2>&1 |
   grep -Ev '^(INFO|WARNING): \[' || { echo "classic backend tests failed" >&2; exit 1; }
+# The CLI on both backends: LiteRT (reference) vs classic (candidate) on the trained stand-in, fp32,
+# gated; `cargo run` puts the linked libtensorflowlite_c on the library path.
+model=.cache/models/lesion-x448/lesion-x448.fp32.toml
+DOCS_RS=1 cargo run --locked -q -p dermedge-cli --features classic -- fidelity --threads 2 \
+  --reference "$model" --candidate "$model" --candidate-backend classic \
+  --images tests/fixtures/images --report out/fidelity-litert-vs-classic 2>&1 | grep -Ev '^(INFO|WARNING): \['
+DOCS_RS=1 cargo run --locked -q -p dermedge-cli --features classic -- doctor 2>&1 | grep -E '^(classic|edge-tpu)'
+# Leave the default (LiteRT-only) binary in target/ for the steps after this one.
+cargo build --locked -p dermedge-cli

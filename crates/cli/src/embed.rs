@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use dermedge_core::preprocess::{decode_file, DecodeLimits};
-use dermedge_core::{Embedder, ModelManifest};
+use dermedge_core::ModelManifest;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::output::{self, Failure, Format, ModelRef, Record};
@@ -38,8 +38,7 @@ pub fn run(args: &EmbedArgs) -> Result<bool> {
     let manifest = ModelManifest::load(&args.model)?;
     let files = inputs::expand(&args.inputs)?;
     let started = Instant::now();
-    let mut embedder = dermedge_engine::load(&manifest, &args.runtime.engine_options())
-        .with_context(|| format!("loading model {}", manifest.model_path().display()))?;
+    let mut embedder = args.runtime.load(&manifest)?;
     log::info!(
         "model ready in {:.2?}: {}",
         started.elapsed(),
@@ -101,12 +100,7 @@ pub fn run(args: &EmbedArgs) -> Result<bool> {
         precision: manifest.model.precision.as_str().to_string(),
         sha256: manifest.model.sha256.clone(),
         embedding_dim: manifest.model.embedding_dim,
-        runtime: format!(
-            "LiteRT {} {}, {} threads",
-            embedder.runtime().version(),
-            embedder.accelerator(),
-            embedder.threads()
-        ),
+        runtime: embedder.runtime_description(),
     };
     match &args.out {
         Some(path) => {

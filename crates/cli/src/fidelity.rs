@@ -12,7 +12,7 @@ use dermedge_fidelity::{compare, Gates};
 use dermedge_head::{kmeans::kmeans, train_softmax, LinearHead, TrainOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::{inputs, RuntimeArgs};
+use crate::{inputs, load_with, Backend, RuntimeArgs};
 
 #[derive(Args, Debug)]
 pub struct FidelityArgs {
@@ -40,6 +40,10 @@ pub struct FidelityArgs {
     /// Threads for the noise-floor run of the reference (default: 1, or 2 when --threads is 1).
     #[arg(long)]
     noise_threads: Option<u32>,
+    /// Backend for the candidate (default: --backend): compare LiteRT against classic
+    /// TensorFlow Lite on the same model, say.
+    #[arg(long, value_enum)]
+    candidate_backend: Option<Backend>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -56,7 +60,7 @@ struct Embedded {
 
 fn embed_all(
     files: &[PathBuf],
-    models: &mut [&mut dermedge_engine::litert::LiteRtEmbedder],
+    models: &mut [&mut Box<dyn Embedder + Send>],
     what: &str,
 ) -> Result<(Vec<String>, EmbeddingSets)> {
     let bar = ProgressBar::new(files.len() as u64);
@@ -153,11 +157,10 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
     };
     let files = inputs::expand(&args.images)?;
     let options = args.runtime.engine_options();
-    let mut ref_model =
-        dermedge_engine::load(&reference, &options).context("loading the reference model")?;
-    let mut cand_model =
-        dermedge_engine::load(&candidate, &options).context("loading the candidate model")?;
-    let threads = ref_model.threads();
+    let mut ref_model = args.runtime.load(&reference)?;
+    let candidate_backend = args.candidate_backend.unwrap_or(args.runtime.backend);
+    let mut cand_model = load_with(candidate_backend, &candidate, &options)?;
+    let threads = options.resolved_threads()?;
     let noise_threads = args
         .noise_threads
         .unwrap_or(if threads == 1 { 2 } else { 1 });
@@ -165,8 +168,7 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         threads: Some(noise_threads),
         ..options.clone()
     };
-    let mut noise_model =
-        dermedge_engine::load(&reference, &noise_options).context("loading the reference again")?;
+    let mut noise_model = load_with(args.runtime.backend, &reference, &noise_options)?;
 
     let (kept, mut sets) = embed_all(
         &files,
@@ -207,17 +209,17 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
     }
     let pass = results.iter().all(|g| g.pass);
     let noise_label = format!("{threads} vs {noise_threads} threads");
-    let describe = |m: &ModelManifest, p: &Path| {
+    let describe = |m: &ModelManifest, p: &Path, backend: String| {
         format!(
-            "{} {} ({})",
+            "{} {} ({}, {backend})",
             m.model.id,
             m.model.precision.as_str(),
             p.display()
         )
     };
     let report = Report {
-        reference: describe(&reference, &args.reference),
-        candidate: describe(&candidate, &args.candidate),
+        reference: describe(&reference, &args.reference, ref_model.backend()),
+        candidate: describe(&candidate, &args.candidate, cand_model.backend()),
         images: embedded.files.clone(),
         comparison: &comparison,
         noise_floor: Some((&noise_label, &noise)),

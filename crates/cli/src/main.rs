@@ -17,8 +17,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
-use dermedge_core::ModelManifest;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use dermedge_core::{Embedder, ModelManifest};
 use dermedge_engine::{litert::LiteRtRuntime, Accelerator, EngineOptions, Fallback};
 
 #[derive(Parser)]
@@ -108,9 +108,22 @@ enum ModelCommand {
     },
 }
 
+/// Which TFLite runtime runs the model.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// LiteRT 2.x (libLiteRt.so, loaded at run time): CPU (XNNPACK), GPU, NPU.
+    Litert,
+    /// The classic TensorFlow Lite C API (libtensorflowlite_c, linked; cargo feature `classic`):
+    /// CPU and the Coral Edge TPU.
+    Classic,
+}
+
 /// Options shared by every command that runs a model.
 #[derive(Args, Clone, Debug)]
 pub struct RuntimeArgs {
+    /// Runtime backend.
+    #[arg(long, value_enum, default_value = "litert")]
+    backend: Backend,
     /// Inference threads (default: every core).
     #[arg(long)]
     threads: Option<u32>,
@@ -132,6 +145,11 @@ pub struct RuntimeArgs {
 }
 
 impl RuntimeArgs {
+    /// Load `manifest`'s model with the chosen backend.
+    pub fn load(&self, manifest: &ModelManifest) -> Result<Box<dyn Embedder + Send>> {
+        load_with(self.backend, manifest, &self.engine_options())
+    }
+
     pub fn engine_options(&self) -> EngineOptions {
         EngineOptions {
             threads: self.threads,
@@ -145,6 +163,31 @@ impl RuntimeArgs {
             allow_unpinned_runtime: self.allow_unpinned_runtime,
             weight_cache: self.weight_cache.clone(),
         }
+    }
+}
+
+/// Load `manifest`'s model with `backend`.
+pub fn load_with(
+    backend: Backend,
+    manifest: &ModelManifest,
+    options: &EngineOptions,
+) -> Result<Box<dyn Embedder + Send>> {
+    let path = manifest.model_path();
+    match backend {
+        Backend::Litert => Ok(Box::new(
+            dermedge_engine::load(manifest, options)
+                .with_context(|| format!("loading model {}", path.display()))?,
+        )),
+        #[cfg(feature = "classic")]
+        Backend::Classic => Ok(Box::new(
+            dermedge_engine::classic::ClassicEmbedder::load(manifest, options)
+                .with_context(|| format!("loading model {}", path.display()))?,
+        )),
+        #[cfg(not(feature = "classic"))]
+        Backend::Classic => anyhow::bail!(
+            "this dermedge was built without the classic TensorFlow Lite backend \
+             (cargo feature `classic`, see docs/ACCELERATORS.md)"
+        ),
     }
 }
 
@@ -360,5 +403,33 @@ fn doctor(runtime: &RuntimeArgs) -> Result<()> {
             );
         }
     }
+    classic_doctor();
     Ok(())
+}
+
+#[cfg(feature = "classic")]
+fn classic_doctor() {
+    use dermedge_engine::classic::{edgetpu::EdgeTpuRuntime, runtime_version};
+    println!(
+        "classic      TensorFlow Lite {} (libtensorflowlite_c, linked)",
+        runtime_version()
+    );
+    match EdgeTpuRuntime::load(None) {
+        Ok(tpu) => {
+            let devices = tpu.devices();
+            println!("edge-tpu     {} ({})", tpu.path(), tpu.version());
+            if devices.is_empty() {
+                println!("  no Edge TPU device found (requests fall back to CPU)");
+            }
+            for d in devices {
+                println!("  device     {} {}", d.kind, d.path);
+            }
+        }
+        Err(e) => println!("edge-tpu     unavailable: {e}"),
+    }
+}
+
+#[cfg(not(feature = "classic"))]
+fn classic_doctor() {
+    println!("classic      not built in (cargo feature `classic`): no Edge TPU path");
 }

@@ -10,6 +10,12 @@ pub trait Embedder {
     /// Short name of the backend and accelerator actually in use, e.g. `litert/cpu`.
     fn backend(&self) -> String;
 
+    /// The runtime, its version, the accelerator and threads in use, for records and reports,
+    /// e.g. `LiteRT 2.1.4 cpu, 2 threads`.
+    fn runtime_description(&self) -> String {
+        self.backend()
+    }
+
     /// Preprocess `image` (any size) as the manifest says and run the model on it.
     fn embed(&mut self, image: &RgbImage) -> Result<Embedding, EmbedError>;
 }

@@ -429,6 +429,15 @@ impl Embedder for ClassicEmbedder {
         format!("tflite-classic/{}", self.accelerator)
     }
 
+    fn runtime_description(&self) -> String {
+        format!(
+            "TensorFlow Lite {} (classic) {}, {} threads",
+            runtime_version(),
+            self.accelerator,
+            self.threads
+        )
+    }
+
     fn embed(&mut self, image: &RgbImage) -> Result<Embedding, EmbedError> {
         self.fill_input(image)?;
         self.runner.invoke().map_err(|m| self.error(m))?;

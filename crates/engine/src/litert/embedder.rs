@@ -351,6 +351,15 @@ impl Embedder for LiteRtEmbedder {
         format!("litert/{}", self.accelerator)
     }
 
+    fn runtime_description(&self) -> String {
+        format!(
+            "LiteRT {} {}, {} threads",
+            self.env.runtime.version(),
+            self.accelerator,
+            self.threads
+        )
+    }
+
     fn embed(&mut self, image: &RgbImage) -> Result<Embedding, EmbedError> {
         self.fill_input(image)?;
         self.invoke()?;
