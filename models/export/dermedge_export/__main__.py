@@ -9,6 +9,7 @@ Run it through scripts/python-env.sh (or models/export/dermedge-export), which p
 pinned tensorflow-cpu venv.
 """
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -46,6 +47,16 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int)
     p.add_argument("--scale", type=float)
     p.add_argument("--offset", type=float)
+    p.add_argument("--target-fidelity", action="store_true",
+                   help="also search int8 recipes in order of cost; keep the fastest that passes dermedge's "
+                        "fidelity gates as <name>.int8-faithful.tflite (see docs/QUANTISATION.md)")
+    p.add_argument("--validation", type=Path, help="recipe search: validation images (default: --evaluation)")
+    p.add_argument("--holdout", type=Path, help="recipe search: images the search never sees, to check the choice")
+    p.add_argument("--dermedge", default=None, help="recipe search: the dermedge binary (default: target/release)")
+    p.add_argument("--threads", type=int, default=2, help="recipe search: threads for timing and fidelity")
+    p.add_argument("--latency-budget", type=float, default=1.2,
+                   help="recipe search: the slowest a recipe may be, relative to the plain int8 export")
+    p.add_argument("--bench-runs", type=int, default=5)
 
     p = sub.add_parser("build", help="build a registry model (models/models.toml) into the cache")
     p.add_argument("name")
@@ -63,10 +74,21 @@ def main(argv=None) -> int:
             print(f"wrote image sets to {args.out}")
         elif args.command == "export":
             from . import export
+            target = None
+            if args.target_fidelity:
+                if args.input_type != "float32":
+                    raise ExportError("--target-fidelity searches float-in/float-out recipes; drop --input-type")
+                dermedge = args.dermedge or str(Path(__file__).resolve().parents[3] / "target/release/dermedge")
+                if not Path(dermedge).is_file() and shutil.which(dermedge) is None:
+                    raise ExportError(f"{dermedge}: the dermedge binary is needed to judge recipes; build it with "
+                                      "`cargo build --release -p dermedge-cli` or pass --dermedge")
+                target = {"dermedge": dermedge, "validation": args.validation, "holdout": args.holdout,
+                          "threads": args.threads, "latency_budget": args.latency_budget,
+                          "bench_runs": args.bench_runs}
             export.export(args.savedmodel, args.name, args.out, args.calibration, args.evaluation,
                           version=args.version, input_type=args.input_type,
                           calibration_count=args.calibration_count, image_tensor=args.image_tensor,
-                          size=args.size, scale=args.scale, offset=args.offset)
+                          size=args.size, scale=args.scale, offset=args.offset, target_fidelity=target)
         elif args.command == "build":
             from . import registry
             registry.build(args.name, args.cache)

@@ -266,7 +266,7 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
            input_type: str = "float32", calibration_count: int = 64, debug_count: int = 4,
            evaluation_count: int | None = None,
            image_tensor: str | None = None, size: int | None = None, scale: float | None = None,
-           offset: float | None = None, progress=print) -> dict:
+           offset: float | None = None, progress=print, target_fidelity: dict | None = None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -378,6 +378,20 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
         "int8_vs_savedmodel_cosine": summary(cosine_rows(int8, reference)),
         "seconds": round(time.time() - started, 1),
     }
+    if target_fidelity is not None:
+        from . import recipes
+        validation = Path(target_fidelity.get("validation") or evaluation)
+        val_files = list_images(validation, "validation")
+        if {sha256(p) for p in cal_files} & {sha256(p) for p in val_files}:
+            raise ExportError(f"{validation}: validation images overlap the calibration set; they must be disjoint")
+        report["recipe_search"] = recipes.search(recipes.Context(
+            core_dir=core_dir, name=name, version=version, out=out, pre=pre, dim=dim, cal_inputs=cal_inputs,
+            plain_int8=files["int8"], fp32_manifest=out / f"{name}.fp32.toml",
+            layer_errors=out / f"{name}.int8.layer-errors.csv", debug_count=debug_count,
+            dermedge=target_fidelity["dermedge"], validation=validation,
+            holdout=target_fidelity.get("holdout") and Path(target_fidelity["holdout"]),
+            threads=target_fidelity.get("threads", 2), latency_budget=target_fidelity.get("latency_budget", 1.2),
+            bench_runs=target_fidelity.get("bench_runs", 5), progress=progress))
     shutil.rmtree(core_dir, ignore_errors=True)
     (out / f"{name}.export-report.json").write_text(json.dumps(report, indent=1) + "\n")
     progress(f"[{name}] fp32 TFLite vs SavedModel cosine min {report['fp32_tflite_vs_savedmodel_cosine']['min']:.6f}; "

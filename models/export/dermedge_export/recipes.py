@@ -1,0 +1,290 @@
+"""`export --target-fidelity`: try int8 export recipes in order of cost and keep the fastest one
+whose output passes dermedge's fidelity gates.
+
+Each recipe is converted from the same core SavedModel, written with a dermedge manifest, timed
+with `dermedge bench embed` (same threads as the plain int8 file, measured in the same search)
+and, when it is fast enough to be chosen (latency <= budget x plain int8), judged with
+`dermedge fidelity` against the fp32 export on a validation set disjoint from calibration. The
+chosen recipe is copied to `<name>.int8-faithful.{tflite,toml}`; every tried recipe, with its
+fidelity, size and latency, goes to `<name>.recipes.json` and `.md`. When none passes, nothing is
+copied: the table shows the best trade-off reached, and the gates stay as they are.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from .export import ExportError, sha256, write_manifest
+
+GATE_KEYS = ("centred_cosine_p1", "sqnr_db_p1", "top10_overlap_mean", "self_retrieval", "head_agreement")
+
+
+@dataclass
+class Recipe:
+    name: str
+    precision: str  # the manifest's precision
+    how: str
+    convert: Callable[[], bytes] = field(repr=False)
+
+
+@dataclass
+class Context:
+    core_dir: Path
+    name: str
+    version: str
+    out: Path
+    pre: object
+    dim: int
+    cal_inputs: list
+    plain_int8: Path
+    fp32_manifest: Path
+    layer_errors: Path
+    debug_count: int
+    dermedge: str
+    validation: Path
+    holdout: Path | None
+    threads: int
+    latency_budget: float
+    bench_runs: int
+    progress: Callable[[str], None] = print
+
+
+def _converter(ctx: Context):
+    return tf.lite.TFLiteConverter.from_saved_model(str(ctx.core_dir), signature_keys=["serving_default"])
+
+
+def _full_int8(ctx: Context, samples: list, builtins_fallback: bool = False):
+    conv = _converter(ctx)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([x] for x in samples)
+    ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if builtins_fallback:
+        ops.append(tf.lite.OpsSet.TFLITE_BUILTINS)
+    conv.target_spec.supported_ops = ops
+    conv.inference_input_type = tf.float32
+    conv.inference_output_type = tf.float32
+    return conv
+
+
+def augmented(samples: list) -> list:
+    """Each calibration image and its flips and 90-degree rotation: the same sources, 4x the
+    activation statistics (skin has no canonical orientation)."""
+    out = []
+    for x in samples:
+        out += [x, x[:, :, ::-1, :].copy(), x[:, ::-1, :, :].copy(), np.rot90(x, axes=(1, 2)).copy()]
+    return out
+
+
+def worst_layers(layer_errors: Path, k: int) -> list[str]:
+    """The k tensors with the largest RMSE relative to their quantisation step (TensorFlow's
+    QuantizationDebugger statistics, as the exporter dumps them)."""
+    rows = list(csv.DictReader(layer_errors.open()))
+    scored = []
+    for r in rows:
+        try:
+            scale = float(r["scale"])
+            mse = float(r["mean_squared_error"])
+        except (KeyError, ValueError):
+            continue
+        if scale > 0 and np.isfinite(mse):
+            scored.append((np.sqrt(mse) / scale, r["tensor_name"]))
+    scored.sort(reverse=True)
+    return [name for _, name in scored[:k]]
+
+
+def _selective(ctx: Context, k: int) -> bytes:
+    denylist = worst_layers(ctx.layer_errors, k)
+    if not denylist:
+        raise ExportError(f"{ctx.layer_errors}: no per-layer statistics to pick layers from")
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=denylist)
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=_full_int8(ctx, ctx.cal_inputs, builtins_fallback=True),
+        debug_dataset=lambda: ([x] for x in ctx.cal_inputs[: ctx.debug_count]),
+        debug_options=options)
+    return debugger.get_nodes_quantized_model()
+
+
+def _dynamic_range(ctx: Context) -> bytes:
+    conv = _converter(ctx)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    return conv.convert()
+
+
+def _int16x8(ctx: Context) -> bytes:
+    conv = _converter(ctx)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([x] for x in ctx.cal_inputs)
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    conv.inference_input_type = tf.float32
+    conv.inference_output_type = tf.float32
+    return conv.convert()
+
+
+def recipes(ctx: Context) -> list[Recipe]:
+    """In order of expected cost on a CPU: full-integer first, float islands after, wider types last."""
+    n = len(ctx.cal_inputs)
+    return [
+        Recipe("int8-plain", "int8", f"full-integer int8, per-channel weights, {n} calibration images (the plain export)",
+               lambda: ctx.plain_int8.read_bytes()),
+        Recipe("int8-calibration-x4", "int8",
+               f"full-integer int8, per-channel weights, {4 * n} calibration samples (each image, its two flips "
+               "and a 90-degree rotation)",
+               lambda: _full_int8(ctx, augmented(ctx.cal_inputs)).convert()),
+        Recipe("int8-selective-5", "int8",
+               "int8 with the 5 tensors of largest quantisation error (RMSE / step) kept in float",
+               lambda: _selective(ctx, 5)),
+        Recipe("int8-selective-20", "int8",
+               "int8 with the 20 tensors of largest quantisation error (RMSE / step) kept in float",
+               lambda: _selective(ctx, 20)),
+        Recipe("dynamic-range-int8", "dynamic-int8",
+               "int8 weights, float activations (weights dequantised or hybrid kernels at run time)",
+               lambda: _dynamic_range(ctx)),
+        Recipe("int16x8", "int16x8", "int16 activations, int8 weights", lambda: _int16x8(ctx)),
+    ]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def bench(ctx: Context, manifest: Path) -> dict:
+    with_json = ctx.out / "recipes" / f"{manifest.stem}.bench.json"
+    cmd = [ctx.dermedge, "bench", "embed", "--model", str(manifest), "--runs", str(ctx.bench_runs),
+           "--warmup", "1", "--threads", str(ctx.threads), "--json", str(with_json)]
+    done = _run(cmd)
+    if done.returncode != 0:
+        raise ExportError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+    result = json.loads(with_json.read_text())[0]
+    invoke = dict(result["stages"])["invoke"]
+    return {"invoke_median_s": float(np.median(invoke)), "peak_rss_bytes": result["peak_rss_bytes"]}
+
+
+def fidelity(ctx: Context, manifest: Path, images: Path, report: Path) -> dict:
+    cmd = [ctx.dermedge, "fidelity", "--threads", str(ctx.threads), "--reference", str(ctx.fp32_manifest),
+           "--candidate", str(manifest), "--images", str(images), "--report", str(report)]
+    done = _run(cmd)
+    path = report / "report.json"
+    if not path.is_file():
+        raise ExportError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+    data = json.loads(path.read_text())
+    gates = {g["gate"]: {"value": g["value"], "pass": g["pass"]} for g in data["gates"]}
+    return {"verdict": data["verdict"], "gates": gates, "report": str(report)}
+
+
+def search(ctx: Context) -> dict:
+    work = ctx.out / "recipes"
+    work.mkdir(parents=True, exist_ok=True)
+    tried = []
+    plain_latency = None
+    for recipe in recipes(ctx):
+        entry = {"recipe": recipe.name, "precision": recipe.precision, "how": recipe.how}
+        ctx.progress(f"[{ctx.name}] recipe {recipe.name}: converting")
+        started = time.time()
+        try:
+            model = recipe.convert()
+        except Exception as e:  # a recipe the converter cannot make is a result, not a crash
+            entry["error"] = f"conversion failed: {type(e).__name__}: {str(e)[:300]}"
+            tried.append(entry)
+            ctx.progress(f"[{ctx.name}] recipe {recipe.name}: {entry['error']}")
+            continue
+        tflite = work / f"{ctx.name}.{recipe.name}.tflite"
+        tflite.write_bytes(model)
+        manifest = work / f"{ctx.name}.{recipe.name}.toml"
+        write_manifest(manifest, tflite, ctx.name, ctx.version, recipe.precision, ctx.dim, ctx.pre, "float32", None,
+                       {"source": "the exporter's core SavedModel", "tool": f"models/export (tensorflow {tf.__version__})",
+                        "conversion": recipe.how, "recipe": recipe.name})
+        entry.update({"file": tflite.name, "bytes": tflite.stat().st_size, "sha256": sha256(tflite),
+                      "convert_s": round(time.time() - started, 1)})
+        ctx.progress(f"[{ctx.name}] recipe {recipe.name}: timing")
+        entry.update(bench(ctx, manifest))
+        if plain_latency is None:
+            plain_latency = entry["invoke_median_s"]
+        entry["latency_vs_plain_int8"] = round(entry["invoke_median_s"] / plain_latency, 3)
+        if entry["latency_vs_plain_int8"] > ctx.latency_budget:
+            entry["fidelity"] = None
+            entry["skipped"] = (f"not judged: {entry['latency_vs_plain_int8']:.2f}x the plain int8 latency, over the "
+                                f"{ctx.latency_budget}x budget, so it could not be chosen")
+        else:
+            ctx.progress(f"[{ctx.name}] recipe {recipe.name}: fidelity on {ctx.validation}")
+            entry["fidelity"] = fidelity(ctx, manifest, ctx.validation, work / f"fidelity-{recipe.name}")
+        tried.append(entry)
+        ctx.progress(f"[{ctx.name}] recipe {recipe.name}: {summary_line(entry)}")
+
+    passing = [t for t in tried if t.get("fidelity") and t["fidelity"]["verdict"] == "PASS"]
+    chosen = min(passing, key=lambda t: t["invoke_median_s"]) if passing else None
+    result = {"validation": str(ctx.validation), "threads": ctx.threads, "latency_budget": ctx.latency_budget,
+              "dermedge": ctx.dermedge, "recipes": tried, "chosen": chosen and chosen["recipe"]}
+    if chosen:
+        for ext in ("tflite", "toml"):
+            shutil.copy(work / f"{ctx.name}.{chosen['recipe']}.{ext}", ctx.out / f"{ctx.name}.int8-faithful.{ext}")
+        faithful = ctx.out / f"{ctx.name}.int8-faithful.toml"
+        faithful.write_text(faithful.read_text().replace(f'file = "{ctx.name}.{chosen["recipe"]}.tflite"',
+                                                         f'file = "{ctx.name}.int8-faithful.tflite"'))
+        if ctx.holdout:
+            ctx.progress(f"[{ctx.name}] chosen {chosen['recipe']}: fidelity on the held-out {ctx.holdout}")
+            result["holdout"] = fidelity(ctx, faithful, ctx.holdout, ctx.out / "fidelity-int8-faithful-holdout")
+    else:
+        judged = [t for t in tried if t.get("fidelity")]
+        best = max(judged, key=lambda t: margin(t["fidelity"]["gates"]), default=None)
+        result["best_tradeoff"] = best and best["recipe"]
+    (ctx.out / f"{ctx.name}.recipes.json").write_text(json.dumps(result, indent=1) + "\n")
+    (ctx.out / f"{ctx.name}.recipes.md").write_text(markdown(ctx.name, result))
+    return result
+
+
+def margin(gates: dict) -> float:
+    """How far the worst gate is from passing, relative to its threshold's scale (higher is better)."""
+    scale = {"sqnr_db_p1": 20.0}
+    return min(v["value"] / scale.get(k, 1.0) for k, v in gates.items())
+
+
+def summary_line(entry: dict) -> str:
+    parts = [f"{entry.get('bytes', 0) / 2**20:.1f} MiB", f"{entry.get('invoke_median_s', 0):.3f} s/img "
+             f"({entry.get('latency_vs_plain_int8', 0):.2f}x plain)"]
+    f = entry.get("fidelity")
+    if f:
+        g = f["gates"]
+        parts.append(f"{f['verdict']}: " + ", ".join(f"{k} {g[k]['value']:.3f}" for k in GATE_KEYS if k in g))
+    elif entry.get("skipped"):
+        parts.append(entry["skipped"])
+    return "; ".join(parts)
+
+
+def markdown(name: str, result: dict) -> str:
+    lines = [f"# Quantisation recipes tried for {name}", "",
+             f"Validation images: `{result['validation']}`; {result['threads']} threads; a recipe is judged when its "
+             f"latency is at most {result['latency_budget']}x the plain int8 export's.", "",
+             "| recipe | size (MiB) | invoke median (s) | vs plain | centred cos p1 | SQNR p1 (dB) | top-10 | "
+             "self-retrieval | head agreement | verdict |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for t in result["recipes"]:
+        if "error" in t:
+            lines.append(f"| {t['recipe']} | | | | | | | | | {t['error']} |")
+            continue
+        f = t.get("fidelity")
+        g = f["gates"] if f else {}
+        cell = lambda k, fmt: format(g[k]["value"], fmt) if k in g else "–"
+        lines.append(
+            f"| {t['recipe']} | {t['bytes'] / 2**20:.1f} | {t['invoke_median_s']:.3f} | {t['latency_vs_plain_int8']:.2f}x | "
+            f"{cell('centred_cosine_p1', '.4f')} | {cell('sqnr_db_p1', '.2f')} | {cell('top10_overlap_mean', '.3f')} | "
+            f"{cell('self_retrieval', '.3f')} | {cell('head_agreement', '.3f')} | "
+            f"{f['verdict'] if f else t.get('skipped', '')} |")
+    lines += ["", "Recipes: " + "; ".join(f"**{t['recipe']}**: {t['how']}" for t in result["recipes"]), ""]
+    if result["chosen"]:
+        lines.append(f"Chosen: **{result['chosen']}** (fastest recipe that passes) -> `{name}.int8-faithful.tflite`.")
+        if "holdout" in result:
+            h = result["holdout"]
+            lines.append(f"Held-out check: {h['verdict']} (" + ", ".join(
+                f"{k} {v['value']:.4f}" for k, v in h["gates"].items()) + ").")
+    else:
+        lines.append(f"No recipe passes the gates. Best trade-off reached: **{result.get('best_tradeoff')}**.")
+    return "\n".join(lines) + "\n"

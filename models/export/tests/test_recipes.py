@@ -1,0 +1,68 @@
+"""The recipe search's own logic: which layers stay in float, the calibration augmentation, and
+how results are chosen and reported (the conversions themselves run in the documented search)."""
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+
+from dermedge_export import recipes
+
+
+class Recipes(unittest.TestCase):
+    def test_worst_layers_rank_by_error_relative_to_the_quantisation_step(self):
+        csv = Path(tempfile.mkdtemp()) / "layer-errors.csv"
+        csv.write_text(
+            "op_name,tensor_idx,num_elements,stddev,mean_error,max_abs_error,mean_squared_error,scale,zero_point,tensor_name\n"
+            "CONV_2D,1,10,0,0,0,4.0,1.0,0,big-absolute-small-relative\n"  # rmse/step 2.0
+            "CONV_2D,2,10,0,0,0,1.0,0.1,0,worst\n"                        # rmse/step 10.0
+            "ADD,3,10,0,0,0,0.25,0.1,0,second\n"                          # rmse/step 5.0
+            "MUL,4,10,0,0,0,nan,0.1,0,not-finite\n"
+            "MUL,5,10,0,0,0,1.0,0.0,0,no-step\n")
+        self.assertEqual(recipes.worst_layers(csv, 2), ["worst", "second"])
+        self.assertEqual(recipes.worst_layers(csv, 10), ["worst", "second", "big-absolute-small-relative"])
+
+    def test_augmented_calibration_keeps_shape_and_adds_flips_and_rotation(self):
+        x = np.arange(1 * 4 * 4 * 3, dtype=np.float32).reshape(1, 4, 4, 3)
+        out = recipes.augmented([x, x + 1])
+        self.assertEqual(len(out), 8)
+        for a in out:
+            self.assertEqual(a.shape, x.shape)
+        np.testing.assert_array_equal(out[1], x[:, :, ::-1, :])
+        np.testing.assert_array_equal(out[2], x[:, ::-1, :, :])
+        np.testing.assert_array_equal(out[3], np.rot90(x, axes=(1, 2)))
+
+    def test_margin_names_the_worst_gate(self):
+        gates = {"centred_cosine_p1": {"value": 0.9, "pass": False}, "sqnr_db_p1": {"value": 14.0, "pass": False},
+                 "top10_overlap_mean": {"value": 0.95, "pass": True}}
+        self.assertAlmostEqual(recipes.margin(gates), 0.7)
+
+    def test_report_without_a_passing_recipe_says_so_and_names_the_best(self):
+        gates = {k: {"value": 0.5, "pass": False} for k in recipes.GATE_KEYS}
+        entry = {"recipe": "int8-plain", "how": "plain", "bytes": 2**20, "invoke_median_s": 0.1,
+                 "latency_vs_plain_int8": 1.0, "fidelity": {"verdict": "FAIL", "gates": gates}}
+        slow = {"recipe": "int16x8", "how": "wide", "bytes": 2**21, "invoke_median_s": 4.0,
+                "latency_vs_plain_int8": 40.0, "fidelity": None, "skipped": "not judged: 40.00x"}
+        text = recipes.markdown("m", {"validation": "v", "threads": 2, "latency_budget": 1.2,
+                                      "recipes": [entry, slow], "chosen": None, "best_tradeoff": "int8-plain"})
+        self.assertIn("No recipe passes the gates", text)
+        self.assertIn("**int8-plain**", text)
+        self.assertIn("not judged: 40.00x", text)
+        self.assertIn("| int8-plain | 1.0 | 0.100 | 1.00x | 0.5000 |", text)
+
+    def test_a_search_without_the_dermedge_binary_is_a_clear_error(self):
+        import contextlib
+        import io
+        from dermedge_export.__main__ import main
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["export", "/nonexistent-savedmodel", "--name", "m", "--out", tempfile.mkdtemp(),
+                         "--calibration", "c", "--evaluation", "e", "--target-fidelity",
+                         "--dermedge", "/nonexistent/dermedge"])
+        self.assertEqual(code, 2)
+        self.assertIn("/nonexistent/dermedge", err.getvalue())
+        self.assertIn("cargo build --release", err.getvalue())
+
+
+if __name__ == "__main__":
+    unittest.main()
