@@ -158,7 +158,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 def bench(ctx: Context, manifest: Path) -> dict:
     with_json = ctx.out / "recipes" / f"{manifest.stem}.bench.json"
-    cmd = [ctx.dermedge, "bench", "embed", "--model", str(manifest), "--runs", str(ctx.bench_runs),
+    cmd = [ctx.dermedge, "bench", "embed", "--model", str(manifest), "--images", str(ctx.validation),
+           "--runs", str(ctx.bench_runs),
            "--warmup", "1", "--threads", str(ctx.threads), "--json", str(with_json)]
     done = _run(cmd)
     if done.returncode != 0:
