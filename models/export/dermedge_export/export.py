@@ -143,8 +143,37 @@ def find_preprocessing(frozen) -> Preprocessing:
     return Preprocessing(decodes[0].op, resize.name, height, width, scale, offset, tensor, chain, True)
 
 
-def cut(frozen, image_tensor: str, output_tensor: str):
+def integer_friendly(gd) -> int:
+    """Rewrite `Square(x)` as `Mul(x, x)` and `SquaredDifference(a, b)` as `Mul(a - b, a - b)`, in
+    place; returns how many were rewritten. The same arithmetic in float, but TFLite has no integer
+    SQUARE or SQUARED_DIFFERENCE kernel: left as they are, GroupNorm's variance runs in float,
+    between a DEQUANTIZE and a QUANTIZE, in every layer of a full-int8 export."""
+    rewritten = 0
+    extra = []
+    for node in gd.node:
+        if node.op == "Square":
+            node.op = "Mul"
+            node.input.append(node.input[0])
+            rewritten += 1
+        elif node.op == "SquaredDifference":
+            sub = type(node)()
+            sub.name = node.name + "/difference"
+            sub.op = "Sub"
+            sub.input.extend(node.input[:2])
+            sub.attr["T"].CopyFrom(node.attr["T"])
+            extra.append(sub)
+            node.op = "Mul"
+            del node.input[:]
+            node.input.extend([sub.name, sub.name])
+            rewritten += 1
+    gd.node.extend(extra)
+    return rewritten
+
+
+def cut(frozen, image_tensor: str, output_tensor: str, rewrite_squares: bool = False):
     gd = frozen.graph.as_graph_def()
+    if rewrite_squares:
+        integer_friendly(gd)
     # Control edges (input validation asserts on the serialized strings) would tie the embedding to
     # the string placeholder; the cut graph feeds the image directly, so they are dropped.
     for node in gd.node:
@@ -384,14 +413,25 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
         val_files = list_images(validation, "validation")
         if {sha256(p) for p in cal_files} & {sha256(p) for p in val_files}:
             raise ExportError(f"{validation}: validation images overlap the calibration set; they must be disjoint")
+        integer_core_dir = None
+        squares = sum(n.op in ("Square", "SquaredDifference") for n in frozen.graph.as_graph_def().node)
+        if squares:
+            progress(f"[{name}] {squares} Square/SquaredDifference ops: building the integer-friendly graph too")
+            _, integer_core = cut(frozen, pre.cut_tensor, output_tensor, rewrite_squares=True)
+            integer_core_dir = Path(tempfile.mkdtemp(prefix=f"{name}-integer-core-"))
+            holder_i = tf.Module()
+            holder_i.serving_default = integer_core
+            tf.saved_model.save(holder_i, str(integer_core_dir), signatures={"serving_default": integer_core})
         report["recipe_search"] = recipes.search(recipes.Context(
-            core_dir=core_dir, name=name, version=version, out=out, pre=pre, dim=dim, cal_inputs=cal_inputs,
+            core_dir=core_dir, integer_core_dir=integer_core_dir, name=name, version=version, out=out, pre=pre, dim=dim, cal_inputs=cal_inputs,
             plain_int8=files["int8"], fp32_manifest=out / f"{name}.fp32.toml",
             layer_errors=out / f"{name}.int8.layer-errors.csv", debug_count=debug_count,
             dermedge=target_fidelity["dermedge"], validation=validation,
             holdout=target_fidelity.get("holdout") and Path(target_fidelity["holdout"]),
             threads=target_fidelity.get("threads", 2), latency_budget=target_fidelity.get("latency_budget", 1.2),
             bench_runs=target_fidelity.get("bench_runs", 5), progress=progress))
+        if integer_core_dir is not None:
+            shutil.rmtree(integer_core_dir, ignore_errors=True)
     shutil.rmtree(core_dir, ignore_errors=True)
     (out / f"{name}.export-report.json").write_text(json.dumps(report, indent=1) + "\n")
     progress(f"[{name}] fp32 TFLite vs SavedModel cosine min {report['fp32_tflite_vs_savedmodel_cosine']['min']:.6f}; "

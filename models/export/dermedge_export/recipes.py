@@ -39,6 +39,9 @@ class Recipe:
 @dataclass
 class Context:
     core_dir: Path
+    # The same graph with Square / SquaredDifference rewritten as MUL (see export.integer_friendly);
+    # None when the graph has none.
+    integer_core_dir: Path | None
     name: str
     version: str
     out: Path
@@ -58,12 +61,13 @@ class Context:
     progress: Callable[[str], None] = print
 
 
-def _converter(ctx: Context):
-    return tf.lite.TFLiteConverter.from_saved_model(str(ctx.core_dir), signature_keys=["serving_default"])
+def _converter(ctx: Context, integer_friendly: bool = False):
+    core = ctx.integer_core_dir if integer_friendly else ctx.core_dir
+    return tf.lite.TFLiteConverter.from_saved_model(str(core), signature_keys=["serving_default"])
 
 
-def _full_int8(ctx: Context, samples: list, builtins_fallback: bool = False):
-    conv = _converter(ctx)
+def _full_int8(ctx: Context, samples: list, builtins_fallback: bool = False, integer_friendly: bool = False):
+    conv = _converter(ctx, integer_friendly)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.representative_dataset = lambda: ([x] for x in samples)
     ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -132,9 +136,16 @@ def _int16x8(ctx: Context) -> bytes:
 def recipes(ctx: Context) -> list[Recipe]:
     """In order of expected cost on a CPU: full-integer first, float islands after, wider types last."""
     n = len(ctx.cal_inputs)
+    integer = []
+    if ctx.integer_core_dir is not None:
+        integer = [Recipe("int8-integer-groupnorm", "int8",
+                          f"full-integer int8 with Square / SquaredDifference rewritten as MUL, so normalisation "
+                          f"layers run in integer arithmetic end to end; {n} calibration images",
+                          lambda: _full_int8(ctx, ctx.cal_inputs, integer_friendly=True).convert())]
     return [
         Recipe("int8-plain", "int8", f"full-integer int8, per-channel weights, {n} calibration images (the plain export)",
                lambda: ctx.plain_int8.read_bytes()),
+        *integer,
         Recipe("int8-calibration-x4", "int8",
                f"full-integer int8, per-channel weights, {4 * n} calibration samples (each image, its two flips "
                "and a 90-degree rotation)",

@@ -50,6 +50,31 @@ class Recipes(unittest.TestCase):
         self.assertIn("not judged: 40.00x", text)
         self.assertIn("| int8-plain | 1.0 | 0.100 | 1.00x | 0.5000 |", text)
 
+    def test_squares_are_rewritten_as_multiplications_with_the_same_values(self):
+        import tensorflow as tf
+        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+        from dermedge_export.export import integer_friendly
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 4, 4, 8], tf.float32)])
+        def group_norm(x):
+            g = tf.reshape(x, [1, 4, 4, 2, 4])
+            mean, var = tf.nn.moments(g, axes=[1, 2, 4], keepdims=True)  # SquaredDifference
+            return tf.reshape((g - mean) * tf.math.rsqrt(var + 1e-5), [1, 4, 4, 8]) + tf.square(x)
+
+        frozen = convert_variables_to_constants_v2(group_norm.get_concrete_function())
+        gd = frozen.graph.as_graph_def()
+        before = [n.op for n in gd.node]
+        self.assertIn("SquaredDifference", before)
+        self.assertIn("Square", before)
+        self.assertEqual(integer_friendly(gd), 2)
+        self.assertFalse({"Square", "SquaredDifference"} & {n.op for n in gd.node})
+        inp, out = frozen.inputs[0].name, frozen.outputs[0].name
+        rewritten = tf.compat.v1.wrap_function(lambda: tf.compat.v1.import_graph_def(gd, name=""), [])
+        run = rewritten.prune(feeds=[rewritten.graph.get_tensor_by_name(inp)],
+                              fetches=rewritten.graph.get_tensor_by_name(out))
+        x = tf.constant(np.random.default_rng(1).normal(size=(1, 4, 4, 8)).astype(np.float32))
+        np.testing.assert_allclose(run(x).numpy(), group_norm(x).numpy(), rtol=1e-5, atol=1e-5)
+
     def test_a_search_without_the_dermedge_binary_is_a_clear_error(self):
         import contextlib
         import io
