@@ -114,7 +114,7 @@ def _selective(ctx: Context, k: int) -> bytes:
         converter=_full_int8(ctx, ctx.cal_inputs, builtins_fallback=True),
         debug_dataset=lambda: ([x] for x in ctx.cal_inputs[: ctx.debug_count]),
         debug_options=options)
-    return debugger.get_nodes_quantized_model()
+    return debugger.get_nondebug_quantized_model()
 
 
 def _dynamic_range(ctx: Context) -> bytes:
@@ -124,7 +124,8 @@ def _dynamic_range(ctx: Context) -> bytes:
 
 
 def _int16x8(ctx: Context) -> bytes:
-    conv = _converter(ctx)
+    # 16x8 has no SQUARE kernel either: use the integer-friendly graph when there is one.
+    conv = _converter(ctx, integer_friendly=ctx.integer_core_dir is not None)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.representative_dataset = lambda: ([x] for x in ctx.cal_inputs)
     conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
@@ -216,7 +217,8 @@ def search(ctx: Context) -> dict:
         try:
             model = recipe.convert()
         except Exception as e:  # a recipe the converter cannot make is a result, not a crash
-            entry["error"] = f"conversion failed: {type(e).__name__}: {str(e)[:300]}"
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            entry["error"] = f"conversion failed: {type(e).__name__}: {first_line[:300]}"
             tried.append(entry)
             ctx.progress(f"[{ctx.name}] recipe {recipe.name}: {entry['error']}")
             continue
