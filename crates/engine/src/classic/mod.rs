@@ -63,6 +63,9 @@ pub struct ClassicEmbedder {
     threads: u32,
     accelerator: Accelerator,
     runner: Runner,
+    /// Per-frame buffers, kept between frames so the loop does not allocate.
+    input_f32: Vec<f32>,
+    input_i8: Vec<i8>,
     input_bytes: Vec<u8>,
     output_bytes: Vec<u8>,
 }
@@ -326,6 +329,8 @@ impl ClassicEmbedder {
             threads,
             accelerator,
             runner,
+            input_f32: Vec::new(),
+            input_i8: Vec::new(),
             input_bytes: Vec::new(),
             output_bytes: Vec::new(),
         })
@@ -360,9 +365,9 @@ impl ClassicEmbedder {
         let bytes = &mut self.input_bytes;
         match self.manifest.input.dtype {
             TensorDtype::Float32 => {
-                let mut values = vec![0f32; len];
-                self.preprocessor
-                    .run(image, InputBuffer::F32(&mut values))?;
+                let values = &mut self.input_f32;
+                values.resize(len, 0.0);
+                self.preprocessor.run(image, InputBuffer::F32(values))?;
                 bytes.clear();
                 bytes.extend(values.iter().flat_map(|v| v.to_ne_bytes()));
             }
@@ -371,8 +376,9 @@ impl ClassicEmbedder {
                 self.preprocessor.run(image, InputBuffer::U8(bytes))?;
             }
             TensorDtype::Int8 => {
-                let mut values = vec![0i8; len];
-                self.preprocessor.run(image, InputBuffer::I8(&mut values))?;
+                let values = &mut self.input_i8;
+                values.resize(len, 0);
+                self.preprocessor.run(image, InputBuffer::I8(values))?;
                 bytes.clear();
                 bytes.extend(values.iter().map(|&v| v as u8));
             }
