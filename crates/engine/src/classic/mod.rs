@@ -393,25 +393,7 @@ impl ClassicEmbedder {
         let mut bytes = std::mem::take(&mut self.output_bytes);
         let result = self.runner.read_output(self.output_index, &mut bytes);
         let dim = self.manifest.model.embedding_dim;
-        let (scale, zero_point) = match self.output.quantization {
-            Quantization::PerTensor { scale, zero_point } => (scale, zero_point as f32),
-            _ => (1.0, 0.0),
-        };
-        let values: Vec<f32> = match self.output.dtype {
-            ElementType::Float32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            ElementType::Uint8 => bytes
-                .iter()
-                .map(|&q| scale * (q as f32 - zero_point))
-                .collect(),
-            ElementType::Int8 => bytes
-                .iter()
-                .map(|&q| scale * (q as i8 as f32 - zero_point))
-                .collect(),
-            _ => Vec::new(),
-        };
+        let values = self.output.dequantise(&bytes);
         self.output_bytes = bytes;
         result.map_err(|m| self.error(m))?;
         if values.len() != dim {

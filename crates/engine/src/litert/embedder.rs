@@ -288,26 +288,12 @@ impl LiteRtEmbedder {
         if status != ffi::STATUS_OK || ptr.is_null() {
             return Err(self.runtime_error("LiteRtLockTensorBuffer", status));
         }
-        let (scale, zero_point) = match self.output.quantization {
-            Quantization::PerTensor { scale, zero_point } => (scale, zero_point as f32),
-            _ => (1.0, 0.0),
-        };
         // SAFETY: the output buffer was created for this tensor type, which check_against_manifest
-        // proved holds exactly `dim` elements of the element type matched here.
-        let values = unsafe {
-            match self.output.dtype {
-                ElementType::Float32 => std::slice::from_raw_parts(ptr.cast::<f32>(), dim).to_vec(),
-                ElementType::Uint8 => std::slice::from_raw_parts(ptr.cast::<u8>(), dim)
-                    .iter()
-                    .map(|&q| scale * (q as f32 - zero_point))
-                    .collect(),
-                ElementType::Int8 => std::slice::from_raw_parts(ptr.cast::<i8>(), dim)
-                    .iter()
-                    .map(|&q| scale * (q as f32 - zero_point))
-                    .collect(),
-                _ => Vec::new(),
-            }
+        // proved holds exactly `dim` elements of it; it stays locked while read.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(ptr.cast::<u8>(), dim * self.output.element_size())
         };
+        let values = self.output.dequantise(bytes);
         // SAFETY: locked above.
         unsafe { (api.LiteRtUnlockTensorBuffer)(self.output_buffer) };
         if values.len() != dim {
