@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--latency-budget", type=float, default=1.2,
                    help="recipe search: the slowest a recipe may be, relative to the plain int8 export")
     p.add_argument("--bench-runs", type=int, default=5)
+    p.add_argument("--recipes", help="recipe search: comma-separated recipe names to try (default: all; the plain "
+                                     "int8 export is always tried, as the timing baseline)")
 
     p = sub.add_parser("build", help="build a registry model (models/models.toml) into the cache")
     p.add_argument("name")
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
             images.build(args.out)
             print(f"wrote image sets to {args.out}")
         elif args.command == "export":
-            from . import export
+            from . import export, recipes
             target = None
             if args.target_fidelity:
                 if args.input_type != "float32":
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
                                       "`cargo build --release -p dermedge-cli` or pass --dermedge")
                 target = {"dermedge": dermedge, "validation": args.validation, "holdout": args.holdout,
                           "threads": args.threads, "latency_budget": args.latency_budget,
-                          "bench_runs": args.bench_runs}
+                          "bench_runs": args.bench_runs,
+                          "recipes": args.recipes and recipes.check_names(args.recipes.split(","))}
             export.export(args.savedmodel, args.name, args.out, args.calibration, args.evaluation,
                           version=args.version, input_type=args.input_type,
                           calibration_count=args.calibration_count, image_tensor=args.image_tensor,

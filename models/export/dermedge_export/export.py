@@ -4,11 +4,15 @@ The SavedModel's `serving_default` takes serialized tf.train.Example strings (PN
 `image/encoded`) and returns `embedding`; decoding, resizing and scaling happen in its graph.
 The device cannot run string parsing and PNG decoding in TFLite, so the exporter:
 
-1. freezes `serving_default` and finds its preprocessing: the image decode op, the one bilinear
-   resize (its size and half-pixel attributes) and the chain of scalar affine ops after it;
+1. inlines every function call of `serving_default` (its variables stay variables) and finds its
+   preprocessing: the image decode op, the one bilinear resize (its size and half-pixel
+   attributes) and the chain of scalar affine ops after it;
 2. cuts the graph after that chain, so the TFLite model takes the decoded, resized, scaled image
    tensor [1, H, W, 3], and states in the manifest exactly what dermedge's Rust preprocessing
    must do to produce it (size, bilinear half-pixel resize, value = pixel * scale + offset);
+   the cut model core is saved with its variables, so the weights are never held as graph
+   constants (a frozen R101x3 serving graph needed more than 24 GB to cut; this path peaks near
+   11 GB, in the converter);
 3. converts fp32 and full-int8 (representative dataset from the calibration images), and writes
    a calibration record, an op report, per-layer quantisation errors (QuantizationDebugger) and
    a comparison of the TFLite files against the SavedModel's own serving path.
@@ -27,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import tensor_util
-from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+# The function inlining that freezing runs, without freezing: no public API inlines a signature's
+# nested function calls, and the cut needs one flat graph.
+from tensorflow.python.framework.convert_to_constants import _run_inline_graph_optimization
 
 from . import opreport
 
@@ -59,6 +65,54 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class ServingGraph:
+    """`serving_default` with every function call inlined; its variables stay variables."""
+    graph_def: object  # tf.compat.v1.GraphDef: small, it holds no weights
+    graph: tf.Graph  # the same graph imported, for shapes
+    output_tensor: str  # the `embedding` tensor
+    captures: dict  # placeholder tensor name in graph_def -> the variable handle it stands for
+    variables: list
+
+
+def _bypass_resource_identities(graph_def):
+    """Inlining passes each variable into the inlined body through an Identity of its handle. The
+    converter freezes a variable into constants only where ReadVariableOp reads the handle
+    directly; through an Identity it keeps every weight as a runtime variable (VAR_HANDLE)."""
+    resource = tf.resource.as_datatype_enum
+    source = {n.name: n.input[0] for n in graph_def.node
+              if n.op == "Identity" and "T" in n.attr and n.attr["T"].type == resource}
+
+    def resolve(name):
+        while name.split(":")[0] in source:
+            name = source[name.split(":")[0]]
+        return name
+
+    kept = [n for n in graph_def.node if n.name not in source]
+    for node in kept:
+        inputs = ["^" + resolve(i[1:]).split(":")[0] if i.startswith("^") else resolve(i) for i in node.input]
+        del node.input[:]
+        node.input.extend(inputs)
+        # Colocation hints name removed nodes, and graph pruning follows them as if they were
+        # inputs (which would keep the string parsing in the cut core); they mean nothing to TFLite.
+        if "_class" in node.attr:
+            del node.attr["_class"]
+    del graph_def.node[:]
+    graph_def.node.extend(kept)
+
+
+def inline_serving(fn) -> ServingGraph:
+    graph_def = _run_inline_graph_optimization(fn, lower_control_flow=False, aggressive_inlining=True)
+    _bypass_resource_identities(graph_def)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    # Signature outputs follow tf.nest's flattening of the output dict (sorted keys).
+    output_tensor = fn.outputs[sorted(fn.structured_outputs).index("embedding")].name
+    captures = {internal.name: external for external, internal in fn.graph.captures}
+    return ServingGraph(graph_def, graph, output_tensor, captures, list(fn.variables))
+
+
 def load_serving(savedmodel: Path):
     savedmodel = Path(savedmodel)
     if not savedmodel.is_dir() or not (savedmodel / "saved_model.pb").is_file():
@@ -87,8 +141,8 @@ def _const_scalar(nodes, name):
     return float(value.reshape(-1)[0]) if value.size == 1 else None
 
 
-def find_preprocessing(frozen) -> Preprocessing:
-    gd = frozen.graph.as_graph_def()
+def find_preprocessing(serving: ServingGraph) -> Preprocessing:
+    gd = serving.graph_def
     nodes = {n.name: n for n in gd.node}
     consumers = {}
     for n in gd.node:
@@ -136,7 +190,7 @@ def find_preprocessing(frozen) -> Preprocessing:
             break
         chain.append(f"{op.op}({op.name})")
         tensor = op.name + ":0"
-    shape = frozen.graph.get_tensor_by_name(tensor).shape
+    shape = serving.graph.get_tensor_by_name(tensor).shape
     if shape.rank != 4 or list(shape[1:]) != [height, width, 3]:
         raise ExportError(f"the preprocessed image tensor {tensor} has shape {shape}, not [1, {height}, {width}, 3]; "
                           "name the model's image input with --image-tensor")
@@ -170,31 +224,63 @@ def integer_friendly(gd) -> int:
     return rewritten
 
 
-def cut(frozen, image_tensor: str, output_tensor: str, rewrite_squares: bool = False):
-    gd = frozen.graph.as_graph_def()
+def _tensor_name(name: str) -> str:
+    return name if ":" in name else name + ":0"
+
+
+def cut(serving: ServingGraph, image_tensor: str, shape: list, rewrite_squares: bool = False):
+    """The model core from `image_tensor` to `embedding`: a concrete function with the signature
+    dermedge expects (input `image`, output `embedding`) that reads the loaded variables."""
+    gd = type(serving.graph_def)()
+    gd.CopyFrom(serving.graph_def)
+    names = {n.name for n in gd.node}
+    if image_tensor.split(":")[0] not in names:
+        raise ExportError(f"no tensor named {image_tensor!r} in the serving graph")
     if rewrite_squares:
         integer_friendly(gd)
-    # Control edges (input validation asserts on the serialized strings) would tie the embedding to
-    # the string placeholder; the cut graph feeds the image directly, so they are dropped.
+    image = gd.node.add()
+    image.name, image.op = "dermedge/image", "Placeholder"
+    image.attr["dtype"].type = tf.float32.as_datatype_enum
+    cut_at = _tensor_name(image_tensor)
     for node in gd.node:
-        data_inputs = [i for i in node.input if not i.startswith("^")]
+        # Control edges (input validation asserts on the serialized strings) would tie the
+        # embedding to the string input; the cut graph feeds the image directly, so they go.
+        inputs = [image.name if _tensor_name(i) == cut_at else i for i in node.input if not i.startswith("^")]
         del node.input[:]
-        node.input.extend(data_inputs)
-    wrapped = tf.compat.v1.wrap_function(lambda: tf.compat.v1.import_graph_def(gd, name=""), [])
-    g = wrapped.graph
-    try:
-        feed = g.get_tensor_by_name(image_tensor)
-    except KeyError as e:
-        raise ExportError(f"no tensor named {image_tensor!r} in the serving graph") from e
-    pruned = wrapped.prune(feeds=[feed], fetches=g.get_tensor_by_name(output_tensor))
-    shape = [1] + list(feed.shape[1:])
+        node.input.extend(inputs)
+    core = tf.compat.v1.graph_util.extract_sub_graph(gd, [serving.output_tensor.split(":")[0]])
+    del gd
+    captured = {n.split(":")[0] for n in serving.captures}
+    left = [n.name for n in core.node if n.op == "Placeholder" and n.name not in captured | {image.name}]
+    if left:
+        raise ExportError(f"cutting at {image_tensor} does not separate the image from the embedding: "
+                          f"the core still reads {left}; name the model's image input with --image-tensor")
+    used = {n.name for n in core.node}
+    captures = [(name, handle) for name, handle in serving.captures.items() if name.split(":")[0] in used]
+    # Pruned with the variables as arguments: mapping them with import_graph_def's input_map would
+    # leave the original resource placeholders dangling in the function, and the converter then
+    # keeps every weight as a runtime variable (VAR_HANDLE/READ_VARIABLE) instead of a constant.
+    wrapped = tf.compat.v1.wrap_function(lambda: tf.compat.v1.import_graph_def(core, name=""), [])
+    graph = wrapped.graph
+    pruned = wrapped.prune(feeds=[graph.get_tensor_by_name(image.name + ":0")]
+                           + [graph.get_tensor_by_name(name) for name, _ in captures],
+                           fetches=graph.get_tensor_by_name(serving.output_tensor))
+    handles = [handle for _, handle in captures]
 
     # A signature (input `image`, output `embedding`) for the TFLite file, as dermedge expects.
     @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])
-    def serving_default(image):
-        return {"embedding": pruned(image)}
+    def serving_default(x):
+        return {"embedding": pruned(x, *handles)}
 
-    return wrapped, serving_default.get_concrete_function()
+    return serving_default.get_concrete_function()
+
+
+def save_core(core, serving: ServingGraph, directory: Path):
+    """Saves the cut core with its variables (streamed to a checkpoint, never a graph constant)."""
+    holder = tf.Module()
+    holder.serving_default = core
+    holder.weights = serving.variables
+    tf.saved_model.save(holder, str(directory), signatures={"serving_default": core})
 
 
 def list_images(directory: Path, what: str) -> list[Path]:
@@ -258,11 +344,11 @@ def summary(values: np.ndarray) -> dict:
 TEACHER_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
 
-def write_teacher_labels(savedmodel: Path, embeddings: np.ndarray, files: list[Path], path: Path):
+def write_teacher_labels(loaded, embeddings: np.ndarray, files: list[Path], path: Path):
     """Where the SavedModel carries a trained `teacher` signature (embedding -> class probabilities),
     label each evaluation image with the teacher's top class: real labels for training and
     evaluating dermedge heads on the model's own embeddings."""
-    signatures = tf.saved_model.load(str(savedmodel)).signatures
+    signatures = loaded.signatures
     if "teacher" not in signatures:
         return
     probabilities = signatures["teacher"](embedding=tf.constant(embeddings))["probabilities"].numpy()
@@ -306,19 +392,18 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
         raise ExportError(f"{len(overlap)} images are in both the calibration and the evaluation set; they must be disjoint")
 
     progress(f"[{name}] loading {savedmodel}")
-    _, fn = load_serving(savedmodel)
-    frozen = convert_variables_to_constants_v2(fn)
-    # The frozen function's outputs follow tf.nest's flattening of the signature's dict (sorted keys).
-    output_tensor = frozen.outputs[sorted(fn.structured_outputs).index("embedding")].name
+    loaded, fn = load_serving(savedmodel)
+    serving = inline_serving(fn)
     if image_tensor:
         if size is None or scale is None or offset is None:
             raise ExportError("--image-tensor needs --size, --scale and --offset (the preprocessing it stands for)")
         pre = Preprocessing("stated", "stated", size, size, scale, offset, image_tensor, [], False)
     else:
-        pre = find_preprocessing(frozen)
+        pre = find_preprocessing(serving)
     progress(f"[{name}] preprocessing: {pre.decode_op} -> bilinear {pre.height}x{pre.width} -> "
              f"x*{pre.scale:.8g}+{pre.offset:.8g}; graph cut at {pre.cut_tensor}")
-    wrapped, core = cut(frozen, pre.cut_tensor, output_tensor)
+    shape = [1, pre.height, pre.width, 3]
+    core = cut(serving, pre.cut_tensor, shape)
     dim = int(core.structured_outputs["embedding"].shape[-1])
     if core.structured_outputs["embedding"].shape.rank != 2:
         raise ExportError(f"`embedding` has shape {core.structured_outputs['embedding'].shape}; expected [batch, dim]")
@@ -332,9 +417,7 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
     # Converting from a SavedModel (rather than the concrete function) gives the TFLite file a
     # `serving_default` signature with input `image` and output `embedding`, which dermedge checks.
     core_dir = Path(tempfile.mkdtemp(prefix=f"{name}-core-"))
-    holder = tf.Module()
-    holder.serving_default = core
-    tf.saved_model.save(holder, str(core_dir), signatures={"serving_default": core})
+    save_core(core, serving, core_dir)
 
     def converter(int8: bool):
         conv = tf.lite.TFLiteConverter.from_saved_model(str(core_dir), signature_keys=["serving_default"])
@@ -391,13 +474,12 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
         debugger.layer_statistics_dump(f)
 
     progress(f"[{name}] comparing against the SavedModel on {len(eval_files)} evaluation images")
-    serving = tf.saved_model.load(str(savedmodel)).signatures["serving_default"]
-    reference = np.stack([serving(tf.constant([serialized_example(p)]))["embedding"].numpy()[0] for p in eval_files])
+    reference = np.stack([fn(tf.constant([serialized_example(p)]))["embedding"].numpy()[0] for p in eval_files])
     eval_inputs = [model_input(p, pre) for p in eval_files]
     fp32 = run_tflite(files["fp32"], eval_inputs)
     int8 = run_tflite(files["int8"], eval_inputs)
     np.save(out / f"{name}.savedmodel-embeddings.npy", reference.astype(np.float32))
-    write_teacher_labels(savedmodel, reference, eval_files, out / f"{name}.teacher-labels.csv")
+    write_teacher_labels(loaded, reference, eval_files, out / f"{name}.teacher-labels.csv")
     report = {
         "name": name, "embedding_dim": dim, "preprocessing": asdict(pre),
         "files": {p: {"path": f.name, "bytes": f.stat().st_size, "sha256": sha256(f)} for p, f in files.items()},
@@ -414,14 +496,12 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
         if {sha256(p) for p in cal_files} & {sha256(p) for p in val_files}:
             raise ExportError(f"{validation}: validation images overlap the calibration set; they must be disjoint")
         integer_core_dir = None
-        squares = sum(n.op in ("Square", "SquaredDifference") for n in frozen.graph.as_graph_def().node)
+        squares = sum(n.op in ("Square", "SquaredDifference") for n in serving.graph_def.node)
         if squares:
             progress(f"[{name}] {squares} Square/SquaredDifference ops: building the integer-friendly graph too")
-            _, integer_core = cut(frozen, pre.cut_tensor, output_tensor, rewrite_squares=True)
+            integer_core = cut(serving, pre.cut_tensor, shape, rewrite_squares=True)
             integer_core_dir = Path(tempfile.mkdtemp(prefix=f"{name}-integer-core-"))
-            holder_i = tf.Module()
-            holder_i.serving_default = integer_core
-            tf.saved_model.save(holder_i, str(integer_core_dir), signatures={"serving_default": integer_core})
+            save_core(integer_core, serving, integer_core_dir)
         report["recipe_search"] = recipes.search(recipes.Context(
             core_dir=core_dir, integer_core_dir=integer_core_dir, name=name, version=version, out=out, pre=pre, dim=dim, cal_inputs=cal_inputs,
             plain_int8=files["int8"], fp32_manifest=out / f"{name}.fp32.toml",
@@ -429,7 +509,8 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
             dermedge=target_fidelity["dermedge"], validation=validation,
             holdout=target_fidelity.get("holdout") and Path(target_fidelity["holdout"]),
             threads=target_fidelity.get("threads", 2), latency_budget=target_fidelity.get("latency_budget", 1.2),
-            bench_runs=target_fidelity.get("bench_runs", 5), progress=progress))
+            bench_runs=target_fidelity.get("bench_runs", 5), progress=progress,
+            only=target_fidelity.get("recipes")))
         if integer_core_dir is not None:
             shutil.rmtree(integer_core_dir, ignore_errors=True)
     shutil.rmtree(core_dir, ignore_errors=True)

@@ -59,6 +59,8 @@ class Context:
     latency_budget: float
     bench_runs: int
     progress: Callable[[str], None] = print
+    # Recipe names to try (None: all). The plain export is always tried: it is the timing baseline.
+    only: list[str] | None = None
 
 
 def _converter(ctx: Context, integer_friendly: bool = False):
@@ -91,7 +93,8 @@ def augmented(samples: list) -> list:
 def worst_layers(layer_errors: Path, k: int) -> list[str]:
     """The k tensors with the largest RMSE relative to their quantisation step (TensorFlow's
     QuantizationDebugger statistics, as the exporter dumps them)."""
-    rows = list(csv.DictReader(layer_errors.open()))
+    with layer_errors.open() as f:
+        rows = list(csv.DictReader(f))
     scored = []
     for r in rows:
         try:
@@ -132,6 +135,24 @@ def _int16x8(ctx: Context) -> bytes:
     conv.inference_input_type = tf.float32
     conv.inference_output_type = tf.float32
     return conv.convert()
+
+
+RECIPE_NAMES = ("int8-plain", "int8-integer-groupnorm", "int8-calibration-x4", "int8-selective-5",
+                "int8-selective-20", "dynamic-range-int8", "int16x8")
+
+
+def check_names(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in RECIPE_NAMES]
+    if unknown:
+        raise ExportError(f"--recipes: unknown recipe {', '.join(unknown)}; the recipes are: {', '.join(RECIPE_NAMES)}")
+    return names
+
+
+def selected(ctx: Context) -> list[Recipe]:
+    every = recipes(ctx)
+    if ctx.only is None:
+        return every
+    return [r for r in every if r.name == "int8-plain" or r.name in ctx.only]
 
 
 def recipes(ctx: Context) -> list[Recipe]:
@@ -210,7 +231,7 @@ def search(ctx: Context) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     tried = []
     plain_manifest = None  # the first recipe's (the plain export's) manifest
-    for recipe in recipes(ctx):
+    for recipe in selected(ctx):
         entry = {"recipe": recipe.name, "precision": recipe.precision, "how": recipe.how}
         ctx.progress(f"[{ctx.name}] recipe {recipe.name}: converting")
         started = time.time()

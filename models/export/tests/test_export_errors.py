@@ -1,4 +1,5 @@
 """The exporter's refusals: each bad input is a clear ExportError, never a traceback."""
+import json
 import tempfile
 import unittest
 from pathlib import Path
@@ -24,6 +25,35 @@ class Tiny(tf.Module):
                                  ["image/encoded"][0], channels=3, expand_animations=False)
         x = tf.expand_dims(tf.image.resize(img, [8, 8]), 0) / 255.0
         return {self.output_key: tf.reduce_mean(x, axis=[1, 2]) @ self.w}
+
+
+class Standardised(Tiny):
+    """Weights standardised at call time inside a nested function, as BiT's convolutions are: the
+    inlined graph passes each variable handle through an Identity."""
+
+    @tf.function
+    def core(self, x):
+        w = (self.w - tf.reduce_mean(self.w)) * tf.math.rsqrt(tf.math.reduce_variance(self.w) + 1e-5)
+        return tf.reduce_mean(x, axis=[1, 2]) @ w
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def serve(self, inputs):
+        img = tf.io.decode_image(tf.io.parse_example(inputs, {"image/encoded": tf.io.FixedLenFeature([], tf.string)})
+                                 ["image/encoded"][0], channels=3, expand_animations=False)
+        x = tf.expand_dims(tf.image.resize(img, [8, 8]), 0) / 127.5 - 1.0
+        return {"embedding": self.core(x)}
+
+
+class ReadsTheStringToo(Tiny):
+    """An embedding that depends on the serialized example itself, not only on the image."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def serve(self, inputs):
+        img = tf.io.decode_image(tf.io.parse_example(inputs, {"image/encoded": tf.io.FixedLenFeature([], tf.string)})
+                                 ["image/encoded"][0], channels=3, expand_animations=False)
+        x = tf.expand_dims(tf.image.resize(img, [8, 8]), 0) / 255.0
+        length = tf.cast(tf.strings.length(inputs[0]), tf.float32)
+        return {"embedding": tf.reduce_mean(x, axis=[1, 2]) @ self.w * length}
 
 
 def save(module: Tiny, directory: Path) -> Path:
@@ -86,6 +116,29 @@ class ExportErrors(unittest.TestCase):
         self.assertAlmostEqual(pre["scale"], 1 / 255)
         self.assertGreater(report["fp32_tflite_vs_savedmodel_cosine"]["min"], 0.9999)
 
+    def test_weights_become_constants_and_their_standardisation_is_folded(self):
+        module = Standardised()
+        module.w.assign(tf.reshape(tf.range(12, dtype=tf.float32), [3, 4]))
+        sm = save(module, self.tmp / "sm")
+        report = self.run_export(sm)
+        self.assertAlmostEqual(report["preprocessing"]["offset"], -1.0)
+        self.assertGreater(report["fp32_tflite_vs_savedmodel_cosine"]["min"], 0.9999)
+        ops = json.loads((self.tmp / "out" / "tiny.ops.json").read_text())
+        for precision in ("fp32", "int8"):
+            self.assertEqual(ops[precision]["variables_read"], 0, ops[precision]["op_counts"])
+            self.assertNotIn("VAR_HANDLE", ops[precision]["op_counts"])
+            self.assertTrue(ops[precision]["weight_standardisation_folded"], ops[precision])
+
+    def test_a_cut_that_leaves_the_string_input_connected_is_refused(self):
+        sm = save(ReadsTheStringToo(), self.tmp / "sm")
+        self.assertRefused(sm, "does not separate the image from the embedding", "inputs")
+
+    def test_an_image_tensor_that_is_not_in_the_graph_is_refused(self):
+        sm = save(Tiny(), self.tmp / "sm")
+        with self.assertRaises(ExportError) as caught:
+            export.export(sm, "tiny", self.tmp / "out", self.images, self.eval, progress=lambda _: None,
+                          image_tensor="no/such/tensor:0", size=8, scale=1.0, offset=0.0)
+        self.assertIn("no tensor named 'no/such/tensor:0'", str(caught.exception))
 
 if __name__ == "__main__":
     unittest.main()

@@ -89,5 +89,19 @@ class Recipes(unittest.TestCase):
         self.assertIn("cargo build --release", err.getvalue())
 
 
+    def test_recipe_selection_keeps_the_plain_baseline_and_refuses_unknown_names(self):
+        from dermedge_export.export import ExportError
+        ctx = recipes.Context(core_dir=Path("c"), integer_core_dir=Path("i"), name="m", version="1", out=Path("o"),
+                              pre=None, dim=4, cal_inputs=[], plain_int8=Path("p"), fp32_manifest=Path("f"),
+                              layer_errors=Path("l"), debug_count=1, dermedge="d", validation=Path("v"), holdout=None,
+                              threads=2, latency_budget=1.2, bench_runs=1, only=["dynamic-range-int8"])
+        self.assertEqual([r.name for r in recipes.selected(ctx)], ["int8-plain", "dynamic-range-int8"])
+        ctx.only = None
+        self.assertEqual([r.name for r in recipes.selected(ctx)], list(recipes.RECIPE_NAMES))
+        with self.assertRaises(ExportError) as caught:
+            recipes.check_names(["int8-plain", "int4"])
+        self.assertIn("unknown recipe int4", str(caught.exception))
+
+
 if __name__ == "__main__":
     unittest.main()
