@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--calibration", required=True, type=Path, help="directory of calibration images")
     p.add_argument("--evaluation", required=True, type=Path, help="directory of evaluation images (disjoint)")
     p.add_argument("--calibration-count", type=int, default=64)
+    p.add_argument("--evaluation-count", type=int, default=None,
+                   help="compare against the SavedModel on the first N evaluation images (default: all)")
+    p.add_argument("--debug-count", type=int, default=4, help="images for the per-layer quantisation error")
     p.add_argument("--input-type", choices=["float32", "uint8", "int8"], default="float32",
                    help="int8 model's input tensor type (default: float in, float out)")
     p.add_argument("--image-tensor", help="cut the graph at this tensor instead of the recovered one")
@@ -51,6 +54,7 @@ def main(argv=None) -> int:
                    help="also search int8 recipes in order of cost; keep the fastest that passes dermedge's "
                         "fidelity gates as <name>.int8-faithful.tflite (see docs/QUANTISATION.md)")
     p.add_argument("--validation", type=Path, help="recipe search: validation images (default: --evaluation)")
+    p.add_argument("--validation-count", type=int, help="recipe search: judge on the first N validation images")
     p.add_argument("--holdout", type=Path, help="recipe search: images the search never sees, to check the choice")
     p.add_argument("--dermedge", default=None, help="recipe search: the dermedge binary (default: target/release)")
     p.add_argument("--threads", type=int, default=2, help="recipe search: threads for timing and fidelity")
@@ -86,11 +90,12 @@ def main(argv=None) -> int:
                                       "`cargo build --release -p dermedge-cli` or pass --dermedge")
                 target = {"dermedge": dermedge, "validation": args.validation, "holdout": args.holdout,
                           "threads": args.threads, "latency_budget": args.latency_budget,
-                          "bench_runs": args.bench_runs,
+                          "bench_runs": args.bench_runs, "validation_count": args.validation_count,
                           "recipes": args.recipes and recipes.check_names(args.recipes.split(","))}
             export.export(args.savedmodel, args.name, args.out, args.calibration, args.evaluation,
                           version=args.version, input_type=args.input_type,
-                          calibration_count=args.calibration_count, image_tensor=args.image_tensor,
+                          calibration_count=args.calibration_count, evaluation_count=args.evaluation_count,
+                          debug_count=args.debug_count, image_tensor=args.image_tensor,
                           size=args.size, scale=args.scale, offset=args.offset, target_fidelity=target)
         elif args.command == "build":
             from . import registry

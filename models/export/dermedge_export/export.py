@@ -495,6 +495,15 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
         val_files = list_images(validation, "validation")
         if {sha256(p) for p in cal_files} & {sha256(p) for p in val_files}:
             raise ExportError(f"{validation}: validation images overlap the calibration set; they must be disjoint")
+        count = target_fidelity.get("validation_count")
+        if count and count < len(val_files):
+            # A full-size model costs seconds per image and recipe: judge on the first `count`.
+            subset = out / "recipes" / f"validation-first-{count}"
+            shutil.rmtree(subset, ignore_errors=True)
+            subset.mkdir(parents=True)
+            for f in val_files[:count]:
+                shutil.copy(f, subset / f.name)
+            validation = subset
         integer_core_dir = None
         squares = sum(n.op in ("Square", "SquaredDifference") for n in serving.graph_def.node)
         if squares:
