@@ -21,6 +21,10 @@ work=".cache/bench/side-by-side-$model"
 mkdir -p "$work"
 py() { scripts/python-env.sh -m dermedge_export baseline "$@" 2>/dev/null | tail -1; }
 
+# This CPU's peak fp32 and int8 multiply-accumulate rate on $threads cores (scripts/roofline.c).
+cc -O2 -march=native -pthread scripts/roofline.c -o "$work/roofline"
+"$work/roofline" "$threads" > "$work/roofline.json"
+
 for p in fp32 int8; do
   echo "dermedge $p ..." >&2
   "$bin" bench embed --model "$dir/$model.$p.toml" --images "$images" --threads "$threads" \
@@ -44,6 +48,7 @@ import json, os, platform, subprocess, sys
 work, model, threads, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 load = lambda name: json.load(open(os.path.join(work, name)))
 macs = load("macs.json")["macs"]
+roof = load("roofline.json")
 cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
 name = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "?")
 flags = next((l.split(":", 1)[1].split() for l in cpu.splitlines() if l.startswith("Flags")), [])
@@ -62,12 +67,16 @@ rows.append(("TensorFlow SavedModel (tf.train.Example)", d["per_image_s"]["media
 ours = {"fp32": rows[0][1], "int8": rows[1][1]}
 print(f"Machine: {name}, {os.cpu_count()} vCPU ({isa}); {platform.platform()}. Model {model}: "
       f"{macs / 1e9:.1f} GMAC per image. {threads} threads, {runs} timed runs after 1 warm-up, medians.")
+print(f"Roofline on {threads} threads (scripts/roofline.c, best of 3): fp32 {roof['fp32_gmacs']:.0f} GMAC/s "
+      f"({roof['fp32_isa']}), int8 {roof['int8_gmacs']:.0f} GMAC/s ({roof['int8_isa']}).")
 print()
-print("| pipeline | s per image (end to end) | invoke s | GMAC/s | peak RSS MB | dermedge int8 speed-up | dermedge fp32 speed-up |")
-print("|---|---|---|---|---|---|---|")
+print("| pipeline | s per image (end to end) | invoke s | GMAC/s | % of roofline | peak RSS MB | dermedge int8 speed-up | dermedge fp32 speed-up |")
+print("|---|---|---|---|---|---|---|---|")
 for label, e2e, invoke, rss, size, _ in rows:
     gmacs = macs / 1e9 / (invoke or e2e)
-    print(f"| {label} | {e2e:.3f} | {'' if invoke is None else f'{invoke:.3f}'} | {gmacs:.1f} | {rss / 1e6:.0f} | "
+    peak = roof["int8_gmacs"] if "int8" in label else roof["fp32_gmacs"]
+    print(f"| {label} | {e2e:.3f} | {'' if invoke is None else f'{invoke:.3f}'} | {gmacs:.1f} | "
+          f"{100 * gmacs / peak:.0f} % {'int8' if 'int8' in label else 'fp32'} | {rss / 1e6:.0f} | "
           f"{e2e / ours['int8']:.2f}× | {e2e / ours['fp32']:.2f}× |")
 print()
 d8, d32 = load("dermedge-int8.json")[0], load("dermedge-fp32.json")[0]

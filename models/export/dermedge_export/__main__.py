@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--calibration-count", type=int, default=64)
     p.add_argument("--evaluation-count", type=int, default=None,
                    help="compare against the SavedModel on the first N evaluation images (default: all)")
-    p.add_argument("--debug-count", type=int, default=4, help="images for the per-layer quantisation error")
+    p.add_argument("--debug-count", type=int, default=4, help="images for the per-layer quantisation error; 0 skips it (it holds every "
+                        "intermediate tensor: the export's memory peak)")
     p.add_argument("--input-type", choices=["float32", "uint8", "int8"], default="float32",
                    help="int8 model's input tensor type (default: float in, float out)")
     p.add_argument("--image-tensor", help="cut the graph at this tensor instead of the recovered one")

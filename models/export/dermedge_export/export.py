@@ -10,9 +10,9 @@ The device cannot run string parsing and PNG decoding in TFLite, so the exporter
 2. cuts the graph after that chain, so the TFLite model takes the decoded, resized, scaled image
    tensor [1, H, W, 3], and states in the manifest exactly what dermedge's Rust preprocessing
    must do to produce it (size, bilinear half-pixel resize, value = pixel * scale + offset);
-   the cut model core is saved with its variables, so the weights are never held as graph
-   constants (a frozen R101x3 serving graph needed more than 24 GB to cut; this path peaks near
-   11 GB, in the converter);
+   the cut model core is saved with its variables, so the weights become constants only inside
+   the converter (freezing the whole serving graph first needed more than 24 GB for R101x3; the
+   fp32 conversion now peaks at 14 GB, models/README.md);
 3. converts fp32 and full-int8 (representative dataset from the calibration images), and writes
    a calibration record, an op report, per-layer quantisation errors (QuantizationDebugger) and
    a comparison of the TFLite files against the SavedModel's own serving path.
@@ -20,6 +20,7 @@ The device cannot run string parsing and PNG decoding in TFLite, so the exporter
 If the preprocessing cannot be recovered (e.g. it runs inside a loop), name the image tensor with
 --image-tensor and state the mapping with --scale/--offset/--size.
 """
+import gc
 import hashlib
 import json
 import shutil
@@ -466,12 +467,21 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
     (out / f"{name}.ops.json").write_text(json.dumps(ops, indent=1) + "\n")
     (out / f"{name}.ops.md").write_text(opreport.markdown(name, ops))
 
-    progress(f"[{name}] per-layer quantisation error ({debug_count} images)")
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter(True), debug_dataset=lambda: ([x] for x in cal_inputs[:debug_count]))
-    debugger.run()
-    with open(out / f"{name}.int8.layer-errors.csv", "w") as f:
-        debugger.layer_statistics_dump(f)
+    layer_errors = out / f"{name}.int8.layer-errors.csv"
+    layer_errors.unlink(missing_ok=True)
+    if debug_count > 0:
+        progress(f"[{name}] per-layer quantisation error ({debug_count} images)")
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter(True), debug_dataset=lambda: ([x] for x in cal_inputs[:debug_count]))
+        debugger.run()
+        with open(layer_errors, "w") as f:
+            debugger.layer_statistics_dump(f)
+        # Its interpreter keeps every intermediate tensor of the graph (the export's memory peak:
+        # 21.5 GB for R101x3 at 448 px): release it before the comparison loads more interpreters.
+        del debugger
+        gc.collect()
+    else:
+        progress(f"[{name}] per-layer quantisation error skipped (--debug-count 0)")
 
     progress(f"[{name}] comparing against the SavedModel on {len(eval_files)} evaluation images")
     reference = np.stack([fn(tf.constant([serialized_example(p)]))["embedding"].numpy()[0] for p in eval_files])

@@ -109,6 +109,9 @@ def worst_layers(layer_errors: Path, k: int) -> list[str]:
 
 
 def _selective(ctx: Context, k: int) -> bytes:
+    if not ctx.layer_errors.is_file():
+        raise ExportError(f"{ctx.layer_errors}: no per-layer error statistics to pick layers from "
+                          "(the export ran with --debug-count 0)")
     denylist = worst_layers(ctx.layer_errors, k)
     if not denylist:
         raise ExportError(f"{ctx.layer_errors}: no per-layer statistics to pick layers from")

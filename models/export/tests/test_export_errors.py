@@ -116,6 +116,16 @@ class ExportErrors(unittest.TestCase):
         self.assertAlmostEqual(pre["scale"], 1 / 255)
         self.assertGreater(report["fp32_tflite_vs_savedmodel_cosine"]["min"], 0.9999)
 
+    def test_debug_count_zero_skips_the_per_layer_errors(self):
+        sm = save(Tiny(), self.tmp / "sm")
+        (self.tmp / "out").mkdir()
+        stale = self.tmp / "out" / "tiny.int8.layer-errors.csv"
+        stale.write_text("from an earlier export\n")
+        report = export.export(sm, "tiny", self.tmp / "out", self.images, self.eval, debug_count=0,
+                               progress=lambda _: None)
+        self.assertGreater(report["fp32_tflite_vs_savedmodel_cosine"]["min"], 0.9999)
+        self.assertFalse(stale.exists(), "a stale per-layer error file must not pass for this export's")
+
     def test_weights_become_constants_and_their_standardisation_is_folded(self):
         module = Standardised()
         module.w.assign(tf.reshape(tf.range(12, dtype=tf.float32), [3, 4]))
