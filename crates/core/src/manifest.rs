@@ -326,9 +326,67 @@ impl ModelManifest {
         Ok(())
     }
 
+    /// [`Self::verify_model_file`], remembered in `stamp`: when the stamp records this manifest's
+    /// sha256 for the very same file (device, inode, size, modification and change times), the
+    /// file is not hashed again. Hashing a Derm-Foundation-size int8 file takes longer than
+    /// loading it from a weight cache; the stamp lives next to that cache and is trusted as
+    /// far as the cache is. Any change to the file changes its change time (which no user tool
+    /// can set back), so a replaced or edited model is hashed, and refused if it differs.
+    /// Returns whether the stamp was used.
+    pub fn verify_model_file_with_stamp(&self, stamp: &Path) -> Result<bool, ManifestError> {
+        let model = self.model_path();
+        let expected = self.model.sha256.to_ascii_lowercase();
+        let identity = file_identity(&model).map(|id| format!("{expected} {id}\n"));
+        if let (Some(identity), Ok(recorded)) = (&identity, fs::read_to_string(stamp)) {
+            if *identity == recorded {
+                log::debug!(
+                    "{}: sha256 verified earlier for this very file ({})",
+                    model.display(),
+                    stamp.display()
+                );
+                return Ok(true);
+            }
+        }
+        self.verify_model_file()?;
+        if let Some(identity) = identity {
+            if let Err(e) = fs::write(stamp, identity) {
+                log::warn!(
+                    "{}: cannot record the verified checksum ({e}); it will be hashed again next start",
+                    stamp.display()
+                );
+            }
+        }
+        Ok(false)
+    }
+
     /// Number of values in one input tensor (batch 1).
     pub fn input_len(&self) -> usize {
         (self.input.width * self.input.height * self.input.channels) as usize
+    }
+}
+
+/// What identifies one version of a file without reading it: device, inode, size, and the
+/// modification and change times to the nanosecond. None where the platform has no such record.
+fn file_identity(path: &Path) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(format!(
+            "dev={} ino={} size={} mtime={}.{:09} ctime={}.{:09}",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        ))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
     }
 }
 
@@ -483,5 +541,53 @@ dtype = "float32"
             "{err}"
         );
         assert!(err.to_string().contains("bfbd7251"), "{err}");
+    }
+
+    #[test]
+    fn a_stamp_skips_the_hash_only_for_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.tflite");
+        std::fs::write(&model, b"TFL3 model bytes").unwrap();
+        let sha = file_sha256(&model).unwrap();
+        let manifest_path = dir.path().join("m.toml");
+        std::fs::write(
+            &manifest_path,
+            GOOD.replace(
+                "bfbd7251e59942aa05fef9c574a79fa89d91542283cda75b55a0bebb63c0ff47",
+                &sha,
+            ),
+        )
+        .unwrap();
+        let m = ModelManifest::load(&manifest_path).unwrap();
+        let stamp = dir.path().join("cache.verified");
+
+        assert!(
+            !m.verify_model_file_with_stamp(&stamp).unwrap(),
+            "first start hashes"
+        );
+        assert!(stamp.is_file());
+        assert!(
+            m.verify_model_file_with_stamp(&stamp).unwrap(),
+            "second start uses the stamp"
+        );
+
+        // Same length, different bytes, written in place: the change time moves, so it is hashed
+        // again and refused.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&model, b"TFL3 model BYTES").unwrap();
+        let err = m.verify_model_file_with_stamp(&stamp).unwrap_err();
+        assert!(
+            matches!(err, ManifestError::ChecksumMismatch { .. }),
+            "{err}"
+        );
+
+        // A stamp for another manifest's checksum does not vouch for this one.
+        std::fs::write(&model, b"TFL3 model bytes").unwrap();
+        assert!(!m.verify_model_file_with_stamp(&stamp).unwrap());
+        let other = std::fs::read_to_string(&stamp)
+            .unwrap()
+            .replacen(&sha, &"0".repeat(64), 1);
+        std::fs::write(&stamp, other).unwrap();
+        assert!(!m.verify_model_file_with_stamp(&stamp).unwrap());
     }
 }
