@@ -33,7 +33,7 @@ for p in fp32 int8; do
   py litert "$dir/$model.$p.tflite" --images "$images" --threads "$threads" --runs "$runs" > "$work/litert-$p.json"
 done
 # Start-up with LiteRT's XNNPACK weight cache: the first start writes it, the second maps it.
-rm -f "$work/int8.xnnpack-cache"
+rm -f "$work/int8.xnnpack-cache" "$work/int8.xnnpack-cache.verified"
 for pass in write map; do
   echo "dermedge int8, weight cache ($pass) ..." >&2
   "$bin" bench embed --model "$dir/$model.int8.toml" --images "$images" --threads "$threads" \

@@ -198,14 +198,38 @@ def find_preprocessing(serving: ServingGraph) -> Preprocessing:
     return Preprocessing(decodes[0].op, resize.name, height, width, scale, offset, tensor, chain, True)
 
 
-def integer_friendly(gd) -> int:
+def _downstream(gd, source: str) -> set:
+    """Names of the nodes whose value depends on node `source` (data edges only)."""
+    consumers = {}
+    for node in gd.node:
+        for i in node.input:
+            if not i.startswith("^"):
+                consumers.setdefault(i.split(":")[0], []).append(node.name)
+    reached, todo = set(), [source]
+    while todo:
+        for name in consumers.get(todo.pop(), []):
+            if name not in reached:
+                reached.add(name)
+                todo.append(name)
+    return reached
+
+
+def integer_friendly(gd, image: str | None = None) -> int:
     """Rewrite `Square(x)` as `Mul(x, x)` and `SquaredDifference(a, b)` as `Mul(a - b, a - b)`, in
     place; returns how many were rewritten. The same arithmetic in float, but TFLite has no integer
     SQUARE or SQUARED_DIFFERENCE kernel: left as they are, GroupNorm's variance runs in float,
-    between a DEQUANTIZE and a QUANTIZE, in every layer of a full-int8 export."""
+    between a DEQUANTIZE and a QUANTIZE, in every layer of a full-int8 export.
+
+    With `image` (the input node), only ops on the image's path are rewritten: weight
+    standardisation's moments must stay as they are, for the converter folds those into constant
+    weights (rewritten, R101x3's large kernels were left computed at run time, and a convolution
+    with computed weights gets activation quantisation, which int8 kernels refuse)."""
     rewritten = 0
     extra = []
+    on_path = _downstream(gd, image) if image else None
     for node in gd.node:
+        if on_path is not None and node.name not in on_path:
+            continue
         if node.op == "Square":
             node.op = "Mul"
             node.input.append(node.input[0])
@@ -237,8 +261,6 @@ def cut(serving: ServingGraph, image_tensor: str, shape: list, rewrite_squares: 
     names = {n.name for n in gd.node}
     if image_tensor.split(":")[0] not in names:
         raise ExportError(f"no tensor named {image_tensor!r} in the serving graph")
-    if rewrite_squares:
-        integer_friendly(gd)
     image = gd.node.add()
     image.name, image.op = "dermedge/image", "Placeholder"
     image.attr["dtype"].type = tf.float32.as_datatype_enum
@@ -249,6 +271,8 @@ def cut(serving: ServingGraph, image_tensor: str, shape: list, rewrite_squares: 
         inputs = [image.name if _tensor_name(i) == cut_at else i for i in node.input if not i.startswith("^")]
         del node.input[:]
         node.input.extend(inputs)
+    if rewrite_squares:
+        integer_friendly(gd, image=image.name)
     core = tf.compat.v1.graph_util.extract_sub_graph(gd, [serving.output_tensor.split(":")[0]])
     del gd
     captured = {n.split(":")[0] for n in serving.captures}

@@ -256,14 +256,22 @@ def search(ctx: Context) -> dict:
                       "convert_s": round(time.time() - started, 1)})
         ctx.progress(f"[{ctx.name}] recipe {recipe.name}: timing, side by side with the plain int8 export")
         plain_manifest = plain_manifest or manifest
-        entry.update(side_by_side(ctx, manifest, plain_manifest))
-        if entry["latency_vs_plain_int8"] > ctx.latency_budget:
-            entry["fidelity"] = None
-            entry["skipped"] = (f"not judged: {entry['latency_vs_plain_int8']:.2f}x the plain int8 latency, over the "
-                                f"{ctx.latency_budget}x budget, so it could not be chosen")
-        else:
-            ctx.progress(f"[{ctx.name}] recipe {recipe.name}: fidelity on {ctx.validation}")
-            entry["fidelity"] = fidelity(ctx, manifest, ctx.validation, work / f"fidelity-{recipe.name}")
+        try:
+            entry.update(side_by_side(ctx, manifest, plain_manifest))
+            if entry["latency_vs_plain_int8"] > ctx.latency_budget:
+                entry["fidelity"] = None
+                entry["skipped"] = (f"not judged: {entry['latency_vs_plain_int8']:.2f}x the plain int8 latency, over "
+                                    f"the {ctx.latency_budget}x budget, so it could not be chosen")
+            else:
+                ctx.progress(f"[{ctx.name}] recipe {recipe.name}: fidelity on {ctx.validation}")
+                entry["fidelity"] = fidelity(ctx, manifest, ctx.validation, work / f"fidelity-{recipe.name}")
+        except ExportError as e:  # a file dermedge cannot run is a result too, not the end of the search
+            if recipe.name == "int8-plain":
+                raise
+            entry["error"] = f"does not run in dermedge: {str(e)[-300:]}"
+            ctx.progress(f"[{ctx.name}] recipe {recipe.name}: {entry['error']}")
+            tried.append(entry)
+            continue
         tried.append(entry)
         ctx.progress(f"[{ctx.name}] recipe {recipe.name}: {summary_line(entry)}")
 

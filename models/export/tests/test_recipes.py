@@ -75,6 +75,24 @@ class Recipes(unittest.TestCase):
         x = tf.constant(np.random.default_rng(1).normal(size=(1, 4, 4, 8)).astype(np.float32))
         np.testing.assert_allclose(run(x).numpy(), group_norm(x).numpy(), rtol=1e-5, atol=1e-5)
 
+    def test_only_squares_on_the_image_path_are_rewritten(self):
+        import tensorflow as tf
+        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+        from dermedge_export.export import integer_friendly
+
+        w = tf.Variable(np.arange(8, dtype=np.float32).reshape(8, 1))
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 8], tf.float32)])
+        def layer(x):
+            standardised = (w - tf.reduce_mean(w)) / tf.sqrt(tf.reduce_mean(tf.square(w)))  # on weights
+            return tf.square(x) @ standardised
+
+        frozen = convert_variables_to_constants_v2(layer.get_concrete_function())
+        gd = frozen.graph.as_graph_def()
+        image = frozen.inputs[0].name.split(":")[0]
+        self.assertEqual(integer_friendly(gd, image=image), 1)
+        self.assertEqual([n.op for n in gd.node].count("Square"), 1, "the weights' Square is left for folding")
+
     def test_a_search_without_the_dermedge_binary_is_a_clear_error(self):
         import contextlib
         import io
