@@ -274,6 +274,9 @@ fn sync_delivers_exactly_once_through_resets_errors_timeouts_and_a_killed_hub() 
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let hub = Arc::new(Mutex::new(HubProcess::start(&db)));
+    // The proxy's thread holds a clone of `hub` for ever, so its Drop would never run and the hub
+    // process would outlive the test: kill it when this test ends, pass or fail.
+    let _reap = ReapHub(hub.clone());
     let timeout = Duration::from_millis(800);
     use Fault::*;
     let faults = vec![
@@ -350,6 +353,14 @@ fn sync_delivers_exactly_once_through_resets_errors_timeouts_and_a_killed_hub() 
         );
     }
     eprintln!("sync under faults: {report:?}");
+}
+
+struct ReapHub(Arc<Mutex<HubProcess>>);
+
+impl Drop for ReapHub {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).kill();
+    }
 }
 
 #[test]
