@@ -27,6 +27,14 @@
   c5 = init(5), c6 = init(6), c7 = init(7), c8 = init(8), c9 = init(9), c10 = init(10), c11 = init(11)
 #define EACH(S) S(c0); S(c1); S(c2); S(c3); S(c4); S(c5); S(c6); S(c7); S(c8); S(c9); S(c10); S(c11)
 #define SUM(R) (R(c0) + R(c1) + R(c2) + R(c3) + R(c4) + R(c5) + R(c6) + R(c7) + R(c8) + R(c9) + R(c10) + R(c11))
+// The timed loop: CHAINS accumulators of type T, each stepped ITERS times, summed into `sink`
+// (so the compiler cannot drop the work).
+#define PEAK(T, init, step, lane_sum, sink) \
+  do { \
+    DECLARE(T, init); \
+    for (long i = 0; i < ITERS; i++) { EACH(step); } \
+    sink = SUM(lane_sum); \
+  } while (0)
 
 static double now(void) {
   struct timespec t;
@@ -45,35 +53,22 @@ static void *fp32_kernel(void *arg) {
 #if defined(__AVX512F__)
   fp32_isa = "avx512f fma";
   __m512 a = _mm512_set1_ps(1.0000001f), b = _mm512_set1_ps(0.9999999f);
-#define INIT(k) _mm512_set1_ps((float)k)
-#define STEP(x) x = _mm512_fmadd_ps(x, a, b)
-  DECLARE(__m512, INIT);
-  for (long i = 0; i < ITERS; i++) { EACH(STEP); }
-  sink_f = SUM(_mm512_reduce_add_ps);
-#undef INIT
-#undef STEP
+#define F512_INIT(k) _mm512_set1_ps((float)k)
+#define F512_STEP(x) x = _mm512_fmadd_ps(x, a, b)
+  PEAK(__m512, F512_INIT, F512_STEP, _mm512_reduce_add_ps, sink_f);
 #elif defined(__AVX2__) && defined(__FMA__)
   fp32_isa = "avx2 fma";
   __m256 a = _mm256_set1_ps(1.0000001f), b = _mm256_set1_ps(0.9999999f);
-#define INIT(k) _mm256_set1_ps((float)k)
-#define STEP(x) x = _mm256_fmadd_ps(x, a, b)
-#define LANE0(x) _mm256_cvtss_f32(x)
-  DECLARE(__m256, INIT);
-  for (long i = 0; i < ITERS; i++) { EACH(STEP); }
-  sink_f = SUM(LANE0);
-#undef INIT
-#undef STEP
-#undef LANE0
+#define F256_INIT(k) _mm256_set1_ps((float)k)
+#define F256_STEP(x) x = _mm256_fmadd_ps(x, a, b)
+#define F256_LANE0(x) _mm256_cvtss_f32(x)
+  PEAK(__m256, F256_INIT, F256_STEP, F256_LANE0, sink_f);
 #elif defined(__aarch64__)
   fp32_isa = "neon fma";
   float32x4_t a = vdupq_n_f32(1.0000001f), b = vdupq_n_f32(0.9999999f);
-#define INIT(k) vdupq_n_f32((float)k)
-#define STEP(x) x = vfmaq_f32(b, x, a)
-  DECLARE(float32x4_t, INIT);
-  for (long i = 0; i < ITERS; i++) { EACH(STEP); }
-  sink_f = SUM(vaddvq_f32);
-#undef INIT
-#undef STEP
+#define FNEON_INIT(k) vdupq_n_f32((float)k)
+#define FNEON_STEP(x) x = vfmaq_f32(b, x, a)
+  PEAK(float32x4_t, FNEON_INIT, FNEON_STEP, vaddvq_f32, sink_f);
 #else
 #error "no SIMD FMA path for this target"
 #endif
@@ -95,47 +90,29 @@ static void *int8_kernel(void *arg) {
 #if defined(__AVX512VNNI__)
   int8_isa = "avx512 vnni vpdpbusd";
   __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2);
-#define INIT(k) _mm512_set1_epi32(k)
-#define STEP(x) x = _mm512_dpbusd_epi32(x, a, b)
-  DECLARE(__m512i, INIT);
-  for (long i = 0; i < ITERS; i++) { EACH(STEP); }
-  sink_i = SUM(_mm512_reduce_add_epi32);
-#undef INIT
-#undef STEP
+#define Q512_INIT(k) _mm512_set1_epi32(k)
+#define Q512_STEP(x) x = _mm512_dpbusd_epi32(x, a, b)
+  PEAK(__m512i, Q512_INIT, Q512_STEP, _mm512_reduce_add_epi32, sink_i);
 #elif defined(__AVXVNNI__)
   int8_isa = "avx-vnni vpdpbusd";
   __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-2);
-#define INIT(k) _mm256_set1_epi32(k)
-#define STEP(x) x = _mm256_dpbusd_avx_epi32(x, a, b)
-#define LANE0(x) _mm256_cvtsi256_si32(x)
-  DECLARE(__m256i, INIT);
-  for (long i = 0; i < ITERS; i++) { EACH(STEP); }
-  sink_i = SUM(LANE0);
-#undef INIT
-#undef STEP
-#undef LANE0
+#define QVNNI256_INIT(k) _mm256_set1_epi32(k)
+#define QVNNI256_STEP(x) x = _mm256_dpbusd_avx_epi32(x, a, b)
+#define QVNNI256_LANE0(x) _mm256_cvtsi256_si32(x)
+  PEAK(__m256i, QVNNI256_INIT, QVNNI256_STEP, QVNNI256_LANE0, sink_i);
 #elif defined(__AVX2__)
   int8_isa = "avx2 vpmaddubsw+vpmaddwd+vpaddd";
   __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);
-#define INIT(k) _mm256_set1_epi32(k)
-#define STEP(x) x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones))
-#define LANE0(x) _mm256_cvtsi256_si32(x)
-  DECLARE(__m256i, INIT);
-  for (long i = 0; i < ITERS; i++) { EACH(STEP); }
-  sink_i = SUM(LANE0);
-#undef INIT
-#undef STEP
-#undef LANE0
+#define Q256_INIT(k) _mm256_set1_epi32(k)
+#define Q256_STEP(x) x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones))
+#define Q256_LANE0(x) _mm256_cvtsi256_si32(x)
+  PEAK(__m256i, Q256_INIT, Q256_STEP, Q256_LANE0, sink_i);
 #elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
   int8_isa = "neon sdot";
   int8x16_t a = vdupq_n_s8(3), b = vdupq_n_s8(-2);
-#define INIT(k) vdupq_n_s32(k)
-#define STEP(x) x = vdotq_s32(x, a, b)
-  DECLARE(int32x4_t, INIT);
-  for (long i = 0; i < ITERS; i++) { EACH(STEP); }
-  sink_i = SUM(vaddvq_s32);
-#undef INIT
-#undef STEP
+#define QNEON_INIT(k) vdupq_n_s32(k)
+#define QNEON_STEP(x) x = vdotq_s32(x, a, b)
+  PEAK(int32x4_t, QNEON_INIT, QNEON_STEP, vaddvq_s32, sink_i);
 #else
   int8_isa = "none";
 #endif

@@ -76,10 +76,13 @@ class ServingGraph:
     variables: list
 
 
-def _bypass_resource_identities(graph_def):
-    """Inlining passes each variable into the inlined body through an Identity of its handle. The
-    converter freezes a variable into constants only where ReadVariableOp reads the handle
-    directly; through an Identity it keeps every weight as a runtime variable (VAR_HANDLE)."""
+def _untangle_inlined(graph_def):
+    """Two leftovers of inlining, removed in one pass. (1) Each variable reaches the inlined body
+    through an Identity of its handle; the converter freezes a variable into constants only where
+    ReadVariableOp reads the handle directly, and through an Identity it keeps every weight as a
+    runtime variable (VAR_HANDLE). (2) Colocation hints name those removed nodes, and graph
+    pruning follows hints as if they were inputs (keeping the string parsing in the cut core);
+    they mean nothing to TFLite."""
     resource = tf.resource.as_datatype_enum
     source = {n.name: n.input[0] for n in graph_def.node
               if n.op == "Identity" and "T" in n.attr and n.attr["T"].type == resource}
@@ -94,8 +97,6 @@ def _bypass_resource_identities(graph_def):
         inputs = ["^" + resolve(i[1:]).split(":")[0] if i.startswith("^") else resolve(i) for i in node.input]
         del node.input[:]
         node.input.extend(inputs)
-        # Colocation hints name removed nodes, and graph pruning follows them as if they were
-        # inputs (which would keep the string parsing in the cut core); they mean nothing to TFLite.
         if "_class" in node.attr:
             del node.attr["_class"]
     del graph_def.node[:]
@@ -104,7 +105,7 @@ def _bypass_resource_identities(graph_def):
 
 def inline_serving(fn) -> ServingGraph:
     graph_def = _run_inline_graph_optimization(fn, lower_control_flow=False, aggressive_inlining=True)
-    _bypass_resource_identities(graph_def)
+    _untangle_inlined(graph_def)
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
