@@ -3,11 +3,13 @@
 //! It holds the domain types ([`Embedding`]), the [`Embedder`] trait that runtime backends
 //! implement, the model [`manifest`] that describes a `.tflite` file and the preprocessing its
 //! input needs, the [`preprocess`] code that turns image files into model input tensors, frames and
-//! the [`FrameSource`] trait, and the image-[`quality`] gate.
+//! the [`FrameSource`] trait, the image-[`quality`] gate, and the range checks ([`bounds`]) for
+//! numbers read from files.
 //!
 //! It depends on no runtime, camera or storage crate; it does no I/O beyond reading the files it
 //! is asked to read.
 
+pub mod bounds;
 pub mod embedder;
 pub mod embedding;
 pub mod frame;
@@ -15,6 +17,7 @@ pub mod manifest;
 pub mod preprocess;
 pub mod quality;
 
+pub use bounds::{Bounds, OutOfBounds};
 pub use embedder::{EmbedError, Embedder};
 pub use embedding::Embedding;
 pub use frame::{Frame, FrameSource, SourceError};

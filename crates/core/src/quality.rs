@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::bounds::{Bounds, OutOfBounds};
 use crate::RgbImage;
 
 /// Longest side of the analysis thumbnail, in pixels.
@@ -178,6 +179,39 @@ pub fn measure(image: &RgbImage) -> QualityMeasures {
 }
 
 impl QualityThresholds {
+    /// Allowed mean luminance thresholds (0–255 scale).
+    pub const LUMINANCE: Bounds<f32> = Bounds::new(0.0, 255.0);
+    /// Allowed shares of clipped pixels.
+    pub const CLIPPED: Bounds<f32> = Bounds::new(0.0, 1.0);
+    /// Allowed sharpness thresholds (variance of the Laplacian).
+    pub const SHARPNESS: Bounds<f32> = Bounds::new(0.0, 1e6);
+    /// Allowed colour-cast thresholds (0–255 scale).
+    pub const COLOUR_CAST: Bounds<f32> = Bounds::new(0.0, 255.0);
+
+    /// Refuse NaN, infinities and out-of-range thresholds (a NaN threshold would turn its test
+    /// off: every comparison with it is false). The error's key is the field name, e.g.
+    /// `min_sharpness`; `max_mean_luminance` may not be below `min_mean_luminance`.
+    pub fn validate(&self) -> Result<(), OutOfBounds> {
+        Self::LUMINANCE.check("min_mean_luminance", self.min_mean_luminance)?;
+        let checks = [
+            (
+                "max_mean_luminance",
+                self.max_mean_luminance,
+                Bounds::new(self.min_mean_luminance, Self::LUMINANCE.max),
+            ),
+            ("max_clipped_dark", self.max_clipped_dark, Self::CLIPPED),
+            ("max_clipped_bright", self.max_clipped_bright, Self::CLIPPED),
+            ("min_sharpness", self.min_sharpness, Self::SHARPNESS),
+        ];
+        for (key, value, bounds) in checks {
+            bounds.check(key, value)?;
+        }
+        if let Some(cast) = self.max_colour_cast {
+            Self::COLOUR_CAST.check("max_colour_cast", cast)?;
+        }
+        Ok(())
+    }
+
     /// Measure `image` and decide.
     pub fn judge(&self, image: &RgbImage) -> QualityVerdict {
         let m = measure(image);
@@ -306,6 +340,37 @@ mod tests {
                 blurred.measures
             );
         }
+    }
+
+    #[test]
+    fn the_defaults_are_valid_and_nan_or_infinite_thresholds_are_not() {
+        QualityThresholds::default().validate().unwrap();
+        type Set = fn(&mut QualityThresholds, f32);
+        let fields: [(&str, Set); 6] = [
+            ("min_mean_luminance", |q, v| q.min_mean_luminance = v),
+            ("max_mean_luminance", |q, v| q.max_mean_luminance = v),
+            ("max_clipped_dark", |q, v| q.max_clipped_dark = v),
+            ("max_clipped_bright", |q, v| q.max_clipped_bright = v),
+            ("min_sharpness", |q, v| q.min_sharpness = v),
+            ("max_colour_cast", |q, v| q.max_colour_cast = Some(v)),
+        ];
+        for (key, set) in fields {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1.0, 1e7] {
+                let mut q = QualityThresholds::default();
+                set(&mut q, bad);
+                let e = q.validate().unwrap_err();
+                assert_eq!(e.key, key, "{bad}: {e}");
+                assert!(e.message.contains("allowed range"), "{e}");
+            }
+        }
+        let inverted = QualityThresholds {
+            min_mean_luminance: 100.0,
+            max_mean_luminance: 99.0,
+            ..Default::default()
+        };
+        let e = inverted.validate().unwrap_err();
+        assert_eq!(e.key, "max_mean_luminance");
+        assert!(e.message.contains("100 to 255"), "{e}");
     }
 
     #[test]
