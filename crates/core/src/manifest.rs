@@ -39,8 +39,21 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::bounds::{Bounds, OutOfBounds};
+
 /// Largest input side a manifest may declare; larger inputs are a typo, not a model.
 pub const MAX_INPUT_SIDE: u32 = 4096;
+
+/// Allowed `model.embedding_dim`.
+pub const EMBEDDING_DIM: Bounds<usize> = Bounds::new(1, 1 << 20);
+/// Allowed `input.width` and `input.height`.
+pub const INPUT_SIDE: Bounds<u32> = Bounds::new(1, MAX_INPUT_SIDE);
+/// Allowed `input.scale` (0 excepted: every input would be the same) and `input.offset`, so
+/// `pixel * scale + offset` stays finite.
+pub const INPUT_SCALE: Bounds<f32> = Bounds::new(-1000.0, 1000.0);
+pub const INPUT_OFFSET: Bounds<f32> = Bounds::new(-1000.0, 1000.0);
+/// Allowed `input.quantization.scale`.
+pub const QUANT_SCALE: Bounds<f32> = Bounds::above(0.0, 1000.0);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,6 +238,7 @@ impl ModelManifest {
     }
 
     fn validate(&self) -> Result<(), ManifestError> {
+        let out_of_bounds = |e: OutOfBounds| self.invalid(e.key, e.message);
         let m = &self.model;
         if m.id.trim().is_empty() || m.id.chars().any(char::is_whitespace) {
             return Err(self.invalid("model.id", "expected a non-empty id without whitespace"));
@@ -232,17 +246,12 @@ impl ModelManifest {
         if m.sha256.len() != 64 || !m.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(self.invalid("model.sha256", "expected 64 hexadecimal digits"));
         }
-        if m.embedding_dim == 0 || m.embedding_dim > 1 << 20 {
-            return Err(self.invalid("model.embedding_dim", "expected 1 to 1048576"));
-        }
+        EMBEDDING_DIM
+            .check("model.embedding_dim", m.embedding_dim)
+            .map_err(out_of_bounds)?;
         let i = &self.input;
         for (field, v) in [("input.width", i.width), ("input.height", i.height)] {
-            if v == 0 || v > MAX_INPUT_SIDE {
-                return Err(self.invalid(
-                    field,
-                    format!("{v} is out of range; expected 1 to {MAX_INPUT_SIDE}"),
-                ));
-            }
+            INPUT_SIDE.check(field, v).map_err(out_of_bounds)?;
         }
         if i.channels != 3 {
             return Err(self.invalid(
@@ -250,13 +259,20 @@ impl ModelManifest {
                 format!("{} is not supported; expected 3", i.channels),
             ));
         }
-        if !i.scale.is_finite() || i.scale == 0.0 {
-            return Err(self.invalid("input.scale", "expected a finite, non-zero number"));
+        INPUT_SCALE
+            .check("input.scale", i.scale)
+            .map_err(out_of_bounds)?;
+        if i.scale == 0.0 {
+            return Err(self.invalid(
+                "input.scale",
+                format!("0 is not allowed (every input would be the same); the allowed range is {INPUT_SCALE} except 0"),
+            ));
         }
-        if !i.offset.is_finite() {
-            return Err(self.invalid("input.offset", "expected a finite number"));
-        }
+        INPUT_OFFSET
+            .check("input.offset", i.offset)
+            .map_err(out_of_bounds)?;
         match (i.dtype, &i.quantization) {
+            (TensorDtype::Float32, None) => {}
             (TensorDtype::Float32, Some(_)) => {
                 return Err(self.invalid(
                     "input.quantization",
@@ -269,22 +285,21 @@ impl ModelManifest {
                     "required when input.dtype is uint8 or int8",
                 ))
             }
-            (_, Some(q)) if !(q.scale.is_finite() && q.scale > 0.0) => {
-                return Err(self.invalid("input.quantization.scale", "expected a finite number > 0"))
+            (dtype, Some(q)) => {
+                QUANT_SCALE
+                    .check("input.quantization.scale", q.scale)
+                    .map_err(out_of_bounds)?;
+                let zero_points = if dtype == TensorDtype::Uint8 {
+                    Bounds::new(0, 255)
+                } else {
+                    Bounds::new(-128, 127)
+                };
+                zero_points
+                    .check("input.quantization.zero_point", q.zero_point)
+                    .map_err(|e| {
+                        self.invalid(e.key, format!("{} for {}", e.message, dtype.as_str()))
+                    })?;
             }
-            (TensorDtype::Uint8, Some(q)) if !(0..=255).contains(&q.zero_point) => {
-                return Err(self.invalid(
-                    "input.quantization.zero_point",
-                    "expected 0 to 255 for uint8",
-                ))
-            }
-            (TensorDtype::Int8, Some(q)) if !(-128..=127).contains(&q.zero_point) => {
-                return Err(self.invalid(
-                    "input.quantization.zero_point",
-                    "expected -128 to 127 for int8",
-                ))
-            }
-            _ => {}
         }
         if self.output.name.trim().is_empty() {
             return Err(self.invalid(
@@ -509,6 +524,51 @@ dtype = "float32"
             let (field, message) = field_error(&text);
             assert_eq!(field, expected, "{message}");
             assert!(!message.is_empty());
+        }
+    }
+
+    #[test]
+    fn rejects_nan_infinite_and_huge_numbers_naming_the_field_and_range() {
+        let quantised = GOOD
+            .replace("dtype = \"float32\"\nresize", "dtype = \"int8\"\nresize")
+            .replace(
+                "offset = 0.0\n",
+                "offset = 0.0\n[input.quantization]\nscale = 0.0039215689\nzero_point = -128\n",
+            );
+        parse(&quantised).unwrap();
+        let scale = "scale = 0.00392156862745098";
+        let mut cases = Vec::new();
+        for bad in ["nan", "inf", "-inf", "1e30", "-1e30"] {
+            cases.push((
+                GOOD.replace(scale, &format!("scale = {bad}")),
+                "input.scale",
+                "-1000 to 1000",
+            ));
+            cases.push((
+                GOOD.replace("offset = 0.0", &format!("offset = {bad}")),
+                "input.offset",
+                "-1000 to 1000",
+            ));
+            cases.push((
+                quantised.replace("scale = 0.0039215689", &format!("scale = {bad}")),
+                "input.quantization.scale",
+                "(0, 1000]",
+            ));
+        }
+        cases.push((
+            quantised.replace("zero_point = -128", "zero_point = 128"),
+            "input.quantization.zero_point",
+            "-128 to 127",
+        ));
+        cases.push((
+            GOOD.replace("embedding_dim = 6144", "embedding_dim = 1048577"),
+            "model.embedding_dim",
+            "1 to 1048576",
+        ));
+        for (text, expected, range) in cases {
+            let (field, message) = field_error(&text);
+            assert_eq!(field, expected, "{message}");
+            assert!(message.contains(range), "{field}: {message}");
         }
     }
 
