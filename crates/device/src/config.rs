@@ -5,7 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
+use dermedge_core::bounds::{Bounds, OutOfBounds};
 use dermedge_core::quality::QualityThresholds;
+use dermedge_queue::QueueOptions;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +97,7 @@ pub struct CameraSection {
     pub source: SourceKind,
     /// replay: an image file, a directory, `dir/pattern`, or a `.dmraw` recording.
     pub path: Option<PathBuf>,
-    /// Frames per second (replay, synthetic: pacing; uvc: requested), 0 < fps ≤ 120.
+    /// Frames per second (replay, synthetic: pacing; uvc: requested), 0.01–120.
     pub fps: Option<f64>,
     /// replay: start again at the end.
     #[serde(default)]
@@ -322,23 +324,6 @@ pub struct LoadedConfig {
     pub display_size: (u32, u32),
 }
 
-fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
-    file: &Path,
-    key: &str,
-    value: T,
-    min: T,
-    max: T,
-) -> Result<T, ConfigError> {
-    if value < min || value > max {
-        return Err(ConfigError {
-            file: file.into(),
-            key: key.into(),
-            message: format!("{value} is outside the allowed range {min} to {max}"),
-        });
-    }
-    Ok(value)
-}
-
 fn one_of(file: &Path, key: &str, value: &str, allowed: &[&str]) -> Result<(), ConfigError> {
     if !allowed.contains(&value) {
         return Err(ConfigError {
@@ -433,12 +418,117 @@ impl LoadedConfig {
     }
 }
 
+/// The allowed range of every integer key (`None`: an optional key that is not set). Checked
+/// before any conversion to the unsigned types the run uses.
+fn integer_keys(c: &DeviceConfig) -> [(&'static str, Option<i64>, Bounds<i64>); 13] {
+    let (camera, queue) = (&c.camera, &c.queue);
+    // The queue needs room for at least two of its segments.
+    let min_queue_bytes = 2 * QueueOptions::default().segment_bytes as i64;
+    [
+        ("model.threads", c.model.threads, Bounds::new(1, 64)),
+        ("camera.width", camera.width, Bounds::new(16, 8192)),
+        ("camera.height", camera.height, Bounds::new(16, 8192)),
+        (
+            "camera.hold_frames",
+            Some(camera.hold_frames),
+            Bounds::new(1, 100),
+        ),
+        (
+            "capture.stable_frames",
+            Some(c.capture.stable_frames),
+            Bounds::new(1, 100),
+        ),
+        (
+            "capture.max_captures",
+            c.capture.max_captures,
+            Bounds::new(1, i64::MAX),
+        ),
+        (
+            "display.preview_every",
+            Some(c.display.preview_every),
+            Bounds::new(1, 1000),
+        ),
+        (
+            "queue.group_max_records",
+            Some(queue.group_max_records),
+            Bounds::new(1, 100_000),
+        ),
+        (
+            "queue.group_max_delay_ms",
+            Some(queue.group_max_delay_ms),
+            Bounds::new(1, 600_000),
+        ),
+        (
+            "queue.max_bytes",
+            Some(queue.max_bytes),
+            Bounds::new(min_queue_bytes, i64::MAX),
+        ),
+        (
+            "queue.max_records",
+            Some(queue.max_records),
+            Bounds::new(1, i64::MAX),
+        ),
+        (
+            "queue.thumbnail_side",
+            Some(queue.thumbnail_side),
+            Bounds::new(0, 1024),
+        ),
+        (
+            "sync.batch_records",
+            Some(c.sync.batch_records),
+            Bounds::new(1, 10_000),
+        ),
+    ]
+}
+
+/// The allowed range of every floating-point key. All are finite, so NaN and infinities are
+/// refused, and every duration (`*_seconds`, and `1 / camera.fps`) converts to a `Duration`.
+fn float_keys(c: &DeviceConfig) -> [(&'static str, Option<f64>, Bounds<f64>); 7] {
+    [
+        ("camera.fps", c.camera.fps, Bounds::new(0.01, 120.0)),
+        (
+            "capture.stillness",
+            Some(c.capture.stillness),
+            Bounds::new(0.0, 255.0),
+        ),
+        (
+            "display.result_seconds",
+            Some(c.display.result_seconds),
+            Bounds::new(0.0, 60.0),
+        ),
+        (
+            "sync.interval_seconds",
+            Some(c.sync.interval_seconds),
+            Bounds::new(1.0, 86_400.0),
+        ),
+        (
+            "sync.timeout_seconds",
+            Some(c.sync.timeout_seconds),
+            Bounds::new(0.1, 600.0),
+        ),
+        (
+            "sync.final_sync_seconds",
+            Some(c.sync.final_sync_seconds),
+            Bounds::new(0.0, 600.0),
+        ),
+        (
+            "health.interval_seconds",
+            Some(c.health.interval_seconds),
+            Bounds::new(1.0, 86_400.0),
+        ),
+    ]
+}
+
+/// Allowed `display.size` width and height.
+pub const DISPLAY_SIDE: Bounds<u32> = Bounds::new(96, 4096);
+
 fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
     let err = |key: &str, message: String| ConfigError {
         file: file.into(),
         key: key.into(),
         message,
     };
+    let out_of_bounds = |e: OutOfBounds| err(e.key, e.message);
     let id = &c.device.id;
     if id.is_empty() || id.len() > 128 || id.chars().any(|ch| ch.is_control()) {
         return Err(err(
@@ -446,10 +536,22 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
             format!("{id:?}: expected 1 to 128 printable characters"),
         ));
     }
-    existing(file, "model.manifest", &c.model.manifest, "model manifest")?;
-    if let Some(t) = c.model.threads {
-        in_range(file, "model.threads", t, 1, 64)?;
+    for (key, value, bounds) in integer_keys(c) {
+        if let Some(v) = value {
+            bounds.check(key, v).map_err(out_of_bounds)?;
+        }
     }
+    for (key, value, bounds) in float_keys(c) {
+        if let Some(v) = value {
+            bounds.check(key, v).map_err(out_of_bounds)?;
+        }
+    }
+    c.quality.validate().map_err(|e| ConfigError {
+        file: file.into(),
+        key: format!("quality.{}", e.key),
+        message: e.message,
+    })?;
+    existing(file, "model.manifest", &c.model.manifest, "model manifest")?;
     one_of(
         file,
         "model.accelerator",
@@ -483,73 +585,15 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
             if let Some(f) = &c.camera.format {
                 one_of(file, "camera.format", f, &["mjpeg", "yuyv", "nv12", "grey"])?;
             }
-            for (key, v) in [
-                ("camera.width", c.camera.width),
-                ("camera.height", c.camera.height),
-            ] {
-                if let Some(v) = v {
-                    in_range(file, key, v, 16, 8192)?;
-                }
-            }
         }
         SourceKind::Synthetic => {}
     }
-    if let Some(fps) = c.camera.fps {
-        if !(fps > 0.0 && fps <= 120.0) {
-            return Err(err(
-                "camera.fps",
-                format!("{fps} is outside the allowed range (0, 120]"),
-            ));
-        }
-    }
-    in_range(file, "camera.hold_frames", c.camera.hold_frames, 1, 100)?;
-    in_range(
-        file,
-        "capture.stable_frames",
-        c.capture.stable_frames,
-        1,
-        100,
-    )?;
-    in_range(file, "capture.stillness", c.capture.stillness, 0.0, 255.0)?;
     if c.capture.trigger == TriggerKind::Gpio && c.capture.gpio_value_file.is_none() {
         return Err(err(
             "capture.gpio_value_file",
             "required for trigger = \"gpio\"".into(),
         ));
     }
-    if let Some(m) = c.capture.max_captures {
-        in_range(file, "capture.max_captures", m, 1, i64::MAX)?;
-    }
-    let q = &c.quality;
-    in_range(
-        file,
-        "quality.min_mean_luminance",
-        q.min_mean_luminance,
-        0.0,
-        255.0,
-    )?;
-    in_range(
-        file,
-        "quality.max_mean_luminance",
-        q.max_mean_luminance,
-        q.min_mean_luminance,
-        255.0,
-    )?;
-    in_range(
-        file,
-        "quality.max_clipped_dark",
-        q.max_clipped_dark,
-        0.0,
-        1.0,
-    )?;
-    in_range(
-        file,
-        "quality.max_clipped_bright",
-        q.max_clipped_bright,
-        0.0,
-        1.0,
-    )?;
-    in_range(file, "quality.min_sharpness", q.min_sharpness, 0.0, 1e6)?;
 
     let size = parse_size(&c.display.size).ok_or_else(|| {
         err(
@@ -557,8 +601,12 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
             format!("{:?}: expected WIDTHxHEIGHT, e.g. 320x240", c.display.size),
         )
     })?;
-    in_range(file, "display.size (width)", size.0, 96, 4096)?;
-    in_range(file, "display.size (height)", size.1, 96, 4096)?;
+    DISPLAY_SIDE
+        .check("display.size (width)", size.0)
+        .map_err(out_of_bounds)?;
+    DISPLAY_SIDE
+        .check("display.size (height)", size.1)
+        .map_err(out_of_bounds)?;
     match c.display.target {
         DisplayTarget::Png if c.display.dir.is_none() => {
             return Err(err("display.dir", "required for target = \"png\"".into()))
@@ -574,20 +622,6 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
     if let Some(f) = &c.display.pixel_format {
         one_of(file, "display.pixel_format", f, &["rgb565", "xrgb8888"])?;
     }
-    in_range(
-        file,
-        "display.result_seconds",
-        c.display.result_seconds,
-        0.0,
-        60.0,
-    )?;
-    in_range(
-        file,
-        "display.preview_every",
-        c.display.preview_every,
-        1,
-        1000,
-    )?;
 
     let qu = &c.queue;
     one_of(
@@ -596,22 +630,6 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
         &qu.durability,
         &["per-record", "group"],
     )?;
-    in_range(
-        file,
-        "queue.group_max_records",
-        qu.group_max_records,
-        1,
-        100_000,
-    )?;
-    in_range(
-        file,
-        "queue.group_max_delay_ms",
-        qu.group_max_delay_ms,
-        1,
-        600_000,
-    )?;
-    in_range(file, "queue.max_bytes", qu.max_bytes, 1 << 20, i64::MAX)?;
-    in_range(file, "queue.max_records", qu.max_records, 1, i64::MAX)?;
     one_of(
         file,
         "queue.full_policy",
@@ -619,7 +637,6 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
         &["reject", "evict-oldest"],
     )?;
     one_of(file, "queue.embedding", &qu.embedding, &["f32", "f16"])?;
-    in_range(file, "queue.thumbnail_side", qu.thumbnail_side, 0, 1024)?;
 
     let s = &c.sync;
     if s.enabled {
@@ -647,28 +664,5 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
             }
         }
     }
-    in_range(
-        file,
-        "sync.interval_seconds",
-        s.interval_seconds,
-        1.0,
-        86_400.0,
-    )?;
-    in_range(file, "sync.batch_records", s.batch_records, 1, 10_000)?;
-    in_range(file, "sync.timeout_seconds", s.timeout_seconds, 0.1, 600.0)?;
-    in_range(
-        file,
-        "sync.final_sync_seconds",
-        s.final_sync_seconds,
-        0.0,
-        600.0,
-    )?;
-    in_range(
-        file,
-        "health.interval_seconds",
-        c.health.interval_seconds,
-        1.0,
-        86_400.0,
-    )?;
     Ok(size)
 }
