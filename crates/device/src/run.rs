@@ -132,6 +132,59 @@ pub fn queue_options(config: &LoadedConfig) -> QueueOptions {
     }
 }
 
+/// What [`run`] derives from a loaded configuration before it opens the queue, the camera, the
+/// display or the hub. [`LoadedConfig::load`] range-checks every number these conversions use,
+/// so none of them can panic or wrap.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub queue: QueueOptions,
+    pub pipeline: PipelineOptions,
+    /// auto trigger: still frames needed, and the change that still counts as still.
+    pub stable_frames: u32,
+    pub stillness: f32,
+    pub max_captures: Option<u64>,
+    pub display_size: (u32, u32),
+    /// How long a result or refusal stays on screen.
+    pub result_for: Duration,
+    pub preview_every: u64,
+    pub health_interval: Duration,
+    pub sync_batch_records: usize,
+    pub sync_timeout: Duration,
+    pub sync_interval: Duration,
+    /// On a normal end, keep pushing this long (zero: not at all).
+    pub final_sync: Duration,
+}
+
+impl Settings {
+    pub fn new(config: &LoadedConfig) -> Self {
+        let c = &config.config;
+        let mut pipeline = PipelineOptions::new(&c.device.id);
+        pipeline.quality = c.quality.clone();
+        pipeline.embedding_type = if c.queue.embedding == "f16" {
+            EmbeddingType::F16
+        } else {
+            EmbeddingType::F32
+        };
+        pipeline.thumbnail_side =
+            (c.queue.thumbnail_side > 0).then_some(c.queue.thumbnail_side as u32);
+        Self {
+            queue: queue_options(config),
+            pipeline,
+            stable_frames: c.capture.stable_frames as u32,
+            stillness: c.capture.stillness as f32,
+            max_captures: c.capture.max_captures.map(|m| m as u64),
+            display_size: config.display_size,
+            result_for: Duration::from_secs_f64(c.display.result_seconds),
+            preview_every: c.display.preview_every as u64,
+            health_interval: Duration::from_secs_f64(c.health.interval_seconds),
+            sync_batch_records: c.sync.batch_records as usize,
+            sync_timeout: Duration::from_secs_f64(c.sync.timeout_seconds),
+            sync_interval: Duration::from_secs_f64(c.sync.interval_seconds),
+            final_sync: Duration::from_secs_f64(c.sync.final_sync_seconds),
+        }
+    }
+}
+
 /// Run the device until the source ends, `max_captures` is reached, or `stop` is set.
 pub fn run<E: Embedder>(
     config: &LoadedConfig,
@@ -140,24 +193,17 @@ pub fn run<E: Embedder>(
     stop: Arc<AtomicBool>,
 ) -> Result<Summary, RunError> {
     let c = &config.config;
+    let settings = Settings::new(config);
     let started = Instant::now();
     let key = load_or_create_key(config)?;
-    let queue = Queue::open(&c.queue.dir, &key, &c.device.id, queue_options(config))?;
+    let queue = Queue::open(&c.queue.dir, &key, &c.device.id, settings.queue.clone())?;
     let recovery = queue.recovery().clone();
     if !recovery.is_clean() {
         log::warn!("queue recovery: {recovery:?}");
     }
     let queue = Arc::new(Mutex::new(queue));
-    let mut options = PipelineOptions::new(&c.device.id);
-    options.quality = c.quality.clone();
-    options.embedding_type = if c.queue.embedding == "f16" {
-        EmbeddingType::F16
-    } else {
-        EmbeddingType::F32
-    };
-    options.thumbnail_side = (c.queue.thumbnail_side > 0).then_some(c.queue.thumbnail_side as u32);
-    let mut pipeline = Pipeline::new(embedder, heads, options)?;
-    let mut screens: Box<dyn ScreenOutput> = screens::open(&c.display, config.display_size)?;
+    let mut pipeline = Pipeline::new(embedder, heads, settings.pipeline.clone())?;
+    let mut screens: Box<dyn ScreenOutput> = screens::open(&c.display, settings.display_size)?;
 
     // The hub: a local one for development, else the configured URL.
     let local_hub = match (&c.sync.local_hub, c.sync.enabled) {
@@ -181,11 +227,11 @@ pub fn run<E: Embedder>(
     let mut sync_thread: Option<JoinHandle<SyncClient>> = None;
     if let Some(url) = &hub_url {
         let mut sync_config = SyncConfig::new(url);
-        sync_config.batch_records = c.sync.batch_records as usize;
-        sync_config.timeout = Duration::from_secs_f64(c.sync.timeout_seconds);
+        sync_config.batch_records = settings.sync_batch_records;
+        sync_config.timeout = settings.sync_timeout;
         let mut client = SyncClient::new(sync_config, &key, &c.queue.dir)?;
         let (queue, shared, sync_stop) = (queue.clone(), shared.clone(), sync_stop.clone());
-        let interval = Duration::from_secs_f64(c.sync.interval_seconds);
+        let interval = settings.sync_interval;
         log::info!("sync to {url} every {:.0} s", interval.as_secs_f64());
         sync_thread = Some(
             std::thread::Builder::new()
@@ -232,10 +278,9 @@ pub fn run<E: Embedder>(
     };
 
     let mut trigger = match c.capture.trigger {
-        TriggerKind::Auto => Trigger::Auto(AutoTrigger::new(
-            c.capture.stable_frames as u32,
-            c.capture.stillness as f32,
-        )),
+        TriggerKind::Auto => {
+            Trigger::Auto(AutoTrigger::new(settings.stable_frames, settings.stillness))
+        }
         TriggerKind::Key => Trigger::key(),
         TriggerKind::Gpio => Trigger::Gpio {
             value_file: c.capture.gpio_value_file.clone().unwrap_or_default(),
@@ -270,8 +315,8 @@ pub fn run<E: Embedder>(
     let mut state = State::Preview;
     let mut last_health = Instant::now();
     let mut health_frames = 0u64;
-    let result_for = Duration::from_secs_f64(c.display.result_seconds);
-    let max_captures = c.capture.max_captures.map(|m| m as u64);
+    let result_for = settings.result_for;
+    let max_captures = settings.max_captures;
     let stopped_by = loop {
         if stop.load(Ordering::Relaxed) {
             break "signal";
@@ -279,7 +324,7 @@ pub fn run<E: Embedder>(
         if max_captures.is_some_and(|m| accepted >= m) {
             break "max_captures";
         }
-        if last_health.elapsed().as_secs_f64() >= c.health.interval_seconds {
+        if last_health.elapsed() >= settings.health_interval {
             let counters = handoff.counters.snapshot();
             let s = status(accepted);
             log::info!(
@@ -315,10 +360,10 @@ pub fn run<E: Embedder>(
             }
         }
         let fire = trigger.fires(&frame.image, || {
-            measure(&frame.image).sharpness >= c.quality.min_sharpness
+            measure(&frame.image).sharpness >= settings.pipeline.quality.min_sharpness
         });
         if !fire {
-            if state == State::Preview && frames % c.display.preview_every as u64 == 0 {
+            if state == State::Preview && frames % settings.preview_every == 0 {
                 show(
                     &mut *screens,
                     &Screen::Preview {
@@ -359,24 +404,23 @@ pub fn run<E: Embedder>(
                 );
             }
             Ok(Outcome::Accepted { record, .. }) => {
-                let appended = {
-                    let mut q = queue.lock().expect("queue");
-                    q.append(&record).and_then(|r| {
-                        if !r.durable {
-                            q.commit()?;
-                        }
-                        Ok(r)
-                    })
-                };
+                // Under group durability the record becomes durable at the group's commit (the
+                // loop's `tick`, or the commit at shutdown); its receipt says which.
+                let appended = queue.lock().expect("queue").append(&record);
                 match appended {
                     Ok(receipt) => {
                         accepted += 1;
                         handoff.counters.embedded.fetch_add(1, Ordering::Relaxed);
                         log::info!(
-                            "accepted record {} seq {} from {}",
+                            "accepted record {} seq {} from {}{}",
                             record.id,
                             receipt.seq,
-                            frame.source
+                            frame.source,
+                            if receipt.durable {
+                                ""
+                            } else {
+                                " (durable at the next group commit)"
+                            }
                         );
                         records.push(record.id.clone());
                         let views: Vec<HeadView> = record
@@ -436,12 +480,12 @@ pub fn run<E: Embedder>(
     sync_stop.store(true, Ordering::Relaxed);
     if let Some(thread) = sync_thread {
         if let Ok(mut client) = thread.join() {
-            if stopped_by != "signal" && c.sync.final_sync_seconds > 0.0 {
+            if stopped_by != "signal" && !settings.final_sync.is_zero() {
                 let deadline = Arc::new(AtomicBool::new(false));
                 let flag = deadline.clone();
-                let seconds = c.sync.final_sync_seconds;
+                let final_sync = settings.final_sync;
                 std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_secs_f64(seconds));
+                    std::thread::sleep(final_sync);
                     flag.store(true, Ordering::Relaxed);
                 });
                 while !deadline.load(Ordering::Relaxed) {
