@@ -1,0 +1,707 @@
+//! Device configuration validation: whatever `LoadedConfig::load` accepts, the run can turn into
+//! its settings without panicking; NaN, infinities and out-of-range numbers are refused with the
+//! file, the key and the allowed range; the committed configurations stay valid.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use dermedge_camera::pace::Pacer;
+use dermedge_core::RgbImage;
+use dermedge_device::config::{
+    CameraSection, CaptureSection, ConfigError, DeviceConfig, DeviceSection, DisplaySection,
+    DisplayTarget, LoadedConfig, ModelSection, QueueSection, SourceKind, SyncSection, TriggerKind,
+};
+use dermedge_device::run::Settings;
+use dermedge_device::screens;
+use dermedge_device::source::open_source;
+use dermedge_device::trigger::{thumbnail, AutoTrigger};
+use dermedge_display::{Screen, Status, SyncView};
+use proptest::prelude::*;
+use proptest::sample::select;
+use proptest::test_runner::{Config, TestRunner};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A directory holding what a generated configuration names: the model manifest (loading checks
+/// only that it exists), a replay image, and room for the queue and the screens.
+struct Place {
+    dir: tempfile::TempDir,
+}
+
+impl Place {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("model.toml"), "").unwrap();
+        frame().save(dir.path().join("frame.png")).unwrap();
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Write `config` as TOML and load it.
+    fn load(&self, config: &DeviceConfig) -> Result<LoadedConfig, ConfigError> {
+        let file = self.path().join("device.toml");
+        fs::write(&file, toml::to_string(config).unwrap()).unwrap();
+        LoadedConfig::load(&file)
+    }
+}
+
+fn frame() -> RgbImage {
+    RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x + y) * 2) as u8])
+    })
+}
+
+/// A valid configuration whose files live in `place`.
+fn base(place: &Path) -> DeviceConfig {
+    DeviceConfig {
+        device: DeviceSection {
+            id: "prop-01".into(),
+            key_file: place.join("device.key"),
+            create_key: false,
+        },
+        model: ModelSection {
+            manifest: place.join("model.toml"),
+            threads: None,
+            accelerator: "cpu".into(),
+            fallback: "cpu".into(),
+            runtime: None,
+            weight_cache: None,
+        },
+        heads: Vec::new(),
+        camera: CameraSection {
+            source: SourceKind::Replay,
+            path: Some(place.join("frame.png")),
+            fps: None,
+            looped: false,
+            hold_frames: 1,
+            device: None,
+            width: None,
+            height: None,
+            format: None,
+        },
+        capture: CaptureSection {
+            gpio_value_file: Some(place.join("gpio-value")),
+            ..CaptureSection::default()
+        },
+        quality: Default::default(),
+        display: DisplaySection {
+            target: DisplayTarget::None,
+            size: "320x240".into(),
+            dir: Some(place.join("screens")),
+            device: Some(place.join("no-framebuffer")),
+            pixel_format: None,
+            result_seconds: 3.0,
+            preview_every: 1,
+        },
+        queue: QueueSection {
+            dir: place.join("queue"),
+            durability: "per-record".into(),
+            group_max_records: 16,
+            group_max_delay_ms: 200,
+            max_bytes: 1 << 30,
+            max_records: 1_000_000,
+            full_policy: "reject".into(),
+            embedding: "f32".into(),
+            thumbnail_side: 96,
+        },
+        sync: SyncSection {
+            hub: Some("http://127.0.0.1:9".into()),
+            ..SyncSection::default()
+        },
+        health: Default::default(),
+        run: Default::default(),
+    }
+}
+
+/// One numeric key: its documented range (firmware-config/README.md) and how to set it.
+struct Key<T> {
+    name: &'static str,
+    lo: T,
+    hi: T,
+    /// May be left unset.
+    optional: bool,
+    set: fn(&mut DeviceConfig, T),
+}
+
+fn float_keys() -> Vec<Key<f64>> {
+    fn key(name: &'static str, lo: f64, hi: f64, set: fn(&mut DeviceConfig, f64)) -> Key<f64> {
+        Key {
+            name,
+            lo,
+            hi,
+            optional: false,
+            set,
+        }
+    }
+    vec![
+        Key {
+            optional: true,
+            ..key("camera.fps", 0.01, 120.0, |c, v| c.camera.fps = Some(v))
+        },
+        key("capture.stillness", 0.0, 255.0, |c, v| {
+            c.capture.stillness = v
+        }),
+        key("quality.min_mean_luminance", 0.0, 255.0, |c, v| {
+            c.quality.min_mean_luminance = v as f32
+        }),
+        key("quality.max_mean_luminance", 0.0, 255.0, |c, v| {
+            c.quality.max_mean_luminance = v as f32
+        }),
+        key("quality.max_clipped_dark", 0.0, 1.0, |c, v| {
+            c.quality.max_clipped_dark = v as f32
+        }),
+        key("quality.max_clipped_bright", 0.0, 1.0, |c, v| {
+            c.quality.max_clipped_bright = v as f32
+        }),
+        key("quality.min_sharpness", 0.0, 1e6, |c, v| {
+            c.quality.min_sharpness = v as f32
+        }),
+        Key {
+            optional: true,
+            ..key("quality.max_colour_cast", 0.0, 255.0, |c, v| {
+                c.quality.max_colour_cast = Some(v as f32)
+            })
+        },
+        key("display.result_seconds", 0.0, 60.0, |c, v| {
+            c.display.result_seconds = v
+        }),
+        key("sync.interval_seconds", 1.0, 86_400.0, |c, v| {
+            c.sync.interval_seconds = v
+        }),
+        key("sync.timeout_seconds", 0.1, 600.0, |c, v| {
+            c.sync.timeout_seconds = v
+        }),
+        key("sync.final_sync_seconds", 0.0, 600.0, |c, v| {
+            c.sync.final_sync_seconds = v
+        }),
+        key("health.interval_seconds", 1.0, 86_400.0, |c, v| {
+            c.health.interval_seconds = v
+        }),
+    ]
+}
+
+fn set_display_size(c: &mut DeviceConfig, width: Option<i64>, height: Option<i64>) {
+    let (w, h) = c.display.size.split_once('x').unwrap();
+    let (w, h) = (
+        width.map_or(w.to_string(), |v| v.to_string()),
+        height.map_or(h.to_string(), |v| v.to_string()),
+    );
+    c.display.size = format!("{w}x{h}");
+}
+
+fn integer_keys() -> Vec<Key<i64>> {
+    fn key(name: &'static str, lo: i64, hi: i64, set: fn(&mut DeviceConfig, i64)) -> Key<i64> {
+        Key {
+            name,
+            lo,
+            hi,
+            optional: false,
+            set,
+        }
+    }
+    fn optional(name: &'static str, lo: i64, hi: i64, set: fn(&mut DeviceConfig, i64)) -> Key<i64> {
+        Key {
+            optional: true,
+            ..key(name, lo, hi, set)
+        }
+    }
+    vec![
+        optional("model.threads", 1, 64, |c, v| c.model.threads = Some(v)),
+        optional("camera.width", 16, 8192, |c, v| c.camera.width = Some(v)),
+        optional("camera.height", 16, 8192, |c, v| c.camera.height = Some(v)),
+        key("camera.hold_frames", 1, 100, |c, v| {
+            c.camera.hold_frames = v
+        }),
+        key("capture.stable_frames", 1, 100, |c, v| {
+            c.capture.stable_frames = v
+        }),
+        optional("capture.max_captures", 1, i64::MAX, |c, v| {
+            c.capture.max_captures = Some(v)
+        }),
+        key("display.size (width)", 96, 4096, |c, v| {
+            set_display_size(c, Some(v), None)
+        }),
+        key("display.size (height)", 96, 4096, |c, v| {
+            set_display_size(c, None, Some(v))
+        }),
+        key("display.preview_every", 1, 1000, |c, v| {
+            c.display.preview_every = v
+        }),
+        key("queue.group_max_records", 1, 100_000, |c, v| {
+            c.queue.group_max_records = v
+        }),
+        key("queue.group_max_delay_ms", 1, 600_000, |c, v| {
+            c.queue.group_max_delay_ms = v
+        }),
+        key("queue.max_bytes", 8 << 20, i64::MAX, |c, v| {
+            c.queue.max_bytes = v
+        }),
+        key("queue.max_records", 1, i64::MAX, |c, v| {
+            c.queue.max_records = v
+        }),
+        key("queue.thumbnail_side", 0, 1024, |c, v| {
+            c.queue.thumbnail_side = v
+        }),
+        key("sync.batch_records", 1, 10_000, |c, v| {
+            c.sync.batch_records = v
+        }),
+    ]
+}
+
+/// A value no configuration may get through, or one on the very edge: NaN, infinities,
+/// negative, zero, subnormal, just outside the range, huge; `random` for the last class.
+fn float_bait(class: usize, lo: f64, hi: f64, random: f64) -> f64 {
+    [
+        f64::NAN,
+        -f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        -1.0,
+        -0.0,
+        0.0,
+        5e-324,
+        1e-310,
+        lo - 1e-6,
+        hi + 1e-6,
+        1e300,
+        f64::MAX,
+        random,
+    ][class % 14]
+}
+
+fn integer_bait(class: usize, lo: i64, hi: i64, random: i64) -> i64 {
+    [
+        i64::MIN,
+        -1,
+        0,
+        lo.saturating_sub(1),
+        hi.saturating_add(1),
+        u32::MAX as i64 + 1,
+        1 << 53,
+        i64::MAX,
+        random,
+    ][class % 9]
+}
+
+/// A value in `lo..=hi`, the ends more often than chance would pick them.
+fn in_range<T>(lo: T, hi: T) -> BoxedStrategy<T>
+where
+    T: Copy + std::fmt::Debug + 'static,
+    std::ops::RangeInclusive<T>: Strategy<Value = T>,
+{
+    prop_oneof![8 => lo..=hi, 1 => select(vec![lo, hi])].boxed()
+}
+
+/// One generated case: the choices, every numeric key's value in its documented range (`None`:
+/// left unset), and up to two keys given bait instead.
+#[derive(Debug, Clone)]
+struct Case {
+    source: SourceKind,
+    trigger: TriggerKind,
+    target: DisplayTarget,
+    durability: &'static str,
+    full_policy: &'static str,
+    embedding: &'static str,
+    looped: bool,
+    sync: bool,
+    floats: Vec<Option<f64>>,
+    integers: Vec<Option<i64>>,
+    /// (key, bait class, random float, random integer); keys index floats, then integers.
+    baits: Vec<(usize, usize, f64, i64)>,
+}
+
+fn cases() -> impl Strategy<Value = Case> {
+    let floats: Vec<_> = float_keys()
+        .iter()
+        .map(|k| {
+            let value = in_range(k.lo, k.hi);
+            if k.optional {
+                proptest::option::weighted(0.7, value).boxed()
+            } else {
+                value.prop_map(Some).boxed()
+            }
+        })
+        .collect();
+    let integers: Vec<_> = integer_keys()
+        .iter()
+        .map(|k| {
+            // Mostly small screens: a 4096×4096 canvas is slow to draw in a debug build.
+            let value = if k.name.starts_with("display.size") {
+                prop_oneof![8 => 96i64..=800, 1 => select(vec![96i64, 4096])].boxed()
+            } else {
+                in_range(k.lo, k.hi)
+            };
+            if k.optional {
+                proptest::option::weighted(0.7, value).boxed()
+            } else {
+                value.prop_map(Some).boxed()
+            }
+        })
+        .collect();
+    let keys = float_keys().len() + integer_keys().len();
+    let choices = (
+        select(vec![
+            SourceKind::Replay,
+            SourceKind::Synthetic,
+            SourceKind::Uvc,
+        ]),
+        select(vec![TriggerKind::Auto, TriggerKind::Key, TriggerKind::Gpio]),
+        select(vec![
+            DisplayTarget::Png,
+            DisplayTarget::Framebuffer,
+            DisplayTarget::Simulator,
+            DisplayTarget::None,
+        ]),
+        select(vec!["per-record", "group"]),
+        select(vec!["reject", "evict-oldest"]),
+        select(vec!["f32", "f16"]),
+        any::<bool>(),
+        any::<bool>(),
+    );
+    let baits = proptest::collection::vec((0..keys, 0..14usize, any::<f64>(), any::<i64>()), 0..=2);
+    (choices, floats, integers, baits).prop_map(
+        |(
+            (source, trigger, target, durability, full_policy, embedding, looped, sync),
+            floats,
+            integers,
+            baits,
+        )| Case {
+            source,
+            trigger,
+            target,
+            durability,
+            full_policy,
+            embedding,
+            looped,
+            sync,
+            floats,
+            integers,
+            baits,
+        },
+    )
+}
+
+impl Case {
+    /// The configuration, and the keys given bait that lies outside their documented range (as
+    /// the configuration holds the value: quality thresholds are f32).
+    fn config(&self, place: &Path) -> (DeviceConfig, Vec<String>) {
+        let mut c = base(place);
+        c.camera.source = self.source;
+        c.camera.looped = self.looped;
+        c.capture.trigger = self.trigger;
+        c.display.target = self.target;
+        c.queue.durability = self.durability.into();
+        c.queue.full_policy = self.full_policy.into();
+        c.queue.embedding = self.embedding.into();
+        c.sync.enabled = self.sync;
+        let (fk, ik) = (float_keys(), integer_keys());
+        for (k, v) in fk.iter().zip(&self.floats) {
+            if let Some(v) = v {
+                (k.set)(&mut c, *v);
+            }
+        }
+        for (k, v) in ik.iter().zip(&self.integers) {
+            if let Some(v) = v {
+                (k.set)(&mut c, *v);
+            }
+        }
+        let q = &mut c.quality;
+        if q.min_mean_luminance > q.max_mean_luminance {
+            (q.min_mean_luminance, q.max_mean_luminance) =
+                (q.max_mean_luminance, q.min_mean_luminance);
+        }
+        // A key baited twice holds the second bait.
+        let mut outside = BTreeMap::new();
+        for &(key, class, random_float, random_integer) in &self.baits {
+            outside.remove(&key);
+            if let Some(k) = fk.get(key) {
+                let v = float_bait(class, k.lo, k.hi, random_float);
+                (k.set)(&mut c, v);
+                let held = if k.name.starts_with("quality.") {
+                    v as f32 as f64
+                } else {
+                    v
+                };
+                if !(k.lo..=k.hi).contains(&held) {
+                    outside.insert(key, format!("{} = {v}", k.name));
+                }
+            } else {
+                let k = &ik[key - fk.len()];
+                let v = integer_bait(class, k.lo, k.hi, random_integer);
+                (k.set)(&mut c, v);
+                if !(k.lo..=k.hi).contains(&v) {
+                    outside.insert(key, format!("{} = {v}", k.name));
+                }
+            }
+        }
+        let outside = outside.into_values().collect();
+        (c, outside)
+    }
+}
+
+/// What `run` derives from an accepted configuration before it needs a model or a camera, and
+/// the first uses it makes of each: none of it may panic.
+fn derive_everything(loaded: &LoadedConfig) {
+    let c = &loaded.config;
+    let settings = Settings::new(loaded);
+    settings
+        .queue
+        .validate()
+        .expect("the queue accepts the options an accepted configuration gives it");
+    settings.pipeline.quality.validate().unwrap();
+    let image = frame();
+    let verdict = settings.pipeline.quality.judge(&image);
+    assert_eq!(verdict.accepted, verdict.issues.is_empty());
+
+    let mut auto = AutoTrigger::new(settings.stable_frames, settings.stillness);
+    for sharp in [true, true, false, true] {
+        auto.observe(thumbnail(&image), sharp);
+    }
+    let now = Instant::now();
+    for wait in [
+        settings.result_for,
+        settings.health_interval,
+        settings.sync_timeout,
+        settings.sync_interval,
+        settings.final_sync,
+    ] {
+        assert!(now.checked_add(wait).is_some(), "{wait:?}");
+    }
+    assert_eq!(
+        7 % settings.preview_every,
+        7 % c.display.preview_every as u64
+    );
+    assert!(settings.sync_batch_records >= 1);
+    assert!(settings.max_captures.is_none_or(|m| m >= 1));
+
+    // The source, as the capture thread opens it (and one replayed frame: the first is not paced).
+    let _ = Pacer::new(c.camera.fps);
+    if let Ok(mut source) = open_source(&c.camera) {
+        if c.camera.source == SourceKind::Replay {
+            source.next_frame().unwrap().unwrap();
+        }
+    }
+
+    // The screens at the configured size; a framebuffer or simulator that is not there is an
+    // error, not a panic.
+    if let Ok(mut out) = screens::open(&c.display, settings.display_size) {
+        let status = Status {
+            device: c.device.id.clone(),
+            queue_depth: 3,
+            sync: SyncView::Waiting,
+            captures: 1,
+        };
+        let screen = Screen::Preview {
+            frame: &image,
+            hint: "Hold still",
+        };
+        out.show(&screen, &status).unwrap();
+    }
+}
+
+#[test]
+fn whatever_validation_accepts_runs_without_panicking() {
+    let place = Place::new();
+    let (accepted, refused) = (Cell::new(0u32), Cell::new(0u32));
+    let mut runner = TestRunner::new(Config {
+        cases: 2000,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&cases(), |case| {
+            let (config, outside) = case.config(place.path());
+            match place.load(&config) {
+                Ok(loaded) => {
+                    accepted.set(accepted.get() + 1);
+                    prop_assert!(outside.is_empty(), "accepted {outside:?}");
+                    derive_everything(&loaded);
+                }
+                Err(e) => {
+                    refused.set(refused.get() + 1);
+                    let text = e.to_string();
+                    prop_assert!(
+                        !case.baits.is_empty(),
+                        "values in the documented ranges refused: {text}"
+                    );
+                    prop_assert!(text.contains("device.toml"), "{text}");
+                    prop_assert!(
+                        e.message.contains("allowed range") || e.key == "display.size",
+                        "{text}"
+                    );
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    // Both sides of the boundary were exercised.
+    let (accepted, refused) = (accepted.get(), refused.get());
+    assert!(
+        accepted >= 400 && refused >= 400,
+        "{accepted} accepted, {refused} refused"
+    );
+}
+
+/// A committed configuration as the bundle installs it (`firmware-config/` beside `models/`),
+/// with every file it must name present, and with `edit` applied to its text.
+fn staged(name: &str, edit: impl FnOnce(String) -> String) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let configs = tmp.path().join("firmware-config");
+    fs::create_dir_all(&configs).unwrap();
+    let text = fs::read_to_string(root().join("firmware-config").join(name)).unwrap();
+    let raw: DeviceConfig = toml::from_str(&text).unwrap();
+    let mut named = vec![raw.model.manifest.clone()];
+    named.extend(raw.heads.iter().cloned());
+    if raw.camera.source == SourceKind::Replay {
+        named.extend(raw.camera.path.clone());
+    }
+    for path in named {
+        let path = configs.join(path);
+        if path.extension().is_some() {
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, "").unwrap();
+        } else {
+            fs::create_dir_all(&path).unwrap();
+        }
+    }
+    let file = configs.join(name);
+    fs::write(&file, edit(text)).unwrap();
+    (tmp, file)
+}
+
+const COMMITTED: [&str; 3] = [
+    "x86-dev.toml",
+    "pi5-handheld.toml",
+    "jetson-orin-kiosk.toml",
+];
+
+#[test]
+fn the_committed_configs_pass_validation() {
+    let on_disk: Vec<String> = fs::read_dir(root().join("firmware-config"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".toml"))
+        .collect();
+    for name in &on_disk {
+        assert!(COMMITTED.contains(&name.as_str()), "{name} is not tested");
+    }
+    for name in COMMITTED {
+        let (_tmp, file) = staged(name, |t| t);
+        let loaded = LoadedConfig::load(&file).unwrap_or_else(|e| panic!("{name}: {e}"));
+        derive_everything(&loaded);
+    }
+    let (_tmp, file) = staged("pi5-handheld.toml", |t| t);
+    let settings = Settings::new(&LoadedConfig::load(&file).unwrap());
+    assert_eq!(
+        settings.queue.durability,
+        dermedge_queue::Durability::Group {
+            max_records: 8,
+            max_delay_ms: 250
+        }
+    );
+    assert_eq!(settings.display_size, (320, 240));
+    assert_eq!(settings.result_for.as_secs_f64(), 4.0);
+    assert_eq!(settings.sync_timeout.as_secs_f64(), 15.0);
+    assert_eq!(settings.pipeline.quality.min_sharpness, 9.0);
+}
+
+/// The error loading x86-dev.toml with `edit` applied.
+fn refused(edit: impl FnOnce(String) -> String) -> ConfigError {
+    let (_tmp, file) = staged("x86-dev.toml", edit);
+    LoadedConfig::load(&file).expect_err("accepted")
+}
+
+fn assert_names(e: &ConfigError, key: &str, range: &str) {
+    let text = e.to_string();
+    assert!(text.contains("x86-dev.toml"), "the file: {text}");
+    assert_eq!(e.key, key, "{text}");
+    assert!(
+        text.contains(&format!("allowed range {range}")),
+        "the range: {text}"
+    );
+}
+
+#[test]
+fn nan_or_infinite_min_sharpness_is_refused() {
+    for value in ["nan", "+nan", "-nan", "inf", "+inf", "-inf"] {
+        let e = refused(|t| format!("{t}\n[quality]\nmin_sharpness = {value}\n"));
+        assert_names(&e, "quality.min_sharpness", "0 to 1000000");
+    }
+    let e = refused(|t| format!("{t}\n[quality]\nmax_colour_cast = nan\n"));
+    assert_names(&e, "quality.max_colour_cast", "0 to 255");
+}
+
+#[test]
+fn nan_negative_or_endless_durations_are_refused() {
+    let cases = [
+        (
+            "result_seconds = 0.5",
+            "result_seconds = nan",
+            "display.result_seconds",
+            "0 to 60",
+        ),
+        (
+            "result_seconds = 0.5",
+            "result_seconds = -0.5",
+            "display.result_seconds",
+            "0 to 60",
+        ),
+        (
+            "[sync]\n",
+            "[sync]\ntimeout_seconds = -1.0\n",
+            "sync.timeout_seconds",
+            "0.1 to 600",
+        ),
+        (
+            "[sync]\n",
+            "[sync]\nfinal_sync_seconds = inf\n",
+            "sync.final_sync_seconds",
+            "0 to 600",
+        ),
+        (
+            "[health]\ninterval_seconds = 2",
+            "[health]\ninterval_seconds = -2",
+            "health.interval_seconds",
+            "1 to 86400",
+        ),
+        (
+            "[health]\ninterval_seconds = 2",
+            "[health]\ninterval_seconds = nan",
+            "health.interval_seconds",
+            "1 to 86400",
+        ),
+        // 1 / fps is the frame interval: a tiny rate would be an endless one.
+        ("fps = 12", "fps = 1e-310", "camera.fps", "0.01 to 120"),
+        ("fps = 12", "fps = nan", "camera.fps", "0.01 to 120"),
+    ];
+    for (from, to, key, range) in cases {
+        let e = refused(|t| {
+            assert!(t.contains(from), "{from}");
+            t.replacen(from, to, 1)
+        });
+        assert_names(&e, key, range);
+    }
+}
+
+#[test]
+fn counts_are_range_checked_before_any_cast() {
+    // A synthetic camera uses width and height too, not only a UVC one.
+    let e = refused(|t| {
+        t.replace("source = \"replay\"", "source = \"synthetic\"")
+            .replace("fps = 12", "fps = 12\nwidth = -640")
+    });
+    assert_names(&e, "camera.width", "16 to 8192");
+    // The queue needs room for two segments; less passed `config check` but failed at run.
+    let e = refused(|t| t.replace("[queue]\n", "[queue]\nmax_bytes = 1048576\n"));
+    assert_names(&e, "queue.max_bytes", "8388608 to 9223372036854775807");
+    let e = refused(|t| t.replace("size = \"320x240\"", "size = \"4294967392x240\""));
+    assert_eq!(e.key, "display.size", "{e}");
+}
