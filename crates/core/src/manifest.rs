@@ -18,11 +18,11 @@
 //! color_order = "rgb"       # rgb | bgr
 //! dtype = "float32"         # float32 | uint8 | int8: the model's input tensor type
 //! resize_filter = "bilinear"  # TensorFlow's bilinear: half-pixel centres, no antialiasing
-//! scale = 0.00392156862745098 # value = pixel (0–255) * scale + offset
-//! offset = 0.0
+//! scale = 0.00392156862745098 # value = pixel (0–255) * scale + offset; -1000 to 1000, not 0
+//! offset = 0.0              # -1000 to 1000
 //! # [input.quantization]    # required when dtype is uint8/int8: must equal the model's
-//! # scale = 0.0039215689
-//! # zero_point = -128
+//! # scale = 0.0039215689    # more than 0, at most 1000
+//! # zero_point = -128       # uint8: 0 to 255, int8: -128 to 127
 //!
 //! [output]
 //! name = "embedding"
