@@ -51,20 +51,29 @@ impl QueueArgs {
 
 pub fn report_recovery(queue: &Queue) {
     let r = queue.recovery();
+    for path in &r.rolled_back {
+        eprintln!(
+            "warning: {}: left by an interrupted update, removed",
+            path.display()
+        );
+    }
     for (path, offset, bytes) in &r.torn_tails {
         eprintln!(
-            "warning: {}: an interrupted append ({bytes} bytes at {offset}) was truncated",
+            "warning: {}: an interrupted append ({bytes} bytes at {offset}, never reported saved) was truncated",
             path.display()
         );
     }
     for (path, offset, bytes, reason) in &r.skipped {
         eprintln!(
-            "warning: {}: {bytes} damaged bytes at {offset} skipped ({reason})",
+            "error: {}: {bytes} damaged bytes at {offset} ({reason})",
             path.display()
         );
     }
     for copy in &r.quarantined {
-        eprintln!("warning: damaged bytes kept in {}", copy.display());
+        eprintln!("warning: the bytes are kept in {}", copy.display());
+    }
+    if r.state_rebuilt {
+        eprintln!("error: the queue's recovery point was unreadable and was rebuilt");
     }
 }
 
@@ -112,8 +121,17 @@ pub fn run(command: &QueueCommand) -> Result<bool> {
         QueueCommand::Status { queue, json } => {
             let (q, _) = queue.open()?;
             let stats = q.stats();
+            let unreported = q.unreported_gaps();
             if *json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "stats": stats,
+                        "unreported_gaps": unreported,
+                        "gaps": q.gaps(),
+                        "recovery_found_damage": q.recovery().found_damage(),
+                    }))?
+                );
             } else {
                 println!(
                     "{}: device {}, {} records waiting for the hub ({} bytes in {} segments); last {}, durable {}, acknowledged through {}",
@@ -127,7 +145,13 @@ pub fn run(command: &QueueCommand) -> Result<bool> {
                     stats.acked_seq
                 );
             }
-            Ok(q.recovery().is_clean())
+            for gap in &unreported {
+                eprintln!(
+                    "error: {gap}: lost on this device, not yet reported to the hub (gaps.log)"
+                );
+            }
+            // Lost records make the status fail until the hub holds the record of the loss.
+            Ok(!q.recovery().found_damage() && unreported.is_empty())
         }
         QueueCommand::List { queue } => {
             let (q, _) = queue.open()?;

@@ -6,43 +6,68 @@
 //! is durable ([`Receipt::durable`], [`Queue::durable_seq`]): at once under
 //! [`Durability::PerRecord`], at the next group commit under [`Durability::Group`].
 //!
-//! Opening a queue recovers it: a torn tail (an append cut short by power loss) is truncated and
-//! reported; a damaged record in the middle is skipped, copied to `quarantine/` and reported.
+//! Every file operation goes through [`Storage`], whose contract is POSIX's read strictly; the
+//! tests run the queue on a model of the page cache that loses unsynced writes and directory
+//! entries at a simulated power cut. The recovery point (`state`: the durable high-water mark and
+//! the hub's cursor) says what was once durable, so opening a queue can tell an append cut short
+//! (after the high-water mark: truncated) from damage to accepted records (before it: copied to
+//! `quarantine/`, reported, journalled as a [`Gap`]). A sequence number at or below the
+//! high-water mark is never given to another record. A range that is simply gone (a deleted
+//! segment) is journalled as missing. Known temporary files are rolled back. A failed sync
+//! poisons the handle: the records it covered are reported not saved and never synced.
+//!
 //! Segments are deleted only once the hub has acknowledged every record in them
-//! ([`Queue::acknowledge`]). Capacity is bounded in bytes and records, with an explicit
-//! [`FullPolicy`].
+//! ([`Queue::acknowledge`]), which needs no free space. Capacity is bounded in bytes and records,
+//! with an explicit [`FullPolicy`].
 //!
 //! Depends on nothing else in dermedge.
 
+mod gaps;
 mod key;
 mod record;
 mod segment;
+mod state;
+mod storage;
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+#[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
+mod sim;
+
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use gaps::{Gap, GapReason};
 pub use key::{hex, DeviceKey, KEY_BYTES};
 pub use record::{
     new_record_id, now_ms, Embedding, EmbeddingType, HeadResult, QualityResult, Record,
     RECORD_FORMAT,
 };
 pub use segment::FRAME_OVERHEAD;
+pub use storage::{Disk, Entry, LockGuard, Open, Storage, StorageFile};
+
 use segment::{Cipher, FrameRef, HeaderState, HEADER_LEN};
+use state::RecoveryPoint;
 
 pub const QUEUE_FORMAT: &str = "dermedge-queue/1";
 const META: &str = "queue.json";
+const META_TMP: &str = ".queue.json.tmp";
 const LOCK: &str = "LOCK";
-const CURSOR: &str = "acked";
-const CURSOR_TMP: &str = "acked.tmp";
-const EVICTED: &str = "evicted.log";
+const STATE: &str = "state";
+const STATE_TMP: &str = "state.tmp";
+const GAPS: &str = "gaps.log";
 const QUARANTINE: &str = "quarantine";
+/// Written by earlier releases; read once and replaced by `state`.
+const LEGACY_CURSOR: &str = "acked";
+const LEGACY_CURSOR_TMP: &str = "acked.tmp";
+const LEGACY_EVICTED: &str = "evicted.log";
 /// The sync client's request counter lives next to the queue it drains.
 pub const SYNC_STATE: &str = "sync.json";
+/// Where the sync client writes [`SYNC_STATE`] before renaming it into place.
+pub const SYNC_STATE_TMP: &str = "sync.json.tmp";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -60,7 +85,7 @@ pub enum QueueError {
     Locked { dir: PathBuf },
     #[error(
         "{dir}: `{file}` is not part of a dermedge queue; the directory may only hold {META}, \
-         {LOCK}, {CURSOR}, {EVICTED}, {SYNC_STATE}, {QUARANTINE}/ and seg-<20 digits>.dlog files"
+         {LOCK}, {STATE}, {GAPS}, {SYNC_STATE}, {QUARANTINE}/ and seg-<20 digits>.dlog files"
     )]
     ForeignFile { dir: PathBuf, file: String },
     #[error("{path}: not a dermedge queue file: {message}")]
@@ -110,6 +135,11 @@ pub enum QueueError {
         seq: u64,
         message: String,
     },
+    #[error(
+        "{dir}: writing stopped after a failed sync ({cause}); records since the last successful \
+         sync were not saved; reopen the queue"
+    )]
+    Poisoned { dir: PathBuf, cause: String },
 }
 
 type Result<T> = std::result::Result<T, QueueError>;
@@ -225,19 +255,28 @@ pub struct Stored {
 /// What opening the queue found and repaired.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RecoveryReport {
-    /// Appends cut short, truncated: (segment, offset, bytes).
+    /// Known temporary files of an interrupted update, removed (the update is rolled back).
+    pub rolled_back: Vec<PathBuf>,
+    /// Appends cut short (never durable), truncated: (segment, offset, bytes).
     pub torn_tails: Vec<(PathBuf, u64, u64)>,
-    /// Damaged bytes skipped in the middle of a segment: (segment, offset, bytes, reason).
+    /// Damaged bytes of once-durable records, skipped: (segment, offset, bytes, reason).
     pub skipped: Vec<(PathBuf, u64, u64, String)>,
     /// Where each damaged or truncated byte range was copied before it was dropped.
     pub quarantined: Vec<PathBuf>,
-    /// A segment header cut short while the segment was created, rewritten.
-    pub headers_repaired: Vec<PathBuf>,
+    /// Losses found by this recovery (also journalled in `gaps.log`).
+    pub gaps: Vec<Gap>,
+    /// The recovery point could not be read and was rebuilt from the segments.
+    pub state_rebuilt: bool,
 }
 
 impl RecoveryReport {
     pub fn is_clean(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// Whether once-durable data was found damaged or missing (not merely an interrupted update).
+    pub fn found_damage(&self) -> bool {
+        !self.skipped.is_empty() || !self.gaps.is_empty() || self.state_rebuilt
     }
 }
 
@@ -262,7 +301,6 @@ struct Meta {
 }
 
 struct Segment {
-    first_seq: u64,
     path: PathBuf,
     frames: Vec<FrameRef>,
     bytes: u64,
@@ -275,23 +313,36 @@ impl Segment {
 }
 
 pub struct Queue {
+    storage: Arc<dyn Storage>,
     dir: PathBuf,
     device_id: String,
     options: QueueOptions,
     cipher: Cipher,
     key_check: [u8; 16],
     segments: Vec<Segment>,
-    active: File,
+    active: Box<dyn StorageFile>,
+    state_file: Box<dyn StorageFile>,
+    point: RecoveryPoint,
     last_seq: u64,
     durable_seq: u64,
     acked_seq: u64,
     pending_since: Option<Instant>,
     recovery: RecoveryReport,
+    /// Every loss journalled in `gaps.log`.
+    gaps: Vec<Gap>,
+    /// Set by a failed write or sync whose effect on disk is unknown; cleared by reopening.
+    poisoned: Option<String>,
     /// Unacknowledged records and bytes on disk, kept current so that `stats` (read on every
     /// preview frame and append) costs nothing; recounted on open, acknowledge and eviction.
     pending: u64,
     bytes: u64,
-    _lock: File,
+    _lock: LockGuard,
+}
+
+/// A segment file found by the directory listing, before its frames are scanned.
+struct Found {
+    first_seq: u64,
+    path: PathBuf,
 }
 
 impl Queue {
@@ -302,230 +353,178 @@ impl Queue {
         device_id: &str,
         options: QueueOptions,
     ) -> Result<Self> {
-        options.validate()?;
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        let lock_path = dir.join(LOCK);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(&lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(QueueError::Locked { dir: dir.into() })
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
-        }
+        Self::open_with(Arc::new(Disk), dir, key, device_id, options)
+    }
 
-        let mut segment_files = Vec::new();
-        for entry in fs::read_dir(dir).map_err(io(dir))? {
-            let entry = entry.map_err(io(dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            match name.as_str() {
-                META | LOCK | CURSOR | EVICTED | SYNC_STATE => {}
-                CURSOR_TMP => fs::remove_file(entry.path()).map_err(io(&entry.path()))?,
-                QUARANTINE if entry.path().is_dir() => {}
-                _ => match segment::parse_segment_name(&name) {
-                    Some(first) if entry.path().is_file() => {
-                        segment_files.push((first, entry.path()))
-                    }
-                    _ => {
-                        return Err(QueueError::ForeignFile {
-                            dir: dir.into(),
-                            file: name,
-                        })
-                    }
-                },
-            }
+    /// [`Queue::open`] on the given storage.
+    pub fn open_with(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        key: &DeviceKey,
+        device_id: &str,
+        options: QueueOptions,
+    ) -> Result<Self> {
+        options.validate()?;
+        let st = storage.as_ref();
+        if !st.exists(dir).map_err(io(dir))? {
+            st.create_dir_all(dir).map_err(io(dir))?;
         }
-        segment_files.sort();
+        // Every open makes the directory's own entry, and every entry in it, durable: an
+        // earlier failed directory sync must not leave a segment that a power cut can take.
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        st.sync_dir(parent).map_err(io(parent))?;
+        st.sync_dir(dir).map_err(io(dir))?;
+        let lock_path = dir.join(LOCK);
+        let Some(lock) = st.lock(&lock_path).map_err(io(&lock_path))? else {
+            return Err(QueueError::Locked { dir: dir.into() });
+        };
+        let mut recovery = RecoveryReport::default();
+        let found = list_queue_dir(st, dir, &mut recovery)?;
 
         let key_check = key.check();
-        let meta_path = dir.join(META);
-        if meta_path.exists() {
-            let meta: Meta =
-                serde_json::from_str(&fs::read_to_string(&meta_path).map_err(io(&meta_path))?)
-                    .map_err(|e| QueueError::NotAQueue {
-                        path: meta_path.clone(),
-                        message: e.to_string(),
-                    })?;
-            if meta.format != QUEUE_FORMAT {
-                return Err(QueueError::NotAQueue {
-                    path: meta_path,
-                    message: format!("format {:?}, expected {QUEUE_FORMAT:?}", meta.format),
-                });
+        check_or_create_meta(st, dir, device_id, &key_check, !found.is_empty())?;
+        let cipher = Cipher::new(&key.at_rest_key());
+
+        // The recovery point; without one (an earlier release, or both slots damaged) the scan
+        // is trusted for the high-water mark.
+        let state_path = dir.join(STATE);
+        let (mut point, high_water) = match st.read(&state_path) {
+            Ok(bytes) => match RecoveryPoint::newest(&bytes) {
+                Some(p) => (p, Some(p.durable)),
+                None => {
+                    log::error!(
+                        "{}: neither recovery point is readable; rebuilding it from the segments",
+                        state_path.display()
+                    );
+                    recovery.state_rebuilt = true;
+                    (RecoveryPoint::default(), None)
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let acked = read_legacy_cursor(st, &dir.join(LEGACY_CURSOR))?;
+                (
+                    RecoveryPoint {
+                        generation: 0,
+                        acked,
+                        durable: acked,
+                    },
+                    None,
+                )
             }
-            if meta.key_check != hex(&key_check) {
-                return Err(QueueError::WrongKey {
-                    dir: dir.into(),
-                    stored: meta.key_check,
-                    given: hex(&key_check),
-                });
-            }
-            if meta.device_id != device_id {
-                return Err(QueueError::DeviceMismatch {
-                    dir: dir.into(),
-                    stored: meta.device_id,
-                    given: device_id.into(),
-                });
-            }
-        } else {
-            if !segment_files.is_empty() {
-                return Err(QueueError::NotAQueue {
-                    path: meta_path,
-                    message: "missing, but segment files are present".into(),
-                });
-            }
-            let meta = Meta {
-                format: QUEUE_FORMAT.into(),
-                device_id: device_id.into(),
-                key_check: hex(&key_check),
-            };
-            write_atomically(
+            Err(e) => return Err(io(&state_path)(e)),
+        };
+        let acked_seq = point.acked;
+        let gaps_path = dir.join(GAPS);
+        let mut gaps = match st.read(&gaps_path) {
+            Ok(bytes) => gaps::parse(&bytes, &gaps_path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io(&gaps_path)(e)),
+        };
+
+        let mut segments = Vec::new();
+        // Sequence ranges where once-durable bytes were found damaged.
+        let mut damaged: Vec<(u64, u64)> = Vec::new();
+        let count = found.len();
+        for (i, Found { first_seq, path }) in found.into_iter().enumerate() {
+            let last = i + 1 == count;
+            if let Some(segment) = recover_segment(
+                st,
                 dir,
-                &meta_path,
-                &dir.join(".queue.json.tmp"),
-                serde_json::to_string_pretty(&meta)
-                    .expect("serialisable")
-                    .as_bytes(),
-            )?;
+                &cipher,
+                &key_check,
+                &options,
+                Found { first_seq, path },
+                last,
+                high_water,
+                &mut damaged,
+                &mut recovery,
+            )? {
+                segments.push(segment);
+            }
         }
 
-        let acked_seq = read_cursor(&dir.join(CURSOR))?;
-        let cipher = Cipher::new(&key.at_rest_key());
-        let max_ciphertext = options.max_record_bytes + segment::TAG_LEN;
-        let mut recovery = RecoveryReport::default();
-        let mut segments = Vec::new();
-        let count = segment_files.len();
-        for (i, (first_seq, path)) in segment_files.into_iter().enumerate() {
-            let last = i + 1 == count;
-            let buf = fs::read(&path).map_err(io(&path))?;
-            match segment::decode_header(&buf) {
-                HeaderState::Valid {
-                    first_seq: stored,
-                    key_check: check,
-                } => {
-                    if stored != first_seq {
-                        return Err(QueueError::NotAQueue {
-                            path,
-                            message: format!("header says first sequence {stored}"),
-                        });
-                    }
-                    if check != key_check {
-                        return Err(QueueError::WrongKey {
-                            dir: dir.into(),
-                            stored: hex(&check),
-                            given: hex(&key_check),
-                        });
-                    }
-                }
-                HeaderState::Torn if last => {
-                    log::warn!(
-                        "{}: segment header cut short ({} bytes); rewriting it",
-                        path.display(),
-                        buf.len()
-                    );
-                    let file = OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(io(&path))?;
-                    file.set_len(0).map_err(io(&path))?;
-                    file.write_all_at(&segment::encode_header(first_seq, &key_check), 0)
-                        .map_err(io(&path))?;
-                    file.sync_all().map_err(io(&path))?;
-                    recovery.headers_repaired.push(path.clone());
-                    segments.push(Segment {
-                        first_seq,
-                        path,
-                        frames: Vec::new(),
-                        bytes: HEADER_LEN as u64,
-                    });
-                    continue;
-                }
-                HeaderState::Torn | HeaderState::Foreign => {
-                    return Err(QueueError::NotAQueue {
-                        path,
-                        message: "no valid segment header".into(),
-                    })
-                }
-            }
-            let scan = segment::scan(
-                &buf,
-                &cipher,
-                first_seq.saturating_sub(1),
-                max_ciphertext,
-                last,
-            );
-            for d in &scan.damage {
-                let copy = quarantine(
-                    dir,
-                    &path,
-                    d.offset,
-                    &buf[d.offset as usize..(d.offset + d.bytes) as usize],
-                )?;
-                recovery.quarantined.push(copy.clone());
-                if d.torn_tail {
-                    log::warn!(
-                        "{}: torn tail at byte {} ({} bytes, {}): truncated; copy in {}",
-                        path.display(),
-                        d.offset,
-                        d.bytes,
-                        d.reason,
-                        copy.display()
-                    );
-                    recovery.torn_tails.push((path.clone(), d.offset, d.bytes));
-                } else {
-                    log::error!(
-                        "{}: damaged record skipped at byte {} ({} bytes, {}); copy in {}",
-                        path.display(),
-                        d.offset,
-                        d.bytes,
-                        d.reason,
-                        copy.display()
-                    );
-                    recovery
-                        .skipped
-                        .push((path.clone(), d.offset, d.bytes, d.reason.clone()));
-                }
-            }
-            let mut bytes = buf.len() as u64;
-            if last && scan.valid_end < bytes && scan.damage.last().is_some_and(|d| d.torn_tail) {
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io(&path))?;
-                file.set_len(scan.valid_end).map_err(io(&path))?;
-                file.sync_all().map_err(io(&path))?;
-                bytes = scan.valid_end;
-            }
-            segments.push(Segment {
-                first_seq,
-                path,
-                frames: scan.frames,
-                bytes,
-            });
-        }
-        let last_seq = segments
+        let found_top = segments
             .iter()
             .filter_map(Segment::last_seq)
             .max()
-            .unwrap_or(0)
-            .max(acked_seq);
+            .unwrap_or(0);
+        let last_seq = found_top.max(high_water.unwrap_or(0)).max(acked_seq);
+        let present: Vec<u64> = segments
+            .iter()
+            .flat_map(|s| s.frames.iter().map(|f| f.seq))
+            .filter(|&s| s > acked_seq)
+            .collect();
+        let now = record::now_ms();
+        let new_gaps: Vec<Gap> = gaps::uncovered(acked_seq + 1, last_seq, &present, &gaps)
+            .into_iter()
+            .map(|(from, to)| Gap {
+                from,
+                to,
+                reason: if damaged.iter().any(|&(a, b)| from <= b && a <= to) {
+                    GapReason::Damaged
+                } else {
+                    GapReason::Missing
+                },
+                at_ms: now,
+            })
+            .collect();
+        for gap in &new_gaps {
+            log::error!("queue {}: {gap}; journalled in {GAPS}", dir.display());
+        }
+        if let Err(e) = gaps::append(st, &gaps_path, &new_gaps) {
+            // Found again by the next recovery; the queue must open on a full disk.
+            log::error!("{}: cannot journal the losses: {e}", gaps_path.display());
+        }
+        gaps.extend(new_gaps.iter().cloned());
+        recovery.gaps = new_gaps;
+
+        let state_file =
+            if high_water.is_none() || !st.exists(&state_path).map_err(io(&state_path))? {
+                point = RecoveryPoint {
+                    generation: 1,
+                    acked: acked_seq,
+                    durable: last_seq,
+                };
+                write_atomically(
+                    st,
+                    dir,
+                    &state_path,
+                    &dir.join(STATE_TMP),
+                    &point.initial_file(),
+                )?;
+                let legacy = dir.join(LEGACY_CURSOR);
+                if st.exists(&legacy).map_err(io(&legacy))? {
+                    st.remove_file(&legacy).map_err(io(&legacy))?;
+                    st.sync_dir(dir).map_err(io(dir))?;
+                }
+                st.open(&state_path, Open::Existing)
+                    .map_err(io(&state_path))?
+            } else {
+                let mut file = st
+                    .open(&state_path, Open::Existing)
+                    .map_err(io(&state_path))?;
+                if last_seq > point.durable {
+                    // Only when the high-water mark ranged past every frame: keep it where it was.
+                    point
+                        .store(file.as_mut(), acked_seq, last_seq)
+                        .map_err(io(&state_path))?;
+                }
+                file
+            };
 
         let active = match segments.last() {
-            Some(s) => OpenOptions::new()
-                .append(true)
-                .open(&s.path)
-                .map_err(io(&s.path))?,
+            Some(s) => st.open(&s.path, Open::Existing).map_err(io(&s.path))?,
             None => {
-                let (segment, file) = create_segment(dir, last_seq + 1, &key_check)?;
+                let (segment, file) = create_segment(st, dir, last_seq + 1, &key_check)?;
                 segments.push(segment);
                 file
             }
         };
         let mut queue = Self {
+            storage,
             dir: dir.into(),
             device_id: device_id.into(),
             options,
@@ -533,11 +532,15 @@ impl Queue {
             key_check,
             segments,
             active,
+            state_file,
+            point,
             last_seq,
             durable_seq: last_seq,
             acked_seq,
             pending_since: None,
             recovery,
+            gaps,
+            poisoned: None,
             pending: 0,
             bytes: 0,
             _lock: lock,
@@ -558,7 +561,7 @@ impl Queue {
 
     /// The device a queue directory belongs to, from its `queue.json`, without opening it.
     pub fn stored_device_id(dir: &Path) -> Option<String> {
-        let text = fs::read_to_string(dir.join(META)).ok()?;
+        let text = std::fs::read_to_string(dir.join(META)).ok()?;
         serde_json::from_str::<Meta>(&text)
             .ok()
             .map(|m| m.device_id)
@@ -574,6 +577,21 @@ impl Queue {
 
     pub fn recovery(&self) -> &RecoveryReport {
         &self.recovery
+    }
+
+    /// Every loss the queue has journalled.
+    pub fn gaps(&self) -> &[Gap] {
+        &self.gaps
+    }
+
+    /// Losses the hub has not yet been told about: those not entirely at or below the
+    /// acknowledged cursor (the hub acknowledges a batch only after storing the gaps sent with it).
+    pub fn unreported_gaps(&self) -> Vec<Gap> {
+        self.gaps
+            .iter()
+            .filter(|g| g.to > self.acked_seq)
+            .cloned()
+            .collect()
     }
 
     pub fn durable_seq(&self) -> u64 {
@@ -600,9 +618,20 @@ impl Queue {
         self.bytes = self.segments.iter().map(|s| s.bytes).sum();
     }
 
+    fn check_poisoned(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(cause) => Err(QueueError::Poisoned {
+                dir: self.dir.clone(),
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Append `record`. Under [`Durability::PerRecord`] it is accepted when this returns `Ok`;
     /// under group commit, once [`Receipt::durable`] or [`Queue::durable_seq`] says so.
     pub fn append(&mut self, record: &Record) -> Result<Receipt> {
+        self.check_poisoned()?;
         let cbor = record.to_cbor();
         if cbor.len() > self.options.max_record_bytes {
             return Err(QueueError::RecordTooLarge {
@@ -622,9 +651,11 @@ impl Queue {
         let frame = self.cipher.seal(seq, &cbor);
         let segment = self.segments.last_mut().expect("an active segment");
         let offset = segment.bytes;
-        if let Err(e) = self.active.write_all(&frame) {
-            // Leave no half frame behind: the log stays exactly the accepted records.
-            let _ = self.active.set_len(offset);
+        if let Err(e) = self.active.write_all_at(&frame, offset) {
+            // Leave no half frame behind: the log stays exactly the records appended before.
+            if let Err(undo) = self.active.set_len(offset) {
+                self.poisoned = Some(format!("cutting back a failed append: {undo}"));
+            }
             return Err(io(&segment.path)(e));
         }
         segment.frames.push(FrameRef {
@@ -658,15 +689,48 @@ impl Queue {
         })
     }
 
-    /// Make every appended record durable (fsync).
+    /// Make every appended record durable: sync the active segment, then move the recovery
+    /// point's high-water mark past them.
     pub fn commit(&mut self) -> Result<()> {
+        self.check_poisoned()?;
         if self.durable_seq < self.last_seq {
-            let path = &self.active_segment().path;
-            self.active.sync_data().map_err(io(path))?;
+            let path = self.active_segment().path.clone();
+            if let Err(e) = self.active.sync_data() {
+                // The kernel may have dropped the unsynced pages and will not say so again
+                // (fsyncgate): forget those records here, and leave the high-water mark below
+                // them so that recovery truncates whatever of them reached the disk.
+                self.forget_unsynced();
+                self.poisoned = Some(format!("{}: {e}", path.display()));
+                return Err(io(&path)(e));
+            }
+            let state_path = self.dir.join(STATE);
+            if let Err(e) =
+                self.point
+                    .store(self.state_file.as_mut(), self.acked_seq, self.last_seq)
+            {
+                // `store` put the old point back: no recovery counts these records.
+                self.forget_unsynced();
+                self.poisoned = Some(format!("{}: {e}", state_path.display()));
+                return Err(io(&state_path)(e));
+            }
             self.durable_seq = self.last_seq;
         }
         self.pending_since = None;
         Ok(())
+    }
+
+    fn forget_unsynced(&mut self) {
+        let durable = self.durable_seq;
+        let segment = self.segments.last_mut().expect("an active segment");
+        if let Some(cut) = segment.frames.iter().position(|f| f.seq > durable) {
+            let end = segment.frames[cut].offset;
+            segment.frames.truncate(cut);
+            segment.bytes = end;
+            let _ = self.active.set_len(end);
+        }
+        self.last_seq = durable;
+        self.pending_since = None;
+        self.recount();
     }
 
     /// Group commit's clock: commit if the oldest pending append is older than the delay.
@@ -688,7 +752,20 @@ impl Queue {
 
     fn rotate(&mut self) -> Result<()> {
         self.commit()?;
-        let (segment, file) = create_segment(&self.dir, self.last_seq + 1, &self.key_check)?;
+        // Seal the segment at its last record: bytes of a failed append, cut back but never
+        // synced, must not reappear after a power cut as damage in a segment that is not last.
+        let sealed = self.active_segment();
+        let (path, end) = (sealed.path.clone(), sealed.bytes);
+        self.active
+            .set_len(end)
+            .and_then(|()| self.active.sync_data())
+            .map_err(io(&path))?;
+        let (segment, file) = create_segment(
+            self.storage.as_ref(),
+            &self.dir,
+            self.last_seq + 1,
+            &self.key_check,
+        )?;
         log::debug!("queue: new segment {}", segment.path.display());
         self.bytes += segment.bytes;
         self.segments.push(segment);
@@ -726,34 +803,37 @@ impl Queue {
         }
     }
 
+    /// Delete the oldest segment to make room: journal the loss first (synced), then remove it.
     fn evict_oldest(&mut self) -> Result<()> {
-        let oldest = self.segments.remove(0);
-        let (first, last) = (
-            oldest.frames.first().map_or(oldest.first_seq, |f| f.seq),
-            oldest.last_seq().unwrap_or(oldest.first_seq),
-        );
-        let line = format!(
-            "{} evicted records {first}..={last} ({} unacknowledged) from {}: queue full\n",
-            now_ms(),
-            oldest
-                .frames
-                .iter()
-                .filter(|f| f.seq > self.acked_seq)
-                .count(),
-            oldest.path.display()
-        );
-        let journal = self.dir.join(EVICTED);
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&journal)
-            .map_err(io(&journal))?;
-        f.write_all(line.as_bytes()).map_err(io(&journal))?;
-        f.sync_all().map_err(io(&journal))?;
-        log::error!("queue full: {}", line.trim_end());
-        fs::remove_file(&oldest.path).map_err(io(&oldest.path))?;
+        let storage = self.storage.clone();
+        let st = storage.as_ref();
+        let oldest = &self.segments[0];
+        let unacked: Vec<u64> = oldest
+            .frames
+            .iter()
+            .map(|f| f.seq)
+            .filter(|&s| s > self.acked_seq)
+            .collect();
+        if let (Some(&from), Some(&to)) = (unacked.first(), unacked.last()) {
+            let gap = Gap {
+                from,
+                to,
+                reason: GapReason::Evicted,
+                at_ms: record::now_ms(),
+            };
+            let journal = self.dir.join(GAPS);
+            gaps::append(st, &journal, std::slice::from_ref(&gap)).map_err(io(&journal))?;
+            log::error!(
+                "queue full: {gap} ({} records) from {}",
+                unacked.len(),
+                oldest.path.display()
+            );
+            self.gaps.push(gap);
+        }
+        st.remove_file(&oldest.path).map_err(io(&oldest.path))?;
+        self.segments.remove(0);
         self.recount();
-        sync_dir(&self.dir)
+        st.sync_dir(&self.dir).map_err(io(&self.dir))
     }
 
     /// Durable records after `after_seq`, in order, at most `max_records` and (beyond the first)
@@ -770,7 +850,10 @@ impl Queue {
             if segment.last_seq().is_none_or(|l| l <= after_seq) {
                 continue;
             }
-            let file = File::open(&segment.path).map_err(io(&segment.path))?;
+            let file = self
+                .storage
+                .open(&segment.path, Open::Existing)
+                .map_err(io(&segment.path))?;
             for f in segment
                 .frames
                 .iter()
@@ -819,23 +902,22 @@ impl Queue {
         self.acked_seq
     }
 
-    /// The hub holds every record through `seq`: persist the cursor, then delete segments it covers.
+    /// The hub holds every record through `seq`: persist the cursor (in place: this works on a
+    /// full disk), then delete the segments it covers.
     pub fn acknowledge(&mut self, seq: u64) -> Result<()> {
-        if seq > self.last_seq {
+        if seq > self.durable_seq {
             return Err(QueueError::AckBeyondEnd {
                 seq,
-                last: self.last_seq,
+                last: self.durable_seq,
             });
         }
         if seq <= self.acked_seq {
             return Ok(());
         }
-        write_atomically(
-            &self.dir,
-            &self.dir.join(CURSOR),
-            &self.dir.join(CURSOR_TMP),
-            format!("{seq}\n").as_bytes(),
-        )?;
+        let state_path = self.dir.join(STATE);
+        self.point
+            .store(self.state_file.as_mut(), seq, self.durable_seq)
+            .map_err(io(&state_path))?;
         self.acked_seq = seq;
         self.remove_acknowledged()?;
         self.recount();
@@ -850,7 +932,9 @@ impl Queue {
             if first.last_seq().is_some_and(|l| l > acked) {
                 break;
             }
-            fs::remove_file(&first.path).map_err(io(&first.path))?;
+            self.storage
+                .remove_file(&first.path)
+                .map_err(io(&first.path))?;
             log::debug!(
                 "queue: removed acknowledged segment {}",
                 first.path.display()
@@ -859,26 +943,324 @@ impl Queue {
             removed = true;
         }
         if removed {
-            sync_dir(&self.dir)?;
+            self.storage.sync_dir(&self.dir).map_err(io(&self.dir))?;
         }
         Ok(())
     }
 }
 
-fn create_segment(dir: &Path, first_seq: u64, key_check: &[u8; 16]) -> Result<(Segment, File)> {
+/// The segment files in `dir`, sorted; known temporary files are removed (their update rolled
+/// back) and anything else is refused by name.
+fn list_queue_dir(
+    st: &dyn Storage,
+    dir: &Path,
+    recovery: &mut RecoveryReport,
+) -> Result<Vec<Found>> {
+    let mut found = Vec::new();
+    for entry in st.list(dir).map_err(io(dir))? {
+        let path = dir.join(&entry.name);
+        match entry.name.as_str() {
+            META | LOCK | STATE | GAPS | SYNC_STATE | LEGACY_CURSOR | LEGACY_EVICTED
+                if !entry.is_dir => {}
+            QUARANTINE if entry.is_dir => {}
+            META_TMP | STATE_TMP | LEGACY_CURSOR_TMP | SYNC_STATE_TMP if !entry.is_dir => {
+                recovery.rolled_back.push(path)
+            }
+            name => match (segment::parse_segment_name(name), entry.is_dir) {
+                (Some(first_seq), false) => found.push(Found { first_seq, path }),
+                _ if !entry.is_dir
+                    && name
+                        .strip_suffix(".tmp")
+                        .and_then(segment::parse_segment_name)
+                        .is_some() =>
+                {
+                    recovery.rolled_back.push(path)
+                }
+                _ => {
+                    return Err(QueueError::ForeignFile {
+                        dir: dir.into(),
+                        file: entry.name,
+                    })
+                }
+            },
+        }
+    }
+    if !recovery.rolled_back.is_empty() {
+        for path in &recovery.rolled_back {
+            log::warn!(
+                "{}: left by an interrupted update; removed (the update is rolled back)",
+                path.display()
+            );
+            st.remove_file(path).map_err(io(path))?;
+        }
+        st.sync_dir(dir).map_err(io(dir))?;
+    }
+    found.sort_by_key(|f| f.first_seq);
+    Ok(found)
+}
+
+fn check_or_create_meta(
+    st: &dyn Storage,
+    dir: &Path,
+    device_id: &str,
+    key_check: &[u8; 16],
+    has_segments: bool,
+) -> Result<()> {
+    let meta_path = dir.join(META);
+    match st.read(&meta_path) {
+        Ok(bytes) => {
+            let meta: Meta = serde_json::from_slice(&bytes).map_err(|e| QueueError::NotAQueue {
+                path: meta_path.clone(),
+                message: e.to_string(),
+            })?;
+            if meta.format != QUEUE_FORMAT {
+                return Err(QueueError::NotAQueue {
+                    path: meta_path,
+                    message: format!("format {:?}, expected {QUEUE_FORMAT:?}", meta.format),
+                });
+            }
+            if meta.key_check != hex(key_check) {
+                return Err(QueueError::WrongKey {
+                    dir: dir.into(),
+                    stored: meta.key_check,
+                    given: hex(key_check),
+                });
+            }
+            if meta.device_id != device_id {
+                return Err(QueueError::DeviceMismatch {
+                    dir: dir.into(),
+                    stored: meta.device_id,
+                    given: device_id.into(),
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if has_segments {
+                return Err(QueueError::NotAQueue {
+                    path: meta_path,
+                    message: "missing, but segment files are present".into(),
+                });
+            }
+            let meta = Meta {
+                format: QUEUE_FORMAT.into(),
+                device_id: device_id.into(),
+                key_check: hex(key_check),
+            };
+            write_atomically(
+                st,
+                dir,
+                &meta_path,
+                &dir.join(META_TMP),
+                serde_json::to_string_pretty(&meta)
+                    .expect("serialisable")
+                    .as_bytes(),
+            )
+        }
+        Err(e) => Err(io(&meta_path)(e)),
+    }
+}
+
+/// Scan one segment and repair it: `None` when the whole file was quarantined.
+#[allow(clippy::too_many_arguments)]
+fn recover_segment(
+    st: &dyn Storage,
+    dir: &Path,
+    cipher: &Cipher,
+    key_check: &[u8; 16],
+    options: &QueueOptions,
+    Found { first_seq, path }: Found,
+    last: bool,
+    high_water: Option<u64>,
+    damaged: &mut Vec<(u64, u64)>,
+    recovery: &mut RecoveryReport,
+) -> Result<Option<Segment>> {
+    let buf = st.read(&path).map_err(io(&path))?;
+    let header_problem = match segment::decode_header(&buf) {
+        HeaderState::Valid {
+            first_seq: stored,
+            key_check: check,
+        } => {
+            if stored != first_seq {
+                Some(format!("header says first sequence {stored}"))
+            } else if &check != key_check {
+                Some("header holds another key check".to_string())
+            } else {
+                None
+            }
+        }
+        // Segments are renamed into place only with a synced header; a shorter one was
+        // cut short by an earlier release, and holds no records.
+        HeaderState::Torn => {
+            log::warn!(
+                "{}: segment header cut short ({} bytes), no records; removed",
+                path.display(),
+                buf.len()
+            );
+            st.remove_file(&path).map_err(io(&path))?;
+            st.sync_dir(dir).map_err(io(dir))?;
+            recovery.torn_tails.push((path, 0, buf.len() as u64));
+            return Ok(None);
+        }
+        HeaderState::Foreign => Some("no valid segment header".to_string()),
+    };
+    if let Some(reason) = header_problem {
+        recovery
+            .skipped
+            .push((path.clone(), 0, buf.len() as u64, reason.clone()));
+        let copy = match quarantine(st, dir, &path, 0, &buf) {
+            Ok(copy) => copy,
+            Err(e) => {
+                log::error!("{}: {reason}; left in place ({e})", path.display());
+                return Ok(None);
+            }
+        };
+        log::error!(
+            "{}: {reason}; the whole file is moved to {}",
+            path.display(),
+            copy.display()
+        );
+        st.remove_file(&path).map_err(io(&path))?;
+        st.sync_dir(dir).map_err(io(dir))?;
+        recovery.quarantined.push(copy);
+        return Ok(None);
+    }
+
+    let max_ciphertext = options.max_record_bytes + segment::TAG_LEN;
+    let scan = segment::scan(
+        &buf,
+        cipher,
+        first_seq.saturating_sub(1),
+        max_ciphertext,
+        last,
+    );
+    let mut frames = scan.frames;
+    let mut bytes = buf.len() as u64;
+    // Where records past the high-water mark begin: from there on, all is cut below.
+    // (Any segment: a failed rotation can leave an empty segment after the one written to.)
+    let unsynced_from =
+        high_water.and_then(|h| frames.iter().find(|f| f.seq > h).map(|f| f.offset));
+    for d in &scan.damage {
+        if unsynced_from.is_some_and(|at| d.offset > at) {
+            break;
+        }
+        let before = frames
+            .iter()
+            .take_while(|f| f.offset < d.offset)
+            .last()
+            .map_or(first_seq.saturating_sub(1), |f| f.seq);
+        let at_tail = d.offset + d.bytes == bytes;
+        // Past the high-water mark nothing was ever durable: an interrupted append. Without a
+        // recovery point, an earlier release's rule: damage that nothing valid follows.
+        let torn = match high_water {
+            Some(h) => before >= h,
+            None => last && d.torn_tail,
+        };
+        let end = if torn { bytes } else { d.offset + d.bytes };
+        let copy = quarantine(
+            st,
+            dir,
+            &path,
+            d.offset,
+            &buf[d.offset as usize..end as usize],
+        );
+        let (copied, copy) = match copy {
+            Ok(copy) => {
+                let shown = copy.display().to_string();
+                recovery.quarantined.push(copy);
+                (true, shown)
+            }
+            // Cut anyway only what was never durable; damage stays in place until it is copied.
+            Err(e) => (false, format!("none ({e})")),
+        };
+        if torn {
+            log::warn!(
+                "{}: interrupted append at byte {} ({} bytes, {}): truncated; copy: {copy}",
+                path.display(),
+                d.offset,
+                end - d.offset,
+                d.reason,
+            );
+            recovery
+                .torn_tails
+                .push((path.clone(), d.offset, end - d.offset));
+            frames.retain(|f| f.offset < d.offset);
+            bytes = d.offset;
+            break;
+        }
+        let through = frames
+            .iter()
+            .find(|f| f.offset > d.offset)
+            .map_or(high_water.unwrap_or(0).max(before + 1), |f| f.seq - 1);
+        damaged.push((before + 1, through));
+        log::error!(
+            "{}: damaged record(s) after {before} at byte {} ({} bytes, {}); copy: {copy}",
+            path.display(),
+            d.offset,
+            d.bytes,
+            d.reason,
+        );
+        recovery
+            .skipped
+            .push((path.clone(), d.offset, d.bytes, d.reason.clone()));
+        if at_tail && copied {
+            // Kept in quarantine; cut here so that appends continue after whole records.
+            bytes = d.offset;
+        }
+    }
+    // Valid frames past the high-water mark were never reported durable: they go too, so that
+    // a record whose sync failed can never come back.
+    if let Some(h) = high_water {
+        if let Some(cut) = frames.iter().position(|f| f.seq > h) {
+            let at = frames[cut].offset;
+            if at < bytes {
+                match quarantine(st, dir, &path, at, &buf[at as usize..bytes as usize]) {
+                    Ok(copy) => recovery.quarantined.push(copy),
+                    Err(e) => log::warn!("{}: no copy of the unsynced tail: {e}", path.display()),
+                }
+                recovery.torn_tails.push((path.clone(), at, bytes - at));
+                log::warn!(
+                    "{}: {} record(s) after the high-water mark {h} were never reported durable: truncated",
+                    path.display(),
+                    frames.len() - cut
+                );
+                bytes = at;
+            }
+            frames.truncate(cut);
+        }
+    }
+    if bytes < buf.len() as u64 {
+        let mut file = st.open(&path, Open::Existing).map_err(io(&path))?;
+        file.set_len(bytes).map_err(io(&path))?;
+        file.sync_data().map_err(io(&path))?;
+    }
+    Ok(Some(Segment {
+        path,
+        frames,
+        bytes,
+    }))
+}
+
+/// A new segment: header written and synced under a temporary name, then renamed into place, so
+/// that a segment file always has a whole header and a failed creation leaves nothing behind.
+fn create_segment(
+    st: &dyn Storage,
+    dir: &Path,
+    first_seq: u64,
+    key_check: &[u8; 16],
+) -> Result<(Segment, Box<dyn StorageFile>)> {
     let path = dir.join(segment::segment_name(first_seq));
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(&path)
-        .map_err(io(&path))?;
-    file.write_all(&segment::encode_header(first_seq, key_check))
-        .map_err(io(&path))?;
-    file.sync_all().map_err(io(&path))?;
-    sync_dir(dir)?;
+    let tmp = dir.join(format!("{}.tmp", segment::segment_name(first_seq)));
+    write_atomically(
+        st,
+        dir,
+        &path,
+        &tmp,
+        &segment::encode_header(first_seq, key_check),
+    )?;
+    let file = st.open(&path, Open::Existing).map_err(io(&path))?;
     Ok((
         Segment {
-            first_seq,
             path,
             frames: Vec::new(),
             bytes: HEADER_LEN as u64,
@@ -887,46 +1269,74 @@ fn create_segment(dir: &Path, first_seq: u64, key_check: &[u8; 16]) -> Result<(S
     ))
 }
 
-fn read_cursor(path: &Path) -> Result<u64> {
-    match fs::read_to_string(path) {
-        Ok(text) => text.trim().parse().map_err(|_| QueueError::NotAQueue {
-            path: path.into(),
-            message: format!(
-                "expected the acknowledged sequence number, found {:?}",
-                text.trim()
-            ),
-        }),
+fn read_legacy_cursor(st: &dyn Storage, path: &Path) -> Result<u64> {
+    match st.read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            text.trim().parse().map_err(|_| QueueError::NotAQueue {
+                path: path.into(),
+                message: format!(
+                    "expected the acknowledged sequence number, found {:?}",
+                    text.trim()
+                ),
+            })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
         Err(e) => Err(io(path)(e)),
     }
 }
 
-fn write_atomically(dir: &Path, path: &Path, tmp: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(tmp).map_err(io(tmp))?;
-    f.write_all(bytes).map_err(io(tmp))?;
-    f.sync_all().map_err(io(tmp))?;
-    fs::rename(tmp, path).map_err(io(path))?;
-    sync_dir(dir)
+/// Write `bytes` to `tmp`, sync it, rename it to `path` and sync the directory; on failure the
+/// temporary file is removed (best effort: the next open removes it otherwise).
+fn write_atomically(
+    st: &dyn Storage,
+    dir: &Path,
+    path: &Path,
+    tmp: &Path,
+    bytes: &[u8],
+) -> Result<()> {
+    let written = (|| {
+        let mut f = st.open(tmp, Open::Truncate).map_err(io(tmp))?;
+        f.write_all_at(bytes, 0).map_err(io(tmp))?;
+        f.sync_data().map_err(io(tmp))?;
+        st.rename(tmp, path).map_err(io(path))
+    })();
+    if let Err(e) = written {
+        let _ = st.remove_file(tmp);
+        return Err(e);
+    }
+    st.sync_dir(dir).map_err(io(dir))
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
-}
-
-fn quarantine(dir: &Path, segment: &Path, offset: u64, bytes: &[u8]) -> Result<PathBuf> {
+/// Copy damaged or truncated bytes to `quarantine/` (synced, with its directory) before the
+/// original is cut.
+fn quarantine(
+    st: &dyn Storage,
+    dir: &Path,
+    segment: &Path,
+    offset: u64,
+    bytes: &[u8],
+) -> Result<PathBuf> {
     let qdir = dir.join(QUARANTINE);
-    fs::create_dir_all(&qdir).map_err(io(&qdir))?;
+    if !st.exists(&qdir).map_err(io(&qdir))? {
+        st.create_dir_all(&qdir).map_err(io(&qdir))?;
+        st.sync_dir(dir).map_err(io(dir))?;
+    }
     let name = segment
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let path = qdir.join(format!("{name}.at-{offset}.bin"));
-    if path.exists() {
+    if st.exists(&path).map_err(io(&path))? {
         return Ok(path);
     }
-    let mut f = File::create(&path).map_err(io(&path))?;
-    f.write_all(bytes).map_err(io(&path))?;
-    f.sync_all().map_err(io(&path))?;
+    write_atomically(
+        st,
+        &qdir,
+        &path,
+        &qdir.join(format!("{name}.at-{offset}.tmp")),
+        bytes,
+    )?;
     Ok(path)
 }
 

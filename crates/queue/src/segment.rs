@@ -170,8 +170,6 @@ pub struct Damage {
 pub struct Scan {
     pub frames: Vec<FrameRef>,
     pub damage: Vec<Damage>,
-    /// Where the last valid frame ends (the segment's length after truncating a torn tail).
-    pub valid_end: u64,
 }
 
 /// Walk the frames after the header. Frames must verify (CRC and AEAD) and carry increasing
@@ -188,7 +186,6 @@ pub fn scan(
     let mut damage = Vec::new();
     let mut prev = after_seq;
     let mut pos = HEADER_LEN;
-    let mut valid_end = HEADER_LEN as u64;
     let accept = |pos: usize, prev: u64| -> Result<(u64, usize), String> {
         let (seq, len) =
             check_frame(buf, pos, max_ciphertext).ok_or("no frame with a valid CRC")?;
@@ -212,7 +209,6 @@ pub fn scan(
                 });
                 prev = seq;
                 pos += len;
-                valid_end = pos as u64;
             }
             Err(reason) => {
                 let next = (pos + 1..buf.len())
@@ -229,11 +225,7 @@ pub fn scan(
             }
         }
     }
-    Scan {
-        frames,
-        damage,
-        valid_end,
-    }
+    Scan { frames, damage }
 }
 
 #[cfg(test)]
@@ -278,7 +270,6 @@ mod tests {
         assert_eq!(scan.damage.len(), 1);
         assert!(!scan.damage[0].torn_tail);
         assert_eq!(scan.damage[0].offset, second as u64);
-        assert_eq!(scan.valid_end, buf.len() as u64);
     }
 
     #[test]
@@ -289,6 +280,9 @@ mod tests {
         let scan = scan(cut, &cipher, 0, 1 << 20, true);
         assert_eq!(scan.frames.len(), 1);
         assert!(scan.damage[0].torn_tail);
-        assert_eq!(scan.valid_end, (HEADER_LEN + 3 + FRAME_OVERHEAD) as u64);
+        assert_eq!(
+            scan.frames[0].offset + u64::from(scan.frames[0].len),
+            (HEADER_LEN + 3 + FRAME_OVERHEAD) as u64
+        );
     }
 }

@@ -1,3 +1,5 @@
+use std::fs;
+
 use super::*;
 
 fn record(i: u64, marker: &str) -> Record {
@@ -59,41 +61,91 @@ fn records_survive_reopening_in_order() {
     assert_eq!(q.append(&record(40, "x")).unwrap().seq, 41);
 }
 
-#[test]
-fn a_log_cut_at_every_byte_of_its_last_segment_reopens_with_the_whole_records_before_the_cut() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = DeviceKey::generate();
-    let mut ends = Vec::new(); // (seq, end offset in the last segment)
-    {
-        let mut q = Queue::open(dir.path(), &key, "dev-1", small()).unwrap();
-        for i in 0..30 {
-            q.append(&record(i, "x")).unwrap();
-        }
-        let last = q.segments.last().unwrap();
-        for f in &last.frames {
-            ends.push((f.seq, f.offset + u64::from(f.len)));
+/// The files of `dir` copied to a new directory, with its last segment cut at `cut` bytes.
+fn copy_with_last_segment_cut(
+    dir: &Path,
+    last: &Path,
+    full: &[u8],
+    cut: usize,
+) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            fs::copy(&p, copy.path().join(p.file_name().unwrap())).unwrap();
         }
     }
-    let mut segs: Vec<PathBuf> = fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "dlog"))
+    fs::write(copy.path().join(last.file_name().unwrap()), &full[..cut]).unwrap();
+    copy
+}
+
+/// A queue of 30 records spanning segments; the last segment's path, bytes and frame ends.
+fn thirty_records(
+    dir: &Path,
+    key: &DeviceKey,
+    options: QueueOptions,
+) -> (PathBuf, Vec<u8>, Vec<(u64, u64)>) {
+    let mut q = Queue::open(dir, key, "dev-1", options).unwrap();
+    for i in 0..30 {
+        q.append(&record(i, "x")).unwrap();
+    }
+    let last = q.segments.last().unwrap();
+    let ends = last
+        .frames
+        .iter()
+        .map(|f| (f.seq, f.offset + u64::from(f.len)))
         .collect();
-    segs.sort();
-    let last = segs.last().unwrap().clone();
-    let full = fs::read(&last).unwrap();
-    let before_last = ends.first().map_or(0, |e| e.0 - 1);
+    let path = last.path.clone();
+    drop(q);
+    let full = fs::read(&path).unwrap();
+    (path, full, ends)
+}
+
+#[test]
+fn an_append_cut_short_at_every_byte_is_truncated_and_its_seqs_were_never_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DeviceKey::generate();
+    // Group commit that never fires: the last segment's records were appended, never synced.
+    let options = QueueOptions {
+        durability: Durability::Group {
+            max_records: 1000,
+            max_delay_ms: 3_600_000,
+        },
+        ..small()
+    };
+    let (last, full, ends) = thirty_records(dir.path(), &key, options.clone());
+    let durable = ends[0].0 - 1;
     for cut in 0..=full.len() {
-        let copy = tempfile::tempdir().unwrap();
-        for entry in fs::read_dir(dir.path()).unwrap() {
-            let p = entry.unwrap().path();
-            if p.is_file() {
-                fs::copy(&p, copy.path().join(p.file_name().unwrap())).unwrap();
-            }
-        }
-        let cut_file = copy.path().join(last.file_name().unwrap());
-        fs::write(&cut_file, &full[..cut]).unwrap();
-        let q = Queue::open(copy.path(), &key, "dev-1", small())
+        let copy = copy_with_last_segment_cut(dir.path(), &last, &full, cut);
+        let mut q = Queue::open(copy.path(), &key, "dev-1", options.clone())
+            .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        let seqs: Vec<u64> = all(&q).iter().map(|s| s.seq).collect();
+        assert_eq!(seqs, (1..=durable).collect::<Vec<_>>(), "cut at {cut}");
+        assert!(
+            !q.recovery().found_damage(),
+            "cut at {cut}: {:?}",
+            q.recovery()
+        );
+        assert_eq!(
+            q.recovery().torn_tails.len(),
+            usize::from(cut != HEADER_LEN),
+            "cut at {cut}"
+        );
+        q.append(&record(99, "x")).unwrap();
+        q.commit().unwrap();
+        assert_eq!(q.durable_seq(), durable + 1, "cut at {cut}");
+    }
+}
+
+#[test]
+fn durable_records_cut_at_every_byte_are_reported_lost_and_their_seqs_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DeviceKey::generate();
+    let (last, full, ends) = thirty_records(dir.path(), &key, small());
+    let before_last = ends[0].0 - 1;
+    for cut in 0..=full.len() {
+        let copy = copy_with_last_segment_cut(dir.path(), &last, &full, cut);
+        let mut q = Queue::open(copy.path(), &key, "dev-1", small())
             .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
         let expected = ends
             .iter()
@@ -103,17 +155,33 @@ fn a_log_cut_at_every_byte_of_its_last_segment_reopens_with_the_whole_records_be
             .unwrap_or(before_last);
         let seqs: Vec<u64> = all(&q).iter().map(|s| s.seq).collect();
         assert_eq!(seqs, (1..=expected).collect::<Vec<_>>(), "cut at {cut}");
+        if expected < 30 {
+            let gaps = &q.recovery().gaps;
+            assert_eq!(gaps.len(), 1, "cut at {cut}: {:?}", q.recovery());
+            assert_eq!(
+                (gaps[0].from, gaps[0].to),
+                (expected + 1, 30),
+                "cut at {cut}"
+            );
+            let partial = !ends.iter().any(|(_, end)| *end as usize == cut) && cut > HEADER_LEN;
+            let reason = if partial {
+                GapReason::Damaged
+            } else {
+                GapReason::Missing
+            };
+            assert_eq!(gaps[0].reason, reason, "cut at {cut}");
+            assert!(q.recovery().found_damage());
+        } else {
+            assert!(q.recovery().is_clean(), "cut at {cut}: {:?}", q.recovery());
+        }
+        assert_eq!(q.append(&record(99, "x")).unwrap().seq, 31, "cut at {cut}");
+        drop(q);
+        let q = Queue::open(copy.path(), &key, "dev-1", small()).unwrap();
         assert!(
-            q.recovery().skipped.is_empty(),
-            "cut at {cut}: {:?}",
-            q.recovery()
+            q.recovery().gaps.is_empty(),
+            "a loss is journalled once: cut at {cut}"
         );
-        let torn = !ends.iter().any(|(_, end)| *end as usize == cut) && cut > HEADER_LEN;
-        assert_eq!(
-            q.recovery().torn_tails.len(),
-            usize::from(torn),
-            "cut at {cut}"
-        );
+        assert_eq!(q.unreported_gaps().len(), usize::from(expected < 30));
     }
 }
 
@@ -202,18 +270,21 @@ fn foreign_files_and_a_second_writer_are_refused() {
         .unwrap();
     assert!(err.to_string().contains("holiday.jpg"), "{err}");
     fs::remove_file(dir.path().join("holiday.jpg")).unwrap();
+    // A file named like a segment without a segment header is damage, not a reason to stop:
+    // the queue opens, and the file is moved to quarantine and reported by name.
     fs::write(
         dir.path().join("seg-00000000000000000099.dlog"),
         b"garbage that is long enough to be a header",
     )
     .unwrap();
-    let err = Queue::open(dir.path(), &key, "dev-1", QueueOptions::default())
-        .err()
-        .unwrap();
-    assert!(
-        err.to_string().contains("seg-00000000000000000099.dlog"),
-        "{err}"
-    );
+    let q = Queue::open(dir.path(), &key, "dev-1", QueueOptions::default()).unwrap();
+    assert!(q.recovery().found_damage());
+    let (path, _, _, reason) = &q.recovery().skipped[0];
+    assert!(path.ends_with("seg-00000000000000000099.dlog"), "{reason}");
+    assert!(q.recovery().quarantined[0]
+        .to_string_lossy()
+        .contains("seg-00000000000000000099.dlog"));
+    assert!(!dir.path().join("seg-00000000000000000099.dlog").exists());
 }
 
 #[test]
@@ -278,15 +349,22 @@ fn a_full_queue_rejects_or_evicts_as_configured() {
         full_policy: FullPolicy::EvictOldest,
         ..small()
     };
-    let mut q = Queue::open(dir.path(), &key, "dev-1", evict).unwrap();
+    let mut q = Queue::open(dir.path(), &key, "dev-1", evict.clone()).unwrap();
     for i in 0..100 {
         q.append(&record(i, "x")).unwrap();
     }
     let seqs: Vec<u64> = all(&q).iter().map(|s| s.seq).collect();
     assert!(seqs.len() <= 30 && *seqs.last().unwrap() == 100, "{seqs:?}");
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
-    let journal = fs::read_to_string(dir.path().join(EVICTED)).unwrap();
-    assert!(journal.contains("evicted records 1..="), "{journal}");
+    let journal = fs::read_to_string(dir.path().join(GAPS)).unwrap();
+    assert!(journal.contains("\"from\":1,"), "{journal}");
+    assert_eq!(q.gaps()[0].reason, GapReason::Evicted);
+    // Every evicted record is accounted for: the journal and the queue cover 1..=100.
+    let evicted: u64 = q.gaps().iter().map(|g| g.to - g.from + 1).sum();
+    assert_eq!(evicted + seqs.len() as u64, 100);
+    drop(q);
+    let q = Queue::open(dir.path(), &key, "dev-1", evict).unwrap();
+    assert!(q.recovery().is_clean(), "{:?}", q.recovery());
 }
 
 #[test]
