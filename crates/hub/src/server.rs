@@ -13,6 +13,10 @@ use tiny_http::{Header, Method, Request, Response, Server};
 use crate::store::{Store, Stored};
 use crate::HubError;
 
+/// The one answer to a request the hub cannot authenticate, whatever the reason (an unknown
+/// device or a bad seal), so that it does not tell which device ids exist.
+const UNAUTHENTICATED: &str = "unauthenticated request";
+
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 << 20;
 
@@ -194,24 +198,27 @@ fn batch(store: &mut Store, request: &mut Request, remote: Option<&str>) -> Repl
     }
     let known = match store.device(&device) {
         Ok(Some(d)) => d,
-        Ok(None) => return reject(store, 401, Some(&device), "unknown device".into()),
+        Ok(None) => {
+            store.log_rejection(remote, Some(&device), 401, "unknown device");
+            return Reply::text(401, UNAUTHENTICATED);
+        }
         Err(e) => return Reply::text(500, e.to_string()),
     };
-    let batch =
-        match wire::open_batch(&known.sync_key, &device, counter, &body) {
-            Ok(b) => b,
-            Err(OpenError::Unauthenticated) => return reject(
-                store,
-                401,
+    let batch = match wire::open_batch(&known.sync_key, &device, counter, &body) {
+        Ok(b) => b,
+        Err(OpenError::Unauthenticated) => {
+            store.log_rejection(
+                remote,
                 Some(&device),
-                "bad signature: the batch is not sealed with this device's key for this counter \
-                 (tampered, or another key)"
-                    .into(),
-            ),
-            Err(OpenError::Malformed(m)) => {
-                return reject(store, 400, Some(&device), format!("malformed batch: {m}"))
-            }
-        };
+                401,
+                "bad signature: the batch is not sealed with this device's key for this counter",
+            );
+            return Reply::text(401, UNAUTHENTICATED);
+        }
+        Err(OpenError::Malformed(m)) => {
+            return reject(store, 400, Some(&device), format!("malformed batch: {m}"))
+        }
+    };
     let mut records = Vec::with_capacity(batch.records.len());
     let mut prev = batch.after_seq;
     for r in batch.records {
@@ -262,14 +269,20 @@ fn batch(store: &mut Store, request: &mut Request, remote: Option<&str>) -> Repl
                 remote.unwrap_or("?")
             );
             store.log_rejection(remote, Some(&device), 409, &reason);
-            Reply::json(
-                409,
-                &Conflict {
-                    error: reason,
-                    hub_highest_seq: None,
-                    hub_last_counter: Some(last_counter),
-                },
-            )
+            Reply {
+                status: 409,
+                body: wire::seal_conflict(
+                    &known.sync_key,
+                    &device,
+                    counter,
+                    &Conflict {
+                        error: reason,
+                        hub_highest_seq: None,
+                        hub_last_counter: Some(last_counter),
+                    },
+                ),
+                content_type: "application/octet-stream",
+            }
         }
         Ok(Stored::Gap { highest_seq }) => {
             let reason = format!(
@@ -277,14 +290,20 @@ fn batch(store: &mut Store, request: &mut Request, remote: Option<&str>) -> Repl
                 batch.after_seq
             );
             store.log_rejection(remote, Some(&device), 409, &reason);
-            Reply::json(
-                409,
-                &Conflict {
-                    error: reason,
-                    hub_highest_seq: Some(highest_seq),
-                    hub_last_counter: None,
-                },
-            )
+            Reply {
+                status: 409,
+                body: wire::seal_conflict(
+                    &known.sync_key,
+                    &device,
+                    counter,
+                    &Conflict {
+                        error: reason,
+                        hub_highest_seq: Some(highest_seq),
+                        hub_last_counter: None,
+                    },
+                ),
+                content_type: "application/octet-stream",
+            }
         }
         Err(HubError::BadRequest(m)) => reject(store, 400, Some(&device), m),
         Err(e) => {

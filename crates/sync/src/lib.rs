@@ -280,8 +280,8 @@ impl SyncClient {
         let ack_body = match response {
             Ok(r) => read_body(r),
             Err(ureq::Error::Status(status, r)) => {
-                let text = String::from_utf8_lossy(&read_body(r)).trim().to_string();
-                return Err(self.status_error(status, text, after_seq));
+                let body = read_body(r);
+                return Err(self.status_error(status, &body, &device, counter, after_seq));
             }
             Err(ureq::Error::Transport(t)) => {
                 return Err(SyncError::Transport {
@@ -320,40 +320,55 @@ impl SyncClient {
         })
     }
 
-    fn status_error(&mut self, status: u16, text: String, after_seq: u64) -> SyncError {
+    fn status_error(
+        &mut self,
+        status: u16,
+        body: &[u8],
+        device: &str,
+        counter: u64,
+        after_seq: u64,
+    ) -> SyncError {
         let url = self.config.hub_url.clone();
+        let text = String::from_utf8_lossy(body).trim().to_string();
         if status == 409 {
-            if let Ok(conflict) = serde_json::from_str::<wire::Conflict>(&text) {
-                if let Some(hub_counter) = conflict.hub_last_counter {
-                    if hub_counter >= self.next_counter && hub_counter < COUNTER_CEILING {
-                        // Our counter state was lost or restored: continue above the hub's.
-                        log::warn!(
-                            "sync: hub has seen request counter {hub_counter}; moving past it"
-                        );
-                        self.next_counter = hub_counter + 1;
-                        self.reserved_through = 0;
-                        return SyncError::HubFailed {
-                            url,
-                            status,
-                            message: conflict.error,
-                        };
-                    }
-                }
-                if let Some(highest) = conflict.hub_highest_seq {
-                    if highest < after_seq {
-                        return SyncError::HubBehind {
-                            url,
-                            hub_highest_seq: highest,
-                            after_seq,
-                        };
-                    }
-                }
-                return SyncError::Refused {
+            // Only a conflict sealed with this device's key for this request may move the
+            // counter or explain the cursor; anything else changes nothing and is retried.
+            let Ok(conflict) = wire::open_conflict(&self.sync_key, device, counter, body) else {
+                log::warn!("sync: {url} answered 409 without the hub's seal; ignored");
+                return SyncError::HubFailed {
                     url,
                     status,
-                    message: conflict.error,
+                    message: "a conflict reply that is not sealed with this device's key (ignored)"
+                        .into(),
                 };
+            };
+            if let Some(hub_counter) = conflict.hub_last_counter {
+                if hub_counter >= self.next_counter && hub_counter < COUNTER_CEILING {
+                    // Our counter state was lost or restored: continue above the hub's.
+                    log::warn!("sync: hub has seen request counter {hub_counter}; moving past it");
+                    self.next_counter = hub_counter + 1;
+                    self.reserved_through = 0;
+                    return SyncError::HubFailed {
+                        url,
+                        status,
+                        message: conflict.error,
+                    };
+                }
             }
+            if let Some(highest) = conflict.hub_highest_seq {
+                if highest < after_seq {
+                    return SyncError::HubBehind {
+                        url,
+                        hub_highest_seq: highest,
+                        after_seq,
+                    };
+                }
+            }
+            return SyncError::Refused {
+                url,
+                status,
+                message: conflict.error,
+            };
         }
         if status >= 500 || status == 408 || status == 429 {
             SyncError::HubFailed {
@@ -471,6 +486,62 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), used.len());
         assert!(used.windows(2).all(|w| w[1] > w[0]));
+    }
+
+    /// A keyless fake hub answers every request with `409` and a counter near the ceiling, as
+    /// the hub's conflict used to be sent (plain JSON): the device changes nothing.
+    #[test]
+    fn an_unsealed_conflict_moves_nothing() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let fake = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 65536];
+                let _ = stream.read(&mut buf);
+                let body = r#"{"error":"replayed","hub_highest_seq":0,"hub_last_counter":1152921504606846976}"#;
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 409 Conflict\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let key = DeviceKey::generate();
+        let queue = Queue::open(dir.path(), &key, "dev-1", Default::default()).unwrap();
+        let record = dermedge_queue::Record {
+            format: dermedge_queue::RECORD_FORMAT,
+            id: dermedge_queue::new_record_id(),
+            captured_at_ms: 1,
+            device_id: "dev-1".into(),
+            model_id: "m".into(),
+            precision: "int8".into(),
+            embedding: dermedge_queue::Embedding::new(&[1.0], dermedge_queue::EmbeddingType::F32),
+            heads: Vec::new(),
+            quality: None,
+            source: None,
+            thumbnail_jpeg: None,
+        };
+        let queue = Mutex::new(queue);
+        queue.lock().unwrap().append(&record).unwrap();
+        let mut client = SyncClient::new(SyncConfig::new(&url), &key, dir.path()).unwrap();
+        let state = std::fs::read(dir.path().join(SYNC_STATE)).unwrap();
+        for _ in 0..2 {
+            let before = client.next_counter;
+            let err = client.push_once(&queue).unwrap_err();
+            assert!(err.is_transient(), "{err}");
+            assert!(err.to_string().contains("not sealed"), "{err}");
+            assert_eq!(
+                client.next_counter,
+                before + 1,
+                "the counter moved on a keyless word"
+            );
+        }
+        fake.join().unwrap();
+        assert_eq!(std::fs::read(dir.path().join(SYNC_STATE)).unwrap(), state);
+        assert_eq!(queue.lock().unwrap().acked_seq(), 0);
     }
 
     #[test]

@@ -146,6 +146,23 @@ pub fn open_ack(key: &[u8; 32], device: &str, counter: u64, body: &[u8]) -> Resu
     Ok(ack)
 }
 
+/// A `409 Conflict` body, sealed like an [`Ack`] for the request it answers: a device moves its
+/// counter or cursor only on the word of the hub that holds its key.
+pub fn seal_conflict(key: &[u8; 32], device: &str, counter: u64, conflict: &Conflict) -> Vec<u8> {
+    seal(key, &aad("conflict", device, counter), &to_cbor(conflict))
+}
+
+pub fn open_conflict(
+    key: &[u8; 32],
+    device: &str,
+    counter: u64,
+    body: &[u8],
+) -> Result<Conflict, OpenError> {
+    let plain =
+        open(key, &aad("conflict", device, counter), body).ok_or(OpenError::Unauthenticated)?;
+    ciborium::from_reader(plain.as_slice()).map_err(|e| OpenError::Malformed(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
