@@ -263,6 +263,8 @@ pub struct RecoveryReport {
     pub skipped: Vec<(PathBuf, u64, u64, String)>,
     /// Where each damaged or truncated byte range was copied before it was dropped.
     pub quarantined: Vec<PathBuf>,
+    /// Segments whose records were all acknowledged or evicted, left by an interrupted removal.
+    pub reclaimed: Vec<PathBuf>,
     /// Losses found by this recovery (also journalled in `gaps.log`).
     pub gaps: Vec<Gap>,
     /// The recovery point could not be read and was rebuilt from the segments.
@@ -496,9 +498,9 @@ impl Queue {
                     &point.initial_file(),
                 )?;
                 let legacy = dir.join(LEGACY_CURSOR);
+                // Should the removal not last, a stale `acked` is ignored next to `state`.
                 if st.exists(&legacy).map_err(io(&legacy))? {
                     st.remove_file(&legacy).map_err(io(&legacy))?;
-                    st.sync_dir(dir).map_err(io(dir))?;
                 }
                 st.open(&state_path, Open::Existing)
                     .map_err(io(&state_path))?
@@ -545,7 +547,7 @@ impl Queue {
             bytes: 0,
             _lock: lock,
         };
-        queue.remove_acknowledged()?;
+        queue.reclaim()?;
         queue.recount();
         let stats = queue.stats();
         log::info!(
@@ -714,6 +716,7 @@ impl Queue {
                 return Err(io(&state_path)(e));
             }
             self.durable_seq = self.last_seq;
+            log::debug!("queue: records through {} are durable", self.durable_seq);
         }
         self.pending_since = None;
         Ok(())
@@ -770,6 +773,9 @@ impl Queue {
         self.bytes += segment.bytes;
         self.segments.push(segment);
         self.active = file;
+        // The segment just closed may hold only acknowledged records.
+        self.remove_acknowledged()?;
+        self.recount();
         Ok(())
     }
 
@@ -921,6 +927,36 @@ impl Queue {
         self.acked_seq = seq;
         self.remove_acknowledged()?;
         self.recount();
+        Ok(())
+    }
+
+    /// On open: remove segments that an interrupted acknowledgement or eviction should have
+    /// removed (every record in them acknowledged, or journalled as evicted).
+    fn reclaim(&mut self) -> Result<()> {
+        let done = |seq: u64| {
+            seq <= self.acked_seq
+                || self
+                    .gaps
+                    .iter()
+                    .any(|g| g.reason == GapReason::Evicted && g.covers(seq))
+        };
+        let stale: Vec<usize> = (0..self.segments.len().saturating_sub(1))
+            .filter(|&i| self.segments[i].frames.iter().all(|f| done(f.seq)))
+            .collect();
+        for &i in stale.iter().rev() {
+            let segment = self.segments.remove(i);
+            log::warn!(
+                "{}: every record in it is acknowledged or evicted; removed (an interrupted removal)",
+                segment.path.display()
+            );
+            self.storage
+                .remove_file(&segment.path)
+                .map_err(io(&segment.path))?;
+            self.recovery.reclaimed.push(segment.path);
+        }
+        if !stale.is_empty() {
+            self.storage.sync_dir(&self.dir).map_err(io(&self.dir))?;
+        }
         Ok(())
     }
 
@@ -1191,8 +1227,10 @@ fn recover_segment(
         let through = frames
             .iter()
             .find(|f| f.offset > d.offset)
-            .map_or(high_water.unwrap_or(0).max(before + 1), |f| f.seq - 1);
-        damaged.push((before + 1, through));
+            .map_or(high_water.unwrap_or(0).max(before.saturating_add(1)), |f| {
+                f.seq - 1
+            });
+        damaged.push((before.saturating_add(1), through));
         log::error!(
             "{}: damaged record(s) after {before} at byte {} ({} bytes, {}); copy: {copy}",
             path.display(),
@@ -1230,9 +1268,10 @@ fn recover_segment(
         }
     }
     if bytes < buf.len() as u64 {
+        // Not synced here: until the next commit syncs it (with the appends after it), a power
+        // cut can only bring back bytes that lie past the recovery point, cut again next time.
         let mut file = st.open(&path, Open::Existing).map_err(io(&path))?;
         file.set_len(bytes).map_err(io(&path))?;
-        file.sync_data().map_err(io(&path))?;
     }
     Ok(Some(Segment {
         path,

@@ -19,6 +19,9 @@ pub const FRAME_MAGIC: &[u8; 4] = b"DMQR";
 const NONCE_LEN: usize = 24;
 const PREFIX_LEN: usize = 4 + 4 + 8 + NONCE_LEN;
 pub const TAG_LEN: usize = 16;
+/// The highest sequence number a frame may carry: far beyond any device's life, and far enough
+/// below `u64::MAX` that no arithmetic on sequence numbers can overflow.
+pub const MAX_SEQ: u64 = 1 << 62;
 /// Bytes a frame adds around its plaintext.
 pub const FRAME_OVERHEAD: usize = PREFIX_LEN + TAG_LEN + 4;
 
@@ -192,10 +195,17 @@ pub fn scan(
         if seq <= prev {
             return Err(format!("sequence {seq} does not follow {prev}"));
         }
-        if cipher.open(&buf[pos..pos + len]).is_none() {
+        if seq > MAX_SEQ {
+            return Err(format!("sequence {seq} is beyond {MAX_SEQ}"));
+        }
+        let Some(plain) = cipher.open(&buf[pos..pos + len]) else {
             return Err(format!(
                 "frame {seq} does not authenticate (tampered, or sealed with another key)"
             ));
+        };
+        // A frame that would stop sync for ever (its record cannot be read) is damage too.
+        if let Err(e) = crate::Record::from_cbor(&plain) {
+            return Err(format!("frame {seq} holds no readable record: {e}"));
         }
         Ok((seq, len))
     };
@@ -232,12 +242,28 @@ pub fn scan(
 mod tests {
     use super::*;
 
-    fn segment(cipher: &Cipher, records: &[&[u8]]) -> Vec<u8> {
+    /// A segment of records whose `source` is each of `names`; the end offset of each frame.
+    fn segment(cipher: &Cipher, names: &[&str]) -> (Vec<u8>, Vec<usize>) {
         let mut buf = encode_header(1, &[7; 16]).to_vec();
-        for (i, r) in records.iter().enumerate() {
-            buf.extend(cipher.seal(i as u64 + 1, r));
+        let mut ends = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let record = crate::Record {
+                format: crate::RECORD_FORMAT,
+                id: crate::new_record_id(),
+                captured_at_ms: 0,
+                device_id: "d".into(),
+                model_id: "m".into(),
+                precision: "int8".into(),
+                embedding: crate::Embedding::new(&[1.0], crate::EmbeddingType::F32),
+                heads: Vec::new(),
+                quality: None,
+                source: Some(name.to_string()),
+                thumbnail_jpeg: None,
+            };
+            buf.extend(cipher.seal(i as u64 + 1, &record.to_cbor()));
+            ends.push(buf.len());
         }
-        buf
+        (buf, ends)
     }
 
     #[test]
@@ -261,8 +287,8 @@ mod tests {
     #[test]
     fn a_corrupt_middle_frame_is_skipped_and_reported() {
         let cipher = Cipher::new(&[1; 32]);
-        let mut buf = segment(&cipher, &[b"one", b"two", b"three"]);
-        let second = HEADER_LEN + 3 + FRAME_OVERHEAD;
+        let (mut buf, ends) = segment(&cipher, &["one", "two", "three"]);
+        let second = ends[0];
         buf[second + 50] ^= 0xff;
         let scan = scan(&buf, &cipher, 0, 1 << 20, true);
         let seqs: Vec<u64> = scan.frames.iter().map(|f| f.seq).collect();
@@ -275,14 +301,32 @@ mod tests {
     #[test]
     fn a_torn_tail_is_reported_as_such() {
         let cipher = Cipher::new(&[1; 32]);
-        let buf = segment(&cipher, &[b"one", b"two"]);
+        let (buf, ends) = segment(&cipher, &["one", "two"]);
         let cut = &buf[..buf.len() - 3];
         let scan = scan(cut, &cipher, 0, 1 << 20, true);
         assert_eq!(scan.frames.len(), 1);
         assert!(scan.damage[0].torn_tail);
         assert_eq!(
             scan.frames[0].offset + u64::from(scan.frames[0].len),
-            (HEADER_LEN + 3 + FRAME_OVERHEAD) as u64
+            ends[0] as u64
         );
+    }
+
+    #[test]
+    fn an_authentic_frame_without_a_record_or_beyond_the_last_seq_is_damage() {
+        let cipher = Cipher::new(&[1; 32]);
+        let mut buf = encode_header(1, &[7; 16]).to_vec();
+        buf.extend(cipher.seal(1, b"not cbor"));
+        let scan1 = scan(&buf, &cipher, 0, 1 << 20, true);
+        assert!(scan1.frames.is_empty());
+        assert!(scan1.damage[0].reason.contains("no readable record"));
+        let (good, _) = segment(&cipher, &["a"]);
+        let frame = &good[HEADER_LEN..];
+        let mut far = encode_header(1, &[7; 16]).to_vec();
+        let mut sealed = cipher.seal(u64::MAX, &cipher.open(frame).unwrap());
+        far.append(&mut sealed);
+        let scan2 = scan(&far, &cipher, 0, 1 << 20, false);
+        assert!(scan2.frames.is_empty());
+        assert!(scan2.damage[0].reason.contains("beyond"));
     }
 }
