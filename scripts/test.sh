@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run every check: formatting, clippy (warnings are errors), the model tooling's tests,
 # the CI models built by the exporter (df-mini, lesion-x448), the whole Rust test suite, and the
-# aarch64 cross build tested under QEMU (cross/test-aarch64.sh).
+# aarch64 cross build tested under QEMU (cross/test-aarch64.sh), and the kill sweep.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -16,6 +16,8 @@ for model in "${ci_models[@]}"; do
 done
 scripts/python-env.sh -m unittest discover -s models/export/tests
 DERMEDGE_REQUIRE_MODELS="$(IFS=,; echo "${ci_models[*]}")" cargo test --workspace --locked
+# SIGKILL at every fsync/fdatasync/rename/unlink/ftruncate of `queue add`, `sync` and `run`.
+scripts/kill-sweep.sh
 # The classic TensorFlow Lite backend (tflitec) and the Coral Edge TPU path.
 DERMEDGE_REQUIRE_MODELS=lesion-x448 scripts/test-classic.sh
 # aarch64: the cross build's tests under qemu-user-static and its embeddings against x86_64's.
