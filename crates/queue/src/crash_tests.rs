@@ -83,7 +83,12 @@ fn options() -> impl Strategy<Value = QueueOptions> {
         })
 }
 
-fn record(n: u64, thumbnail: u16) -> Record {
+fn record(n: u64, thumbnail: u16) -> Envelope {
+    let hub = HubKey::from_bytes([9; 32]).public();
+    Envelope::seal(&plain_record(n, thumbnail), &hub)
+}
+
+fn plain_record(n: u64, thumbnail: u16) -> Record {
     Record {
         format: RECORD_FORMAT,
         id: new_record_id(),

@@ -41,10 +41,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 pub use gaps::{Gap, GapReason};
-pub use key::{hex, DeviceKey, KEY_BYTES};
+pub use key::{hex, DeviceKey, DevicePublic, HubKey, HubPublic, KEY_BYTES, SIGNATURE_BYTES};
 pub use record::{
-    new_record_id, now_ms, Embedding, EmbeddingType, HeadResult, QualityResult, Record,
-    RECORD_FORMAT,
+    new_record_id, now_ms, Embedding, EmbeddingType, Envelope, HeadResult, QualityResult, Record,
+    ENVELOPE_FORMAT, RECORD_FORMAT,
 };
 pub use segment::FRAME_OVERHEAD;
 pub use storage::{Disk, Entry, LockGuard, Open, Storage, StorageFile};
@@ -105,7 +105,7 @@ pub enum QueueError {
         stored: String,
         given: String,
     },
-    #[error("record {id} is {bytes} bytes of CBOR; the limit (max_record_bytes) is {limit}")]
+    #[error("record {id} is {bytes} bytes sealed; the limit (max_record_bytes) is {limit}")]
     RecordTooLarge {
         id: String,
         bytes: usize,
@@ -179,7 +179,7 @@ pub struct QueueOptions {
     pub durability: Durability,
     /// A segment is closed and a new one started beyond this size.
     pub segment_bytes: u64,
-    /// Largest record (CBOR, before sealing).
+    /// Largest record (its sealed envelope's CBOR).
     pub max_record_bytes: usize,
     /// Capacity: bytes of segment files on disk.
     pub max_bytes: u64,
@@ -247,8 +247,8 @@ pub struct Receipt {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored {
     pub seq: u64,
-    pub record: Record,
-    /// The record's CBOR exactly as appended.
+    pub envelope: Envelope,
+    /// The envelope's CBOR exactly as appended.
     pub cbor: Vec<u8>,
 }
 
@@ -632,7 +632,7 @@ impl Queue {
 
     /// Append `record`. Under [`Durability::PerRecord`] it is accepted when this returns `Ok`;
     /// under group commit, once [`Receipt::durable`] or [`Queue::durable_seq`] says so.
-    pub fn append(&mut self, record: &Record) -> Result<Receipt> {
+    pub fn append(&mut self, record: &Envelope) -> Result<Receipt> {
         self.check_poisoned()?;
         let cbor = record.to_cbor();
         if cbor.len() > self.options.max_record_bytes {
@@ -887,11 +887,11 @@ impl Queue {
                     .cipher
                     .open(&frame)
                     .ok_or_else(|| unreadable("does not authenticate".into()))?;
-                let record = Record::from_cbor(&cbor).map_err(unreadable)?;
+                let envelope = Envelope::from_cbor(&cbor).map_err(unreadable)?;
                 bytes += cbor.len();
                 out.push(Stored {
                     seq: f.seq,
-                    record,
+                    envelope,
                     cbor,
                 });
             }

@@ -4,7 +4,72 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::key::{HubKey, HubPublic};
+
 pub const RECORD_FORMAT: u32 = 1;
+pub const ENVELOPE_FORMAT: u32 = 2;
+
+/// What the device queues and sends: the record sealed to the hub's public key (the device
+/// cannot read it back, and neither can whoever finds the device), with what is not secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// [`ENVELOPE_FORMAT`].
+    pub format: u32,
+    /// The record's id (the hub's dedup key).
+    pub id: String,
+    pub captured_at_ms: i64,
+    pub device_id: String,
+    /// The record's CBOR in an X25519 sealed box to the hub.
+    #[serde(with = "serde_bytes")]
+    pub sealed: Vec<u8>,
+}
+
+impl Envelope {
+    pub fn seal(record: &Record, hub: &HubPublic) -> Self {
+        Self {
+            format: ENVELOPE_FORMAT,
+            id: record.id.clone(),
+            captured_at_ms: record.captured_at_ms,
+            device_id: record.device_id.clone(),
+            sealed: hub.seal(&record.to_cbor()),
+        }
+    }
+
+    /// The record, if this envelope was sealed to `hub` and its outside matches its inside.
+    pub fn open(&self, hub: &HubKey) -> Result<Record, String> {
+        let cbor = hub
+            .unseal(&self.sealed)
+            .ok_or("the record is not sealed to this hub's key, or was changed")?;
+        let record = Record::from_cbor(&cbor)?;
+        if (&record.id, record.captured_at_ms, &record.device_id)
+            != (&self.id, self.captured_at_ms, &self.device_id)
+        {
+            return Err(format!(
+                "the envelope says record {} of {}, the sealed record is {} of {}",
+                self.id, self.device_id, record.id, record.device_id
+            ));
+        }
+        Ok(record)
+    }
+
+    pub fn to_cbor(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(self, &mut out).expect("an envelope always serialises");
+        out
+    }
+
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, String> {
+        let envelope: Envelope = ciborium::from_reader(bytes).map_err(|e| e.to_string())?;
+        if envelope.format != ENVELOPE_FORMAT {
+            return Err(format!(
+                "envelope format {}, expected {ENVELOPE_FORMAT}",
+                envelope.format
+            ));
+        }
+        Ok(envelope)
+    }
+}
 
 /// One capture: who, when, which model, the embedding and what the device made of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -204,7 +204,7 @@ pub fn scan(
             ));
         };
         // A frame that would stop sync for ever (its record cannot be read) is damage too.
-        if let Err(e) = crate::Record::from_cbor(&plain) {
+        if let Err(e) = crate::Envelope::from_cbor(&plain) {
             return Err(format!("frame {seq} holds no readable record: {e}"));
         }
         Ok((seq, len))
@@ -260,7 +260,9 @@ mod tests {
                 source: Some(name.to_string()),
                 thumbnail_jpeg: None,
             };
-            buf.extend(cipher.seal(i as u64 + 1, &record.to_cbor()));
+            let hub = crate::HubKey::from_bytes([9; 32]).public();
+            let envelope = crate::Envelope::seal(&record, &hub);
+            buf.extend(cipher.seal(i as u64 + 1, &envelope.to_cbor()));
             ends.push(buf.len());
         }
         (buf, ends)

@@ -2,7 +2,16 @@ use std::fs;
 
 use super::*;
 
-fn record(i: u64, marker: &str) -> Record {
+/// The clinic key the test records are sealed to.
+fn hub() -> HubKey {
+    HubKey::from_bytes([9; 32])
+}
+
+fn record(i: u64, marker: &str) -> Envelope {
+    Envelope::seal(&plain_record(i, marker), &hub().public())
+}
+
+fn plain_record(i: u64, marker: &str) -> Record {
     Record {
         format: RECORD_FORMAT,
         id: new_record_id(),
@@ -56,7 +65,11 @@ fn records_survive_reopening_in_order() {
     }
     let mut q = Queue::open(dir.path(), &key, "dev-1", small()).unwrap();
     assert!(q.recovery().is_clean());
-    let read: Vec<Record> = all(&q).into_iter().map(|s| s.record).collect();
+    let read: Vec<Envelope> = all(&q).into_iter().map(|s| s.envelope).collect();
+    assert_eq!(
+        read[3].open(&hub()).unwrap().source.as_deref(),
+        Some("x-3.png")
+    );
     assert_eq!(read, written);
     assert_eq!(q.append(&record(40, "x")).unwrap().seq, 41);
 }
@@ -297,8 +310,9 @@ fn an_oversized_record_is_refused_and_nothing_else_changes() {
     };
     let mut q = Queue::open(dir.path(), &key, "dev-1", options.clone()).unwrap();
     q.append(&record(0, "x")).unwrap();
-    let mut big = record(1, "x");
+    let mut big = plain_record(1, "x");
     big.thumbnail_jpeg = Some(vec![0xAB; 5000]);
+    let big = Envelope::seal(&big, &hub().public());
     let err = q.append(&big).unwrap_err();
     assert!(
         matches!(err, QueueError::RecordTooLarge { bytes, limit: 1000, .. } if bytes > 5000),
