@@ -390,11 +390,16 @@ fn a_record_whose_sync_failed_never_comes_back() {
         let err = q.append(&record(3, 10)).unwrap_err();
         assert!(matches!(err, QueueError::Poisoned { .. }), "{err}");
         assert_eq!(q.unacknowledged(10, usize::MAX).unwrap().len(), 1);
-        drop(q);
+        assert!(q.is_poisoned());
         if cut {
+            drop(q);
             disk.power_cut(&mut Rng::new(3));
+            q = open(&disk, &key, &options);
+        } else {
+            // What `dermedge run` does: recover in place, keeping the lock.
+            q.reopen(&key).unwrap();
+            assert!(!q.is_poisoned());
         }
-        let mut q = open(&disk, &key, &options);
         let seqs: Vec<u64> = q
             .unacknowledged(10, usize::MAX)
             .unwrap()

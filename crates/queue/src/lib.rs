@@ -338,7 +338,8 @@ pub struct Queue {
     /// preview frame and append) costs nothing; recounted on open, acknowledge and eviction.
     pending: u64,
     bytes: u64,
-    _lock: LockGuard,
+    /// Held for the queue's life (taken over by [`Queue::reopen`]).
+    lock: Option<LockGuard>,
 }
 
 /// A segment file found by the directory listing, before its frames are scanned.
@@ -383,6 +384,40 @@ impl Queue {
         let Some(lock) = st.lock(&lock_path).map_err(io(&lock_path))? else {
             return Err(QueueError::Locked { dir: dir.into() });
         };
+        let mut queue = Self::recover(storage.clone(), dir, key, device_id, options)?;
+        queue.lock = Some(lock);
+        Ok(queue)
+    }
+
+    /// Recover again, keeping the lock: what a device does after a failed sync poisoned the
+    /// handle ([`QueueError::Poisoned`]).
+    pub fn reopen(&mut self, key: &DeviceKey) -> Result<()> {
+        let mut fresh = Self::recover(
+            self.storage.clone(),
+            &self.dir,
+            key,
+            &self.device_id,
+            self.options.clone(),
+        )?;
+        fresh.lock = self.lock.take();
+        *self = fresh;
+        Ok(())
+    }
+
+    /// Whether a failed write or sync stopped appends until [`Queue::reopen`].
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+
+    /// Everything [`Queue::open_with`] does once the lock is held.
+    fn recover(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        key: &DeviceKey,
+        device_id: &str,
+        options: QueueOptions,
+    ) -> Result<Self> {
+        let st = storage.as_ref();
         let mut recovery = RecoveryReport::default();
         let found = list_queue_dir(st, dir, &mut recovery)?;
 
@@ -545,7 +580,7 @@ impl Queue {
             poisoned: None,
             pending: 0,
             bytes: 0,
-            _lock: lock,
+            lock: None,
         };
         queue.reclaim()?;
         queue.recount();
