@@ -1,11 +1,13 @@
 //! dermedge-sync: drains the queue to the hub when a link exists.
 //!
-//! Batches go out in sequence order, sealed with the device's sync key ([`wire`]); the queue's
-//! acknowledged cursor advances only on an authentic acknowledgement from the hub, so an
-//! interrupted push (dropped link, hub restart, timeout) is simply sent again, and the hub's
-//! dedup by record id keeps it exactly-once. Failures that may pass (transport, `5xx`) are
-//! retried with exponential backoff and jitter; ones that will not (unknown device, wrong key,
-//! a hub that lost records) stop with a clear error.
+//! Batches go out in sequence order, signed with the device's key ([`wire`], `dermedge-sync/2`),
+//! each with the losses the queue journalled and has not yet reported ([`Gap`]); the queue's
+//! acknowledged cursor advances only on an acknowledgement signed by the hub key pinned at
+//! enrollment, so an interrupted push (dropped link, hub restart, timeout) is simply sent
+//! again, and the hub's dedup by record id keeps it exactly-once. Failures that may pass
+//! (transport, `5xx`) are retried with exponential backoff and jitter; ones that will not
+//! (unknown or revoked device, wrong key, a hub that lost records, a hub that speaks another
+//! protocol version) stop with a clear error.
 
 pub mod wire;
 
@@ -16,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use dermedge_queue::{DeviceKey, Queue, QueueError, SYNC_STATE};
+use dermedge_queue::{DeviceKey, Gap, HubPublic, Queue, QueueError, SYNC_STATE};
 use serde::{Deserialize, Serialize};
 
 use wire::{Batch, BatchRecord, OpenError};
@@ -55,6 +57,12 @@ pub enum SyncError {
     },
     #[error("hub at {url} sent an acknowledgement that does not verify: {message}")]
     BadAck { url: String, message: String },
+    #[error(
+        "hub at {url} does not speak {protocol} (HTTP {status} at {path}): upgrade the hub",
+        protocol = wire::PROTOCOL,
+        path = wire::BATCH_PATH
+    )]
+    Version { url: String, status: u16 },
     #[error(transparent)]
     Queue(#[from] QueueError),
     #[error("{path}: {message}")]
@@ -135,14 +143,21 @@ impl SyncConfig {
 pub enum Pushed {
     /// Nothing was waiting.
     Idle,
-    /// A batch of `records` went out and the hub acknowledged through `acked_through`.
-    Batch { records: usize, acked_through: u64 },
+    /// A batch of `records` and `gaps` went out and the hub acknowledged through
+    /// `acked_through`.
+    Batch {
+        records: usize,
+        gaps: usize,
+        acked_through: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct DrainReport {
     pub batches: usize,
     pub records: usize,
+    /// Losses reported to the hub.
+    pub gaps: usize,
     pub retries: usize,
     pub acked_through: u64,
 }
@@ -155,7 +170,9 @@ struct CounterState {
 
 pub struct SyncClient {
     config: SyncConfig,
-    sync_key: [u8; 32],
+    key: DeviceKey,
+    /// The hub's public key pinned at enrollment: only replies it signed change anything.
+    hub: HubPublic,
     agent: ureq::Agent,
     state_path: PathBuf,
     next_counter: u64,
@@ -163,8 +180,14 @@ pub struct SyncClient {
 }
 
 impl SyncClient {
-    /// A client for the queue in `queue_dir`; its request counter is kept in `<queue_dir>/sync.json`.
-    pub fn new(config: SyncConfig, key: &DeviceKey, queue_dir: &Path) -> Result<Self, SyncError> {
+    /// A client for the queue in `queue_dir` that signs with `key` and believes only `hub`; its
+    /// request counter is kept in `<queue_dir>/sync.json`.
+    pub fn new(
+        config: SyncConfig,
+        key: &DeviceKey,
+        hub: HubPublic,
+        queue_dir: &Path,
+    ) -> Result<Self, SyncError> {
         if !(config.hub_url.starts_with("http://") || config.hub_url.starts_with("https://")) {
             return Err(SyncError::Config(format!(
                 "hub url {:?}: expected http://host:port or https://host:port",
@@ -194,7 +217,8 @@ impl SyncClient {
             .build();
         let mut client = Self {
             config,
-            sync_key: key.sync_key(),
+            key: key.clone(),
+            hub,
             agent,
             state_path,
             // Counters up to the reservation may have been used before a restart: skip them.
@@ -241,33 +265,30 @@ impl SyncClient {
         Ok(c)
     }
 
-    /// Send one batch of unacknowledged records and advance the cursor on the hub's ack.
+    /// Send one batch (unacknowledged records, with the unreported losses among them, or only
+    /// losses when no record waits) and advance the cursor on the hub's signed ack.
     pub fn push_once(&mut self, queue: &Mutex<Queue>) -> Result<Pushed, SyncError> {
-        let (device, after_seq, records) = {
+        let (device, after_seq, durable_seq, records, gaps) = {
             let q = queue.lock().expect("queue lock");
             let records = q.unacknowledged(self.config.batch_records, self.config.batch_bytes)?;
-            (q.device_id().to_string(), q.acked_seq(), records)
+            (
+                q.device_id().to_string(),
+                q.acked_seq(),
+                q.durable_seq(),
+                records,
+                q.unreported_gaps(),
+            )
         };
-        let Some(last) = records.last().map(|r| r.seq) else {
+        let Some((batch, last)) = plan_batch(after_seq, durable_seq, records, gaps) else {
             return Ok(Pushed::Idle);
         };
-        let batch = Batch {
-            after_seq,
-            records: records
-                .into_iter()
-                .map(|s| BatchRecord {
-                    seq: s.seq,
-                    cbor: s.cbor,
-                })
-                .collect(),
-        };
         let count = batch.records.len();
+        let gap_count = batch.gaps.len();
         let counter = self.take_counter()?;
-        let body = wire::seal_batch(&self.sync_key, &device, counter, &batch);
+        let body = wire::seal_batch(&self.key, &device, counter, &batch);
         let url = format!("{}{}", self.config.hub_url, wire::BATCH_PATH);
         log::debug!(
-            "sync: request {counter}: {count} records {}..={last} to {url}",
-            batch.records[0].seq
+            "sync: request {counter}: {count} records and {gap_count} gaps after {after_seq} through {last} to {url}"
         );
         let response = self
             .agent
@@ -290,11 +311,13 @@ impl SyncClient {
                 })
             }
         };
-        let ack = wire::open_ack(&self.sync_key, &device, counter, &ack_body).map_err(|e| {
+        let ack = wire::open_ack(&self.hub, &device, counter, &ack_body).map_err(|e| {
             SyncError::BadAck {
                 url: hub.clone(),
                 message: match e {
-                    OpenError::Unauthenticated => "not sealed with this device's key".into(),
+                    OpenError::Unauthenticated => {
+                        "not signed by the hub key pinned at enrollment".into()
+                    }
                     OpenError::Malformed(m) => m,
                 },
             }
@@ -309,6 +332,9 @@ impl SyncClient {
             });
         }
         queue.lock().expect("queue lock").acknowledge(last)?;
+        for gap in &batch.gaps {
+            log::warn!("sync: reported to the hub: {gap}");
+        }
         log::info!(
             "sync: hub stored {} new records ({} already there), acknowledged through {last}",
             ack.stored,
@@ -316,6 +342,7 @@ impl SyncClient {
         );
         Ok(Pushed::Batch {
             records: count,
+            gaps: gap_count,
             acked_through: last,
         })
     }
@@ -330,15 +357,19 @@ impl SyncClient {
     ) -> SyncError {
         let url = self.config.hub_url.clone();
         let text = String::from_utf8_lossy(body).trim().to_string();
+        if status == 404 || status == 405 {
+            return SyncError::Version { url, status };
+        }
         if status == 409 {
-            // Only a conflict sealed with this device's key for this request may move the
+            // Only a conflict signed by the pinned hub key for this request may move the
             // counter or explain the cursor; anything else changes nothing and is retried.
-            let Ok(conflict) = wire::open_conflict(&self.sync_key, device, counter, body) else {
-                log::warn!("sync: {url} answered 409 without the hub's seal; ignored");
+            let Ok(conflict) = wire::open_conflict(&self.hub, device, counter, body) else {
+                log::warn!("sync: {url} answered 409 without the hub's signature; ignored");
                 return SyncError::HubFailed {
                     url,
                     status,
-                    message: "a conflict reply that is not sealed with this device's key (ignored)"
+                    message: "a conflict reply that is not signed by the hub key pinned at \
+                              enrollment (ignored)"
                         .into(),
                 };
             };
@@ -385,7 +416,7 @@ impl SyncClient {
         }
     }
 
-    /// Push until the queue holds nothing unacknowledged, retrying transient failures with
+    /// Push until the queue holds nothing unacknowledged and no unreported loss, retrying transient failures with
     /// backoff. Stops early when `stop` is set (with the last error if the hub was failing then),
     /// or with the last error after `max_retries` consecutive failures.
     pub fn drain(
@@ -402,12 +433,14 @@ impl SyncClient {
                 Ok(Pushed::Idle) => return Ok(report),
                 Ok(Pushed::Batch {
                     records,
+                    gaps,
                     acked_through,
                 }) => {
                     attempt = 0;
                     failing = None;
                     report.batches += 1;
                     report.records += records;
+                    report.gaps += gaps;
                     report.acked_through = acked_through;
                 }
                 Err(e) if e.is_transient() && max_retries.is_none_or(|m| attempt < m) => {
@@ -427,6 +460,49 @@ impl SyncClient {
         }
         Ok(report)
     }
+}
+
+/// The next batch and the sequence number it is acknowledged through, or `None` when nothing
+/// waits.
+///
+/// A batch with records carries the unreported gaps that end at or before its last record (the
+/// hub advances over a gap as over a record, so a gap beyond the batch would put the records
+/// before it out of order; it goes with a later batch). When no record waits, the batch holds
+/// only the gaps that start at or below `durable_seq`, and is acknowledged through the end of the
+/// last one, never past `durable_seq`.
+fn plan_batch(
+    after_seq: u64,
+    durable_seq: u64,
+    records: Vec<dermedge_queue::Stored>,
+    gaps: Vec<Gap>,
+) -> Option<(Batch, u64)> {
+    let (gaps, last): (Vec<Gap>, u64) = match records.last() {
+        Some(r) => {
+            let last = r.seq;
+            (gaps.into_iter().filter(|g| g.to <= last).collect(), last)
+        }
+        None => {
+            let gaps: Vec<Gap> = gaps.into_iter().filter(|g| g.from <= durable_seq).collect();
+            let last = gaps.iter().map(|g| g.to).max()?.min(durable_seq);
+            if last <= after_seq {
+                // Nothing a hub's ack could move: the rest of these ranges is not durable yet.
+                return None;
+            }
+            (gaps, last)
+        }
+    };
+    let batch = Batch {
+        after_seq,
+        records: records
+            .into_iter()
+            .map(|s| BatchRecord {
+                seq: s.seq,
+                cbor: s.cbor,
+            })
+            .collect(),
+        gaps,
+    };
+    Some((batch, last))
 }
 
 fn read_body(response: ureq::Response) -> Vec<u8> {
@@ -453,6 +529,9 @@ pub fn sleep_unless(stop: &AtomicBool, wait: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dermedge_queue::{
+        Envelope, GapReason, HubKey, QueueOptions, Record, Stored, ENVELOPE_FORMAT,
+    };
 
     #[test]
     fn backoff_grows_exponentially_with_bounded_jitter() {
@@ -469,6 +548,10 @@ mod tests {
         assert!((0.0..1.0).contains(&u));
     }
 
+    fn hub_public() -> HubPublic {
+        HubKey::generate().public()
+    }
+
     #[test]
     fn counters_never_repeat_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
@@ -476,7 +559,8 @@ mod tests {
         let config = SyncConfig::new("http://127.0.0.1:9");
         let mut used = Vec::new();
         for _ in 0..3 {
-            let mut client = SyncClient::new(config.clone(), &key, dir.path()).unwrap();
+            let mut client =
+                SyncClient::new(config.clone(), &key, hub_public(), dir.path()).unwrap();
             for _ in 0..100 {
                 used.push(client.take_counter().unwrap());
             }
@@ -488,34 +572,12 @@ mod tests {
         assert!(used.windows(2).all(|w| w[1] > w[0]));
     }
 
-    /// A keyless fake hub answers every request with `409` and a counter near the ceiling, as
-    /// the hub's conflict used to be sent (plain JSON): the device changes nothing.
-    #[test]
-    fn an_unsealed_conflict_moves_nothing() {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let fake = std::thread::spawn(move || {
-            for _ in 0..2 {
-                let (mut stream, _) = listener.accept().unwrap();
-                let mut buf = [0u8; 65536];
-                let _ = stream.read(&mut buf);
-                let body = r#"{"error":"replayed","hub_highest_seq":0,"hub_last_counter":1152921504606846976}"#;
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 409 Conflict\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let key = DeviceKey::generate();
-        let queue = Queue::open(dir.path(), &key, "dev-1", Default::default()).unwrap();
-        let record = dermedge_queue::Record {
+    fn record(device: &str) -> Record {
+        Record {
             format: dermedge_queue::RECORD_FORMAT,
             id: dermedge_queue::new_record_id(),
             captured_at_ms: 1,
-            device_id: "dev-1".into(),
+            device_id: device.into(),
             model_id: "m".into(),
             precision: "int8".into(),
             embedding: dermedge_queue::Embedding::new(&[1.0], dermedge_queue::EmbeddingType::F32),
@@ -523,16 +585,80 @@ mod tests {
             quality: None,
             source: None,
             thumbnail_jpeg: None,
-        };
-        let queue = Mutex::new(queue);
-        queue.lock().unwrap().append(&record).unwrap();
-        let mut client = SyncClient::new(SyncConfig::new(&url), &key, dir.path()).unwrap();
+        }
+    }
+
+    /// A fake hub on loopback: `reply(counter)` answers each of `requests` requests (status,
+    /// body), then it stops.
+    fn fake_hub(
+        requests: usize,
+        reply: impl Fn(u64) -> (u16, Vec<u8>) + Send + 'static,
+    ) -> (String, std::thread::JoinHandle<()>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            for _ in 0..requests {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream);
+                let (mut length, mut counter) = (0usize, 0u64);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if let Some(v) =
+                        lower.strip_prefix(&format!("{}:", wire::COUNTER_HEADER.to_lowercase()))
+                    {
+                        counter = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0u8; length];
+                reader.read_exact(&mut body).unwrap();
+                let (status, body) = reply(counter);
+                let mut stream = reader.into_inner();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(&body);
+            }
+        });
+        (url, handle)
+    }
+
+    fn queue_with_one_record(dir: &Path, key: &DeviceKey, hub: &HubPublic) -> Mutex<Queue> {
+        let mut queue = Queue::open(dir, key, "dev-1", QueueOptions::default()).unwrap();
+        queue
+            .append(&Envelope::seal(&record("dev-1"), hub))
+            .unwrap();
+        Mutex::new(queue)
+    }
+
+    /// A keyless fake hub answers every request with `409` and a counter near the ceiling, as
+    /// conflicts were once sent (plain JSON): the device changes nothing.
+    #[test]
+    fn an_unsealed_conflict_moves_nothing() {
+        let (url, fake) = fake_hub(2, |_| {
+            let body = r#"{"error":"replayed","hub_highest_seq":0,"hub_last_counter":1152921504606846976}"#;
+            (409, body.as_bytes().to_vec())
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let key = DeviceKey::generate();
+        let hub = hub_public();
+        let queue = queue_with_one_record(dir.path(), &key, &hub);
+        let mut client = SyncClient::new(SyncConfig::new(&url), &key, hub, dir.path()).unwrap();
         let state = std::fs::read(dir.path().join(SYNC_STATE)).unwrap();
         for _ in 0..2 {
             let before = client.next_counter;
             let err = client.push_once(&queue).unwrap_err();
             assert!(err.is_transient(), "{err}");
-            assert!(err.to_string().contains("not sealed"), "{err}");
+            assert!(err.to_string().contains("not signed"), "{err}");
             assert_eq!(
                 client.next_counter,
                 before + 1,
@@ -544,12 +670,130 @@ mod tests {
         assert_eq!(queue.lock().unwrap().acked_seq(), 0);
     }
 
+    /// Replies signed with a hub key other than the pinned one (an ack, and a conflict that
+    /// would move the counter) change nothing on the device.
+    #[test]
+    fn replies_signed_by_another_hub_move_nothing() {
+        let impostor = HubKey::generate();
+        let (url, fake) = fake_hub(2, move |counter| {
+            if counter == 1 {
+                let ack = wire::Ack {
+                    counter,
+                    acked_through: 1,
+                    stored: 1,
+                    duplicates: 0,
+                };
+                (200, wire::seal_ack(&impostor, "dev-1", &ack))
+            } else {
+                let conflict = wire::Conflict {
+                    error: "replayed".into(),
+                    hub_highest_seq: None,
+                    hub_last_counter: Some(1 << 40),
+                };
+                (
+                    409,
+                    wire::seal_conflict(&impostor, "dev-1", counter, &conflict),
+                )
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let key = DeviceKey::generate();
+        let hub = hub_public();
+        let queue = queue_with_one_record(dir.path(), &key, &hub);
+        let mut client = SyncClient::new(SyncConfig::new(&url), &key, hub, dir.path()).unwrap();
+        let err = client.push_once(&queue).unwrap_err();
+        assert!(matches!(err, SyncError::BadAck { .. }), "{err}");
+        assert!(err.to_string().contains("pinned"), "{err}");
+        let err = client.push_once(&queue).unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert_eq!(client.next_counter, 3);
+        fake.join().unwrap();
+        assert_eq!(queue.lock().unwrap().acked_seq(), 0);
+    }
+
+    #[test]
+    fn a_hub_without_v2_is_a_clear_version_error() {
+        let (url, fake) = fake_hub(1, |_| (404, b"not found\n".to_vec()));
+        let dir = tempfile::tempdir().unwrap();
+        let key = DeviceKey::generate();
+        let hub = hub_public();
+        let queue = queue_with_one_record(dir.path(), &key, &hub);
+        let mut client = SyncClient::new(SyncConfig::new(&url), &key, hub, dir.path()).unwrap();
+        let err = client
+            .drain(&queue, &AtomicBool::new(false), Some(5))
+            .unwrap_err();
+        fake.join().unwrap();
+        assert!(
+            matches!(err, SyncError::Version { status: 404, .. }),
+            "{err}"
+        );
+        assert!(!err.is_transient());
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "hub at {url} does not speak dermedge-sync/2 (HTTP 404 at /v2/batches): upgrade the hub"
+            )
+        );
+        assert_eq!(queue.lock().unwrap().acked_seq(), 0);
+    }
+
+    fn stored(seq: u64) -> Stored {
+        let envelope = Envelope {
+            format: ENVELOPE_FORMAT,
+            id: format!("{seq:032x}"),
+            captured_at_ms: 1,
+            device_id: "dev-1".into(),
+            sealed: Vec::new(),
+        };
+        Stored {
+            seq,
+            cbor: envelope.to_cbor(),
+            envelope,
+        }
+    }
+
+    fn gap(from: u64, to: u64) -> Gap {
+        Gap {
+            from,
+            to,
+            reason: GapReason::Evicted,
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn batches_carry_the_gaps_before_their_last_record_or_only_gaps() {
+        // Nothing waits.
+        assert!(plan_batch(4, 4, Vec::new(), Vec::new()).is_none());
+        // Records with a gap among them and one beyond them (sent later).
+        let (batch, last) = plan_batch(
+            4,
+            20,
+            vec![stored(8), stored(9)],
+            vec![gap(5, 7), gap(12, 14)],
+        )
+        .unwrap();
+        assert_eq!(last, 9);
+        assert_eq!(batch.last(), 9);
+        assert_eq!(batch.gaps, [gap(5, 7)]);
+        assert_eq!(batch.records.len(), 2);
+        // Only gaps: acknowledged through the end of the last.
+        let (batch, last) = plan_batch(9, 20, Vec::new(), vec![gap(12, 14)]).unwrap();
+        assert_eq!((last, batch.last(), batch.records.len()), (14, 14, 0));
+        // Never past what is durable; nothing that could not move the cursor.
+        let (_, last) = plan_batch(9, 13, Vec::new(), vec![gap(12, 14)]).unwrap();
+        assert_eq!(last, 13);
+        assert!(plan_batch(13, 13, Vec::new(), vec![gap(12, 14)]).is_none());
+        assert!(plan_batch(9, 11, Vec::new(), vec![gap(12, 14)]).is_none());
+    }
+
     #[test]
     fn a_bad_hub_url_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let err = SyncClient::new(
             SyncConfig::new("ftp://hub"),
             &DeviceKey::generate(),
+            hub_public(),
             dir.path(),
         )
         .err()

@@ -1,40 +1,57 @@
-//! The sync protocol, shared by the device and the hub.
+//! The sync protocol `dermedge-sync/2`, shared by the device and the hub.
 //!
-//! `POST /v1/batches` with headers `X-Dermedge-Device` and `X-Dermedge-Counter`; the body is a
-//! 24-byte nonce followed by the CBOR [`Batch`] sealed with XChaCha20-Poly1305 under the device's
-//! sync key, with the protocol tag, device id and counter as associated data. The seal is the
-//! request's signature: a hub that opens it knows which device sent it and that nothing was
-//! changed. The counter rises with every request (never reused, even for retries), so the hub
-//! rejects a replayed request without trusting the device's clock. The hub answers `200` with an
-//! [`Ack`] sealed the same way under the same key, so a device only deletes data on the word of
-//! the hub that holds its key.
+//! `POST /v2/batches` with headers `X-Dermedge-Device` and `X-Dermedge-Counter`; the body is the
+//! device's Ed25519 signature (64 bytes) followed by the CBOR [`Batch`]. The signature covers a
+//! domain-separated message: `"dermedge-sync/2 request\0" || device id || "\0" || counter (u64,
+//! big-endian) || CBOR`, so a hub that verifies it with the device's enrolled public key knows
+//! which device sent it, for which counter, and that nothing was changed. The records inside are
+//! envelopes sealed to the hub's key on the device: the request carries nothing readable but the
+//! record ids, capture times and the device id.
+//!
+//! The counter rises with every request (never reused, even for retries), so the hub rejects a
+//! replayed request without trusting the device's clock. The hub answers `200` with an [`Ack`],
+//! and `409` with a [`Conflict`], each signed with the hub's key over the same kind of message
+//! (kinds `ack` and `conflict`): a device moves its cursor or counter only on the word of the hub
+//! whose public key it pinned at enrollment. The hub's database holds public keys only, so a copy
+//! of it cannot produce such a word.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use dermedge_queue::{DeviceKey, DevicePublic, Gap, HubKey, HubPublic, SIGNATURE_BYTES};
 use serde::{Deserialize, Serialize};
 
-pub const BATCH_PATH: &str = "/v1/batches";
+pub const PROTOCOL: &str = "dermedge-sync/2";
+pub const BATCH_PATH: &str = "/v2/batches";
 pub const HEALTH_PATH: &str = "/v1/health";
 pub const DEVICE_HEADER: &str = "X-Dermedge-Device";
 pub const COUNTER_HEADER: &str = "X-Dermedge-Counter";
 pub const CONTENT_TYPE: &str = "application/vnd.dermedge.batch";
-const NONCE_LEN: usize = 24;
 
-/// Records `after_seq < seq`, in order; gaps are records the device lost (evicted, damaged) and
-/// says so by sending the batch this way.
+/// Records `after_seq < seq`, in order, and the losses the device has not yet reported.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Batch {
     /// The device's acknowledged cursor when it built the batch.
     pub after_seq: u64,
     pub records: Vec<BatchRecord>,
+    /// Ranges of sequence numbers the device lost (evicted, damaged, missing) and has not yet
+    /// had acknowledged: their records will never come.
+    pub gaps: Vec<Gap>,
+}
+
+impl Batch {
+    /// The sequence number the hub acknowledges this batch through: its last record, the end of
+    /// its last gap, or the cursor it follows, whichever is highest.
+    pub fn last(&self) -> u64 {
+        let records = self.records.iter().map(|r| r.seq).max().unwrap_or(0);
+        let gaps = self.gaps.iter().map(|g| g.to).max().unwrap_or(0);
+        records.max(gaps).max(self.after_seq)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRecord {
     pub seq: u64,
-    /// The record's CBOR exactly as queued.
+    /// The record's envelope CBOR exactly as queued.
     #[serde(with = "serde_bytes")]
     pub cbor: Vec<u8>,
 }
@@ -44,14 +61,15 @@ pub struct BatchRecord {
 pub struct Ack {
     /// The counter of the request this acknowledges.
     pub counter: u64,
-    /// Every record of the device through this sequence number is stored.
+    /// Every record of the device through this sequence number is stored, or reported lost.
     pub acked_through: u64,
     /// Records stored by this request; the rest of the batch were already there.
     pub stored: u32,
     pub duplicates: u32,
 }
 
-/// Returned with `409 Conflict` when the hub holds fewer records than the device believes.
+/// Returned with `409 Conflict`: a replayed counter, or a hub that holds fewer records than the
+/// device believes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Conflict {
     pub error: String,
@@ -59,44 +77,28 @@ pub struct Conflict {
     pub hub_last_counter: Option<u64>,
 }
 
-fn aad(kind: &str, device: &str, counter: u64) -> Vec<u8> {
-    let mut aad = format!("dermedge-sync/1 {kind} ").into_bytes();
-    aad.extend_from_slice(device.as_bytes());
-    aad.push(0);
-    aad.extend_from_slice(&counter.to_be_bytes());
-    aad
+/// Why a signed message was refused.
+#[derive(Debug, PartialEq)]
+pub enum OpenError {
+    /// Wrong key, tampered body, header values that are not the ones signed, or a body too short
+    /// to hold a signature.
+    Unauthenticated,
+    /// Authentic, but not a valid message.
+    Malformed(String),
 }
 
-fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-    let mut nonce = [0u8; NONCE_LEN];
-    getrandom::getrandom(&mut nonce).expect("the OS random source is available");
-    let sealed = XChaCha20Poly1305::new(key.into())
-        .encrypt(
-            XNonce::from_slice(&nonce),
-            Payload {
-                msg: plaintext,
-                aad,
-            },
-        )
-        .expect("sealing cannot fail for in-memory buffers");
-    let mut out = nonce.to_vec();
-    out.extend(sealed);
-    out
-}
-
-fn open(key: &[u8; 32], aad: &[u8], body: &[u8]) -> Option<Vec<u8>> {
-    if body.len() < NONCE_LEN {
-        return None;
-    }
-    XChaCha20Poly1305::new(key.into())
-        .decrypt(
-            XNonce::from_slice(&body[..NONCE_LEN]),
-            Payload {
-                msg: &body[NONCE_LEN..],
-                aad,
-            },
-        )
-        .ok()
+/// What is signed: `"dermedge-sync/2 <kind>\0" || device || "\0" || counter (BE) || cbor`.
+fn message(kind: &str, device: &str, counter: u64, cbor: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(PROTOCOL.len() + kind.len() + device.len() + 11 + cbor.len());
+    m.extend_from_slice(PROTOCOL.as_bytes());
+    m.push(b' ');
+    m.extend_from_slice(kind.as_bytes());
+    m.push(0);
+    m.extend_from_slice(device.as_bytes());
+    m.push(0);
+    m.extend_from_slice(&counter.to_be_bytes());
+    m.extend_from_slice(cbor);
+    m
 }
 
 fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
@@ -105,38 +107,68 @@ fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
-pub fn seal_batch(key: &[u8; 32], device: &str, counter: u64, batch: &Batch) -> Vec<u8> {
-    seal(key, &aad("request", device, counter), &to_cbor(batch))
+/// `signature || cbor`.
+fn signed(signature: [u8; SIGNATURE_BYTES], cbor: Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SIGNATURE_BYTES + cbor.len());
+    out.extend_from_slice(&signature);
+    out.extend(cbor);
+    out
 }
 
-/// Why a sealed message was refused.
-#[derive(Debug, PartialEq)]
-pub enum OpenError {
-    /// Wrong key, tampered body, or header values that are not the ones sealed.
-    Unauthenticated,
-    /// Authentic, but not a valid message.
-    Malformed(String),
+/// The CBOR of a signed body, if `verify` accepts its signature over the message of `kind`.
+fn verified<'a>(
+    kind: &str,
+    device: &str,
+    counter: u64,
+    body: &'a [u8],
+    verify: impl FnOnce(&[u8], &[u8]) -> bool,
+) -> Result<&'a [u8], OpenError> {
+    if body.len() < SIGNATURE_BYTES {
+        return Err(OpenError::Unauthenticated);
+    }
+    let (signature, cbor) = body.split_at(SIGNATURE_BYTES);
+    if !verify(&message(kind, device, counter, cbor), signature) {
+        return Err(OpenError::Unauthenticated);
+    }
+    Ok(cbor)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(cbor: &[u8]) -> Result<T, OpenError> {
+    ciborium::from_reader(cbor).map_err(|e| OpenError::Malformed(e.to_string()))
+}
+
+/// A request body: the device's signature, then the batch's CBOR.
+pub fn seal_batch(key: &DeviceKey, device: &str, counter: u64, batch: &Batch) -> Vec<u8> {
+    let cbor = to_cbor(batch);
+    signed(key.sign(&message("request", device, counter, &cbor)), cbor)
 }
 
 pub fn open_batch(
-    key: &[u8; 32],
+    public: &DevicePublic,
     device: &str,
     counter: u64,
     body: &[u8],
 ) -> Result<Batch, OpenError> {
-    let plain =
-        open(key, &aad("request", device, counter), body).ok_or(OpenError::Unauthenticated)?;
-    ciborium::from_reader(plain.as_slice()).map_err(|e| OpenError::Malformed(e.to_string()))
+    decode(verified("request", device, counter, body, |m, s| {
+        public.verify(m, s)
+    })?)
 }
 
-pub fn seal_ack(key: &[u8; 32], device: &str, ack: &Ack) -> Vec<u8> {
-    seal(key, &aad("ack", device, ack.counter), &to_cbor(ack))
+/// A `200` body: the hub's signature, then the ack's CBOR, bound to the request's counter.
+pub fn seal_ack(hub: &HubKey, device: &str, ack: &Ack) -> Vec<u8> {
+    let cbor = to_cbor(ack);
+    signed(hub.sign(&message("ack", device, ack.counter, &cbor)), cbor)
 }
 
-pub fn open_ack(key: &[u8; 32], device: &str, counter: u64, body: &[u8]) -> Result<Ack, OpenError> {
-    let plain = open(key, &aad("ack", device, counter), body).ok_or(OpenError::Unauthenticated)?;
-    let ack: Ack =
-        ciborium::from_reader(plain.as_slice()).map_err(|e| OpenError::Malformed(e.to_string()))?;
+pub fn open_ack(
+    hub: &HubPublic,
+    device: &str,
+    counter: u64,
+    body: &[u8],
+) -> Result<Ack, OpenError> {
+    let ack: Ack = decode(verified("ack", device, counter, body, |m, s| {
+        hub.verify(m, s)
+    })?)?;
     if ack.counter != counter {
         return Err(OpenError::Malformed(format!(
             "acknowledges request {}, not {counter}",
@@ -146,26 +178,28 @@ pub fn open_ack(key: &[u8; 32], device: &str, counter: u64, body: &[u8]) -> Resu
     Ok(ack)
 }
 
-/// A `409 Conflict` body, sealed like an [`Ack`] for the request it answers: a device moves its
-/// counter or cursor only on the word of the hub that holds its key.
-pub fn seal_conflict(key: &[u8; 32], device: &str, counter: u64, conflict: &Conflict) -> Vec<u8> {
-    seal(key, &aad("conflict", device, counter), &to_cbor(conflict))
+/// A `409 Conflict` body, signed like an [`Ack`] for the request it answers: a device moves its
+/// counter or explains its cursor only on the word of its pinned hub.
+pub fn seal_conflict(hub: &HubKey, device: &str, counter: u64, conflict: &Conflict) -> Vec<u8> {
+    let cbor = to_cbor(conflict);
+    signed(hub.sign(&message("conflict", device, counter, &cbor)), cbor)
 }
 
 pub fn open_conflict(
-    key: &[u8; 32],
+    hub: &HubPublic,
     device: &str,
     counter: u64,
     body: &[u8],
 ) -> Result<Conflict, OpenError> {
-    let plain =
-        open(key, &aad("conflict", device, counter), body).ok_or(OpenError::Unauthenticated)?;
-    ciborium::from_reader(plain.as_slice()).map_err(|e| OpenError::Malformed(e.to_string()))
+    decode(verified("conflict", device, counter, body, |m, s| {
+        hub.verify(m, s)
+    })?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dermedge_queue::GapReason;
 
     fn batch() -> Batch {
         Batch {
@@ -174,51 +208,190 @@ mod tests {
                 seq: 4,
                 cbor: b"record".to_vec(),
             }],
+            gaps: vec![Gap {
+                from: 5,
+                to: 6,
+                reason: GapReason::Evicted,
+                at_ms: 1,
+            }],
+        }
+    }
+
+    fn ack() -> Ack {
+        Ack {
+            counter: 7,
+            acked_through: 6,
+            stored: 1,
+            duplicates: 0,
         }
     }
 
     #[test]
-    fn sealed_batches_open_only_with_the_same_key_device_and_counter() {
-        let key = [9u8; 32];
+    fn signed_batches_open_only_with_the_same_key_device_and_counter() {
+        let key = DeviceKey::generate();
+        let public = key.public();
         let body = seal_batch(&key, "dev-1", 7, &batch());
-        assert_eq!(open_batch(&key, "dev-1", 7, &body).unwrap(), batch());
+        assert_eq!(open_batch(&public, "dev-1", 7, &body).unwrap(), batch());
+        assert_eq!(batch().last(), 6);
+        let other = DeviceKey::generate().public();
         assert_eq!(
-            open_batch(&[8; 32], "dev-1", 7, &body),
+            open_batch(&other, "dev-1", 7, &body),
+            Err(OpenError::Unauthenticated),
+            "another device's key"
+        );
+        assert_eq!(
+            open_batch(&public, "dev-2", 7, &body),
             Err(OpenError::Unauthenticated)
         );
         assert_eq!(
-            open_batch(&key, "dev-2", 7, &body),
+            open_batch(&public, "dev-1", 8, &body),
+            Err(OpenError::Unauthenticated),
+            "counter mismatch"
+        );
+        let signed_by_other = seal_batch(&DeviceKey::generate(), "dev-1", 7, &batch());
+        assert_eq!(
+            open_batch(&public, "dev-1", 7, &signed_by_other),
+            Err(OpenError::Unauthenticated)
+        );
+    }
+
+    #[test]
+    fn a_tampered_or_short_body_is_unauthenticated() {
+        let key = DeviceKey::generate();
+        let public = key.public();
+        let body = seal_batch(&key, "dev-1", 7, &batch());
+        for at in [0, SIGNATURE_BYTES - 1, SIGNATURE_BYTES, body.len() - 1] {
+            let mut tampered = body.clone();
+            tampered[at] ^= 1;
+            assert_eq!(
+                open_batch(&public, "dev-1", 7, &tampered),
+                Err(OpenError::Unauthenticated),
+                "byte {at} flipped"
+            );
+        }
+        let mut extended = body.clone();
+        extended.push(0);
+        assert_eq!(
+            open_batch(&public, "dev-1", 7, &extended),
+            Err(OpenError::Unauthenticated)
+        );
+        for len in [0, 5, SIGNATURE_BYTES - 1] {
+            assert_eq!(
+                open_batch(&public, "dev-1", 7, &body[..len]),
+                Err(OpenError::Unauthenticated),
+                "{len} bytes"
+            );
+        }
+        let hub = HubKey::generate();
+        let ack_body = seal_ack(&hub, "dev-1", &ack());
+        assert_eq!(
+            open_ack(&hub.public(), "dev-1", 7, &ack_body[..SIGNATURE_BYTES - 1]),
+            Err(OpenError::Unauthenticated)
+        );
+    }
+
+    #[test]
+    fn an_authentic_body_that_is_not_a_batch_is_malformed() {
+        let key = DeviceKey::generate();
+        let cbor = b"\xa1\x61x\x01".to_vec();
+        let body = signed(key.sign(&message("request", "dev-1", 7, &cbor)), cbor);
+        assert!(matches!(
+            open_batch(&key.public(), "dev-1", 7, &body),
+            Err(OpenError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn acks_are_bound_to_their_request_and_hub() {
+        let hub = HubKey::generate();
+        let body = seal_ack(&hub, "dev-1", &ack());
+        assert_eq!(open_ack(&hub.public(), "dev-1", 7, &body).unwrap(), ack());
+        assert_eq!(
+            open_ack(&hub.public(), "dev-1", 6, &body),
+            Err(OpenError::Unauthenticated),
+            "counter mismatch"
+        );
+        assert_eq!(
+            open_ack(&hub.public(), "dev-2", 7, &body),
             Err(OpenError::Unauthenticated)
         );
         assert_eq!(
-            open_batch(&key, "dev-1", 8, &body),
-            Err(OpenError::Unauthenticated)
+            open_ack(&HubKey::generate().public(), "dev-1", 7, &body),
+            Err(OpenError::Unauthenticated),
+            "another hub's key"
         );
         let mut tampered = body.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
         assert_eq!(
-            open_batch(&key, "dev-1", 7, &tampered),
+            open_ack(&hub.public(), "dev-1", 7, &tampered),
+            Err(OpenError::Unauthenticated)
+        );
+        // Signed for counter 7, but saying 8 inside: authentic, and refused.
+        let lying = Ack {
+            counter: 8,
+            ..ack()
+        };
+        let cbor = to_cbor(&lying);
+        let body = signed(hub.sign(&message("ack", "dev-1", 7, &cbor)), cbor);
+        assert!(matches!(
+            open_ack(&hub.public(), "dev-1", 7, &body),
+            Err(OpenError::Malformed(m)) if m.contains("not 7")
+        ));
+    }
+
+    #[test]
+    fn kinds_do_not_stand_in_for_each_other() {
+        let hub = HubKey::generate();
+        let conflict = Conflict {
+            error: "replayed".into(),
+            hub_highest_seq: None,
+            hub_last_counter: Some(9),
+        };
+        let body = seal_conflict(&hub, "dev-1", 7, &conflict);
+        assert_eq!(
+            open_conflict(&hub.public(), "dev-1", 7, &body).unwrap(),
+            conflict
+        );
+        assert_eq!(
+            open_conflict(&hub.public(), "dev-1", 8, &body),
             Err(OpenError::Unauthenticated)
         );
         assert_eq!(
-            open_batch(&key, "dev-1", 7, b"short"),
+            open_conflict(&HubKey::generate().public(), "dev-1", 7, &body),
+            Err(OpenError::Unauthenticated)
+        );
+        assert_eq!(
+            open_ack(&hub.public(), "dev-1", 7, &body),
+            Err(OpenError::Unauthenticated)
+        );
+        let ack_body = seal_ack(&hub, "dev-1", &ack());
+        assert_eq!(
+            open_conflict(&hub.public(), "dev-1", 7, &ack_body),
             Err(OpenError::Unauthenticated)
         );
     }
 
     #[test]
-    fn acks_are_bound_to_their_request() {
-        let key = [9u8; 32];
-        let ack = Ack {
-            counter: 7,
-            acked_through: 4,
-            stored: 1,
-            duplicates: 0,
-        };
-        let body = seal_ack(&key, "dev-1", &ack);
-        assert_eq!(open_ack(&key, "dev-1", 7, &body).unwrap(), ack);
-        assert!(open_ack(&key, "dev-1", 6, &body).is_err());
-        assert!(open_ack(&[1; 32], "dev-1", 7, &body).is_err());
+    fn unknown_batch_fields_are_refused() {
+        #[derive(Serialize)]
+        struct Extra {
+            after_seq: u64,
+            records: Vec<BatchRecord>,
+            gaps: Vec<Gap>,
+            extra: u8,
+        }
+        let key = DeviceKey::generate();
+        let cbor = to_cbor(&Extra {
+            after_seq: 0,
+            records: Vec::new(),
+            gaps: Vec::new(),
+            extra: 1,
+        });
+        let body = signed(key.sign(&message("request", "d", 1, &cbor)), cbor);
+        assert!(matches!(
+            open_batch(&key.public(), "d", 1, &body),
+            Err(OpenError::Malformed(_))
+        ));
     }
 }
