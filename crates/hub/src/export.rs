@@ -1,5 +1,7 @@
 //! `dermedge hub export`: the stored records as CSV, and their embeddings as `.npy` with a JSON
-//! index of record ids, in each device's sequence order.
+//! index of record ids, in each device's sequence order (per enrollment epoch); the losses the
+//! devices reported as `<csv stem>.gaps.csv` next to the records' CSV. Every file is written
+//! readable by its owner only.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -20,11 +22,14 @@ pub struct ExportFilter {
 pub struct Exported {
     pub rows: usize,
     pub dim: Option<usize>,
+    /// Gaps written to [`gaps_csv_path`] (0: no file written).
+    pub gaps: usize,
 }
 
 struct Row {
     record_id: String,
     device_id: String,
+    epoch: i64,
     seq: i64,
     captured_at_ms: i64,
     model_id: String,
@@ -44,10 +49,10 @@ fn rows(store: &Store, filter: &ExportFilter) -> Result<Vec<Row>, HubError> {
         .connection()
         .prepare(
             "SELECT record_id, device_id, seq, captured_at_ms, model_id, precision, source,
-                    heads_json, quality_json, embedding_dtype, embedding_dim, embedding
+                    heads_json, quality_json, embedding_dtype, embedding_dim, embedding, epoch
              FROM records
              WHERE (?1 IS NULL OR device_id = ?1) AND (?2 IS NULL OR model_id = ?2)
-             ORDER BY device_id, seq",
+             ORDER BY device_id, epoch, seq",
         )
         .map_err(err)?;
     let rows = stmt
@@ -58,6 +63,7 @@ fn rows(store: &Store, filter: &ExportFilter) -> Result<Vec<Row>, HubError> {
             Ok(Row {
                 record_id: r.get(0)?,
                 device_id: r.get(1)?,
+                epoch: r.get(12)?,
                 seq: r.get(2)?,
                 captured_at_ms: r.get(3)?,
                 model_id: r.get(4)?,
@@ -107,13 +113,71 @@ fn top(head: &HeadResult) -> String {
         .unwrap_or_default()
 }
 
+/// Create or truncate `path`, readable and writable by its owner only (also when it existed).
 fn create(path: &Path) -> Result<BufWriter<File>, HubError> {
-    File::create(path)
-        .map(BufWriter::new)
-        .map_err(|source| HubError::Io {
-            path: path.into(),
-            source,
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |source| HubError::Io {
+        path: path.into(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io)?;
+    Ok(BufWriter::new(file))
+}
+
+/// Where [`export`] writes the gaps next to the records' CSV `csv`: `<stem>.gaps.csv`.
+pub fn gaps_csv_path(csv: &Path) -> PathBuf {
+    let stem = csv
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    csv.with_file_name(format!("{stem}.gaps.csv"))
+}
+
+struct GapRow {
+    device_id: String,
+    epoch: i64,
+    from: i64,
+    to: i64,
+    reason: String,
+    at_ms: i64,
+}
+
+fn gap_rows(store: &Store, filter: &ExportFilter) -> Result<Vec<GapRow>, HubError> {
+    let err = |e: rusqlite::Error| HubError::Database {
+        path: store.path().into(),
+        message: e.to_string(),
+    };
+    let mut stmt = store
+        .connection()
+        .prepare(
+            "SELECT device_id, epoch, from_seq, to_seq, reason, at_ms FROM gaps
+             WHERE (?1 IS NULL OR device_id = ?1)
+             ORDER BY device_id, epoch, from_seq, to_seq",
+        )
+        .map_err(err)?;
+    let rows = stmt
+        .query_map(rusqlite::params![filter.device_id], |r| {
+            Ok(GapRow {
+                device_id: r.get(0)?,
+                epoch: r.get(1)?,
+                from: r.get(2)?,
+                to: r.get(3)?,
+                reason: r.get(4)?,
+                at_ms: r.get(5)?,
+            })
         })
+        .map_err(err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err)?;
+    Ok(rows)
 }
 
 /// Write the CSV and/or the `.npy` (+ `.npy.json`) of the records that pass `filter`.
@@ -124,6 +188,7 @@ pub fn export(
     npy: Option<&Path>,
 ) -> Result<Exported, HubError> {
     let rows = rows(store, filter)?;
+    let mut gaps = 0;
     if let Some(path) = csv {
         let io = |source| HubError::Io {
             path: path.into(),
@@ -132,28 +197,54 @@ pub fn export(
         let mut out = create(path)?;
         writeln!(
             out,
-            "record_id,device_id,seq,captured_at_ms,model_id,precision,embedding_dim,source,quality_ok,heads"
+            "record_id,device_id,seq,captured_at_ms,model_id,precision,embedding_dim,source,quality_ok,heads,epoch"
         )
         .map_err(io)?;
         for r in &rows {
             let heads: Vec<String> = r.heads.iter().map(top).collect();
             writeln!(
                 out,
-                "{},{},{},{},{},{},{},{},{},{}",
-                r.record_id,
+                "{},{},{},{},{},{},{},{},{},{},{}",
+                csv_field(&r.record_id),
                 csv_field(&r.device_id),
                 r.seq,
                 r.captured_at_ms,
                 csv_field(&r.model_id),
-                r.precision,
+                csv_field(&r.precision),
                 r.embedding.dim,
                 csv_field(r.source.as_deref().unwrap_or("")),
                 r.quality_ok.map_or(String::new(), |q| q.to_string()),
-                csv_field(&heads.join(";"))
+                csv_field(&heads.join(";")),
+                r.epoch
             )
             .map_err(io)?;
         }
         out.flush().map_err(io)?;
+        let gap_rows = gap_rows(store, filter)?;
+        if !gap_rows.is_empty() {
+            let path = gaps_csv_path(path);
+            let io = |source| HubError::Io {
+                path: path.clone(),
+                source,
+            };
+            let mut out = create(&path)?;
+            writeln!(out, "device_id,epoch,from,to,reason,at_ms").map_err(io)?;
+            for g in &gap_rows {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{}",
+                    csv_field(&g.device_id),
+                    g.epoch,
+                    g.from,
+                    g.to,
+                    csv_field(&g.reason),
+                    g.at_ms
+                )
+                .map_err(io)?;
+            }
+            out.flush().map_err(io)?;
+            gaps = gap_rows.len();
+        }
     }
     let dim = rows.first().map(|r| r.embedding.dim as usize);
     if let Some(path) = npy {
@@ -208,20 +299,20 @@ pub fn export(
             "format": "dermedge-hub-export/1",
             "model": rows.first().map(|r| r.model_id.clone()),
             "rows": rows.iter().map(|r| serde_json::json!({
-                "record_id": r.record_id, "device_id": r.device_id, "seq": r.seq,
+                "record_id": r.record_id, "device_id": r.device_id, "epoch": r.epoch, "seq": r.seq,
             })).collect::<Vec<_>>(),
         });
-        std::fs::write(
-            &index_path,
-            serde_json::to_vec_pretty(&index).expect("serialisable"),
-        )
-        .map_err(|source| HubError::Io {
-            path: index_path,
-            source,
-        })?;
+        let mut out = create(&index_path)?;
+        out.write_all(&serde_json::to_vec_pretty(&index).expect("serialisable"))
+            .and_then(|()| out.flush())
+            .map_err(|source| HubError::Io {
+                path: index_path,
+                source,
+            })?;
     }
     Ok(Exported {
         rows: rows.len(),
         dim,
+        gaps,
     })
 }

@@ -1,10 +1,12 @@
 //! dermedge-hub: the other end of sync, for the clinic LAN.
 //!
-//! An HTTP server ([`server::HubServer`]) that opens each batch with the sending device's sync
-//! key (refusing unknown devices, tampered bodies and replayed counters, each logged to the
-//! `rejections` table), stores its records in SQLite in one transaction, deduplicated by record
-//! id and in each device's sequence order ([`store::Store`]), and answers with a sealed
-//! acknowledgement. [`export`] turns the database into CSV and `.npy`.
+//! An HTTP server ([`server::HubServer`]) that verifies each batch with the sending device's
+//! enrolled public key (refusing unknown and revoked devices, bad signatures and replayed
+//! counters, each logged to the bounded `rejections` table), opens its records with the hub key
+//! (kept in its own file, never in the database), stores them and the losses the device
+//! reported in SQLite in one transaction, deduplicated by record id and in each device's
+//! sequence order ([`store::Store`]), and answers with an acknowledgement signed by the hub key.
+//! [`export`] turns the database into CSV and `.npy`.
 
 pub mod export;
 pub mod server;

@@ -1,4 +1,4 @@
-//! The HTTP side: `POST /v1/batches` (sealed batches in, sealed acks out) and `GET /v1/health`.
+//! The HTTP side: `POST /v2/batches` (signed batches in, signed acks out) and `GET /v1/health`.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -6,16 +6,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use dermedge_queue::Record;
+use dermedge_queue::{Envelope, HubKey};
 use dermedge_sync::wire::{self, Ack, Conflict, OpenError};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::store::{Store, Stored};
 use crate::HubError;
 
-/// The one answer to a request the hub cannot authenticate, whatever the reason (an unknown
-/// device or a bad seal), so that it does not tell which device ids exist.
-const UNAUTHENTICATED: &str = "unauthenticated request";
+/// The one answer to a request the hub cannot authenticate, whatever the reason (an unknown,
+/// revoked or not re-enrolled device, or a bad signature), so that it does not tell which device
+/// ids exist or what became of them; the reason goes to the `rejections` log.
+pub const UNAUTHENTICATED: &str = "unauthenticated request";
+
+/// The largest sequence number the hub stores (SQLite integers are signed).
+const MAX_SEQ: u64 = i64::MAX as u64;
+
+/// The path of protocol `dermedge-sync/1`, answered with a pointer to the upgrade.
+const V1_BATCH_PATH: &str = "/v1/batches";
 
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 << 20;
@@ -28,8 +35,14 @@ pub struct HubServer {
 
 impl HubServer {
     /// Listen on `listen` (`host:port`; port 0 picks a free one) with `workers` threads, each
-    /// with its own connection to the database at `db`.
-    pub fn start(db: &Path, listen: &str, workers: usize) -> Result<Self, HubError> {
+    /// with its own connection to the database at `db`; `hub_key` opens the records and signs
+    /// the replies.
+    pub fn start(
+        db: &Path,
+        hub_key: HubKey,
+        listen: &str,
+        workers: usize,
+    ) -> Result<Self, HubError> {
         // Open once up front so that a bad database path fails here, clearly.
         Store::open(db)?;
         let server = Server::http(listen).map_err(|e| HubError::Listen {
@@ -44,17 +57,23 @@ impl HubServer {
                 message: "not an IP address".into(),
             })?;
         let server = Arc::new(server);
+        let hub_key = Arc::new(hub_key);
         let workers = (0..workers.max(1))
             .map(|i| {
                 let server = server.clone();
+                let hub_key = hub_key.clone();
                 let db: PathBuf = db.into();
                 std::thread::Builder::new()
                     .name(format!("hub-{i}"))
-                    .spawn(move || worker(&server, &db))
+                    .spawn(move || worker(&server, &db, &hub_key))
                     .expect("spawn a hub worker")
             })
             .collect();
-        log::info!("hub listening on http://{addr} (database {})", db.display());
+        log::info!(
+            "hub listening on http://{addr} (database {}, {})",
+            db.display(),
+            hub_key.public()
+        );
         Ok(Self {
             server,
             workers,
@@ -77,7 +96,7 @@ impl HubServer {
     }
 }
 
-fn worker(server: &Server, db: &Path) {
+fn worker(server: &Server, db: &Path, hub_key: &HubKey) {
     let mut store = match Store::open(db) {
         Ok(s) => s,
         Err(e) => {
@@ -86,7 +105,7 @@ fn worker(server: &Server, db: &Path) {
         }
     };
     while let Ok(request) = server.recv() {
-        handle(&mut store, request);
+        handle(&mut store, hub_key, request);
     }
 }
 
@@ -114,15 +133,20 @@ impl Reply {
     }
 }
 
-fn handle(store: &mut Store, mut request: Request) {
+fn handle(store: &mut Store, hub_key: &HubKey, mut request: Request) {
     let remote = request.remote_addr().map(|a| a.to_string());
     let reply = match (request.method(), request.url()) {
-        (Method::Post, wire::BATCH_PATH) => batch(store, &mut request, remote.as_deref()),
-        (Method::Get, wire::HEALTH_PATH) => match store.record_count() {
-            Ok(n) => Reply::json(200, &serde_json::json!({"status": "ok", "records": n})),
-            Err(e) => Reply::text(500, e.to_string()),
-        },
+        (Method::Post, wire::BATCH_PATH) => batch(store, hub_key, &mut request, remote.as_deref()),
+        (Method::Get, wire::HEALTH_PATH) => health(store),
         (_, wire::BATCH_PATH) | (_, wire::HEALTH_PATH) => Reply::text(405, "method not allowed"),
+        (_, V1_BATCH_PATH) => Reply::text(
+            404,
+            format!(
+                "this hub speaks {} (POST {}): upgrade the device",
+                wire::PROTOCOL,
+                wire::BATCH_PATH
+            ),
+        ),
         _ => Reply::text(404, "not found"),
     };
     let response = Response::from_data(reply.body)
@@ -144,7 +168,39 @@ fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
         .map(|h| h.value.as_str())
 }
 
-fn batch(store: &mut Store, request: &mut Request, remote: Option<&str>) -> Reply {
+fn health(store: &Store) -> Reply {
+    match store
+        .record_count()
+        .and_then(|n| Ok((n, store.summaries()?)))
+    {
+        Ok((records, devices)) => Reply::json(
+            200,
+            &serde_json::json!({
+                "status": "ok",
+                "protocol": wire::PROTOCOL,
+                "records": records,
+                "gaps": devices.iter().map(|d| d.gaps).sum::<u64>(),
+                "devices": devices,
+            }),
+        ),
+        Err(e) => Reply::text(500, e.to_string()),
+    }
+}
+
+fn signed(status: u16, body: Vec<u8>) -> Reply {
+    Reply {
+        status,
+        body,
+        content_type: "application/octet-stream",
+    }
+}
+
+fn batch(
+    store: &mut Store,
+    hub_key: &HubKey,
+    request: &mut Request,
+    remote: Option<&str>,
+) -> Reply {
     let device = header(request, wire::DEVICE_HEADER).map(String::from);
     let reject = |store: &Store, status: u16, device: Option<&str>, reason: String| {
         log::warn!(
@@ -154,6 +210,15 @@ fn batch(store: &mut Store, request: &mut Request, remote: Option<&str>) -> Repl
         );
         store.log_rejection(remote, device, status, &reason);
         Reply::text(status, reason)
+    };
+    // Logged with its reason; answered with the one text that tells nothing.
+    let unauthenticated = |store: &Store, device: &str, reason: &str| {
+        log::warn!(
+            "hub: refused a batch from {} (device {device}): {reason}",
+            remote.unwrap_or("?")
+        );
+        store.log_rejection(remote, Some(device), 401, reason);
+        Reply::text(401, UNAUTHENTICATED)
     };
     let Some(device) = device else {
         return reject(
@@ -198,67 +263,69 @@ fn batch(store: &mut Store, request: &mut Request, remote: Option<&str>) -> Repl
     }
     let known = match store.device(&device) {
         Ok(Some(d)) => d,
-        Ok(None) => {
-            store.log_rejection(remote, Some(&device), 401, "unknown device");
-            return Reply::text(401, UNAUTHENTICATED);
-        }
+        Ok(None) => return unauthenticated(store, &device, "unknown device"),
         Err(e) => return Reply::text(500, e.to_string()),
     };
-    let batch = match wire::open_batch(&known.sync_key, &device, counter, &body) {
-        Ok(b) => b,
-        Err(OpenError::Unauthenticated) => {
-            store.log_rejection(
-                remote,
-                Some(&device),
-                401,
-                "bad signature: the batch is not sealed with this device's key for this counter",
-            );
-            return Reply::text(401, UNAUTHENTICATED);
-        }
-        Err(OpenError::Malformed(m)) => {
-            return reject(store, 400, Some(&device), format!("malformed batch: {m}"))
-        }
-    };
-    let mut records = Vec::with_capacity(batch.records.len());
-    let mut prev = batch.after_seq;
-    for r in batch.records {
-        if r.seq <= prev {
-            return reject(
-                store,
-                400,
-                Some(&device),
-                format!(
-                    "record {} follows {prev}: sequence numbers must rise",
-                    r.seq
-                ),
-            );
-        }
-        prev = r.seq;
-        match Record::from_cbor(&r.cbor) {
-            Ok(record) => records.push((r.seq, record, r.cbor)),
-            Err(e) => return reject(store, 400, Some(&device), format!("record {}: {e}", r.seq)),
-        }
+    if let Some(at) = known.revoked_at_ms {
+        return unauthenticated(store, &device, &format!("device revoked (at {at} ms)"));
     }
-    match store.store_batch(&device, counter, batch.after_seq, &records) {
+    let Some(public) = known.public else {
+        return unauthenticated(
+            store,
+            &device,
+            "enrolled with the old shared-key scheme: re-enroll",
+        );
+    };
+    let batch =
+        match wire::open_batch(&public, &device, counter, &body) {
+            Ok(b) => b,
+            Err(OpenError::Unauthenticated) => return unauthenticated(
+                store,
+                &device,
+                "bad signature: the batch is not signed with this device's key for this counter",
+            ),
+            Err(OpenError::Malformed(m)) => {
+                return reject(store, 400, Some(&device), format!("malformed batch: {m}"))
+            }
+        };
+    let records = match open_records(hub_key, &device, &batch) {
+        Ok(r) => r,
+        Err(reason) => return reject(store, 400, Some(&device), reason),
+    };
+    let conflict = |conflict: Conflict| {
+        signed(
+            409,
+            wire::seal_conflict(hub_key, &device, counter, &conflict),
+        )
+    };
+    match store.store_batch(
+        &device,
+        &public,
+        counter,
+        batch.after_seq,
+        &records,
+        &batch.gaps,
+    ) {
         Ok(Stored::Ok {
             stored,
             duplicates,
+            gaps,
             highest_seq,
         }) => {
             log::info!(
-                "hub: {device} request {counter}: stored {stored}, {duplicates} duplicates, through {highest_seq}"
+                "hub: {device} request {counter}: stored {stored}, {duplicates} duplicates, \
+                 {gaps} new gaps, through {highest_seq}"
             );
+            for gap in &batch.gaps {
+                log::warn!("hub: {device} reports {gap}");
+            }
             let ack = Ack {
                 counter,
                 acked_through: highest_seq,
                 stored,
                 duplicates,
             };
-            Reply {
-                status: 200,
-                body: wire::seal_ack(&known.sync_key, &device, &ack),
-                content_type: "application/octet-stream",
-            }
+            signed(200, wire::seal_ack(hub_key, &device, &ack))
         }
         Ok(Stored::Replayed { last_counter }) => {
             let reason = format!(
@@ -269,46 +336,77 @@ fn batch(store: &mut Store, request: &mut Request, remote: Option<&str>) -> Repl
                 remote.unwrap_or("?")
             );
             store.log_rejection(remote, Some(&device), 409, &reason);
-            Reply {
-                status: 409,
-                body: wire::seal_conflict(
-                    &known.sync_key,
-                    &device,
-                    counter,
-                    &Conflict {
-                        error: reason,
-                        hub_highest_seq: None,
-                        hub_last_counter: Some(last_counter),
-                    },
-                ),
-                content_type: "application/octet-stream",
-            }
+            conflict(Conflict {
+                error: reason,
+                hub_highest_seq: None,
+                hub_last_counter: Some(last_counter),
+            })
         }
-        Ok(Stored::Gap { highest_seq }) => {
+        Ok(Stored::Behind { highest_seq }) => {
             let reason = format!(
                 "the batch follows record {}, the hub holds this device's records only through {highest_seq}",
                 batch.after_seq
             );
             store.log_rejection(remote, Some(&device), 409, &reason);
-            Reply {
-                status: 409,
-                body: wire::seal_conflict(
-                    &known.sync_key,
-                    &device,
-                    counter,
-                    &Conflict {
-                        error: reason,
-                        hub_highest_seq: Some(highest_seq),
-                        hub_last_counter: None,
-                    },
-                ),
-                content_type: "application/octet-stream",
-            }
+            conflict(Conflict {
+                error: reason,
+                hub_highest_seq: Some(highest_seq),
+                hub_last_counter: None,
+            })
         }
+        Ok(Stored::KeyChanged) => unauthenticated(
+            store,
+            &device,
+            "the device was revoked or enrolled with another key while the batch was verified",
+        ),
         Err(HubError::BadRequest(m)) => reject(store, 400, Some(&device), m),
         Err(e) => {
             log::error!("hub: {e}");
             Reply::text(500, "the hub could not store the batch; retry later")
         }
     }
+}
+
+/// The batch's records, opened with the hub key, after the checks that need no database: rising
+/// sequence numbers after `after_seq`, well-formed gaps, envelopes from the sender that open.
+fn open_records(
+    hub_key: &HubKey,
+    device: &str,
+    batch: &wire::Batch,
+) -> Result<Vec<(u64, dermedge_queue::Record)>, String> {
+    for gap in &batch.gaps {
+        if gap.from == 0 || gap.from > gap.to || gap.to > MAX_SEQ {
+            return Err(format!(
+                "gap {}..={}: expected 1 <= from <= to <= {MAX_SEQ}",
+                gap.from, gap.to
+            ));
+        }
+    }
+    let mut records = Vec::with_capacity(batch.records.len());
+    let mut prev = batch.after_seq;
+    for r in &batch.records {
+        if r.seq > MAX_SEQ {
+            return Err(format!("record {}: above {MAX_SEQ}", r.seq));
+        }
+        if r.seq <= prev {
+            return Err(format!(
+                "record {} follows {prev}: sequence numbers must rise",
+                r.seq
+            ));
+        }
+        prev = r.seq;
+        let envelope =
+            Envelope::from_cbor(&r.cbor).map_err(|e| format!("record {}: {e}", r.seq))?;
+        if envelope.device_id != device {
+            return Err(format!(
+                "record {} is an envelope of device {}, the request is from {device}",
+                r.seq, envelope.device_id
+            ));
+        }
+        let record = envelope
+            .open(hub_key)
+            .map_err(|e| format!("record {}: {e}", r.seq))?;
+        records.push((r.seq, record));
+    }
+    Ok(records)
 }
