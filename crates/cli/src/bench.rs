@@ -12,8 +12,8 @@ use clap::Subcommand;
 use dermedge_hub::server::HubServer;
 use dermedge_hub::store::Store;
 use dermedge_queue::{
-    new_record_id, DeviceKey, Durability, Embedding, EmbeddingType, Queue, QueueOptions, Record,
-    RECORD_FORMAT,
+    new_record_id, DeviceKey, Durability, Embedding, EmbeddingType, Envelope, HubKey, Queue,
+    QueueOptions, Record, RECORD_FORMAT,
 };
 use dermedge_sync::{SyncClient, SyncConfig};
 
@@ -106,6 +106,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
 
 fn bench_queue(dir: &Option<PathBuf>, n: usize, rounds: usize, dim: usize) -> Result<()> {
     let key = DeviceKey::generate();
+    let hub = HubKey::generate().public();
     let configs: [(&str, Durability, EmbeddingType); 4] = [
         (
             "fsync per record, f32",
@@ -144,7 +145,10 @@ fn bench_queue(dir: &Option<PathBuf>, n: usize, rounds: usize, dim: usize) -> Re
                 ..QueueOptions::default()
             };
             let mut queue = Queue::open(tmp.path(), &key, "bench", options)?;
-            let batch: Vec<Record> = (0..n).map(|i| record(i, dim, *dtype)).collect();
+            // Sealed to the hub beforehand: this measures the queue alone.
+            let batch: Vec<Envelope> = (0..n)
+                .map(|i| Envelope::seal(&record(i, dim, *dtype), &hub))
+                .collect();
             let started = Instant::now();
             for r in &batch {
                 queue.append(r)?;
@@ -172,14 +176,16 @@ fn bench_queue(dir: &Option<PathBuf>, n: usize, rounds: usize, dim: usize) -> Re
 
 fn bench_sync(dir: &Option<PathBuf>, n: usize, rounds: usize, dim: usize) -> Result<()> {
     let key = DeviceKey::generate();
+    let hub_key = HubKey::generate();
+    let hub_public = hub_key.public();
     let batch_sizes = [16usize, 64, 256];
     let mut rates = vec![Vec::new(); batch_sizes.len()];
     for _ in 0..rounds {
         for (b, &batch) in batch_sizes.iter().enumerate() {
             let tmp = scratch(dir)?;
             let db = tmp.path().join("hub.sqlite");
-            Store::open(&db)?.enroll("bench", &key)?;
-            let hub = HubServer::start(&db, "127.0.0.1:0", 2)?;
+            Store::open(&db)?.enroll("bench", &key.public())?;
+            let hub = HubServer::start(&db, hub_key.clone(), "127.0.0.1:0", 2)?;
             let qdir = tmp.path().join("queue");
             let options = QueueOptions {
                 durability: Durability::Group {
@@ -191,16 +197,16 @@ fn bench_sync(dir: &Option<PathBuf>, n: usize, rounds: usize, dim: usize) -> Res
             let queue = Queue::open(&qdir, &key, "bench", options)?;
             let queue = Mutex::new(queue);
             for i in 0..n {
-                queue
-                    .lock()
-                    .expect("lock")
-                    .append(&record(i, dim, EmbeddingType::F32))?;
+                queue.lock().expect("lock").append(&Envelope::seal(
+                    &record(i, dim, EmbeddingType::F32),
+                    &hub_public,
+                ))?;
             }
             queue.lock().expect("lock").commit()?;
             let mut config = SyncConfig::new(&format!("http://{}", hub.addr()));
             config.batch_records = batch;
             config.batch_bytes = usize::MAX;
-            let mut client = SyncClient::new(config, &key, &qdir)?;
+            let mut client = SyncClient::new(config, &key, hub_public, &qdir)?;
             let started = Instant::now();
             let report = client.drain(&queue, &AtomicBool::new(false), Some(0))?;
             let secs = started.elapsed().as_secs_f64();
@@ -440,6 +446,7 @@ pub fn bench_embed_one(args: &EmbedBenchArgs) -> Result<()> {
     };
     let tmp = tempfile::tempdir()?;
     let key = DeviceKey::generate();
+    let hub = HubKey::generate().public();
     let mut queue = Queue::open(tmp.path(), &key, "bench", QueueOptions::default())?;
 
     let first_image = decode_file(&files[0], &DecodeLimits::default())?;
@@ -485,7 +492,8 @@ pub fn bench_embed_one(args: &EmbedBenchArgs) -> Result<()> {
         let mut record = record(i, 0, EmbeddingType::F32);
         record.embedding = Embedding::new(&embedding, EmbeddingType::F32);
         record.heads = answers;
-        queue.append(&record)?;
+        // Sealed to the hub, as the device does before it queues a record.
+        queue.append(&Envelope::seal(&record, &hub))?;
         split(5, &mut times);
     }
     let result = EmbedBench {

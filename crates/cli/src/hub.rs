@@ -1,41 +1,64 @@
-//! `dermedge hub enroll|serve|export`: the clinic hub.
+//! `dermedge hub init|enroll|revoke|serve|export`: the clinic hub.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use dermedge_hub::export::{export, ExportFilter};
+use dermedge_hub::export::{export, gaps_csv_path, ExportFilter};
 use dermedge_hub::server::HubServer;
-use dermedge_hub::store::Store;
-use dermedge_queue::DeviceKey;
+use dermedge_hub::store::{Enrolled, Store};
+use dermedge_queue::{DevicePublic, HubKey};
 
 #[derive(Subcommand)]
 pub enum HubCommand {
-    /// Register a device (or replace its key) so that the hub accepts its batches.
+    /// Create the hub key (owner-only file, never overwritten) and print its public line, which
+    /// every device pins at enrollment.
+    Init {
+        /// Where to write the hub's secret key.
+        #[arg(long)]
+        key: PathBuf,
+        /// Also write the public line to this file (for the devices).
+        #[arg(long)]
+        public: Option<PathBuf>,
+    },
+    /// Register a device by its public key (or replace a device's key: its sequence starts
+    /// again in a new epoch) so that the hub accepts its batches.
     Enroll {
         #[arg(long)]
         db: PathBuf,
         #[arg(long)]
         device_id: String,
-        /// The device's key file.
+        /// The device's public key: a file holding it (`<key>.pub` from `dermedge keygen`) or
+        /// the line itself, `dermedge-device-public-1 <hex>`.
         #[arg(long)]
-        key_file: PathBuf,
+        device_public: String,
+    },
+    /// Refuse every further request from a device (its stored records stay).
+    Revoke {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        device_id: String,
     },
     /// Receive batches over HTTP until SIGINT/SIGTERM.
     Serve {
         /// The SQLite database (created if missing).
         #[arg(long)]
         db: PathBuf,
+        /// The hub key (`dermedge hub init`).
+        #[arg(long)]
+        key: PathBuf,
         /// host:port to listen on (port 0: any free port, printed on start).
         #[arg(long, default_value = "127.0.0.1:8787")]
         listen: String,
         #[arg(long, default_value_t = 4)]
         workers: usize,
     },
-    /// Write the stored records as CSV and their embeddings as .npy (+ .npy.json index).
+    /// Write the stored records as CSV (and the reported losses as <stem>.gaps.csv) and their
+    /// embeddings as .npy (+ .npy.json index).
     Export {
         #[arg(long)]
         db: PathBuf,
@@ -52,27 +75,93 @@ pub enum HubCommand {
     },
 }
 
+/// A device public key given as the line itself or as a file holding it.
+fn device_public(arg: &str) -> Result<DevicePublic> {
+    let trimmed = arg.trim();
+    if trimmed.starts_with("dermedge-device-public-") {
+        return trimmed
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--device-public: {e}"));
+    }
+    let path = Path::new(arg);
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "--device-public {arg}: neither a readable file nor a `dermedge-device-public-1 <hex>` line"
+        )
+    })?;
+    text.parse()
+        .map_err(|e: String| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
 pub fn run(command: &HubCommand) -> Result<()> {
     match command {
+        HubCommand::Init { key, public } => {
+            if key.exists() {
+                bail!(
+                    "{}: a hub key is already there; it is never overwritten (devices pin its public key)",
+                    key.display()
+                );
+            }
+            if let Some(public) = public.as_ref().filter(|p| p.exists()) {
+                bail!("{}: already exists; not overwritten", public.display());
+            }
+            let hub_key = HubKey::generate();
+            hub_key.save_new(key)?;
+            let line = hub_key.public().to_string();
+            if let Some(path) = public {
+                std::fs::write(path, format!("{line}\n"))
+                    .with_context(|| format!("{}: cannot write the public key", path.display()))?;
+                eprintln!(
+                    "hub key in {} (keep it private); public key in {}",
+                    key.display(),
+                    path.display()
+                );
+            } else {
+                eprintln!("hub key in {} (keep it private)", key.display());
+            }
+            println!("{line}");
+        }
         HubCommand::Enroll {
             db,
             device_id,
-            key_file,
+            device_public: public,
         } => {
-            let key = DeviceKey::load(key_file)?;
-            Store::open(db)?.enroll(device_id, &key)?;
-            println!("enrolled {device_id} in {}", db.display());
+            let public = device_public(public)?;
+            match Store::open(db)?.enroll(device_id, &public)? {
+                Enrolled::New => println!("enrolled {device_id} in {}", db.display()),
+                Enrolled::Unchanged => println!(
+                    "{device_id} is already enrolled with this key in {}",
+                    db.display()
+                ),
+                Enrolled::Replaced { epoch } => println!(
+                    "replaced the key of {device_id} in {}: its sequence starts again (epoch {epoch}); \
+                     earlier records are kept",
+                    db.display()
+                ),
+            }
+        }
+        HubCommand::Revoke { db, device_id } => {
+            if !db.is_file() {
+                bail!("{}: no hub database here", db.display());
+            }
+            Store::open(db)?.revoke(device_id)?;
+            println!(
+                "revoked {device_id} in {}: its requests are refused from now on",
+                db.display()
+            );
         }
         HubCommand::Serve {
             db,
+            key,
             listen,
             workers,
         } => {
+            let hub_key = HubKey::load(key)?;
             let stop = Arc::new(AtomicBool::new(false));
             for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(signal, stop.clone())?;
             }
-            let server = HubServer::start(db, listen, *workers)?;
+            let server = HubServer::start(db, hub_key, listen, *workers)?;
             println!("listening on http://{}", server.addr());
             std::io::stdout().flush()?;
             while !stop.load(Ordering::Relaxed) {
@@ -106,6 +195,13 @@ pub fn run(command: &HubCommand) -> Result<()> {
                 out.dim
                     .map_or(String::new(), |d| format!(" ({d}-d embeddings)"))
             );
+            if let (Some(csv), true) = (csv, out.gaps > 0) {
+                println!(
+                    "{} reported losses in {}",
+                    out.gaps,
+                    gaps_csv_path(csv).display()
+                );
+            }
         }
     }
     Ok(())
