@@ -29,15 +29,16 @@ fail() { echo "kill-sweep: FAIL: $*" >&2; exit 1; }
 base="$work/base"
 mkdir -p "$base"
 "$bin" keygen --out "$base/device.key" >/dev/null
-"$bin" hub enroll --db "$base/hub.sqlite" --device-id kiosk-1 --key-file "$base/device.key" >/dev/null
+"$bin" hub init --key "$base/hub.key" --public "$base/hub.pub" >/dev/null
+"$bin" hub enroll --db "$base/hub.sqlite" --device-id kiosk-1 --device-public "$base/device.key.pub" >/dev/null
 q=(--queue "$base/queue" --key-file "$base/device.key")
-"$bin" queue add --device-id kiosk-1 --model "$model" --threads 1 "${q[@]}" \
+"$bin" queue add --device-id kiosk-1 --model "$model" --threads 1 --hub-public "$base/hub.pub" "${q[@]}" \
   "$images/01-dermoscopy-patch1354a.png" "$images/03-dermoscopy-patch1542b.png" 2>/dev/null
 
-start_hub() { # $1: database; sets hub_pid and hub_url
+start_hub() { # $1: case dir; sets hub_pid and hub_url
   local fifo="$work/hub.out"
   rm -f "$fifo"; mkfifo "$fifo"
-  "$bin" hub serve --db "$1" --listen 127.0.0.1:0 >"$fifo" 2>/dev/null &
+  "$bin" hub serve --db "$1/hub.sqlite" --key "$1/hub.key" --listen 127.0.0.1:0 >"$fifo" 2>/dev/null &
   hub_pid=$!
   local line; read -r line <"$fifo"
   hub_url="${line#listening on }"
@@ -70,8 +71,9 @@ check() { # $1: case dir, $2: log of the killed run, $3: what was killed
                 | awk -v d="${durable:-0}" '$1 <= d { print $2 }'); do
     grep -qx "$id" <<<"$listed"$'\n'"$at_hub" || fail "$what: record $id was logged as queued and is gone"
   done
-  start_hub "$dir/hub.sqlite"
-  "$bin" sync --hub "$hub_url" --queue "$dir/queue" --key-file "$dir/device.key" >/dev/null 2>"$dir/resync.log" \
+  start_hub "$dir"
+  "$bin" sync --hub "$hub_url" --hub-public "$dir/hub.pub" --queue "$dir/queue" --key-file "$dir/device.key" \
+    >/dev/null 2>"$dir/resync.log" \
     || { stop_hub; fail "$what: a normal sync after the kill failed: $(tail -3 "$dir/resync.log")"; }
   stop_hub
   local left; left="$("$bin" queue list --queue "$dir/queue" --key-file "$dir/device.key" | wc -l)"
@@ -112,14 +114,14 @@ sweep() { # $1: name; prepare_<name> sets up the case and sets CMD
 }
 
 prepare_add() {
-  CMD=("$bin" queue add --device-id kiosk-1 --model "$model" --threads 1 --queue "$1/queue"
+  CMD=("$bin" queue add --device-id kiosk-1 --model "$model" --threads 1 --hub-public "$1/hub.pub" --queue "$1/queue"
        --key-file "$1/device.key" "$images/05-chelsea.png" "$images/06-dermoscopy-patch1840b.png"
        "$images/07-coffee.png")
 }
 
 prepare_sync() {
-  start_hub "$1/hub.sqlite"
-  CMD=("$bin" sync --hub "$hub_url" --queue "$1/queue" --key-file "$1/device.key")
+  start_hub "$1"
+  CMD=("$bin" sync --hub "$hub_url" --hub-public "$1/hub.pub" --queue "$1/queue" --key-file "$1/device.key")
 }
 
 prepare_run() {
@@ -153,7 +155,7 @@ group_max_records = 2
 [sync]
 enabled = true
 interval_seconds = 1
-local_hub = { db = "hub.sqlite", listen = "127.0.0.1:0" }
+local_hub = { db = "hub.sqlite", key = "hub.key", listen = "127.0.0.1:0" }
 EOF
   CMD=("$bin" run --config "$1/device.toml")
 }

@@ -32,6 +32,6 @@ rm -rf "$out/screens"
 "$bin" hub export --db "$out/hub.sqlite" --csv "$out/hub-records.csv" --npy "$out/hub-embeddings.npy"
 echo
 echo "screens:  $out/screens/ (preview.png, NNNN-result.png, NNNN-quality.png, latest.png)"
-echo "queue:    $out/queue/ (encrypted; dermedge queue status --queue $out/queue --key-file $out/device.key)"
+echo "queue:    $out/queue/ (records sealed to the hub's key; dermedge queue status --queue $out/queue --key-file $out/device.key)"
 echo "hub:      $out/hub.sqlite -> $out/hub-records.csv, $out/hub-embeddings.npy"
 echo "summary:  $out/summary.json"

@@ -338,11 +338,26 @@ fn each_example_config_broken_five_ways_is_a_clear_error_or_runs_offline() {
         ok(&["config", "check", &s(&path)]);
     }
 
-    // x86-dev with an unreachable hub runs offline, keeps its records, and syncs later.
+    // x86-dev with an unreachable hub runs offline, keeps its records (sealed to the hub's
+    // pinned public key), and syncs later.
+    let hub_key = dir.join("later.key");
+    let hub_public = dir.join("later.pub");
+    ok(&[
+        "hub",
+        "init",
+        "--key",
+        &s(&hub_key),
+        "--public",
+        &s(&hub_public),
+    ]);
     let offline = x86_config(dir, &head, |t| {
         t.replace(
             "local_hub = { db = ",
             "hub = \"http://127.0.0.1:9\"\ntimeout_seconds = 1\nfinal_sync_seconds = 1\n# local_hub = { db = ",
+        )
+        .replace(
+            "create_key = true",
+            &format!("create_key = true\nhub_public = {:?}", s(&hub_public)),
         )
         .replace("fps = 12", "fps = 4")
     });
@@ -373,6 +388,10 @@ fn each_example_config_broken_five_ways_is_a_clear_error_or_runs_offline() {
     );
     // The hub comes back: the same records arrive.
     let db = dir.join("later.sqlite");
+    let device_public = dermedge_queue::DeviceKey::load(&dir.join("device.key"))
+        .unwrap()
+        .public()
+        .to_string();
     ok(&[
         "hub",
         "enroll",
@@ -380,13 +399,21 @@ fn each_example_config_broken_five_ways_is_a_clear_error_or_runs_offline() {
         &s(&db),
         "--device-id",
         "x86-dev-01",
-        "--key-file",
-        &s(&dir.join("device.key")),
+        "--device-public",
+        &device_public,
     ]);
-    let mut hub = HubProcess::start(&db);
+    let mut hub = HubProcess::start(&db, &hub_key);
     let url = hub.url();
     let synced = dermedge(&[
-        "sync", "--hub", &url, &queue[0], &queue[1], &queue[2], &queue[3],
+        "sync",
+        "--hub",
+        &url,
+        "--hub-public",
+        &s(&hub_public),
+        &queue[0],
+        &queue[1],
+        &queue[2],
+        &queue[3],
     ]);
     hub.kill();
     assert!(synced.status.success(), "{}", text(&synced.stderr));

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use dermedge_e2e::{dermedge, fixtures, read_npy_rows, text, train_image_kind_head, HubProcess};
 use dermedge_queue::{
-    new_record_id, DeviceKey, Embedding, EmbeddingType, Queue, QueueOptions, Record, RECORD_FORMAT,
+    new_record_id, DeviceKey, Embedding, EmbeddingType, Envelope, HubKey, Queue, QueueOptions,
+    Record, RECORD_FORMAT,
 };
 use dermedge_sync::{Backoff, SyncClient, SyncConfig};
 
@@ -83,7 +84,7 @@ fn no_accepted_record_is_lost_when_the_writer_is_killed() {
             .unwrap_or_else(|e| panic!("run {run}: {e}"));
         let ids: Vec<(u64, String)> = stored
             .iter()
-            .map(|s| (s.seq, s.record.id.clone()))
+            .map(|s| (s.seq, s.envelope.id.clone()))
             .collect();
         for a in &accepted {
             assert!(
@@ -203,7 +204,7 @@ impl Proxy {
                         stream.write_all(&body[..body.len() / 2]).unwrap();
                         let mut hub = hub.lock().unwrap();
                         hub.kill();
-                        *hub = HubProcess::start(&db);
+                        *hub = HubProcess::start(&db, &db.with_file_name("hub.key"));
                     }
                 }
                 let _ = client.shutdown(Shutdown::Both);
@@ -259,9 +260,12 @@ fn hub_rows(db: &Path, tmp: &Path) -> Vec<(String, String, u64)> {
 fn sync_delivers_exactly_once_through_resets_errors_timeouts_and_a_killed_hub() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("hub.sqlite");
-    let key_file = dir.path().join("device.key");
     let key = DeviceKey::generate();
-    key.save_new(&key_file).unwrap();
+    let hub_key = HubKey::generate();
+    let hub_key_file = dir.path().join("hub.key");
+    hub_key.save_new(&hub_key_file).unwrap();
+    // Enrollment moves the device's public key only.
+    let public = key.public().to_string();
     let out = dermedge(&[
         "hub",
         "enroll",
@@ -269,11 +273,11 @@ fn sync_delivers_exactly_once_through_resets_errors_timeouts_and_a_killed_hub() 
         db.to_str().unwrap(),
         "--device-id",
         "dev-7",
-        "--key-file",
-        key_file.to_str().unwrap(),
+        "--device-public",
+        &public,
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let hub = Arc::new(Mutex::new(HubProcess::start(&db)));
+    let hub = Arc::new(Mutex::new(HubProcess::start(&db, &hub_key_file)));
     // The proxy's thread holds a clone of `hub` for ever, so its Drop would never run and the hub
     // process would outlive the test: kill it when this test ends, pass or fail.
     let _reap = ReapHub(hub.clone());
@@ -305,7 +309,11 @@ fn sync_delivers_exactly_once_through_resets_errors_timeouts_and_a_killed_hub() 
     let mut queued = Vec::new();
     for i in 0..240 {
         let r = synthetic_record("dev-7", i);
-        queue.lock().unwrap().append(&r).unwrap();
+        queue
+            .lock()
+            .unwrap()
+            .append(&Envelope::seal(&r, &hub_key.public()))
+            .unwrap();
         queued.push(r);
     }
     let mut config = SyncConfig::new(&format!("http://{}", proxy.addr));
@@ -315,7 +323,7 @@ fn sync_delivers_exactly_once_through_resets_errors_timeouts_and_a_killed_hub() 
         initial: Duration::from_millis(20),
         max: Duration::from_millis(200),
     };
-    let mut client = SyncClient::new(config, &key, &queue_dir).unwrap();
+    let mut client = SyncClient::new(config, &key, hub_key.public(), &queue_dir).unwrap();
     let report = client
         .drain(&queue, &AtomicBool::new(false), Some(30))
         .unwrap();
@@ -382,7 +390,16 @@ fn images_reach_the_hub_through_heads_queue_and_sync() {
     // A head trained on the model's embeddings of the fixtures: dermoscopy patch or photo.
     let kind_head = s(&train_image_kind_head(dir.path()));
 
+    // Provisioning moves public keys only: the device's to the hub, the hub's to the device.
     run(&["keygen", "--out", &s(&p("device.key"))]);
+    run(&[
+        "hub",
+        "init",
+        "--key",
+        &s(&p("hub.key")),
+        "--public",
+        &s(&p("hub.pub")),
+    ]);
     run(&[
         "hub",
         "enroll",
@@ -390,8 +407,8 @@ fn images_reach_the_hub_through_heads_queue_and_sync() {
         &s(&p("hub.sqlite")),
         "--device-id",
         "kiosk-1",
-        "--key-file",
-        &s(&p("device.key")),
+        "--device-public",
+        &s(&p("device.key.pub")),
     ]);
     let queue = [
         "--queue",
@@ -399,6 +416,7 @@ fn images_reach_the_hub_through_heads_queue_and_sync() {
         "--key-file",
         &s(&p("device.key")),
     ];
+    let hub_public = s(&p("hub.pub"));
     let mut add = vec![
         "queue",
         "add",
@@ -410,6 +428,8 @@ fn images_reach_the_hub_through_heads_queue_and_sync() {
         "2",
         "--head",
         &kind_head,
+        "--hub-public",
+        &hub_public,
     ];
     add.extend(queue);
     add.push(images.to_str().unwrap());
@@ -446,10 +466,22 @@ fn images_reach_the_hub_through_heads_queue_and_sync() {
         text(&out.stderr)
     );
 
-    let hub = HubProcess::start(&p("hub.sqlite"));
+    // The device cannot read what it queued: `queue list` shows only what is not secret.
+    let out = run(&["queue", "list", queue[0], queue[1], queue[2], queue[3]]);
+    let listing = text(&out.stdout);
+    assert_eq!(listing.lines().count(), 8, "{listing}");
+    for needle in ["dermoscopy", "astronaut", "df-mini", "kind="] {
+        assert!(
+            !listing.contains(needle),
+            "queue list shows {needle:?}: {listing}"
+        );
+    }
+
+    let hub = HubProcess::start(&p("hub.sqlite"), &p("hub.key"));
     let mut sync = vec!["sync", "--hub"];
     let url = format!("http://{}", hub.addr);
     sync.push(&url);
+    sync.extend(["--hub-public", &hub_public]);
     sync.extend(queue);
     let out = run(&sync);
     assert!(
@@ -523,9 +555,13 @@ fn bad_queue_inputs_are_clear_errors() {
         r#"{"format":"dermedge-head/1","name":"h","model_id":"lesion-x448","embedding_dim":2,"kind":"softmax","classes":["a"],"l2_normalize":true,"input_mean":[],"input_scale":1.0,"weights":[[0.0,0.0]],"bias":[0.0]}"#,
     )
     .unwrap();
+    let hub_public = dir.path().join("hub.pub");
+    std::fs::write(&hub_public, HubKey::generate().public().to_string()).unwrap();
     let out = dermedge(&[
         "queue",
         "add",
+        "--hub-public",
+        hub_public.to_str().unwrap(),
         "--queue",
         dir.path().join("q2").to_str().unwrap(),
         "--key-file",

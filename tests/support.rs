@@ -108,13 +108,16 @@ pub struct HubProcess {
 }
 
 impl HubProcess {
-    pub fn start(db: &Path) -> Self {
+    /// A hub on `db`, holding the hub key in `key` (`HubKey::save_new` or `dermedge hub init`).
+    pub fn start(db: &Path, key: &Path) -> Self {
         let mut child = Command::new(dermedge_bin())
             .args([
                 "hub",
                 "serve",
                 "--db",
                 db.to_str().unwrap(),
+                "--key",
+                key.to_str().unwrap(),
                 "--listen",
                 "127.0.0.1:0",
             ])

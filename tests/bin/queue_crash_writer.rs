@@ -6,8 +6,8 @@
 use std::io::Write;
 
 use dermedge_queue::{
-    new_record_id, DeviceKey, Durability, Embedding, EmbeddingType, Queue, QueueOptions, Record,
-    RECORD_FORMAT,
+    new_record_id, DeviceKey, Durability, Embedding, EmbeddingType, Envelope, HubKey, Queue,
+    QueueOptions, Record, RECORD_FORMAT,
 };
 
 fn main() {
@@ -32,6 +32,8 @@ fn main() {
     let stdout = std::io::stdout();
     let mut pending: Vec<(u64, String)> = Vec::new();
     let values: Vec<f32> = (0..6144).map(|i| (i as f32 * 0.01).sin()).collect();
+    // Records are sealed to a hub; which one does not matter to the crash test.
+    let hub = HubKey::from_bytes([3; 32]).public();
     for n in 0..100_000u64 {
         let record = Record {
             format: RECORD_FORMAT,
@@ -46,7 +48,9 @@ fn main() {
             source: Some(format!("crash-{n}")),
             thumbnail_jpeg: None,
         };
-        let receipt = queue.append(&record).expect("append");
+        let receipt = queue
+            .append(&Envelope::seal(&record, &hub))
+            .expect("append");
         pending.push((receipt.seq, record.id));
         let durable = queue.durable_seq();
         let mut out = stdout.lock();

@@ -36,6 +36,13 @@ pub enum HubCommand {
         #[arg(long)]
         device_public: String,
     },
+    /// Each enrolled device: epoch, highest sequence, records, gaps, revoked (on the hub machine).
+    Status {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Refuse every further request from a device (its stored records stay).
     Revoke {
         #[arg(long)]
@@ -138,6 +145,32 @@ pub fn run(command: &HubCommand) -> Result<()> {
                      earlier records are kept",
                     db.display()
                 ),
+            }
+        }
+        HubCommand::Status { db, json } => {
+            if !db.is_file() {
+                bail!("{}: no hub database here", db.display());
+            }
+            let devices = Store::open(db)?.summaries()?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&devices)?);
+            } else {
+                for d in &devices {
+                    println!(
+                        "{}\tepoch {}\tthrough {}\t{} records\t{} gaps{}{}",
+                        d.device_id,
+                        d.epoch,
+                        d.highest_seq,
+                        d.records,
+                        d.gaps,
+                        if d.revoked { "\trevoked" } else { "" },
+                        if d.needs_enrollment {
+                            "\tmust be enrolled again"
+                        } else {
+                            ""
+                        }
+                    );
+                }
             }
         }
         HubCommand::Revoke { db, device_id } => {

@@ -11,7 +11,7 @@ use dermedge_core::preprocess::{decode_file, DecodeLimits};
 use dermedge_core::ModelManifest;
 use dermedge_device::{Outcome, Pipeline, PipelineOptions};
 use dermedge_head::LinearHead;
-use dermedge_queue::{now_ms, DeviceKey, EmbeddingType, Queue, QueueOptions};
+use dermedge_queue::{now_ms, DeviceKey, EmbeddingType, Envelope, HubPublic, Queue, QueueOptions};
 use dermedge_sync::{SyncClient, SyncConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -111,6 +111,9 @@ pub struct AddArgs {
     /// Store embeddings as f16.
     #[arg(long)]
     f16: bool,
+    /// The clinic hub's public key (`hub.pub`): records are sealed to it.
+    #[arg(long)]
+    hub_public: PathBuf,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -155,33 +158,16 @@ pub fn run(command: &QueueCommand) -> Result<bool> {
         }
         QueueCommand::List { queue } => {
             let (q, _) = queue.open()?;
+            // Only what is not secret: the record itself is sealed to the hub.
             for s in q.unacknowledged(usize::MAX, usize::MAX)? {
-                let r = &s.record;
-                let heads: Vec<String> = r
-                    .heads
-                    .iter()
-                    .map(|h| {
-                        let top = (0..h.probabilities.len())
-                            .max_by(|&a, &b| h.probabilities[a].total_cmp(&h.probabilities[b]))
-                            .unwrap_or(0);
-                        format!(
-                            "{}={}:{:.2}",
-                            h.head,
-                            h.classes.get(top).map_or("?", |c| c),
-                            h.probabilities.get(top).copied().unwrap_or(0.0)
-                        )
-                    })
-                    .collect();
+                let e = &s.envelope;
                 println!(
-                    "{}\t{}\t{}\t{} {} {}-d\t{}\t{}",
+                    "{}\t{}\t{}\t{}\t{} bytes sealed",
                     s.seq,
-                    r.id,
-                    r.captured_at_ms,
-                    r.model_id,
-                    r.precision,
-                    r.embedding.dim,
-                    r.source.as_deref().unwrap_or("-"),
-                    heads.join(" ")
+                    e.id,
+                    e.captured_at_ms,
+                    e.device_id,
+                    e.sealed.len()
                 );
             }
             Ok(true)
@@ -202,6 +188,7 @@ fn add(args: &AddArgs) -> Result<bool> {
     let heads = load_heads(&args.heads)?;
     let embedder = dermedge_engine::load(&manifest, &args.runtime.engine_options())
         .with_context(|| format!("loading model {}", manifest.model_path().display()))?;
+    let hub_public = HubPublic::load(&args.hub_public)?;
     let (mut queue, _) = args.queue.open()?;
     let mut options = PipelineOptions::new(queue.device_id());
     if args.f16 {
@@ -229,7 +216,7 @@ fn add(args: &AddArgs) -> Result<bool> {
             });
         match outcome {
             Ok(Outcome::Accepted { record, .. }) => {
-                let receipt = queue.append(&record)?;
+                let receipt = queue.append(&Envelope::seal(&record, &hub_public))?;
                 log::info!(
                     "{}: queued as record {} ({})",
                     file.display(),
@@ -260,6 +247,15 @@ fn add(args: &AddArgs) -> Result<bool> {
     Ok(refused == 0 && failed == 0)
 }
 
+fn parse_timeout(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(t) if (0.1..=3600.0).contains(&t) => Ok(t),
+        _ => Err(format!("{text:?}: expected seconds from 0.1 to 3600")),
+    }
+}
+
+/// A new device key (owner-only), and its public key next to it (`<out>.pub`) for enrollment:
+/// the only thing that leaves the device.
 pub fn keygen(out: &Path) -> Result<()> {
     if out.exists() {
         bail!(
@@ -269,7 +265,18 @@ pub fn keygen(out: &Path) -> Result<()> {
     }
     let key = DeviceKey::generate();
     key.save_new(out)?;
-    println!("wrote a new device key to {} (owner-only)", out.display());
+    let public = key.public().to_string();
+    let mut public_path = out.as_os_str().to_owned();
+    public_path.push(".pub");
+    let public_path = PathBuf::from(public_path);
+    std::fs::write(&public_path, format!("{public}\n"))
+        .with_context(|| format!("writing {}", public_path.display()))?;
+    println!(
+        "wrote a new device key to {} (owner-only) and its public key to {}:\n{public}\nenroll it with `dermedge hub enroll --device-public {}`",
+        out.display(),
+        public_path.display(),
+        public_path.display()
+    );
     Ok(())
 }
 
@@ -280,14 +287,17 @@ pub struct SyncArgs {
     /// The hub, e.g. http://hub.local:8787
     #[arg(long)]
     hub: String,
+    /// The hub's public key (`hub.pub`), pinned at enrollment: only replies it signed count.
+    #[arg(long)]
+    hub_public: PathBuf,
     /// Records per batch.
     #[arg(long, default_value_t = 64)]
     batch: usize,
     /// Give up after this many consecutive failed attempts (default: keep trying).
     #[arg(long)]
     max_retries: Option<u32>,
-    /// Seconds per request.
-    #[arg(long, default_value_t = 30.0)]
+    /// Seconds per request (0.1–3600).
+    #[arg(long, default_value_t = 30.0, value_parser = parse_timeout)]
     timeout: f64,
 }
 
@@ -298,7 +308,8 @@ pub fn sync(args: &SyncArgs) -> Result<()> {
     let mut config = SyncConfig::new(&args.hub);
     config.batch_records = args.batch;
     config.timeout = std::time::Duration::from_secs_f64(args.timeout);
-    let mut client = SyncClient::new(config, &key, &dir)?;
+    let hub = HubPublic::load(&args.hub_public)?;
+    let mut client = SyncClient::new(config, &key, hub, &dir)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;

@@ -51,6 +51,11 @@ pub struct DeviceSection {
     /// Make the key on first start if the file does not exist (development devices).
     #[serde(default)]
     pub create_key: bool,
+    /// The clinic hub's public key (`hub.pub`, from `dermedge hub init`), pinned at enrollment:
+    /// records are sealed to it and the hub's replies are checked against it. Required unless
+    /// `sync.local_hub` provides one.
+    #[serde(default)]
+    pub hub_public: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -254,6 +259,8 @@ fn default_thumbnail() -> i64 {
 pub struct LocalHubSection {
     /// The hub's SQLite database.
     pub db: PathBuf,
+    /// The hub's key file (made on first start); its public key is the one records are sealed to.
+    pub key: PathBuf,
     /// host:port (port 0: any free port).
     #[serde(default = "default_listen")]
     pub listen: String,
@@ -385,6 +392,9 @@ impl LoadedConfig {
             }
         };
         resolve(&mut config.device.key_file);
+        if let Some(p) = config.device.hub_public.as_mut() {
+            resolve(p);
+        }
         resolve(&mut config.model.manifest);
         if let Some(r) = config.model.runtime.as_mut() {
             resolve(r);
@@ -405,6 +415,7 @@ impl LoadedConfig {
         resolve(&mut config.queue.dir);
         if let Some(h) = config.sync.local_hub.as_mut() {
             resolve(&mut h.db);
+            resolve(&mut h.key);
         }
         if let Some(p) = config.run.summary.as_mut() {
             resolve(p);
@@ -639,6 +650,13 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
     one_of(file, "queue.embedding", &qu.embedding, &["f32", "f16"])?;
 
     let s = &c.sync;
+    if c.device.hub_public.is_none() && s.local_hub.is_none() {
+        return Err(err(
+            "device.hub_public",
+            "required: the clinic hub's public key (hub.pub, from `dermedge hub init`) that records are sealed to"
+                .into(),
+        ));
+    }
     if s.enabled {
         match (&s.hub, &s.local_hub) {
             (Some(url), _) => {

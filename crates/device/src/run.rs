@@ -15,7 +15,8 @@ use dermedge_display::{HeadView, Screen, Status, SyncView};
 use dermedge_hub::server::HubServer;
 use dermedge_hub::store::Store;
 use dermedge_queue::{
-    now_ms, DeviceKey, Durability, EmbeddingType, FullPolicy, Queue, QueueOptions, QueueStats,
+    now_ms, DeviceKey, Durability, EmbeddingType, Envelope, FullPolicy, HubKey, HubPublic, Queue,
+    QueueOptions, QueueStats,
 };
 use dermedge_sync::{sleep_unless, SyncClient, SyncConfig};
 use serde::Serialize;
@@ -108,6 +109,22 @@ pub fn load_or_create_key(config: &LoadedConfig) -> Result<DeviceKey, RunError> 
         )));
     }
     Ok(DeviceKey::load(path)?)
+}
+
+/// The development hub's key (`sync.local_hub.key`), made on first start.
+fn load_or_create_hub_key(path: &std::path::Path) -> Result<HubKey, RunError> {
+    if !path.exists() {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| RunError::Setup(format!("{}: {e}", dir.display())))?;
+        }
+        HubKey::generate().save_new(path)?;
+        log::warn!(
+            "created a new hub key in {} (development hub)",
+            path.display()
+        );
+    }
+    Ok(HubKey::load(path)?)
 }
 
 pub fn queue_options(config: &LoadedConfig) -> QueueOptions {
@@ -205,17 +222,33 @@ pub fn run<E: Embedder>(
     let mut pipeline = Pipeline::new(embedder, heads, settings.pipeline.clone())?;
     let mut screens: Box<dyn ScreenOutput> = screens::open(&c.display, settings.display_size)?;
 
-    // The hub: a local one for development, else the configured URL.
-    let local_hub = match (&c.sync.local_hub, c.sync.enabled) {
-        (Some(h), true) => {
-            if let Some(dir) = h.db.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| RunError::Setup(format!("{}: {e}", dir.display())))?;
+    // The hub: a local one for development (enrolled with this device's public key, and whose
+    // public key records are sealed to), else the configured URL and the pinned `hub.pub`.
+    // (With sync off, a configured local hub still names the key records are sealed to.)
+    let (local_hub, hub_public) = match &c.sync.local_hub {
+        Some(h) => {
+            let hub_key = load_or_create_hub_key(&h.key)?;
+            let hub_public = hub_key.public();
+            if !c.sync.enabled {
+                (None, hub_public)
+            } else {
+                if let Some(dir) = h.db.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| RunError::Setup(format!("{}: {e}", dir.display())))?;
+                }
+                Store::open(&h.db)?.enroll(&c.device.id, &key.public())?;
+                (
+                    Some(HubServer::start(&h.db, hub_key, &h.listen, 2)?),
+                    hub_public,
+                )
             }
-            Store::open(&h.db)?.enroll(&c.device.id, &key)?;
-            Some(HubServer::start(&h.db, &h.listen, 2)?)
         }
-        _ => None,
+        None => {
+            let path = c.device.hub_public.as_ref().ok_or_else(|| {
+                RunError::Setup("device.hub_public: required to seal records".into())
+            })?;
+            (None, HubPublic::load(path)?)
+        }
     };
     let hub_url = match (&local_hub, &c.sync.hub) {
         (Some(h), _) => Some(format!("http://{}", h.addr())),
@@ -229,7 +262,7 @@ pub fn run<E: Embedder>(
         let mut sync_config = SyncConfig::new(url);
         sync_config.batch_records = settings.sync_batch_records;
         sync_config.timeout = settings.sync_timeout;
-        let mut client = SyncClient::new(sync_config, &key, &c.queue.dir)?;
+        let mut client = SyncClient::new(sync_config, &key, hub_public, &c.queue.dir)?;
         let (queue, shared, sync_stop) = (queue.clone(), shared.clone(), sync_stop.clone());
         let interval = settings.sync_interval;
         log::info!("sync to {url} every {:.0} s", interval.as_secs_f64());
@@ -343,8 +376,16 @@ pub fn run<E: Embedder>(
             last_health = Instant::now();
             health_frames = 0;
         }
-        if let Err(e) = queue.lock().expect("queue").tick() {
-            log::error!("queue: {e}");
+        {
+            let mut q = queue.lock().expect("queue");
+            if let Err(e) = q.tick() {
+                log::error!("queue: group commit failed, its records are not saved: {e}");
+                if q.is_poisoned() {
+                    if let Err(e) = q.reopen(&key) {
+                        log::error!("queue: cannot recover after a failed sync: {e}");
+                    }
+                }
+            }
         }
         let Some(frame) = handoff.take(Duration::from_millis(100)) else {
             if handoff.is_closed() && handoff.waiting() == 0 {
@@ -406,7 +447,19 @@ pub fn run<E: Embedder>(
             Ok(Outcome::Accepted { record, .. }) => {
                 // Under group durability the record becomes durable at the group's commit (the
                 // loop's `tick`, or the commit at shutdown); its receipt says which.
-                let appended = queue.lock().expect("queue").append(&record);
+                let sealed = Envelope::seal(&record, &hub_public);
+                let appended = {
+                    let mut q = queue.lock().expect("queue");
+                    let appended = q.append(&sealed);
+                    if q.is_poisoned() {
+                        // A failed sync: this record is not saved; recover so the next is.
+                        match q.reopen(&key) {
+                            Ok(()) => log::warn!("queue: recovered after a failed sync"),
+                            Err(e) => log::error!("queue: cannot recover after a failed sync: {e}"),
+                        }
+                    }
+                    appended
+                };
                 match appended {
                     Ok(receipt) => {
                         accepted += 1;

@@ -66,6 +66,7 @@ fn base(place: &Path) -> DeviceConfig {
             id: "prop-01".into(),
             key_file: place.join("device.key"),
             create_key: false,
+            hub_public: Some(place.join("hub.pub")),
         },
         model: ModelSection {
             manifest: place.join("model.toml"),

@@ -173,6 +173,8 @@ fn health(store: &Store) -> Reply {
         .record_count()
         .and_then(|n| Ok((n, store.summaries()?)))
     {
+        // Totals only: anyone on the LAN may ask, and device ids are not theirs to list
+        // (`dermedge hub status` shows each device on the hub machine).
         Ok((records, devices)) => Reply::json(
             200,
             &serde_json::json!({
@@ -180,7 +182,7 @@ fn health(store: &Store) -> Reply {
                 "protocol": wire::PROTOCOL,
                 "records": records,
                 "gaps": devices.iter().map(|d| d.gaps).sum::<u64>(),
-                "devices": devices,
+                "devices": devices.len(),
             }),
         ),
         Err(e) => Reply::text(500, e.to_string()),

@@ -129,7 +129,7 @@ pub enum Stored {
     KeyChanged,
 }
 
-/// Per device, for the health endpoint.
+/// Per device, for `dermedge hub status`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceSummary {
     pub device_id: String,
