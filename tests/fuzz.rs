@@ -3,8 +3,9 @@
 //! Each test runs its seed corpus (`tests/fuzz/<target>/`, made by `tests/fuzz/generate_seeds.rs`)
 //! and then a deterministic mutation loop: bit flips, byte inserts and deletes, truncations,
 //! splices of two inputs, interesting integers written over length fields, dictionary tokens, and
-//! for some targets mutations that know the format (re-sealed queue frames). Inputs that produce an
-//! outcome not seen before join the corpus for the rest of the run. A panic is written to
+//! for some targets mutations that know the format (queue frames and recovery points sealed again,
+//! journal lines, records sealed again to the hub). Inputs that produce an outcome not seen before
+//! join the corpus for the rest of the run. A panic is written to
 //! `tests/fuzz/<target>/crash-<hash>` and fails the test naming that file; from then on it is a
 //! regression seed. `DERMEDGE_FUZZ_ITERATIONS=N` runs N mutations per target instead of the short
 //! smoke; `DERMEDGE_FUZZ_SEED` changes the mutation sequence. See docs/FUZZING.md.
@@ -24,22 +25,36 @@ use std::time::{Duration, Instant};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use dermedge_queue::{hex, DeviceKey, Queue, QueueOptions, Record};
-use dermedge_sync::wire;
+use dermedge_queue::{
+    hex, DeviceKey, DevicePublic, Envelope, HeadResult, HubKey, HubPublic, QualityResult, Queue,
+    QueueOptions, Record, Stored, ENVELOPE_FORMAT, SIGNATURE_BYTES,
+};
+use dermedge_sync::wire::{self, Batch};
 
 // ---------------------------------------------------------------------------------------------
 // Shared by the targets and the seed generator.
 
-/// The device every fuzzed queue, sealed message and hub request belongs to.
+/// The device every fuzzed queue, signed message and hub request belongs to.
 pub const DEVICE: &str = "dev-fuzz";
 
-/// The fixed device key of the fuzz inputs (seeds are sealed with it, so they must not change).
+/// The fixed device key of the fuzz inputs (seeds are signed and sealed with it, so it must not
+/// change).
 pub fn device_key() -> DeviceKey {
     let mut bytes = [0u8; 32];
     for (i, b) in bytes.iter_mut().enumerate() {
         *b = 0x40 + i as u8;
     }
     DeviceKey::from_bytes(bytes)
+}
+
+/// The fixed hub key: the seeds' records are sealed to its public key, the fuzzed hub runs with
+/// it, and the sync target's acks and conflicts are signed with it.
+pub fn hub_key() -> HubKey {
+    let mut bytes = [0u8; 32];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = 0x80 + i as u8;
+    }
+    HubKey::from_bytes(bytes)
 }
 
 pub fn fuzz_dir(target: &str) -> PathBuf {
@@ -71,8 +86,60 @@ pub fn nonce_for(tag: &[u8]) -> [u8; 24] {
     nonce
 }
 
+/// Stands in for the OS random source where a sealed box draws its ephemeral key, so that the
+/// same plaintext is always sealed to the same bytes.
+struct FixedRandom(u64);
+
+impl crypto_box::aead::rand_core::RngCore for FixedRandom {
+    fn next_u32(&mut self) -> u32 {
+        splitmix(&mut self.0) as u32
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        splitmix(&mut self.0)
+    }
+
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        for chunk in dest.chunks_mut(8) {
+            let bytes = splitmix(&mut self.0).to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+
+    fn try_fill_bytes(
+        &mut self,
+        dest: &mut [u8],
+    ) -> Result<(), crypto_box::aead::rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+impl crypto_box::aead::rand_core::CryptoRng for FixedRandom {}
+
+/// `plaintext` in a sealed box to `hub`, as `HubPublic::seal` makes it, with an ephemeral key
+/// derived from the plaintext instead of a random one.
+pub fn seal_to_hub(hub: &HubPublic, plaintext: &[u8]) -> Vec<u8> {
+    crypto_box::PublicKey::from(hub.seal)
+        .seal(&mut FixedRandom(fnv1a(plaintext)), plaintext)
+        .expect("sealing in memory cannot fail")
+}
+
+/// The envelope `Envelope::seal` makes of `record` (its outside copied from the record), sealed
+/// deterministically.
+pub fn envelope_of(record: &Record, hub: &HubPublic) -> Envelope {
+    Envelope {
+        format: ENVELOPE_FORMAT,
+        id: record.id.clone(),
+        captured_at_ms: record.captured_at_ms,
+        device_id: record.device_id.clone(),
+        sealed: seal_to_hub(hub, &record.to_cbor()),
+    }
+}
+
 /// Queue segment layout (crates/queue/src/segment.rs): a 32-byte header, then frames
-/// `"DMQR" | len u32 | seq u64 | nonce [24] | ciphertext [len] | crc32 u32`.
+/// `"DMQR" | len u32 | seq u64 | nonce [24] | ciphertext [len] | crc32 u32`, the ciphertext being
+/// an envelope's CBOR sealed with the at-rest key.
 pub mod segment {
     use super::*;
 
@@ -144,20 +211,66 @@ pub mod segment {
     }
 }
 
-/// Sync wire sealing (crates/sync/src/wire.rs): `nonce | XChaCha20-Poly1305(plaintext)` with
-/// associated data `"dermedge-sync/1 <kind> " | device | 0 | counter (big-endian)`.
-pub fn seal_sync(key: &[u8; 32], kind: &str, device: &str, counter: u64, plain: &[u8]) -> Vec<u8> {
-    let mut aad = format!("dermedge-sync/1 {kind} ").into_bytes();
-    aad.extend_from_slice(device.as_bytes());
-    aad.push(0);
-    aad.extend_from_slice(&counter.to_be_bytes());
-    let nonce = nonce_for(plain);
-    let mut out = nonce.to_vec();
-    out.extend(xchacha_seal(key, &nonce, &aad, plain));
+/// The queue's recovery point (crates/queue/src/state.rs): two 32-byte slots
+/// `"DMQS" | crc32 of the rest | generation u64 | acked u64 | durable u64`.
+pub mod state {
+    pub const SLOT_LEN: usize = 32;
+
+    pub fn slot(generation: u64, acked: u64, durable: u64) -> [u8; SLOT_LEN] {
+        let mut slot = [0u8; SLOT_LEN];
+        slot[..4].copy_from_slice(b"DMQS");
+        slot[8..16].copy_from_slice(&generation.to_le_bytes());
+        slot[16..24].copy_from_slice(&acked.to_le_bytes());
+        slot[24..32].copy_from_slice(&durable.to_le_bytes());
+        seal(&mut slot);
+        slot
+    }
+
+    /// Write the slot's CRC, as only the queue would.
+    pub fn seal(slot: &mut [u8; SLOT_LEN]) {
+        let crc = crc32fast::hash(&slot[8..]);
+        slot[4..8].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// A state file: the slots in file order.
+    pub fn file(slots: &[[u8; SLOT_LEN]]) -> Vec<u8> {
+        slots.concat()
+    }
+}
+
+/// What the sync protocol signs (crates/sync/src/wire.rs):
+/// `"dermedge-sync/2 <kind>\0" | device | 0 | counter (big-endian) | cbor`.
+pub fn sync_message(kind: &str, device: &str, counter: u64, cbor: &[u8]) -> Vec<u8> {
+    let mut m = format!("dermedge-sync/2 {kind}\0").into_bytes();
+    m.extend_from_slice(device.as_bytes());
+    m.push(0);
+    m.extend_from_slice(&counter.to_be_bytes());
+    m.extend_from_slice(cbor);
+    m
+}
+
+/// A signed body: the signature over the message of `kind`, then `cbor`.
+pub fn signed_body(signature: [u8; SIGNATURE_BYTES], cbor: &[u8]) -> Vec<u8> {
+    let mut out = signature.to_vec();
+    out.extend_from_slice(cbor);
     out
 }
 
-/// A raw `POST /v1/batches` request.
+/// A request body for `cbor` as the device signs it.
+pub fn sign_request(device: &str, counter: u64, cbor: &[u8]) -> Vec<u8> {
+    let message = sync_message("request", device, counter, cbor);
+    signed_body(device_key().sign(&message), cbor)
+}
+
+/// A reply body (`ack`, `conflict`) for `cbor` as the hub signs it.
+pub fn sign_reply(kind: &str, device: &str, counter: u64, cbor: &[u8]) -> Vec<u8> {
+    signed_body(
+        hub_key().sign(&sync_message(kind, device, counter, cbor)),
+        cbor,
+    )
+}
+
+/// A raw `POST /v2/batches` request.
 pub fn batch_request(device: Option<&str>, counter: Option<&str>, body: &[u8]) -> Vec<u8> {
     let mut head = format!("POST {} HTTP/1.1\r\nHost: hub\r\n", wire::BATCH_PATH);
     if let Some(d) = device {
@@ -173,6 +286,12 @@ pub fn batch_request(device: Option<&str>, counter: Option<&str>, body: &[u8]) -
     );
     let mut out = head.into_bytes();
     out.extend_from_slice(body);
+    out
+}
+
+fn to_cbor<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(value, &mut out).expect("serialisable");
     out
 }
 
@@ -898,6 +1017,20 @@ const CBOR_DICT: &[&[u8]] = &[
     b"\x6dacked_through",
     b"\x66stored",
     b"\x6aduplicates",
+    b"\x66sealed",
+    b"\x6ecaptured_at_ms",
+    b"\x69device_id",
+    b"\x64gaps",
+    b"\x64from",
+    b"\x62to",
+    b"\x66reason",
+    b"\x65at_ms",
+    b"\x67evicted",
+    b"\x67damaged",
+    b"\x67missing",
+    b"\x65error",
+    b"\x6fhub_highest_seq",
+    b"\x70hub_last_counter",
 ];
 
 const SEGMENT_DICT: &[&[u8]] = &[
@@ -923,9 +1056,11 @@ const HTTP_DICT: &[&[u8]] = &[
     b"POST ",
     b"HEAD ",
     b"PUT ",
-    b"/v1/batches",
+    b"/v2/batches",
     b"/v1/health",
-    b"/v1/batches?x=1",
+    b"/v2/batches?x=1",
+    b"/v1/batches",
+    b"/v2/batches/",
     b"HTTP/1.0",
     b"HTTP/1.1",
     b"HTTP/2.0",
@@ -952,6 +1087,79 @@ const HTTP_DICT: &[&[u8]] = &[
     b"ffffffffffffffff\r\n",
     b"0\r\n\r\n",
     b"\xff\xfe",
+    b"\xc3\x28",
+];
+
+const STATE_DICT: &[&[u8]] = &[
+    b"DMQS",
+    &[0, 0, 0, 0, 0, 0, 0, 0],
+    &[1, 0, 0, 0, 0, 0, 0, 0],
+    &[6, 0, 0, 0, 0, 0, 0, 0],
+    &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+    &[0, 0, 0, 0, 0, 0, 0, 0x40],
+    &[1, 0, 0, 0, 0, 0, 0, 0x40],
+];
+
+const GAPS_DICT: &[&[u8]] = &[
+    b"\n",
+    b"\r\n",
+    b"\0",
+    b"{",
+    b"}",
+    b",",
+    b":",
+    b"\"",
+    b"\"from\":",
+    b"\"to\":",
+    b"\"reason\":",
+    b"\"at_ms\":",
+    b"\"evicted\"",
+    b"\"damaged\"",
+    b"\"missing\"",
+    b"\"Evicted\"",
+    b"null",
+    b"true",
+    b"[]",
+    b"{}",
+    b"\"extra\":1",
+    b"4611686018427387904",
+    b"4611686018427387905",
+    b"18446744073709551615",
+    b"-9223372036854775808",
+    b"1e3",
+    b"{\"from\":1,\"to\":3,\"reason\":\"evicted\",\"at_ms\":0}\n",
+    b"{\"from\":4,\"to\":4,\"reason\":\"missing\",\"at_ms\":0}\n",
+    b"{\"from\":1,\"to\":18446744073709551615,\"reason\":\"damaged\",\"at_ms\":0}\n",
+    b"\xef\xbb\xbf",
+    b"\xc3\x28",
+];
+
+const KEY_DICT: &[&[u8]] = &[
+    b"dermedge-device-public-1",
+    b"dermedge-hub-public-1",
+    b"dermedge-device-public-1 ",
+    b"dermedge-hub-public-1 ",
+    b" ",
+    b"\t",
+    b"\n",
+    b"\r\n",
+    b"\0",
+    b"+",
+    b"-",
+    b"0x",
+    b"00",
+    b"ff",
+    b"FF",
+    b"7f",
+    b"80",
+    b"0000000000000000000000000000000000000000000000000000000000000000",
+    b"ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    b"edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    b"0100000000000000000000000000000000000000000000000000000000000000",
+    b"\xc3\xa9",
+    b"\xe2\x80\x8b",
+    b"\xef\xbc\x90",
+    b"\xf0\x9f\x94\x91",
     b"\xc3\x28",
 ];
 
@@ -996,6 +1204,8 @@ const TOML_DICT: &[&[u8]] = &[
     b"[output]\n",
     b"[provenance]\n",
     b"[device]\n",
+    b"hub_public = \"stub/hub.pub\"\n",
+    b"local_hub = { db = \"x\", key = \"y\" }\n",
     b"[camera]\n",
     b"[capture]\n",
     b"[quality]\n",
@@ -1071,6 +1281,231 @@ fn record_cbor() {
     });
 }
 
+/// The mutator's settings for a record's CBOR inside a seal.
+const RECORD_PLAINTEXT: Target = Target {
+    name: "record-cbor",
+    smoke: 0,
+    dict: CBOR_DICT,
+    text: false,
+    max_len: 8 << 10,
+    known_issue: None,
+};
+
+/// Strings worth putting in a record's text fields.
+const ODD_STRINGS: &[&str] = &[
+    "",
+    "0",
+    DEVICE,
+    "dev-other",
+    "dev-fuzz\0",
+    "ffffffffffffffffffffffffffffffff",
+    "'; DROP TABLE records; --",
+    "\u{202e}ü\u{0}\u{ffff}",
+    "NaN",
+];
+
+/// A change to a record that keeps it decodable: what a faulty or forged device could seal.
+fn mutate_record(rng: &mut Rng, r: &mut Record) {
+    let odd = |rng: &mut Rng| {
+        let s = rng.pick(ODD_STRINGS).to_string();
+        if rng.one_in(8) {
+            s.repeat(1 + rng.below(300))
+        } else {
+            s
+        }
+    };
+    let float = |rng: &mut Rng| {
+        *rng.pick(&[
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-45,
+        ])
+    };
+    match rng.below(10) {
+        0 => r.id = odd(rng),
+        1 => r.captured_at_ms = *rng.pick(INTERESTING) as i64,
+        2 => r.device_id = odd(rng),
+        3 => r.embedding.dim = *rng.pick(INTERESTING) as u32,
+        4 => {
+            let n = rng.below(r.embedding.data.len() + 9);
+            r.embedding.data.resize(n, 0x7f);
+        }
+        5 => {
+            let classes = (0..rng.below(4)).map(|_| odd(rng)).collect();
+            let probabilities = (0..rng.below(4)).map(|_| float(rng)).collect();
+            r.heads.push(HeadResult {
+                head: odd(rng),
+                classes,
+                probabilities,
+            });
+        }
+        6 => {
+            let metrics = (0..rng.below(4)).map(|_| (odd(rng), float(rng))).collect();
+            r.quality = Some(QualityResult {
+                acceptable: rng.one_in(2),
+                reasons: (0..rng.below(3)).map(|_| odd(rng)).collect(),
+                metrics,
+            });
+        }
+        7 => {
+            r.thumbnail_jpeg = if rng.one_in(3) {
+                None
+            } else {
+                let n = rng.below(600);
+                Some(rng.bytes(n))
+            }
+        }
+        8 => r.source = Some(odd(rng)),
+        _ => {
+            r.model_id = odd(rng);
+            r.precision = odd(rng);
+        }
+    }
+}
+
+/// A new envelope from `envelope`: the record inside changed (its bytes or its fields) and sealed
+/// again to the fuzz hub, as only a device holding the hub's public key could; or the outside
+/// changed.
+fn reseal_envelope(rng: &mut Rng, envelope: &Envelope) -> Envelope {
+    let hub = hub_key();
+    let mut out = envelope.clone();
+    let inside = hub.unseal(&envelope.sealed);
+    match (rng.below(5), inside) {
+        (0, Some(plain)) => {
+            let mutated = mutate(rng, &plain, &[], &RECORD_PLAINTEXT);
+            out.sealed = seal_to_hub(&hub.public(), &mutated);
+        }
+        (1..=3, Some(plain)) => {
+            if let Ok(mut record) = Record::from_cbor(&plain) {
+                for _ in 0..1 + rng.below(2) {
+                    mutate_record(rng, &mut record);
+                }
+                out.sealed = seal_to_hub(&hub.public(), &record.to_cbor());
+                // Mostly an honest outside, so that the hub goes on to store the record.
+                if !rng.one_in(4) {
+                    out.id = record.id;
+                    out.captured_at_ms = record.captured_at_ms;
+                    out.device_id = record.device_id;
+                }
+            }
+        }
+        _ => match rng.below(4) {
+            0 => out.id = rng.pick(ODD_STRINGS).to_string(),
+            1 => out.captured_at_ms = *rng.pick(INTERESTING) as i64,
+            2 => out.device_id = rng.pick(ODD_STRINGS).to_string(),
+            _ => out.format = *rng.pick(INTERESTING) as u32,
+        },
+    }
+    out
+}
+
+fn reseal_envelope_input(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
+    let envelope = Envelope::from_cbor(input).ok()?;
+    Some(reseal_envelope(rng, &envelope).to_cbor())
+}
+
+#[test]
+fn envelope_cbor() {
+    let target = Target {
+        name: "envelope-cbor",
+        smoke: 8000,
+        dict: CBOR_DICT,
+        text: false,
+        max_len: 16 << 10,
+        known_issue: None,
+    };
+    let hub = hub_key();
+    let mut opened = 0usize;
+    fuzz(
+        &target,
+        Some(&reseal_envelope_input),
+        |input| match Envelope::from_cbor(input) {
+            Ok(envelope) => {
+                let again = Envelope::from_cbor(&envelope.to_cbor());
+                assert_eq!(
+                    again,
+                    Ok(envelope.clone()),
+                    "a decoded envelope does not re-decode the same"
+                );
+                match envelope.open(&hub) {
+                    Ok(record) => {
+                        opened += 1;
+                        assert_eq!(
+                            (&record.id, record.captured_at_ms, &record.device_id),
+                            (&envelope.id, envelope.captured_at_ms, &envelope.device_id),
+                            "an envelope opened whose outside is not its record's"
+                        );
+                        let _ = record.embedding.to_f32();
+                        assert!(
+                            Record::from_cbor(&record.to_cbor()).is_ok(),
+                            "an opened record does not re-decode"
+                        );
+                        "opened".into()
+                    }
+                    Err(e) => format!("not opened: {}", signature(&e)),
+                }
+            }
+            Err(e) => signature(&e),
+        },
+    );
+    assert!(
+        opened > 0,
+        "no envelope opened with the hub key: the harness's sealing no longer matches the queue's"
+    );
+}
+
+#[test]
+fn public_key() {
+    let target = Target {
+        name: "public-key",
+        smoke: 20000,
+        dict: KEY_DICT,
+        text: true,
+        max_len: 1 << 10,
+        known_issue: None,
+    };
+    let some_signature = [0x5a; SIGNATURE_BYTES];
+    fuzz(&target, None, |input| {
+        let text = String::from_utf8_lossy(input);
+        let device = text.parse::<DevicePublic>();
+        let hub = text.parse::<HubPublic>();
+        // What a parsed key is used for: verifying (both) and sealing records (the hub's).
+        if let Ok(d) = &device {
+            assert_eq!(
+                d.to_string().parse::<DevicePublic>().as_ref(),
+                Ok(d),
+                "a parsed device key does not print and parse again"
+            );
+            assert!(!d.verify(b"batch", &some_signature));
+        }
+        if let Ok(h) = &hub {
+            assert_eq!(
+                h.to_string().parse::<HubPublic>().as_ref(),
+                Ok(h),
+                "a parsed hub key does not print and parse again"
+            );
+            assert!(!h.verify(b"ack", &some_signature));
+            assert!(!h.seal(b"record").is_empty());
+        }
+        let name = |r: Result<(), String>| match r {
+            Ok(()) => "ok".to_string(),
+            Err(e) => signature(&e),
+        };
+        format!(
+            "device {} | hub {}",
+            name(device.map(|_| ())),
+            name(hub.map(|_| ()))
+        )
+    });
+}
+
 /// How the fuzzed segment sits in the queue directory.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Layout {
@@ -1098,6 +1533,35 @@ const LAYOUTS: [Layout; 5] = [
 /// Records in the valid segment the fuzzed bytes are appended to or spliced into.
 const VALID_RECORDS: u64 = 3;
 
+/// `queue.json` of a queue of `DEVICE` under `key`.
+fn queue_meta(key: &DeviceKey) -> String {
+    format!(
+        "{{\"format\": \"dermedge-queue/1\", \"device_id\": \"{DEVICE}\", \"key_check\": \"{}\"}}",
+        hex(&key.check())
+    )
+}
+
+/// The envelope CBOR of `generate_seeds::record(seq, Small)`, sealed to the fuzz hub.
+fn valid_envelope(seq: u64) -> Vec<u8> {
+    let record = generate_seeds::record(seq, generate_seeds::Shape::Small);
+    envelope_of(&record, &hub_key().public()).to_cbor()
+}
+
+/// Every file of the queue directory but `LOCK`, by name.
+fn queue_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().is_file() && e.file_name() != "LOCK")
+        .map(|e| {
+            let bytes = fs::read(e.path()).unwrap();
+            (e.file_name().to_string_lossy().into_owned(), bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 struct QueueBench {
     _dir: tempfile::TempDir,
     qdir: PathBuf,
@@ -1107,24 +1571,23 @@ struct QueueBench {
     key: DeviceKey,
     at_rest: [u8; 32],
     meta: String,
+    /// The envelopes of the valid records.
+    envelopes: Vec<Vec<u8>>,
 }
 
 impl QueueBench {
     fn new() -> Self {
         let dir = scratch();
         let key = device_key();
-        let meta = format!(
-            "{{\"format\": \"dermedge-queue/1\", \"device_id\": \"{DEVICE}\", \"key_check\": \"{}\"}}",
-            hex(&key.check())
-        );
         let mut bench = Self {
             qdir: dir.path().join("queue"),
             _dir: dir,
             at_rest: key.at_rest_key(),
+            meta: queue_meta(&key),
             key,
-            meta,
             valid_queue: Vec::new(),
             valid_last_segment: String::new(),
+            envelopes: (1..=VALID_RECORDS).map(valid_envelope).collect(),
         };
         bench.fresh_dir();
         let name = format!("seg-{:020}.dlog", 1);
@@ -1142,16 +1605,7 @@ impl QueueBench {
             "the valid queue's records"
         );
         drop(q);
-        let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(&bench.qdir)
-            .unwrap()
-            .map(|e| e.unwrap())
-            .filter(|e| e.path().is_file() && e.file_name() != "LOCK")
-            .map(|e| {
-                let bytes = fs::read(e.path()).unwrap();
-                (e.file_name().to_string_lossy().into_owned(), bytes)
-            })
-            .collect();
-        files.sort();
+        let files = queue_files(&bench.qdir);
         bench.valid_last_segment = files
             .iter()
             .filter(|(n, _)| n.starts_with("seg-"))
@@ -1173,12 +1627,12 @@ impl QueueBench {
         let mut seg = segment::header(first, &self.key.check());
         for i in 0..records {
             let seq = first.max(1).wrapping_add(i);
-            let plain = generate_seeds::record(seq, generate_seeds::Shape::Small).to_cbor();
+            let plain = &self.envelopes[i as usize % self.envelopes.len()];
             seg.extend(segment::frame(
                 &self.at_rest,
                 seq,
                 &nonce_for(&seq.to_le_bytes()),
-                &plain,
+                plain,
             ));
         }
         seg
@@ -1236,10 +1690,11 @@ impl QueueBench {
         if !self.prepare(input, layout) {
             return ("skipped".into(), 0);
         }
-        let read = |q: &Queue| -> Result<Vec<u64>, String> {
+        let read = |q: &Queue| -> Result<Vec<(u64, Vec<u8>)>, String> {
             let _ = q.stats();
+            let _ = q.unreported_gaps();
             q.unacknowledged(usize::MAX, usize::MAX)
-                .map(|records| records.iter().map(|s| s.seq).collect())
+                .map(records_of)
                 .map_err(|e| e.to_string())
         };
         let options = QueueOptions::default();
@@ -1263,15 +1718,7 @@ impl QueueBench {
         let second = Queue::open(&self.qdir, &self.key, DEVICE, options)
             .map_err(|e| e.to_string())
             .and_then(|q| read(&q));
-        if let (Ok(a), Ok(b)) = (&first, &second) {
-            assert_eq!(a, b, "the second open reads other records than the first");
-        }
-        if first.is_ok() {
-            assert!(
-                second.is_ok(),
-                "the first open read every record, the second fails: {second:?}"
-            );
-        }
+        assert_same_records(&first, &second);
         let count = first.as_ref().map_or(0, Vec::len);
         let outcome = format!(
             "{layout:?} {} torn/skipped/quarantined {report:?}",
@@ -1290,7 +1737,31 @@ fn strip(error: &dyn std::fmt::Display, dir: &Path) -> String {
         .replace(&dir.display().to_string(), "<dir>")
 }
 
-/// Re-seal a segment after changing what only the key holder could: sequence numbers, record
+/// The records read, for comparing two opens: (seq, envelope CBOR).
+fn records_of(records: Vec<Stored>) -> Vec<(u64, Vec<u8>)> {
+    records.into_iter().map(|s| (s.seq, s.cbor)).collect()
+}
+
+/// Recovery is idempotent: a second open reads exactly what the first read, and does not fail
+/// where the first read everything.
+fn assert_same_records(
+    first: &Result<Vec<(u64, Vec<u8>)>, String>,
+    second: &Result<Vec<(u64, Vec<u8>)>, String>,
+) {
+    let seqs = |r: &[(u64, Vec<u8>)]| r.iter().map(|(s, _)| *s).collect::<Vec<u64>>();
+    match (first, second) {
+        (Ok(a), Ok(b)) => assert!(
+            a == b,
+            "the second open reads other records than the first: {:?}, then {:?}",
+            seqs(a),
+            seqs(b)
+        ),
+        (Ok(_), Err(e)) => panic!("the first open read every record, the second fails: {e}"),
+        _ => {}
+    }
+}
+
+/// Re-seal a segment after changing what only the key holder could: sequence numbers, envelope
 /// plaintexts, frame order; also torn tails and header fields, with every frame authentic.
 fn reseal_segment(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
     let key = device_key();
@@ -1299,14 +1770,6 @@ fn reseal_segment(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
     if frames.is_empty() {
         return None;
     }
-    let record_target = Target {
-        name: "record-cbor",
-        smoke: 0,
-        dict: CBOR_DICT,
-        text: false,
-        max_len: 8 << 10,
-        known_issue: None,
-    };
     for _ in 0..1 + rng.below(3) {
         let i = rng.below(frames.len());
         match rng.below(7) {
@@ -1319,7 +1782,7 @@ fn reseal_segment(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
             }
             2 => {
                 let plain = frames[i].1.clone();
-                frames[i].1 = mutate(rng, &plain, &[], &record_target);
+                frames[i].1 = mutate(rng, &plain, &[], &RECORD_PLAINTEXT);
             }
             3 => {
                 let f = frames[i].clone();
@@ -1383,44 +1846,240 @@ fn queue_segment() {
     assert!(records_read, "no input yielded a readable record");
 }
 
+/// A valid queue whose `state` or `gaps.log` the fuzzed bytes replace: records 1 to 3 in one
+/// segment, 5 and 6 in the next (4 journalled as missing), record 1 acknowledged.
+struct RecoveryBench {
+    _dir: tempfile::TempDir,
+    qdir: PathBuf,
+    files: Vec<(String, Vec<u8>)>,
+    key: DeviceKey,
+}
+
+/// The valid queue's segments: (first sequence number, records).
+const RECOVERY_SEGMENTS: [(u64, &[u64]); 2] = [(1, &[1, 2, 3]), (5, &[5, 6])];
+
+impl RecoveryBench {
+    fn new() -> Self {
+        let dir = scratch();
+        let qdir = dir.path().join("queue");
+        let key = device_key();
+        fs::create_dir_all(&qdir).unwrap();
+        fs::write(qdir.join("queue.json"), queue_meta(&key)).unwrap();
+        for (first, seqs) in RECOVERY_SEGMENTS {
+            let mut seg = segment::header(first, &key.check());
+            for &seq in seqs {
+                seg.extend(segment::frame(
+                    &key.at_rest_key(),
+                    seq,
+                    &nonce_for(&seq.to_le_bytes()),
+                    &valid_envelope(seq),
+                ));
+            }
+            fs::write(qdir.join(format!("seg-{first:020}.dlog")), seg).unwrap();
+        }
+        let mut q = Queue::open(&qdir, &key, DEVICE, QueueOptions::default())
+            .expect("the valid queue opens");
+        q.acknowledge(1).expect("record 1 acknowledged");
+        let read = q.unacknowledged(usize::MAX, usize::MAX).unwrap();
+        assert_eq!(read.len(), 4, "the valid queue's records");
+        assert_eq!(
+            q.gaps().len(),
+            1,
+            "the valid queue's journal: {:?}",
+            q.gaps()
+        );
+        drop(q);
+        let files = queue_files(&qdir);
+        for name in ["state", "gaps.log"] {
+            assert!(
+                files.iter().any(|(n, _)| n == name),
+                "the valid queue has no {name}"
+            );
+        }
+        Self {
+            _dir: dir,
+            qdir,
+            files,
+            key,
+        }
+    }
+
+    /// Lay out the valid queue with `input` as its file `name`, open it twice and read
+    /// everything: the outcome, or a panic on a broken invariant.
+    fn run(&self, name: &str, input: &[u8]) -> String {
+        let _ = fs::remove_dir_all(&self.qdir);
+        fs::create_dir_all(&self.qdir).unwrap();
+        for (file, bytes) in &self.files {
+            if file != name {
+                fs::write(self.qdir.join(file), bytes).unwrap();
+            }
+        }
+        fs::write(self.qdir.join(name), input).unwrap();
+        let mut summary = String::new();
+        let open = |summary: &mut String| -> Result<Vec<(u64, Vec<u8>)>, String> {
+            let q = Queue::open(&self.qdir, &self.key, DEVICE, QueueOptions::default())
+                .map_err(|e| format!("open: {e}"))?;
+            let stats = q.stats();
+            let report = q.recovery();
+            let unreported = q.unreported_gaps();
+            *summary = format!(
+                "acked {} last {} durable {} pending {} segments {} gaps {}/{} new {} \
+                 rebuilt {} reclaimed {} torn {} skipped {}",
+                stats.acked_seq.min(8),
+                stats.last_seq.min(8),
+                stats.durable_seq.min(8),
+                stats.pending_records.min(8),
+                stats.segments,
+                q.gaps().len().min(4),
+                unreported.len().min(4),
+                report.gaps.len().min(4),
+                report.state_rebuilt,
+                report.reclaimed.len(),
+                report.torn_tails.len(),
+                report.skipped.len(),
+            );
+            q.unacknowledged(usize::MAX, usize::MAX)
+                .map(records_of)
+                .map_err(|e| format!("read: {e}"))
+        };
+        let first = open(&mut summary);
+        let first_summary = std::mem::take(&mut summary);
+        let second = open(&mut summary);
+        assert_same_records(&first, &second);
+        match first {
+            Ok(records) => format!("ok {} {first_summary}", records.len().min(8)),
+            Err(e) => signature(&strip(&e, &self.qdir)),
+        }
+    }
+}
+
+/// A recovery point changed as only the queue could write it (the slots' CRCs made valid):
+/// generations, the acknowledged cursor and the high-water mark, around the valid queue's.
+fn reseal_state(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
+    let mut out = input.to_vec();
+    if out.len() < 2 * state::SLOT_LEN {
+        out.resize(2 * state::SLOT_LEN, 0);
+    }
+    for _ in 0..1 + rng.below(3) {
+        let at = rng.below(2) * state::SLOT_LEN + 8 * (1 + rng.below(3));
+        let current = u64::from_le_bytes(out[at..at + 8].try_into().expect("8 bytes"));
+        let value = match rng.below(3) {
+            0 => *rng.pick(INTERESTING),
+            1 => current.wrapping_add(rng.below(9) as u64).wrapping_sub(4),
+            _ => rng.below(10) as u64,
+        };
+        out[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    }
+    for start in [0, state::SLOT_LEN] {
+        if rng.one_in(8) {
+            out[start..start + 4].copy_from_slice(b"DMQS");
+        }
+        if !rng.one_in(8) {
+            let slot: &mut [u8; state::SLOT_LEN] = (&mut out[start..start + state::SLOT_LEN])
+                .try_into()
+                .expect("a slot");
+            state::seal(slot);
+        }
+    }
+    if rng.one_in(8) {
+        let n = rng.below(out.len() + 1);
+        out.truncate(n);
+    }
+    Some(out)
+}
+
+#[test]
+fn queue_state() {
+    let target = Target {
+        name: "queue-state",
+        smoke: 1000,
+        dict: STATE_DICT,
+        text: false,
+        max_len: 256,
+        known_issue: None,
+    };
+    let bench = RecoveryBench::new();
+    fuzz(&target, Some(&reseal_state), |input| {
+        bench.run("state", input)
+    });
+}
+
+/// Well-formed journal lines with values chosen around the valid queue's and at the limits, so
+/// that the mutations get past the JSON parser to what recovery does with a journalled loss.
+fn journal_lines(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
+    let value = |rng: &mut Rng| match rng.below(3) {
+        0 => *rng.pick(INTERESTING),
+        _ => rng.below(9) as u64,
+    };
+    let mut lines: Vec<Vec<u8>> = input.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+    for _ in 0..1 + rng.below(3) {
+        let from = value(rng);
+        let to = if rng.one_in(2) {
+            from.saturating_add(rng.below(4) as u64)
+        } else {
+            value(rng)
+        };
+        let reason = rng.pick(&["evicted", "damaged", "missing"]);
+        let at_ms = *rng.pick(INTERESTING) as i64;
+        let line =
+            format!("{{\"from\":{from},\"to\":{to},\"reason\":\"{reason}\",\"at_ms\":{at_ms}}}");
+        let at = rng.below(lines.len() + 1);
+        lines.insert(at, line.into_bytes());
+    }
+    Some(lines.join(&b'\n'))
+}
+
+#[test]
+fn queue_gaps() {
+    let target = Target {
+        name: "queue-gaps",
+        smoke: 800,
+        dict: GAPS_DICT,
+        text: true,
+        max_len: 4 << 10,
+        known_issue: None,
+    };
+    let bench = RecoveryBench::new();
+    fuzz(&target, Some(&journal_lines), |input| {
+        bench.run("gaps.log", input)
+    });
+}
+
 #[test]
 fn sync_wire() {
     let target = Target {
         name: "sync-wire",
-        smoke: 8000,
+        smoke: 6000,
         dict: CBOR_DICT,
         text: false,
         max_len: 16 << 10,
         known_issue: None,
     };
-    let key = device_key().sync_key();
+    let (device, hub) = (device_key(), hub_key());
+    let (device_public, hub_public) = (device.public(), hub.public());
     let mut authentic = 0usize;
     fuzz(&target, None, |input| {
         let counter = 7;
         // As received: almost always unauthenticated, never a panic.
-        let raw_batch = wire::open_batch(&key, DEVICE, counter, input);
-        let raw_ack = wire::open_ack(&key, DEVICE, counter, input);
-        // Sealed with the device's key: the decoders behind the seal.
-        let batch = wire::open_batch(
-            &key,
-            DEVICE,
-            counter,
-            &seal_sync(&key, "request", DEVICE, counter, input),
-        );
-        let ack = wire::open_ack(
-            &key,
-            DEVICE,
-            counter,
-            &seal_sync(&key, "ack", DEVICE, counter, input),
-        );
+        let raw_batch = wire::open_batch(&device_public, DEVICE, counter, input);
+        let raw_ack = wire::open_ack(&hub_public, DEVICE, counter, input);
+        let raw_conflict = wire::open_conflict(&hub_public, DEVICE, counter, input);
+        // Signed with the right keys: the decoders behind the signatures.
+        let sign = |kind: &str| {
+            let message = sync_message(kind, DEVICE, counter, input);
+            let signature = match kind {
+                "request" => device.sign(&message),
+                _ => hub.sign(&message),
+            };
+            signed_body(signature, input)
+        };
+        let batch = wire::open_batch(&device_public, DEVICE, counter, &sign("request"));
+        let ack = wire::open_ack(&hub_public, DEVICE, counter, &sign("ack"));
         // A 409's body, as the sync client reads it.
-        let raw_conflict = wire::open_conflict(&key, DEVICE, counter, input);
-        let conflict = wire::open_conflict(
-            &key,
-            DEVICE,
-            counter,
-            &seal_sync(&key, "conflict", DEVICE, counter, input),
-        );
+        let conflict = wire::open_conflict(&hub_public, DEVICE, counter, &sign("conflict"));
+        if let Ok(b) = &batch {
+            let _ = b.last();
+        }
         if batch.is_ok() || ack.is_ok() || conflict.is_ok() {
             authentic += 1;
         }
@@ -1441,11 +2100,11 @@ fn sync_wire() {
     });
     assert!(
         authentic > 0,
-        "no sealed input opened: the harness's sealing no longer matches crates/sync/src/wire.rs"
+        "no signed input opened: the harness's signing no longer matches crates/sync/src/wire.rs"
     );
 }
 
-/// An in-process hub with `DEVICE` enrolled under the fuzz key.
+/// An in-process hub holding the fuzz hub key, with `DEVICE` enrolled by its public key.
 struct HubBench {
     _dir: tempfile::TempDir,
     db: PathBuf,
@@ -1458,7 +2117,7 @@ impl HubBench {
         let dir = scratch();
         let db = dir.path().join("hub.sqlite");
         let store = dermedge_hub::store::Store::open(&db).unwrap();
-        store.enroll(DEVICE, &device_key()).unwrap();
+        store.enroll(DEVICE, &device_key().public()).unwrap();
         let mut bench = Self {
             _dir: dir,
             db,
@@ -1475,20 +2134,22 @@ impl HubBench {
         }
         // One worker: the health check after each input is answered only once the input's request
         // is completely done with (tiny_http drains its body when the request is dropped).
-        self.hub =
-            Some(dermedge_hub::server::HubServer::start(&self.db, "127.0.0.1:0", 1).unwrap());
+        self.hub = Some(
+            dermedge_hub::server::HubServer::start(&self.db, hub_key(), "127.0.0.1:0", 1).unwrap(),
+        );
     }
 
     fn addr(&self) -> SocketAddr {
         self.hub.as_ref().expect("started").addr()
     }
 
-    /// Every input meets the same hub: no records, the device's counter and sequence at zero.
+    /// Every input meets the same hub: no records, gaps or rejections, the device's counter and
+    /// sequence at zero.
     fn reset(&self) {
         self.store
             .connection()
             .execute_batch(
-                "DELETE FROM records; DELETE FROM rejections;
+                "DELETE FROM records; DELETE FROM gaps; DELETE FROM rejections;
                  UPDATE devices SET last_counter = 0, highest_seq = 0;",
             )
             .unwrap();
@@ -1570,11 +2231,32 @@ fn response_complete(response: &[u8]) -> bool {
     length.is_some_and(|n| response.len() >= end + 4 + n)
 }
 
-/// An HTTP answer: the status and the body as text.
-#[derive(Debug)]
+/// An HTTP answer: the status and the body.
 struct Answer {
     status: u16,
-    body: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    /// The body as the outcome sees it: text with its numbers folded, or `<binary>` (the hub's
+    /// signed acks and conflicts).
+    fn text(&self) -> String {
+        match std::str::from_utf8(&self.body) {
+            Ok(text) => signature(text),
+            Err(_) => "<binary>".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}",
+            self.status,
+            String::from_utf8_lossy(&self.body).escape_debug()
+        )
+    }
 }
 
 fn parse_answer(response: &[u8]) -> Option<Answer> {
@@ -1586,7 +2268,7 @@ fn parse_answer(response: &[u8]) -> Option<Answer> {
     let body = response
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .map(|end| String::from_utf8_lossy(&response[end + 4..]).into_owned())
+        .map(|end| response[end + 4..].to_vec())
         .unwrap_or_default();
     Some(Answer { status, body })
 }
@@ -1641,16 +2323,96 @@ fn hub_request() {
             // Closing the connection on bytes that are not an HTTP request is fine, as long as
             // the hub stays up (checked above).
             Ok(None) => "closed".into(),
-            Ok(Some(Answer { status, body })) => {
+            Ok(Some(answer)) => {
                 assert!(
-                    status < 500 || status == 505,
-                    "the hub answered {status} to a malformed request: {body}"
+                    answer.status < 500 || answer.status == 505,
+                    "the hub answered a malformed request: {answer:?}"
                 );
-                format!("{status} {}", signature(&body))
+                format!("{} {}", answer.status, answer.text())
             }
         }
     });
     bench.assert_up();
+}
+
+/// A batch changed as only its device could: records opened, changed and sealed again to the
+/// hub (see [`reseal_envelope`]), sequence numbers, the cursor, records added, repeated or
+/// removed, and gaps. The harness signs whatever comes out.
+fn reseal_batch(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
+    let mut batch: Batch = ciborium::from_reader(input).ok()?;
+    let seq = |rng: &mut Rng, current: u64| match rng.below(3) {
+        0 => *rng.pick(INTERESTING),
+        1 => current.wrapping_add(rng.below(5) as u64).wrapping_sub(2),
+        _ => rng.below(10) as u64,
+    };
+    for _ in 0..1 + rng.below(2) {
+        let n = batch.records.len();
+        let i = rng.below(n);
+        match rng.below(9) {
+            0..=3 if n > 0 => {
+                let envelope = Envelope::from_cbor(&batch.records[i].cbor).ok()?;
+                batch.records[i].cbor = reseal_envelope(rng, &envelope).to_cbor();
+            }
+            4 if n > 0 => batch.records[i].seq = seq(rng, batch.records[i].seq),
+            5 => batch.after_seq = seq(rng, batch.after_seq),
+            6 if n > 0 => {
+                let mut copy = batch.records[i].clone();
+                if rng.one_in(2) {
+                    copy.seq = batch.records[n - 1].seq.wrapping_add(1);
+                }
+                let at = rng.below(n + 1);
+                batch.records.insert(at, copy);
+            }
+            7 if n > 0 => {
+                batch.records.remove(i);
+            }
+            _ => {
+                let from = seq(rng, batch.after_seq);
+                let to = if rng.one_in(2) {
+                    from.saturating_add(rng.below(3) as u64)
+                } else {
+                    seq(rng, from)
+                };
+                let reason = *rng.pick(&[
+                    dermedge_queue::GapReason::Evicted,
+                    dermedge_queue::GapReason::Damaged,
+                    dermedge_queue::GapReason::Missing,
+                ]);
+                let gap = dermedge_queue::Gap {
+                    from,
+                    to,
+                    reason,
+                    at_ms: *rng.pick(INTERESTING) as i64,
+                };
+                if !batch.gaps.is_empty() && rng.one_in(3) {
+                    let j = rng.below(batch.gaps.len());
+                    batch.gaps[j] = gap;
+                } else {
+                    batch.gaps.push(gap);
+                }
+            }
+        }
+    }
+    Some(to_cbor(&batch))
+}
+
+/// A hub's `200` carries an ack and its `409` a conflict, signed with the hub key for the
+/// request's counter.
+fn assert_signed_reply(hub: &HubPublic, counter: u64, answer: &Answer) {
+    match answer.status {
+        200 => {
+            let ack = wire::open_ack(hub, DEVICE, counter, &answer.body);
+            assert!(ack.is_ok(), "a 200 without a valid ack: {ack:?}");
+        }
+        409 => {
+            let conflict = wire::open_conflict(hub, DEVICE, counter, &answer.body);
+            assert!(
+                conflict.is_ok(),
+                "a 409 without a valid conflict: {conflict:?}"
+            );
+        }
+        _ => {}
+    }
 }
 
 #[test]
@@ -1664,12 +2426,14 @@ fn hub_batch() {
         known_issue: None,
     };
     let mut bench = HubBench::new();
-    let key = device_key().sync_key();
+    let device = device_key();
+    let hub_public = hub_key().public();
     let mut stored = false;
-    fuzz(&target, None, |plain| {
+    fuzz(&target, Some(&reseal_batch), |plain| {
         bench.reset();
         let post = |bench: &HubBench, counter: u64| {
-            let body = seal_sync(&key, "request", DEVICE, counter, plain);
+            let message = sync_message("request", DEVICE, counter, plain);
+            let body = signed_body(device.sign(&message), plain);
             bench.send(&batch_request(
                 Some(DEVICE),
                 Some(&counter.to_string()),
@@ -1678,22 +2442,24 @@ fn hub_batch() {
         };
         let first = post(&bench, 1);
         bench.assert_up();
-        let (status, body) = match first {
-            Ok(Some(Answer { status, body })) => (status, body),
-            other => {
-                bench.assert_up();
-                panic!("an authentic batch was not answered: {other:?}");
-            }
+        let answer = match first {
+            Ok(Some(answer)) => answer,
+            other => panic!("a signed batch was not answered: {other:?}"),
         };
         assert!(
-            matches!(status, 200 | 400 | 409),
-            "the hub answered {status} to an authentic batch: {body}"
+            matches!(answer.status, 200 | 400 | 409),
+            "the hub answered a signed batch with {answer:?}"
         );
-        let mut outcome = format!(
-            "{status} {}",
-            signature(if status == 200 { "" } else { &body })
-        );
-        if status == 200 {
+        assert_signed_reply(&hub_public, 1, &answer);
+        // The batch decoder is sync-wire's target: here one outcome for each kind of CBOR error,
+        // so that the corpus holds batches that decode and the mutations go behind them.
+        let text = answer.text();
+        let text = match text.strip_prefix("malformed batch: ") {
+            Some(error) => error.split('(').next().unwrap_or_default().to_string(),
+            None => text,
+        };
+        let mut outcome = format!("{} {text}", answer.status);
+        if answer.status == 200 {
             stored = true;
             // The same request again is a replay; the same batch under a new counter is stored
             // once (duplicates) or refused, never an error.
@@ -1702,22 +2468,26 @@ fn hub_batch() {
                 matches!(replay, Ok(Some(Answer { status: 409, .. }))),
                 "a replayed batch: {replay:?}"
             );
+            if let Ok(Some(replay)) = &replay {
+                assert_signed_reply(&hub_public, 1, replay);
+            }
             let again = post(&bench, 2);
-            let Ok(Some(Answer { status, body })) = again else {
+            let Ok(Some(again)) = again else {
                 panic!("the same batch under a new counter was not answered: {again:?}");
             };
             assert!(
-                matches!(status, 200 | 400 | 409),
-                "the same batch under a new counter: {status} {body}"
+                matches!(again.status, 200 | 400 | 409),
+                "the same batch under a new counter: {again:?}"
             );
-            outcome += &format!(" again {status}");
+            assert_signed_reply(&hub_public, 2, &again);
+            outcome += &format!(" again {}", again.status);
         }
         outcome
     });
     bench.assert_up();
     assert!(
         stored,
-        "no seed batch was stored: the harness's sealing no longer matches the hub"
+        "no seed batch was stored: the harness's signing or sealing no longer matches the hub"
     );
 }
 
@@ -1763,6 +2533,7 @@ fn device_config() {
         "libLiteRt.so",
         "gpio",
         "device.key",
+        "hub.pub",
     ] {
         fs::write(stub.join(f), b"stub").unwrap();
     }

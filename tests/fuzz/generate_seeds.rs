@@ -11,10 +11,16 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
-use dermedge_queue::{Embedding, EmbeddingType, HeadResult, QualityResult, Record, RECORD_FORMAT};
+use dermedge_queue::{
+    DeviceKey, Embedding, EmbeddingType, Envelope, Gap, GapReason, HeadResult, HubKey, HubPublic,
+    QualityResult, Record, RECORD_FORMAT,
+};
 use dermedge_sync::wire::{Ack, Batch, BatchRecord, Conflict};
 
-use super::{batch_request, device_key, fuzz_dir, seal_sync, segment, DEVICE};
+use super::{
+    batch_request, device_key, envelope_of, fuzz_dir, hub_key, segment, sign_reply, sign_request,
+    state, to_cbor as cbor, DEVICE,
+};
 
 #[derive(Clone, Copy)]
 pub enum Shape {
@@ -81,13 +87,30 @@ pub fn record(seq: u64, shape: Shape) -> Record {
     r
 }
 
-fn cbor<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    let mut out = Vec::new();
-    ciborium::into_writer(value, &mut out).expect("serialisable");
-    out
+/// The envelope CBOR of `record(seq, shape)`, sealed to the fuzz hub.
+fn sealed(seq: u64, shape: Shape) -> (u64, Vec<u8>) {
+    (seq, envelope_of(&record(seq, shape), &hub()).to_cbor())
 }
 
-fn batch(after_seq: u64, records: &[(u64, Vec<u8>)]) -> Vec<u8> {
+fn hub() -> HubPublic {
+    hub_key().public()
+}
+
+/// A hub key the fuzzed hub does not hold.
+fn other_hub() -> HubPublic {
+    HubKey::from_bytes([0x33; 32]).public()
+}
+
+fn gap(from: u64, to: u64, reason: GapReason) -> Gap {
+    Gap {
+        from,
+        to,
+        reason,
+        at_ms: 1_790_000_000_000,
+    }
+}
+
+fn batch(after_seq: u64, records: &[(u64, Vec<u8>)], gaps: &[Gap]) -> Vec<u8> {
     cbor(&Batch {
         after_seq,
         records: records
@@ -97,6 +120,7 @@ fn batch(after_seq: u64, records: &[(u64, Vec<u8>)]) -> Vec<u8> {
                 cbor: cbor.clone(),
             })
             .collect(),
+        gaps: gaps.to_vec(),
     })
 }
 
@@ -132,8 +156,7 @@ fn segment_seeds() -> Seeds {
     let frames = |first: u64, shapes: &[Shape]| -> Vec<u8> {
         let mut seg = segment::header(first, &check);
         for (i, shape) in shapes.iter().enumerate() {
-            let seq = first + i as u64;
-            let plain = record(seq, *shape).to_cbor();
+            let (seq, plain) = sealed(first + i as u64, *shape);
             seg.extend(segment::frame(
                 &at_rest,
                 seq,
@@ -149,6 +172,20 @@ fn segment_seeds() -> Seeds {
     damaged[first_len + 60] ^= 0x20;
     let mut garbage_tail = frames(1, &[Shape::Small, Shape::Small]);
     garbage_tail.extend_from_slice(b"DMQR\xff\xff\xff\xff not a frame");
+    // Authentic frames whose plaintext is not an envelope: a record (the format before
+    // envelopes), then bytes that are not CBOR.
+    let mut not_envelopes = segment::header(1, &check);
+    for (seq, plain) in [
+        (1u64, record(1, Shape::Small).to_cbor()),
+        (2, b"not cbor".to_vec()),
+    ] {
+        not_envelopes.extend(segment::frame(
+            &at_rest,
+            seq,
+            &super::nonce_for(&plain),
+            &plain,
+        ));
+    }
     vec![
         ("seed-01-header-only.dlog", segment::header(1, &check)),
         ("seed-02-one-record.dlog", frames(1, &[Shape::Small])),
@@ -161,25 +198,211 @@ fn segment_seeds() -> Seeds {
             frames(41, &[Shape::Full, Shape::Small]),
         ),
         ("seed-08-garbage-tail.dlog", garbage_tail),
+        ("seed-09-not-envelopes.dlog", not_envelopes),
+    ]
+}
+
+/// The valid queue of the state and journal targets (`RecoveryBench`): records 1 to 6 but 4,
+/// record 1 acknowledged.
+fn state_seeds() -> Seeds {
+    use state::{file, slot};
+    let torn = {
+        let mut s = slot(3, 1, 6);
+        s[20..].fill(0);
+        s
+    };
+    let mut bad_crc = slot(3, 1, 6);
+    bad_crc[30] ^= 1;
+    vec![
+        // As the queue leaves it: the acknowledgement in the newer slot.
+        (
+            "seed-01-acked-1.state",
+            file(&[slot(1, 0, 6), slot(2, 1, 6)]),
+        ),
+        ("seed-02-fresh.state", file(&[slot(1, 0, 6), slot(0, 0, 6)])),
+        ("seed-03-newer-torn.state", file(&[slot(2, 1, 6), torn])),
+        ("seed-04-both-damaged.state", file(&[bad_crc, torn])),
+        ("seed-05-short.state", slot(2, 1, 6)[..20].to_vec()),
+        ("seed-06-empty.state", Vec::new()),
+        (
+            "seed-07-durable-beyond.state",
+            file(&[slot(4, 1, 40), slot(3, 1, 6)]),
+        ),
+        (
+            "seed-08-durable-below.state",
+            file(&[slot(2, 0, 2), slot(1, 0, 2)]),
+        ),
+        (
+            "seed-09-all-acked.state",
+            file(&[slot(2, 6, 6), slot(1, 3, 6)]),
+        ),
+        (
+            "seed-10-acked-beyond.state",
+            file(&[slot(5, 9, 6), slot(4, 1, 6)]),
+        ),
+        (
+            "seed-11-generation-wrap.state",
+            file(&[slot(0, 1, 6), slot(u64::MAX, 0, 6)]),
+        ),
+    ]
+}
+
+fn gaps_line(from: u64, to: u64, reason: &str) -> String {
+    format!("{{\"from\":{from},\"to\":{to},\"reason\":\"{reason}\",\"at_ms\":1790000000000}}\n")
+}
+
+fn gaps_seeds() -> Seeds {
+    let every = [
+        gaps_line(4, 4, "missing"),
+        gaps_line(7, 9, "evicted"),
+        gaps_line(2, 2, "damaged"),
+    ]
+    .concat();
+    let torn = [gaps_line(4, 4, "missing"), gaps_line(7, 7, "damaged")].concat();
+    let mut zero_hole = vec![0u8; 40];
+    zero_hole.extend_from_slice(gaps_line(4, 4, "missing").as_bytes());
+    vec![
+        // As the queue leaves it.
+        (
+            "seed-01-missing.log",
+            gaps_line(4, 4, "missing").into_bytes(),
+        ),
+        ("seed-02-every-reason.log", every.into_bytes()),
+        (
+            "seed-03-torn-line.log",
+            torn.as_bytes()[..torn.len() - 12].to_vec(),
+        ),
+        ("seed-04-zero-hole.log", zero_hole),
+        (
+            "seed-05-evicted-first-segment.log",
+            [gaps_line(1, 3, "evicted"), gaps_line(4, 4, "missing")]
+                .concat()
+                .into_bytes(),
+        ),
+        (
+            "seed-06-wide.log",
+            [
+                gaps_line(1, 4611686018427387904, "damaged"),
+                gaps_line(5, u64::MAX, "evicted"),
+            ]
+            .concat()
+            .into_bytes(),
+        ),
+        (
+            "seed-07-not-gaps.log",
+            b"not json\n{}\n[]\n{\"from\":0,\"to\":1,\"reason\":\"missing\",\"at_ms\":0}\n\
+              {\"from\":3,\"to\":2,\"reason\":\"missing\",\"at_ms\":0}\n"
+                .to_vec(),
+        ),
+        (
+            "seed-08-crlf.log",
+            gaps_line(4, 4, "missing")
+                .replace('\n', "\r\n")
+                .into_bytes(),
+        ),
+    ]
+}
+
+fn envelope_seeds() -> Seeds {
+    let envelope = |seq, shape| envelope_of(&record(seq, shape), &hub());
+    let other_outside = Envelope {
+        id: "0000000000000000ffffffffffffffff".into(),
+        ..envelope(5, Shape::Small)
+    };
+    let format_1 = Envelope {
+        format: 1,
+        ..envelope(6, Shape::Small)
+    };
+    let not_a_record = Envelope {
+        sealed: super::seal_to_hub(&hub(), b"\xa1\x62id\x01"),
+        ..envelope(8, Shape::Small)
+    };
+    vec![
+        ("seed-01-small.cbor", envelope(1, Shape::Small).to_cbor()),
+        ("seed-02-full.cbor", envelope(2, Shape::Full).to_cbor()),
+        (
+            "seed-03-f16-thumbnail.cbor",
+            envelope(3, Shape::F16Thumbnail).to_cbor(),
+        ),
+        (
+            "seed-04-other-hub.cbor",
+            envelope_of(&record(4, Shape::Small), &other_hub()).to_cbor(),
+        ),
+        ("seed-05-other-outside.cbor", other_outside.to_cbor()),
+        ("seed-06-format-1.cbor", format_1.to_cbor()),
+        ("seed-07-a-record.cbor", record(7, Shape::Small).to_cbor()),
+        ("seed-08-sealed-not-a-record.cbor", not_a_record.to_cbor()),
+    ]
+}
+
+/// The first 32 bytes, counting up from zero, that are not an Ed25519 public key.
+fn not_a_point() -> [u8; 32] {
+    (0u8..=255)
+        .map(|b| {
+            let mut bytes = [0u8; 32];
+            bytes[0] = b;
+            bytes[31] = 0x11;
+            bytes
+        })
+        .find(|bytes| {
+            format!("dermedge-device-public-1 {}", dermedge_queue::hex(bytes))
+                .parse::<dermedge_queue::DevicePublic>()
+                .is_err()
+        })
+        .expect("one of them is off the curve")
+}
+
+fn public_key_seeds() -> Seeds {
+    let device = device_key().public().to_string();
+    let hub = hub().to_string();
+    let not_a_point = format!(
+        "dermedge-device-public-1 {}",
+        dermedge_queue::hex(&not_a_point())
+    );
+    let mut multibyte = device.clone();
+    multibyte.replace_range(device.len() - 2.., "é");
+    vec![
+        ("seed-01-device.pub", format!("{device}\n").into_bytes()),
+        ("seed-02-hub.pub", format!("{hub}\n").into_bytes()),
+        (
+            "seed-03-device-uppercase.pub",
+            device
+                .to_uppercase()
+                .replace("DERMEDGE-DEVICE-PUBLIC-1", "dermedge-device-public-1")
+                .into_bytes(),
+        ),
+        (
+            "seed-04-hub-extra-word.pub",
+            format!("{hub} {}\n", &hub[22..86]).into_bytes(),
+        ),
+        ("seed-05-not-a-point.pub", not_a_point.into_bytes()),
+        (
+            "seed-06-other-device.pub",
+            format!("  {}\r\n", DeviceKey::from_bytes([0x21; 32]).public()).into_bytes(),
+        ),
+        ("seed-07-multibyte.pub", multibyte.into_bytes()),
     ]
 }
 
 fn sync_wire_seeds() -> Seeds {
-    let r = |seq, shape| (seq, record(seq, shape).to_cbor());
     vec![
-        ("seed-01-batch-one.cbor", batch(0, &[r(1, Shape::Small)])),
+        (
+            "seed-01-batch-one.cbor",
+            batch(0, &[sealed(1, Shape::Small)], &[]),
+        ),
         (
             "seed-02-batch-three.cbor",
             batch(
                 4,
                 &[
-                    r(5, Shape::Small),
-                    r(6, Shape::Full),
-                    r(8, Shape::F16Thumbnail),
+                    sealed(5, Shape::Small),
+                    sealed(6, Shape::Full),
+                    sealed(8, Shape::F16Thumbnail),
                 ],
+                &[gap(7, 7, GapReason::Damaged)],
             ),
         ),
-        ("seed-03-batch-empty.cbor", batch(0, &[])),
+        ("seed-03-batch-empty.cbor", batch(0, &[], &[])),
         (
             "seed-04-ack.cbor",
             cbor(&Ack {
@@ -206,51 +429,98 @@ fn sync_wire_seeds() -> Seeds {
                 hub_last_counter: Some(7),
             }),
         ),
+        (
+            "seed-07-batch-gaps-only.cbor",
+            batch(
+                3,
+                &[],
+                &[
+                    gap(4, 9, GapReason::Evicted),
+                    gap(12, 12, GapReason::Missing),
+                ],
+            ),
+        ),
     ]
 }
 
 fn hub_batch_seeds() -> Seeds {
-    let r = |seq, shape| (seq, record(seq, shape).to_cbor());
     let mut stranger = record(1, Shape::Small);
     stranger.device_id = "dev-other".into();
+    let other_outside = Envelope {
+        id: "0000000000000000ffffffffffffffff".into(),
+        ..envelope_of(&record(1, Shape::Small), &hub())
+    };
     vec![
-        ("seed-01-one.cbor", batch(0, &[r(1, Shape::Small)])),
+        (
+            "seed-01-one.cbor",
+            batch(0, &[sealed(1, Shape::Small)], &[]),
+        ),
         (
             "seed-02-three.cbor",
             batch(
                 0,
                 &[
-                    r(1, Shape::Full),
-                    r(2, Shape::F16Thumbnail),
-                    r(4, Shape::Small),
+                    sealed(1, Shape::Full),
+                    sealed(2, Shape::F16Thumbnail),
+                    sealed(4, Shape::Small),
                 ],
+                &[],
             ),
         ),
-        ("seed-03-empty.cbor", batch(0, &[])),
+        ("seed-03-empty.cbor", batch(0, &[], &[])),
         (
             "seed-04-other-device.cbor",
-            batch(0, &[(1, stranger.to_cbor())]),
+            batch(0, &[(1, envelope_of(&stranger, &hub()).to_cbor())], &[]),
         ),
         (
             "seed-05-not-rising.cbor",
-            batch(0, &[r(2, Shape::Small), r(2, Shape::Small)]),
+            batch(0, &[sealed(2, Shape::Small), sealed(2, Shape::Small)], &[]),
         ),
         (
             "seed-06-bad-record.cbor",
-            batch(0, &[(1, b"\xa1\x62id\x01".to_vec())]),
+            batch(0, &[(1, b"\xa1\x62id\x01".to_vec())], &[]),
         ),
-        ("seed-07-gap.cbor", batch(5, &[r(6, Shape::Small)])),
+        (
+            "seed-07-behind.cbor",
+            batch(5, &[sealed(6, Shape::Small)], &[]),
+        ),
+        (
+            "seed-08-gaps-only.cbor",
+            batch(0, &[], &[gap(1, 3, GapReason::Evicted)]),
+        ),
+        (
+            "seed-09-records-and-gaps.cbor",
+            batch(
+                0,
+                &[sealed(1, Shape::Small), sealed(5, Shape::Full)],
+                &[gap(2, 4, GapReason::Damaged), gap(6, 6, GapReason::Missing)],
+            ),
+        ),
+        (
+            "seed-10-other-hub.cbor",
+            batch(
+                0,
+                &[(
+                    1,
+                    envelope_of(&record(1, Shape::Small), &other_hub()).to_cbor(),
+                )],
+                &[],
+            ),
+        ),
+        (
+            "seed-11-other-outside.cbor",
+            batch(0, &[(1, other_outside.to_cbor())], &[]),
+        ),
     ]
 }
 
 fn hub_request_seeds() -> Seeds {
-    let key = device_key().sync_key();
-    let plain = batch(0, &[(1, record(1, Shape::Small).to_cbor())]);
-    let sealed = |counter: u64| seal_sync(&key, "request", DEVICE, counter, &plain);
+    let plain = batch(0, &[sealed(1, Shape::Small)], &[]);
+    let signed = |counter: u64| sign_request(DEVICE, counter, &plain);
     let chunked = {
-        let body = sealed(1);
+        let body = signed(1);
         let mut r = format!(
-            "POST /v1/batches HTTP/1.1\r\nHost: hub\r\nX-Dermedge-Device: {DEVICE}\r\n\
+            "POST /v2/batches HTTP/1.1\r\nHost: hub\r\nX-Dermedge-Device: {DEVICE}\r\n\
              X-Dermedge-Counter: 1\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
             body.len()
         )
@@ -260,27 +530,51 @@ fn hub_request_seeds() -> Seeds {
         r
     };
     let short_body = {
-        let mut r = batch_request(Some(DEVICE), Some("3"), &sealed(3));
+        let mut r = batch_request(Some(DEVICE), Some("3"), &signed(3));
         r.truncate(r.len() - 10);
         r
     };
+    let v1 = {
+        let mut r = batch_request(Some(DEVICE), Some("1"), &signed(1));
+        let at = r.windows(3).position(|w| w == b"/v2").expect("the path");
+        r[at + 2] = b'1';
+        r
+    };
+    // An ack where a batch belongs: signed by the hub, not by the device.
+    let hub_signed = batch_request(
+        Some(DEVICE),
+        Some("1"),
+        &sign_reply(
+            "ack",
+            DEVICE,
+            1,
+            &cbor(&Ack {
+                counter: 1,
+                acked_through: 1,
+                stored: 1,
+                duplicates: 0,
+            }),
+        ),
+    );
     vec![
-        ("seed-01-batch.http", batch_request(Some(DEVICE), Some("1"), &sealed(1))),
+        ("seed-01-batch.http", batch_request(Some(DEVICE), Some("1"), &signed(1))),
         ("seed-02-health.http", b"GET /v1/health HTTP/1.1\r\nHost: hub\r\n\r\n".to_vec()),
-        ("seed-03-unknown-device.http", batch_request(Some("stranger"), Some("1"), &sealed(1))),
-        ("seed-04-no-counter.http", batch_request(Some(DEVICE), None, &sealed(1))),
+        ("seed-03-unknown-device.http", batch_request(Some("stranger"), Some("1"), &signed(1))),
+        ("seed-04-no-counter.http", batch_request(Some(DEVICE), None, &signed(1))),
         ("seed-05-chunked.http", chunked),
         ("seed-06-short-body.http", short_body),
         (
             "seed-07-wrong-method.http",
-            b"PUT /v1/batches HTTP/1.1\r\nHost: hub\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
+            b"PUT /v2/batches HTTP/1.1\r\nHost: hub\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
         ),
         (
             "seed-08-http10.http",
-            b"POST /v1/batches HTTP/1.0\r\nX-Dermedge-Device: dev-fuzz\r\nX-Dermedge-Counter: 9\r\n\
+            b"POST /v2/batches HTTP/1.0\r\nX-Dermedge-Device: dev-fuzz\r\nX-Dermedge-Counter: 9\r\n\
               Connection: keep-alive\r\nContent-Length: 5\r\n\r\nhello"
                 .to_vec(),
         ),
+        ("seed-09-v1-path.http", v1),
+        ("seed-10-signed-by-hub.http", hub_signed),
     ]
 }
 
@@ -357,6 +651,7 @@ fn stub_paths(text: &str) -> Vec<u8> {
         toml::Value::Array(vec!["stub/head.json".into()]),
     );
     set(&mut value, "device", "key_file", "stub/device.key");
+    set(&mut value, "device", "hub_public", "stub/hub.pub");
     set(&mut value, "model", "manifest", "stub/model.toml");
     set(&mut value, "model", "runtime", "stub/libLiteRt.so");
     set(&mut value, "camera", "path", "stub/frames");
@@ -370,6 +665,9 @@ fn stub_paths(text: &str) -> Vec<u8> {
         .and_then(|h| h.as_table_mut())
     {
         h.insert("db".into(), "out/hub.sqlite".into());
+        if h.contains_key("key") {
+            h.insert("key".into(), "out/hub.key".into());
+        }
     }
     toml::to_string(&value).expect("serialisable").into_bytes()
 }
@@ -378,6 +676,7 @@ const CONFIG_SYNTHETIC: &str = r#"# synthetic frames, no display, every optional
 [device]
 id = "kiosk-07"
 key_file = "stub/device.key"
+hub_public = "stub/hub.pub"
 
 [model]
 manifest = "stub/model.toml"
@@ -455,7 +754,11 @@ fn model_check_seeds() -> Seeds {
 pub fn all() -> Vec<(&'static str, Seeds)> {
     vec![
         ("record-cbor", record_seeds()),
+        ("envelope-cbor", envelope_seeds()),
+        ("public-key", public_key_seeds()),
         ("queue-segment", segment_seeds()),
+        ("queue-state", state_seeds()),
+        ("queue-gaps", gaps_seeds()),
         ("sync-wire", sync_wire_seeds()),
         ("hub-request", hub_request_seeds()),
         ("hub-batch", hub_batch_seeds()),
