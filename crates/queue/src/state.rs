@@ -17,6 +17,8 @@ use crate::storage::StorageFile;
 pub const SLOT_LEN: usize = 32;
 pub const FILE_LEN: usize = 2 * SLOT_LEN;
 const MAGIC: &[u8; 4] = b"DMQS";
+/// Far beyond any number of updates a device makes.
+const MAX_GENERATION: u64 = 1 << 62;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RecoveryPoint {
@@ -49,11 +51,17 @@ impl RecoveryPoint {
         {
             return None;
         }
-        Some(Self {
+        let point = Self {
             generation: word(8),
             acked: word(16),
             durable: word(24),
-        })
+        };
+        // A slot that passes its CRC but cannot have been written (a forged or corrupted file)
+        // counts as unreadable: no later arithmetic on it can overflow.
+        let sane = point.generation < MAX_GENERATION
+            && point.acked <= point.durable
+            && point.durable <= crate::segment::MAX_SEQ;
+        sane.then_some(point)
     }
 
     /// The newest valid slot of a state file's bytes; `None` when neither slot is valid.
@@ -143,6 +151,30 @@ mod tests {
         file[SLOT_LEN + 3] = 0;
         assert_eq!(RecoveryPoint::newest(&file), None);
         assert_eq!(RecoveryPoint::newest(&[]), None);
+    }
+
+    #[test]
+    fn impossible_slots_are_unreadable() {
+        let ok = RecoveryPoint {
+            generation: 3,
+            acked: 2,
+            durable: 5,
+        };
+        assert!(RecoveryPoint::decode(&ok.encode()).is_some());
+        for bad in [
+            RecoveryPoint {
+                generation: u64::MAX,
+                ..ok
+            },
+            RecoveryPoint { acked: 6, ..ok },
+            RecoveryPoint {
+                acked: u64::MAX,
+                durable: u64::MAX,
+                ..ok
+            },
+        ] {
+            assert_eq!(RecoveryPoint::decode(&bad.encode()), None, "{bad:?}");
+        }
     }
 
     #[test]
