@@ -303,12 +303,13 @@ pub struct SyncArgs {
 
 /// Push everything waiting to the hub; SIGINT/SIGTERM stop after the batch in flight.
 pub fn sync(args: &SyncArgs) -> Result<()> {
-    let (queue, key) = args.queue.open()?;
+    let (mut queue, key) = args.queue.open()?;
+    let hub = HubPublic::load(&args.hub_public)?;
+    queue.seal_earlier_records_to(hub);
     let dir = queue.dir().to_path_buf();
     let mut config = SyncConfig::new(&args.hub);
     config.batch_records = args.batch;
     config.timeout = std::time::Duration::from_secs_f64(args.timeout);
-    let hub = HubPublic::load(&args.hub_public)?;
     let mut client = SyncClient::new(config, &key, hub, &dir)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -250,6 +250,10 @@ pub fn run<E: Embedder>(
             (None, HubPublic::load(path)?)
         }
     };
+    queue
+        .lock()
+        .expect("queue")
+        .seal_earlier_records_to(hub_public);
     let hub_url = match (&local_hub, &c.sync.hub) {
         (Some(h), _) => Some(format!("http://{}", h.addr())),
         (None, Some(url)) if c.sync.enabled => Some(url.clone()),

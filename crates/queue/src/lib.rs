@@ -338,6 +338,8 @@ pub struct Queue {
     /// preview frame and append) costs nothing; recounted on open, acknowledge and eviction.
     pending: u64,
     bytes: u64,
+    /// What records queued before records were sealed to the hub are sealed to when read.
+    legacy_seal: Option<HubPublic>,
     /// Held for the queue's life (taken over by [`Queue::reopen`]).
     lock: Option<LockGuard>,
 }
@@ -400,8 +402,16 @@ impl Queue {
             self.options.clone(),
         )?;
         fresh.lock = self.lock.take();
+        fresh.legacy_seal = self.legacy_seal;
         *self = fresh;
         Ok(())
+    }
+
+    /// Records queued by an earlier release, before records were sealed to the hub, are read
+    /// out sealed to `hub` (the hub deduplicates by record id, so a fresh seal per read is
+    /// harmless). Without it they are [`QueueError::Unreadable`], naming the fix.
+    pub fn seal_earlier_records_to(&mut self, hub: HubPublic) {
+        self.legacy_seal = Some(hub);
     }
 
     /// Whether a failed write or sync stopped appends until [`Queue::reopen`].
@@ -580,6 +590,7 @@ impl Queue {
             poisoned: None,
             pending: 0,
             bytes: 0,
+            legacy_seal: None,
             lock: None,
         };
         queue.reclaim()?;
@@ -922,7 +933,24 @@ impl Queue {
                     .cipher
                     .open(&frame)
                     .ok_or_else(|| unreadable("does not authenticate".into()))?;
-                let envelope = Envelope::from_cbor(&cbor).map_err(unreadable)?;
+                let (envelope, cbor) = match Envelope::from_cbor(&cbor) {
+                    Ok(envelope) => (envelope, cbor),
+                    Err(e) => match (Record::from_cbor(&cbor), &self.legacy_seal) {
+                        (Ok(record), Some(hub)) => {
+                            let envelope = Envelope::seal(&record, hub);
+                            let cbor = envelope.to_cbor();
+                            (envelope, cbor)
+                        }
+                        (Ok(_), None) => {
+                            return Err(unreadable(
+                                "queued before records were sealed to the hub: give the hub's \
+                                 public key (--hub-public, device.hub_public) to send it"
+                                    .into(),
+                            ))
+                        }
+                        (Err(_), _) => return Err(unreadable(e)),
+                    },
+                };
                 bytes += cbor.len();
                 out.push(Stored {
                     seq: f.seq,

@@ -485,3 +485,31 @@ fn running_counts_match_the_files_through_appends_acks_and_evictions() {
     let q = Queue::open(dir.path(), &key, "dev-1", options).unwrap();
     check(&q);
 }
+
+/// A queue written before records were sealed to the hub: its records are read out sealed to
+/// the hub's key once the queue is given it, and are a clear error before.
+#[test]
+fn records_queued_before_sealing_are_sealed_when_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DeviceKey::generate();
+    let mut q = Queue::open(dir.path(), &key, "dev-1", small()).unwrap();
+    q.append(&record(1, "x")).unwrap();
+    let segment = q.segments[0].path.clone();
+    drop(q);
+    // An earlier release's frame: the record's own CBOR under the at-rest key.
+    let old = plain_record(2, "old");
+    let frame = segment::Cipher::new(&key.at_rest_key()).seal(2, &old.to_cbor());
+    let mut bytes = fs::read(&segment).unwrap();
+    bytes.extend(frame);
+    fs::write(&segment, bytes).unwrap();
+    // An earlier release kept no recovery point.
+    fs::remove_file(dir.path().join(STATE)).unwrap();
+    let mut q = Queue::open(dir.path(), &key, "dev-1", small()).unwrap();
+    assert!(!q.recovery().found_damage(), "{:?}", q.recovery());
+    let err = q.read_after(0, 10, usize::MAX).unwrap_err().to_string();
+    assert!(err.contains("hub's public key"), "{err}");
+    q.seal_earlier_records_to(hub().public());
+    let read = q.read_after(0, 10, usize::MAX).unwrap();
+    assert_eq!(read.len(), 2);
+    assert_eq!(read[1].envelope.open(&hub()).unwrap(), old);
+}
