@@ -30,6 +30,7 @@ use dermedge_queue::{
     QueueOptions, Record, Stored, ENVELOPE_FORMAT, SIGNATURE_BYTES,
 };
 use dermedge_sync::wire::{self, Batch};
+use sha2::Digest;
 
 // ---------------------------------------------------------------------------------------------
 // Shared by the targets and the seed generator.
@@ -262,10 +263,24 @@ pub fn sign_request(device: &str, counter: u64, cbor: &[u8]) -> Vec<u8> {
     signed_body(device_key().sign(&message), cbor)
 }
 
-/// A reply body (`ack`, `conflict`) for `cbor` as the hub signs it.
-pub fn sign_reply(kind: &str, device: &str, counter: u64, cbor: &[u8]) -> Vec<u8> {
+/// What a reply signs: the message of `kind` over the SHA-256 of the request it answers, then
+/// its CBOR.
+pub fn sync_reply_message(
+    kind: &str,
+    device: &str,
+    counter: u64,
+    request: &[u8],
+    cbor: &[u8],
+) -> Vec<u8> {
+    let mut bound = sha2::Sha256::digest(request).to_vec();
+    bound.extend_from_slice(cbor);
+    sync_message(kind, device, counter, &bound)
+}
+
+/// A reply body (`ack`, `conflict`) for `cbor` as the hub signs it, answering `request`.
+pub fn sign_reply(kind: &str, device: &str, counter: u64, request: &[u8], cbor: &[u8]) -> Vec<u8> {
     signed_body(
-        hub_key().sign(&sync_message(kind, device, counter, cbor)),
+        hub_key().sign(&sync_reply_message(kind, device, counter, request, cbor)),
         cbor,
     )
 }
@@ -2062,11 +2077,15 @@ fn sync_wire() {
         let counter = 7;
         // As received: almost always unauthenticated, never a panic.
         let raw_batch = wire::open_batch(&device_public, DEVICE, counter, input);
-        let raw_ack = wire::open_ack(&hub_public, DEVICE, counter, input);
-        let raw_conflict = wire::open_conflict(&hub_public, DEVICE, counter, input);
+        let request = b"the request these replies answer";
+        let raw_ack = wire::open_ack(&hub_public, DEVICE, counter, request, input);
+        let raw_conflict = wire::open_conflict(&hub_public, DEVICE, counter, request, input);
         // Signed with the right keys: the decoders behind the signatures.
         let sign = |kind: &str| {
-            let message = sync_message(kind, DEVICE, counter, input);
+            let message = match kind {
+                "request" => sync_message(kind, DEVICE, counter, input),
+                _ => sync_reply_message(kind, DEVICE, counter, request, input),
+            };
             let signature = match kind {
                 "request" => device.sign(&message),
                 _ => hub.sign(&message),
@@ -2074,9 +2093,10 @@ fn sync_wire() {
             signed_body(signature, input)
         };
         let batch = wire::open_batch(&device_public, DEVICE, counter, &sign("request"));
-        let ack = wire::open_ack(&hub_public, DEVICE, counter, &sign("ack"));
+        let ack = wire::open_ack(&hub_public, DEVICE, counter, request, &sign("ack"));
         // A 409's body, as the sync client reads it.
-        let conflict = wire::open_conflict(&hub_public, DEVICE, counter, &sign("conflict"));
+        let conflict =
+            wire::open_conflict(&hub_public, DEVICE, counter, request, &sign("conflict"));
         if let Ok(b) = &batch {
             let _ = b.last();
         }
@@ -2398,14 +2418,14 @@ fn reseal_batch(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
 
 /// A hub's `200` carries an ack and its `409` a conflict, signed with the hub key for the
 /// request's counter.
-fn assert_signed_reply(hub: &HubPublic, counter: u64, answer: &Answer) {
+fn assert_signed_reply(hub: &HubPublic, counter: u64, request: &[u8], answer: &Answer) {
     match answer.status {
         200 => {
-            let ack = wire::open_ack(hub, DEVICE, counter, &answer.body);
+            let ack = wire::open_ack(hub, DEVICE, counter, request, &answer.body);
             assert!(ack.is_ok(), "a 200 without a valid ack: {ack:?}");
         }
         409 => {
-            let conflict = wire::open_conflict(hub, DEVICE, counter, &answer.body);
+            let conflict = wire::open_conflict(hub, DEVICE, counter, request, &answer.body);
             assert!(
                 conflict.is_ok(),
                 "a 409 without a valid conflict: {conflict:?}"
@@ -2431,13 +2451,15 @@ fn hub_batch() {
     let mut stored = false;
     fuzz(&target, Some(&reseal_batch), |plain| {
         bench.reset();
-        let post = |bench: &HubBench, counter: u64| {
+        let request = |counter: u64| {
             let message = sync_message("request", DEVICE, counter, plain);
-            let body = signed_body(device.sign(&message), plain);
+            signed_body(device.sign(&message), plain)
+        };
+        let post = |bench: &HubBench, counter: u64| {
             bench.send(&batch_request(
                 Some(DEVICE),
                 Some(&counter.to_string()),
-                &body,
+                &request(counter),
             ))
         };
         let first = post(&bench, 1);
@@ -2450,7 +2472,7 @@ fn hub_batch() {
             matches!(answer.status, 200 | 400 | 409),
             "the hub answered a signed batch with {answer:?}"
         );
-        assert_signed_reply(&hub_public, 1, &answer);
+        assert_signed_reply(&hub_public, 1, &request(1), &answer);
         // The batch decoder is sync-wire's target: here one outcome for each kind of CBOR error,
         // so that the corpus holds batches that decode and the mutations go behind them.
         let text = answer.text();
@@ -2469,7 +2491,7 @@ fn hub_batch() {
                 "a replayed batch: {replay:?}"
             );
             if let Ok(Some(replay)) = &replay {
-                assert_signed_reply(&hub_public, 1, replay);
+                assert_signed_reply(&hub_public, 1, &request(1), replay);
             }
             let again = post(&bench, 2);
             let Ok(Some(again)) = again else {
@@ -2479,7 +2501,7 @@ fn hub_batch() {
                 matches!(again.status, 200 | 400 | 409),
                 "the same batch under a new counter: {again:?}"
             );
-            assert_signed_reply(&hub_public, 2, &again);
+            assert_signed_reply(&hub_public, 2, &request(2), &again);
             outcome += &format!(" again {}", again.status);
         }
         outcome

@@ -548,6 +548,7 @@ fn hub_request_seeds() -> Seeds {
             "ack",
             DEVICE,
             1,
+            b"",
             &cbor(&Ack {
                 counter: 1,
                 acked_through: 1,

@@ -297,7 +297,7 @@ fn batch(
     let conflict = |conflict: Conflict| {
         signed(
             409,
-            wire::seal_conflict(hub_key, &device, counter, &conflict),
+            wire::seal_conflict(hub_key, &device, counter, &body, &conflict),
         )
     };
     match store.store_batch(
@@ -327,7 +327,7 @@ fn batch(
                 stored,
                 duplicates,
             };
-            signed(200, wire::seal_ack(hub_key, &device, &ack))
+            signed(200, wire::seal_ack(hub_key, &device, &body, &ack))
         }
         Ok(Stored::Replayed { last_counter }) => {
             let reason = format!(

@@ -221,11 +221,11 @@ fn tampered_replayed_and_unknown_requests_are_rejected_and_logged() {
     unauthenticated(s.post("dev-1", 5, &body[..63]));
     let (status, ack) = s.post("dev-1", 5, &body);
     assert_eq!(status, 200);
-    let ack = wire::open_ack(&s.hub_public(), "dev-1", 5, &ack).unwrap();
+    let ack = wire::open_ack(&s.hub_public(), "dev-1", 5, &body, &ack).unwrap();
     assert_eq!((ack.acked_through, ack.stored), (1, 1));
     let (status, conflict) = s.post("dev-1", 5, &body);
     assert_eq!(status, 409, "replayed");
-    let conflict = wire::open_conflict(&s.hub_public(), "dev-1", 5, &conflict).unwrap();
+    let conflict = wire::open_conflict(&s.hub_public(), "dev-1", 5, &body, &conflict).unwrap();
     assert_eq!(conflict.hub_last_counter, Some(5));
     let store = Store::open(&s.db).unwrap();
     assert_eq!(store.record_count().unwrap(), 1);
@@ -493,8 +493,8 @@ fn the_database_holds_no_secret() {
     for candidate in candidates {
         let forged = HubKey::from_bytes(candidate);
         assert_ne!(forged.public(), hub_public);
-        let body = wire::seal_ack(&forged, "dev-1", &ack);
-        assert!(wire::open_ack(&hub_public, "dev-1", 99, &body).is_err());
+        let body = wire::seal_ack(&forged, "dev-1", b"request", &ack);
+        assert!(wire::open_ack(&hub_public, "dev-1", 99, b"request", &body).is_err());
         let device = DeviceKey::from_bytes(candidate);
         assert_ne!(device.public(), key.public());
     }
@@ -647,7 +647,7 @@ fn evicted_records_are_reported_once_and_appear_in_health_and_export() {
     let summary = &store.summaries().unwrap()[0];
     assert_eq!(summary.device_id, "dev-1");
     assert_eq!(summary.gaps, gaps.len() as u64);
-    assert_eq!(summary.records, 60 - lost as u64);
+    assert_eq!(summary.records, 60 - lost);
 
     let csv = s.dir.path().join("records.csv");
     let out = crate::export::export(&store, &Default::default(), Some(&csv), None).unwrap();

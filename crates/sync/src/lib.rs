@@ -301,8 +301,8 @@ impl SyncClient {
         let ack_body = match response {
             Ok(r) => read_body(r),
             Err(ureq::Error::Status(status, r)) => {
-                let body = read_body(r);
-                return Err(self.status_error(status, &body, &device, counter, after_seq));
+                let reply = read_body(r);
+                return Err(self.status_error(status, &reply, &device, counter, &body, after_seq));
             }
             Err(ureq::Error::Transport(t)) => {
                 return Err(SyncError::Transport {
@@ -311,7 +311,7 @@ impl SyncClient {
                 })
             }
         };
-        let ack = wire::open_ack(&self.hub, &device, counter, &ack_body).map_err(|e| {
+        let ack = wire::open_ack(&self.hub, &device, counter, &body, &ack_body).map_err(|e| {
             SyncError::BadAck {
                 url: hub.clone(),
                 message: match e {
@@ -347,12 +347,14 @@ impl SyncClient {
         })
     }
 
+    /// `body`: the reply; `request`: the body this device sent.
     fn status_error(
         &mut self,
         status: u16,
         body: &[u8],
         device: &str,
         counter: u64,
+        request: &[u8],
         after_seq: u64,
     ) -> SyncError {
         let url = self.config.hub_url.clone();
@@ -363,7 +365,8 @@ impl SyncClient {
         if status == 409 {
             // Only a conflict signed by the pinned hub key for this request may move the
             // counter or explain the cursor; anything else changes nothing and is retried.
-            let Ok(conflict) = wire::open_conflict(&self.hub, device, counter, body) else {
+            let Ok(conflict) = wire::open_conflict(&self.hub, device, counter, request, body)
+            else {
                 log::warn!("sync: {url} answered 409 without the hub's signature; ignored");
                 return SyncError::HubFailed {
                     url,
@@ -683,7 +686,7 @@ mod tests {
                     stored: 1,
                     duplicates: 0,
                 };
-                (200, wire::seal_ack(&impostor, "dev-1", &ack))
+                (200, wire::seal_ack(&impostor, "dev-1", b"", &ack))
             } else {
                 let conflict = wire::Conflict {
                     error: "replayed".into(),
@@ -692,7 +695,7 @@ mod tests {
                 };
                 (
                     409,
-                    wire::seal_conflict(&impostor, "dev-1", counter, &conflict),
+                    wire::seal_conflict(&impostor, "dev-1", counter, b"", &conflict),
                 )
             }
         });

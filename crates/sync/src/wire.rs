@@ -17,6 +17,7 @@
 
 use dermedge_queue::{DeviceKey, DevicePublic, Gap, HubKey, HubPublic, SIGNATURE_BYTES};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 pub const PROTOCOL: &str = "dermedge-sync/2";
 pub const BATCH_PATH: &str = "/v2/batches";
@@ -101,6 +102,15 @@ fn message(kind: &str, device: &str, counter: u64, cbor: &[u8]) -> Vec<u8> {
     m
 }
 
+/// What a reply signs: its kind's message over the SHA-256 of the request it answers, then its
+/// CBOR. A reply recorded for one request (another device's with the same id and counter, or this
+/// device's before its counter state was lost) therefore verifies for no other.
+fn reply_message(kind: &str, device: &str, counter: u64, request: &[u8], cbor: &[u8]) -> Vec<u8> {
+    let mut bound = Sha256::digest(request).to_vec();
+    bound.extend_from_slice(cbor);
+    message(kind, device, counter, &bound)
+}
+
 fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = Vec::new();
     ciborium::into_writer(value, &mut out).expect("serialisable");
@@ -116,18 +126,16 @@ fn signed(signature: [u8; SIGNATURE_BYTES], cbor: Vec<u8>) -> Vec<u8> {
 }
 
 /// The CBOR of a signed body, if `verify` accepts its signature over the message of `kind`.
-fn verified<'a>(
-    kind: &str,
-    device: &str,
-    counter: u64,
-    body: &'a [u8],
+fn verified(
+    signed_message: impl FnOnce(&[u8]) -> Vec<u8>,
+    body: &[u8],
     verify: impl FnOnce(&[u8], &[u8]) -> bool,
-) -> Result<&'a [u8], OpenError> {
+) -> Result<&[u8], OpenError> {
     if body.len() < SIGNATURE_BYTES {
         return Err(OpenError::Unauthenticated);
     }
     let (signature, cbor) = body.split_at(SIGNATURE_BYTES);
-    if !verify(&message(kind, device, counter, cbor), signature) {
+    if !verify(&signed_message(cbor), signature) {
         return Err(OpenError::Unauthenticated);
     }
     Ok(cbor)
@@ -149,26 +157,36 @@ pub fn open_batch(
     counter: u64,
     body: &[u8],
 ) -> Result<Batch, OpenError> {
-    decode(verified("request", device, counter, body, |m, s| {
-        public.verify(m, s)
-    })?)
+    decode(verified(
+        |cbor| message("request", device, counter, cbor),
+        body,
+        |m, s| public.verify(m, s),
+    )?)
 }
 
-/// A `200` body: the hub's signature, then the ack's CBOR, bound to the request's counter.
-pub fn seal_ack(hub: &HubKey, device: &str, ack: &Ack) -> Vec<u8> {
+/// A `200` body: the hub's signature, then the ack's CBOR, bound to the request (`request`: its
+/// body as received) and its counter.
+pub fn seal_ack(hub: &HubKey, device: &str, request: &[u8], ack: &Ack) -> Vec<u8> {
     let cbor = to_cbor(ack);
-    signed(hub.sign(&message("ack", device, ack.counter, &cbor)), cbor)
+    signed(
+        hub.sign(&reply_message("ack", device, ack.counter, request, &cbor)),
+        cbor,
+    )
 }
 
+/// The ack in `body`, if the pinned hub signed it for `request` (the body this device sent).
 pub fn open_ack(
     hub: &HubPublic,
     device: &str,
     counter: u64,
+    request: &[u8],
     body: &[u8],
 ) -> Result<Ack, OpenError> {
-    let ack: Ack = decode(verified("ack", device, counter, body, |m, s| {
-        hub.verify(m, s)
-    })?)?;
+    let ack: Ack = decode(verified(
+        |cbor| reply_message("ack", device, counter, request, cbor),
+        body,
+        |m, s| hub.verify(m, s),
+    )?)?;
     if ack.counter != counter {
         return Err(OpenError::Malformed(format!(
             "acknowledges request {}, not {counter}",
@@ -180,25 +198,65 @@ pub fn open_ack(
 
 /// A `409 Conflict` body, signed like an [`Ack`] for the request it answers: a device moves its
 /// counter or explains its cursor only on the word of its pinned hub.
-pub fn seal_conflict(hub: &HubKey, device: &str, counter: u64, conflict: &Conflict) -> Vec<u8> {
+pub fn seal_conflict(
+    hub: &HubKey,
+    device: &str,
+    counter: u64,
+    request: &[u8],
+    conflict: &Conflict,
+) -> Vec<u8> {
     let cbor = to_cbor(conflict);
-    signed(hub.sign(&message("conflict", device, counter, &cbor)), cbor)
+    signed(
+        hub.sign(&reply_message("conflict", device, counter, request, &cbor)),
+        cbor,
+    )
 }
 
 pub fn open_conflict(
     hub: &HubPublic,
     device: &str,
     counter: u64,
+    request: &[u8],
     body: &[u8],
 ) -> Result<Conflict, OpenError> {
-    decode(verified("conflict", device, counter, body, |m, s| {
-        hub.verify(m, s)
-    })?)
+    decode(verified(
+        |cbor| reply_message("conflict", device, counter, request, cbor),
+        body,
+        |m, s| hub.verify(m, s),
+    )?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The request the replies in these tests answer.
+    const REQ: &[u8] = b"the request body";
+
+    #[test]
+    fn a_reply_verifies_only_for_the_request_it_answers() {
+        let hub = HubKey::generate();
+        let ack = Ack {
+            counter: 3,
+            acked_through: 9,
+            stored: 1,
+            duplicates: 0,
+        };
+        let body = seal_ack(&hub, "dev-1", b"request A", &ack);
+        assert!(open_ack(&hub.public(), "dev-1", 3, b"request A", &body).is_ok());
+        assert_eq!(
+            open_ack(&hub.public(), "dev-1", 3, b"request B", &body),
+            Err(OpenError::Unauthenticated),
+            "an ack recorded for another request (same device id and counter) is refused"
+        );
+        let conflict = Conflict {
+            error: "x".into(),
+            hub_highest_seq: None,
+            hub_last_counter: Some(1 << 59),
+        };
+        let body = seal_conflict(&hub, "dev-1", 3, b"request A", &conflict);
+        assert!(open_conflict(&hub.public(), "dev-1", 3, b"request B", &body).is_err());
+    }
     use dermedge_queue::GapReason;
 
     fn batch() -> Batch {
@@ -283,9 +341,15 @@ mod tests {
             );
         }
         let hub = HubKey::generate();
-        let ack_body = seal_ack(&hub, "dev-1", &ack());
+        let ack_body = seal_ack(&hub, "dev-1", REQ, &ack());
         assert_eq!(
-            open_ack(&hub.public(), "dev-1", 7, &ack_body[..SIGNATURE_BYTES - 1]),
+            open_ack(
+                &hub.public(),
+                "dev-1",
+                7,
+                REQ,
+                &ack_body[..SIGNATURE_BYTES - 1]
+            ),
             Err(OpenError::Unauthenticated)
         );
     }
@@ -304,19 +368,22 @@ mod tests {
     #[test]
     fn acks_are_bound_to_their_request_and_hub() {
         let hub = HubKey::generate();
-        let body = seal_ack(&hub, "dev-1", &ack());
-        assert_eq!(open_ack(&hub.public(), "dev-1", 7, &body).unwrap(), ack());
+        let body = seal_ack(&hub, "dev-1", REQ, &ack());
         assert_eq!(
-            open_ack(&hub.public(), "dev-1", 6, &body),
+            open_ack(&hub.public(), "dev-1", 7, REQ, &body).unwrap(),
+            ack()
+        );
+        assert_eq!(
+            open_ack(&hub.public(), "dev-1", 6, REQ, &body),
             Err(OpenError::Unauthenticated),
             "counter mismatch"
         );
         assert_eq!(
-            open_ack(&hub.public(), "dev-2", 7, &body),
+            open_ack(&hub.public(), "dev-2", 7, REQ, &body),
             Err(OpenError::Unauthenticated)
         );
         assert_eq!(
-            open_ack(&HubKey::generate().public(), "dev-1", 7, &body),
+            open_ack(&HubKey::generate().public(), "dev-1", 7, REQ, &body),
             Err(OpenError::Unauthenticated),
             "another hub's key"
         );
@@ -324,7 +391,7 @@ mod tests {
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
         assert_eq!(
-            open_ack(&hub.public(), "dev-1", 7, &tampered),
+            open_ack(&hub.public(), "dev-1", 7, REQ, &tampered),
             Err(OpenError::Unauthenticated)
         );
         // Signed for counter 7, but saying 8 inside: authentic, and refused.
@@ -333,9 +400,12 @@ mod tests {
             ..ack()
         };
         let cbor = to_cbor(&lying);
-        let body = signed(hub.sign(&message("ack", "dev-1", 7, &cbor)), cbor);
+        let body = signed(
+            hub.sign(&reply_message("ack", "dev-1", 7, REQ, &cbor)),
+            cbor,
+        );
         assert!(matches!(
-            open_ack(&hub.public(), "dev-1", 7, &body),
+            open_ack(&hub.public(), "dev-1", 7, REQ, &body),
             Err(OpenError::Malformed(m)) if m.contains("not 7")
         ));
     }
@@ -348,26 +418,26 @@ mod tests {
             hub_highest_seq: None,
             hub_last_counter: Some(9),
         };
-        let body = seal_conflict(&hub, "dev-1", 7, &conflict);
+        let body = seal_conflict(&hub, "dev-1", 7, REQ, &conflict);
         assert_eq!(
-            open_conflict(&hub.public(), "dev-1", 7, &body).unwrap(),
+            open_conflict(&hub.public(), "dev-1", 7, REQ, &body).unwrap(),
             conflict
         );
         assert_eq!(
-            open_conflict(&hub.public(), "dev-1", 8, &body),
+            open_conflict(&hub.public(), "dev-1", 8, REQ, &body),
             Err(OpenError::Unauthenticated)
         );
         assert_eq!(
-            open_conflict(&HubKey::generate().public(), "dev-1", 7, &body),
+            open_conflict(&HubKey::generate().public(), "dev-1", 7, REQ, &body),
             Err(OpenError::Unauthenticated)
         );
         assert_eq!(
-            open_ack(&hub.public(), "dev-1", 7, &body),
+            open_ack(&hub.public(), "dev-1", 7, REQ, &body),
             Err(OpenError::Unauthenticated)
         );
-        let ack_body = seal_ack(&hub, "dev-1", &ack());
+        let ack_body = seal_ack(&hub, "dev-1", REQ, &ack());
         assert_eq!(
-            open_conflict(&hub.public(), "dev-1", 7, &ack_body),
+            open_conflict(&hub.public(), "dev-1", 7, REQ, &ack_body),
             Err(OpenError::Unauthenticated)
         );
     }
