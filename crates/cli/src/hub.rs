@@ -140,6 +140,10 @@ pub fn run(command: &HubCommand) -> Result<()> {
                     "{device_id} is already enrolled with this key in {}",
                     db.display()
                 ),
+                Enrolled::Migrated => println!(
+                    "enrolled {device_id}'s public key in {}; its sequence continues from before the migration",
+                    db.display()
+                ),
                 Enrolled::Replaced { epoch } => println!(
                     "replaced the key of {device_id} in {}: its sequence starts again (epoch {epoch}); \
                      earlier records are kept",

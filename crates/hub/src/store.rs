@@ -105,10 +105,12 @@ pub enum Enrolled {
     New,
     /// The same key again: nothing changed.
     Unchanged,
-    /// Another key under a known id (a replacement device, or one enrolled under the shared-key
-    /// scheme): its counter and sequence start again in a new `epoch`; earlier records keep
-    /// theirs.
+    /// Another key under a known id (a replacement device): its counter and sequence start
+    /// again in a new `epoch`; earlier records keep theirs.
     Replaced { epoch: u64 },
+    /// The first public key of a device enrolled under the shared-key scheme: the same device,
+    /// upgraded, whose queue and counter continue (epoch, counter and sequence are kept).
+    Migrated,
 }
 
 /// What storing a batch did.
@@ -366,6 +368,14 @@ impl Store {
                 }
                 Enrolled::Unchanged
             }
+            Some(d) if d.public.is_none() => {
+                tx.execute(
+                    "UPDATE devices SET public_key = ?2, enrolled_at_ms = ?3 WHERE device_id = ?1",
+                    params![device_id, public.0.to_vec(), now_ms()],
+                )
+                .map_err(&err)?;
+                Enrolled::Migrated
+            }
             Some(d) => {
                 let epoch = d.epoch + 1;
                 tx.execute(
@@ -382,6 +392,9 @@ impl Store {
         match outcome {
             Enrolled::New => log::info!("enrolled device {device_id}: {public}"),
             Enrolled::Unchanged => log::info!("device {device_id} is already enrolled with {public}"),
+            Enrolled::Migrated => log::info!(
+                "device {device_id}: enrolled with {public} after the migration; its sequence continues"
+            ),
             Enrolled::Replaced { epoch } => log::warn!(
                 "device {device_id}: key replaced by {public}; its sequence starts again in epoch {epoch}"
             ),

@@ -826,13 +826,17 @@ fn a_shared_key_database_is_migrated_and_its_devices_must_re_enroll() {
     let hub_key = HubKey::generate();
     let hub = HubServer::start(&db, hub_key.clone(), "127.0.0.1:0", 1).unwrap();
     let queue_dir = dir.path().join("queue");
+    // The upgraded device keeps its queue: records 1 and 2 were acknowledged before.
     let queue =
         Mutex::new(Queue::open(&queue_dir, &key, "dev-1", QueueOptions::default()).unwrap());
-    queue
-        .lock()
-        .unwrap()
-        .append(&Envelope::seal(&record("dev-1", 3), &hub_key.public()))
-        .unwrap();
+    {
+        let mut q = queue.lock().unwrap();
+        for seq in 1..=3 {
+            q.append(&Envelope::seal(&record("dev-1", seq), &hub_key.public()))
+                .unwrap();
+        }
+        q.acknowledge(2).unwrap();
+    }
     let mut client = SyncClient::new(
         SyncConfig::new(&format!("http://{}", hub.addr())),
         &key,
@@ -857,14 +861,15 @@ fn a_shared_key_database_is_migrated_and_its_devices_must_re_enroll() {
             .unwrap()
             .enroll("dev-1", &key.public())
             .unwrap(),
-        Enrolled::Replaced { epoch: 2 }
+        Enrolled::Migrated
     );
+    // Its counter state is new here: the hub's signed conflict moves it past 7, then it syncs.
     let report = client
-        .drain(&queue, &AtomicBool::new(false), Some(0))
+        .drain(&queue, &AtomicBool::new(false), Some(3))
         .unwrap();
     assert_eq!(report.records, 1);
     let positions: Vec<(i64, i64)> = stored(&db, "dev-1").iter().map(|r| (r.0, r.1)).collect();
-    assert_eq!(positions, [(1, 1), (1, 2), (2, 1)]);
+    assert_eq!(positions, [(1, 1), (1, 2), (1, 3)]);
     hub.shutdown();
 }
 

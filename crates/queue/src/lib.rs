@@ -882,9 +882,11 @@ impl Queue {
             );
             self.gaps.push(gap);
         }
-        st.remove_file(&oldest.path).map_err(io(&oldest.path))?;
-        self.segments.remove(0);
+        // Journalled as evicted: whether or not the removal works, its records are not sent
+        // (a segment left behind is removed by the next open).
+        let evicted = self.segments.remove(0);
         self.recount();
+        st.remove_file(&evicted.path).map_err(io(&evicted.path))?;
         st.sync_dir(&self.dir).map_err(io(&self.dir))
     }
 
@@ -1331,10 +1333,11 @@ fn recover_segment(
         }
     }
     if bytes < buf.len() as u64 {
-        // Not synced here: until the next commit syncs it (with the appends after it), a power
-        // cut can only bring back bytes that lie past the recovery point, cut again next time.
+        // Synced now: the next commit may go to another segment (after a failed rotation), and
+        // the cut frames' sequence numbers will be given again below a new high-water mark.
         let mut file = st.open(&path, Open::Existing).map_err(io(&path))?;
         file.set_len(bytes).map_err(io(&path))?;
+        file.sync_data().map_err(io(&path))?;
     }
     Ok(Some(Segment {
         path,
@@ -1360,7 +1363,14 @@ fn create_segment(
         &tmp,
         &segment::encode_header(first_seq, key_check),
     )?;
-    let file = st.open(&path, Open::Existing).map_err(io(&path))?;
+    let file = match st.open(&path, Open::Existing) {
+        Ok(file) => file,
+        Err(e) => {
+            // Leave no empty segment after the one still being written to.
+            let _ = st.remove_file(&path).and_then(|()| st.sync_dir(dir));
+            return Err(io(&path)(e));
+        }
+    };
     Ok((
         Segment {
             path,

@@ -1,5 +1,6 @@
 //! The queue's recovery point: the highest durable sequence number and the hub's acknowledged
-//! cursor, in a fixed 64-byte file of two alternating slots, overwritten in place.
+//! cursor, in a fixed file of two alternating slots 4 KiB apart (a torn sector or flash page
+//! cannot take both), overwritten in place.
 //!
 //! ```text
 //! slot = "DMQS" | crc32 of the rest | generation: u64 | acked: u64 | durable: u64 (little-endian)
@@ -15,7 +16,10 @@ use std::io;
 use crate::storage::StorageFile;
 
 pub const SLOT_LEN: usize = 32;
-pub const FILE_LEN: usize = 2 * SLOT_LEN;
+/// The second slot starts a page away from the first: a write torn at sector or flash-page
+/// granularity cannot damage both.
+pub const SLOT_STRIDE: usize = 4096;
+pub const FILE_LEN: usize = SLOT_STRIDE + SLOT_LEN;
 const MAGIC: &[u8; 4] = b"DMQS";
 /// Far beyond any number of updates a device makes.
 const MAX_GENERATION: u64 = 1 << 62;
@@ -66,22 +70,22 @@ impl RecoveryPoint {
 
     /// The newest valid slot of a state file's bytes; `None` when neither slot is valid.
     pub fn newest(bytes: &[u8]) -> Option<Self> {
-        bytes
-            .chunks(SLOT_LEN)
-            .take(2)
+        [0, SLOT_STRIDE]
+            .iter()
+            .filter_map(|&at| bytes.get(at..at + SLOT_LEN))
             .filter_map(Self::decode)
             .max_by_key(|p| p.generation)
     }
 
     /// The whole file for a fresh queue: both slots, so that either may be overwritten next.
-    pub fn initial_file(&self) -> [u8; FILE_LEN] {
-        let mut file = [0u8; FILE_LEN];
+    pub fn initial_file(&self) -> Vec<u8> {
+        let mut file = vec![0u8; FILE_LEN];
         file[..SLOT_LEN].copy_from_slice(&self.encode());
         let older = Self {
             generation: self.generation.saturating_sub(1),
             ..*self
         };
-        file[SLOT_LEN..].copy_from_slice(&older.encode());
+        file[SLOT_STRIDE..].copy_from_slice(&older.encode());
         file
     }
 
@@ -102,7 +106,7 @@ impl RecoveryPoint {
             acked,
             durable,
         };
-        let offset = (generation % 2) * SLOT_LEN as u64;
+        let offset = (generation % 2) * SLOT_STRIDE as u64;
         let write = |file: &mut dyn StorageFile, point: &Self| {
             file.write_all_at(&point.encode(), offset)
                 .and_then(|()| file.sync_data())
@@ -142,13 +146,13 @@ mod tests {
             acked: 4,
             durable: 11,
         };
-        let mut file = [0u8; FILE_LEN];
+        let mut file = vec![0u8; FILE_LEN];
         file[..SLOT_LEN].copy_from_slice(&b.encode());
-        file[SLOT_LEN..].copy_from_slice(&a.encode());
+        file[SLOT_STRIDE..].copy_from_slice(&a.encode());
         assert_eq!(RecoveryPoint::newest(&file), Some(b));
         file[20] ^= 1;
         assert_eq!(RecoveryPoint::newest(&file), Some(a));
-        file[SLOT_LEN + 3] = 0;
+        file[SLOT_STRIDE + 3] = 0;
         assert_eq!(RecoveryPoint::newest(&file), None);
         assert_eq!(RecoveryPoint::newest(&[]), None);
     }
@@ -186,6 +190,6 @@ mod tests {
         };
         let file = p.initial_file();
         assert_eq!(RecoveryPoint::newest(&file), Some(p));
-        assert!(RecoveryPoint::decode(&file[SLOT_LEN..]).is_some());
+        assert!(RecoveryPoint::decode(&file[SLOT_STRIDE..]).is_some());
     }
 }

@@ -199,10 +199,26 @@ impl SyncClient {
         }
         let state_path = queue_dir.join(SYNC_STATE);
         let state: CounterState = match fs::read_to_string(&state_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| SyncError::State {
-                path: state_path.clone(),
-                message: format!("not a sync state file: {e}"),
-            })?,
+            // Damaged or impossible counter state is as if lost: counting starts again, and the
+            // hub's signed conflict moves the counter past the last one it saw.
+            Ok(text) => match serde_json::from_str::<CounterState>(&text) {
+                Ok(state) if state.reserved_through < COUNTER_CEILING => state,
+                Ok(state) => {
+                    log::error!(
+                        "{}: counter {} is beyond {COUNTER_CEILING}; starting again",
+                        state_path.display(),
+                        state.reserved_through
+                    );
+                    CounterState::default()
+                }
+                Err(e) => {
+                    log::error!(
+                        "{}: not a sync state file ({e}); starting again",
+                        state_path.display()
+                    );
+                    CounterState::default()
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => CounterState::default(),
             Err(e) => {
                 return Err(SyncError::State {
@@ -485,7 +501,15 @@ fn plan_batch(
             (gaps.into_iter().filter(|g| g.to <= last).collect(), last)
         }
         None => {
-            let gaps: Vec<Gap> = gaps.into_iter().filter(|g| g.from <= durable_seq).collect();
+            // Clipped at the durable mark: the hub must not move past records still to come.
+            let gaps: Vec<Gap> = gaps
+                .into_iter()
+                .filter(|g| g.from <= durable_seq)
+                .map(|g| Gap {
+                    to: g.to.min(durable_seq),
+                    ..g
+                })
+                .collect();
             let last = gaps.iter().map(|g| g.to).max()?.min(durable_seq);
             if last <= after_seq {
                 // Nothing a hub's ack could move: the rest of these ranges is not durable yet.
@@ -788,6 +812,19 @@ mod tests {
         assert_eq!(last, 13);
         assert!(plan_batch(13, 13, Vec::new(), vec![gap(12, 14)]).is_none());
         assert!(plan_batch(9, 11, Vec::new(), vec![gap(12, 14)]).is_none());
+    }
+
+    #[test]
+    fn damaged_or_impossible_counter_state_starts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = DeviceKey::generate();
+        let config = SyncConfig::new("http://127.0.0.1:9");
+        for text in ["{not json", "{\"reserved_through\":18446744073709551615}"] {
+            fs::write(dir.path().join(SYNC_STATE), text).unwrap();
+            let mut client =
+                SyncClient::new(config.clone(), &key, hub_public(), dir.path()).unwrap();
+            assert_eq!(client.take_counter().unwrap(), 1, "{text}");
+        }
     }
 
     #[test]
