@@ -588,3 +588,76 @@ fn a_segment_with_a_torn_header_is_removed_for_good() {
         assert!(q.recovery().is_clean(), "seed {seed}: {:?}", q.recovery());
     }
 }
+
+/// A disk whose reads of one file always fail (a bad sector), otherwise the simulated disk.
+struct BadSector {
+    disk: SimDisk,
+    bad: std::path::PathBuf,
+}
+
+impl Storage for BadSector {
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        self.disk.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<Entry>> {
+        self.disk.list(dir)
+    }
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        if path == self.bad {
+            return Err(std::io::Error::from_raw_os_error(5));
+        }
+        self.disk.read(path)
+    }
+    fn exists(&self, path: &Path) -> std::io::Result<bool> {
+        self.disk.exists(path)
+    }
+    fn open(&self, path: &Path, how: Open) -> std::io::Result<Box<dyn StorageFile>> {
+        self.disk.open(path, how)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.disk.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        self.disk.remove_file(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.disk.sync_dir(dir)
+    }
+    fn lock(&self, path: &Path) -> std::io::Result<Option<LockGuard>> {
+        self.disk.lock(path)
+    }
+}
+
+/// A segment that can never be read again does not stop the queue: it is moved aside, its range
+/// reported as lost, and the rest is read and appended to.
+#[test]
+fn an_unreadable_segment_is_moved_aside_and_the_queue_opens() {
+    let disk = SimDisk::new();
+    let key = DeviceKey::from_bytes([7; 32]);
+    let options = QueueOptions {
+        segment_bytes: 4096,
+        ..QueueOptions::default()
+    };
+    let mut q = open(&disk, &key, &options);
+    for i in 0..30 {
+        q.append(&record(i, 600)).unwrap();
+    }
+    let middle = q.segments[1].path.clone();
+    let lost: Vec<u64> = q.segments[1].frames.iter().map(|f| f.seq).collect();
+    drop(q);
+    let storage: Arc<dyn Storage> = Arc::new(BadSector {
+        disk: disk.clone(),
+        bad: middle.clone(),
+    });
+    let mut q = Queue::open_with(storage, Path::new("/q"), &key, "dev-1", options.clone())
+        .expect("opens despite the bad sector");
+    assert!(q.recovery().found_damage());
+    let gap = &q.recovery().gaps[0];
+    assert_eq!((gap.from, gap.to), (lost[0], *lost.last().unwrap()));
+    assert_eq!(
+        q.unacknowledged(100, usize::MAX).unwrap().len(),
+        30 - lost.len()
+    );
+    assert_eq!(q.append(&record(99, 10)).unwrap().seq, 31);
+    assert!(!disk.exists(&middle).unwrap());
+}

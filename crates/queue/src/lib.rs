@@ -1176,7 +1176,28 @@ fn recover_segment(
     damaged: &mut Vec<(u64, u64)>,
     recovery: &mut RecoveryReport,
 ) -> Result<Option<Segment>> {
-    let buf = st.read(&path).map_err(io(&path))?;
+    // A read that fails three times running (a bad sector, not a passing fault) must not stop
+    // every later start: the segment is moved aside whole, and its range reported as a loss.
+    let read = st
+        .read(&path)
+        .or_else(|_| st.read(&path))
+        .or_else(|_| st.read(&path));
+    let buf = match read {
+        Ok(buf) => buf,
+        Err(e) => {
+            let aside = move_aside(st, dir, &path)?;
+            log::error!(
+                "{}: unreadable ({e}); moved to {}",
+                path.display(),
+                aside.display()
+            );
+            recovery
+                .skipped
+                .push((path, 0, 0, format!("unreadable: {e}")));
+            recovery.quarantined.push(aside);
+            return Ok(None);
+        }
+    };
     let header_problem = match segment::decode_header(&buf) {
         HeaderState::Valid {
             first_seq: stored,
@@ -1418,6 +1439,24 @@ fn write_atomically(
         return Err(e);
     }
     st.sync_dir(dir).map_err(io(dir))
+}
+
+/// Move a whole file into `quarantine/` (by renaming: its bytes need not be readable).
+fn move_aside(st: &dyn Storage, dir: &Path, path: &Path) -> Result<PathBuf> {
+    let qdir = dir.join(QUARANTINE);
+    if !st.exists(&qdir).map_err(io(&qdir))? {
+        st.create_dir_all(&qdir).map_err(io(&qdir))?;
+        st.sync_dir(dir).map_err(io(dir))?;
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let aside = qdir.join(format!("{name}.unreadable"));
+    st.rename(path, &aside).map_err(io(path))?;
+    st.sync_dir(&qdir).map_err(io(&qdir))?;
+    st.sync_dir(dir).map_err(io(dir))?;
+    Ok(aside)
 }
 
 /// Copy damaged or truncated bytes to `quarantine/` (synced, with its directory) before the
