@@ -11,7 +11,10 @@ source cross/env.sh
 target=aarch64-unknown-linux-gnu
 # Unit tests of every library crate (the engine's include the runtime lock, the flatbuffer check
 # and the C-API layouts); the model runs below cover inference itself.
-cargo test --locked --target "$target" -p dermedge-core -p dermedge-camera -p dermedge-head -p dermedge-fidelity -p dermedge-queue
+# Under emulation the queue's crash model runs a bounded slice (the x86_64 run does 1500 cases) and
+# its two cut-at-every-byte scans are left to x86_64: they test the format, not the target.
+DERMEDGE_CRASH_CASES=200 cargo test --locked --target "$target" -p dermedge-core -p dermedge-camera \
+  -p dermedge-head -p dermedge-fidelity -p dermedge-queue -- --skip at_every_byte
 cargo test --locked --target "$target" -p dermedge-engine --lib
 cargo build --release --locked --target "$target" -p dermedge-cli
 cargo build --locked -p dermedge-cli
