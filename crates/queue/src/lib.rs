@@ -1441,8 +1441,8 @@ fn write_atomically(
     st.sync_dir(dir).map_err(io(dir))
 }
 
-/// Move a whole file into `quarantine/` (by renaming: its bytes need not be readable).
-fn move_aside(st: &dyn Storage, dir: &Path, path: &Path) -> Result<PathBuf> {
+/// `quarantine/` (created, with its entry synced, if needed) and the file name of `path`.
+fn quarantine_dir(st: &dyn Storage, dir: &Path, path: &Path) -> Result<(PathBuf, String)> {
     let qdir = dir.join(QUARANTINE);
     if !st.exists(&qdir).map_err(io(&qdir))? {
         st.create_dir_all(&qdir).map_err(io(&qdir))?;
@@ -1452,6 +1452,12 @@ fn move_aside(st: &dyn Storage, dir: &Path, path: &Path) -> Result<PathBuf> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    Ok((qdir, name))
+}
+
+/// Move a whole file into `quarantine/` (by renaming: its bytes need not be readable).
+fn move_aside(st: &dyn Storage, dir: &Path, path: &Path) -> Result<PathBuf> {
+    let (qdir, name) = quarantine_dir(st, dir, path)?;
     let aside = qdir.join(format!("{name}.unreadable"));
     st.rename(path, &aside).map_err(io(path))?;
     st.sync_dir(&qdir).map_err(io(&qdir))?;
@@ -1468,15 +1474,7 @@ fn quarantine(
     offset: u64,
     bytes: &[u8],
 ) -> Result<PathBuf> {
-    let qdir = dir.join(QUARANTINE);
-    if !st.exists(&qdir).map_err(io(&qdir))? {
-        st.create_dir_all(&qdir).map_err(io(&qdir))?;
-        st.sync_dir(dir).map_err(io(dir))?;
-    }
-    let name = segment
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let (qdir, name) = quarantine_dir(st, dir, segment)?;
     let path = qdir.join(format!("{name}.at-{offset}.bin"));
     if st.exists(&path).map_err(io(&path))? {
         return Ok(path);

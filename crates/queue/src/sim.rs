@@ -100,14 +100,22 @@ struct State {
 }
 
 impl State {
-    fn count_call(&mut self) -> io::Result<()> {
+    /// Count an I/O call; the errno of the fault set for it, if any.
+    fn take_fault(&mut self) -> Option<i32> {
         self.calls += 1;
         match self.fail_at {
             Some((n, errno)) if n == self.calls => {
                 self.fail_at = None;
-                Err(io::Error::from_raw_os_error(errno))
+                Some(errno)
             }
-            _ => Ok(()),
+            _ => None,
+        }
+    }
+
+    fn count_call(&mut self) -> io::Result<()> {
+        match self.take_fault() {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Ok(()),
         }
     }
 
@@ -466,14 +474,7 @@ impl StorageFile for SimFile {
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         let disk = self.disk.clone();
         let mut s = disk.state();
-        s.calls += 1;
-        let injected = match s.fail_at {
-            Some((n, errno)) if n == s.calls => {
-                s.fail_at = None;
-                Some(errno)
-            }
-            _ => None,
-        };
+        let injected = s.take_fault();
         if !s.inodes.contains_key(&self.inode) {
             return Err(io::Error::other("stale handle"));
         }
@@ -520,14 +521,7 @@ impl StorageFile for SimFile {
     fn sync_data(&mut self) -> io::Result<()> {
         let disk = self.disk.clone();
         let mut s = disk.state();
-        s.calls += 1;
-        let injected = match s.fail_at {
-            Some((n, errno)) if n == s.calls => {
-                s.fail_at = None;
-                Some(errno)
-            }
-            _ => None,
-        };
+        let injected = s.take_fault();
         let Some(inode) = s.inodes.get_mut(&self.inode) else {
             return Err(io::Error::other("stale handle"));
         };
