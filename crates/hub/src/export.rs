@@ -41,10 +41,7 @@ struct Row {
 }
 
 fn rows(store: &Store, filter: &ExportFilter) -> Result<Vec<Row>, HubError> {
-    let err = |e: rusqlite::Error| HubError::Database {
-        path: store.path().into(),
-        message: e.to_string(),
-    };
+    let err = crate::store::db_err(store.path());
     let mut stmt = store
         .connection()
         .prepare(
@@ -54,7 +51,7 @@ fn rows(store: &Store, filter: &ExportFilter) -> Result<Vec<Row>, HubError> {
              WHERE (?1 IS NULL OR device_id = ?1) AND (?2 IS NULL OR model_id = ?2)
              ORDER BY device_id, epoch, seq",
         )
-        .map_err(err)?;
+        .map_err(&err)?;
     let rows = stmt
         .query_map(rusqlite::params![filter.device_id, filter.model_id], |r| {
             let heads: String = r.get(7)?;
@@ -84,9 +81,9 @@ fn rows(store: &Store, filter: &ExportFilter) -> Result<Vec<Row>, HubError> {
                 },
             })
         })
-        .map_err(err)?
+        .map_err(&err)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(err)?;
+        .map_err(&err)?;
     Ok(rows)
 }
 
@@ -151,10 +148,7 @@ struct GapRow {
 }
 
 fn gap_rows(store: &Store, filter: &ExportFilter) -> Result<Vec<GapRow>, HubError> {
-    let err = |e: rusqlite::Error| HubError::Database {
-        path: store.path().into(),
-        message: e.to_string(),
-    };
+    let err = crate::store::db_err(store.path());
     let mut stmt = store
         .connection()
         .prepare(
@@ -162,7 +156,7 @@ fn gap_rows(store: &Store, filter: &ExportFilter) -> Result<Vec<GapRow>, HubErro
              WHERE (?1 IS NULL OR device_id = ?1)
              ORDER BY device_id, epoch, from_seq, to_seq",
         )
-        .map_err(err)?;
+        .map_err(&err)?;
     let rows = stmt
         .query_map(rusqlite::params![filter.device_id], |r| {
             Ok(GapRow {
@@ -174,9 +168,9 @@ fn gap_rows(store: &Store, filter: &ExportFilter) -> Result<Vec<GapRow>, HubErro
                 at_ms: r.get(5)?,
             })
         })
-        .map_err(err)?
+        .map_err(&err)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(err)?;
+        .map_err(&err)?;
     Ok(rows)
 }
 

@@ -144,7 +144,7 @@ pub struct DeviceSummary {
     pub needs_enrollment: bool,
 }
 
-fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> HubError + '_ {
+pub(crate) fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> HubError + '_ {
     move |e| HubError::Database {
         path: path.into(),
         message: e.to_string(),
