@@ -643,7 +643,7 @@ thread_local! {
     static LAST_PANIC: RefCell<Option<PanicInfo>> = const { RefCell::new(None) };
 }
 
-/// Panics in threads the harness does not run (the hub's workers, tiny_http's connections).
+/// Panics in threads the harness does not run (the hub's server threads and blocking workers).
 static BACKGROUND_PANICS: Mutex<Vec<PanicInfo>> = Mutex::new(Vec::new());
 
 fn install_panic_hook() {
@@ -2152,8 +2152,8 @@ impl HubBench {
         if let Some(hub) = self.hub.take() {
             hub.shutdown();
         }
-        // One worker: the health check after each input is answered only once the input's request
-        // is completely done with (tiny_http drains its body when the request is dropped).
+        // The hub answers a request only once it is done with it, so the health check after each
+        // input meets a hub at rest.
         self.hub = Some(
             dermedge_hub::server::HubServer::start(&self.db, hub_key(), "127.0.0.1:0", 1).unwrap(),
         );
@@ -2293,36 +2293,6 @@ fn parse_answer(response: &[u8]) -> Option<Answer> {
     Some(Answer { status, body })
 }
 
-/// The largest body the hub accepts (crates/hub/src/server.rs `MAX_BODY_BYTES`).
-const HUB_MAX_BODY: u128 = dermedge_hub::server::MAX_BODY_BYTES as u128;
-
-/// Requests that take the hub down or hang in tiny_http 0.12, reported with inputs in
-/// tests/fuzz/hub-request/pending/; not run until fixed.
-fn hub_known_issue(input: &[u8]) -> Option<&'static str> {
-    // A body the hub does not read is drained on drop with `vec![0; remaining]`, `remaining`
-    // being what Content-Length declares: a large one panics the worker or aborts the process.
-    let huge_body = input.split(|&b| b == b'\n').any(|line| {
-        let line = String::from_utf8_lossy(line).to_ascii_lowercase();
-        line.trim_start()
-            .strip_prefix("content-length")
-            .and_then(|rest| rest.trim_start().strip_prefix(':'))
-            .and_then(|v| v.trim().trim_start_matches('+').parse::<u128>().ok())
-            .is_some_and(|n| n > HUB_MAX_BODY)
-    });
-    if huge_body {
-        return Some("declares a Content-Length over the hub's limit: the hub aborts (pending)");
-    }
-    // HTTP/2.0 and 3.0 request lines: the 505 waits for the request's own writer, which is
-    // dropped only after it: the connection's thread blocks for good and nothing is answered.
-    if input
-        .windows(8)
-        .any(|w| w == b"HTTP/2.0" || w == b"HTTP/3.0")
-    {
-        return Some("an HTTP/2.0 or 3.0 request line: never answered (pending)");
-    }
-    None
-}
-
 #[test]
 fn hub_request() {
     let target = Target {
@@ -2331,7 +2301,7 @@ fn hub_request() {
         dict: HTTP_DICT,
         text: true,
         max_len: 16 << 10,
-        known_issue: Some(hub_known_issue),
+        known_issue: None,
     };
     let mut bench = HubBench::new();
     fuzz(&target, None, |input| {

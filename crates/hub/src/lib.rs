@@ -30,4 +30,6 @@ pub enum HubError {
 }
 
 #[cfg(test)]
+mod server_tests;
+#[cfg(test)]
 mod tests;

@@ -1,14 +1,32 @@
 //! The HTTP side: `POST /v2/batches` (signed batches in, signed acks out) and `GET /v1/health`.
+//!
+//! hyper (HTTP/1.1 only) on a tokio runtime of its own. Every connection is bounded: headers must
+//! arrive within [`Limits::header_timeout`] and fit in [`Limits::max_header_bytes`], a body must
+//! keep arriving (no pause over [`Limits::body_idle_timeout`], an average of at least
+//! [`Limits::min_body_bytes_per_s`]) and fit in [`Limits::max_body_bytes`], and at most
+//! [`Limits::max_connections`] are open at once. A handheld that loses power mid-upload leaves a
+//! stalled connection; these bounds close it, and health checks are answered meanwhile. The
+//! device's identity is checked from the headers, before any of the body is read. Database work
+//! runs on blocking threads, each with a connection from a small pool.
 
-use std::io::Read;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use dermedge_queue::{Envelope, HubKey};
+use bytes::Bytes;
+use dermedge_queue::{DevicePublic, Envelope, HubKey};
 use dermedge_sync::wire::{self, Ack, Conflict, OpenError};
-use tiny_http::{Header, Method, Request, Response, Server};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{watch, Semaphore};
 
 use crate::store::{Store, Stored};
 use crate::HubError;
@@ -27,57 +45,139 @@ const V1_BATCH_PATH: &str = "/v1/batches";
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 << 20;
 
+/// The longest device id accepted in a request header.
+pub const MAX_DEVICE_ID_BYTES: usize = 128;
+
+/// How much of a device-written string the rejections log and the log lines keep.
+const LOGGED_FIELD_CHARS: usize = 96;
+
+/// Idle database connections kept for reuse.
+const POOLED_STORES: usize = 8;
+
+/// What one connection may take from the hub.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// From the connection's first byte (or the end of its previous request) to the end of the
+    /// request's headers; an idle keep-alive connection is closed after it too.
+    pub header_timeout: Duration,
+    /// The request line and headers together.
+    pub max_header_bytes: usize,
+    /// The longest pause between two pieces of a body.
+    pub body_idle_timeout: Duration,
+    /// A body must arrive within `body_grace + length / min_body_bytes_per_s`.
+    pub body_grace: Duration,
+    pub min_body_bytes_per_s: u64,
+    pub max_body_bytes: usize,
+    /// Connections open at once; more are closed as they arrive.
+    pub max_connections: usize,
+    /// TCP keepalive: a peer that vanished (power cut, lost Wi-Fi) is noticed after this idle
+    /// time plus a few probes.
+    pub tcp_keepalive: Duration,
+    /// Rejections written to the database per second, and the burst allowed; the rest are
+    /// counted and summarised.
+    pub rejections_per_s: f64,
+    pub rejections_burst: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 << 10,
+            body_idle_timeout: Duration::from_secs(20),
+            body_grace: Duration::from_secs(20),
+            // 128 kbit/s: a poor rural uplink still gets a full batch through.
+            min_body_bytes_per_s: 16 << 10,
+            max_body_bytes: MAX_BODY_BYTES,
+            max_connections: 512,
+            tcp_keepalive: Duration::from_secs(30),
+            rejections_per_s: 5.0,
+            rejections_burst: 50.0,
+        }
+    }
+}
+
+impl Limits {
+    fn body_deadline(&self, length: u64) -> Duration {
+        let per_s = self.min_body_bytes_per_s.max(1);
+        self.body_grace + Duration::from_secs(length / per_s)
+    }
+}
+
 pub struct HubServer {
-    server: Arc<Server>,
-    workers: Vec<JoinHandle<()>>,
     addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl HubServer {
-    /// Listen on `listen` (`host:port`; port 0 picks a free one) with `workers` threads, each
-    /// with its own connection to the database at `db`; `hub_key` opens the records and signs
-    /// the replies.
+    /// Listen on `listen` (`host:port`; port 0 picks a free one) with `workers` threads and the
+    /// default [`Limits`]; `hub_key` opens the records and signs the replies.
     pub fn start(
         db: &Path,
         hub_key: HubKey,
         listen: &str,
         workers: usize,
     ) -> Result<Self, HubError> {
-        // Open once up front so that a bad database path fails here, clearly.
-        Store::open(db)?;
-        let server = Server::http(listen).map_err(|e| HubError::Listen {
+        Self::start_with(db, hub_key, listen, workers, Limits::default())
+    }
+
+    pub fn start_with(
+        db: &Path,
+        hub_key: HubKey,
+        listen: &str,
+        workers: usize,
+        limits: Limits,
+    ) -> Result<Self, HubError> {
+        let listen_err = |message: String| HubError::Listen {
             addr: listen.into(),
-            message: e.to_string(),
-        })?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| HubError::Listen {
-                addr: listen.into(),
-                message: "not an IP address".into(),
-            })?;
-        let server = Arc::new(server);
-        let hub_key = Arc::new(hub_key);
-        let workers = (0..workers.max(1))
-            .map(|i| {
-                let server = server.clone();
-                let hub_key = hub_key.clone();
-                let db: PathBuf = db.into();
-                std::thread::Builder::new()
-                    .name(format!("hub-{i}"))
-                    .spawn(move || worker(&server, &db, &hub_key))
-                    .expect("spawn a hub worker")
-            })
-            .collect();
+            message,
+        };
+        // Open once up front so that a bad database path fails here, clearly.
+        let stores = Stores::new(db, Store::open(db)?);
+        let listener =
+            std::net::TcpListener::bind(listen).map_err(|e| listen_err(e.to_string()))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| listen_err(e.to_string()))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| listen_err(e.to_string()))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.max(1))
+            .thread_name("hub")
+            .enable_all()
+            .build()
+            .map_err(|e| listen_err(format!("cannot start the server's threads: {e}")))?;
         log::info!(
             "hub listening on http://{addr} (database {}, {})",
             db.display(),
             hub_key.public()
         );
+        let state = Arc::new(State {
+            stores,
+            rejections: RejectionLog::new(limits.rejections_per_s, limits.rejections_burst),
+            hub_key,
+            limits,
+        });
+        let (stop, stopped) = watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("hub-accept".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => serve(listener, state, stopped).await,
+                        Err(e) => log::error!("hub: cannot listen on {addr}: {e}"),
+                    }
+                });
+                // Requests still on blocking threads finish their transaction first.
+                runtime.shutdown_timeout(Duration::from_secs(10));
+            })
+            .map_err(|e| listen_err(format!("cannot start the server's thread: {e}")))?;
         Ok(Self {
-            server,
-            workers,
             addr,
+            stop,
+            thread: Some(thread),
         })
     }
 
@@ -85,27 +185,240 @@ impl HubServer {
         self.addr
     }
 
-    /// Stop accepting, finish the requests in progress, and return.
-    pub fn shutdown(self) {
-        for _ in &self.workers {
-            self.server.unblock();
-        }
-        for w in self.workers {
-            let _ = w.join();
+    /// Stop accepting, finish the requests in progress (for up to a few seconds), and return.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
 
-fn worker(server: &Server, db: &Path, hub_key: &HubKey) {
-    let mut store = match Store::open(db) {
-        Ok(s) => s,
-        Err(e) => {
-            log::error!("hub worker cannot open the database: {e}");
+impl Drop for HubServer {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+struct State {
+    stores: Stores,
+    rejections: RejectionLog,
+    hub_key: HubKey,
+    limits: Limits,
+}
+
+/// Database connections for blocking threads: one is taken for a piece of work and put back.
+struct Stores {
+    db: PathBuf,
+    idle: Mutex<Vec<Store>>,
+}
+
+impl Stores {
+    fn new(db: &Path, first: Store) -> Self {
+        Self {
+            db: db.into(),
+            idle: Mutex::new(vec![first]),
+        }
+    }
+
+    fn with<R>(&self, work: impl FnOnce(&mut Store) -> R) -> Result<R, HubError> {
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut store = match pooled {
+            Some(s) => s,
+            None => Store::open(&self.db)?,
+        };
+        let result = work(&mut store);
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < POOLED_STORES {
+            idle.push(store);
+        }
+        Ok(result)
+    }
+}
+
+/// Run database work on a blocking thread with a pooled connection.
+async fn blocking<R: Send + 'static>(
+    state: &Arc<State>,
+    work: impl FnOnce(&State, &mut Store) -> R + Send + 'static,
+) -> Result<R, String> {
+    let state = state.clone();
+    match tokio::task::spawn_blocking(move || state.stores.with(|store| work(&state, store))).await
+    {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("the request's worker failed: {e}")),
+    }
+}
+
+/// The `rejections` table, written at a bounded rate with bounded fields, so that refused
+/// requests cannot fill the disk or the log.
+struct RejectionLog {
+    per_s: f64,
+    burst: f64,
+    bucket: Mutex<Bucket>,
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+    suppressed: u64,
+    last_summary: Instant,
+}
+
+impl RejectionLog {
+    fn new(per_s: f64, burst: f64) -> Self {
+        let now = Instant::now();
+        Self {
+            per_s,
+            burst,
+            bucket: Mutex::new(Bucket {
+                tokens: burst,
+                last: now,
+                suppressed: 0,
+                last_summary: now,
+            }),
+        }
+    }
+
+    /// Whether this rejection may be written; a suppressed one is counted and summarised.
+    fn admit(&self) -> bool {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        b.tokens =
+            (b.tokens + now.duration_since(b.last).as_secs_f64() * self.per_s).min(self.burst);
+        b.last = now;
+        if b.suppressed > 0 && now.duration_since(b.last_summary) >= Duration::from_secs(1) {
+            log::warn!(
+                "hub: {} rejections were not logged (over {}/s)",
+                b.suppressed,
+                self.per_s
+            );
+            b.suppressed = 0;
+            b.last_summary = now;
+        }
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            b.suppressed += 1;
+            false
+        }
+    }
+
+    fn log(
+        &self,
+        store: &Store,
+        remote: SocketAddr,
+        device: Option<&str>,
+        status: u16,
+        reason: &str,
+    ) {
+        if !self.admit() {
             return;
         }
-    };
-    while let Ok(request) = server.recv() {
-        handle(&mut store, hub_key, request);
+        let device = device.map(|d| printable(d, LOGGED_FIELD_CHARS));
+        let reason = printable(reason, 4 * LOGGED_FIELD_CHARS);
+        log::warn!(
+            "hub: rejected status={status} remote={remote} device={} reason={reason}",
+            device.as_deref().unwrap_or("-")
+        );
+        store.log_rejection(
+            Some(&remote.to_string()),
+            device.as_deref(),
+            status,
+            &reason,
+        );
+    }
+}
+
+/// `text` cut to `max` characters with control characters escaped, fit for a log line or a cell.
+fn printable(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(state.limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut refused_at_cap: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                log::warn!("hub: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused_at_cap += 1;
+            if refused_at_cap.is_power_of_two() {
+                log::warn!(
+                    "hub: {} connections open, the limit: {refused_at_cap} refused so far",
+                    state.limits.max_connections
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(state.limits.tcp_keepalive)
+            .with_interval(Duration::from_secs(10));
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            log::debug!("hub: no TCP keepalive for {remote}: {e}");
+        }
+        let _ = stream.set_nodelay(true);
+        let conn_state = state.clone();
+        let service = service_fn(move |request| {
+            let state = conn_state.clone();
+            async move { Ok::<_, Infallible>(route(state, remote, request).await) }
+        });
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(state.limits.header_timeout)
+            .max_buf_size(state.limits.max_header_bytes.max(8192))
+            // A client may close its sending side and wait for the answer.
+            .half_close(true)
+            .keep_alive(true);
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                log::debug!("hub: connection from {remote} ended: {e}");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        log::warn!("hub: stopped with requests still in progress");
     }
 }
 
@@ -131,13 +444,38 @@ impl Reply {
             content_type: "application/json",
         }
     }
+
+    fn signed(status: u16, body: Vec<u8>) -> Self {
+        Self {
+            status,
+            body,
+            content_type: "application/octet-stream",
+        }
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(Bytes::from(self.body)));
+        *response.status_mut() =
+            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(self.content_type),
+        );
+        response
+    }
 }
 
-fn handle(store: &mut Store, hub_key: &HubKey, mut request: Request) {
-    let remote = request.remote_addr().map(|a| a.to_string());
-    let reply = match (request.method(), request.url()) {
-        (Method::Post, wire::BATCH_PATH) => batch(store, hub_key, &mut request, remote.as_deref()),
-        (Method::Get, wire::HEALTH_PATH) => health(store),
+async fn route(
+    state: Arc<State>,
+    remote: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = printable(request.uri().path(), LOGGED_FIELD_CHARS);
+    let reply = match (&method, request.uri().path()) {
+        (&Method::POST, wire::BATCH_PATH) => batch(&state, remote, request).await,
+        (&Method::GET, wire::HEALTH_PATH) => health(&state).await,
         (_, wire::BATCH_PATH) | (_, wire::HEALTH_PATH) => Reply::text(405, "method not allowed"),
         (_, V1_BATCH_PATH) => Reply::text(
             404,
@@ -149,30 +487,30 @@ fn handle(store: &mut Store, hub_key: &HubKey, mut request: Request) {
         ),
         _ => Reply::text(404, "not found"),
     };
-    let response = Response::from_data(reply.body)
-        .with_status_code(reply.status)
-        .with_header(
-            Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes())
-                .expect("valid header"),
-        );
-    if let Err(e) = request.respond(response) {
-        log::warn!("hub: could not answer {}: {e}", remote.unwrap_or_default());
-    }
+    let level = if path == wire::HEALTH_PATH && reply.status == 200 {
+        log::Level::Debug
+    } else {
+        log::Level::Info
+    };
+    log::log!(
+        level,
+        "hub: request method={method} path={path} status={} remote={remote} ms={}",
+        reply.status,
+        started.elapsed().as_millis()
+    );
+    reply.into_response()
 }
 
-fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
-    request
-        .headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str())
-}
-
-fn health(store: &Store) -> Reply {
-    match store
-        .record_count()
-        .and_then(|n| Ok((n, store.summaries()?)))
-    {
+async fn health(state: &Arc<State>) -> Reply {
+    let counts = blocking(state, |_, store| {
+        store
+            .record_count()
+            .and_then(|n| Ok((n, store.summaries()?)))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .and_then(|r| r);
+    match counts {
         // Totals only: anyone on the LAN may ask, and device ids are not theirs to list
         // (`dermedge hub status` shows each device on the hub machine).
         Ok((records, devices)) => Reply::json(
@@ -185,124 +523,262 @@ fn health(store: &Store) -> Reply {
                 "devices": devices.len(),
             }),
         ),
-        Err(e) => Reply::text(500, e.to_string()),
+        Err(e) => {
+            log::error!("hub: health: {e}");
+            Reply::text(500, "the hub cannot read its database")
+        }
     }
 }
 
-fn signed(status: u16, body: Vec<u8>) -> Reply {
-    Reply {
-        status,
-        body,
-        content_type: "application/octet-stream",
+/// Why a request was refused before its body was read or stored.
+struct Refusal {
+    status: u16,
+    reason: String,
+    /// Logged with this reason, answered with [`UNAUTHENTICATED`].
+    unauthenticated: bool,
+}
+
+impl Refusal {
+    fn bad(status: u16, reason: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason: reason.into(),
+            unauthenticated: false,
+        }
+    }
+
+    fn unauthenticated(reason: impl Into<String>) -> Self {
+        Self {
+            status: 401,
+            reason: reason.into(),
+            unauthenticated: true,
+        }
+    }
+
+    fn log_and_answer(
+        self,
+        state: &State,
+        store: &Store,
+        remote: SocketAddr,
+        device: Option<&str>,
+    ) -> Reply {
+        state
+            .rejections
+            .log(store, remote, device, self.status, &self.reason);
+        if self.unauthenticated {
+            Reply::text(401, UNAUTHENTICATED)
+        } else {
+            Reply::text(self.status, self.reason)
+        }
     }
 }
 
-fn batch(
-    store: &mut Store,
-    hub_key: &HubKey,
-    request: &mut Request,
-    remote: Option<&str>,
+async fn refuse(
+    state: &Arc<State>,
+    remote: SocketAddr,
+    device: Option<String>,
+    refusal: Refusal,
 ) -> Reply {
-    let device = header(request, wire::DEVICE_HEADER).map(String::from);
-    let reject = |store: &Store, status: u16, device: Option<&str>, reason: String| {
-        log::warn!(
-            "hub: rejected a batch from {} (device {}): {reason}",
-            remote.unwrap_or("?"),
-            device.unwrap_or("?")
-        );
-        store.log_rejection(remote, device, status, &reason);
-        Reply::text(status, reason)
+    let status = refusal.status;
+    let fallback = if refusal.unauthenticated {
+        UNAUTHENTICATED.to_string()
+    } else {
+        refusal.reason.clone()
     };
-    // Logged with its reason; answered with the one text that tells nothing.
-    let unauthenticated = |store: &Store, device: &str, reason: &str| {
-        log::warn!(
-            "hub: refused a batch from {} (device {device}): {reason}",
-            remote.unwrap_or("?")
-        );
-        store.log_rejection(remote, Some(device), 401, reason);
-        Reply::text(401, UNAUTHENTICATED)
+    blocking(state, move |state, store| {
+        refusal.log_and_answer(state, store, remote, device.as_deref())
+    })
+    .await
+    .unwrap_or_else(|_| Reply::text(status, fallback))
+}
+
+/// The device id and request counter from the headers.
+fn identify(headers: &HeaderMap) -> Result<(String, u64), (Option<String>, Refusal)> {
+    let device = match headers.get(wire::DEVICE_HEADER).map(|v| v.to_str()) {
+        None => {
+            return Err((
+                None,
+                Refusal::bad(400, format!("missing {} header", wire::DEVICE_HEADER)),
+            ))
+        }
+        Some(Err(_)) => {
+            return Err((
+                None,
+                Refusal::bad(
+                    400,
+                    format!("{}: expected printable ASCII", wire::DEVICE_HEADER),
+                ),
+            ))
+        }
+        Some(Ok(d)) => d.to_owned(),
     };
-    let Some(device) = device else {
-        return reject(
-            store,
-            400,
-            None,
-            format!("missing {} header", wire::DEVICE_HEADER),
-        );
-    };
-    let Some(counter) = header(request, wire::COUNTER_HEADER).and_then(|c| c.parse::<u64>().ok())
-    else {
-        return reject(
-            store,
-            400,
-            Some(&device),
-            format!("missing or non-numeric {} header", wire::COUNTER_HEADER),
-        );
-    };
-    if request.body_length().is_some_and(|n| n > MAX_BODY_BYTES) {
-        return reject(
-            store,
-            413,
-            Some(&device),
-            format!("body over {MAX_BODY_BYTES} bytes"),
-        );
+    if device.is_empty() || device.len() > MAX_DEVICE_ID_BYTES {
+        return Err((
+            Some(device),
+            Refusal::bad(
+                400,
+                format!(
+                    "{}: expected 1 to {MAX_DEVICE_ID_BYTES} bytes",
+                    wire::DEVICE_HEADER
+                ),
+            ),
+        ));
     }
-    let mut body = Vec::new();
-    if let Err(e) = request
-        .as_reader()
-        .take(MAX_BODY_BYTES as u64 + 1)
-        .read_to_end(&mut body)
-    {
-        return Reply::text(400, format!("cannot read the body: {e}"));
-    }
-    if body.len() > MAX_BODY_BYTES {
-        return reject(
-            store,
-            413,
-            Some(&device),
-            format!("body over {MAX_BODY_BYTES} bytes"),
-        );
-    }
-    let known = match store.device(&device) {
-        Ok(Some(d)) => d,
-        Ok(None) => return unauthenticated(store, &device, "unknown device"),
-        Err(e) => return Reply::text(500, e.to_string()),
+    let counter = headers
+        .get(wire::COUNTER_HEADER)
+        .and_then(|c| c.to_str().ok())
+        .and_then(|c| c.parse::<u64>().ok());
+    let Some(counter) = counter else {
+        return Err((
+            Some(device),
+            Refusal::bad(
+                400,
+                format!("missing or non-numeric {} header", wire::COUNTER_HEADER),
+            ),
+        ));
     };
-    if let Some(at) = known.revoked_at_ms {
-        return unauthenticated(store, &device, &format!("device revoked (at {at} ms)"));
-    }
-    let Some(public) = known.public else {
-        return unauthenticated(
-            store,
-            &device,
-            "enrolled with the old shared-key scheme: re-enroll",
-        );
+    Ok((device, counter))
+}
+
+async fn batch(state: &Arc<State>, remote: SocketAddr, request: Request<Incoming>) -> Reply {
+    let (device, counter) = match identify(request.headers()) {
+        Ok(found) => found,
+        Err((device, refusal)) => return refuse(state, remote, device, refusal).await,
     };
-    let batch =
-        match wire::open_batch(&public, &device, counter, &body) {
-            Ok(b) => b,
-            Err(OpenError::Unauthenticated) => return unauthenticated(
-                store,
-                &device,
+    let max_body = state.limits.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body as u64) {
+        let refusal = Refusal::bad(413, format!("body over {max_body} bytes"));
+        return refuse(state, remote, Some(device), refusal).await;
+    }
+    // Who is asking, from the headers alone: an unknown or revoked device is refused before a
+    // byte of its body is read.
+    let lookup = {
+        let device = device.clone();
+        blocking(state, move |_, store| store.device(&device)).await
+    };
+    let public = match lookup {
+        Ok(Ok(Some(known))) => match (known.revoked_at_ms, known.public) {
+            (Some(at), _) => Err(Refusal::unauthenticated(format!(
+                "device revoked (at {at} ms)"
+            ))),
+            (None, None) => Err(Refusal::unauthenticated(
+                "enrolled with the old shared-key scheme: re-enroll",
+            )),
+            (None, Some(public)) => Ok(public),
+        },
+        Ok(Ok(None)) => Err(Refusal::unauthenticated("unknown device")),
+        Ok(Err(e)) => {
+            log::error!("hub: {e}");
+            return Reply::text(500, "the hub cannot read its database; retry later");
+        }
+        Err(e) => {
+            log::error!("hub: {e}");
+            return Reply::text(500, "the hub cannot read its database; retry later");
+        }
+    };
+    let public = match public {
+        Ok(p) => p,
+        Err(refusal) => return refuse(state, remote, Some(device), refusal).await,
+    };
+    let body = match read_body(request.into_body(), declared, &state.limits).await {
+        Ok(body) => body,
+        Err(refusal) => return refuse(state, remote, Some(device), refusal).await,
+    };
+    blocking(state, move |state, store| {
+        store_verified(state, store, remote, &device, &public, counter, &body)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        log::error!("hub: {e}");
+        Reply::text(500, "the hub could not store the batch; retry later")
+    })
+}
+
+/// The body, as long as it keeps arriving fast enough and stays within the limit.
+async fn read_body(
+    mut body: Incoming,
+    declared: Option<u64>,
+    limits: &Limits,
+) -> Result<Vec<u8>, Refusal> {
+    let max = limits.max_body_bytes;
+    let deadline = tokio::time::Instant::now()
+        + limits.body_deadline(declared.unwrap_or(max as u64).min(max as u64));
+    // Trust a declared length for the allocation only up to a modest size.
+    let mut out = Vec::with_capacity(declared.unwrap_or(0).min(1 << 20) as usize);
+    loop {
+        let pause_ends = tokio::time::Instant::now() + limits.body_idle_timeout;
+        let frame = tokio::time::timeout_at(deadline.min(pause_ends), body.frame()).await;
+        match frame {
+            Err(_) => {
+                return Err(Refusal::bad(
+                    408,
+                    format!(
+                        "the body stalled: {} bytes in, expected {}",
+                        out.len(),
+                        declared.map_or("more".into(), |n| n.to_string())
+                    ),
+                ))
+            }
+            Ok(None) => return Ok(out),
+            Ok(Some(Err(e))) => {
+                return Err(Refusal::bad(400, format!("cannot read the body: {e}")))
+            }
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if out.len() + data.len() > max {
+                        return Err(Refusal::bad(413, format!("body over {max} bytes")));
+                    }
+                    out.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+}
+
+/// Verify, open and store a batch from an enrolled device; runs on a blocking thread.
+fn store_verified(
+    state: &State,
+    store: &mut Store,
+    remote: SocketAddr,
+    device: &str,
+    public: &DevicePublic,
+    counter: u64,
+    body: &[u8],
+) -> Reply {
+    let hub_key = &state.hub_key;
+    let refuse = |store: &Store, refusal: Refusal| {
+        refusal.log_and_answer(state, store, remote, Some(device))
+    };
+    let batch = match wire::open_batch(public, device, counter, body) {
+        Ok(b) => b,
+        Err(OpenError::Unauthenticated) => return refuse(
+            store,
+            Refusal::unauthenticated(
                 "bad signature: the batch is not signed with this device's key for this counter",
             ),
-            Err(OpenError::Malformed(m)) => {
-                return reject(store, 400, Some(&device), format!("malformed batch: {m}"))
-            }
-        };
-    let records = match open_records(hub_key, &device, &batch) {
+        ),
+        Err(OpenError::Malformed(m)) => {
+            return refuse(store, Refusal::bad(400, format!("malformed batch: {m}")))
+        }
+    };
+    let records = match open_records(hub_key, device, &batch) {
         Ok(r) => r,
-        Err(reason) => return reject(store, 400, Some(&device), reason),
+        Err(reason) => return refuse(store, Refusal::bad(400, reason)),
     };
     let conflict = |conflict: Conflict| {
-        signed(
+        Reply::signed(
             409,
-            wire::seal_conflict(hub_key, &device, counter, &body, &conflict),
+            wire::seal_conflict(hub_key, device, counter, body, &conflict),
         )
     };
     match store.store_batch(
-        &device,
-        &public,
+        device,
+        public,
         counter,
         batch.after_seq,
         &records,
@@ -327,17 +803,15 @@ fn batch(
                 stored,
                 duplicates,
             };
-            signed(200, wire::seal_ack(hub_key, &device, &body, &ack))
+            Reply::signed(200, wire::seal_ack(hub_key, device, body, &ack))
         }
         Ok(Stored::Replayed { last_counter }) => {
             let reason = format!(
                 "replayed request: counter {counter} is not above the last one seen ({last_counter})"
             );
-            log::warn!(
-                "hub: rejected a batch from {} (device {device}): {reason}",
-                remote.unwrap_or("?")
-            );
-            store.log_rejection(remote, Some(&device), 409, &reason);
+            state
+                .rejections
+                .log(store, remote, Some(device), 409, &reason);
             conflict(Conflict {
                 error: reason,
                 hub_highest_seq: None,
@@ -349,19 +823,22 @@ fn batch(
                 "the batch follows record {}, the hub holds this device's records only through {highest_seq}",
                 batch.after_seq
             );
-            store.log_rejection(remote, Some(&device), 409, &reason);
+            state
+                .rejections
+                .log(store, remote, Some(device), 409, &reason);
             conflict(Conflict {
                 error: reason,
                 hub_highest_seq: Some(highest_seq),
                 hub_last_counter: None,
             })
         }
-        Ok(Stored::KeyChanged) => unauthenticated(
+        Ok(Stored::KeyChanged) => refuse(
             store,
-            &device,
-            "the device was revoked or enrolled with another key while the batch was verified",
+            Refusal::unauthenticated(
+                "the device was revoked or enrolled with another key while the batch was verified",
+            ),
         ),
-        Err(HubError::BadRequest(m)) => reject(store, 400, Some(&device), m),
+        Err(HubError::BadRequest(m)) => refuse(store, Refusal::bad(400, m)),
         Err(e) => {
             log::error!("hub: {e}");
             Reply::text(500, "the hub could not store the batch; retry later")
@@ -411,4 +888,26 @@ fn open_records(
         records.push((r.seq, record));
     }
     Ok(records)
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_controls_and_cuts() {
+        assert_eq!(printable("dev\n1", 10), "dev\\n1");
+        assert_eq!(printable("abcdef", 3), "abc…");
+        assert_eq!(printable("", 3), "");
+    }
+
+    #[test]
+    fn body_deadline_grows_with_the_length() {
+        let limits = Limits::default();
+        assert_eq!(limits.body_deadline(0), limits.body_grace);
+        assert_eq!(
+            limits.body_deadline(64 << 20),
+            limits.body_grace + Duration::from_secs(4096)
+        );
+    }
 }
