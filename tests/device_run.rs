@@ -269,7 +269,26 @@ fn each_example_config_broken_five_ways_is_a_clear_error_or_runs_offline() {
             .find(|l| l.starts_with("manifest = "))
             .unwrap()
             .to_string();
-        let broken: [(&str, String, &[&str]); 4] = [
+        let accelerator_line = good
+            .lines()
+            .find(|l| l.starts_with("accelerator = "))
+            .unwrap()
+            .to_string();
+        let broken: [(&str, String, &[&str]); 6] = [
+            (
+                "an accelerator the backend cannot reach",
+                good.replacen(&accelerator_line, "accelerator = \"edge-tpu\"", 1),
+                &["model.accelerator", "edge-tpu", "cargo feature `classic`"],
+            ),
+            (
+                "a backend this build lacks",
+                good.replacen(
+                    &accelerator_line,
+                    &format!("{accelerator_line}\nbackend = \"classic\""),
+                    1,
+                ),
+                &["model.backend", "cargo feature `classic`"],
+            ),
             (
                 "unknown key",
                 good.replacen(
@@ -323,6 +342,18 @@ fn each_example_config_broken_five_ways_is_a_clear_error_or_runs_offline() {
                 "{what}"
             );
         }
+        // The backend this build has, named explicitly.
+        let path = file.with_extension("litert.toml");
+        fs::write(
+            &path,
+            good.replacen(
+                &accelerator_line,
+                &format!("{accelerator_line}\nbackend = \"litert\""),
+                1,
+            ),
+        )
+        .unwrap();
+        ok(&["config", "check", &s(&path)]);
         // An unreachable hub is not a configuration error: the device works offline.
         let offline = good
             .replace(

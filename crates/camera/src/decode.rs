@@ -8,7 +8,8 @@ use std::ops::Not;
 use dermedge_core::{RgbImage, SourceError};
 use nokhwa_core::types::{nv12_to_rgb, yuyv422_to_rgb, Resolution};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RawFormat {
     Mjpeg,
     Yuyv,

@@ -4,16 +4,64 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use dermedge_core::ModelManifest;
 use dermedge_device::config::LoadedConfig;
-use dermedge_engine::{EngineOptions, Fallback};
+use dermedge_engine::{EngineError, EngineOptions};
 
 use crate::queue::load_heads;
+
+/// How the configuration's `[model]` section asks for the model to be run.
+fn engine_options(config: &LoadedConfig) -> EngineOptions {
+    let m = &config.config.model;
+    EngineOptions {
+        backend: m.backend,
+        threads: m.threads.map(|t| t as u32),
+        accelerator: m.accelerator,
+        fallback: m.fallback,
+        runtime_path: m.runtime.clone(),
+        allow_unpinned_runtime: false,
+        weight_cache: m.weight_cache.clone(),
+    }
+}
+
+/// Whether this build can run `config`: the backend compiled in, an accelerator that backend
+/// reaches, a development hub only where one is built in.
+fn buildable(config: &LoadedConfig) -> Result<EngineOptions> {
+    let path = config.path.display();
+    let options = engine_options(config);
+    if let Err(e) = dermedge_engine::check_options(&options) {
+        let key = match e {
+            EngineError::AcceleratorNotOffered { .. } => "model.accelerator",
+            EngineError::InvalidOption { .. } => "model.threads",
+            _ => "model.backend",
+        };
+        anyhow::bail!("{path}: {key}: {e}");
+    }
+    if config.config.sync.local_hub.is_some() && !dermedge_device::dev_hub::BUILT {
+        anyhow::bail!("{path}: {}", dermedge_device::dev_hub::NOT_BUILT);
+    }
+    Ok(options)
+}
 
 pub fn check(path: &Path) -> Result<()> {
     let config = LoadedConfig::load(path)?;
     let c = &config.config;
+    // What this build can run: the backend compiled in, an accelerator that backend reaches.
+    if let Err(e) = dermedge_engine::check_options(&engine_options(&config)) {
+        let key = match e {
+            EngineError::AcceleratorNotOffered { .. } => "model.accelerator",
+            _ => "model.backend",
+        };
+        anyhow::bail!("{}: {key}: {e}", path.display());
+    }
+    if c.sync.local_hub.is_some() && !dermedge_device::dev_hub::BUILT {
+        anyhow::bail!(
+            "{}: {}",
+            path.display(),
+            dermedge_device::dev_hub::NOT_BUILT
+        );
+    }
     // The model and heads must load and agree, not just exist.
     let manifest = ModelManifest::load(&c.model.manifest)?;
     for head in load_heads(&c.heads)? {
@@ -27,11 +75,12 @@ pub fn check(path: &Path) -> Result<()> {
         );
     }
     println!(
-        "{}: ok — device {}, model {} {} ({}), {} head(s), camera {:?}, trigger {:?}, display {:?} {}x{}, queue {}, sync {}",
+        "{}: ok — device {}, model {} {} ({} on {}), {} head(s), camera {:?}, trigger {:?}, display {:?} {}x{}, queue {}, sync {}",
         path.display(),
         c.device.id,
         manifest.model.id,
         manifest.model.precision.as_str(),
+        c.model.backend,
         c.model.accelerator,
         c.heads.len(),
         c.camera.source,
@@ -52,26 +101,10 @@ pub fn check(path: &Path) -> Result<()> {
 pub fn run(path: &Path) -> Result<bool> {
     let config = LoadedConfig::load(path)?;
     let c = &config.config;
+    let options = buildable(&config)?;
     let manifest = ModelManifest::load(&c.model.manifest)?;
     let heads = load_heads(&c.heads)?;
-    let options = EngineOptions {
-        threads: c.model.threads.map(|t| t as u32),
-        accelerator: c
-            .model
-            .accelerator
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{}: model.accelerator: {e}", path.display()))?,
-        fallback: if c.model.fallback == "fail" {
-            Fallback::Fail
-        } else {
-            Fallback::Cpu
-        },
-        runtime_path: c.model.runtime.clone(),
-        allow_unpinned_runtime: false,
-        weight_cache: c.model.weight_cache.clone(),
-    };
-    let embedder = dermedge_engine::load(&manifest, &options)
-        .with_context(|| format!("loading model {}", manifest.model_path().display()))?;
+    let embedder = crate::load(&manifest, &options)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;

@@ -1,14 +1,20 @@
 //! `dermedge`: the device-side command line. The only crate that picks runtime features, reads
 //! configuration and sets up logging; everything it does is built from the library crates.
 
+#[cfg(feature = "tools")]
 mod bench;
 mod device;
 mod embed;
+#[cfg(feature = "tools")]
 mod embeddings_file;
+#[cfg(feature = "tools")]
 mod fidelity;
+#[cfg(feature = "tools")]
 mod head;
+#[cfg(feature = "hub")]
 mod hub;
 mod inputs;
+#[cfg(feature = "tools")]
 mod models;
 mod output;
 mod queue;
@@ -17,9 +23,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use dermedge_core::{Embedder, ModelManifest};
-use dermedge_engine::{litert::LiteRtRuntime, Accelerator, EngineOptions, Fallback};
+use dermedge_engine::{
+    litert::LiteRtRuntime, Accelerator, Backend, EngineOptions, Fallback, LoadedModel,
+};
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +47,7 @@ struct Cli {
 enum Command {
     /// Embed image files (or every image in directories) with a model.
     Embed(embed::EmbedArgs),
+    #[cfg(feature = "tools")]
     /// Compare a candidate model's embeddings with a reference model's; gates and report.
     Fidelity(fidelity::FidelityArgs),
     /// Model files: inspect.
@@ -63,6 +72,7 @@ enum Command {
     /// Device configuration files (firmware-config/*.toml).
     #[command(subcommand)]
     Config(ConfigCommand),
+    #[cfg(feature = "tools")]
     /// Measure this device: embedding per stage, queue appends, sync throughput (Markdown for
     /// docs/BENCHMARKS.md).
     #[command(subcommand)]
@@ -77,12 +87,15 @@ enum Command {
     Queue(queue::QueueCommand),
     /// Push the queue's records to the hub until none wait.
     Sync(queue::SyncArgs),
+    #[cfg(feature = "hub")]
     /// The clinic hub: enroll devices, receive batches, export.
     #[command(subcommand)]
     Hub(hub::HubCommand),
+    #[cfg(feature = "tools")]
     /// Linear heads on embeddings: train, evaluate, predict.
     #[command(subcommand)]
     Head(head::HeadCommand),
+    #[cfg(feature = "tools")]
     /// The model registry (models/models.toml): list and build models into .cache/models/.
     #[command(subcommand)]
     Models(models::ModelsCommand),
@@ -108,21 +121,12 @@ enum ModelCommand {
     },
 }
 
-/// Which TFLite runtime runs the model.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    /// LiteRT 2.x (libLiteRt.so, loaded at run time): CPU (XNNPACK), GPU, NPU.
-    Litert,
-    /// The classic TensorFlow Lite C API (libtensorflowlite_c, linked; cargo feature `classic`):
-    /// CPU and the Coral Edge TPU.
-    Classic,
-}
-
 /// Options shared by every command that runs a model.
 #[derive(Args, Clone, Debug)]
 pub struct RuntimeArgs {
-    /// Runtime backend.
-    #[arg(long, value_enum, default_value = "litert")]
+    /// Runtime backend: litert (CPU, GPU, NPU) or classic (CPU, Edge TPU; cargo feature
+    /// `classic`).
+    #[arg(long, default_value = "litert")]
     backend: Backend,
     /// Inference threads (default: every core).
     #[arg(long)]
@@ -146,12 +150,13 @@ pub struct RuntimeArgs {
 
 impl RuntimeArgs {
     /// Load `manifest`'s model with the chosen backend.
-    pub fn load(&self, manifest: &ModelManifest) -> Result<Box<dyn Embedder + Send>> {
-        load_with(self.backend, manifest, &self.engine_options())
+    pub fn load(&self, manifest: &ModelManifest) -> Result<Box<dyn LoadedModel>> {
+        load(manifest, &self.engine_options())
     }
 
     pub fn engine_options(&self) -> EngineOptions {
         EngineOptions {
+            backend: self.backend,
             threads: self.threads,
             accelerator: self.accelerator,
             fallback: if self.require_accelerator {
@@ -166,29 +171,10 @@ impl RuntimeArgs {
     }
 }
 
-/// Load `manifest`'s model with `backend`.
-pub fn load_with(
-    backend: Backend,
-    manifest: &ModelManifest,
-    options: &EngineOptions,
-) -> Result<Box<dyn Embedder + Send>> {
-    let path = manifest.model_path();
-    match backend {
-        Backend::Litert => Ok(Box::new(
-            dermedge_engine::load(manifest, options)
-                .with_context(|| format!("loading model {}", path.display()))?,
-        )),
-        #[cfg(feature = "classic")]
-        Backend::Classic => Ok(Box::new(
-            dermedge_engine::classic::ClassicEmbedder::load(manifest, options)
-                .with_context(|| format!("loading model {}", path.display()))?,
-        )),
-        #[cfg(not(feature = "classic"))]
-        Backend::Classic => anyhow::bail!(
-            "this dermedge was built without the classic TensorFlow Lite backend \
-             (cargo feature `classic`, see docs/ACCELERATORS.md)"
-        ),
-    }
+/// Load `manifest`'s model as `options` say, with the model's path in the error.
+pub fn load(manifest: &ModelManifest, options: &EngineOptions) -> Result<Box<dyn LoadedModel>> {
+    dermedge_engine::load(manifest, options)
+        .with_context(|| format!("loading model {}", manifest.model_path().display()))
 }
 
 fn main() -> ExitCode {
@@ -205,6 +191,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Embed(args) => embed::run(&args),
+        #[cfg(feature = "tools")]
         Command::Fidelity(args) => fidelity::run(&args),
         Command::Model(ModelCommand::Info {
             manifest,
@@ -214,12 +201,16 @@ fn main() -> ExitCode {
         Command::Doctor(runtime) => doctor(&runtime).map(|_| true),
         Command::Run { config } => device::run(&config),
         Command::Config(ConfigCommand::Check { file }) => device::check(&file).map(|_| true),
+        #[cfg(feature = "tools")]
         Command::Bench(command) => bench::run(&command).map(|_| true),
         Command::Keygen { out } => queue::keygen(&out).map(|_| true),
         Command::Queue(command) => queue::run(&command),
         Command::Sync(args) => queue::sync(&args).map(|_| true),
+        #[cfg(feature = "hub")]
         Command::Hub(command) => hub::run(&command).map(|_| true),
+        #[cfg(feature = "tools")]
         Command::Head(command) => head::run(&command).map(|_| true),
+        #[cfg(feature = "tools")]
         Command::Models(command) => models::run(&command).map(|_| true),
         Command::Devices => devices().map(|_| true),
         Command::Quality { inputs } => quality(&inputs),
@@ -236,8 +227,7 @@ fn main() -> ExitCode {
 
 fn model_info(manifest_path: &std::path::Path, runtime: &RuntimeArgs, json: bool) -> Result<()> {
     let manifest = ModelManifest::load(manifest_path)?;
-    let embedder = dermedge_engine::load(&manifest, &runtime.engine_options())
-        .with_context(|| format!("loading {}", manifest.model_path().display()))?;
+    let embedder = runtime.load(&manifest)?;
     let size = std::fs::metadata(manifest.model_path())
         .map(|m| m.len())
         .unwrap_or(0);
@@ -253,7 +243,7 @@ fn model_info(manifest_path: &std::path::Path, runtime: &RuntimeArgs, json: bool
             "signature": embedder.signature_key(),
             "input_tensor": embedder.input_details(),
             "output_tensor": embedder.output_details(),
-            "runtime": format!("LiteRT {}", embedder.runtime().version()),
+            "runtime": embedder.runtime_description(),
             "accelerator": embedder.accelerator().name(),
             "threads": embedder.threads(),
         });
@@ -286,9 +276,8 @@ fn model_info(manifest_path: &std::path::Path, runtime: &RuntimeArgs, json: bool
     println!("input tensor  {}", embedder.input_details());
     println!("output tensor {}", embedder.output_details());
     println!(
-        "runtime       LiteRT {} from {} ({} on {} threads)",
-        embedder.runtime().version(),
-        embedder.runtime().path().display(),
+        "runtime       {} ({} on {} threads)",
+        embedder.runtime_description(),
         embedder.accelerator(),
         embedder.threads()
     );

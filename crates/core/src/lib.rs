@@ -16,6 +16,7 @@ pub mod frame;
 pub mod manifest;
 pub mod preprocess;
 pub mod quality;
+pub mod runtime;
 
 pub use bounds::{Bounds, OutOfBounds};
 pub use embedder::{EmbedError, Embedder};
@@ -24,6 +25,7 @@ pub use frame::{Frame, FrameSource, SourceError};
 pub use manifest::{ManifestError, ModelManifest, Precision, TensorDtype};
 pub use preprocess::{DecodeError, DecodeLimits, InputBuffer, Preprocessor, QuantParams};
 pub use quality::{QualityIssue, QualityThresholds, QualityVerdict};
+pub use runtime::{Accelerator, Backend, Fallback};
 
 /// RGB8 image, any size: what frame sources produce and preprocessing consumes.
 pub type RgbImage = image::RgbImage;

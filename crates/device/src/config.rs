@@ -5,9 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
+use dermedge_camera::RawFormat;
 use dermedge_core::bounds::{Bounds, OutOfBounds};
 use dermedge_core::quality::QualityThresholds;
-use dermedge_queue::QueueOptions;
+use dermedge_core::{Accelerator, Backend, Fallback};
+use dermedge_display::framebuffer::FramebufferLayout;
+use dermedge_queue::{EmbeddingType, FullPolicy, QueueOptions};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,26 +66,22 @@ pub struct DeviceSection {
 pub struct ModelSection {
     /// The model's manifest (.toml next to the .tflite).
     pub manifest: PathBuf,
+    /// The runtime backend: `litert` (CPU, GPU, NPU) or `classic` (CPU, Edge TPU). `config
+    /// check` refuses one this build lacks, naming the cargo feature.
+    #[serde(default)]
+    pub backend: Backend,
     /// Inference threads, 1–64 (default: every core).
     pub threads: Option<i64>,
-    /// cpu, gpu, npu or edge-tpu.
-    #[serde(default = "default_accelerator")]
-    pub accelerator: String,
+    /// cpu, gpu, npu or edge-tpu (the backend must reach it).
+    #[serde(default)]
+    pub accelerator: Accelerator,
     /// What to do when the accelerator is unavailable: `cpu` (log and fall back) or `fail`.
-    #[serde(default = "default_fallback")]
-    pub fallback: String,
+    #[serde(default)]
+    pub fallback: Fallback,
     /// The LiteRT runtime library (file or directory) instead of the search path.
     pub runtime: Option<PathBuf>,
     /// XNNPACK weight cache file (CPU): made on the first start, mapped on later ones.
     pub weight_cache: Option<PathBuf>,
-}
-
-fn default_accelerator() -> String {
-    "cpu".into()
-}
-
-fn default_fallback() -> String {
-    "cpu".into()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,7 +115,7 @@ pub struct CameraSection {
     pub width: Option<i64>,
     pub height: Option<i64>,
     /// uvc: mjpeg, yuyv, nv12 or grey (default: negotiated).
-    pub format: Option<String>,
+    pub format: Option<RawFormat>,
 }
 
 fn one() -> i64 {
@@ -186,7 +185,7 @@ pub struct DisplaySection {
     /// framebuffer: the device, e.g. /dev/fb0 (or /dev/fb1 for an SPI panel).
     pub device: Option<PathBuf>,
     /// framebuffer: `rgb565` or `xrgb8888` when the device does not report its layout.
-    pub pixel_format: Option<String>,
+    pub pixel_format: Option<FramebufferLayout>,
     /// How long a result or refusal stays before the preview returns (0–60 s).
     #[serde(default = "default_result_seconds")]
     pub result_seconds: f64,
@@ -208,8 +207,8 @@ fn default_result_seconds() -> f64 {
 pub struct QueueSection {
     pub dir: PathBuf,
     /// `per-record` (fsync each) or `group`.
-    #[serde(default = "default_durability")]
-    pub durability: String,
+    #[serde(default)]
+    pub durability: DurabilityMode,
     #[serde(default = "default_group_records")]
     pub group_max_records: i64,
     #[serde(default = "default_group_delay")]
@@ -220,17 +219,24 @@ pub struct QueueSection {
     pub max_records: i64,
     /// `reject` or `evict-oldest`.
     #[serde(default = "default_full_policy")]
-    pub full_policy: String,
+    pub full_policy: FullPolicy,
     /// `f32` or `f16`.
     #[serde(default = "default_embedding")]
-    pub embedding: String,
+    pub embedding: EmbeddingType,
     /// Longest side of the JPEG thumbnail kept with each record; 0 keeps none.
     #[serde(default = "default_thumbnail")]
     pub thumbnail_side: i64,
 }
 
-fn default_durability() -> String {
-    "per-record".into()
+/// When a queued record is fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DurabilityMode {
+    /// Each record before it is reported saved.
+    #[default]
+    PerRecord,
+    /// Groups of up to `group_max_records`, at most `group_max_delay_ms` after the first.
+    Group,
 }
 fn default_group_records() -> i64 {
     16
@@ -244,11 +250,11 @@ fn default_max_bytes() -> i64 {
 fn default_max_records() -> i64 {
     1_000_000
 }
-fn default_full_policy() -> String {
-    "reject".into()
+fn default_full_policy() -> FullPolicy {
+    FullPolicy::Reject
 }
-fn default_embedding() -> String {
-    "f32".into()
+fn default_embedding() -> EmbeddingType {
+    EmbeddingType::F32
 }
 fn default_thumbnail() -> i64 {
     96
@@ -331,17 +337,6 @@ pub struct LoadedConfig {
     pub display_size: (u32, u32),
 }
 
-fn one_of(file: &Path, key: &str, value: &str, allowed: &[&str]) -> Result<(), ConfigError> {
-    if !allowed.contains(&value) {
-        return Err(ConfigError {
-            file: file.into(),
-            key: key.into(),
-            message: format!("{value:?} is not one of {}", allowed.join(", ")),
-        });
-    }
-    Ok(())
-}
-
 fn existing(file: &Path, key: &str, path: &Path, what: &str) -> Result<(), ConfigError> {
     if !path.exists() {
         return Err(ConfigError {
@@ -351,6 +346,35 @@ fn existing(file: &Path, key: &str, path: &Path, what: &str) -> Result<(), Confi
         });
     }
     Ok(())
+}
+
+/// The dotted key whose line holds byte `at` of a TOML document: `section.key` for a
+/// `key = value` line, the section for a `[section]` header, or `(syntax)` where there is none.
+fn key_at(text: &str, at: usize) -> String {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let header = |line: &str| {
+        let line = line.trim();
+        line.strip_prefix('[')
+            .and_then(|l| l.split(']').next())
+            .map(|name| name.trim_matches(['[', ' ']).to_string())
+    };
+    let line = &text[start..end];
+    if let Some(section) = header(line) {
+        return section;
+    }
+    let section = text[..start].lines().rev().find_map(header);
+    match line.split_once('=') {
+        Some((key, _)) => {
+            let key = key.trim().trim_matches('"');
+            match section {
+                Some(s) => format!("{s}.{key}"),
+                None => key.to_string(),
+            }
+        }
+        None => section.unwrap_or_else(|| "(syntax)".into()),
+    }
 }
 
 pub fn parse_size(text: &str) -> Option<(u32, u32)> {
@@ -367,19 +391,13 @@ impl LoadedConfig {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err("(file)", e.to_string()))?;
         let mut config: DeviceConfig = toml::from_str(&text).map_err(|e| {
-            let key = e
-                .message()
-                .split('`')
-                .nth(1)
-                .map(String::from)
-                .unwrap_or_else(|| "(syntax)".into());
-            let place = e
-                .span()
-                .map(|s| {
-                    let line = text[..s.start].matches('\n').count() + 1;
-                    format!(" (line {line})")
-                })
-                .unwrap_or_default();
+            let (key, place) = match e.span() {
+                Some(span) => {
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    (key_at(&text, span.start), format!(" (line {line})"))
+                }
+                None => ("(syntax)".to_string(), String::new()),
+            };
             err(&key, format!("{}{place}", e.message()))
         })?;
         // Relative paths follow the real file, so a symlinked config (device.toml) still finds
@@ -563,13 +581,6 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
         message: e.message,
     })?;
     existing(file, "model.manifest", &c.model.manifest, "model manifest")?;
-    one_of(
-        file,
-        "model.accelerator",
-        &c.model.accelerator,
-        &["cpu", "gpu", "npu", "edge-tpu"],
-    )?;
-    one_of(file, "model.fallback", &c.model.fallback, &["cpu", "fail"])?;
     if let Some(r) = &c.model.runtime {
         existing(file, "model.runtime", r, "runtime library")?;
     }
@@ -592,12 +603,7 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
                 existing(file, "camera.path", path, "file or directory")?;
             }
         }
-        SourceKind::Uvc => {
-            if let Some(f) = &c.camera.format {
-                one_of(file, "camera.format", f, &["mjpeg", "yuyv", "nv12", "grey"])?;
-            }
-        }
-        SourceKind::Synthetic => {}
+        SourceKind::Uvc | SourceKind::Synthetic => {}
     }
     if c.capture.trigger == TriggerKind::Gpio && c.capture.gpio_value_file.is_none() {
         return Err(err(
@@ -630,24 +636,6 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
         }
         _ => {}
     }
-    if let Some(f) = &c.display.pixel_format {
-        one_of(file, "display.pixel_format", f, &["rgb565", "xrgb8888"])?;
-    }
-
-    let qu = &c.queue;
-    one_of(
-        file,
-        "queue.durability",
-        &qu.durability,
-        &["per-record", "group"],
-    )?;
-    one_of(
-        file,
-        "queue.full_policy",
-        &qu.full_policy,
-        &["reject", "evict-oldest"],
-    )?;
-    one_of(file, "queue.embedding", &qu.embedding, &["f32", "f16"])?;
 
     let s = &c.sync;
     if c.device.hub_public.is_none() && s.local_hub.is_none() {

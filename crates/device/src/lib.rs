@@ -9,6 +9,7 @@
 //! the queue, background sync and a screen output ([`screens`]).
 
 pub mod config;
+pub mod dev_hub;
 pub mod pipeline;
 pub mod run;
 pub mod screens;

@@ -12,16 +12,13 @@ use dermedge_camera::Handoff;
 use dermedge_core::quality::measure;
 use dermedge_core::{Embedder, Frame};
 use dermedge_display::{HeadView, Screen, Status, SyncView};
-use dermedge_hub::server::HubServer;
-use dermedge_hub::store::Store;
 use dermedge_queue::{
-    now_ms, DeviceKey, Durability, EmbeddingType, Envelope, FullPolicy, HubKey, HubPublic, Queue,
-    QueueOptions, QueueStats,
+    now_ms, DeviceKey, Durability, Envelope, HubPublic, Queue, QueueOptions, QueueStats,
 };
 use dermedge_sync::{sleep_unless, SyncClient, SyncConfig};
 use serde::Serialize;
 
-use crate::config::{LoadedConfig, TriggerKind};
+use crate::config::{DurabilityMode, LoadedConfig, TriggerKind};
 use crate::pipeline::{Outcome, Pipeline, PipelineOptions};
 use crate::screens::{self, ScreenOutput};
 use crate::source::open_source;
@@ -33,6 +30,7 @@ pub enum RunError {
     Queue(#[from] dermedge_queue::QueueError),
     #[error(transparent)]
     Sync(#[from] dermedge_sync::SyncError),
+    #[cfg(feature = "dev-hub")]
     #[error(transparent)]
     Hub(#[from] dermedge_hub::HubError),
     #[error(transparent)]
@@ -111,40 +109,19 @@ pub fn load_or_create_key(config: &LoadedConfig) -> Result<DeviceKey, RunError> 
     Ok(DeviceKey::load(path)?)
 }
 
-/// The development hub's key (`sync.local_hub.key`), made on first start.
-fn load_or_create_hub_key(path: &std::path::Path) -> Result<HubKey, RunError> {
-    if !path.exists() {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| RunError::Setup(format!("{}: {e}", dir.display())))?;
-        }
-        HubKey::generate().save_new(path)?;
-        log::warn!(
-            "created a new hub key in {} (development hub)",
-            path.display()
-        );
-    }
-    Ok(HubKey::load(path)?)
-}
-
 pub fn queue_options(config: &LoadedConfig) -> QueueOptions {
     let q = &config.config.queue;
     QueueOptions {
-        durability: if q.durability == "group" {
-            Durability::Group {
+        durability: match q.durability {
+            DurabilityMode::Group => Durability::Group {
                 max_records: q.group_max_records as u32,
                 max_delay_ms: q.group_max_delay_ms as u64,
-            }
-        } else {
-            Durability::PerRecord
+            },
+            DurabilityMode::PerRecord => Durability::PerRecord,
         },
         max_bytes: q.max_bytes as u64,
         max_records: q.max_records as u64,
-        full_policy: if q.full_policy == "evict-oldest" {
-            FullPolicy::EvictOldest
-        } else {
-            FullPolicy::Reject
-        },
+        full_policy: q.full_policy,
         ..QueueOptions::default()
     }
 }
@@ -177,11 +154,7 @@ impl Settings {
         let c = &config.config;
         let mut pipeline = PipelineOptions::new(&c.device.id);
         pipeline.quality = c.quality.clone();
-        pipeline.embedding_type = if c.queue.embedding == "f16" {
-            EmbeddingType::F16
-        } else {
-            EmbeddingType::F32
-        };
+        pipeline.embedding_type = c.queue.embedding;
         pipeline.thumbnail_side =
             (c.queue.thumbnail_side > 0).then_some(c.queue.thumbnail_side as u32);
         Self {
@@ -226,23 +199,7 @@ pub fn run<E: Embedder>(
     // public key records are sealed to), else the configured URL and the pinned `hub.pub`.
     // (With sync off, a configured local hub still names the key records are sealed to.)
     let (local_hub, hub_public) = match &c.sync.local_hub {
-        Some(h) => {
-            let hub_key = load_or_create_hub_key(&h.key)?;
-            let hub_public = hub_key.public();
-            if !c.sync.enabled {
-                (None, hub_public)
-            } else {
-                if let Some(dir) = h.db.parent() {
-                    std::fs::create_dir_all(dir)
-                        .map_err(|e| RunError::Setup(format!("{}: {e}", dir.display())))?;
-                }
-                Store::open(&h.db)?.enroll(&c.device.id, &key.public())?;
-                (
-                    Some(HubServer::start(&h.db, hub_key, &h.listen, 2)?),
-                    hub_public,
-                )
-            }
-        }
+        Some(h) => crate::dev_hub::start(h, c.sync.enabled, &c.device.id, &key)?,
         None => {
             let path = c.device.hub_public.as_ref().ok_or_else(|| {
                 RunError::Setup("device.hub_public: required to seal records".into())

@@ -95,8 +95,10 @@ pub fn open(
         )?),
         DisplayTarget::Framebuffer => {
             let device = display.device.clone().unwrap_or_else(|| "/dev/fb0".into());
-            let fb = match display.pixel_format.as_deref().and_then(PixelFormat::parse) {
-                Some(format) => Framebuffer::with_geometry(&device, size.0, size.1, format)?,
+            let fb = match display.pixel_format {
+                Some(layout) => {
+                    Framebuffer::with_geometry(&device, size.0, size.1, PixelFormat::of(layout))?
+                }
                 None => Framebuffer::open(&device)?,
             };
             let (w, h) = fb.size();

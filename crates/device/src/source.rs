@@ -94,15 +94,8 @@ fn open_uvc(camera: &CameraSection) -> Result<Box<dyn FrameSource>, SourceError>
         .unwrap_or("0")
         .parse()
         .expect("any text selects a device");
-    let format = match camera.format.as_deref() {
-        Some("mjpeg") => Some(dermedge_camera::RawFormat::Mjpeg),
-        Some("yuyv") => Some(dermedge_camera::RawFormat::Yuyv),
-        Some("nv12") => Some(dermedge_camera::RawFormat::Nv12),
-        Some("grey") => Some(dermedge_camera::RawFormat::Grey),
-        _ => None,
-    };
     let request = CaptureRequest {
-        format,
+        format: camera.format,
         resolution: camera
             .width
             .zip(camera.height)

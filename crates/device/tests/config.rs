@@ -9,16 +9,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use dermedge_camera::pace::Pacer;
-use dermedge_core::RgbImage;
+use dermedge_core::{Accelerator, Backend, Fallback, RgbImage};
 use dermedge_device::config::{
     CameraSection, CaptureSection, ConfigError, DeviceConfig, DeviceSection, DisplaySection,
-    DisplayTarget, LoadedConfig, ModelSection, QueueSection, SourceKind, SyncSection, TriggerKind,
+    DisplayTarget, DurabilityMode, LoadedConfig, ModelSection, QueueSection, SourceKind,
+    SyncSection, TriggerKind,
 };
 use dermedge_device::run::Settings;
 use dermedge_device::screens;
 use dermedge_device::source::open_source;
 use dermedge_device::trigger::{thumbnail, AutoTrigger};
 use dermedge_display::{Screen, Status, SyncView};
+use dermedge_queue::{EmbeddingType, FullPolicy};
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::{Config, TestRunner};
@@ -70,9 +72,10 @@ fn base(place: &Path) -> DeviceConfig {
         },
         model: ModelSection {
             manifest: place.join("model.toml"),
+            backend: Backend::Litert,
             threads: None,
-            accelerator: "cpu".into(),
-            fallback: "cpu".into(),
+            accelerator: Accelerator::Cpu,
+            fallback: Fallback::Cpu,
             runtime: None,
             weight_cache: None,
         },
@@ -104,13 +107,13 @@ fn base(place: &Path) -> DeviceConfig {
         },
         queue: QueueSection {
             dir: place.join("queue"),
-            durability: "per-record".into(),
+            durability: DurabilityMode::PerRecord,
             group_max_records: 16,
             group_max_delay_ms: 200,
             max_bytes: 1 << 30,
             max_records: 1_000_000,
-            full_policy: "reject".into(),
-            embedding: "f32".into(),
+            full_policy: FullPolicy::Reject,
+            embedding: EmbeddingType::F32,
             thumbnail_side: 96,
         },
         sync: SyncSection {
@@ -308,9 +311,9 @@ struct Case {
     source: SourceKind,
     trigger: TriggerKind,
     target: DisplayTarget,
-    durability: &'static str,
-    full_policy: &'static str,
-    embedding: &'static str,
+    durability: DurabilityMode,
+    full_policy: FullPolicy,
+    embedding: EmbeddingType,
     looped: bool,
     sync: bool,
     floats: Vec<Option<f64>>,
@@ -361,9 +364,9 @@ fn cases() -> impl Strategy<Value = Case> {
             DisplayTarget::Simulator,
             DisplayTarget::None,
         ]),
-        select(vec!["per-record", "group"]),
-        select(vec!["reject", "evict-oldest"]),
-        select(vec!["f32", "f16"]),
+        select(vec![DurabilityMode::PerRecord, DurabilityMode::Group]),
+        select(vec![FullPolicy::Reject, FullPolicy::EvictOldest]),
+        select(vec![EmbeddingType::F32, EmbeddingType::F16]),
         any::<bool>(),
         any::<bool>(),
     );
@@ -399,9 +402,9 @@ impl Case {
         c.camera.looped = self.looped;
         c.capture.trigger = self.trigger;
         c.display.target = self.target;
-        c.queue.durability = self.durability.into();
-        c.queue.full_policy = self.full_policy.into();
-        c.queue.embedding = self.embedding.into();
+        c.queue.durability = self.durability;
+        c.queue.full_policy = self.full_policy;
+        c.queue.embedding = self.embedding;
         c.sync.enabled = self.sync;
         let (fk, ik) = (float_keys(), integer_keys());
         for (k, v) in fk.iter().zip(&self.floats) {
@@ -705,4 +708,82 @@ fn counts_are_range_checked_before_any_cast() {
     assert_names(&e, "queue.max_bytes", "8388608 to 9223372036854775807");
     let e = refused(|t| t.replace("size = \"320x240\"", "size = \"4294967392x240\""));
     assert_eq!(e.key, "display.size", "{e}");
+}
+
+#[test]
+fn enumerated_keys_are_typed_and_a_bad_value_names_its_key() {
+    let cases = [
+        (
+            "accelerator = \"cpu\"",
+            "accelerator = \"tpu\"",
+            "model.accelerator",
+        ),
+        (
+            "[model]\n",
+            "[model]\nbackend = \"tensorflow\"\n",
+            "model.backend",
+        ),
+        (
+            "[model]\n",
+            "[model]\nfallback = \"gpu\"\n",
+            "model.fallback",
+        ),
+        (
+            "[queue]\n",
+            "[queue]\ndurability = \"sometimes\"\n",
+            "queue.durability",
+        ),
+        (
+            "[queue]\n",
+            "[queue]\nfull_policy = \"drop\"\n",
+            "queue.full_policy",
+        ),
+        (
+            "[queue]\n",
+            "[queue]\nembedding = \"f64\"\n",
+            "queue.embedding",
+        ),
+        (
+            "[display]\n",
+            "[display]\npixel_format = \"bgr24\"\n",
+            "display.pixel_format",
+        ),
+        (
+            "[camera]\n",
+            "[camera]\nformat = \"h264\"\n",
+            "camera.format",
+        ),
+        (
+            "[model]\n",
+            "[model]\nthread_count = 2\n",
+            "model.thread_count",
+        ),
+    ];
+    for (from, to, key) in cases {
+        let e = refused(|t| {
+            assert!(t.contains(from), "{from}");
+            t.replacen(from, to, 1)
+        });
+        assert_eq!(e.key, key, "{to}: {e}");
+        assert!(e.message.contains("line"), "{e}");
+    }
+    // The typed values reach the run's settings.
+    let (_tmp, file) = staged("x86-dev.toml", |t| {
+        t.replacen(
+            "[model]\n",
+            "[model]\nbackend = \"classic\"\nfallback = \"fail\"\n",
+            1,
+        )
+        .replacen(
+            "embedding = \"f32\"",
+            "full_policy = \"evict-oldest\"\nembedding = \"f16\"",
+            1,
+        )
+    });
+    let loaded = LoadedConfig::load(&file).unwrap();
+    assert_eq!(loaded.config.model.backend, Backend::Classic);
+    assert_eq!(loaded.config.model.fallback, Fallback::Fail);
+    let settings = Settings::new(&loaded);
+    assert_eq!(settings.queue.full_policy, FullPolicy::EvictOldest);
+    assert_eq!(settings.pipeline.embedding_type, EmbeddingType::F16);
 }

@@ -11,6 +11,14 @@ use embedded_graphics::pixelcolor::RgbColor;
 
 use crate::{Canvas, DisplayError};
 
+/// The framebuffer layouts a configuration may name when the device does not report its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FramebufferLayout {
+    Rgb565,
+    Xrgb8888,
+}
+
 /// Where each channel sits in a pixel (bit offset, bit length), as the kernel describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PixelFormat {
@@ -34,11 +42,11 @@ impl PixelFormat {
         blue: (0, 8),
     };
 
-    pub fn parse(name: &str) -> Option<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "rgb565" => Some(Self::RGB565),
-            "xrgb8888" => Some(Self::XRGB8888),
-            _ => None,
+    /// The pixel format a configuration names.
+    pub fn of(layout: FramebufferLayout) -> Self {
+        match layout {
+            FramebufferLayout::Rgb565 => Self::RGB565,
+            FramebufferLayout::Xrgb8888 => Self::XRGB8888,
         }
     }
 

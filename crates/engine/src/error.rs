@@ -50,6 +50,24 @@ pub enum EngineError {
     },
     #[error("accelerator {requested} unavailable: {reason} (fallback policy is `fail`)")]
     AcceleratorUnavailable { requested: String, reason: String },
+    #[error(
+        "backend {backend} is not built into this dermedge: rebuild with cargo feature `{feature}` \
+         (see docs/ACCELERATORS.md)"
+    )]
+    BackendNotBuilt {
+        backend: &'static str,
+        feature: &'static str,
+    },
+    #[error(
+        "backend {backend} cannot reach accelerator {accelerator}: use backend = \"{other}\" \
+         (cargo feature `{feature}`)"
+    )]
+    AcceleratorNotOffered {
+        backend: &'static str,
+        accelerator: &'static str,
+        other: &'static str,
+        feature: &'static str,
+    },
     #[error("option `{field}`: {message}")]
     InvalidOption {
         field: &'static str,

@@ -1,6 +1,8 @@
 //! dermedge-engine: [`dermedge_core::Embedder`] implementations over TFLite runtimes.
 //!
-//! One module per runtime backend, each behind a cargo feature that only the binary chooses:
+//! [`load`] is the one way to load a model: it picks the backend [`EngineOptions::backend`]
+//! names, refuses one this build lacks (naming the cargo feature), and applies the accelerator
+//! and fallback policy. One module per runtime backend, each behind a cargo feature:
 //! - `litert` (default): Google's LiteRT 2.x (`libLiteRt.so`, the successor of TensorFlow Lite,
 //!   same `.tflite` format), loaded with `dlopen` at run time and verified against the pinned
 //!   runtime lock, so a missing or wrong library is a clear error rather than a loader failure.
@@ -11,7 +13,10 @@
 //!
 //! Depends on `dermedge-core` only.
 
-mod accelerator;
+#[cfg(not(any(feature = "litert", feature = "classic")))]
+compile_error!("dermedge-engine needs a runtime backend: enable the `litert` or `classic` feature");
+
+mod backend;
 mod check;
 #[cfg(feature = "classic")]
 pub mod classic;
@@ -22,16 +27,8 @@ pub mod litert;
 mod options;
 mod tensor;
 
-pub use accelerator::{Accelerator, Fallback};
+pub use backend::{check_options, is_built, load, LoadedModel};
+pub use dermedge_core::runtime::{Accelerator, Backend, Fallback};
 pub use error::EngineError;
 pub use options::EngineOptions;
 pub use tensor::{ElementType, Quantization, TensorDetails};
-
-/// Load the model a manifest names with the runtime backend compiled in.
-#[cfg(feature = "litert")]
-pub fn load(
-    manifest: &dermedge_core::ModelManifest,
-    options: &EngineOptions,
-) -> Result<litert::LiteRtEmbedder, EngineError> {
-    litert::LiteRtEmbedder::load(manifest, options)
-}

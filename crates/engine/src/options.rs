@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 
-use crate::{Accelerator, EngineError, Fallback};
+use crate::{Accelerator, Backend, EngineError, Fallback};
 
 /// Options for loading a model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineOptions {
+    /// Which runtime runs the model.
+    pub backend: Backend,
     /// CPU threads for inference; `None` uses every available core.
     pub threads: Option<u32>,
     pub accelerator: Accelerator,
@@ -23,6 +25,7 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         Self {
+            backend: Backend::default(),
             threads: None,
             accelerator: Accelerator::Cpu,
             fallback: Fallback::Cpu,

@@ -389,6 +389,10 @@ impl ClassicEmbedder {
         result.map_err(|m| self.error(m))
     }
 
+    fn invoke(&mut self) -> Result<(), EmbedError> {
+        self.runner.invoke().map_err(|m| self.error(m))
+    }
+
     fn read_output(&mut self) -> Result<Vec<f32>, EmbedError> {
         let mut bytes = std::mem::take(&mut self.output_bytes);
         let result = self.runner.read_output(self.output_index, &mut bytes);
@@ -428,12 +432,40 @@ impl Embedder for ClassicEmbedder {
 
     fn embed(&mut self, image: &RgbImage) -> Result<Embedding, EmbedError> {
         self.fill_input(image)?;
-        self.runner.invoke().map_err(|m| self.error(m))?;
+        ClassicEmbedder::invoke(self)?;
         let values = self.read_output()?;
         Ok(Embedding {
             model_id: self.manifest.model.id.clone(),
             precision: self.manifest.model.precision.as_str().to_string(),
             values,
         })
+    }
+}
+
+impl crate::LoadedModel for ClassicEmbedder {
+    /// The classic API runs the primary subgraph; it has no signature runner.
+    fn signature_key(&self) -> &str {
+        "(primary subgraph)"
+    }
+    fn input_details(&self) -> &TensorDetails {
+        ClassicEmbedder::input_details(self)
+    }
+    fn output_details(&self) -> &TensorDetails {
+        ClassicEmbedder::output_details(self)
+    }
+    fn accelerator(&self) -> Accelerator {
+        ClassicEmbedder::accelerator(self)
+    }
+    fn threads(&self) -> u32 {
+        ClassicEmbedder::threads(self)
+    }
+    fn fill_input(&mut self, image: &RgbImage) -> Result<(), EmbedError> {
+        ClassicEmbedder::fill_input(self, image)
+    }
+    fn invoke(&mut self) -> Result<(), EmbedError> {
+        ClassicEmbedder::invoke(self)
+    }
+    fn read_output(&mut self) -> Result<Vec<f32>, EmbedError> {
+        ClassicEmbedder::read_output(self)
     }
 }

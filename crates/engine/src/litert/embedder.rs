@@ -770,3 +770,30 @@ fn create_buffers(
     }
     Ok((input, output))
 }
+
+impl crate::LoadedModel for LiteRtEmbedder {
+    fn signature_key(&self) -> &str {
+        LiteRtEmbedder::signature_key(self)
+    }
+    fn input_details(&self) -> &TensorDetails {
+        LiteRtEmbedder::input_details(self)
+    }
+    fn output_details(&self) -> &TensorDetails {
+        LiteRtEmbedder::output_details(self)
+    }
+    fn accelerator(&self) -> Accelerator {
+        LiteRtEmbedder::accelerator(self)
+    }
+    fn threads(&self) -> u32 {
+        LiteRtEmbedder::threads(self)
+    }
+    fn fill_input(&mut self, image: &RgbImage) -> Result<(), EmbedError> {
+        LiteRtEmbedder::fill_input(self, image)
+    }
+    fn invoke(&mut self) -> Result<(), EmbedError> {
+        LiteRtEmbedder::invoke(self)
+    }
+    fn read_output(&mut self) -> Result<Vec<f32>, EmbedError> {
+        LiteRtEmbedder::read_output(self)
+    }
+}

@@ -1,0 +1,145 @@
+//! The one loader: it picks the backend, checks that this build has it, and loads the model.
+
+use crate::{Accelerator, Backend, EngineError, EngineOptions, TensorDetails};
+use dermedge_core::{EmbedError, Embedder, ModelManifest};
+
+/// Whether this build carries `backend`.
+pub fn is_built(backend: Backend) -> bool {
+    match backend {
+        Backend::Litert => cfg!(feature = "litert"),
+        Backend::Classic => cfg!(feature = "classic"),
+    }
+}
+
+/// A model loaded by a backend: an [`Embedder`] that also says what it runs on.
+pub trait LoadedModel: Embedder + Send {
+    fn signature_key(&self) -> &str;
+    fn input_details(&self) -> &TensorDetails;
+    fn output_details(&self) -> &TensorDetails;
+    /// The accelerator the model actually runs on (after any fallback).
+    fn accelerator(&self) -> Accelerator;
+    fn threads(&self) -> u32;
+    /// The three stages of [`Embedder::embed`], for benchmarks that time each: preprocess
+    /// `image` into the input tensor, run the model, read the output as `f32`.
+    fn fill_input(&mut self, image: &dermedge_core::RgbImage) -> Result<(), EmbedError>;
+    fn invoke(&mut self) -> Result<(), EmbedError>;
+    fn read_output(&mut self) -> Result<Vec<f32>, EmbedError>;
+}
+
+impl Embedder for Box<dyn LoadedModel> {
+    fn manifest(&self) -> &ModelManifest {
+        (**self).manifest()
+    }
+    fn backend(&self) -> String {
+        (**self).backend()
+    }
+    fn runtime_description(&self) -> String {
+        (**self).runtime_description()
+    }
+    fn embed(
+        &mut self,
+        image: &dermedge_core::RgbImage,
+    ) -> Result<dermedge_core::Embedding, dermedge_core::EmbedError> {
+        (**self).embed(image)
+    }
+}
+
+/// Whether this build can honour `options`: the backend built in, and the accelerator one the
+/// backend can reach. `config check` and [`load`] both ask.
+pub fn check_options(options: &EngineOptions) -> Result<(), EngineError> {
+    let backend = options.backend;
+    if !is_built(backend) {
+        return Err(EngineError::BackendNotBuilt {
+            backend: backend.name(),
+            feature: backend.feature(),
+        });
+    }
+    let accelerator = options.accelerator;
+    if !backend.accelerators().contains(&accelerator) {
+        let offering = Backend::ALL
+            .into_iter()
+            .find(|b| b.accelerators().contains(&accelerator))
+            .unwrap_or(Backend::Litert);
+        return Err(EngineError::AcceleratorNotOffered {
+            backend: backend.name(),
+            accelerator: accelerator.name(),
+            other: offering.name(),
+            feature: offering.feature(),
+        });
+    }
+    options.resolved_threads().map(|_| ())
+}
+
+/// Load the model `manifest` names with the backend `options` choose. A backend that is not
+/// built in, or an accelerator the backend cannot reach, is an error here; an accelerator the
+/// backend can reach but this machine lacks falls back to the CPU with a logged warning unless
+/// `options.fallback` is `fail`.
+pub fn load(
+    manifest: &ModelManifest,
+    options: &EngineOptions,
+) -> Result<Box<dyn LoadedModel>, EngineError> {
+    check_options(options)?;
+    log::info!(
+        "loading {} with the {} backend ({} requested)",
+        manifest.model_path().display(),
+        options.backend,
+        options.accelerator
+    );
+    match options.backend {
+        #[cfg(feature = "litert")]
+        Backend::Litert => Ok(Box::new(crate::litert::LiteRtEmbedder::load(
+            manifest, options,
+        )?)),
+        #[cfg(feature = "classic")]
+        Backend::Classic => Ok(Box::new(crate::classic::ClassicEmbedder::load(
+            manifest, options,
+        )?)),
+        #[allow(unreachable_patterns)]
+        other => Err(EngineError::BackendNotBuilt {
+            backend: other.name(),
+            feature: other.feature(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_refused() {
+        for b in Backend::ALL {
+            assert_eq!(b.name().parse::<Backend>().unwrap(), b);
+        }
+        assert!("tflite".parse::<Backend>().unwrap_err().contains("litert"));
+    }
+
+    #[test]
+    fn an_accelerator_the_backend_cannot_reach_names_the_one_that_can() {
+        let options = EngineOptions {
+            backend: Backend::Litert,
+            accelerator: Accelerator::EdgeTpu,
+            ..EngineOptions::default()
+        };
+        let message = check_options(&options).unwrap_err().to_string();
+        if is_built(Backend::Litert) {
+            assert!(message.contains("edge-tpu"), "{message}");
+            assert!(message.contains("classic"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_backend_not_built_names_its_feature() {
+        for backend in Backend::ALL.into_iter().filter(|b| !is_built(*b)) {
+            let options = EngineOptions {
+                backend,
+                ..EngineOptions::default()
+            };
+            let message = check_options(&options).unwrap_err().to_string();
+            assert!(
+                message.contains(&format!("cargo feature `{}`", backend.feature())),
+                "{message}"
+            );
+        }
+    }
+}
