@@ -1,6 +1,6 @@
 //! [`LiteRtEmbedder`]: a `.tflite` model compiled by LiteRT, checked against its manifest.
 
-use std::ffi::{c_int, CStr, CString};
+use std::ffi::{c_int, CStr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +35,10 @@ pub struct LiteRtEmbedder {
     output_buffer: Handle,
     compiled: Handle,
     model: Handle,
+    /// The checked model file, which LiteRT reads in place: dropped after `model` (see `Drop`).
+    /// Never read on our side once handed over; holding it is its purpose.
+    #[allow(dead_code)]
+    bytes: memmap2::Mmap,
     /// Dropped after the handles above (see `Drop`), which live inside it.
     env: Environment,
 }
@@ -85,22 +89,18 @@ impl LiteRtEmbedder {
             None => manifest.verify_model_file()?,
         }
         let verified_s = started.elapsed().as_secs_f64();
-        check_tflite_file(&model_path)?;
+        // The runtime reads the very bytes that were checked: the mapping, not the path again.
+        let bytes = check_tflite_file(&model_path)?;
         let runtime = LiteRtRuntime::locate(options)?;
         let env = runtime.create_environment()?;
         let api = &runtime.api;
         let check = |call, status| runtime.check(&model_path, call, status);
 
-        let c_path = CString::new(model_path.as_os_str().as_encoded_bytes()).map_err(|_| {
-            EngineError::NotTflite {
-                path: model_path.clone(),
-                reason: "path contains a NUL byte".into(),
-            }
-        })?;
         let mut model: Handle = std::ptr::null_mut();
-        // SAFETY: valid C string and out-pointer.
-        check("LiteRtCreateModelFromFile", unsafe {
-            (api.LiteRtCreateModelFromFile)(c_path.as_ptr(), &mut model)
+        // SAFETY: `bytes` is a valid mapping of `bytes.len()` bytes that `Self` keeps alive for as
+        // long as the model (LiteRT reads the buffer in place); the out-pointer is valid.
+        check("LiteRtCreateModelFromBuffer", unsafe {
+            (api.LiteRtCreateModelFromBuffer)(bytes.as_ptr().cast(), bytes.len(), &mut model)
         })?;
         // From here on `guard` destroys the model if anything fails before `Self` owns it.
         let guard = ModelGuard {
@@ -191,6 +191,7 @@ impl LiteRtEmbedder {
             output_buffer,
             compiled,
             model,
+            bytes,
             env,
         })
     }
@@ -400,7 +401,7 @@ struct ModelGuard<'a> {
 
 impl Drop for ModelGuard<'_> {
     fn drop(&mut self) {
-        // SAFETY: the model was created by LiteRtCreateModelFromFile and nothing else owns it.
+        // SAFETY: the model was created by LiteRtCreateModelFromBuffer and nothing else owns it.
         unsafe { (self.runtime.api.LiteRtDestroyModel)(self.model) }
     }
 }

@@ -156,7 +156,7 @@ api! {
     LiteRtGetAcceleratorName: fn(Handle, *mut *const c_char) -> Status;
     LiteRtGetAcceleratorVersion: fn(Handle, *mut ApiVersion) -> Status;
     LiteRtGetAcceleratorHardwareSupport: fn(Handle, *mut c_int) -> Status;
-    LiteRtCreateModelFromFile: fn(*const c_char, *mut Handle) -> Status;
+    LiteRtCreateModelFromBuffer: fn(*const c_void, usize, *mut Handle) -> Status;
     LiteRtDestroyModel: fn(Handle);
     LiteRtGetNumModelSignatures: fn(Handle, *mut ParamIndex) -> Status;
     LiteRtGetModelSignature: fn(Handle, ParamIndex, *mut Handle) -> Status;
