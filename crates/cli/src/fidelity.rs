@@ -8,11 +8,13 @@ use clap::Args;
 use dermedge_core::preprocess::{decode_file, DecodeLimits};
 use dermedge_core::{Embedder, ModelManifest};
 use dermedge_fidelity::report::{write_report, Report};
-use dermedge_fidelity::{compare, Gates};
+use dermedge_fidelity::{compare_named, Gates};
 use dermedge_head::{kmeans::kmeans, train_softmax, LinearHead, TrainOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::{inputs, load_with, Backend, RuntimeArgs};
+use dermedge_engine::{Backend, LoadedModel};
+
+use crate::{inputs, load, RuntimeArgs};
 
 #[derive(Args, Debug)]
 pub struct FidelityArgs {
@@ -42,7 +44,7 @@ pub struct FidelityArgs {
     noise_threads: Option<u32>,
     /// Backend for the candidate (default: --backend): compare LiteRT against classic
     /// TensorFlow Lite on the same model, say.
-    #[arg(long, value_enum)]
+    #[arg(long)]
     candidate_backend: Option<Backend>,
     #[command(flatten)]
     runtime: RuntimeArgs,
@@ -60,7 +62,7 @@ struct Embedded {
 
 fn embed_all(
     files: &[PathBuf],
-    models: &mut [&mut Box<dyn Embedder + Send>],
+    models: &mut [&mut Box<dyn LoadedModel>],
     what: &str,
 ) -> Result<(Vec<String>, EmbeddingSets)> {
     let bar = ProgressBar::new(files.len() as u64);
@@ -159,7 +161,11 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
     let options = args.runtime.engine_options();
     let mut ref_model = args.runtime.load(&reference)?;
     let candidate_backend = args.candidate_backend.unwrap_or(args.runtime.backend);
-    let mut cand_model = load_with(candidate_backend, &candidate, &options)?;
+    let candidate_options = dermedge_engine::EngineOptions {
+        backend: candidate_backend,
+        ..options.clone()
+    };
+    let mut cand_model = load(&candidate, &candidate_options)?;
     let threads = options.resolved_threads()?;
     let noise_threads = args
         .noise_threads
@@ -168,7 +174,7 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         threads: Some(noise_threads),
         ..options.clone()
     };
-    let mut noise_model = load_with(args.runtime.backend, &reference, &noise_options)?;
+    let mut noise_model = load(&reference, &noise_options)?;
 
     let (kept, mut sets) = embed_all(
         &files,
@@ -192,8 +198,18 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         Some(h) => h,
         None => kmeans_head(&reference.model.id, &embedded.reference)?,
     };
-    let comparison = compare(&embedded.reference, &embedded.candidate, Some(&head))?;
-    let noise = compare(&embedded.reference, &embedded.noise, Some(&head))?;
+    let comparison = compare_named(
+        &embedded.reference,
+        &embedded.candidate,
+        &embedded.files,
+        Some(&head),
+    )?;
+    let noise = compare_named(
+        &embedded.reference,
+        &embedded.noise,
+        &embedded.files,
+        Some(&head),
+    )?;
     let results = gates.evaluate(&comparison, &gates_name)?;
     let noise_results = gates.evaluate(&noise, &gates_name)?;
     let mut warnings = Vec::new();
@@ -237,7 +253,7 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
             "hard case",
         )?;
         let (cand, refs) = (sets.pop().unwrap(), sets.pop().unwrap());
-        let hard = compare(&refs, &cand, Some(&head))?;
+        let hard = compare_named(&refs, &cand, &kept, Some(&head))?;
         let hard_results = gates.evaluate(&hard, &gates_name)?;
         let hard_report = Report {
             images: kept,
@@ -250,8 +266,8 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         };
         write_report(&args.report.join("hard-case"), &hard_report)?;
         println!(
-            "hard case ({} images, not gated): centred cosine p1 {:.4}, SQNR p1 {:.2} dB",
-            hard.images, hard.centred_cosine.p1, hard.sqnr_db.p1
+            "hard case ({} images, not gated): centred cosine p1 {:.4} (head view), δ p99 {:.4}, SQNR p1 {:.2} dB",
+            hard.images, hard.centred_cosine.p1, hard.head_view_delta.p99, hard.sqnr_db.p1
         );
     }
 
@@ -259,17 +275,23 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         eprintln!("warning: {w}");
     }
     println!(
-        "{} vs {} on {} images: centred cosine p1 {:.4} (raw {:.4}; different images {:.4}), SQNR p1 {:.2} dB, top-10 overlap {:.3}, self-retrieval {:.3}",
+        "{} vs {} on {} images: centred cosine p1 {:.4} (head view), δ p99 {:.4}, probe SNR {:.2} dB; raw cosine p1 {:.4} (different images {:.4}), SQNR p1 {:.2} dB, top-10 overlap {:.3} (chance {:.3}), self-retrieval {:.3}",
         report.candidate,
         report.reference,
         comparison.images,
         comparison.centred_cosine.p1,
+        comparison.head_view_delta.p99,
+        comparison.probe_snr_db,
         comparison.cosine.p1,
         comparison.reference_inter_image_cosine.median,
         comparison.sqnr_db.p1,
         comparison.top10_overlap.mean,
+        comparison.top10_overlap_chance,
         comparison.self_retrieval
     );
+    for w in &comparison.worst_centred_cosine {
+        println!("  worst centred cosine: {:.4} {}", w.value, w.image);
+    }
     for g in &results {
         println!("  {g}");
     }

@@ -20,6 +20,7 @@ use flatbuffers::{Vector, VerifierOptions};
     non_snake_case,
     clippy::all,
     clippy::pedantic,
+    clippy::undocumented_unsafe_blocks,
     unsafe_op_in_unsafe_fn,
     mismatched_lifetime_syntaxes,
     deprecated

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Comparison, FidelityError};
+use crate::{Comparison, FidelityError, Interval};
 
 pub const DEFAULT_GATES: &str = include_str!("../gates/default.toml");
 
@@ -31,6 +31,8 @@ pub struct GateResult {
     pub max: Option<f64>,
     pub pass: bool,
     pub why: Option<String>,
+    /// Bootstrap confidence interval of the value, for p1/p99 metrics.
+    pub ci: Option<Interval>,
 }
 
 impl std::fmt::Display for GateResult {
@@ -41,9 +43,13 @@ impl std::fmt::Display for GateResult {
             (None, Some(hi)) => format!("<= {hi}"),
             (None, None) => "(no bound)".into(),
         };
+        let ci = self
+            .ci
+            .map(|ci| format!(" (95% CI {ci})"))
+            .unwrap_or_default();
         write!(
             f,
-            "{} {}: {:.4} (needs {bound})",
+            "{} {}: {:.4}{ci} (needs {bound})",
             if self.pass { "PASS" } else { "FAIL" },
             self.gate,
             self.value
@@ -82,7 +88,8 @@ impl Gates {
         Ok(gates)
     }
 
-    /// Check every gate against the comparison; an unknown metric name is an error.
+    /// Check every gate against the comparison; an unknown metric name is an error. A gate holds
+    /// when its value is not NaN, is `>= min` (if set) and `<= max` (if set).
     pub fn evaluate(
         &self,
         comparison: &Comparison,
@@ -109,6 +116,7 @@ impl Gates {
                     max: gate.max,
                     pass,
                     why: gate.why.clone(),
+                    ci: comparison.confidence_intervals.get(name).copied(),
                 })
             })
             .collect()
@@ -184,5 +192,95 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("minimum"));
+    }
+
+    #[test]
+    fn default_gates_hold_their_thresholds() {
+        let gates = Gates::default_gates();
+        let bound = |name: &str| {
+            let g = &gates.gates[name];
+            (g.min, g.max)
+        };
+        assert_eq!(bound("centred_cosine_p1"), (Some(0.95), None));
+        assert_eq!(bound("head_view_delta_p99"), (None, Some(0.33)));
+        assert_eq!(bound("sqnr_db_p1"), (Some(20.0), None));
+        assert_eq!(bound("top10_overlap_mean"), (Some(0.9), None));
+        assert_eq!(bound("self_retrieval"), (Some(0.98), None));
+        assert_eq!(bound("head_agreement"), (Some(0.99), None));
+        assert_eq!(gates.gates.len(), 6);
+        // An orthogonal head-view error of 0.33 is a cosine of 0.95: the two gates agree.
+        assert!((1.0 / (1.0f64 + 0.33 * 0.33).sqrt() - 0.95).abs() < 0.002);
+    }
+
+    #[test]
+    fn a_gate_can_bound_from_above_or_from_both_sides() {
+        let (r, c) = sets();
+        let cmp = compare(&r, &c, None).unwrap();
+        let gates = Gates::parse(
+            "[gates.head_view_delta_p99]\nmax = 0.33\n\
+             [gates.norm_ratio_median]\nmin = 1.0\nmax = 1.002\n\
+             [gates.norm_ratio_max]\nmax = 1.0\n\
+             [gates.relative_l2_p1]\nmin = 0.0\nmax = 0.0005\n",
+            "g.toml",
+        )
+        .unwrap();
+        let results = gates.evaluate(&cmp, "g.toml").unwrap();
+        let get = |name: &str| results.iter().find(|g| g.gate == name).unwrap();
+        // c = 1.001·r: no head-view error, norm ratio 1.001, relative error 0.001.
+        let delta = get("head_view_delta_p99");
+        assert!(delta.pass && delta.value < 1e-5, "{delta:?}");
+        assert!(delta.to_string().contains("(needs <= 0.33)"), "{delta}");
+        let median = get("norm_ratio_median");
+        assert!(
+            median.pass && (median.value - 1.001).abs() < 1e-5,
+            "{median:?}"
+        );
+        assert!(median.to_string().contains("in [1, 1.002]"), "{median}");
+        let max = get("norm_ratio_max");
+        assert!(!max.pass && max.to_string().starts_with("FAIL norm_ratio_max: 1.0010"));
+        let rel = get("relative_l2_p1");
+        assert!(!rel.pass && (rel.value - 0.001).abs() < 1e-5, "{rel:?}");
+        // A broken candidate exceeds the head-view bound.
+        let broken: Vec<Vec<f32>> = r.iter().rev().cloned().collect();
+        let results = gates
+            .evaluate(&compare(&r, &broken, None).unwrap(), "g.toml")
+            .unwrap();
+        let delta = results
+            .iter()
+            .find(|g| g.gate == "head_view_delta_p99")
+            .unwrap();
+        assert!(!delta.pass && delta.value > 1.0, "{delta:?}");
+    }
+
+    #[test]
+    fn percentile_gates_carry_their_bootstrap_interval() {
+        let (r, _) = sets();
+        let c: Vec<Vec<f32>> = r
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.iter()
+                    .map(|x| x + 0.01 * (i as f32 * 0.37).sin())
+                    .collect()
+            })
+            .collect();
+        let cmp = compare(&r, &c, None).unwrap();
+        let gates = Gates::parse(
+            "[gates.centred_cosine_p1]\nmin = 0.95\n[gates.head_view_delta_p99]\nmax = 0.33\n\
+             [gates.self_retrieval]\nmin = 0.98\n",
+            "t",
+        )
+        .unwrap();
+        let results = gates.evaluate(&cmp, "t").unwrap();
+        for g in &results {
+            match g.gate.as_str() {
+                "self_retrieval" => assert!(g.ci.is_none()),
+                _ => {
+                    let ci = g.ci.unwrap_or_else(|| panic!("{} has no interval", g.gate));
+                    assert!(ci.contains(g.value), "{g:?}");
+                    assert!(g.to_string().contains("(95% CI ["), "{g}");
+                }
+            }
+        }
     }
 }

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use dermedge_head::LinearHead;
 use serde::Serialize;
 
-use crate::stats::{spearman, Summary};
+use crate::stats::{
+    bootstrap_percentiles, spearman, Interval, Summary, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED,
+};
 use crate::FidelityError;
 
 /// Neighbourhood size for the nearest-neighbour overlap.
@@ -14,11 +16,20 @@ pub const NEIGHBOURS: usize = 10;
 /// agreement on it is near-certain whatever the candidate does.
 pub const DEGENERATE_HEAD_SHARE: f64 = 0.9;
 
-/// Per-image values, kept for plots and the JSON report.
+/// How many images the report names as the worst by each head-view metric.
+pub const WORST_IMAGES: usize = 5;
+
+/// Per-image values, kept for plots and the JSON report. `image[i]` names image `i`.
 #[derive(Debug, Clone, Serialize)]
 pub struct PerImage {
+    pub image: Vec<String>,
     pub cosine: Vec<f64>,
+    /// Head-view centred cosine `cos(P(c), P(r))` (see [`Comparison::centred_cosine`]).
     pub centred_cosine: Vec<f64>,
+    /// Head-view relative error `‖P(c) − P(r)‖ / ‖P(r)‖`.
+    pub head_view_delta: Vec<f64>,
+    /// Cosine of the un-normalised embeddings after subtracting the reference set's mean.
+    pub raw_centred_cosine: Vec<f64>,
     pub sqnr_db: Vec<f64>,
     pub relative_l2: Vec<f64>,
     pub norm_ratio: Vec<f64>,
@@ -51,22 +62,58 @@ pub struct HeadAgreement {
     pub degenerate: bool,
 }
 
+/// One image named in a worst-images list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorstImage {
+    pub index: usize,
+    pub image: String,
+    pub value: f64,
+}
+
+/// The comparison of a candidate's embeddings with a reference's.
+///
+/// **Head view.** Every dermedge linear head L2-normalises an embedding and subtracts a mean
+/// before its weights see it, so the directional metrics are taken in that view:
+/// `P(x) = x/‖x‖ − m`, where `m` is the mean over the evaluation set of the L2-normalised
+/// *reference* embeddings (`P(0) = −m`). A pure gain `c = g·r` (`g > 0`) leaves `P(c) = P(r)`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
     pub images: usize,
     pub dim: usize,
+    /// Raw cosine `cos(c, r)`.
     pub cosine: Summary,
+    /// Head-view centred cosine `cos(P(c), P(r))` (gate `centred_cosine_p1`).
     pub centred_cosine: Summary,
+    /// Head-view relative error `δ = ‖P(c) − P(r)‖ / ‖P(r)‖` (gate `head_view_delta_p99`).
+    pub head_view_delta: Summary,
+    /// Set-level probe SNR in dB: `10·log10(Σ‖P(r)‖² / Σ‖P(c) − P(r)‖²)`; for ranking candidates.
+    pub probe_snr_db: f64,
+    /// Cosine of the un-normalised embeddings, both centred on the reference set's raw mean. A
+    /// gain change moves it; reported, not gated.
+    pub raw_centred_cosine: Summary,
+    /// SQNR of the un-normalised embeddings, `20·log10(‖r‖ / ‖r − c‖)`.
     pub sqnr_db: Summary,
     pub relative_l2: Summary,
     pub norm_ratio: Summary,
-    /// Cosine between different images under the reference: the scale raw cosine must beat.
+    /// Cosine between different images under the reference: the scale raw cosine must beat, and
+    /// how hard the set is (median near 1: images hard to tell apart).
     pub reference_inter_image_cosine: Summary,
+    /// Head-view centred cosine between different images under the reference.
     pub reference_inter_image_centred_cosine: Summary,
     pub self_retrieval: f64,
     pub top10_overlap: Summary,
+    /// Expected top-10 overlap of a candidate unrelated to the reference: k/(n − 1).
+    pub top10_overlap_chance: f64,
     pub pairwise_similarity_spearman: f64,
     pub head: Option<HeadAgreement>,
+    /// Percentile-bootstrap confidence intervals ([`crate::stats::bootstrap_percentile`]) of every
+    /// per-image distribution's p1 and p99, keyed like the gates: `centred_cosine_p1`,
+    /// `head_view_delta_p99`, `sqnr_db_p1`, ...
+    pub confidence_intervals: BTreeMap<String, Interval>,
+    /// The [`WORST_IMAGES`] images with the lowest head-view centred cosine, worst first.
+    pub worst_centred_cosine: Vec<WorstImage>,
+    /// The [`WORST_IMAGES`] images with the largest head-view δ, worst first.
+    pub worst_head_view_delta: Vec<WorstImage>,
     pub per_dimension: PerDimension,
     pub per_image: PerImage,
 }
@@ -117,10 +164,51 @@ fn argmax(p: &[f32]) -> usize {
         .unwrap_or(0)
 }
 
+/// L2-normalised copy of `v`; the zero vector stays zero.
+fn normalised(v: &[f64]) -> Vec<f64> {
+    let n = norm(v);
+    if n == 0.0 {
+        v.to_vec()
+    } else {
+        v.iter().map(|x| x / n).collect()
+    }
+}
+
+/// The [`WORST_IMAGES`] images with the lowest (or highest) values, worst first, ties by index;
+/// NaNs left out.
+fn worst(values: &[f64], names: &[String], lowest: bool) -> Vec<WorstImage> {
+    let mut idx: Vec<usize> = (0..values.len()).filter(|&i| !values[i].is_nan()).collect();
+    idx.sort_by(|&a, &b| {
+        let o = values[a].total_cmp(&values[b]);
+        if lowest { o } else { o.reverse() }.then(a.cmp(&b))
+    });
+    idx.truncate(WORST_IMAGES);
+    idx.into_iter()
+        .map(|i| WorstImage {
+            index: i,
+            image: names[i].clone(),
+            value: values[i],
+        })
+        .collect()
+}
+
 /// Compare candidate embeddings with reference embeddings of the same images (same order).
+/// Images are named by their index (`#0`, `#1`, ...); [`compare_named`] takes their names.
 pub fn compare(
     reference: &[Vec<f32>],
     candidate: &[Vec<f32>],
+    head: Option<&LinearHead>,
+) -> Result<Comparison, FidelityError> {
+    let names: Vec<String> = (0..reference.len()).map(|i| format!("#{i}")).collect();
+    compare_named(reference, candidate, &names, head)
+}
+
+/// [`compare`], with `names[i]` (a file path, say) naming image `i` in the per-image records and
+/// the worst-images lists.
+pub fn compare_named(
+    reference: &[Vec<f32>],
+    candidate: &[Vec<f32>],
+    names: &[String],
     head: Option<&LinearHead>,
 ) -> Result<Comparison, FidelityError> {
     let n = reference.len();
@@ -128,6 +216,12 @@ pub fn compare(
         return Err(FidelityError::CountMismatch {
             reference: n,
             candidate: candidate.len(),
+        });
+    }
+    if names.len() != n {
+        return Err(FidelityError::NameCountMismatch {
+            images: n,
+            names: names.len(),
         });
     }
     if n < 3 {
@@ -148,30 +242,49 @@ pub fn compare(
         .iter()
         .map(|v| v.iter().map(|&x| x as f64).collect())
         .collect();
-    let mut mean = vec![0f64; dim];
-    for row in &r {
-        for (m, x) in mean.iter_mut().zip(row) {
-            *m += x / n as f64;
+    let mean_of = |rows: &[Vec<f64>]| -> Vec<f64> {
+        let mut mean = vec![0f64; dim];
+        for row in rows {
+            for (m, x) in mean.iter_mut().zip(row) {
+                *m += x / n as f64;
+            }
         }
-    }
-    let centre = |v: &Vec<f64>| -> Vec<f64> { v.iter().zip(&mean).map(|(x, m)| x - m).collect() };
-    let rc: Vec<Vec<f64>> = r.iter().map(centre).collect();
-    let cc: Vec<Vec<f64>> = c.iter().map(centre).collect();
+        mean
+    };
+    let centre = |v: &Vec<f64>, mean: &[f64]| -> Vec<f64> {
+        v.iter().zip(mean).map(|(x, m)| x - m).collect()
+    };
+    // Raw centring: un-normalised embeddings minus the reference set's raw mean.
+    let mean = mean_of(&r);
+    let rc: Vec<Vec<f64>> = r.iter().map(|v| centre(v, &mean)).collect();
+    let cc: Vec<Vec<f64>> = c.iter().map(|v| centre(v, &mean)).collect();
+    // Head view: P(x) = x/|x| - m, m the mean of the L2-normalised reference embeddings.
+    let rn: Vec<Vec<f64>> = r.iter().map(|v| normalised(v)).collect();
+    let head_mean = mean_of(&rn);
+    let rp: Vec<Vec<f64>> = rn.iter().map(|v| centre(v, &head_mean)).collect();
+    let cp: Vec<Vec<f64>> = c
+        .iter()
+        .map(|v| centre(&normalised(v), &head_mean))
+        .collect();
 
     let mut per = PerImage {
+        image: names.to_vec(),
         cosine: Vec::with_capacity(n),
         centred_cosine: Vec::with_capacity(n),
+        head_view_delta: Vec::with_capacity(n),
+        raw_centred_cosine: Vec::with_capacity(n),
         sqnr_db: Vec::with_capacity(n),
         relative_l2: Vec::with_capacity(n),
         norm_ratio: Vec::with_capacity(n),
         top10_overlap: Vec::with_capacity(n),
         self_retrieved: Vec::with_capacity(n),
     };
+    let (mut probe_signal, mut probe_error) = (0f64, 0f64);
     for i in 0..n {
         let err: Vec<f64> = r[i].iter().zip(&c[i]).map(|(a, b)| a - b).collect();
         let (nr, ne) = (norm(&r[i]), norm(&err));
         per.cosine.push(cos(&r[i], &c[i]));
-        per.centred_cosine.push(cos(&rc[i], &cc[i]));
+        per.raw_centred_cosine.push(cos(&rc[i], &cc[i]));
         per.sqnr_db.push(if ne == 0.0 {
             f64::INFINITY
         } else {
@@ -184,7 +297,22 @@ pub fn compare(
         } else {
             norm(&c[i]) / nr
         });
+        let probe_err: Vec<f64> = cp[i].iter().zip(&rp[i]).map(|(a, b)| a - b).collect();
+        let (signal, error) = (dot(&rp[i], &rp[i]), dot(&probe_err, &probe_err));
+        probe_signal += signal;
+        probe_error += error;
+        per.centred_cosine.push(cos(&cp[i], &rp[i]));
+        per.head_view_delta.push(if signal == 0.0 {
+            f64::NAN
+        } else {
+            (error / signal).sqrt()
+        });
     }
+    let probe_snr_db = if probe_error == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (probe_signal / probe_error).log10()
+    };
 
     let sim_r = similarity(&rc);
     let sim_c = similarity(&cc);
@@ -209,7 +337,7 @@ pub fn compare(
         per.self_retrieved.push(best == i);
         for j in i + 1..n {
             inter_raw.push(cos(&r[i], &r[j]));
-            inter_centred.push(sim_r[i][j]);
+            inter_centred.push(cos(&rp[i], &rp[j]));
             pairs_r.push(sim_r[i][j]);
             pairs_c.push(sim_c[i][j]);
         }
@@ -283,6 +411,9 @@ pub fn compare(
         dim,
         cosine: Summary::of(&per.cosine),
         centred_cosine: Summary::of(&per.centred_cosine),
+        head_view_delta: Summary::of(&per.head_view_delta),
+        probe_snr_db,
+        raw_centred_cosine: Summary::of(&per.raw_centred_cosine),
         sqnr_db: Summary::of(&per.sqnr_db),
         relative_l2: Summary::of(&per.relative_l2),
         norm_ratio: Summary::of(&per.norm_ratio),
@@ -290,8 +421,12 @@ pub fn compare(
         reference_inter_image_centred_cosine: Summary::of(&inter_centred),
         self_retrieval: per.self_retrieved.iter().filter(|&&b| b).count() as f64 / n as f64,
         top10_overlap: Summary::of(&per.top10_overlap),
+        top10_overlap_chance: k as f64 / (n - 1) as f64,
         pairwise_similarity_spearman: spearman(&pairs_r, &pairs_c),
         head,
+        confidence_intervals: confidence_intervals(&per),
+        worst_centred_cosine: worst(&per.centred_cosine, names, true),
+        worst_head_view_delta: worst(&per.head_view_delta, names, false),
         per_dimension: PerDimension {
             bias_abs_max,
             bias_over_std_max,
@@ -305,13 +440,41 @@ pub fn compare(
     })
 }
 
+/// The per-image distributions, by the name their gate metrics start with.
+fn distributions(per: &PerImage) -> [(&'static str, &[f64]); 8] {
+    [
+        ("cosine", &per.cosine),
+        ("centred_cosine", &per.centred_cosine),
+        ("head_view_delta", &per.head_view_delta),
+        ("raw_centred_cosine", &per.raw_centred_cosine),
+        ("sqnr_db", &per.sqnr_db),
+        ("relative_l2", &per.relative_l2),
+        ("norm_ratio", &per.norm_ratio),
+        ("top10_overlap", &per.top10_overlap),
+    ]
+}
+
+fn confidence_intervals(per: &PerImage) -> BTreeMap<String, Interval> {
+    let mut out = BTreeMap::new();
+    for (name, values) in distributions(per) {
+        let cis = bootstrap_percentiles(values, &[0.01, 0.99], BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED);
+        for (stat, ci) in ["p1", "p99"].into_iter().zip(cis.into_iter().flatten()) {
+            out.insert(format!("{name}_{stat}"), ci);
+        }
+    }
+    out
+}
+
 impl Comparison {
-    /// Every scalar a gate may name, e.g. `centred_cosine_p1`, `sqnr_db_p1`, `self_retrieval`.
+    /// Every scalar a gate may name, e.g. `centred_cosine_p1`, `head_view_delta_p99`,
+    /// `sqnr_db_p1`, `self_retrieval`.
     pub fn metric_values(&self) -> BTreeMap<String, f64> {
         let mut m = BTreeMap::new();
         for (name, s) in [
             ("cosine", &self.cosine),
             ("centred_cosine", &self.centred_cosine),
+            ("head_view_delta", &self.head_view_delta),
+            ("raw_centred_cosine", &self.raw_centred_cosine),
             ("sqnr_db", &self.sqnr_db),
             ("relative_l2", &self.relative_l2),
             ("norm_ratio", &self.norm_ratio),
@@ -322,11 +485,13 @@ impl Comparison {
                 ("p1", s.p1),
                 ("median", s.median),
                 ("mean", s.mean),
+                ("p99", s.p99),
                 ("max", s.max),
             ] {
                 m.insert(format!("{name}_{stat}"), v);
             }
         }
+        m.insert("probe_snr_db".into(), self.probe_snr_db);
         m.insert("self_retrieval".into(), self.self_retrieval);
         m.insert(
             "pairwise_similarity_spearman".into(),
@@ -350,6 +515,7 @@ impl Comparison {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::SplitMix64;
 
     fn embeddings(n: usize, dim: usize, seed: u32) -> Vec<Vec<f32>> {
         (0..n)
@@ -366,6 +532,9 @@ mod tests {
         let r = embeddings(20, 32, 1);
         let c = compare(&r, &r, None).unwrap();
         assert!((c.cosine.min - 1.0).abs() < 1e-12 && (c.centred_cosine.min - 1.0).abs() < 1e-9);
+        assert!((c.raw_centred_cosine.min - 1.0).abs() < 1e-9);
+        assert_eq!(c.head_view_delta.max, 0.0);
+        assert!(c.probe_snr_db.is_infinite() && c.probe_snr_db > 0.0);
         assert!(c.sqnr_db.min.is_infinite());
         assert_eq!(c.self_retrieval, 1.0);
         assert_eq!(c.top10_overlap.min, 1.0);
@@ -418,5 +587,295 @@ mod tests {
             compare(&r[..2], &r[..2], None),
             Err(FidelityError::TooFewImages { .. })
         ));
+        assert!(matches!(
+            compare_named(&r, &r, &["a".to_string()], None),
+            Err(FidelityError::NameCountMismatch {
+                images: 5,
+                names: 1
+            })
+        ));
+    }
+
+    /// Worked by hand in 2-d: m = (0, 1/3); image 0's candidate is (5, 5), a new direction at
+    /// another length; the others are exact.
+    #[test]
+    fn head_view_values_by_hand() {
+        let r = vec![vec![1.0f32, 0.0], vec![0.0, 1.0], vec![-1.0, 0.0]];
+        let mut c = r.clone();
+        c[0] = vec![5.0, 5.0];
+        let cmp = compare(&r, &c, None).unwrap();
+        let s = std::f64::consts::FRAC_1_SQRT_2;
+        // P(r0) = (1, -1/3), P(c0) = (s, s - 1/3), |P(c0) - P(r0)|^2 = (s - 1)^2 + s^2 = 2 - 2s.
+        let pr2 = 10.0 / 9.0;
+        let pc2 = 10.0 / 9.0 - 2.0 * s / 3.0;
+        let dot = 2.0 * s / 3.0 + 1.0 / 9.0;
+        let per = &cmp.per_image;
+        assert!((per.centred_cosine[0] - dot / (pr2 * pc2).sqrt()).abs() < 1e-6);
+        assert!((per.head_view_delta[0] - ((2.0 - 2.0 * s) / pr2).sqrt()).abs() < 1e-6);
+        assert_eq!(&per.head_view_delta[1..], &[0.0, 0.0]);
+        // sum |P(r)|^2 = 10/9 + 4/9 + 10/9 = 8/3.
+        let probe = 10.0 * ((8.0 / 3.0) / (2.0 - 2.0 * s)).log10();
+        assert!(
+            (cmp.probe_snr_db - probe).abs() < 1e-5,
+            "{}",
+            cmp.probe_snr_db
+        );
+        assert_eq!(cmp.worst_centred_cosine[0].image, "#0");
+        assert_eq!(cmp.worst_head_view_delta[0].index, 0);
+        assert_eq!(cmp.top10_overlap_chance, 1.0);
+    }
+
+    /// Deterministic stand-ins for real embeddings: a large common component shared by every
+    /// image (~99 % of the energy, raw cosine between different images ~0.99), an image-specific
+    /// part, and a per-image length.
+    struct Synthetic {
+        reference: Vec<Vec<f32>>,
+        rng: SplitMix64,
+    }
+
+    fn gaussian(rng: &mut SplitMix64) -> f64 {
+        let u = 1.0 - rng.unit();
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * rng.unit()).cos()
+    }
+
+    fn synthetic() -> Synthetic {
+        let (n, dim) = (200, 64);
+        let mut rng = SplitMix64::new(0xde7e);
+        let common: Vec<f64> = (0..dim).map(|_| 1.0 + 0.5 * rng.unit()).collect();
+        let reference = (0..n)
+            .map(|_| {
+                let gain = 0.8 + 0.45 * rng.unit();
+                common
+                    .iter()
+                    .map(|m| (gain * (m + 0.12 * gaussian(&mut rng))) as f32)
+                    .collect()
+            })
+            .collect();
+        Synthetic { reference, rng }
+    }
+
+    fn head_view_gates() -> crate::Gates {
+        let mut gates = crate::Gates::default_gates();
+        gates
+            .gates
+            .retain(|name, _| name == "centred_cosine_p1" || name == "head_view_delta_p99");
+        assert_eq!(
+            gates.gates.len(),
+            2,
+            "both head-view gates are default gates"
+        );
+        gates
+    }
+
+    /// (centred_cosine_p1 passes, head_view_delta_p99 passes) under the default thresholds.
+    fn head_view_verdict(cmp: &Comparison) -> (bool, bool) {
+        let results = head_view_gates().evaluate(cmp, "default").unwrap();
+        let pass = |name: &str| results.iter().find(|g| g.gate == name).unwrap().pass;
+        (pass("centred_cosine_p1"), pass("head_view_delta_p99"))
+    }
+
+    fn norm32(v: &[f32]) -> f64 {
+        v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()
+    }
+
+    #[test]
+    fn synthetic_set_looks_like_real_embeddings() {
+        let s = synthetic();
+        let cmp = compare(&s.reference, &s.reference, None).unwrap();
+        let inter = cmp.reference_inter_image_cosine.median;
+        assert!(inter > 0.98 && inter < 0.995, "{inter}");
+        assert!(cmp.reference_inter_image_centred_cosine.median.abs() < 0.05);
+        assert!((cmp.top10_overlap_chance - 10.0 / 199.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn pure_gain_passes_the_head_view_gates() {
+        let s = synthetic();
+        let c: Vec<Vec<f32>> = s
+            .reference
+            .iter()
+            .map(|v| v.iter().map(|x| x * 0.86).collect())
+            .collect();
+        let cmp = compare(&s.reference, &c, None).unwrap();
+        assert_eq!(head_view_verdict(&cmp), (true, true));
+        assert!(cmp.centred_cosine.min > 0.99999, "{:?}", cmp.centred_cosine);
+        assert!(cmp.head_view_delta.max < 1e-4, "{:?}", cmp.head_view_delta);
+        assert!(cmp.probe_snr_db > 80.0, "{}", cmp.probe_snr_db);
+        // The un-normalised view calls the same gain a direction change and a 17 dB error.
+        assert!(
+            cmp.raw_centred_cosine.p1 < 0.8,
+            "{:?}",
+            cmp.raw_centred_cosine
+        );
+        assert!((cmp.sqnr_db.median - 20.0 * (1.0f64 / 0.14).log10()).abs() < 1e-3);
+        assert!((cmp.norm_ratio.median - 0.86).abs() < 1e-6);
+    }
+
+    #[test]
+    fn common_offset_fails_the_head_view_gates() {
+        let mut s = synthetic();
+        let dim = s.reference[0].len();
+        let mut offset: Vec<f64> = (0..dim).map(|_| gaussian(&mut s.rng)).collect();
+        // As large as 26 dB noise on an image of median length.
+        let mut lengths: Vec<f64> = s.reference.iter().map(|v| norm32(v)).collect();
+        lengths.sort_by(f64::total_cmp);
+        let scale = lengths[lengths.len() / 2] * 10f64.powf(-26.0 / 20.0) / norm(&offset);
+        offset.iter_mut().for_each(|o| *o *= scale);
+        let c: Vec<Vec<f32>> = s
+            .reference
+            .iter()
+            .map(|v| v.iter().zip(&offset).map(|(x, o)| x + *o as f32).collect())
+            .collect();
+        let cmp = compare(&s.reference, &c, None).unwrap();
+        assert_eq!(head_view_verdict(&cmp), (false, false));
+        assert!(cmp.centred_cosine.p1 < 0.9, "{:?}", cmp.centred_cosine);
+        assert!(cmp.head_view_delta.p99 > 0.5, "{:?}", cmp.head_view_delta);
+        // SQNR alone would let it through.
+        assert!(cmp.sqnr_db.p1 > 20.0, "{:?}", cmp.sqnr_db);
+    }
+
+    #[test]
+    fn isotropic_noise_at_26_db_fails_the_head_view_gates() {
+        let mut s = synthetic();
+        let c: Vec<Vec<f32>> = s
+            .reference
+            .iter()
+            .map(|v| {
+                let noise: Vec<f64> = v.iter().map(|_| gaussian(&mut s.rng)).collect();
+                let scale = norm32(v) * 10f64.powf(-26.0 / 20.0) / norm(&noise);
+                v.iter()
+                    .zip(&noise)
+                    .map(|(x, e)| x + (e * scale) as f32)
+                    .collect()
+            })
+            .collect();
+        let cmp = compare(&s.reference, &c, None).unwrap();
+        assert!(
+            (cmp.sqnr_db.median - 26.0).abs() < 0.01,
+            "{:?}",
+            cmp.sqnr_db
+        );
+        assert!(
+            cmp.sqnr_db.p1 > 25.9,
+            "passes the raw SQNR gate: {:?}",
+            cmp.sqnr_db
+        );
+        assert_eq!(head_view_verdict(&cmp), (false, false));
+        assert!(cmp.centred_cosine.p1 < 0.9, "{:?}", cmp.centred_cosine);
+        assert!(cmp.head_view_delta.p99 > 0.5, "{:?}", cmp.head_view_delta);
+        assert!(cmp.probe_snr_db < 10.0, "{}", cmp.probe_snr_db);
+    }
+
+    #[test]
+    fn shrunken_image_specific_part_fails_the_head_view_gates() {
+        let s = synthetic();
+        let n = s.reference.len() as f64;
+        let dim = s.reference[0].len();
+        let mean: Vec<f64> = (0..dim)
+            .map(|d| s.reference.iter().map(|v| v[d] as f64).sum::<f64>() / n)
+            .collect();
+        let c: Vec<Vec<f32>> = s
+            .reference
+            .iter()
+            .map(|v| {
+                v.iter()
+                    .zip(&mean)
+                    .map(|(&x, m)| (m + 0.5 * (x as f64 - m)) as f32)
+                    .collect()
+            })
+            .collect();
+        let cmp = compare(&s.reference, &c, None).unwrap();
+        // The direction survives, its size does not: only δ sees it.
+        assert!(
+            cmp.raw_centred_cosine.min > 0.9999,
+            "{:?}",
+            cmp.raw_centred_cosine
+        );
+        assert!(
+            (cmp.head_view_delta.median - 0.5).abs() < 0.05,
+            "{:?}",
+            cmp.head_view_delta
+        );
+        assert!(cmp.head_view_delta.p99 > 0.45, "{:?}", cmp.head_view_delta);
+        assert!(!head_view_verdict(&cmp).1);
+        assert!(
+            (cmp.probe_snr_db - 20.0 * 2f64.log10()).abs() < 0.5,
+            "{}",
+            cmp.probe_snr_db
+        );
+    }
+
+    #[test]
+    fn worst_images_are_named_and_intervals_bracket_the_gated_values() {
+        let mut s = synthetic();
+        let names: Vec<String> = (0..s.reference.len())
+            .map(|i| format!("evaluation/img-{i:03}.png"))
+            .collect();
+        let mut c = s.reference.clone();
+        // Image 17 loses its image-specific part entirely, image 3 half of it, image 120 a bit.
+        let dim = c[0].len();
+        let mean: Vec<f32> = (0..dim)
+            .map(|d| s.reference.iter().map(|v| v[d]).sum::<f32>() / s.reference.len() as f32)
+            .collect();
+        for (i, keep) in [(17, 0.0f32), (3, 0.5), (120, 0.8)] {
+            c[i] = c[i]
+                .iter()
+                .zip(&mean)
+                .map(|(x, m)| m + keep * (x - m))
+                .collect();
+        }
+        // Image 42 turns towards another image.
+        c[42] = s.reference[43].clone();
+        for v in c.iter_mut() {
+            for x in v.iter_mut() {
+                *x += 1e-4 * gaussian(&mut s.rng) as f32;
+            }
+        }
+        let cmp = compare_named(&s.reference, &c, &names, None).unwrap();
+        assert_eq!(cmp.per_image.image[17], "evaluation/img-017.png");
+        let by_cos: Vec<usize> = cmp.worst_centred_cosine.iter().map(|w| w.index).collect();
+        // Both lost their direction (cosine near 0); which is lower is up to the added noise.
+        let mut first_two = by_cos[..2].to_vec();
+        first_two.sort();
+        assert_eq!(first_two, [17, 42], "{:?}", cmp.worst_centred_cosine);
+        assert!(cmp.worst_centred_cosine[1].value < 0.1);
+        assert!(cmp
+            .worst_centred_cosine
+            .windows(2)
+            .all(|w| w[0].value <= w[1].value));
+        let by_delta: Vec<&str> = cmp
+            .worst_head_view_delta
+            .iter()
+            .map(|w| w.image.as_str())
+            .collect();
+        assert_eq!(by_delta.len(), WORST_IMAGES);
+        assert_eq!(
+            &by_delta[..4],
+            &[
+                "evaluation/img-042.png",
+                "evaluation/img-017.png",
+                "evaluation/img-003.png",
+                "evaluation/img-120.png"
+            ],
+            "{:?}",
+            cmp.worst_head_view_delta
+        );
+        let w = &cmp.worst_head_view_delta[2];
+        assert_eq!(w.value, cmp.per_image.head_view_delta[3]);
+        assert!((w.value - 0.5).abs() < 0.05, "{w:?}");
+        for (name, value) in [
+            ("centred_cosine_p1", cmp.centred_cosine.p1),
+            ("head_view_delta_p99", cmp.head_view_delta.p99),
+            ("sqnr_db_p1", cmp.sqnr_db.p1),
+        ] {
+            let ci = cmp.confidence_intervals[name];
+            assert!(
+                ci.contains(value) && ci.lo < ci.hi,
+                "{name}: {value} {ci:?}"
+            );
+        }
+        // The same inputs give the same intervals.
+        let again = compare_named(&s.reference, &c, &names, None).unwrap();
+        assert_eq!(again.confidence_intervals, cmp.confidence_intervals);
     }
 }

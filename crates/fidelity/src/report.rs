@@ -1,5 +1,6 @@
 //! The report: `report.json` (everything), `report.md` (the summary people read) and SVG plots of
-//! the distributions (cosine, centred cosine, SQNR histograms; per-dimension bias).
+//! the distributions (cosine, head-view centred cosine, head-view δ, raw centred cosine, SQNR
+//! histograms; per-dimension bias).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -50,7 +51,32 @@ pub fn write_report(dir: &Path, report: &Report<'_>) -> Result<(), FidelityError
     write(
         dir,
         "centred-cosine.svg",
-        &histogram("centred cosine", &c.per_image.centred_cosine, 30),
+        &histogram(
+            "centred cosine (head view)",
+            &c.per_image.centred_cosine,
+            30,
+        ),
+    )?;
+    let finite_delta: Vec<f64> = c
+        .per_image
+        .head_view_delta
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .collect();
+    write(
+        dir,
+        "head-view-delta.svg",
+        &histogram("relative error δ (head view)", &finite_delta, 30),
+    )?;
+    write(
+        dir,
+        "raw-centred-cosine.svg",
+        &histogram(
+            "centred cosine (raw, un-normalised)",
+            &c.per_image.raw_centred_cosine,
+            30,
+        ),
     )?;
     let finite: Vec<f64> = c
         .per_image
@@ -59,7 +85,7 @@ pub fn write_report(dir: &Path, report: &Report<'_>) -> Result<(), FidelityError
         .copied()
         .filter(|v| v.is_finite())
         .collect();
-    write(dir, "sqnr.svg", &histogram("SQNR (dB)", &finite, 30))?;
+    write(dir, "sqnr.svg", &histogram("SQNR (dB, raw)", &finite, 30))?;
     write(
         dir,
         "bias.svg",
@@ -75,6 +101,67 @@ fn row(name: &str, s: &crate::Summary) -> String {
     )
 }
 
+/// `value [lo, hi]` when the comparison holds an interval for `metric`.
+fn with_ci(c: &Comparison, metric: &str, value: f64) -> String {
+    match c.confidence_intervals.get(metric) {
+        Some(ci) => format!("{value:.4} {ci}"),
+        None => format!("{value:.4}"),
+    }
+}
+
+/// A head-view row: median, p1 and p99 (with their intervals where `c` is given), min, max.
+fn head_row(c: Option<&Comparison>, label: &str, metric: &str, s: &crate::Summary) -> String {
+    let value = |stat: &str, v: f64| match c {
+        Some(c) => with_ci(c, &format!("{metric}_{stat}"), v),
+        None => format!("{v:.4}"),
+    };
+    format!(
+        "| {label} | {:.4} | {} | {} | {:.4} | {:.4} |\n",
+        s.median,
+        value("p1", s.p1),
+        value("p99", s.p99),
+        s.min,
+        s.max
+    )
+}
+
+const HEAD_VIEW_TABLE: &str =
+    "| metric | median | p1 | p99 | min | max |\n|---|---:|---:|---:|---:|---:|\n";
+
+/// Head-view rows; with `intervals`, p1 and p99 carry their 95% bootstrap intervals.
+fn head_view_table(c: &Comparison, intervals: bool) -> String {
+    let ci = intervals.then_some(c);
+    let mut md = String::from(HEAD_VIEW_TABLE);
+    md += &head_row(
+        ci,
+        "centred cosine cos(P(c), P(r))",
+        "centred_cosine",
+        &c.centred_cosine,
+    );
+    md += &head_row(
+        ci,
+        "relative error δ = ‖P(c) − P(r)‖ / ‖P(r)‖",
+        "head_view_delta",
+        &c.head_view_delta,
+    );
+    if intervals {
+        md += &head_row(
+            None,
+            "reference: centred cosine between different images",
+            "",
+            &c.reference_inter_image_centred_cosine,
+        );
+    }
+    md
+}
+
+fn worst_list(md: &mut String, what: &str, worst: &[crate::WorstImage]) {
+    let _ = writeln!(md, "\nWorst by {what}:\n");
+    for w in worst {
+        let _ = writeln!(md, "- `{}` (#{}): {:.4}", w.image, w.index, w.value);
+    }
+}
+
 pub fn markdown(r: &Report<'_>) -> String {
     let c = r.comparison;
     let mut md = String::new();
@@ -84,22 +171,30 @@ pub fn markdown(r: &Report<'_>) -> String {
         "**Verdict: {}** on {} images, {}-d embeddings.\n",
         r.verdict, c.images, c.dim
     );
+    let _ = writeln!(
+        md,
+        "How hard the set is: median raw cosine between different reference images {:.4} \
+         (near 1: the images are hard to tell apart, and raw cosine says little).\n",
+        c.reference_inter_image_cosine.median
+    );
     for w in &r.warnings {
         let _ = writeln!(md, "> warning: {w}\n");
     }
     let _ = writeln!(
         md,
-        "## Gates\n\n| gate | value | needs | result |\n|---|---:|---|---|"
+        "## Gates\n\n| gate | value | 95% CI | needs | result |\n|---|---:|---|---|---|"
     );
     for g in r.gates {
         let needs = match (g.min, g.max) {
-            (Some(lo), _) => format!(">= {lo}"),
+            (Some(lo), Some(hi)) => format!("in [{lo}, {hi}]"),
+            (Some(lo), None) => format!(">= {lo}"),
             (None, Some(hi)) => format!("<= {hi}"),
-            _ => String::new(),
+            (None, None) => String::new(),
         };
+        let ci = g.ci.map(|ci| ci.to_string()).unwrap_or_default();
         let _ = writeln!(
             md,
-            "| {} | {:.4} | {needs} | {} |",
+            "| {} | {:.4} | {ci} | {needs} | {} |",
             g.gate,
             g.value,
             if g.pass { "pass" } else { "**FAIL**" }
@@ -107,10 +202,39 @@ pub fn markdown(r: &Report<'_>) -> String {
     }
     let _ = writeln!(
         md,
-        "\n## Per image\n\n| metric | median | p1 | min | mean |\n|---|---:|---:|---:|---:|"
+        "\nIntervals: percentile bootstrap over images, {} resamples, fixed seed.",
+        crate::stats::BOOTSTRAP_RESAMPLES
+    );
+    let _ = writeln!(
+        md,
+        "\n## Head view\n\nWhat a linear head sees: P(x) = x/‖x‖ − m, m the mean of the \
+         L2-normalised reference embeddings over this set. p1 and p99 with 95% intervals.\n"
+    );
+    md += &head_view_table(c, true);
+    let _ = writeln!(
+        md,
+        "\nProbe SNR (set level, 10·log10(Σ‖P(r)‖² / Σ‖P(c) − P(r)‖²)): {:.2} dB",
+        c.probe_snr_db
+    );
+    worst_list(
+        &mut md,
+        "head-view centred cosine (lowest first)",
+        &c.worst_centred_cosine,
+    );
+    worst_list(
+        &mut md,
+        "head-view δ (largest first)",
+        &c.worst_head_view_delta,
+    );
+    let _ = writeln!(
+        md,
+        "\n## Per image, un-normalised embeddings\n\n| metric | median | p1 | min | mean |\n|---|---:|---:|---:|---:|"
     );
     md += &row("cosine", &c.cosine);
-    md += &row("centred cosine", &c.centred_cosine);
+    md += &row(
+        "raw centred cosine (reference raw mean subtracted)",
+        &c.raw_centred_cosine,
+    );
     md += &row("SQNR (dB)", &c.sqnr_db);
     md += &row("relative L2 error", &c.relative_l2);
     md += &row("norm ratio", &c.norm_ratio);
@@ -118,14 +242,14 @@ pub fn markdown(r: &Report<'_>) -> String {
         "reference: cosine between different images",
         &c.reference_inter_image_cosine,
     );
-    md += &row(
-        "reference: centred cosine between different images",
-        &c.reference_inter_image_centred_cosine,
-    );
     let _ = writeln!(
         md,
-        "\n## Neighbourhoods (centred)\n\n- self-retrieval: {:.4}\n- top-10 neighbour overlap: mean {:.4}, min {:.4}\n- Spearman of pairwise similarities: {:.4}",
-        c.self_retrieval, c.top10_overlap.mean, c.top10_overlap.min, c.pairwise_similarity_spearman
+        "\n## Neighbourhoods (raw centred)\n\n- self-retrieval: {:.4}\n- top-10 neighbour overlap: mean {:.4} (chance {:.4}), min {:.4}\n- Spearman of pairwise similarities: {:.4}",
+        c.self_retrieval,
+        c.top10_overlap.mean,
+        c.top10_overlap_chance,
+        c.top10_overlap.min,
+        c.pairwise_similarity_spearman
     );
     if let Some(h) = &c.head {
         let _ = writeln!(
@@ -152,18 +276,23 @@ pub fn markdown(r: &Report<'_>) -> String {
     if let Some((what, nf)) = r.noise_floor {
         let _ = writeln!(
             md,
-            "\n## Noise floor: reference vs itself ({what})\n\n| metric | median | p1 | min | mean |\n|---|---:|---:|---:|---:|"
+            "\n## Noise floor: reference vs itself ({what})\n\nHead view:\n"
+        );
+        md += &head_view_table(nf, false);
+        let _ = writeln!(
+            md,
+            "\nUn-normalised:\n\n| metric | median | p1 | min | mean |\n|---|---:|---:|---:|---:|"
         );
         md += &row("cosine", &nf.cosine);
-        md += &row("centred cosine", &nf.centred_cosine);
+        md += &row("raw centred cosine", &nf.raw_centred_cosine);
         md += &row("SQNR (dB)", &nf.sqnr_db);
         let _ = writeln!(
             md,
-            "\nself-retrieval {:.4}, top-10 overlap mean {:.4}",
-            nf.self_retrieval, nf.top10_overlap.mean
+            "\nprobe SNR {:.2} dB, self-retrieval {:.4}, top-10 overlap mean {:.4}",
+            nf.probe_snr_db, nf.self_retrieval, nf.top10_overlap.mean
         );
     }
-    md += "\nPlots: `cosine.svg`, `centred-cosine.svg`, `sqnr.svg`, `bias.svg`; all numbers: `report.json`.\n";
+    md += "\nPlots: `cosine.svg`, `centred-cosine.svg` (head view), `head-view-delta.svg`, `raw-centred-cosine.svg`, `sqnr.svg`, `bias.svg`; all numbers, per-image values named by image: `report.json`.\n";
     md
 }
 
@@ -295,5 +424,73 @@ mod tests {
         assert_eq!(h.matches("<rect x=").count(), 10);
         let s = series("bias", &[0.1, -0.2, 0.05]);
         assert!(s.contains("<polyline"));
+    }
+
+    #[test]
+    fn markdown_shows_head_view_intervals_worst_images_and_chance() {
+        let r: Vec<Vec<f32>> = (0..30)
+            .map(|i| {
+                (0..16)
+                    .map(|d| 2.0 + ((i * 7 + d * 3) as f32).sin() * 0.2)
+                    .collect()
+            })
+            .collect();
+        let mut c: Vec<Vec<f32>> = r
+            .iter()
+            .map(|v| v.iter().map(|x| x * 0.86).collect())
+            .collect();
+        c[4] = r[5].clone();
+        let names: Vec<String> = (0..30).map(|i| format!("img-{i}.png")).collect();
+        let cmp = crate::compare_named(&r, &c, &names, None).unwrap();
+        let gates = crate::Gates::parse(
+            "[gates.centred_cosine_p1]\nmin = 0.95\n[gates.head_view_delta_p99]\nmax = 0.33\n",
+            "t",
+        )
+        .unwrap()
+        .evaluate(&cmp, "t")
+        .unwrap();
+        let report = Report {
+            reference: "ref".into(),
+            candidate: "cand".into(),
+            images: names.clone(),
+            comparison: &cmp,
+            noise_floor: Some(("1 vs 2 threads", &cmp)),
+            gates: &gates,
+            verdict: "FAIL",
+            warnings: Vec::new(),
+        };
+        let md = markdown(&report);
+        let ci = cmp.confidence_intervals["centred_cosine_p1"];
+        assert!(
+            md.contains(&format!(
+                "| centred_cosine_p1 | {:.4} | {ci} | >= 0.95 | **FAIL** |",
+                cmp.centred_cosine.p1
+            )),
+            "{md}"
+        );
+        assert!(md.contains("| head_view_delta_p99 |") && md.contains("| <= 0.33 |"));
+        assert!(
+            md.contains(&format!(
+                "- `img-4.png` (#4): {:.4}",
+                cmp.per_image.centred_cosine[4]
+            )),
+            "{md}"
+        );
+        assert!(md.contains(&format!("(chance {:.4})", 10.0 / 29.0)), "{md}");
+        assert!(md.contains(&format!(
+            "between different reference images {:.4}",
+            cmp.reference_inter_image_cosine.median
+        )));
+        assert!(md.contains("Probe SNR") && md.contains("raw centred cosine"));
+        let dir = tempfile::tempdir().unwrap();
+        write_report(dir.path(), &report).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
+                .unwrap();
+        let comparison = &json["comparison"];
+        assert_eq!(comparison["per_image"]["image"][4], "img-4.png");
+        assert_eq!(comparison["worst_centred_cosine"][0]["image"], "img-4.png");
+        assert!(comparison["confidence_intervals"]["head_view_delta_p99"]["hi"].is_number());
+        assert!(dir.path().join("head-view-delta.svg").is_file());
     }
 }

@@ -138,9 +138,15 @@ macro_rules! api {
             #[allow(non_snake_case)]
             pub unsafe fn resolve(library: Library) -> Result<Self, String> {
                 $(
-                    let $name = *library
-                        .get::<unsafe extern "C" fn($($arg),*) $(-> $ret)?>(concat!(stringify!($name), "\0").as_bytes())
-                        .map_err(|e| format!("missing symbol {}: {e}", stringify!($name)))?;
+                    // SAFETY: the caller promises the library is the LiteRT 2.1 runtime, whose
+                    // symbol has exactly this C signature; the pointer stays valid while
+                    // `_library` is held in the same struct.
+                    let $name = *unsafe {
+                        library.get::<unsafe extern "C" fn($($arg),*) $(-> $ret)?>(
+                            concat!(stringify!($name), "\0").as_bytes(),
+                        )
+                    }
+                    .map_err(|e| format!("missing symbol {}: {e}", stringify!($name)))?;
                 )*
                 Ok(Self { $($name,)* _library: library })
             }
