@@ -298,3 +298,72 @@ fn unseen_images_give_numbers_consistent_with_the_committed_baseline() {
     );
     assert_eq!(ok, r["verdict"] == "PASS");
 }
+
+#[test]
+fn the_verdict_is_recorded_in_the_manifest_and_config_check_warns_on_fail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let fixtures = root().join("tests/fixtures");
+    for file in [
+        "df-mini.fp32.toml",
+        "df-mini.fp32.tflite",
+        "df-mini.int8.toml",
+        "df-mini.int8.tflite",
+    ] {
+        fs::copy(fixtures.join("df-mini").join(file), dir.join(file)).unwrap();
+    }
+    let candidate = dir.join("df-mini.int8.toml");
+    let before = fs::read_to_string(&candidate).unwrap();
+    // Gates no export can meet, so that the recorded verdict is a failure.
+    let gates = dir.join("strict.toml");
+    fs::write(
+        &gates,
+        "[gates.centred_cosine_p1]\nmin = 1.1\nwhy = \"impossible\"\n",
+    )
+    .unwrap();
+    let (passed, stdout, stderr) = fidelity(&[
+        "--reference",
+        &dir.join("df-mini.fp32.toml").display().to_string(),
+        "--candidate",
+        &candidate.display().to_string(),
+        "--images",
+        &fixtures.join("images").display().to_string(),
+        "--gates",
+        &gates.display().to_string(),
+        "--report",
+        &dir.join("report").display().to_string(),
+        "--record",
+    ]);
+    assert!(!passed, "{stdout}{stderr}");
+    assert!(stdout.contains("recorded the verdict"), "{stdout}");
+    let after = fs::read_to_string(&candidate).unwrap();
+    // The rest of the manifest, comments included, is as it was.
+    assert!(after.starts_with(before.trim_end()), "{after}");
+    let manifest = dermedge_core::ModelManifest::load(&candidate).unwrap();
+    let record = manifest.fidelity.expect("a recorded verdict");
+    assert_eq!(record.verdict, dermedge_core::FidelityVerdict::Fail);
+    let gate = &record.values["centred_cosine_p1"];
+    assert_eq!((gate.min, gate.pass), (Some(1.1), false));
+    // A device configured with it is told, and still validates.
+    let config = fs::read_to_string(root().join("firmware-config/x86-dev.toml"))
+        .unwrap()
+        .replace(
+            "heads = [\"../out/x86-dev/heads/image-kind.json\"]",
+            "heads = []",
+        )
+        .replace(
+            "../tests/fixtures/df-mini/df-mini.int8.toml",
+            &candidate.display().to_string(),
+        )
+        .replace("../tests/fixtures", &fixtures.display().to_string())
+        .replace("../out/x86-dev", &dir.join("out").display().to_string());
+    let config_path = dir.join("device.toml");
+    fs::write(&config_path, config).unwrap();
+    let out = dermedge(&["config", "check", &config_path.display().to_string()]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("FAILED the fidelity gates") && err.contains("centred_cosine_p1"),
+        "{err}"
+    );
+}

@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Result;
-use dermedge_core::ModelManifest;
+use dermedge_core::{FidelityVerdict, ModelManifest, Precision};
 use dermedge_device::config::LoadedConfig;
 use dermedge_engine::{EngineError, EngineOptions};
 
@@ -64,6 +64,7 @@ pub fn check(path: &Path) -> Result<()> {
     }
     // The model and heads must load and agree, not just exist.
     let manifest = ModelManifest::load(&c.model.manifest)?;
+    fidelity_warning(path, &manifest);
     for head in load_heads(&c.heads)? {
         head.check_model(&manifest.model.id, manifest.model.embedding_dim)?;
     }
@@ -96,6 +97,37 @@ pub fn check(path: &Path) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// A warning when the configured export failed the fidelity suite, or was never judged while
+/// being quantised (its embeddings may not be the reference model's).
+fn fidelity_warning(path: &Path, manifest: &ModelManifest) {
+    let model = manifest.path.display();
+    match &manifest.fidelity {
+        Some(record) if record.verdict == FidelityVerdict::Fail => {
+            let failed: Vec<String> = record
+                .values
+                .iter()
+                .filter(|(_, g)| !g.pass)
+                .map(|(name, g)| format!("{name} {:.4}", g.value))
+                .collect();
+            eprintln!(
+                "warning: {}: model.manifest {model} FAILED the fidelity gates against {} ({}): \
+                 its embeddings are not faithful to the reference; ship a passing export",
+                path.display(),
+                record.reference,
+                failed.join(", ")
+            );
+        }
+        Some(_) => {}
+        None if manifest.model.precision != Precision::Fp32 => eprintln!(
+            "warning: {}: model.manifest {model} is a {} export with no recorded fidelity \
+             verdict (dermedge fidelity --record)",
+            path.display(),
+            manifest.model.precision.as_str()
+        ),
+        None => {}
+    }
 }
 
 pub fn run(path: &Path) -> Result<bool> {

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use dermedge_core::manifest::with_fidelity_record;
 use dermedge_core::preprocess::{decode_file, DecodeLimits};
-use dermedge_core::{Embedder, ModelManifest};
+use dermedge_core::{Embedder, FidelityRecord, FidelityVerdict, GateValue, ModelManifest};
 use dermedge_fidelity::report::{write_report, Report};
 use dermedge_fidelity::{compare_named, Gates};
 use dermedge_head::{kmeans::kmeans, train_softmax, LinearHead, TrainOptions};
@@ -36,6 +37,10 @@ pub struct FidelityArgs {
     /// Gates (TOML); default: the built-in gates (docs/FIDELITY.md).
     #[arg(long)]
     gates: Option<PathBuf>,
+    /// Write the verdict and every gate's value into the candidate's manifest (`[fidelity]`),
+    /// where `config check` reads it.
+    #[arg(long)]
+    record: bool,
     /// Where report.json, report.md and the SVG plots go.
     #[arg(long)]
     report: PathBuf,
@@ -300,6 +305,53 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         report.verdict,
         args.report.display()
     );
+    if args.record {
+        let record = FidelityRecord {
+            verdict: if pass {
+                FidelityVerdict::Pass
+            } else {
+                FidelityVerdict::Fail
+            },
+            reference: format!(
+                "{} {} (sha256 {})",
+                reference.model.id,
+                reference.model.precision.as_str(),
+                &reference.model.sha256[..reference.model.sha256.len().min(12)]
+            ),
+            images: format!(
+                "{} images from {}",
+                comparison.images,
+                args.images
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            gates: gates_name.clone(),
+            values: results
+                .iter()
+                .map(|g| {
+                    let value = GateValue {
+                        value: g.value,
+                        min: g.min,
+                        max: g.max,
+                        pass: g.pass,
+                    };
+                    (g.gate.clone(), value)
+                })
+                .collect(),
+        };
+        let text = std::fs::read_to_string(&args.candidate)
+            .with_context(|| format!("reading {}", args.candidate.display()))?;
+        let updated = with_fidelity_record(&text, &record);
+        // The updated manifest must still load as one.
+        ModelManifest::parse(&updated, &args.candidate)?;
+        let tmp = args.candidate.with_extension("toml.tmp");
+        std::fs::write(&tmp, updated).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &args.candidate)
+            .with_context(|| format!("replacing {}", args.candidate.display()))?;
+        println!("recorded the verdict in {}", args.candidate.display());
+    }
     if !pass {
         let failed: Vec<String> = results
             .iter()

@@ -22,7 +22,10 @@ pub use bounds::{Bounds, OutOfBounds};
 pub use embedder::{EmbedError, Embedder};
 pub use embedding::Embedding;
 pub use frame::{Frame, FrameSource, SourceError};
-pub use manifest::{ManifestError, ModelManifest, Precision, TensorDtype};
+pub use manifest::{
+    FidelityRecord, FidelityVerdict, GateValue, ManifestError, ModelManifest, Precision,
+    TensorDtype,
+};
 pub use preprocess::{DecodeError, DecodeLimits, InputBuffer, Preprocessor, QuantParams};
 pub use quality::{QualityIssue, QualityThresholds, QualityVerdict};
 pub use runtime::{Accelerator, Backend, Fallback};

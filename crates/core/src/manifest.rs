@@ -63,6 +63,10 @@ pub struct ModelManifest {
     pub output: OutputSpec,
     #[serde(default)]
     pub provenance: BTreeMap<String, String>,
+    /// The fidelity suite's verdict on this export against its fp32 reference, when it was
+    /// judged (`dermedge fidelity --record`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fidelity: Option<FidelityRecord>,
     /// Where the manifest was read from; model paths resolve relative to its directory.
     #[serde(skip)]
     pub path: PathBuf,
@@ -78,6 +82,73 @@ pub struct ModelSection {
     pub precision: Precision,
     pub embedding_dim: usize,
 }
+
+/// A fidelity verdict recorded in a manifest: what the export was judged against, on what, and
+/// each gate's value and threshold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FidelityRecord {
+    pub verdict: FidelityVerdict,
+    /// The reference model (`id precision`, sha256 prefix).
+    pub reference: String,
+    /// The images it was judged on (directories, count).
+    pub images: String,
+    /// The gates file (or `built-in gates`).
+    pub gates: String,
+    /// Gate name → value and threshold.
+    #[serde(default)]
+    pub values: BTreeMap<String, GateValue>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FidelityVerdict {
+    Pass,
+    Fail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateValue {
+    pub value: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    pub pass: bool,
+}
+
+/// `text` (a manifest) with its `[fidelity]` tables replaced by `record`; the rest of the text,
+/// comments included, is kept as it is.
+pub fn with_fidelity_record(text: &str, record: &FidelityRecord) -> String {
+    let mut kept = String::new();
+    let mut in_fidelity = false;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            let name = trimmed
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("");
+            let name = name.trim();
+            in_fidelity = name == "fidelity" || name.starts_with("fidelity.");
+        }
+        if !in_fidelity && line != FIDELITY_COMMENT {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    #[derive(Serialize)]
+    struct Wrapper<'a> {
+        fidelity: &'a FidelityRecord,
+    }
+    let table = toml::to_string(&Wrapper { fidelity: record }).expect("a record serialises");
+    format!("{}\n{FIDELITY_COMMENT}\n{table}", kept.trim_end())
+}
+
+const FIDELITY_COMMENT: &str =
+    "# The fidelity suite's verdict (dermedge fidelity --record); `config check` warns on fail.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -434,6 +505,48 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_fidelity_record_replaces_the_previous_one_and_keeps_the_rest() {
+        let text = "# a comment\n[model]\nid = \"m\"\n\n[fidelity]\nverdict = \"pass\"\n\n[fidelity.values.x]\nvalue = 1.0\npass = true\n\n[provenance]\nsource = \"s\"\n";
+        let record = FidelityRecord {
+            verdict: FidelityVerdict::Fail,
+            reference: "m fp32".into(),
+            images: "3 images".into(),
+            gates: "built-in gates".into(),
+            values: [(
+                "centred_cosine_p1".to_string(),
+                GateValue {
+                    value: 0.5,
+                    min: Some(0.95),
+                    max: None,
+                    pass: false,
+                },
+            )]
+            .into(),
+        };
+        let once = with_fidelity_record(text, &record);
+        let twice = with_fidelity_record(&once, &record);
+        assert_eq!(once, twice);
+        assert!(
+            once.starts_with("# a comment\n[model]\nid = \"m\"\n\n[provenance]\nsource = \"s\"\n"),
+            "{once}"
+        );
+        assert_eq!(once.matches("[fidelity]").count(), 1, "{once}");
+        assert!(!once.contains("[fidelity.values.x]"), "{once}");
+        #[derive(serde::Deserialize)]
+        struct Only {
+            fidelity: FidelityRecord,
+        }
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            #[serde(flatten)]
+            only: Only,
+        }
+        let parsed: Doc = toml::from_str(&once[once.find("[fidelity]").unwrap()..]).unwrap();
+        assert_eq!(parsed.only.fidelity, record);
+    }
+
     use super::*;
 
     const GOOD: &str = r#"
