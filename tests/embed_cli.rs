@@ -124,10 +124,8 @@ fn npy_and_jsonl_outputs_hold_the_same_vectors() {
         ]);
         assert!(run.status.success(), "{}", text(&run.stderr));
     }
-    let bytes = fs::read(&npy).unwrap();
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = text(&bytes[10..10 + header_len]);
-    assert!(header.contains("'shape': (8, 6144)"), "{header}");
+    let (shape, values) = dermedge_core::npy::read_f32(&fs::read(&npy).unwrap()).unwrap();
+    assert_eq!(shape, [8, 6144]);
     let index: Value =
         serde_json::from_str(&fs::read_to_string(dir.path().join("e.npy.json")).unwrap()).unwrap();
     let rows = index["rows"].as_array().unwrap();
@@ -141,11 +139,7 @@ fn npy_and_jsonl_outputs_hold_the_same_vectors() {
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["file"], rows[i]);
         assert_eq!(line["model_id"], "df-mini");
-        let from_npy: Vec<f32> = bytes
-            [10 + header_len + i * 6144 * 4..10 + header_len + (i + 1) * 6144 * 4]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let from_npy = values[i * 6144..(i + 1) * 6144].to_vec();
         let from_json: Vec<f32> = line["embedding"]
             .as_array()
             .unwrap()

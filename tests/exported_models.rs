@@ -10,6 +10,7 @@ use std::fs;
 use std::path::Path;
 
 use dermedge_e2e::{cosine, dermedge, read_npy_rows, root, text};
+use dermedge_fidelity::stats::percentile;
 use serde_json::Value;
 
 /// fp32 TFLite through Rust preprocessing vs the SavedModel serving path on PNG bytes.
@@ -22,10 +23,6 @@ fn required() -> Vec<String> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 #[test]

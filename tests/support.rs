@@ -81,24 +81,10 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// A float32 C-order `.npy` file as rows of `dim` values.
 pub fn read_npy_rows(path: &Path) -> Vec<Vec<f32>> {
     let npy = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(&npy[..6], b"\x93NUMPY", "{}: not .npy", path.display());
-    let header_len = u16::from_le_bytes([npy[8], npy[9]]) as usize;
-    let header = String::from_utf8_lossy(&npy[10..10 + header_len]).into_owned();
-    assert!(header.contains("'<f4'"), "{}: {header}", path.display());
-    let shape: Vec<usize> = header
-        .split("'shape': (")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
-        .unwrap_or_default();
+    let (shape, values) =
+        dermedge_core::npy::read_f32(&npy).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let dim = *shape.last().expect("shape");
-    npy[10 + header_len..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect::<Vec<_>>()
-        .chunks(dim)
-        .map(<[f32]>::to_vec)
-        .collect()
+    values.chunks(dim.max(1)).map(<[f32]>::to_vec).collect()
 }
 
 /// A `dermedge hub serve` process on a free port.

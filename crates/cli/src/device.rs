@@ -135,6 +135,7 @@ pub fn run(path: &Path) -> Result<bool> {
     let c = &config.config;
     let options = buildable(&config)?;
     let manifest = ModelManifest::load(&c.model.manifest)?;
+    fidelity_warning(path, &manifest);
     let heads = load_heads(&c.heads)?;
     let embedder = crate::load(&manifest, &options)?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -133,49 +133,9 @@ fn read_npy(path: &Path) -> Result<EmbeddingSet> {
     })
 }
 
-/// A little-endian float32 C-order `.npy`: (shape, values).
+/// A little-endian float32 (or float16) C-order `.npy`: (shape, values).
 pub fn parse_npy(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        bail!("not a .npy file (no \\x93NUMPY magic)");
-    }
-    let (header_len, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
-        v => bail!(".npy version {v} is not supported"),
-    };
-    let header = bytes
-        .get(start..start + header_len)
-        .map(String::from_utf8_lossy)
-        .context("truncated .npy header")?;
-    if !header.contains("'descr': '<f4'") || !header.contains("'fortran_order': False") {
-        bail!("expected little-endian float32 in C order, header is {header:?}");
-    }
-    let shape: Vec<usize> = header
-        .split("'shape': (")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .context("no shape in .npy header")?
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .context("unreadable shape in .npy header")?;
-    let data = &bytes[start + header_len..];
-    let expected = shape.iter().product::<usize>() * 4;
-    if data.len() != expected {
-        bail!(
-            "holds {} data bytes, shape {shape:?} needs {expected}",
-            data.len()
-        );
-    }
-    let values = data
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Ok((shape, values))
+    Ok(dermedge_core::npy::read_f32(bytes)?)
 }
 
 fn read_jsonl(path: &Path) -> Result<EmbeddingSet> {
@@ -233,7 +193,7 @@ mod tests {
         good.extend(2f32.to_le_bytes());
         assert_eq!(parse_npy(&good).unwrap(), (vec![1, 2], vec![1.0, 2.0]));
         let err = parse_npy(&good[..good.len() - 1]).unwrap_err().to_string();
-        assert!(err.contains("needs 8"), "{err}");
+        assert!(err.contains("not a readable .npy"), "{err}");
         let f8 = String::from_utf8(good.clone())
             .unwrap_or_default()
             .replace("<f4", "<f8");

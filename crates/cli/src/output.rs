@@ -153,25 +153,9 @@ pub fn write(
     }
 }
 
-/// NumPy format 1.0, little-endian float32, shape (rows, dim), C order.
+/// Little-endian float32, shape (rows, dim), C order.
 fn write_npy(out: &mut impl Write, dim: usize, records: &[Record]) -> Result<()> {
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {dim}), }}",
-        records.len()
-    );
-    // Pad so that magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64.
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    out.write_all(b"\x93NUMPY\x01\x00")?;
-    out.write_all(&(header.len() as u16).to_le_bytes())?;
-    out.write_all(header.as_bytes())?;
-    for r in records {
-        for v in &r.embedding {
-            out.write_all(&v.to_le_bytes())?;
-        }
-    }
+    dermedge_core::npy::write_f32_rows(out, dim, records.iter().map(|r| r.embedding.as_slice()))?;
     Ok(())
 }
 
@@ -189,9 +173,8 @@ mod tests {
         write_npy(&mut buf, 3, &records).unwrap();
         let header_len = u16::from_le_bytes([buf[8], buf[9]]) as usize;
         assert_eq!((10 + header_len) % 64, 0);
-        assert!(std::str::from_utf8(&buf[10..10 + header_len])
-            .unwrap()
-            .contains("'shape': (1, 3)"));
+        let (shape, _) = dermedge_core::npy::read_f32(&buf).unwrap();
+        assert_eq!(shape, [1, 3]);
         assert_eq!(
             &buf[10 + header_len..],
             [1f32, 2.0, 3.0]

@@ -490,37 +490,8 @@ mod tests {
         flate2::read::GzDecoder::new(&gz[..])
             .read_to_end(&mut npy)
             .unwrap();
-        assert_eq!(&npy[..6], b"\x93NUMPY");
-        let header_len = u16::from_le_bytes([npy[8], npy[9]]) as usize;
-        let header = std::str::from_utf8(&npy[10..10 + header_len]).unwrap();
-        assert!(header.contains("'<f2'"), "{header}");
-        let shape: Vec<usize> = header
-            .split("'shape': (")
-            .nth(1)
-            .unwrap()
-            .split(')')
-            .next()
-            .unwrap()
-            .split(',')
-            .filter_map(|s| s.trim().parse().ok())
-            .collect();
-        let data = &npy[10 + header_len..];
-        let values = data
-            .chunks_exact(2)
-            .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
-            .collect();
+        let (shape, values) = crate::npy::read_f32(&npy).unwrap();
         (shape, values)
-    }
-
-    fn f16_to_f32(h: u16) -> f32 {
-        let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
-        let exp = ((h >> 10) & 0x1f) as i32;
-        let frac = (h & 0x3ff) as f32;
-        sign * match exp {
-            0 => frac * 2f32.powi(-24),
-            31 => f32::INFINITY,
-            _ => (1.0 + frac / 1024.0) * 2f32.powi(exp - 15),
-        }
     }
 
     /// The Rust preprocessing agrees with the fixture graph's TensorFlow preprocessing

@@ -263,30 +263,18 @@ pub fn export(
             source,
         };
         let mut out = create(path)?;
-        let mut header = format!(
-            "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {dim}), }}",
-            rows.len()
-        );
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        out.write_all(b"\x93NUMPY\x01\x00").map_err(io)?;
-        out.write_all(&(header.len() as u16).to_le_bytes())
-            .map_err(io)?;
-        out.write_all(header.as_bytes()).map_err(io)?;
+        let mut values = Vec::with_capacity(rows.len());
         for r in &rows {
-            let values = r.embedding.to_f32().ok_or_else(|| HubError::Database {
+            values.push(r.embedding.to_f32().ok_or_else(|| HubError::Database {
                 path: store.path().into(),
                 message: format!(
                     "record {}: embedding bytes do not match its dim",
                     r.record_id
                 ),
-            })?;
-            for v in values {
-                out.write_all(&v.to_le_bytes()).map_err(io)?;
-            }
+            })?);
         }
+        dermedge_core::npy::write_f32_rows(&mut out, dim, values.iter().map(Vec::as_slice))
+            .map_err(io)?;
         out.flush().map_err(io)?;
         let index_path = PathBuf::from(format!("{}.json", path.display()));
         let index = serde_json::json!({
