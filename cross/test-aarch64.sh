@@ -16,7 +16,9 @@ target=aarch64-unknown-linux-gnu
 DERMEDGE_CRASH_CASES=200 cargo test --locked --target "$target" -p dermedge-core -p dermedge-camera \
   -p dermedge-head -p dermedge-fidelity -p dermedge-queue -- --skip at_every_byte
 cargo test --locked --target "$target" -p dermedge-engine --lib
-cargo build --release --locked --target "$target" -p dermedge-cli
+# The firmware build: the device application without the hub's server, SQLite or model tooling.
+cargo build --release --locked --target "$target" -p dermedge-cli --no-default-features --features firmware
+scripts/check-firmware-deps.sh --target "$target"
 cargo build --locked -p dermedge-cli
 out="$(mktemp -d)"
 # Every fixture image, both precisions, on the cores of both target boards: Cortex-A76 (Pi 5) and

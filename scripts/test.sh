@@ -9,6 +9,9 @@ scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The firmware build (device app only): lint-clean and free of server, SQLite and tooling crates.
+cargo clippy -p dermedge-cli --locked --no-default-features --features firmware -- -D warnings
+scripts/check-firmware-deps.sh
 cargo build --workspace --locked
 ci_models=(df-mini lesion-x448)
 for model in "${ci_models[@]}"; do

@@ -25,9 +25,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dermedge_core::{Embedder, ModelManifest};
-use dermedge_engine::{
-    litert::LiteRtRuntime, Accelerator, Backend, EngineOptions, Fallback, LoadedModel,
-};
+use dermedge_engine::{Accelerator, Backend, EngineOptions, Fallback, LoadedModel};
 
 #[derive(Parser)]
 #[command(
@@ -121,12 +119,21 @@ enum ModelCommand {
     },
 }
 
+/// The default backend: LiteRT where it is built in, else the classic API.
+fn built_backend() -> Backend {
+    if cfg!(feature = "litert") {
+        Backend::Litert
+    } else {
+        Backend::Classic
+    }
+}
+
 /// Options shared by every command that runs a model.
 #[derive(Args, Clone, Debug)]
 pub struct RuntimeArgs {
     /// Runtime backend: litert (CPU, GPU, NPU) or classic (CPU, Edge TPU; cargo feature
     /// `classic`).
-    #[arg(long, default_value = "litert")]
+    #[arg(long, default_value_t = built_backend())]
     backend: Backend,
     /// Inference threads (default: every core).
     #[arg(long)]
@@ -347,6 +354,20 @@ fn quality(inputs: &[PathBuf]) -> Result<bool> {
 }
 
 fn doctor(runtime: &RuntimeArgs) -> Result<()> {
+    litert_doctor(runtime)?;
+    classic_doctor();
+    Ok(())
+}
+
+#[cfg(not(feature = "litert"))]
+fn litert_doctor(_runtime: &RuntimeArgs) -> Result<()> {
+    println!("litert       not built in (cargo feature `litert`)");
+    Ok(())
+}
+
+#[cfg(feature = "litert")]
+fn litert_doctor(runtime: &RuntimeArgs) -> Result<()> {
+    use dermedge_engine::litert::LiteRtRuntime;
     let options = runtime.engine_options();
     let (candidates, _) = LiteRtRuntime::candidates(&options);
     println!("LiteRT search path:");
@@ -392,7 +413,6 @@ fn doctor(runtime: &RuntimeArgs) -> Result<()> {
             );
         }
     }
-    classic_doctor();
     Ok(())
 }
 
