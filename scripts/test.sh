@@ -12,6 +12,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The firmware build (device app only): lint-clean and free of server, SQLite and tooling crates.
 cargo clippy -p dermedge-cli --locked --no-default-features --features firmware -- -D warnings
 scripts/check-firmware-deps.sh
+python3 scripts/dependency-graph.py --check
 cargo build --workspace --locked
 ci_models=(df-mini lesion-x448)
 for model in "${ci_models[@]}"; do
