@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use dermedge_hub::export::{export, gaps_csv_path, ExportFilter};
-use dermedge_hub::server::HubServer;
+use dermedge_hub::server::{HubServer, Limits};
 use dermedge_hub::store::{Enrolled, Store};
 use dermedge_queue::{DevicePublic, HubKey};
 
@@ -63,6 +63,10 @@ pub enum HubCommand {
         listen: String,
         #[arg(long, default_value_t = 4)]
         workers: usize,
+        /// Store each record's `source` as the device wrote it; by default only its file name is
+        /// kept (a full input path can carry a patient's name).
+        #[arg(long)]
+        keep_source_paths: bool,
     },
     /// Write the stored records as CSV (and the reported losses as <stem>.gaps.csv) and their
     /// embeddings as .npy (+ .npy.json index).
@@ -192,13 +196,18 @@ pub fn run(command: &HubCommand) -> Result<()> {
             key,
             listen,
             workers,
+            keep_source_paths,
         } => {
             let hub_key = HubKey::load(key)?;
             let stop = Arc::new(AtomicBool::new(false));
             for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(signal, stop.clone())?;
             }
-            let server = HubServer::start(db, hub_key, listen, *workers)?;
+            let limits = Limits {
+                keep_source_paths: *keep_source_paths,
+                ..Limits::default()
+            };
+            let server = HubServer::start_with(db, hub_key, listen, *workers, limits)?;
             println!("listening on http://{}", server.addr());
             std::io::stdout().flush()?;
             while !stop.load(Ordering::Relaxed) {
@@ -232,6 +241,12 @@ pub fn run(command: &HubCommand) -> Result<()> {
                 out.dim
                     .map_or(String::new(), |d| format!(" ({d}-d embeddings)"))
             );
+            if out.skipped > 0 {
+                eprintln!(
+                    "warning: {} records left out of the .npy: their stored embeddings are damaged (named in the log with -v)",
+                    out.skipped
+                );
+            }
             if let (Some(csv), true) = (csv, out.gaps > 0) {
                 println!(
                     "{} reported losses in {}",

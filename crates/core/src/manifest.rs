@@ -161,6 +161,14 @@ pub enum Precision {
 }
 
 impl Precision {
+    pub const ALL: [Precision; 5] = [
+        Precision::Fp32,
+        Precision::Fp16,
+        Precision::Int8,
+        Precision::Int16x8,
+        Precision::DynamicInt8,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",

@@ -24,6 +24,8 @@ pub struct Exported {
     pub dim: Option<usize>,
     /// Gaps written to [`gaps_csv_path`] (0: no file written).
     pub gaps: usize,
+    /// Records left out of the `.npy` because their stored embedding is damaged.
+    pub skipped: usize,
 }
 
 struct Row {
@@ -87,11 +89,28 @@ fn rows(store: &Store, filter: &ExportFilter) -> Result<Vec<Row>, HubError> {
     Ok(rows)
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
+/// A device-written text as a spreadsheet shows it but does not run it: a cell that starts like
+/// a formula (`=`, `+`, `-`, `@`, tab, carriage return) gets a leading `'`. Quoting (RFC 4180) is
+/// the CSV writer's.
+fn inert(s: &str) -> String {
+    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
     } else {
         s.to_string()
+    }
+}
+
+/// An RFC 4180 CSV writer (CRLF line ends, quotes where needed).
+fn csv_writer<W: Write>(out: W) -> csv::Writer<W> {
+    csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .from_writer(out)
+}
+
+fn csv_error(path: &Path) -> impl Fn(csv::Error) -> HubError + '_ {
+    move |e| HubError::Io {
+        path: path.into(),
+        source: std::io::Error::other(e),
     }
 }
 
@@ -188,30 +207,38 @@ pub fn export(
             path: path.into(),
             source,
         };
-        let mut out = create(path)?;
-        writeln!(
-            out,
-            "record_id,device_id,seq,captured_at_ms,model_id,precision,embedding_dim,source,quality_ok,heads,epoch"
-        )
-        .map_err(io)?;
+        let mut out = csv_writer(create(path)?);
+        let csv_err = csv_error(path);
+        out.write_record([
+            "record_id",
+            "device_id",
+            "seq",
+            "captured_at_ms",
+            "model_id",
+            "precision",
+            "embedding_dim",
+            "source",
+            "quality_ok",
+            "heads",
+            "epoch",
+        ])
+        .map_err(&csv_err)?;
         for r in &rows {
             let heads: Vec<String> = r.heads.iter().map(top).collect();
-            writeln!(
-                out,
-                "{},{},{},{},{},{},{},{},{},{},{}",
-                csv_field(&r.record_id),
-                csv_field(&r.device_id),
-                r.seq,
-                r.captured_at_ms,
-                csv_field(&r.model_id),
-                csv_field(&r.precision),
-                r.embedding.dim,
-                csv_field(r.source.as_deref().unwrap_or("")),
+            out.write_record([
+                inert(&r.record_id),
+                inert(&r.device_id),
+                r.seq.to_string(),
+                r.captured_at_ms.to_string(),
+                inert(&r.model_id),
+                inert(&r.precision),
+                r.embedding.dim.to_string(),
+                inert(r.source.as_deref().unwrap_or("")),
                 r.quality_ok.map_or(String::new(), |q| q.to_string()),
-                csv_field(&heads.join(";")),
-                r.epoch
-            )
-            .map_err(io)?;
+                inert(&heads.join(";")),
+                r.epoch.to_string(),
+            ])
+            .map_err(&csv_err)?;
         }
         out.flush().map_err(io)?;
         let gap_rows = gap_rows(store, filter)?;
@@ -221,26 +248,27 @@ pub fn export(
                 path: path.clone(),
                 source,
             };
-            let mut out = create(&path)?;
-            writeln!(out, "device_id,epoch,from,to,reason,at_ms").map_err(io)?;
+            let mut out = csv_writer(create(&path)?);
+            let csv_err = csv_error(&path);
+            out.write_record(["device_id", "epoch", "from", "to", "reason", "at_ms"])
+                .map_err(&csv_err)?;
             for g in &gap_rows {
-                writeln!(
-                    out,
-                    "{},{},{},{},{},{}",
-                    csv_field(&g.device_id),
-                    g.epoch,
-                    g.from,
-                    g.to,
-                    csv_field(&g.reason),
-                    g.at_ms
-                )
-                .map_err(io)?;
+                out.write_record([
+                    inert(&g.device_id),
+                    g.epoch.to_string(),
+                    g.from.to_string(),
+                    g.to.to_string(),
+                    inert(&g.reason),
+                    g.at_ms.to_string(),
+                ])
+                .map_err(&csv_err)?;
             }
             out.flush().map_err(io)?;
             gaps = gap_rows.len();
         }
     }
     let dim = rows.first().map(|r| r.embedding.dim as usize);
+    let mut skipped = 0;
     if let Some(path) = npy {
         let models: std::collections::BTreeSet<(&str, u32)> = rows
             .iter()
@@ -263,24 +291,30 @@ pub fn export(
             source,
         };
         let mut out = create(path)?;
-        let mut values = Vec::with_capacity(rows.len());
+        // A stored record whose bytes do not fit its dimension (from before records were checked
+        // on arrival) is left out and named, so that it cannot break the export of the others.
+        let mut kept = Vec::with_capacity(rows.len());
         for r in &rows {
-            values.push(r.embedding.to_f32().ok_or_else(|| HubError::Database {
-                path: store.path().into(),
-                message: format!(
-                    "record {}: embedding bytes do not match its dim",
-                    r.record_id
-                ),
-            })?);
+            match r.embedding.to_f32() {
+                Some(values) if values.len() == dim => kept.push((r, values)),
+                _ => {
+                    log::warn!(
+                        "{}: record {} left out: its embedding bytes do not match its dimension",
+                        path.display(),
+                        r.record_id
+                    );
+                    skipped += 1;
+                }
+            }
         }
-        dermedge_core::npy::write_f32_rows(&mut out, dim, values.iter().map(Vec::as_slice))
+        dermedge_core::npy::write_f32_rows(&mut out, dim, kept.iter().map(|(_, v)| v.as_slice()))
             .map_err(io)?;
         out.flush().map_err(io)?;
         let index_path = PathBuf::from(format!("{}.json", path.display()));
         let index = serde_json::json!({
             "format": "dermedge-hub-export/1",
             "model": rows.first().map(|r| r.model_id.clone()),
-            "rows": rows.iter().map(|r| serde_json::json!({
+            "rows": kept.iter().map(|(r, _)| serde_json::json!({
                 "record_id": r.record_id, "device_id": r.device_id, "epoch": r.epoch, "seq": r.seq,
             })).collect::<Vec<_>>(),
         });
@@ -293,6 +327,7 @@ pub fn export(
             })?;
     }
     Ok(Exported {
+        skipped,
         rows: rows.len(),
         dim,
         gaps,

@@ -11,6 +11,7 @@
 pub mod export;
 pub mod server;
 pub mod store;
+pub mod validate;
 
 use std::path::PathBuf;
 

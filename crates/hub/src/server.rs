@@ -28,7 +28,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{watch, Semaphore};
 
-use crate::store::{Store, Stored};
+use crate::store::{Store, Stored, VerifiedBatch};
 use crate::HubError;
 
 /// The one answer to a request the hub cannot authenticate, whatever the reason (an unknown,
@@ -73,6 +73,9 @@ pub struct Limits {
     /// TCP keepalive: a peer that vanished (power cut, lost Wi-Fi) is noticed after this idle
     /// time plus a few probes.
     pub tcp_keepalive: Duration,
+    /// Keep each record's `source` as the device wrote it (a full input path can name a
+    /// patient) instead of its file name alone.
+    pub keep_source_paths: bool,
     /// Rejections written to the database per second, and the burst allowed; the rest are
     /// counted and summarised.
     pub rejections_per_s: f64,
@@ -91,6 +94,7 @@ impl Default for Limits {
             max_body_bytes: MAX_BODY_BYTES,
             max_connections: 512,
             tcp_keepalive: Duration::from_secs(30),
+            keep_source_paths: false,
             rejections_per_s: 5.0,
             rejections_burst: 50.0,
         }
@@ -766,24 +770,35 @@ fn store_verified(
             return refuse(store, Refusal::bad(400, format!("malformed batch: {m}")))
         }
     };
-    let records = match open_records(hub_key, device, &batch) {
+    let (records, refused) = match open_records(hub_key, device, &batch) {
         Ok(r) => r,
         Err(reason) => return refuse(store, Refusal::bad(400, reason)),
     };
+    for (seq, why) in &refused {
+        state.rejections.log(
+            store,
+            remote,
+            Some(device),
+            422,
+            &format!("record {seq} refused and reported as a loss: {why}"),
+        );
+    }
     let conflict = |conflict: Conflict| {
         Reply::signed(
             409,
             wire::seal_conflict(hub_key, device, counter, body, &conflict),
         )
     };
-    match store.store_batch(
-        device,
+    match store.store_batch(&VerifiedBatch {
+        device_id: device,
         public,
         counter,
-        batch.after_seq,
-        &records,
-        &batch.gaps,
-    ) {
+        after_seq: batch.after_seq,
+        records: &records,
+        gaps: &batch.gaps,
+        refused: &refused,
+        keep_source_paths: state.limits.keep_source_paths,
+    }) {
         Ok(Stored::Ok {
             stored,
             duplicates,
@@ -846,13 +861,14 @@ fn store_verified(
     }
 }
 
+/// Opened records, and refused ones with the reason.
+type Opened = (Vec<(u64, dermedge_queue::Record)>, Vec<(u64, String)>);
+
 /// The batch's records, opened with the hub key, after the checks that need no database: rising
 /// sequence numbers after `after_seq`, well-formed gaps, envelopes from the sender that open.
-fn open_records(
-    hub_key: &HubKey,
-    device: &str,
-    batch: &wire::Batch,
-) -> Result<Vec<(u64, dermedge_queue::Record)>, String> {
+/// A record that opens but whose fields the hub will not store ([`crate::validate`]) is set
+/// aside with its reason; the rest of the batch is stored.
+fn open_records(hub_key: &HubKey, device: &str, batch: &wire::Batch) -> Result<Opened, String> {
     for gap in &batch.gaps {
         if gap.from == 0 || gap.from > gap.to || gap.to > MAX_SEQ {
             return Err(format!(
@@ -862,6 +878,7 @@ fn open_records(
         }
     }
     let mut records = Vec::with_capacity(batch.records.len());
+    let mut refused = Vec::new();
     let mut prev = batch.after_seq;
     for r in &batch.records {
         if r.seq > MAX_SEQ {
@@ -885,9 +902,12 @@ fn open_records(
         let record = envelope
             .open(hub_key)
             .map_err(|e| format!("record {}: {e}", r.seq))?;
-        records.push((r.seq, record));
+        match crate::validate::refusal(&record) {
+            None => records.push((r.seq, record)),
+            Some(why) => refused.push((r.seq, why)),
+        }
     }
-    Ok(records)
+    Ok((records, refused))
 }
 
 #[cfg(test)]

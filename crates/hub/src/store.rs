@@ -82,6 +82,22 @@ const RECORD_COLUMNS: &str =
      embedding_dtype, embedding_dim, embedding, heads_json, quality_json, source, thumbnail_jpeg, \
      record_cbor, received_at_ms";
 
+/// A batch whose signature was verified and whose records were opened, ready to store.
+#[derive(Clone, Copy)]
+pub struct VerifiedBatch<'a> {
+    pub device_id: &'a str,
+    pub public: &'a DevicePublic,
+    pub counter: u64,
+    pub after_seq: u64,
+    pub records: &'a [(u64, Record)],
+    pub gaps: &'a [Gap],
+    /// Records that opened but that the hub will not store ([`crate::validate`]), with why:
+    /// kept as the device's losses.
+    pub refused: &'a [(u64, String)],
+    /// Keep `source` as written instead of its file name alone.
+    pub keep_source_paths: bool,
+}
+
 pub struct Store {
     conn: Connection,
     path: PathBuf,
@@ -454,15 +470,17 @@ impl Store {
     /// counter commit together, so a hub killed mid-batch has stored all of it or none. Records
     /// and gaps are taken in sequence order; the hub's highest sequence advances over a gap as
     /// over a record, so a record inside a reported gap is out of order.
-    pub fn store_batch(
-        &mut self,
-        device_id: &str,
-        public: &DevicePublic,
-        counter: u64,
-        after_seq: u64,
-        records: &[(u64, Record)],
-        gaps: &[Gap],
-    ) -> Result<Stored, HubError> {
+    pub fn store_batch(&mut self, batch: &VerifiedBatch<'_>) -> Result<Stored, HubError> {
+        let VerifiedBatch {
+            device_id,
+            public,
+            counter,
+            after_seq,
+            records,
+            gaps,
+            refused,
+            keep_source_paths,
+        } = *batch;
         let path = self.path.clone();
         let err = db_err(&path);
         let tx = self
@@ -488,11 +506,17 @@ impl Store {
         enum Item<'a> {
             Record(u64, &'a Record),
             Gap(&'a Gap),
+            Refused(u64, &'a str),
         }
         let mut items: Vec<(u64, Item)> = records
             .iter()
             .map(|(seq, r)| (*seq, Item::Record(*seq, r)))
             .chain(gaps.iter().map(|g| (g.from, Item::Gap(g))))
+            .chain(
+                refused
+                    .iter()
+                    .map(|(seq, why)| (*seq, Item::Refused(*seq, why))),
+            )
             .collect();
         // Stable: a gap and a record starting at the same number keep the batch's order.
         items.sort_by_key(|(at, _)| *at);
@@ -518,6 +542,31 @@ impl Store {
                         )
                         .map_err(&err)? as u32;
                     highest = highest.max(gap.to);
+                    continue;
+                }
+                // A record the hub will not store: kept as this device's loss, with the reason,
+                // so that the device's queue moves on and the loss is visible.
+                Item::Refused(seq, why) => {
+                    if seq <= highest {
+                        return Err(HubError::BadRequest(format!(
+                            "record {seq} of {device_id} arrives after {highest}: out of order"
+                        )));
+                    }
+                    new_gaps += tx
+                        .execute(
+                            "INSERT OR IGNORE INTO gaps
+                                 (device_id, epoch, from_seq, to_seq, reason, at_ms, received_at_ms)
+                             VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?5)",
+                            params![
+                                device_id,
+                                epoch as i64,
+                                seq as i64,
+                                format!("refused: {why}"),
+                                received
+                            ],
+                        )
+                        .map_err(&err)? as u32;
+                    highest = seq;
                     continue;
                 }
                 Item::Record(seq, record) => (seq, record),
@@ -582,7 +631,7 @@ impl Store {
                     record.embedding.data,
                     heads,
                     quality,
-                    record.source,
+                    crate::validate::stored_source(record.source.as_deref(), keep_source_paths),
                     record.thumbnail_jpeg,
                     record.to_cbor(),
                     received

@@ -555,6 +555,7 @@ fn export_writes_csv_and_npy_in_sequence_order() {
             rows: 5,
             dim: Some(3),
             gaps: 0,
+            skipped: 0,
         }
     );
     let text = std::fs::read_to_string(&csv).unwrap();
@@ -893,4 +894,68 @@ fn the_rejections_log_is_bounded() {
         .unwrap();
     assert_eq!(count, crate::store::MAX_REJECTIONS);
     assert_eq!(first, "reason 5");
+}
+
+/// Device-written fields that would forge CSV rows, run as spreadsheet formulas, shift columns
+/// or break the `.npy`: inert in the export, or refused on arrival with the reason kept as the
+/// device's loss, while the rest of the batch is stored.
+#[test]
+fn forged_fields_are_inert_in_the_export_or_refused_on_arrival() {
+    let s = Setup::new();
+    let queue = s.queue(&s.queue_dir, &s.key, QueueOptions::default());
+    let mut formula = record("dev-1", 1);
+    formula.source = Some("/home/jane-doe/=HYPERLINK(1).png".into());
+    formula.model_id = "=cmd|' /C calc'!A0".into();
+    let mut forged_id = record("dev-1", 2);
+    forged_id.id = "abc\r\nforged,row,=1+1".into();
+    let mut comma = record("dev-1", 3);
+    comma.precision = "int8,shifted".into();
+    let mut short = record("dev-1", 4);
+    short.embedding.data.truncate(5);
+    let good = record("dev-1", 5);
+    for r in [&formula, &forged_id, &comma, &short, &good] {
+        s.append(&queue, r);
+    }
+    let report = s
+        .client(&s.queue_dir, &s.key)
+        .drain(&queue, &AtomicBool::new(false), Some(0))
+        .unwrap();
+    assert_eq!(
+        report.records, 5,
+        "the device's queue moved past every record"
+    );
+    let store = Store::open(&s.db).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (csv, npy) = (dir.path().join("r.csv"), dir.path().join("e.npy"));
+    let filter = crate::export::ExportFilter {
+        model_id: Some("df-mini".into()),
+        ..Default::default()
+    };
+    let out = crate::export::export(&store, &filter, Some(&csv), Some(&npy)).unwrap();
+    assert_eq!((out.rows, out.skipped), (1, 0), "{out:?}");
+    let all = crate::export::export(&store, &Default::default(), Some(&csv), None).unwrap();
+    assert_eq!((all.rows, all.gaps), (2, 3), "{all:?}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    for row in &rows {
+        assert_eq!(row.len(), 11, "{row:?}");
+        for cell in row {
+            assert!(
+                !cell.starts_with(['=', '+', '-', '@']),
+                "a live formula: {cell:?}"
+            );
+        }
+    }
+    let forged = rows.iter().find(|r| r[4].contains("cmd")).unwrap();
+    assert_eq!(&forged[4], "'=cmd|' /C calc'!A0");
+    // The stored source is the file name alone.
+    assert_eq!(&forged[7], "'=HYPERLINK(1).png");
+    let gaps = std::fs::read_to_string(crate::export::gaps_csv_path(&csv)).unwrap();
+    for expected in ["refused: id", "refused: precision", "refused: embedding"] {
+        assert!(gaps.contains(expected), "{expected} in {gaps}");
+    }
+    assert!(!gaps.contains("forged,row"), "{gaps}");
+    s.hub.shutdown();
 }
