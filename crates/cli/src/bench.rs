@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Result;
+use dermedge_fidelity::stats::percentile;
 use clap::Subcommand;
 use dermedge_hub::server::HubServer;
 use dermedge_hub::store::Store;
@@ -72,7 +73,7 @@ fn record(i: usize, dim: usize, dtype: EmbeddingType) -> Record {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    percentile(&v, 0.5)
 }
 
 fn scratch(dir: &Option<PathBuf>) -> Result<tempfile::TempDir> {
@@ -251,7 +252,7 @@ pub struct EmbedBench {
 
 fn stat(mut v: Vec<f64>) -> [f64; 3] {
     v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    let at = |q: f64| percentile(&v, q);
     [at(0.5), at(0.9), v[0]]
 }
 
