@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks: builds the release binary and prints Markdown tables for docs/BENCHMARKS.md.
-#   scripts/bench.sh [queue|sync|all]
+#   scripts/bench.sh [queue|sync|hub|all]
 # Results depend on the machine and its storage: run it on the device (queue numbers measure the
 # disk the queue lives on; pass DERMEDGE_BENCH_DIR to point at the SD card).
 set -euo pipefail
@@ -17,5 +17,10 @@ if [[ "$what" == queue || "$what" == all ]]; then
 fi
 if [[ "$what" == sync || "$what" == all ]]; then
   "$bin" bench sync --dir "$dir"
+  echo
+fi
+if [[ "$what" == hub || "$what" == all ]]; then
+  # The hub under 1-200 concurrent devices with stalled, vanishing and slow-drip clients.
+  RUST_LOG=error "$bin" bench hub --dir "$dir"
   echo
 fi

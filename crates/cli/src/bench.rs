@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Result;
-use dermedge_fidelity::stats::percentile;
 use clap::Subcommand;
+use dermedge_fidelity::stats::percentile;
 use dermedge_hub::server::HubServer;
 use dermedge_hub::store::Store;
 use dermedge_queue::{
@@ -39,6 +39,25 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 6144)]
         dim: usize,
     },
+    /// The hub under load and faults: many devices syncing at once over loopback while stalled,
+    /// vanished and slow-drip clients hold connections; ingest rate, batch and health latency,
+    /// peak RSS (docs/BENCHMARKS.md).
+    Hub {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Simulated devices per round.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 100, 200])]
+        devices: Vec<usize>,
+        /// Records each device syncs.
+        #[arg(long, default_value_t = 32)]
+        records: usize,
+        /// Clients that stall mid-request (half in their headers, half in their bodies), plus
+        /// as many that vanish mid-body and a few slow drips.
+        #[arg(long, default_value_t = 50)]
+        stalled: usize,
+        #[arg(long, default_value_t = 6144)]
+        dim: usize,
+    },
     /// Sync throughput to a hub on loopback (real server, real SQLite) for several batch sizes.
     Sync {
         #[arg(long)]
@@ -52,7 +71,7 @@ pub enum BenchCommand {
     },
 }
 
-fn record(i: usize, dim: usize, dtype: EmbeddingType) -> Record {
+pub(crate) fn record(i: usize, dim: usize, dtype: EmbeddingType) -> Record {
     let values: Vec<f32> = (0..dim)
         .map(|j| ((i * dim + j) as f32 * 0.001).sin())
         .collect();
@@ -67,16 +86,17 @@ fn record(i: usize, dim: usize, dtype: EmbeddingType) -> Record {
         heads: Vec::new(),
         quality: None,
         source: None,
-        thumbnail_jpeg: Some(vec![0x5a; 4096]),
+        // The hub checks that a thumbnail is a JPEG (its first two bytes); the size is a real one's.
+        thumbnail_jpeg: Some([&[0xFF, 0xD8][..], &[0x5a; 4094]].concat()),
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     percentile(&v, 0.5)
 }
 
-fn scratch(dir: &Option<PathBuf>) -> Result<tempfile::TempDir> {
+pub(crate) fn scratch(dir: &Option<PathBuf>) -> Result<tempfile::TempDir> {
     Ok(match dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
@@ -96,6 +116,13 @@ pub fn run(command: &BenchCommand) -> Result<()> {
             rounds,
             dim,
         } => bench_queue(dir, *records, *rounds, *dim),
+        BenchCommand::Hub {
+            dir,
+            devices,
+            records,
+            stalled,
+            dim,
+        } => crate::bench_hub::run(dir, devices, *records, *stalled, *dim),
         BenchCommand::Sync {
             dir,
             records,

@@ -3,6 +3,8 @@
 
 #[cfg(feature = "tools")]
 mod bench;
+#[cfg(feature = "tools")]
+mod bench_hub;
 mod device;
 mod embed;
 #[cfg(feature = "tools")]
