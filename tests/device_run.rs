@@ -117,7 +117,14 @@ fn the_main_job_leaves_screens_records_and_a_hub_database() {
         .map(|l| l.split(',').map(String::from).collect())
         .collect();
     assert_eq!(rows.iter().map(|r| r[0].clone()).collect::<Vec<_>>(), ids);
-    let sources: Vec<PathBuf> = rows.iter().map(|r| PathBuf::from(&r[7])).collect();
+    // The hub keeps each capture's file name, not the device's path to it.
+    let sources: Vec<PathBuf> = rows
+        .iter()
+        .map(|r| {
+            assert!(!r[7].contains('/'), "a path reached the hub: {}", r[7]);
+            fixtures().join("device").join(&r[7])
+        })
+        .collect();
     for (row, source) in rows.iter().zip(&sources) {
         let kind = if source.to_string_lossy().contains("dermoscopy") {
             "image-kind=dermoscopy"
