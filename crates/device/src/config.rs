@@ -348,6 +348,28 @@ fn existing(file: &Path, key: &str, path: &Path, what: &str) -> Result<(), Confi
     Ok(())
 }
 
+/// `path` with `.` and `dir/..` pairs removed, so that messages name `/x/out/queue` rather than
+/// `/x/firmware-config/../out/queue`. `base` is already the configuration's real directory, so
+/// a `..` here climbs out of it as the file system would.
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            // `/..` is `/`.
+            Component::ParentDir if out.has_root() && out.parent().is_none() => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// The dotted key whose line holds byte `at` of a TOML document: `section.key` for a
 /// `key = value` line, the section for a `[section]` header, or `(syntax)` where there is none.
 fn key_at(text: &str, at: usize) -> String {
@@ -374,6 +396,32 @@ fn key_at(text: &str, at: usize) -> String {
             }
         }
         None => section.unwrap_or_else(|| "(syntax)".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolved_paths_are_lexically_normal() {
+        let n = |p: &str| lexically_normal(Path::new(p));
+        assert_eq!(
+            n("/x/firmware-config/../out/queue"),
+            Path::new("/x/out/queue")
+        );
+        assert_eq!(n("/x/./a/b/../../c"), Path::new("/x/c"));
+        assert_eq!(n("/../a"), Path::new("/a"));
+        assert_eq!(n("../a"), Path::new("../a"));
+    }
+
+    #[test]
+    fn error_keys_come_from_the_parser_span() {
+        let text = "[model]\nthreads = 2\n\n[queue]\ndir = \"q\"\nfull_policy = \"drop\"\n";
+        let at = text.find("\"drop\"").unwrap();
+        assert_eq!(key_at(text, at), "queue.full_policy");
+        assert_eq!(key_at(text, 1), "model");
+        assert_eq!(key_at("x = 1\n", 4), "x");
     }
 }
 
@@ -406,7 +454,7 @@ impl LoadedConfig {
         let base = real.parent().unwrap_or(Path::new(".")).to_path_buf();
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = lexically_normal(&base.join(&*p));
             }
         };
         resolve(&mut config.device.key_file);
