@@ -399,32 +399,6 @@ fn key_at(text: &str, at: usize) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resolved_paths_are_lexically_normal() {
-        let n = |p: &str| lexically_normal(Path::new(p));
-        assert_eq!(
-            n("/x/firmware-config/../out/queue"),
-            Path::new("/x/out/queue")
-        );
-        assert_eq!(n("/x/./a/b/../../c"), Path::new("/x/c"));
-        assert_eq!(n("/../a"), Path::new("/a"));
-        assert_eq!(n("../a"), Path::new("../a"));
-    }
-
-    #[test]
-    fn error_keys_come_from_the_parser_span() {
-        let text = "[model]\nthreads = 2\n\n[queue]\ndir = \"q\"\nfull_policy = \"drop\"\n";
-        let at = text.find("\"drop\"").unwrap();
-        assert_eq!(key_at(text, at), "queue.full_policy");
-        assert_eq!(key_at(text, 1), "model");
-        assert_eq!(key_at("x = 1\n", 4), "x");
-    }
-}
-
 pub fn parse_size(text: &str) -> Option<(u32, u32)> {
     let (w, h) = text.split_once(['x', 'X'])?;
     Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
@@ -719,4 +693,30 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
         }
     }
     Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolved_paths_are_lexically_normal() {
+        let n = |p: &str| lexically_normal(Path::new(p));
+        assert_eq!(
+            n("/x/firmware-config/../out/queue"),
+            Path::new("/x/out/queue")
+        );
+        assert_eq!(n("/x/./a/b/../../c"), Path::new("/x/c"));
+        assert_eq!(n("/../a"), Path::new("/a"));
+        assert_eq!(n("../a"), Path::new("../a"));
+    }
+
+    #[test]
+    fn error_keys_come_from_the_parser_span() {
+        let text = "[model]\nthreads = 2\n\n[queue]\ndir = \"q\"\nfull_policy = \"drop\"\n";
+        let at = text.find("\"drop\"").unwrap();
+        assert_eq!(key_at(text, at), "queue.full_policy");
+        assert_eq!(key_at(text, 1), "model");
+        assert_eq!(key_at("x = 1\n", 4), "x");
+    }
 }
