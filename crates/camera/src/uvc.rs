@@ -219,7 +219,11 @@ impl UvcSource {
     }
 
     fn label(&self) -> String {
-        format!("{:?}", self.selector)
+        match &self.selector {
+            DeviceSelector::Index(i) => format!("camera {i}"),
+            DeviceSelector::Path(p) => p.clone(),
+            DeviceSelector::Name(n) => format!("camera {n:?}"),
+        }
     }
 
     fn connect(&mut self) -> Result<(), SourceError> {

@@ -64,7 +64,7 @@ pub fn check(path: &Path) -> Result<()> {
     }
     // The model and heads must load and agree, not just exist.
     let manifest = ModelManifest::load(&c.model.manifest)?;
-    fidelity_warning(path, &manifest);
+    fidelity_warning(path, &manifest, true);
     for head in load_heads(&c.heads)? {
         head.check_model(&manifest.model.id, manifest.model.embedding_dim)?;
     }
@@ -101,7 +101,7 @@ pub fn check(path: &Path) -> Result<()> {
 
 /// A warning when the configured export failed the fidelity suite, or was never judged while
 /// being quantised (its embeddings may not be the reference model's).
-fn fidelity_warning(path: &Path, manifest: &ModelManifest) {
+fn fidelity_warning(path: &Path, manifest: &ModelManifest, unjudged_warning: bool) {
     let model = manifest.path.display();
     match &manifest.fidelity {
         Some(record) if record.verdict == FidelityVerdict::Fail => {
@@ -120,9 +120,9 @@ fn fidelity_warning(path: &Path, manifest: &ModelManifest) {
             );
         }
         Some(_) => {}
-        None if manifest.model.precision != Precision::Fp32 => eprintln!(
-            "warning: {}: model.manifest {model} is a {} export with no recorded fidelity \
-             verdict (dermedge fidelity --record)",
+        None if unjudged_warning && manifest.model.precision != Precision::Fp32 => eprintln!(
+            "warning: {}: model.manifest {model} ({}) has no recorded fidelity verdict \
+             (dermedge fidelity --record)",
             path.display(),
             manifest.model.precision.as_str()
         ),
@@ -135,7 +135,8 @@ pub fn run(path: &Path) -> Result<bool> {
     let c = &config.config;
     let options = buildable(&config)?;
     let manifest = ModelManifest::load(&c.model.manifest)?;
-    fidelity_warning(path, &manifest);
+    // The device warns only on a recorded failure; `config check` also on a missing verdict.
+    fidelity_warning(path, &manifest, false);
     let heads = load_heads(&c.heads)?;
     let embedder = crate::load(&manifest, &options)?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -37,10 +37,17 @@ pub enum RunError {
     Display(#[from] dermedge_display::DisplayError),
     #[error(transparent)]
     Pipeline(#[from] crate::pipeline::PipelineError),
+    /// Said once: the camera's error is the message, not also its cause.
     #[error("camera: {0}")]
-    Source(#[from] dermedge_core::SourceError),
+    Source(dermedge_core::SourceError),
     #[error("{0}")]
     Setup(String),
+}
+
+impl From<dermedge_core::SourceError> for RunError {
+    fn from(e: dermedge_core::SourceError) -> Self {
+        RunError::Source(e)
+    }
 }
 
 /// Where the loop is.
@@ -592,5 +599,25 @@ fn short_reason(e: &dermedge_sync::SyncError) -> String {
         dermedge_sync::SyncError::HubFailed { status, .. } => format!("hub error {status}"),
         dermedge_sync::SyncError::Refused { status, .. } => format!("refused ({status})"),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_camera_is_said_once() {
+        let e = RunError::from(dermedge_core::SourceError::NoDevice {
+            source_name: "camera 0".into(),
+            hint: "cannot open it".into(),
+        });
+        let mut said = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            said.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        assert_eq!(said, "camera: camera 0: no such camera; cannot open it");
     }
 }
