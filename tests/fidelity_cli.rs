@@ -314,6 +314,16 @@ fn the_verdict_is_recorded_in_the_manifest_and_config_check_warns_on_fail() {
     }
     let candidate = dir.join("df-mini.int8.toml");
     let before = fs::read_to_string(&candidate).unwrap();
+    // Four images are enough to record a verdict (the suite needs three).
+    let images: Vec<String> = [
+        "astronaut-480.png",
+        "coffee-300x400.png",
+        "dermoscopy-patch1354a.bmp",
+        "dermoscopy-patch1840b.bmp",
+    ]
+    .iter()
+    .map(|f| fixtures.join("images").join(f).display().to_string())
+    .collect();
     // Gates no export can meet, so that the recorded verdict is a failure.
     let gates = dir.join("strict.toml");
     fs::write(
@@ -327,7 +337,10 @@ fn the_verdict_is_recorded_in_the_manifest_and_config_check_warns_on_fail() {
         "--candidate",
         &candidate.display().to_string(),
         "--images",
-        &fixtures.join("images").display().to_string(),
+        &images[0],
+        &images[1],
+        &images[2],
+        &images[3],
         "--gates",
         &gates.display().to_string(),
         "--report",
