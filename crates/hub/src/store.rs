@@ -548,6 +548,21 @@ impl Store {
                 // so that the device's queue moves on and the loss is visible.
                 Item::Refused(seq, why) => {
                     if seq <= highest {
+                        // Sent again after a lost ack: the refusal is already recorded.
+                        let recorded: Option<i64> = tx
+                            .query_row(
+                                "SELECT 1 FROM gaps WHERE device_id = ?1 AND epoch = ?2
+                                     AND from_seq = ?3 AND to_seq = ?3
+                                     AND reason LIKE 'refused: %'",
+                                params![device_id, epoch as i64, seq as i64],
+                                |r| r.get(0),
+                            )
+                            .optional()
+                            .map_err(&err)?;
+                        if recorded.is_some() {
+                            duplicates += 1;
+                            continue;
+                        }
                         return Err(HubError::BadRequest(format!(
                             "record {seq} of {device_id} arrives after {highest}: out of order"
                         )));

@@ -959,3 +959,33 @@ fn forged_fields_are_inert_in_the_export_or_refused_on_arrival() {
     assert!(!gaps.contains("forged,row"), "{gaps}");
     s.hub.shutdown();
 }
+
+/// A batch holding a refused record, sent again after its ack was lost (a new counter, the same
+/// records): the refusal is already recorded, so the batch is acknowledged again, not refused.
+#[test]
+fn a_refused_record_sent_again_is_acknowledged_again() {
+    let s = Setup::new();
+    let mut bad = record("dev-1", 2);
+    bad.id = "not-hex".into();
+    let batch = wire::Batch {
+        after_seq: 0,
+        records: [record("dev-1", 1), bad]
+            .iter()
+            .enumerate()
+            .map(|(i, r)| wire::BatchRecord {
+                seq: i as u64 + 1,
+                cbor: Envelope::seal(r, &s.hub_public()).to_cbor(),
+            })
+            .collect(),
+        gaps: Vec::new(),
+    };
+    for (counter, duplicates) in [(5, 0), (6, 2)] {
+        let body = wire::seal_batch(&s.key, "dev-1", counter, &batch);
+        let (status, reply) = s.post("dev-1", counter, &body);
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+        let ack = wire::open_ack(&s.hub_public(), "dev-1", counter, &body, &reply).unwrap();
+        assert_eq!((ack.acked_through, ack.duplicates), (2, duplicates));
+    }
+    assert_eq!(stored(&s.db, "dev-1").len(), 1);
+    s.hub.shutdown();
+}
