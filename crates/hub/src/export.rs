@@ -93,11 +93,17 @@ fn rows(store: &Store, filter: &ExportFilter) -> Result<Vec<Row>, HubError> {
 /// a formula (`=`, `+`, `-`, `@`, tab, carriage return) gets a leading `'`. Quoting (RFC 4180) is
 /// the CSV writer's.
 fn inert(s: &str) -> String {
-    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
-        format!("'{s}")
-    } else {
-        s.to_string()
-    }
+    // Spreadsheets set to `;` as their list separator split a cell there: each piece is a cell.
+    s.split(';')
+        .map(|piece| {
+            if piece.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+                format!("'{piece}")
+            } else {
+                piece.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
 /// An RFC 4180 CSV writer (CRLF line ends, quotes where needed).

@@ -42,8 +42,10 @@ const MAX_SEQ: u64 = i64::MAX as u64;
 /// The path of protocol `dermedge-sync/1`, answered with a pointer to the upgrade.
 const V1_BATCH_PATH: &str = "/v1/batches";
 
-/// The largest request body accepted.
-pub const MAX_BODY_BYTES: usize = 64 << 20;
+/// The largest request body accepted: a device's batch is at most 2 MiB by default (records of
+/// at most 1 MiB); a bound well above that keeps what unauthenticated bodies can pin in memory
+/// small (the signature is checked once the body is in).
+pub const MAX_BODY_BYTES: usize = 16 << 20;
 
 /// The longest device id accepted in a request header.
 pub const MAX_DEVICE_ID_BYTES: usize = 128;
@@ -321,9 +323,20 @@ impl RejectionLog {
         status: u16,
         reason: &str,
     ) {
-        if !self.admit() {
-            return;
+        if self.admit() {
+            self.write(store, remote, device, status, reason);
         }
+    }
+
+    /// Write one rejection the rate limit has admitted.
+    fn write(
+        &self,
+        store: &Store,
+        remote: SocketAddr,
+        device: Option<&str>,
+        status: u16,
+        reason: &str,
+    ) {
         let device = device.map(|d| printable(d, LOGGED_FIELD_CHARS));
         let reason = printable(reason, 4 * LOGGED_FIELD_CHARS);
         log::warn!(
@@ -540,6 +553,8 @@ struct Refusal {
     reason: String,
     /// Logged with this reason, answered with [`UNAUTHENTICATED`].
     unauthenticated: bool,
+    /// Already admitted by the rejections log's rate limit.
+    admitted: bool,
 }
 
 impl Refusal {
@@ -548,6 +563,7 @@ impl Refusal {
             status,
             reason: reason.into(),
             unauthenticated: false,
+            admitted: false,
         }
     }
 
@@ -556,6 +572,7 @@ impl Refusal {
             status: 401,
             reason: reason.into(),
             unauthenticated: true,
+            admitted: false,
         }
     }
 
@@ -566,9 +583,11 @@ impl Refusal {
         remote: SocketAddr,
         device: Option<&str>,
     ) -> Reply {
-        state
-            .rejections
-            .log(store, remote, device, self.status, &self.reason);
+        if self.admitted || state.rejections.admit() {
+            state
+                .rejections
+                .write(store, remote, device, self.status, &self.reason);
+        }
         if self.unauthenticated {
             Reply::text(401, UNAUTHENTICATED)
         } else {
@@ -588,6 +607,14 @@ async fn refuse(
         UNAUTHENTICATED.to_string()
     } else {
         refusal.reason.clone()
+    };
+    // Over the log's rate, the answer needs no database (and no blocking thread) at all.
+    if !state.rejections.admit() {
+        return Reply::text(status, fallback);
+    }
+    let refusal = Refusal {
+        admitted: true,
+        ..refusal
     };
     blocking(state, move |state, store| {
         refusal.log_and_answer(state, store, remote, device.as_deref())
@@ -710,13 +737,18 @@ async fn read_body(
     limits: &Limits,
 ) -> Result<Vec<u8>, Refusal> {
     let max = limits.max_body_bytes;
-    let deadline = tokio::time::Instant::now()
-        + limits.body_deadline(declared.unwrap_or(max as u64).min(max as u64));
+    let started = tokio::time::Instant::now();
+    let deadline = started + limits.body_deadline(declared.unwrap_or(max as u64).min(max as u64));
+    let rate = limits.min_body_bytes_per_s.max(1) as f64;
     // Trust a declared length for the allocation only up to a modest size.
     let mut out = Vec::with_capacity(declared.unwrap_or(0).min(1 << 20) as usize);
     loop {
         let pause_ends = tokio::time::Instant::now() + limits.body_idle_timeout;
-        let frame = tokio::time::timeout_at(deadline.min(pause_ends), body.frame()).await;
+        // The average rate so far must stay above the minimum once the grace time is over, so
+        // a slow drip is cut off early, not at the end of what its length allows.
+        let behind = started + limits.body_grace + Duration::from_secs_f64(out.len() as f64 / rate);
+        let frame =
+            tokio::time::timeout_at(deadline.min(pause_ends).min(behind), body.frame()).await;
         match frame {
             Err(_) => {
                 return Err(Refusal::bad(
@@ -774,15 +806,7 @@ fn store_verified(
         Ok(r) => r,
         Err(reason) => return refuse(store, Refusal::bad(400, reason)),
     };
-    for (seq, why) in &refused {
-        state.rejections.log(
-            store,
-            remote,
-            Some(device),
-            422,
-            &format!("record {seq} refused and reported as a loss: {why}"),
-        );
-    }
+
     let conflict = |conflict: Conflict| {
         Reply::signed(
             409,
@@ -811,6 +835,9 @@ fn store_verified(
             );
             for gap in &batch.gaps {
                 log::warn!("hub: {device} reports {gap}");
+            }
+            for (seq, why) in &refused {
+                log::warn!("hub: {device} record {seq} refused and kept as a loss: {why}");
             }
             let ack = Ack {
                 counter,
@@ -891,20 +918,32 @@ fn open_records(hub_key: &HubKey, device: &str, batch: &wire::Batch) -> Result<O
             ));
         }
         prev = r.seq;
-        let envelope =
-            Envelope::from_cbor(&r.cbor).map_err(|e| format!("record {}: {e}", r.seq))?;
-        if envelope.device_id != device {
-            return Err(format!(
-                "record {} is an envelope of device {}, the request is from {device}",
-                r.seq, envelope.device_id
-            ));
-        }
-        let record = envelope
-            .open(hub_key)
-            .map_err(|e| format!("record {}: {e}", r.seq))?;
-        match crate::validate::refusal(&record) {
-            None => records.push((r.seq, record)),
-            Some(why) => refused.push((r.seq, why)),
+        // The batch is the device's (its signature verified): a record in it that cannot be
+        // read, opened or stored is that device's loss, reported, and the queue moves on; a
+        // refused batch would be sent again for ever.
+        let opened = Envelope::from_cbor(&r.cbor)
+            .map_err(|e| format!("not an envelope: {e}"))
+            .and_then(|envelope| {
+                if envelope.device_id != device {
+                    return Err(format!(
+                        "an envelope of device {}, the request is from {device}",
+                        envelope.device_id
+                    ));
+                }
+                let record = envelope
+                    .open(hub_key)
+                    .map_err(|e| format!("cannot be opened with this hub's key: {e}"))?;
+                if record.device_id != device {
+                    return Err(format!(
+                        "the sealed record names device {}, the request is from {device}",
+                        record.device_id
+                    ));
+                }
+                Ok(record)
+            });
+        match opened.map(|record| (crate::validate::refusal(&record), record)) {
+            Ok((None, record)) => records.push((r.seq, record)),
+            Ok((Some(why), _)) | Err(why) => refused.push((r.seq, why)),
         }
     }
     Ok((records, refused))

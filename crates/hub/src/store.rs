@@ -559,7 +559,17 @@ impl Store {
                             )
                             .optional()
                             .map_err(&err)?;
-                        if recorded.is_some() {
+                        // Or stored, by a hub that checked less when it first came.
+                        let stored_there: Option<String> = tx
+                            .query_row(
+                                "SELECT record_id FROM records
+                                 WHERE device_id = ?1 AND epoch = ?2 AND seq = ?3",
+                                params![device_id, epoch as i64, seq as i64],
+                                |r| r.get(0),
+                            )
+                            .optional()
+                            .map_err(&err)?;
+                        if recorded.is_some() || stored_there.is_some() {
                             duplicates += 1;
                             continue;
                         }
@@ -610,6 +620,14 @@ impl Store {
                         "record {seq} of {device_id} is {}, but the hub holds {id} there",
                         record.id
                     )))
+                }
+                // Refused when it first came (the hub checks more than the one that stored
+                // nothing there): the same loss, sent again.
+                None if seq <= highest
+                    && refused_at(&tx, device_id, epoch, seq).map_err(&err)? =>
+                {
+                    duplicates += 1;
+                    continue;
                 }
                 None if seq <= highest => {
                     return Err(HubError::BadRequest(format!(
@@ -761,4 +779,19 @@ fn device(conn: &Connection, path: &Path, device_id: &str) -> Result<Option<Devi
         epoch: epoch as u64,
         revoked_at_ms: revoked,
     }))
+}
+
+/// Whether the hub kept `seq` of this device and epoch as a refused record.
+fn refused_at(
+    conn: &Connection,
+    device_id: &str,
+    epoch: u64,
+    seq: u64,
+) -> Result<bool, rusqlite::Error> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM gaps WHERE device_id = ?1 AND epoch = ?2
+             AND from_seq = ?3 AND to_seq = ?3 AND reason LIKE 'refused: %')",
+        params![device_id, epoch as i64, seq as i64],
+        |r| r.get(0),
+    )
 }

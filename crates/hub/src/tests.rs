@@ -245,45 +245,63 @@ fn tampered_replayed_and_unknown_requests_are_rejected_and_logged() {
     s.hub.shutdown();
 }
 
+/// Envelopes in a batch the device signed that cannot be read, opened or attributed are that
+/// device's reported losses: the rest of the batch is stored and its queue moves on (a refused
+/// batch would be sent again for ever).
 #[test]
-fn envelopes_that_do_not_open_or_name_another_device_refuse_the_batch() {
+fn envelopes_that_do_not_open_or_name_another_device_become_reported_losses() {
     let s = Setup::new();
-    let post = |counter: u64, envelopes: Vec<Envelope>| {
-        let batch = wire::Batch {
-            after_seq: 0,
-            records: envelopes
-                .iter()
-                .enumerate()
-                .map(|(i, e)| wire::BatchRecord {
-                    seq: i as u64 + 1,
-                    cbor: e.to_cbor(),
-                })
-                .collect(),
-            gaps: Vec::new(),
-        };
-        s.post(
-            "dev-1",
-            counter,
-            &wire::seal_batch(&s.key, "dev-1", counter, &batch),
-        )
-        .0
-    };
     let good = Envelope::seal(&record("dev-1", 1), &s.hub_public());
     let to_another_hub = Envelope::seal(&record("dev-1", 2), &HubKey::generate().public());
-    assert_eq!(post(1, vec![good.clone(), to_another_hub]), 400);
-    let other_device = Envelope::seal(&record("dev-2", 2), &s.hub_public());
-    assert_eq!(post(2, vec![good.clone(), other_device]), 400);
+    let other_device = Envelope::seal(&record("dev-2", 3), &s.hub_public());
     // The outside says dev-1, the sealed record says dev-2.
-    let mut relabelled = Envelope::seal(&record("dev-2", 2), &s.hub_public());
+    let mut relabelled = Envelope::seal(&record("dev-2", 4), &s.hub_public());
     relabelled.device_id = "dev-1".into();
-    assert_eq!(post(3, vec![good.clone(), relabelled]), 400);
-    assert_eq!(Store::open(&s.db).unwrap().record_count().unwrap(), 0);
-    let reasons = rejections(&s.db);
-    assert_eq!(reasons.len(), 3, "{reasons:?}");
-    assert!(reasons[0].1.contains("record 2"), "{reasons:?}");
-    assert!(reasons[1].1.contains("dev-2"), "{reasons:?}");
-    assert!(reasons[2].1.contains("record 2"), "{reasons:?}");
-    assert_eq!(post(4, vec![good]), 200);
+    let mut records: Vec<wire::BatchRecord> = [good, to_another_hub, other_device, relabelled]
+        .iter()
+        .enumerate()
+        .map(|(i, e)| wire::BatchRecord {
+            seq: i as u64 + 1,
+            cbor: e.to_cbor(),
+        })
+        .collect();
+    records.push(wire::BatchRecord {
+        seq: 5,
+        cbor: b"not cbor".to_vec(),
+    });
+    let batch = wire::Batch {
+        after_seq: 0,
+        records,
+        gaps: Vec::new(),
+    };
+    let body = wire::seal_batch(&s.key, "dev-1", 1, &batch);
+    let (status, reply) = s.post("dev-1", 1, &body);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+    let ack = wire::open_ack(&s.hub_public(), "dev-1", 1, &body, &reply).unwrap();
+    assert_eq!((ack.acked_through, ack.stored), (5, 1));
+    assert_eq!(stored(&s.db, "dev-1").len(), 1);
+    let store = Store::open(&s.db).unwrap();
+    let mut stmt = store
+        .connection()
+        .prepare("SELECT from_seq, reason FROM gaps ORDER BY from_seq")
+        .unwrap();
+    let gaps: Vec<(i64, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let seqs: Vec<i64> = gaps.iter().map(|g| g.0).collect();
+    assert_eq!(seqs, [2, 3, 4, 5], "{gaps:?}");
+    assert!(gaps[0].1.contains("cannot be opened"), "{gaps:?}");
+    assert!(
+        gaps[1].1.contains("an envelope of device dev-2"),
+        "{gaps:?}"
+    );
+    assert!(
+        gaps[2].1.contains("the sealed record is") && gaps[2].1.contains("of dev-2"),
+        "{gaps:?}"
+    );
+    assert!(gaps[3].1.contains("not an envelope"), "{gaps:?}");
     s.hub.shutdown();
 }
 
