@@ -347,7 +347,10 @@ mod inert_tests {
     #[test]
     fn formula_cells_and_pieces_are_inert() {
         assert_eq!(inert("=1+1"), "'=1+1");
-        assert_eq!(inert("scan.png;=WEBSERVICE(A1)"), "scan.png;'=WEBSERVICE(A1)");
+        assert_eq!(
+            inert("scan.png;=WEBSERVICE(A1)"),
+            "scan.png;'=WEBSERVICE(A1)"
+        );
         assert_eq!(inert("kind=photo:0.9;size=2"), "kind=photo:0.9;size=2");
         assert_eq!(inert("-2;+3;@x"), "'-2;'+3;'@x");
         assert_eq!(inert("plain"), "plain");
