@@ -548,28 +548,13 @@ impl Store {
                 // so that the device's queue moves on and the loss is visible.
                 Item::Refused(seq, why) => {
                     if seq <= highest {
-                        // Sent again after a lost ack: the refusal is already recorded.
-                        let recorded: Option<i64> = tx
-                            .query_row(
-                                "SELECT 1 FROM gaps WHERE device_id = ?1 AND epoch = ?2
-                                     AND from_seq = ?3 AND to_seq = ?3
-                                     AND reason LIKE 'refused: %'",
-                                params![device_id, epoch as i64, seq as i64],
-                                |r| r.get(0),
-                            )
-                            .optional()
-                            .map_err(&err)?;
-                        // Or stored, by a hub that checked less when it first came.
-                        let stored_there: Option<String> = tx
-                            .query_row(
-                                "SELECT record_id FROM records
-                                 WHERE device_id = ?1 AND epoch = ?2 AND seq = ?3",
-                                params![device_id, epoch as i64, seq as i64],
-                                |r| r.get(0),
-                            )
-                            .optional()
-                            .map_err(&err)?;
-                        if recorded.is_some() || stored_there.is_some() {
+                        // Sent again after a lost ack: refused then, or stored by a hub that
+                        // checked less when it first came.
+                        if refused_at(&tx, device_id, epoch, seq).map_err(&err)?
+                            || record_at(&tx, device_id, epoch, seq)
+                                .map_err(&err)?
+                                .is_some()
+                        {
                             duplicates += 1;
                             continue;
                         }
@@ -602,15 +587,7 @@ impl Store {
                     record.device_id
                 )));
             }
-            let existing: Option<String> = tx
-                .query_row(
-                    "SELECT record_id FROM records WHERE device_id = ?1 AND epoch = ?2 AND seq = ?3",
-                    params![device_id, epoch as i64, seq as i64],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(&err)?;
-            match existing {
+            match record_at(&tx, device_id, epoch, seq).map_err(&err)? {
                 Some(id) if id == record.id => {
                     duplicates += 1;
                     continue;
@@ -779,6 +756,21 @@ fn device(conn: &Connection, path: &Path, device_id: &str) -> Result<Option<Devi
         epoch: epoch as u64,
         revoked_at_ms: revoked,
     }))
+}
+
+/// The id of the record stored at `seq` of this device and epoch, if any.
+fn record_at(
+    conn: &Connection,
+    device_id: &str,
+    epoch: u64,
+    seq: u64,
+) -> Result<Option<String>, rusqlite::Error> {
+    conn.query_row(
+        "SELECT record_id FROM records WHERE device_id = ?1 AND epoch = ?2 AND seq = ?3",
+        params![device_id, epoch as i64, seq as i64],
+        |r| r.get(0),
+    )
+    .optional()
 }
 
 /// Whether the hub kept `seq` of this device and epoch as a refused record.
