@@ -149,6 +149,22 @@ impl Promises {
 
 /// Open the queue; an injected fault that fires during the open fails it, and the retry (as the
 /// device's supervisor would) must succeed.
+/// A queue on the model disk with 4 KiB segments holding `n` records with `thumbnail`-byte
+/// thumbnails.
+fn small_segments_holding(n: u64, thumbnail: u16) -> (SimDisk, DeviceKey, QueueOptions, Queue) {
+    let disk = SimDisk::new();
+    let key = DeviceKey::from_bytes([7; 32]);
+    let options = QueueOptions {
+        segment_bytes: 4096,
+        ..QueueOptions::default()
+    };
+    let mut q = open(&disk, &key, &options);
+    for i in 0..n {
+        q.append(&record(i, thumbnail)).unwrap();
+    }
+    (disk, key, options, q)
+}
+
 fn open(disk: &SimDisk, key: &DeviceKey, options: &QueueOptions) -> Queue {
     let attempt = || {
         let storage: Arc<dyn Storage> = Arc::new(disk.clone());
@@ -415,16 +431,7 @@ fn a_record_whose_sync_failed_never_comes_back() {
 /// (which frees space) still works.
 #[test]
 fn a_full_disk_refuses_appends_and_still_drains() {
-    let disk = SimDisk::new();
-    let key = DeviceKey::from_bytes([7; 32]);
-    let options = QueueOptions {
-        segment_bytes: 4096,
-        ..QueueOptions::default()
-    };
-    let mut q = open(&disk, &key, &options);
-    for i in 0..20 {
-        q.append(&record(i, 500)).unwrap();
-    }
+    let (disk, key, options, mut q) = small_segments_holding(20, 500);
     disk.fill(Some(0));
     let err = q.append(&record(99, 500)).unwrap_err().to_string();
     assert!(err.contains("No space left on device"), "{err}");
@@ -502,16 +509,7 @@ fn durable_records_damaged_at_the_tail_are_reported_and_their_seqs_kept() {
 /// is read.
 #[test]
 fn a_missing_segment_is_a_reported_gap() {
-    let disk = SimDisk::new();
-    let key = DeviceKey::from_bytes([7; 32]);
-    let options = QueueOptions {
-        segment_bytes: 4096,
-        ..QueueOptions::default()
-    };
-    let mut q = open(&disk, &key, &options);
-    for i in 0..30 {
-        q.append(&record(i, 600)).unwrap();
-    }
+    let (disk, key, options, q) = small_segments_holding(30, 600);
     assert!(q.segments.len() >= 3);
     let middle = q.segments[1].path.clone();
     let lost: Vec<u64> = q.segments[1].frames.iter().map(|f| f.seq).collect();
@@ -533,16 +531,7 @@ fn a_missing_segment_is_a_reported_gap() {
 /// power cut after the open does not bring the file back to be reported again.
 #[test]
 fn a_quarantined_segment_stays_quarantined_across_a_power_cut() {
-    let disk = SimDisk::new();
-    let key = DeviceKey::from_bytes([7; 32]);
-    let options = QueueOptions {
-        segment_bytes: 4096,
-        ..QueueOptions::default()
-    };
-    let mut q = open(&disk, &key, &options);
-    for i in 0..12 {
-        q.append(&record(i, 600)).unwrap();
-    }
+    let (disk, key, options, q) = small_segments_holding(12, 600);
     let first = q.segments[0].path.clone();
     drop(q);
     assert!(disk.corrupt(&first, 0, 0xff));
@@ -632,16 +621,7 @@ impl Storage for BadSector {
 /// reported as lost, and the rest is read and appended to.
 #[test]
 fn an_unreadable_segment_is_moved_aside_and_the_queue_opens() {
-    let disk = SimDisk::new();
-    let key = DeviceKey::from_bytes([7; 32]);
-    let options = QueueOptions {
-        segment_bytes: 4096,
-        ..QueueOptions::default()
-    };
-    let mut q = open(&disk, &key, &options);
-    for i in 0..30 {
-        q.append(&record(i, 600)).unwrap();
-    }
+    let (disk, key, options, q) = small_segments_holding(30, 600);
     let middle = q.segments[1].path.clone();
     let lost: Vec<u64> = q.segments[1].frames.iter().map(|f| f.seq).collect();
     drop(q);
