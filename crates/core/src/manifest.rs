@@ -409,6 +409,17 @@ impl ModelManifest {
             cause,
         };
         let actual = file_sha256(&model).map_err(missing)?;
+        self.expect_sha256(actual)
+    }
+
+    /// Check `bytes`, the model file as read or mapped, against `model.sha256`: what is checked is
+    /// then exactly what the runtime is given.
+    pub fn verify_model_bytes(&self, bytes: &[u8]) -> Result<(), ManifestError> {
+        self.expect_sha256(sha256_hex(bytes))
+    }
+
+    fn expect_sha256(&self, actual: String) -> Result<(), ManifestError> {
+        let model = self.model_path();
         if !actual.eq_ignore_ascii_case(&self.model.sha256) {
             return Err(ManifestError::ChecksumMismatch {
                 manifest: self.path.clone(),

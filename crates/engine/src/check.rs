@@ -16,17 +16,31 @@ pub(crate) fn manifest_dtype(dtype: TensorDtype) -> ElementType {
     }
 }
 
-/// Refuse files that are not sound TFLite flatbuffers before the runtime (which trusts them) sees them.
-pub(crate) fn check_tflite_file(path: &Path) -> Result<memmap2::Mmap, EngineError> {
-    let not_tflite = |reason: String| EngineError::NotTflite {
+/// Map a model file read-only.
+pub(crate) fn map_model(path: &Path) -> std::io::Result<memmap2::Mmap> {
+    let file = fs::File::open(path)?;
+    // SAFETY: read-only mapping of a file the caller checks before use; a concurrent truncation
+    // could fault, which is why models live in dermedge's own, not shared, directories.
+    unsafe { memmap2::Mmap::map(&file) }
+}
+
+/// Refuse bytes that are not a sound TFLite flatbuffer before the runtime (which trusts them)
+/// sees them.
+pub(crate) fn check_tflite(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
+    crate::flatbuffer::check_tflite(bytes).map_err(|m| EngineError::NotTflite {
         path: path.to_path_buf(),
-        reason,
-    };
-    let file = fs::File::open(path).map_err(|e| not_tflite(e.to_string()))?;
-    // SAFETY: read-only mapping of a file the caller just verified; a concurrent truncation could
-    // fault, which is why models live in dermedge's own, not shared, directories.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| not_tflite(e.to_string()))?;
-    crate::flatbuffer::check_tflite(&map).map_err(|m| not_tflite(m.what))?;
+        reason: m.what,
+    })
+}
+
+/// [`map_model`] and [`check_tflite`].
+#[cfg(feature = "classic")]
+pub(crate) fn check_tflite_file(path: &Path) -> Result<memmap2::Mmap, EngineError> {
+    let map = map_model(path).map_err(|e| EngineError::NotTflite {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    check_tflite(path, &map)?;
     Ok(map)
 }
 

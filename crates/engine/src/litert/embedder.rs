@@ -14,7 +14,9 @@ use super::ffi::{self, Handle};
 use super::runtime::{
     cpu_options_payload, free_cstring_payload, CpuSettings, Environment, LiteRtRuntime,
 };
-use crate::check::{check_against_manifest, check_tflite_file};
+use dermedge_core::ManifestError;
+
+use crate::check::{check_against_manifest, check_tflite, map_model};
 use crate::{
     Accelerator, ElementType, EngineError, EngineOptions, Fallback, Quantization, TensorDetails,
 };
@@ -78,6 +80,13 @@ impl LiteRtEmbedder {
         let threads = options.resolved_threads()?;
         let model_path = manifest.model_path();
         let started = Instant::now();
+        // The runtime reads the very bytes that were checked: one mapping, hashed and checked,
+        // never the path again.
+        let bytes = map_model(&model_path).map_err(|cause| ManifestError::ModelMissing {
+            manifest: manifest.path.clone(),
+            model: model_path.clone(),
+            cause,
+        })?;
         match &options.weight_cache {
             // A warm start maps the packed weights from the cache; re-hashing the model file
             // would then cost more than loading it (docs/BENCHMARKS.md).
@@ -86,11 +95,10 @@ impl LiteRtEmbedder {
                 stamp.push(".verified");
                 manifest.verify_model_file_with_stamp(Path::new(&stamp))?;
             }
-            None => manifest.verify_model_file()?,
+            None => manifest.verify_model_bytes(&bytes)?,
         }
         let verified_s = started.elapsed().as_secs_f64();
-        // The runtime reads the very bytes that were checked: the mapping, not the path again.
-        let bytes = check_tflite_file(&model_path)?;
+        check_tflite(&model_path, &bytes)?;
         let runtime = LiteRtRuntime::locate(options)?;
         let env = runtime.create_environment()?;
         let api = &runtime.api;
