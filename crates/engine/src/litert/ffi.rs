@@ -40,7 +40,33 @@ pub fn status_name(status: Status) -> &'static str {
     }
 }
 
-pub type Handle = *mut c_void;
+/// Declares C's opaque `struct LiteRt…T`: never built or dereferenced on the Rust side, only
+/// pointed to, so that a model handle cannot be passed where a tensor buffer is expected.
+macro_rules! opaque {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[repr(C)]
+            pub struct $name {
+                _data: [u8; 0],
+                _marker: std::marker::PhantomData<(*mut u8, std::marker::PhantomPinned)>,
+            }
+        )*
+    };
+}
+
+opaque!(
+    EnvironmentT,
+    AcceleratorT,
+    ModelT,
+    SignatureT,
+    TensorT,
+    OptionsT,
+    OpaqueOptionsT,
+    CompiledModelT,
+    BufferRequirementsT,
+    TensorBufferT,
+);
+
 pub type ParamIndex = usize;
 
 pub const ELEMENT_FLOAT32: c_int = 1;
@@ -155,44 +181,44 @@ macro_rules! api {
 }
 
 api! {
-    LiteRtCreateEnvironment: fn(c_int, *const c_void, *mut Handle) -> Status;
-    LiteRtDestroyEnvironment: fn(Handle);
-    LiteRtGetNumAccelerators: fn(Handle, *mut ParamIndex) -> Status;
-    LiteRtGetAccelerator: fn(Handle, ParamIndex, *mut Handle) -> Status;
-    LiteRtGetAcceleratorName: fn(Handle, *mut *const c_char) -> Status;
-    LiteRtGetAcceleratorVersion: fn(Handle, *mut ApiVersion) -> Status;
-    LiteRtGetAcceleratorHardwareSupport: fn(Handle, *mut c_int) -> Status;
-    LiteRtCreateModelFromBuffer: fn(*const c_void, usize, *mut Handle) -> Status;
-    LiteRtDestroyModel: fn(Handle);
-    LiteRtGetNumModelSignatures: fn(Handle, *mut ParamIndex) -> Status;
-    LiteRtGetModelSignature: fn(Handle, ParamIndex, *mut Handle) -> Status;
-    LiteRtGetSignatureKey: fn(Handle, *mut *const c_char) -> Status;
-    LiteRtGetNumSignatureInputs: fn(Handle, *mut ParamIndex) -> Status;
-    LiteRtGetNumSignatureOutputs: fn(Handle, *mut ParamIndex) -> Status;
-    LiteRtGetSignatureInputName: fn(Handle, ParamIndex, *mut *const c_char) -> Status;
-    LiteRtGetSignatureOutputName: fn(Handle, ParamIndex, *mut *const c_char) -> Status;
-    LiteRtGetSignatureInputTensorByIndex: fn(Handle, ParamIndex, *mut Handle) -> Status;
-    LiteRtGetSignatureOutputTensorByIndex: fn(Handle, ParamIndex, *mut Handle) -> Status;
-    LiteRtGetRankedTensorType: fn(Handle, *mut RankedTensorType) -> Status;
-    LiteRtGetQuantizationTypeId: fn(Handle, *mut c_int) -> Status;
-    LiteRtGetPerTensorQuantization: fn(Handle, *mut QuantizationPerTensor) -> Status;
-    LiteRtGetPerChannelQuantization: fn(Handle, *mut QuantizationPerChannel) -> Status;
-    LiteRtCreateOptions: fn(*mut Handle) -> Status;
-    LiteRtDestroyOptions: fn(Handle);
-    LiteRtSetOptionsHardwareAccelerators: fn(Handle, c_int) -> Status;
-    LiteRtCreateOpaqueOptions: fn(*const c_char, *mut c_void, Option<PayloadDestructor>, *mut Handle) -> Status;
-    LiteRtAddOpaqueOptions: fn(Handle, Handle) -> Status;
-    LiteRtCreateCompiledModel: fn(Handle, Handle, Handle, *mut Handle) -> Status;
-    LiteRtDestroyCompiledModel: fn(Handle);
-    LiteRtCompiledModelIsFullyAccelerated: fn(Handle, *mut bool) -> Status;
-    LiteRtGetCompiledModelInputBufferRequirements: fn(Handle, ParamIndex, ParamIndex, *mut Handle) -> Status;
-    LiteRtGetCompiledModelOutputBufferRequirements: fn(Handle, ParamIndex, ParamIndex, *mut Handle) -> Status;
-    LiteRtCreateManagedTensorBufferFromRequirements: fn(Handle, *const RankedTensorType, Handle, *mut Handle) -> Status;
-    LiteRtDestroyTensorBuffer: fn(Handle);
-    LiteRtGetTensorBufferSize: fn(Handle, *mut usize) -> Status;
-    LiteRtLockTensorBuffer: fn(Handle, *mut *mut c_void, c_uint) -> Status;
-    LiteRtUnlockTensorBuffer: fn(Handle) -> Status;
-    LiteRtRunCompiledModel: fn(Handle, ParamIndex, usize, *mut Handle, usize, *mut Handle) -> Status;
+    LiteRtCreateEnvironment: fn(c_int, *const c_void, *mut *mut EnvironmentT) -> Status;
+    LiteRtDestroyEnvironment: fn(*mut EnvironmentT);
+    LiteRtGetNumAccelerators: fn(*mut EnvironmentT, *mut ParamIndex) -> Status;
+    LiteRtGetAccelerator: fn(*mut EnvironmentT, ParamIndex, *mut *mut AcceleratorT) -> Status;
+    LiteRtGetAcceleratorName: fn(*mut AcceleratorT, *mut *const c_char) -> Status;
+    LiteRtGetAcceleratorVersion: fn(*mut AcceleratorT, *mut ApiVersion) -> Status;
+    LiteRtGetAcceleratorHardwareSupport: fn(*mut AcceleratorT, *mut c_int) -> Status;
+    LiteRtCreateModelFromBuffer: fn(*const c_void, usize, *mut *mut ModelT) -> Status;
+    LiteRtDestroyModel: fn(*mut ModelT);
+    LiteRtGetNumModelSignatures: fn(*mut ModelT, *mut ParamIndex) -> Status;
+    LiteRtGetModelSignature: fn(*mut ModelT, ParamIndex, *mut *mut SignatureT) -> Status;
+    LiteRtGetSignatureKey: fn(*mut SignatureT, *mut *const c_char) -> Status;
+    LiteRtGetNumSignatureInputs: fn(*mut SignatureT, *mut ParamIndex) -> Status;
+    LiteRtGetNumSignatureOutputs: fn(*mut SignatureT, *mut ParamIndex) -> Status;
+    LiteRtGetSignatureInputName: fn(*mut SignatureT, ParamIndex, *mut *const c_char) -> Status;
+    LiteRtGetSignatureOutputName: fn(*mut SignatureT, ParamIndex, *mut *const c_char) -> Status;
+    LiteRtGetSignatureInputTensorByIndex: fn(*mut SignatureT, ParamIndex, *mut *mut TensorT) -> Status;
+    LiteRtGetSignatureOutputTensorByIndex: fn(*mut SignatureT, ParamIndex, *mut *mut TensorT) -> Status;
+    LiteRtGetRankedTensorType: fn(*mut TensorT, *mut RankedTensorType) -> Status;
+    LiteRtGetQuantizationTypeId: fn(*mut TensorT, *mut c_int) -> Status;
+    LiteRtGetPerTensorQuantization: fn(*mut TensorT, *mut QuantizationPerTensor) -> Status;
+    LiteRtGetPerChannelQuantization: fn(*mut TensorT, *mut QuantizationPerChannel) -> Status;
+    LiteRtCreateOptions: fn(*mut *mut OptionsT) -> Status;
+    LiteRtDestroyOptions: fn(*mut OptionsT);
+    LiteRtSetOptionsHardwareAccelerators: fn(*mut OptionsT, c_int) -> Status;
+    LiteRtCreateOpaqueOptions: fn(*const c_char, *mut c_void, Option<PayloadDestructor>, *mut *mut OpaqueOptionsT) -> Status;
+    LiteRtAddOpaqueOptions: fn(*mut OptionsT, *mut OpaqueOptionsT) -> Status;
+    LiteRtCreateCompiledModel: fn(*mut EnvironmentT, *mut ModelT, *mut OptionsT, *mut *mut CompiledModelT) -> Status;
+    LiteRtDestroyCompiledModel: fn(*mut CompiledModelT);
+    LiteRtCompiledModelIsFullyAccelerated: fn(*mut CompiledModelT, *mut bool) -> Status;
+    LiteRtGetCompiledModelInputBufferRequirements: fn(*mut CompiledModelT, ParamIndex, ParamIndex, *mut *mut BufferRequirementsT) -> Status;
+    LiteRtGetCompiledModelOutputBufferRequirements: fn(*mut CompiledModelT, ParamIndex, ParamIndex, *mut *mut BufferRequirementsT) -> Status;
+    LiteRtCreateManagedTensorBufferFromRequirements: fn(*mut EnvironmentT, *const RankedTensorType, *mut BufferRequirementsT, *mut *mut TensorBufferT) -> Status;
+    LiteRtDestroyTensorBuffer: fn(*mut TensorBufferT);
+    LiteRtGetTensorBufferSize: fn(*mut TensorBufferT, *mut usize) -> Status;
+    LiteRtLockTensorBuffer: fn(*mut TensorBufferT, *mut *mut c_void, c_uint) -> Status;
+    LiteRtUnlockTensorBuffer: fn(*mut TensorBufferT) -> Status;
+    LiteRtRunCompiledModel: fn(*mut CompiledModelT, ParamIndex, usize, *mut *mut TensorBufferT, usize, *mut *mut TensorBufferT) -> Status;
 }
 
 #[cfg(test)]
@@ -207,5 +233,20 @@ mod tests {
         assert_eq!(std::mem::offset_of!(Layout, dimensions), 4);
         assert_eq!(std::mem::size_of::<QuantizationPerTensor>(), 16);
         assert_eq!(std::mem::size_of::<QuantizationPerChannel>(), 32);
+        assert_eq!(std::mem::size_of::<Layout>(), 68);
+        assert_eq!(std::mem::offset_of!(Layout, strides), 36);
+        assert_eq!(std::mem::offset_of!(QuantizationPerTensor, zero_point), 8);
+        assert_eq!(
+            std::mem::offset_of!(QuantizationPerChannel, num_channels),
+            8
+        );
+        assert_eq!(std::mem::offset_of!(QuantizationPerChannel, scales), 16);
+        assert_eq!(
+            std::mem::offset_of!(QuantizationPerChannel, zero_points),
+            24
+        );
+        assert_eq!(std::mem::size_of::<ApiVersion>(), 12);
+        // Opaque handles are never sized on the Rust side.
+        assert_eq!(std::mem::size_of::<ModelT>(), 0);
     }
 }

@@ -2,6 +2,7 @@
 
 mod embedder;
 mod ffi;
+mod handles;
 mod runtime;
 
 pub use embedder::LiteRtEmbedder;

@@ -10,7 +10,7 @@
 //! binary was built for, unless an unpinned runtime is explicitly allowed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::{c_int, CStr, CString};
+use std::ffi::{c_int, CString};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -18,7 +18,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use dermedge_core::manifest::file_sha256;
 use serde::Deserialize;
 
-use super::ffi::{self, Api, Handle, STATUS_OK};
+use super::ffi::{self, Api};
+use super::handles::Environment;
 use crate::{EngineError, EngineOptions};
 
 pub const LIBRARY_NAME: &str = "libLiteRt.so";
@@ -204,45 +205,32 @@ impl LiteRtRuntime {
         &RuntimeLock::embedded().version
     }
 
-    /// Text for a LiteRT status code.
-    pub(crate) fn status_message(&self, status: ffi::Status) -> String {
-        ffi::status_name(status).to_string()
-    }
-
-    pub(crate) fn check(
-        &self,
-        path: &Path,
-        call: &'static str,
-        status: ffi::Status,
-    ) -> Result<(), EngineError> {
-        if status == STATUS_OK {
-            Ok(())
-        } else {
-            Err(EngineError::Runtime {
-                path: path.to_path_buf(),
-                call,
-                status,
-                message: self.status_message(status),
+    /// The accelerators LiteRT registers on this machine, read from a fresh environment.
+    pub(crate) fn accelerators_in(env: &Environment) -> Result<Vec<AcceleratorInfo>, EngineError> {
+        let runtime = env.runtime();
+        Ok(env
+            .accelerators()
+            .map_err(|failed| failed.at(&runtime.path))?
+            .into_iter()
+            .map(|a| AcceleratorInfo {
+                name: if a.name.is_empty() {
+                    "?".into()
+                } else {
+                    a.name
+                },
+                version: a.version.map_or_else(
+                    || "unknown".into(),
+                    |v| format!("{}.{}.{}", v.major, v.minor, v.patch),
+                ),
+                hardware: a.hardware.map(hardware_names).unwrap_or_default(),
             })
-        }
-    }
-
-    /// A new LiteRT environment (owns registered accelerators).
-    pub(crate) fn create_environment(self: &Arc<Self>) -> Result<Environment, EngineError> {
-        let mut env: Handle = std::ptr::null_mut();
-        // SAFETY: zero options, valid out-pointer.
-        let status = unsafe { (self.api.LiteRtCreateEnvironment)(0, std::ptr::null(), &mut env) };
-        self.check(&self.path, "LiteRtCreateEnvironment", status)?;
-        Ok(Environment {
-            runtime: self.clone(),
-            handle: env,
-        })
+            .collect())
     }
 
     /// Library, version and the accelerators it registers on this machine.
     pub fn report(self: &Arc<Self>) -> Result<RuntimeReport, EngineError> {
-        let env = self.create_environment()?;
-        let accelerators = env.accelerators()?;
+        let env = Environment::new(self).map_err(|failed| failed.at(&self.path))?;
+        let accelerators = Self::accelerators_in(&env)?;
         Ok(RuntimeReport {
             path: self.path.clone(),
             version: self.version().to_string(),
@@ -252,12 +240,6 @@ impl LiteRtRuntime {
             accelerators,
         })
     }
-}
-
-/// An owned `LiteRtEnvironment`.
-pub(crate) struct Environment {
-    pub runtime: Arc<LiteRtRuntime>,
-    pub handle: Handle,
 }
 
 pub(crate) fn hardware_names(bits: c_int) -> Vec<&'static str> {
@@ -272,83 +254,22 @@ pub(crate) fn hardware_names(bits: c_int) -> Vec<&'static str> {
     .collect()
 }
 
-impl Environment {
-    pub fn accelerators(&self) -> Result<Vec<AcceleratorInfo>, EngineError> {
-        let rt = &self.runtime;
-        let path = rt.path.clone();
-        let mut count = 0usize;
-        // SAFETY: valid environment handle and out-pointer.
-        rt.check(&path, "LiteRtGetNumAccelerators", unsafe {
-            (rt.api.LiteRtGetNumAccelerators)(self.handle, &mut count)
-        })?;
-        let mut out = Vec::with_capacity(count);
-        for i in 0..count {
-            let mut acc: Handle = std::ptr::null_mut();
-            // SAFETY: index < count; valid out-pointers throughout.
-            unsafe {
-                rt.check(
-                    &path,
-                    "LiteRtGetAccelerator",
-                    (rt.api.LiteRtGetAccelerator)(self.handle, i, &mut acc),
-                )?;
-                let mut name = std::ptr::null();
-                rt.check(
-                    &path,
-                    "LiteRtGetAcceleratorName",
-                    (rt.api.LiteRtGetAcceleratorName)(acc, &mut name),
-                )?;
-                let mut version = ffi::ApiVersion::default();
-                let version_ok =
-                    (rt.api.LiteRtGetAcceleratorVersion)(acc, &mut version) == STATUS_OK;
-                let mut hw: c_int = 0;
-                let hw_ok = (rt.api.LiteRtGetAcceleratorHardwareSupport)(acc, &mut hw) == STATUS_OK;
-                out.push(AcceleratorInfo {
-                    name: if name.is_null() {
-                        "?".into()
-                    } else {
-                        CStr::from_ptr(name).to_string_lossy().into_owned()
-                    },
-                    version: if version_ok {
-                        format!("{}.{}.{}", version.major, version.minor, version.patch)
-                    } else {
-                        "unknown".into()
-                    },
-                    hardware: if hw_ok {
-                        hardware_names(hw)
-                    } else {
-                        Vec::new()
-                    },
-                });
-            }
+impl CpuSettings {
+    /// The CPU accelerator's options as LiteRT's opaque-options entry: identifier `xnnpack` and
+    /// a TOML payload, the format LiteRT's own CPU-options helpers produce (those helpers are not
+    /// exported by the runtime library, so dermedge builds the entry itself).
+    pub(crate) fn opaque_entry(&self) -> (CString, CString) {
+        let mut toml = format!("num_threads = {}\n", self.threads);
+        if let Some(cache) = &self.weight_cache {
+            // A TOML basic string, control characters (NUL included) escaped by the toml crate.
+            let path = toml::Value::String(cache.to_string_lossy().into_owned());
+            toml.push_str(&format!("weight_cache_file_path = {path}\n"));
         }
-        Ok(out)
+        (
+            CString::new("xnnpack").expect("literal without NUL"),
+            CString::new(toml).expect("TOML text escapes every control character"),
+        )
     }
-}
-
-impl Drop for Environment {
-    fn drop(&mut self) {
-        // SAFETY: created by LiteRtCreateEnvironment, destroyed once, after everything made in it.
-        unsafe { (self.runtime.api.LiteRtDestroyEnvironment)(self.handle) }
-    }
-}
-
-/// The CPU accelerator's options as LiteRT's opaque-options entry: identifier `xnnpack` and a
-/// TOML payload, the format LiteRT's own CPU-options helpers produce (those helpers are not
-/// exported by the runtime library, so dermedge builds the entry itself).
-pub(crate) fn cpu_options_payload(cpu: &CpuSettings) -> (CString, CString) {
-    let mut toml = format!("num_threads = {}\n", cpu.threads);
-    if let Some(cache) = &cpu.weight_cache {
-        // A TOML basic string: escape backslashes and quotes.
-        let path = cache
-            .to_string_lossy()
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"");
-        toml.push_str(&format!("weight_cache_file_path = \"{path}\"\n"));
-    }
-    (
-        CString::new("xnnpack").expect("no NUL"),
-        CString::new(toml).unwrap_or_else(|_| CString::new("").expect("no NUL")),
-    )
 }
 
 /// What the CPU (XNNPACK) accelerator is told.
