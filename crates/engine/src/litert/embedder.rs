@@ -15,6 +15,7 @@ use super::handles::{
     CallFailed, CompiledModel, Environment, Model, Options, Side, Signature, TensorBuffer,
     TensorQuantization,
 };
+use super::quiet::quietly;
 use super::runtime::{CpuSettings, LiteRtRuntime};
 use dermedge_core::ManifestError;
 
@@ -91,7 +92,8 @@ impl LiteRtEmbedder {
         check_tflite(&model_path, &bytes)?;
         let runtime = LiteRtRuntime::locate(options)?;
         let at = |failed: CallFailed| failed.at(&model_path);
-        let env = Environment::new(&runtime).map_err(|failed| failed.at(runtime.path()))?;
+        let env =
+            quietly(|| Environment::new(&runtime)).map_err(|failed| failed.at(runtime.path()))?;
         let model = Model::from_mapping(&runtime, bytes).map_err(at)?;
 
         let (signature_index, signature_key, signature) =
@@ -117,7 +119,8 @@ impl LiteRtEmbedder {
             threads,
             weight_cache: options.weight_cache.clone(),
         };
-        let (compiled, accelerator) = compile(&env, &model, &model_path, options, &cpu)?;
+        let (compiled, accelerator) =
+            quietly(|| compile(&env, &model, &model_path, options, &cpu))?;
         let fully_accelerated = compiled.fully_accelerated();
         let input_buffer = compiled
             .create_buffer(&env, signature_index, Side::Input, 0, &input_type)

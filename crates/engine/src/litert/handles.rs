@@ -147,7 +147,9 @@ impl Drop for Environment {
     fn drop(&mut self) {
         // SAFETY: created by LiteRtCreateEnvironment and destroyed once; every object made in it
         // is owned by a value its owner drops first (see `LiteRtEmbedder`'s field order).
-        unsafe { (self.runtime.api.LiteRtDestroyEnvironment)(self.raw.as_ptr()) }
+        super::quiet::quietly(|| unsafe {
+            (self.runtime.api.LiteRtDestroyEnvironment)(self.raw.as_ptr())
+        })
     }
 }
 

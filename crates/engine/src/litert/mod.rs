@@ -3,6 +3,7 @@
 mod embedder;
 mod ffi;
 mod handles;
+mod quiet;
 mod runtime;
 
 pub use embedder::LiteRtEmbedder;

@@ -229,7 +229,8 @@ impl LiteRtRuntime {
 
     /// Library, version and the accelerators it registers on this machine.
     pub fn report(self: &Arc<Self>) -> Result<RuntimeReport, EngineError> {
-        let env = Environment::new(self).map_err(|failed| failed.at(&self.path))?;
+        let env = super::quiet::quietly(|| Environment::new(self))
+            .map_err(|failed| failed.at(&self.path))?;
         let accelerators = Self::accelerators_in(&env)?;
         Ok(RuntimeReport {
             path: self.path.clone(),
