@@ -19,7 +19,9 @@ if ((${#need_apt[@]})); then
   sudo_cmd=(); [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
   "${sudo_cmd[@]}" apt-get update -qq
   if [[ " ${need_apt[*]} " == *" rustup "* ]] && ! apt-cache show rustup >/dev/null 2>&1; then
-    echo "error: no Rust toolchain and this Debian release packages no rustup; install Rust (cargo 1.89 or newer) first" >&2
+    # The workspace's rust-version, so this message cannot drift from Cargo.toml.
+    rust_version="$(sed -n 's/^rust-version *= *"\(.*\)"/\1/p' "$root/Cargo.toml")"
+    echo "error: no Rust toolchain and this Debian release packages no rustup; install Rust (cargo $rust_version or newer) first" >&2
     exit 1
   fi
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${need_apt[@]}"

@@ -9,11 +9,12 @@ Run it through scripts/python-env.sh (or models/export/dermedge-export), which p
 pinned tensorflow-cpu venv.
 """
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-from .export import ExportError
+from . import registry
+from .errors import ExportError
+from .options import DEFAULT_DERMEDGE, ExportOptions, TargetFidelity
 
 
 def main(argv=None) -> int:
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     try:
+        # These subcommands' modules load TensorFlow, so each is imported only when its command runs.
         if args.command == "standin":
             from . import standins
             standins.build(args.name, args.out)
@@ -80,26 +82,22 @@ def main(argv=None) -> int:
             images.build(args.out)
             print(f"wrote image sets to {args.out}")
         elif args.command == "export":
-            from . import export, recipes
             target = None
             if args.target_fidelity:
-                if args.input_type != "float32":
-                    raise ExportError("--target-fidelity searches float-in/float-out recipes; drop --input-type")
-                dermedge = args.dermedge or str(Path(__file__).resolve().parents[3] / "target/release/dermedge")
-                if not Path(dermedge).is_file() and shutil.which(dermedge) is None:
-                    raise ExportError(f"{dermedge}: the dermedge binary is needed to judge recipes; build it with "
-                                      "`cargo build --release -p dermedge-cli` or pass --dermedge")
-                target = {"dermedge": dermedge, "validation": args.validation, "holdout": args.holdout,
-                          "threads": args.threads, "latency_budget": args.latency_budget,
-                          "bench_runs": args.bench_runs, "validation_count": args.validation_count,
-                          "recipes": args.recipes and recipes.check_names(args.recipes.split(","))}
-            export.export(args.savedmodel, args.name, args.out, args.calibration, args.evaluation,
-                          version=args.version, input_type=args.input_type,
-                          calibration_count=args.calibration_count, evaluation_count=args.evaluation_count,
-                          debug_count=args.debug_count, image_tensor=args.image_tensor,
-                          size=args.size, scale=args.scale, offset=args.offset, target_fidelity=target)
+                target = TargetFidelity(
+                    dermedge=args.dermedge or DEFAULT_DERMEDGE, validation=args.validation,
+                    validation_count=args.validation_count, holdout=args.holdout, threads=args.threads,
+                    latency_budget=args.latency_budget, bench_runs=args.bench_runs,
+                    recipes=tuple(args.recipes.split(",")) if args.recipes is not None else None)
+            options = ExportOptions(
+                savedmodel=args.savedmodel, name=args.name, out=args.out, calibration=args.calibration,
+                evaluation=args.evaluation, version=args.version, input_type=args.input_type,
+                calibration_count=args.calibration_count, evaluation_count=args.evaluation_count,
+                debug_count=args.debug_count, image_tensor=args.image_tensor, size=args.size, scale=args.scale,
+                offset=args.offset, target_fidelity=target)
+            from . import export
+            export.export(options)
         elif args.command == "build":
-            from . import registry
             registry.build(args.name, args.cache)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,6 @@ If the preprocessing cannot be recovered (e.g. it runs inside a loop), name the 
 --image-tensor and state the mapping with --scale/--offset/--size.
 """
 import gc
-import hashlib
 import json
 import shutil
 import tempfile
@@ -36,34 +35,12 @@ from tensorflow.python.framework import tensor_util
 # nested function calls, and the cut needs one flat graph.
 from tensorflow.python.framework.convert_to_constants import _run_inline_graph_optimization
 
-from . import opreport
+from . import opreport, recipes
+from .errors import ExportError
+from .manifest import Preprocessing, sha256, write_manifest
+from .options import ExportOptions
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
-
-
-class ExportError(Exception):
-    """A clear, user-facing reason the export cannot proceed."""
-
-
-@dataclass
-class Preprocessing:
-    decode_op: str
-    resize_op: str
-    height: int
-    width: int
-    scale: float
-    offset: float
-    cut_tensor: str
-    chain: list
-    recovered: bool
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -384,35 +361,14 @@ def write_teacher_labels(loaded, embeddings: np.ndarray, files: list[Path], path
             f.write(f"{file.name},{TEACHER_CLASSES[int(np.argmax(row))]}\n")
 
 
-def write_manifest(path: Path, tflite: Path, name: str, version: str, precision: str, dim: int,
-                   pre: Preprocessing, input_dtype: str, quant, provenance: dict):
-    lines = [
-        f"# dermedge model manifest: what {tflite.name} is and the preprocessing its input expects.",
-        "[model]", f'id = "{name}"', f'version = "{version}"', f'file = "{tflite.name}"',
-        f'sha256 = "{sha256(tflite)}"', f'precision = "{precision}"', f"embedding_dim = {dim}", "",
-        "[input]", f"width = {pre.width}", f"height = {pre.height}", "channels = 3", 'layout = "nhwc"',
-        'color_order = "rgb"', f'dtype = "{input_dtype}"', 'resize_filter = "bilinear"',
-        f"# value = pixel (0-255, after the bilinear resize) * scale + offset; "
-        f"{'recovered from' if pre.recovered else 'stated for'} the serving graph",
-        f"scale = {pre.scale!r}", f"offset = {pre.offset!r}",
-    ]
-    if quant is not None:
-        lines += ["", "[input.quantization]", f"scale = {quant[0]!r}", f"zero_point = {quant[1]}"]
-    lines += ["", "[output]", 'name = "embedding"', 'dtype = "float32"', "", "[provenance]"]
-    lines += [f"{k} = {json.dumps(str(v))}" for k, v in provenance.items()]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation: Path, version: str = "1",
-           input_type: str = "float32", calibration_count: int = 64, debug_count: int = 4,
-           evaluation_count: int | None = None,
-           image_tensor: str | None = None, size: int | None = None, scale: float | None = None,
-           offset: float | None = None, progress=print, target_fidelity: dict | None = None) -> dict:
-    out = Path(out)
+def export(options: ExportOptions, progress=print) -> dict:
+    """Writes the fp32 and int8 TFLite files, their manifests and reports to `options.out`; returns the report."""
+    savedmodel, name, out, version = options.savedmodel, options.name, options.out, options.version
+    calibration, evaluation, debug_count = options.calibration, options.evaluation, options.debug_count
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    cal_files = list_images(calibration, "calibration")[:calibration_count]
-    eval_files = list_images(evaluation, "evaluation")[:evaluation_count]
+    cal_files = list_images(calibration, "calibration")[:options.calibration_count]
+    eval_files = list_images(evaluation, "evaluation")[:options.evaluation_count]
     overlap = {sha256(p) for p in cal_files} & {sha256(p) for p in eval_files}
     if overlap:
         raise ExportError(f"{len(overlap)} images are in both the calibration and the evaluation set; they must be disjoint")
@@ -420,10 +376,9 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
     progress(f"[{name}] loading {savedmodel}")
     loaded, fn = load_serving(savedmodel)
     serving = inline_serving(fn)
-    if image_tensor:
-        if size is None or scale is None or offset is None:
-            raise ExportError("--image-tensor needs --size, --scale and --offset (the preprocessing it stands for)")
-        pre = Preprocessing("stated", "stated", size, size, scale, offset, image_tensor, [], False)
+    if options.image_tensor:
+        pre = Preprocessing("stated", "stated", options.size, options.size, options.scale, options.offset,
+                            options.image_tensor, [], False)
     else:
         pre = find_preprocessing(serving)
     progress(f"[{name}] preprocessing: {pre.decode_op} -> bilinear {pre.height}x{pre.width} -> "
@@ -451,7 +406,7 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
             conv.optimizations = [tf.lite.Optimize.DEFAULT]
             conv.representative_dataset = representative
             conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            conv.inference_input_type = {"float32": tf.float32, "uint8": tf.uint8, "int8": tf.int8}[input_type]
+            conv.inference_input_type = {"float32": tf.float32, "uint8": tf.uint8, "int8": tf.int8}[options.input_type]
             conv.inference_output_type = tf.float32
         return conv
 
@@ -481,7 +436,7 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
 
     (out / f"{name}.calibration.json").write_text(json.dumps({
         "calibration_dir": str(calibration), "count": len(cal_files),
-        "sampling": f"the first {calibration_count} readable images of the directory in sorted order, "
+        "sampling": f"the first {options.calibration_count} readable images of the directory in sorted order, "
                     "decoded and preprocessed exactly as dermedge does",
         "files": [p.name for p in cal_files], "evaluation_dir": str(evaluation), "evaluation_count": len(eval_files),
         "disjoint": "checked by content hash",
@@ -524,13 +479,13 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
         "int8_vs_savedmodel_cosine": summary(cosine_rows(int8, reference)),
         "seconds": round(time.time() - started, 1),
     }
-    if target_fidelity is not None:
-        from . import recipes
-        validation = Path(target_fidelity.get("validation") or evaluation)
+    search = options.target_fidelity
+    if search is not None:
+        validation = search.validation or evaluation
         val_files = list_images(validation, "validation")
         if {sha256(p) for p in cal_files} & {sha256(p) for p in val_files}:
             raise ExportError(f"{validation}: validation images overlap the calibration set; they must be disjoint")
-        count = target_fidelity.get("validation_count")
+        count = search.validation_count
         if count and count < len(val_files):
             # A full-size model costs seconds per image and recipe: judge on the first `count`.
             subset = out / "recipes" / f"validation-first-{count}"
@@ -550,11 +505,9 @@ def export(savedmodel: Path, name: str, out: Path, calibration: Path, evaluation
             core_dir=core_dir, integer_core_dir=integer_core_dir, name=name, version=version, out=out, pre=pre, dim=dim, cal_inputs=cal_inputs,
             plain_int8=files["int8"], fp32_manifest=out / f"{name}.fp32.toml",
             layer_errors=out / f"{name}.int8.layer-errors.csv", debug_count=debug_count,
-            dermedge=target_fidelity["dermedge"], validation=validation,
-            holdout=target_fidelity.get("holdout") and Path(target_fidelity["holdout"]),
-            threads=target_fidelity.get("threads", 2), latency_budget=target_fidelity.get("latency_budget", 1.2),
-            bench_runs=target_fidelity.get("bench_runs", 5), progress=progress,
-            only=target_fidelity.get("recipes")))
+            dermedge=search.dermedge, validation=validation, holdout=search.holdout,
+            threads=search.threads, latency_budget=search.latency_budget,
+            bench_runs=search.bench_runs, progress=progress, only=search.recipes))
         if integer_core_dir is not None:
             shutil.rmtree(integer_core_dir, ignore_errors=True)
     shutil.rmtree(core_dir, ignore_errors=True)

@@ -23,9 +23,11 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from .export import ExportError, sha256, write_manifest
+from .errors import ExportError
+from .manifest import Preprocessing, sha256, write_manifest
 
-GATE_KEYS = ("centred_cosine_p1", "sqnr_db_p1", "top10_overlap_mean", "self_retrieval", "head_agreement")
+GATE_KEYS = ("centred_cosine_p1", "head_view_delta_p99", "sqnr_db_p1", "top10_overlap_mean", "self_retrieval",
+             "head_agreement")
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Context:
     name: str
     version: str
     out: Path
-    pre: object
+    pre: Preprocessing
     dim: int
     cal_inputs: list
     plain_int8: Path
@@ -60,7 +62,7 @@ class Context:
     bench_runs: int
     progress: Callable[[str], None] = print
     # Recipe names to try (None: all). The plain export is always tried: it is the timing baseline.
-    only: list[str] | None = None
+    only: tuple[str, ...] | None = None
 
 
 def _converter(ctx: Context, integer_friendly: bool = False):
@@ -140,17 +142,6 @@ def _int16x8(ctx: Context) -> bytes:
     return conv.convert()
 
 
-RECIPE_NAMES = ("int8-plain", "int8-integer-groupnorm", "int8-calibration-x4", "int8-selective-5",
-                "int8-selective-20", "dynamic-range-int8", "int16x8")
-
-
-def check_names(names: list[str]) -> list[str]:
-    unknown = [n for n in names if n not in RECIPE_NAMES]
-    if unknown:
-        raise ExportError(f"--recipes: unknown recipe {', '.join(unknown)}; the recipes are: {', '.join(RECIPE_NAMES)}")
-    return names
-
-
 def selected(ctx: Context) -> list[Recipe]:
     every = recipes(ctx)
     if ctx.only is None:
@@ -159,7 +150,8 @@ def selected(ctx: Context) -> list[Recipe]:
 
 
 def recipes(ctx: Context) -> list[Recipe]:
-    """In order of expected cost on a CPU: full-integer first, float islands after, wider types last."""
+    """In order of expected cost on a CPU: full-integer first, float islands after, wider types last.
+    Their names are options.RECIPE_NAMES, which `--recipes` is checked against."""
     n = len(ctx.cal_inputs)
     integer = []
     if ctx.integer_core_dir is not None:
@@ -298,9 +290,27 @@ def search(ctx: Context) -> dict:
 
 
 def margin(gates: dict) -> float:
-    """How far the worst gate is from passing, relative to its threshold's scale (higher is better)."""
+    """The worst gate's distance from failing, over its threshold's scale (higher is better):
+    `value - min` or `max - value`; a gate whose metric was undefined (null) is the worst of all."""
     scale = {"sqnr_db_p1": 20.0}
-    return min(v["value"] / scale.get(k, 1.0) for k, v in gates.items())
+
+    def one(name: str, gate: dict) -> float:
+        value = gate.get("value")
+        if value is None:
+            return float("-inf")
+        lo, hi = gate.get("min"), gate.get("max")
+        if hi is not None:
+            return (hi - value) / (abs(hi) or 1.0)
+        if lo is not None:
+            return (value - lo) / (abs(lo) or 1.0)
+        return value / scale.get(name, 1.0)
+
+    return min(one(k, v) for k, v in gates.items())
+
+
+def gate_value(gate: dict) -> str:
+    value = gate.get("value")
+    return "undefined" if value is None else f"{value:.3f}"
 
 
 def summary_line(entry: dict) -> str:
@@ -309,7 +319,7 @@ def summary_line(entry: dict) -> str:
     f = entry.get("fidelity")
     if f:
         g = f["gates"]
-        parts.append(f"{f['verdict']}: " + ", ".join(f"{k} {g[k]['value']:.3f}" for k in GATE_KEYS if k in g))
+        parts.append(f"{f['verdict']}: " + ", ".join(f"{k} {gate_value(g[k])}" for k in GATE_KEYS if k in g))
     elif entry.get("skipped"):
         parts.append(entry["skipped"])
     return "; ".join(parts)

@@ -9,10 +9,13 @@ import time
 import tomllib
 from pathlib import Path
 
-from .export import ExportError, sha256
+from .errors import ExportError
+from .manifest import sha256
+from .options import ROOT, ExportOptions
 
-ROOT = Path(__file__).resolve().parents[3]
 REGISTRY = ROOT / "models" / "models.toml"
+# A model table's own keys; every other key in it is an export option (options.ExportOptions).
+MODEL_KEYS = ("description", "standin", "ci", "files")
 
 
 def load_registry() -> dict:
@@ -30,6 +33,18 @@ def verified(directory: Path, files: dict) -> tuple[bool, list[str]]:
     return not problems, problems
 
 
+def export_options(name: str, spec: dict, cache: Path) -> ExportOptions:
+    """The export of model `name` (its models.toml table) into `cache`; an unknown key is refused."""
+    where = f"{REGISTRY}: [models.{name}]"
+    missing = [k for k in ("standin", "files") if k not in spec]
+    if missing:
+        raise ExportError(f"{where}: missing key {missing[0]!r}")
+    images = cache / "images"
+    return ExportOptions.from_table(spec, where, known=MODEL_KEYS, savedmodel=cache / name / "savedmodel", name=name,
+                                    out=cache / name, calibration=images / "calibration",
+                                    evaluation=images / "evaluation")
+
+
 def build(name: str, cache: Path | None = None) -> Path:
     registry = load_registry()
     models = registry["models"]
@@ -37,7 +52,8 @@ def build(name: str, cache: Path | None = None) -> Path:
         raise ExportError(f"{REGISTRY}: no model {name!r}; it lists: {', '.join(models)}")
     spec = models[name]
     cache = Path(cache or ROOT / ".cache" / "models")
-    out = cache / name
+    options = export_options(name, spec, cache)
+    out = options.out
     files = spec["files"]
     started = time.time()
 
@@ -49,22 +65,20 @@ def build(name: str, cache: Path | None = None) -> Path:
         step(f"up to date in {out} (checksums verified)")
         return out
 
+    # Building loads TensorFlow, so its modules are imported only past the up-to-date check.
     images = cache / "images"
     if not (images / "sets.json").is_file() or not (images / "unseen").is_dir():
         step(f"building calibration/evaluation image sets in {images}")
         from . import images as image_sets
         image_sets.build(images)
-    savedmodel = out / "savedmodel"
+    savedmodel = options.savedmodel
     if not (savedmodel / "saved_model.pb").is_file():
         step(f"building the {spec['standin']} stand-in SavedModel")
         from . import standins
         standins.build(spec["standin"], savedmodel)
     step("exporting fp32 and int8 TFLite")
     from . import export
-    export.export(savedmodel, name, out, images / "calibration", images / "evaluation",
-                  calibration_count=spec.get("calibration_count", 64),
-                  evaluation_count=spec.get("evaluation_count"),
-                  debug_count=spec.get("debug_count", 4), progress=step)
+    export.export(options, progress=step)
     for extra in ("evaluation-upscaled",):
         (out / f"{name}.{extra}.txt").write_text(str(images / extra) + "\n")
 

@@ -9,7 +9,8 @@ import tensorflow as tf
 from PIL import Image
 
 from dermedge_export import export
-from dermedge_export.export import ExportError
+from dermedge_export.errors import ExportError
+from dermedge_export.options import ExportOptions
 
 
 class Tiny(tf.Module):
@@ -72,9 +73,9 @@ class ExportErrors(unittest.TestCase):
         self.eval.mkdir()
         Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(self.eval / "e.png")
 
-    def run_export(self, savedmodel, calibration=None):
-        return export.export(savedmodel, "tiny", self.tmp / "out", calibration or self.images, self.eval,
-                             progress=lambda _: None)
+    def run_export(self, savedmodel, calibration=None, **options):
+        return export.export(ExportOptions(savedmodel, "tiny", self.tmp / "out", calibration or self.images, self.eval,
+                                           **options), progress=lambda _: None)
 
     def assertRefused(self, savedmodel, *fragments, calibration=None):
         with self.assertRaises(ExportError) as caught:
@@ -121,8 +122,7 @@ class ExportErrors(unittest.TestCase):
         (self.tmp / "out").mkdir()
         stale = self.tmp / "out" / "tiny.int8.layer-errors.csv"
         stale.write_text("from an earlier export\n")
-        report = export.export(sm, "tiny", self.tmp / "out", self.images, self.eval, debug_count=0,
-                               progress=lambda _: None)
+        report = self.run_export(sm, debug_count=0)
         self.assertGreater(report["fp32_tflite_vs_savedmodel_cosine"]["min"], 0.9999)
         self.assertFalse(stale.exists(), "a stale per-layer error file must not pass for this export's")
 
@@ -146,8 +146,7 @@ class ExportErrors(unittest.TestCase):
     def test_an_image_tensor_that_is_not_in_the_graph_is_refused(self):
         sm = save(Tiny(), self.tmp / "sm")
         with self.assertRaises(ExportError) as caught:
-            export.export(sm, "tiny", self.tmp / "out", self.images, self.eval, progress=lambda _: None,
-                          image_tensor="no/such/tensor:0", size=8, scale=1.0, offset=0.0)
+            self.run_export(sm, image_tensor="no/such/tensor:0", size=8, scale=1.0, offset=0.0)
         self.assertIn("no tensor named 'no/such/tensor:0'", str(caught.exception))
 
 if __name__ == "__main__":
