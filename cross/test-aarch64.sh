@@ -21,13 +21,14 @@ cargo build --release --locked --target "$target" -p dermedge-cli --no-default-f
 scripts/check-firmware-deps.sh --target "$target"
 cargo build --locked -p dermedge-cli
 out="$(mktemp -d)"
+aarch64_litert="$(source scripts/litert-env.sh "$target"; echo "$DERMEDGE_LITERT_LIB")"
 # Every fixture image, both precisions, on the cores of both target boards: Cortex-A76 (Pi 5) and
 # Neoverse-N1 (the closest QEMU model to the Jetson Orin's Cortex-A78AE: Armv8.2-A, dot product).
 images=(tests/fixtures/images/*)
 for p in fp32 int8; do
   ./target/debug/dermedge embed "${images[@]}" --model "tests/fixtures/df-mini/df-mini.$p.toml" --threads 2 --out "$out/x86_64.$p.npy"
   for cpu in cortex-a76 neoverse-n1; do
-    qemu-aarch64-static -cpu "$cpu" -L /usr/aarch64-linux-gnu "target/$target/release/dermedge" embed "${images[@]}" \
+    DERMEDGE_LITERT_LIB="$aarch64_litert" qemu-aarch64-static -cpu "$cpu" -L /usr/aarch64-linux-gnu "target/$target/release/dermedge" embed "${images[@]}" \
       --model "tests/fixtures/df-mini/df-mini.$p.toml" --threads 2 --out "$out/aarch64-$cpu.$p.npy"
   done
 done

@@ -9,6 +9,7 @@ cd "$root"
 scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked -p dermedge-cli
+source scripts/litert-env.sh
 bin=./target/release/dermedge
 out=out/x86-dev
 mkdir -p "$out/heads"

@@ -1,6 +1,9 @@
 //! `dermedge devices` and `dermedge quality` end to end.
 
-use dermedge_e2e::{dermedge, fixtures, text};
+mod binary;
+
+use binary::dermedge;
+use dermedge_e2e::{fixtures, text};
 
 #[test]
 fn devices_reports_no_cameras_clearly() {

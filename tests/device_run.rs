@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dermedge_e2e::{
-    dermedge, dermedge_bin, fixtures, read_npy_rows, root, text, train_image_kind_head, HubProcess,
-};
+mod binary;
+
+use binary::{dermedge, dermedge_bin, train_image_kind_head, HubProcess};
+use dermedge_e2e::{fixtures, read_npy_rows, root, text};
 use serde_json::Value;
 
 fn s(p: &Path) -> String {

@@ -4,7 +4,10 @@
 use std::fs;
 use std::path::Path;
 
-use dermedge_e2e::{cosine, dermedge, fixtures, golden, text};
+mod binary;
+
+use binary::dermedge;
+use dermedge_e2e::{cosine, fixtures, golden, text};
 use serde_json::Value;
 
 const FP32: &str = "tests/fixtures/df-mini/df-mini.fp32.toml";

@@ -9,7 +9,10 @@
 use std::fs;
 use std::path::Path;
 
-use dermedge_e2e::{cosine, dermedge, read_npy_rows, root, text};
+mod binary;
+
+use binary::dermedge;
+use dermedge_e2e::{cosine, read_npy_rows, root, text};
 use dermedge_fidelity::stats::percentile;
 use serde_json::Value;
 

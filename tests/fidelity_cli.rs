@@ -6,7 +6,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use dermedge_e2e::{dermedge, root, text};
+mod binary;
+
+use binary::dermedge;
+use dermedge_e2e::{root, text};
 use serde_json::Value;
 
 fn built(name: &str) -> Option<PathBuf> {

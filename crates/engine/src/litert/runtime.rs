@@ -4,7 +4,10 @@
 //! 1. [`EngineOptions::runtime_path`](crate::EngineOptions) (a file or a directory);
 //! 2. `DERMEDGE_LITERT_LIB` (a file or a directory);
 //! 3. the install layouts next to the executable: `<exe dir>/lib/`, `<exe dir>/../lib/dermedge/`;
-//! 4. the repository cache `scripts/fetch-litert.py` fills: `.cache/litert/<version>/<target>/`.
+//! 4. in debug builds only, the repository cache `scripts/fetch-litert.py` fills:
+//!    `.cache/litert/<version>/<target>/`. A release binary carries no path of the machine that
+//!    built it; scripts that run one from the repository name the cache through
+//!    `DERMEDGE_LITERT_LIB` (`scripts/litert-env.sh`).
 //!
 //! The library's sha256 must be the one `scripts/litert-runtime.lock` pins for the target this
 //! binary was built for, unless an unpinned runtime is explicitly allowed.
@@ -24,6 +27,7 @@ use crate::{EngineError, EngineOptions};
 
 pub const LIBRARY_NAME: &str = "libLiteRt.so";
 const LOCK_TEXT: &str = include_str!("../../../../scripts/litert-runtime.lock");
+#[cfg(debug_assertions)]
 const DEV_DIR: &str = env!("DERMEDGE_DEV_LITERT_DIR");
 /// The target this binary was built for: the lock entry its runtime must match.
 pub const TARGET: &str = env!("DERMEDGE_TARGET");
@@ -113,6 +117,7 @@ impl LiteRtRuntime {
             paths.push(dir.join("lib").join(LIBRARY_NAME));
             paths.push(dir.join("../lib/dermedge").join(LIBRARY_NAME));
         }
+        #[cfg(debug_assertions)]
         paths.push(Path::new(DEV_DIR).join(LIBRARY_NAME));
         (paths, false)
     }
