@@ -435,63 +435,20 @@ impl Queue {
         check_or_create_meta(st, dir, device_id, &key_check, !found.is_empty())?;
         let cipher = Cipher::new(&key.at_rest_key());
 
-        // The recovery point; without one (an earlier release, or both slots damaged) the scan
-        // is trusted for the high-water mark.
-        let state_path = dir.join(STATE);
-        let (mut point, high_water) = match st.read(&state_path) {
-            Ok(bytes) => match RecoveryPoint::newest(&bytes) {
-                Some(p) => (p, Some(p.durable)),
-                None => {
-                    log::error!(
-                        "{}: neither recovery point is readable; rebuilding it from the segments",
-                        state_path.display()
-                    );
-                    recovery.state_rebuilt = true;
-                    (RecoveryPoint::default(), None)
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let acked = read_legacy_cursor(st, &dir.join(LEGACY_CURSOR))?;
-                (
-                    RecoveryPoint {
-                        generation: 0,
-                        acked,
-                        durable: acked,
-                    },
-                    None,
-                )
-            }
-            Err(e) => return Err(io(&state_path)(e)),
-        };
+        let (mut point, high_water) = read_recovery_point(st, dir, &mut recovery)?;
         let acked_seq = point.acked;
         let gaps_path = dir.join(GAPS);
-        let mut gaps = match st.read(&gaps_path) {
-            Ok(bytes) => gaps::parse(&bytes, &gaps_path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io(&gaps_path)(e)),
-        };
-
-        let mut segments = Vec::new();
-        // Sequence ranges where once-durable bytes were found damaged.
-        let mut damaged: Vec<(u64, u64)> = Vec::new();
-        let count = found.len();
-        for (i, Found { first_seq, path }) in found.into_iter().enumerate() {
-            let last = i + 1 == count;
-            if let Some(segment) = recover_segment(
-                st,
-                dir,
-                &cipher,
-                &key_check,
-                &options,
-                Found { first_seq, path },
-                last,
-                high_water,
-                &mut damaged,
-                &mut recovery,
-            )? {
-                segments.push(segment);
-            }
-        }
+        let mut gaps = read_gaps_journal(st, &gaps_path)?;
+        let (mut segments, damaged) = recover_segments(
+            st,
+            dir,
+            &cipher,
+            &key_check,
+            &options,
+            found,
+            high_water,
+            &mut recovery,
+        )?;
 
         let found_top = segments
             .iter()
@@ -504,20 +461,14 @@ impl Queue {
             .flat_map(|s| s.frames.iter().map(|f| f.seq))
             .filter(|&s| s > acked_seq)
             .collect();
-        let now = record::now_ms();
-        let new_gaps: Vec<Gap> = gaps::uncovered(acked_seq + 1, last_seq, &present, &gaps)
-            .into_iter()
-            .map(|(from, to)| Gap {
-                from,
-                to,
-                reason: if damaged.iter().any(|&(a, b)| from <= b && a <= to) {
-                    GapReason::Damaged
-                } else {
-                    GapReason::Missing
-                },
-                at_ms: now,
-            })
-            .collect();
+        let new_gaps = find_gaps(
+            acked_seq,
+            last_seq,
+            &present,
+            &gaps,
+            &damaged,
+            record::now_ms(),
+        );
         for gap in &new_gaps {
             log::error!("queue {}: {gap}; journalled in {GAPS}", dir.display());
         }
@@ -528,40 +479,7 @@ impl Queue {
         gaps.extend(new_gaps.iter().cloned());
         recovery.gaps = new_gaps;
 
-        let state_file =
-            if high_water.is_none() || !st.exists(&state_path).map_err(io(&state_path))? {
-                point = RecoveryPoint {
-                    generation: 1,
-                    acked: acked_seq,
-                    durable: last_seq,
-                };
-                write_atomically(
-                    st,
-                    dir,
-                    &state_path,
-                    &dir.join(STATE_TMP),
-                    &point.initial_file(),
-                )?;
-                let legacy = dir.join(LEGACY_CURSOR);
-                // Should the removal not last, a stale `acked` is ignored next to `state`.
-                if st.exists(&legacy).map_err(io(&legacy))? {
-                    st.remove_file(&legacy).map_err(io(&legacy))?;
-                }
-                st.open(&state_path, Open::Existing)
-                    .map_err(io(&state_path))?
-            } else {
-                let mut file = st
-                    .open(&state_path, Open::Existing)
-                    .map_err(io(&state_path))?;
-                if last_seq > point.durable {
-                    // Only when the high-water mark ranged past every frame: keep it where it was.
-                    point
-                        .store(file.as_mut(), acked_seq, last_seq)
-                        .map_err(io(&state_path))?;
-                }
-                file
-            };
-
+        let state_file = open_state_file(st, dir, &mut point, high_water, acked_seq, last_seq)?;
         let active = match segments.last() {
             Some(s) => st.open(&s.path, Open::Existing).map_err(io(&s.path))?,
             None => {
@@ -1048,6 +966,158 @@ impl Queue {
         }
         Ok(())
     }
+}
+
+/// An inclusive range of sequence numbers.
+type SeqRange = (u64, u64);
+
+/// The recovery point and the high-water mark it vouches for. Without one (an earlier release,
+/// or both slots damaged) there is no high-water mark: the scan of the segments is trusted.
+fn read_recovery_point(
+    st: &dyn Storage,
+    dir: &Path,
+    recovery: &mut RecoveryReport,
+) -> Result<(RecoveryPoint, Option<u64>)> {
+    let state_path = dir.join(STATE);
+    match st.read(&state_path) {
+        Ok(bytes) => match RecoveryPoint::newest(&bytes) {
+            Some(p) => Ok((p, Some(p.durable))),
+            None => {
+                log::error!(
+                    "{}: neither recovery point is readable; rebuilding it from the segments",
+                    state_path.display()
+                );
+                recovery.state_rebuilt = true;
+                Ok((RecoveryPoint::default(), None))
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let acked = read_legacy_cursor(st, &dir.join(LEGACY_CURSOR))?;
+            let point = RecoveryPoint {
+                generation: 0,
+                acked,
+                durable: acked,
+            };
+            Ok((point, None))
+        }
+        Err(e) => Err(io(&state_path)(e)),
+    }
+}
+
+/// Every loss journalled so far (a damaged journal line is skipped and logged by the parser).
+fn read_gaps_journal(st: &dyn Storage, gaps_path: &Path) -> Result<Vec<Gap>> {
+    match st.read(gaps_path) {
+        Ok(bytes) => Ok(gaps::parse(&bytes, gaps_path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io(gaps_path)(e)),
+    }
+}
+
+/// Each segment found, recovered in order (only the last may have a torn tail); also the
+/// sequence ranges where once-durable bytes were found damaged.
+#[allow(clippy::too_many_arguments)]
+fn recover_segments(
+    st: &dyn Storage,
+    dir: &Path,
+    cipher: &Cipher,
+    key_check: &[u8; 16],
+    options: &QueueOptions,
+    found: Vec<Found>,
+    high_water: Option<u64>,
+    recovery: &mut RecoveryReport,
+) -> Result<(Vec<Segment>, Vec<SeqRange>)> {
+    let mut segments = Vec::new();
+    let mut damaged: Vec<SeqRange> = Vec::new();
+    let count = found.len();
+    for (i, found) in found.into_iter().enumerate() {
+        let last = i + 1 == count;
+        if let Some(segment) = recover_segment(
+            st,
+            dir,
+            cipher,
+            key_check,
+            options,
+            found,
+            last,
+            high_water,
+            &mut damaged,
+            recovery,
+        )? {
+            segments.push(segment);
+        }
+    }
+    Ok((segments, damaged))
+}
+
+/// The sequence numbers after `acked_seq` up to `last_seq` that are neither `present` nor
+/// already journalled in `known`, as gaps: `Damaged` where they overlap a damaged range, else
+/// `Missing`.
+fn find_gaps(
+    acked_seq: u64,
+    last_seq: u64,
+    present: &[u64],
+    known: &[Gap],
+    damaged: &[SeqRange],
+    now_ms: i64,
+) -> Vec<Gap> {
+    gaps::uncovered(acked_seq + 1, last_seq, present, known)
+        .into_iter()
+        .map(|(from, to)| Gap {
+            from,
+            to,
+            reason: if damaged.iter().any(|&(a, b)| from <= b && a <= to) {
+                GapReason::Damaged
+            } else {
+                GapReason::Missing
+            },
+            at_ms: now_ms,
+        })
+        .collect()
+}
+
+/// The recovery point's file, open for updates: written afresh when there was none (or it was
+/// rebuilt), else advanced to `last_seq` when the scan found frames past its high-water mark.
+fn open_state_file(
+    st: &dyn Storage,
+    dir: &Path,
+    point: &mut RecoveryPoint,
+    high_water: Option<u64>,
+    acked_seq: u64,
+    last_seq: u64,
+) -> Result<Box<dyn StorageFile>> {
+    let state_path = dir.join(STATE);
+    if high_water.is_none() || !st.exists(&state_path).map_err(io(&state_path))? {
+        *point = RecoveryPoint {
+            generation: 1,
+            acked: acked_seq,
+            durable: last_seq,
+        };
+        write_atomically(
+            st,
+            dir,
+            &state_path,
+            &dir.join(STATE_TMP),
+            &point.initial_file(),
+        )?;
+        let legacy = dir.join(LEGACY_CURSOR);
+        // Should the removal not last, a stale `acked` is ignored next to `state`.
+        if st.exists(&legacy).map_err(io(&legacy))? {
+            st.remove_file(&legacy).map_err(io(&legacy))?;
+        }
+        return st
+            .open(&state_path, Open::Existing)
+            .map_err(io(&state_path));
+    }
+    let mut file = st
+        .open(&state_path, Open::Existing)
+        .map_err(io(&state_path))?;
+    if last_seq > point.durable {
+        // Only when the high-water mark ranged past every frame: keep it where it was.
+        point
+            .store(file.as_mut(), acked_seq, last_seq)
+            .map_err(io(&state_path))?;
+    }
+    Ok(file)
 }
 
 /// The segment files in `dir`, sorted; known temporary files are removed (their update rolled

@@ -513,3 +513,95 @@ fn records_queued_before_sealing_are_sealed_when_read() {
     assert_eq!(read.len(), 2);
     assert_eq!(read[1].envelope.open(&hub()).unwrap(), old);
 }
+
+// The named steps of recovery, each on its own.
+
+#[test]
+fn find_gaps_names_damaged_and_missing_ranges_and_skips_journalled_ones() {
+    let known = vec![Gap {
+        from: 9,
+        to: 9,
+        reason: GapReason::Evicted,
+        at_ms: 1,
+    }];
+    // Acked through 2; 3..=10 expected; 4, 5 and 8 present; 9 already journalled.
+    let found = find_gaps(2, 10, &[4, 5, 8], &known, &[(6, 7)], 42);
+    let ranges: Vec<(u64, u64, GapReason)> =
+        found.iter().map(|g| (g.from, g.to, g.reason)).collect();
+    assert_eq!(
+        ranges,
+        vec![
+            (3, 3, GapReason::Missing),
+            (6, 7, GapReason::Damaged),
+            (10, 10, GapReason::Missing),
+        ]
+    );
+    assert!(found.iter().all(|g| g.at_ms == 42));
+    assert!(
+        find_gaps(5, 5, &[], &[], &[], 0).is_empty(),
+        "nothing past the cursor"
+    );
+}
+
+#[test]
+fn a_missing_recovery_point_falls_back_to_the_legacy_cursor_and_the_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut recovery = RecoveryReport::default();
+    let (point, high_water) = read_recovery_point(&Disk, dir.path(), &mut recovery).unwrap();
+    assert_eq!((point.acked, point.durable, high_water), (0, 0, None));
+    fs::write(dir.path().join(LEGACY_CURSOR), "17\n").unwrap();
+    let (point, high_water) = read_recovery_point(&Disk, dir.path(), &mut recovery).unwrap();
+    assert_eq!((point.acked, point.durable, high_water), (17, 17, None));
+    assert!(!recovery.state_rebuilt);
+}
+
+#[test]
+fn an_unreadable_recovery_point_is_rebuilt_from_the_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join(STATE), vec![0xa5; 64]).unwrap();
+    let mut recovery = RecoveryReport::default();
+    let (point, high_water) = read_recovery_point(&Disk, dir.path(), &mut recovery).unwrap();
+    assert_eq!((point.acked, high_water), (0, None));
+    assert!(recovery.state_rebuilt);
+}
+
+#[test]
+fn a_written_recovery_point_reads_back_with_its_high_water_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join(LEGACY_CURSOR), "3\n").unwrap();
+    let mut point = RecoveryPoint::default();
+    open_state_file(&Disk, dir.path(), &mut point, None, 3, 12).unwrap();
+    assert_eq!((point.acked, point.durable), (3, 12));
+    assert!(
+        !dir.path().join(LEGACY_CURSOR).exists(),
+        "the legacy cursor is retired"
+    );
+    let mut recovery = RecoveryReport::default();
+    let (read, high_water) = read_recovery_point(&Disk, dir.path(), &mut recovery).unwrap();
+    assert_eq!((read.acked, read.durable, high_water), (3, 12, Some(12)));
+
+    // Frames found past the high-water mark move it; none found leave it.
+    let mut point = read;
+    open_state_file(&Disk, dir.path(), &mut point, Some(12), 3, 15).unwrap();
+    let (read, _) = read_recovery_point(&Disk, dir.path(), &mut recovery).unwrap();
+    assert_eq!(read.durable, 15);
+    let mut point = read;
+    open_state_file(&Disk, dir.path(), &mut point, Some(15), 3, 15).unwrap();
+    let (read, _) = read_recovery_point(&Disk, dir.path(), &mut recovery).unwrap();
+    assert_eq!(read.durable, 15);
+}
+
+#[test]
+fn the_gaps_journal_reads_empty_when_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(GAPS);
+    assert!(read_gaps_journal(&Disk, &path).unwrap().is_empty());
+    let gap = Gap {
+        from: 4,
+        to: 6,
+        reason: GapReason::Damaged,
+        at_ms: 7,
+    };
+    gaps::append(&Disk, &path, std::slice::from_ref(&gap)).unwrap();
+    assert_eq!(read_gaps_journal(&Disk, &path).unwrap(), vec![gap]);
+}
