@@ -16,7 +16,7 @@ fn engine_options(config: &LoadedConfig) -> EngineOptions {
     let m = &config.config.model;
     EngineOptions {
         backend: m.backend,
-        threads: m.threads.map(|t| t as u32),
+        threads: m.threads.map(dermedge_core::Ranged::get_u32),
         accelerator: m.accelerator,
         fallback: m.fallback,
         runtime_path: m.runtime.clone(),

@@ -19,7 +19,7 @@ pub mod preprocess;
 pub mod quality;
 pub mod runtime;
 
-pub use bounds::{Bounds, OutOfBounds};
+pub use bounds::{Bounds, OutOfBounds, Ranged, RangedFloat};
 pub use embedder::{EmbedError, Embedder};
 pub use embedding::Embedding;
 pub use frame::{Frame, FrameSource, SourceError};

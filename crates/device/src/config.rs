@@ -6,12 +6,17 @@
 use std::path::{Path, PathBuf};
 
 use dermedge_camera::RawFormat;
-use dermedge_core::bounds::{Bounds, OutOfBounds};
+use dermedge_core::bounds::{Bounds, OutOfBounds, Ranged, RangedFloat};
 use dermedge_core::quality::QualityThresholds;
 use dermedge_core::{Accelerator, Backend, Fallback};
 use dermedge_display::framebuffer::FramebufferLayout;
-use dermedge_queue::{EmbeddingType, FullPolicy, QueueOptions};
+use dermedge_queue::{EmbeddingType, FullPolicy, DEFAULT_SEGMENT_BYTES};
 use serde::{Deserialize, Serialize};
+
+/// The upper end of a count that needs none: TOML integers stop at `i64::MAX`.
+const NO_LIMIT: u64 = i64::MAX as u64;
+/// The queue needs room for at least two of its segments.
+const MIN_QUEUE_BYTES: u64 = 2 * DEFAULT_SEGMENT_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {key}: {message}")]
@@ -71,7 +76,7 @@ pub struct ModelSection {
     #[serde(default)]
     pub backend: Backend,
     /// Inference threads, 1–64 (default: every core).
-    pub threads: Option<i64>,
+    pub threads: Option<Ranged<1, 64>>,
     /// cpu, gpu, npu or edge-tpu (the backend must reach it).
     #[serde(default)]
     pub accelerator: Accelerator,
@@ -102,24 +107,24 @@ pub struct CameraSection {
     /// replay: an image file, a directory, `dir/pattern`, or a `.dmraw` recording.
     pub path: Option<PathBuf>,
     /// Frames per second (replay, synthetic: pacing; uvc: requested), 0.01–120.
-    pub fps: Option<f64>,
+    pub fps: Option<RangedFloat<10, 120_000>>,
     /// replay: start again at the end.
     #[serde(default)]
     pub looped: bool,
     /// replay: show each image for this many frames, as a held camera would (1–100).
     #[serde(default = "one")]
-    pub hold_frames: i64,
+    pub hold_frames: Ranged<1, 100>,
     /// uvc: device index or name (default: the first).
     pub device: Option<String>,
     /// uvc: requested resolution.
-    pub width: Option<i64>,
-    pub height: Option<i64>,
+    pub width: Option<Ranged<16, 8192>>,
+    pub height: Option<Ranged<16, 8192>>,
     /// uvc: mjpeg, yuyv, nv12 or grey (default: negotiated).
     pub format: Option<RawFormat>,
 }
 
-fn one() -> i64 {
-    1
+fn one<const MAX: u64>() -> Ranged<1, MAX> {
+    Ranged::of(1)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,22 +144,22 @@ pub enum TriggerKind {
 pub struct CaptureSection {
     pub trigger: TriggerKind,
     /// auto: consecutive still frames needed (1–100).
-    pub stable_frames: i64,
+    pub stable_frames: Ranged<1, 100>,
     /// auto: mean absolute change of the 32×32 luminance thumbnail (0–255) below which a frame
     /// counts as still.
-    pub stillness: f64,
+    pub stillness: RangedFloat<0, 255_000>,
     /// gpio: the line's value file, e.g. /sys/class/gpio/gpio17/value.
     pub gpio_value_file: Option<PathBuf>,
     /// Stop after this many accepted captures (default: run until stopped or the source ends).
-    pub max_captures: Option<i64>,
+    pub max_captures: Option<Ranged<1, NO_LIMIT>>,
 }
 
 impl Default for CaptureSection {
     fn default() -> Self {
         Self {
             trigger: TriggerKind::Auto,
-            stable_frames: 3,
-            stillness: 4.0,
+            stable_frames: Ranged::of(3),
+            stillness: RangedFloat::of_milli(4_000),
             gpio_value_file: None,
             max_captures: None,
         }
@@ -188,18 +193,18 @@ pub struct DisplaySection {
     pub pixel_format: Option<FramebufferLayout>,
     /// How long a result or refusal stays before the preview returns (0–60 s).
     #[serde(default = "default_result_seconds")]
-    pub result_seconds: f64,
+    pub result_seconds: RangedFloat<0, 60_000>,
     /// Redraw the preview every this many frames (1–1000).
     #[serde(default = "one")]
-    pub preview_every: i64,
+    pub preview_every: Ranged<1, 1000>,
 }
 
 fn default_size() -> String {
     "320x240".into()
 }
 
-fn default_result_seconds() -> f64 {
-    3.0
+fn default_result_seconds() -> RangedFloat<0, 60_000> {
+    RangedFloat::of_milli(3_000)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,13 +215,13 @@ pub struct QueueSection {
     #[serde(default)]
     pub durability: DurabilityMode,
     #[serde(default = "default_group_records")]
-    pub group_max_records: i64,
+    pub group_max_records: Ranged<1, 100_000>,
     #[serde(default = "default_group_delay")]
-    pub group_max_delay_ms: i64,
+    pub group_max_delay_ms: Ranged<1, 600_000>,
     #[serde(default = "default_max_bytes")]
-    pub max_bytes: i64,
+    pub max_bytes: Ranged<MIN_QUEUE_BYTES, NO_LIMIT>,
     #[serde(default = "default_max_records")]
-    pub max_records: i64,
+    pub max_records: Ranged<1, NO_LIMIT>,
     /// `reject` or `evict-oldest`.
     #[serde(default = "default_full_policy")]
     pub full_policy: FullPolicy,
@@ -225,7 +230,7 @@ pub struct QueueSection {
     pub embedding: EmbeddingType,
     /// Longest side of the JPEG thumbnail kept with each record; 0 keeps none.
     #[serde(default = "default_thumbnail")]
-    pub thumbnail_side: i64,
+    pub thumbnail_side: Ranged<0, 1024>,
 }
 
 /// When a queued record is fsynced.
@@ -238,17 +243,17 @@ pub enum DurabilityMode {
     /// Groups of up to `group_max_records`, at most `group_max_delay_ms` after the first.
     Group,
 }
-fn default_group_records() -> i64 {
-    16
+fn default_group_records() -> Ranged<1, 100_000> {
+    Ranged::of(16)
 }
-fn default_group_delay() -> i64 {
-    200
+fn default_group_delay() -> Ranged<1, 600_000> {
+    Ranged::of(200)
 }
-fn default_max_bytes() -> i64 {
-    1 << 30
+fn default_max_bytes() -> Ranged<MIN_QUEUE_BYTES, NO_LIMIT> {
+    Ranged::of(1 << 30)
 }
-fn default_max_records() -> i64 {
-    1_000_000
+fn default_max_records() -> Ranged<1, NO_LIMIT> {
+    Ranged::of(1_000_000)
 }
 fn default_full_policy() -> FullPolicy {
     FullPolicy::Reject
@@ -256,8 +261,8 @@ fn default_full_policy() -> FullPolicy {
 fn default_embedding() -> EmbeddingType {
     EmbeddingType::F32
 }
-fn default_thumbnail() -> i64 {
-    96
+fn default_thumbnail() -> Ranged<0, 1024> {
+    Ranged::of(96)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -284,13 +289,15 @@ pub struct SyncSection {
     /// works offline and syncs when the hub answers.
     pub hub: Option<String>,
     /// Seconds between sync attempts (1–86400).
-    pub interval_seconds: f64,
-    pub batch_records: i64,
-    pub timeout_seconds: f64,
+    pub interval_seconds: RangedFloat<1_000, 86_400_000>,
+    /// Records per batch (1–10000).
+    pub batch_records: Ranged<1, 10_000>,
+    /// Seconds a batch may take (0.1–600).
+    pub timeout_seconds: RangedFloat<100, 600_000>,
     /// Development: run a hub in this process (and enroll this device in it).
     pub local_hub: Option<LocalHubSection>,
     /// On a normal end (source finished), try to push what is left before exiting (0–600 s).
-    pub final_sync_seconds: f64,
+    pub final_sync_seconds: RangedFloat<0, 600_000>,
 }
 
 impl Default for SyncSection {
@@ -298,11 +305,11 @@ impl Default for SyncSection {
         Self {
             enabled: false,
             hub: None,
-            interval_seconds: 30.0,
-            batch_records: 64,
-            timeout_seconds: 10.0,
+            interval_seconds: RangedFloat::of_milli(30_000),
+            batch_records: Ranged::of(64),
+            timeout_seconds: RangedFloat::of_milli(10_000),
             local_hub: None,
-            final_sync_seconds: 10.0,
+            final_sync_seconds: RangedFloat::of_milli(10_000),
         }
     }
 }
@@ -311,13 +318,13 @@ impl Default for SyncSection {
 #[serde(deny_unknown_fields, default)]
 pub struct HealthSection {
     /// Seconds between health log lines (1–86400).
-    pub interval_seconds: f64,
+    pub interval_seconds: RangedFloat<1_000, 86_400_000>,
 }
 
 impl Default for HealthSection {
     fn default() -> Self {
         Self {
-            interval_seconds: 10.0,
+            interval_seconds: RangedFloat::of_milli(10_000),
         }
     }
 }
@@ -469,107 +476,6 @@ impl LoadedConfig {
     }
 }
 
-/// The allowed range of every integer key (`None`: an optional key that is not set). Checked
-/// before any conversion to the unsigned types the run uses.
-fn integer_keys(c: &DeviceConfig) -> [(&'static str, Option<i64>, Bounds<i64>); 13] {
-    let (camera, queue) = (&c.camera, &c.queue);
-    // The queue needs room for at least two of its segments.
-    let min_queue_bytes = 2 * QueueOptions::default().segment_bytes as i64;
-    [
-        ("model.threads", c.model.threads, Bounds::new(1, 64)),
-        ("camera.width", camera.width, Bounds::new(16, 8192)),
-        ("camera.height", camera.height, Bounds::new(16, 8192)),
-        (
-            "camera.hold_frames",
-            Some(camera.hold_frames),
-            Bounds::new(1, 100),
-        ),
-        (
-            "capture.stable_frames",
-            Some(c.capture.stable_frames),
-            Bounds::new(1, 100),
-        ),
-        (
-            "capture.max_captures",
-            c.capture.max_captures,
-            Bounds::new(1, i64::MAX),
-        ),
-        (
-            "display.preview_every",
-            Some(c.display.preview_every),
-            Bounds::new(1, 1000),
-        ),
-        (
-            "queue.group_max_records",
-            Some(queue.group_max_records),
-            Bounds::new(1, 100_000),
-        ),
-        (
-            "queue.group_max_delay_ms",
-            Some(queue.group_max_delay_ms),
-            Bounds::new(1, 600_000),
-        ),
-        (
-            "queue.max_bytes",
-            Some(queue.max_bytes),
-            Bounds::new(min_queue_bytes, i64::MAX),
-        ),
-        (
-            "queue.max_records",
-            Some(queue.max_records),
-            Bounds::new(1, i64::MAX),
-        ),
-        (
-            "queue.thumbnail_side",
-            Some(queue.thumbnail_side),
-            Bounds::new(0, 1024),
-        ),
-        (
-            "sync.batch_records",
-            Some(c.sync.batch_records),
-            Bounds::new(1, 10_000),
-        ),
-    ]
-}
-
-/// The allowed range of every floating-point key. All are finite, so NaN and infinities are
-/// refused, and every duration (`*_seconds`, and `1 / camera.fps`) converts to a `Duration`.
-fn float_keys(c: &DeviceConfig) -> [(&'static str, Option<f64>, Bounds<f64>); 7] {
-    [
-        ("camera.fps", c.camera.fps, Bounds::new(0.01, 120.0)),
-        (
-            "capture.stillness",
-            Some(c.capture.stillness),
-            Bounds::new(0.0, 255.0),
-        ),
-        (
-            "display.result_seconds",
-            Some(c.display.result_seconds),
-            Bounds::new(0.0, 60.0),
-        ),
-        (
-            "sync.interval_seconds",
-            Some(c.sync.interval_seconds),
-            Bounds::new(1.0, 86_400.0),
-        ),
-        (
-            "sync.timeout_seconds",
-            Some(c.sync.timeout_seconds),
-            Bounds::new(0.1, 600.0),
-        ),
-        (
-            "sync.final_sync_seconds",
-            Some(c.sync.final_sync_seconds),
-            Bounds::new(0.0, 600.0),
-        ),
-        (
-            "health.interval_seconds",
-            Some(c.health.interval_seconds),
-            Bounds::new(1.0, 86_400.0),
-        ),
-    ]
-}
-
 /// Allowed `display.size` width and height.
 pub const DISPLAY_SIDE: Bounds<u32> = Bounds::new(96, 4096);
 
@@ -586,16 +492,6 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
             "device.id",
             format!("{id:?}: expected 1 to 128 printable characters"),
         ));
-    }
-    for (key, value, bounds) in integer_keys(c) {
-        if let Some(v) = value {
-            bounds.check(key, v).map_err(out_of_bounds)?;
-        }
-    }
-    for (key, value, bounds) in float_keys(c) {
-        if let Some(v) = value {
-            bounds.check(key, v).map_err(out_of_bounds)?;
-        }
     }
     c.quality.validate().map_err(|e| ConfigError {
         file: file.into(),

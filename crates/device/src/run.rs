@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use dermedge_camera::Handoff;
 use dermedge_core::quality::measure;
+use dermedge_core::Ranged;
 use dermedge_core::{Embedder, Frame};
 use dermedge_display::{HeadView, Screen, Status, SyncView};
 use dermedge_queue::{
@@ -122,13 +123,13 @@ pub fn queue_options(config: &LoadedConfig) -> QueueOptions {
     QueueOptions {
         durability: match q.durability {
             DurabilityMode::Group => Durability::Group {
-                max_records: q.group_max_records as u32,
-                max_delay_ms: q.group_max_delay_ms as u64,
+                max_records: q.group_max_records.get_u32(),
+                max_delay_ms: q.group_max_delay_ms.get(),
             },
             DurabilityMode::PerRecord => Durability::PerRecord,
         },
-        max_bytes: q.max_bytes as u64,
-        max_records: q.max_records as u64,
+        max_bytes: q.max_bytes.get(),
+        max_records: q.max_records.get(),
         full_policy: q.full_policy,
         ..QueueOptions::default()
     }
@@ -164,21 +165,21 @@ impl Settings {
         pipeline.quality = c.quality.clone();
         pipeline.embedding_type = c.queue.embedding;
         pipeline.thumbnail_side =
-            (c.queue.thumbnail_side > 0).then_some(c.queue.thumbnail_side as u32);
+            (c.queue.thumbnail_side.get() > 0).then_some(c.queue.thumbnail_side.get_u32());
         Self {
             queue: queue_options(config),
             pipeline,
-            stable_frames: c.capture.stable_frames as u32,
-            stillness: c.capture.stillness as f32,
-            max_captures: c.capture.max_captures.map(|m| m as u64),
+            stable_frames: c.capture.stable_frames.get_u32(),
+            stillness: c.capture.stillness.get() as f32,
+            max_captures: c.capture.max_captures.map(Ranged::get),
             display_size: config.display_size,
-            result_for: Duration::from_secs_f64(c.display.result_seconds),
-            preview_every: c.display.preview_every as u64,
-            health_interval: Duration::from_secs_f64(c.health.interval_seconds),
-            sync_batch_records: c.sync.batch_records as usize,
-            sync_timeout: Duration::from_secs_f64(c.sync.timeout_seconds),
-            sync_interval: Duration::from_secs_f64(c.sync.interval_seconds),
-            final_sync: Duration::from_secs_f64(c.sync.final_sync_seconds),
+            result_for: c.display.result_seconds.seconds(),
+            preview_every: c.display.preview_every.get(),
+            health_interval: c.health.interval_seconds.seconds(),
+            sync_batch_records: c.sync.batch_records.get_usize(),
+            sync_timeout: c.sync.timeout_seconds.seconds(),
+            sync_interval: c.sync.interval_seconds.seconds(),
+            final_sync: c.sync.final_sync_seconds.seconds(),
         }
     }
 }

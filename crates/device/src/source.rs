@@ -3,6 +3,7 @@
 
 use dermedge_camera::pace::Pacer;
 use dermedge_core::{Frame, FrameSource, SourceError};
+use dermedge_core::{Ranged, RangedFloat};
 
 use crate::config::{CameraSection, SourceKind};
 
@@ -70,14 +71,14 @@ pub fn open_source(camera: &CameraSection) -> Result<Box<dyn FrameSource>, Sourc
             // Paced below, per held frame.
             return Ok(Box::new(Hold::new(
                 Box::new(replay),
-                camera.hold_frames.max(1) as u32,
-                camera.fps,
+                camera.hold_frames.get_u32(),
+                camera.fps.map(RangedFloat::get),
             )));
         }
         SourceKind::Synthetic => Box::new(dermedge_camera::SyntheticSource::new(
-            camera.width.unwrap_or(640) as u32,
-            camera.height.unwrap_or(480) as u32,
-            camera.fps,
+            camera.width.map_or(640, Ranged::get_u32),
+            camera.height.map_or(480, Ranged::get_u32),
+            camera.fps.map(RangedFloat::get),
             None,
         )),
         SourceKind::Uvc => open_uvc(camera)?,
@@ -99,8 +100,8 @@ fn open_uvc(camera: &CameraSection) -> Result<Box<dyn FrameSource>, SourceError>
         resolution: camera
             .width
             .zip(camera.height)
-            .map(|(w, h)| (w as u32, h as u32)),
-        fps: camera.fps.map(|f| f.round() as u32),
+            .map(|(w, h)| (w.get_u32(), h.get_u32())),
+        fps: camera.fps.map(|f| f.get().round() as u32),
         min_short_side: 448,
     };
     Ok(Box::new(UvcSource::open(selector, request)?))

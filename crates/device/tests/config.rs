@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use dermedge_camera::pace::Pacer;
-use dermedge_core::{Accelerator, Backend, Fallback, RgbImage};
+use dermedge_core::{Accelerator, Backend, Fallback, Ranged, RangedFloat, RgbImage};
 use dermedge_device::config::{
     CameraSection, CaptureSection, ConfigError, DeviceConfig, DeviceSection, DisplaySection,
     DisplayTarget, DurabilityMode, LoadedConfig, ModelSection, QueueSection, SourceKind,
@@ -48,7 +48,7 @@ impl Place {
     }
 
     /// Write `config` as TOML and load it.
-    fn load(&self, config: &DeviceConfig) -> Result<LoadedConfig, ConfigError> {
+    fn load(&self, config: &toml::Table) -> Result<LoadedConfig, ConfigError> {
         let file = self.path().join("device.toml");
         fs::write(&file, toml::to_string(config).unwrap()).unwrap();
         LoadedConfig::load(&file)
@@ -85,7 +85,7 @@ fn base(place: &Path) -> DeviceConfig {
             path: Some(place.join("frame.png")),
             fps: None,
             looped: false,
-            hold_frames: 1,
+            hold_frames: Ranged::of(1),
             device: None,
             width: None,
             height: None,
@@ -102,19 +102,19 @@ fn base(place: &Path) -> DeviceConfig {
             dir: Some(place.join("screens")),
             device: Some(place.join("no-framebuffer")),
             pixel_format: None,
-            result_seconds: 3.0,
-            preview_every: 1,
+            result_seconds: RangedFloat::of_milli(3_000),
+            preview_every: Ranged::of(1),
         },
         queue: QueueSection {
             dir: place.join("queue"),
             durability: DurabilityMode::PerRecord,
-            group_max_records: 16,
-            group_max_delay_ms: 200,
-            max_bytes: 1 << 30,
-            max_records: 1_000_000,
+            group_max_records: Ranged::of(16),
+            group_max_delay_ms: Ranged::of(200),
+            max_bytes: Ranged::of(1 << 30),
+            max_records: Ranged::of(1_000_000),
             full_policy: FullPolicy::Reject,
             embedding: EmbeddingType::F32,
-            thumbnail_side: 96,
+            thumbnail_side: Ranged::of(96),
         },
         sync: SyncSection {
             hub: Some("http://127.0.0.1:9".into()),
@@ -125,138 +125,98 @@ fn base(place: &Path) -> DeviceConfig {
     }
 }
 
-/// One numeric key: its documented range (firmware-config/README.md) and how to set it.
+/// One numeric key: its dotted name in the file and its documented range
+/// (firmware-config/README.md). Values are set in the TOML text itself, so that values outside
+/// the range (which the typed configuration cannot hold) reach the parser.
 struct Key<T> {
     name: &'static str,
     lo: T,
     hi: T,
     /// May be left unset.
     optional: bool,
-    set: fn(&mut DeviceConfig, T),
+}
+
+/// Set `name` (`section.key`, or `display.size (width|height)`) in the configuration's TOML.
+fn set_key(table: &mut toml::Table, name: &str, value: toml::Value) {
+    if let Some(side) = name.strip_prefix("display.size (") {
+        let display = table["display"].as_table_mut().unwrap();
+        let size = display["size"].as_str().unwrap().to_string();
+        let (w, h) = size.split_once('x').unwrap();
+        let value = value.as_integer().unwrap().to_string();
+        let size = if side.starts_with("width") {
+            format!("{value}x{h}")
+        } else {
+            format!("{w}x{value}")
+        };
+        display.insert("size".into(), toml::Value::String(size));
+        return;
+    }
+    let (section, key) = name.split_once('.').unwrap();
+    table
+        .entry(section)
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .unwrap()
+        .insert(key.into(), value);
 }
 
 fn float_keys() -> Vec<Key<f64>> {
-    fn key(name: &'static str, lo: f64, hi: f64, set: fn(&mut DeviceConfig, f64)) -> Key<f64> {
-        Key {
-            name,
-            lo,
-            hi,
-            optional: false,
-            set,
-        }
-    }
+    let key = |name, lo, hi| Key {
+        name,
+        lo,
+        hi,
+        optional: false,
+    };
     vec![
         Key {
             optional: true,
-            ..key("camera.fps", 0.01, 120.0, |c, v| c.camera.fps = Some(v))
+            ..key("camera.fps", 0.01, 120.0)
         },
-        key("capture.stillness", 0.0, 255.0, |c, v| {
-            c.capture.stillness = v
-        }),
-        key("quality.min_mean_luminance", 0.0, 255.0, |c, v| {
-            c.quality.min_mean_luminance = v as f32
-        }),
-        key("quality.max_mean_luminance", 0.0, 255.0, |c, v| {
-            c.quality.max_mean_luminance = v as f32
-        }),
-        key("quality.max_clipped_dark", 0.0, 1.0, |c, v| {
-            c.quality.max_clipped_dark = v as f32
-        }),
-        key("quality.max_clipped_bright", 0.0, 1.0, |c, v| {
-            c.quality.max_clipped_bright = v as f32
-        }),
-        key("quality.min_sharpness", 0.0, 1e6, |c, v| {
-            c.quality.min_sharpness = v as f32
-        }),
+        key("capture.stillness", 0.0, 255.0),
+        key("quality.min_mean_luminance", 0.0, 255.0),
+        key("quality.max_mean_luminance", 0.0, 255.0),
+        key("quality.max_clipped_dark", 0.0, 1.0),
+        key("quality.max_clipped_bright", 0.0, 1.0),
+        key("quality.min_sharpness", 0.0, 1e6),
         Key {
             optional: true,
-            ..key("quality.max_colour_cast", 0.0, 255.0, |c, v| {
-                c.quality.max_colour_cast = Some(v as f32)
-            })
+            ..key("quality.max_colour_cast", 0.0, 255.0)
         },
-        key("display.result_seconds", 0.0, 60.0, |c, v| {
-            c.display.result_seconds = v
-        }),
-        key("sync.interval_seconds", 1.0, 86_400.0, |c, v| {
-            c.sync.interval_seconds = v
-        }),
-        key("sync.timeout_seconds", 0.1, 600.0, |c, v| {
-            c.sync.timeout_seconds = v
-        }),
-        key("sync.final_sync_seconds", 0.0, 600.0, |c, v| {
-            c.sync.final_sync_seconds = v
-        }),
-        key("health.interval_seconds", 1.0, 86_400.0, |c, v| {
-            c.health.interval_seconds = v
-        }),
+        key("display.result_seconds", 0.0, 60.0),
+        key("sync.interval_seconds", 1.0, 86_400.0),
+        key("sync.timeout_seconds", 0.1, 600.0),
+        key("sync.final_sync_seconds", 0.0, 600.0),
+        key("health.interval_seconds", 1.0, 86_400.0),
     ]
 }
 
-fn set_display_size(c: &mut DeviceConfig, width: Option<i64>, height: Option<i64>) {
-    let (w, h) = c.display.size.split_once('x').unwrap();
-    let (w, h) = (
-        width.map_or(w.to_string(), |v| v.to_string()),
-        height.map_or(h.to_string(), |v| v.to_string()),
-    );
-    c.display.size = format!("{w}x{h}");
-}
-
 fn integer_keys() -> Vec<Key<i64>> {
-    fn key(name: &'static str, lo: i64, hi: i64, set: fn(&mut DeviceConfig, i64)) -> Key<i64> {
-        Key {
-            name,
-            lo,
-            hi,
-            optional: false,
-            set,
-        }
-    }
-    fn optional(name: &'static str, lo: i64, hi: i64, set: fn(&mut DeviceConfig, i64)) -> Key<i64> {
-        Key {
-            optional: true,
-            ..key(name, lo, hi, set)
-        }
-    }
+    let key = |name, lo, hi| Key {
+        name,
+        lo,
+        hi,
+        optional: false,
+    };
+    let optional = |name, lo, hi| Key {
+        optional: true,
+        ..key(name, lo, hi)
+    };
     vec![
-        optional("model.threads", 1, 64, |c, v| c.model.threads = Some(v)),
-        optional("camera.width", 16, 8192, |c, v| c.camera.width = Some(v)),
-        optional("camera.height", 16, 8192, |c, v| c.camera.height = Some(v)),
-        key("camera.hold_frames", 1, 100, |c, v| {
-            c.camera.hold_frames = v
-        }),
-        key("capture.stable_frames", 1, 100, |c, v| {
-            c.capture.stable_frames = v
-        }),
-        optional("capture.max_captures", 1, i64::MAX, |c, v| {
-            c.capture.max_captures = Some(v)
-        }),
-        key("display.size (width)", 96, 4096, |c, v| {
-            set_display_size(c, Some(v), None)
-        }),
-        key("display.size (height)", 96, 4096, |c, v| {
-            set_display_size(c, None, Some(v))
-        }),
-        key("display.preview_every", 1, 1000, |c, v| {
-            c.display.preview_every = v
-        }),
-        key("queue.group_max_records", 1, 100_000, |c, v| {
-            c.queue.group_max_records = v
-        }),
-        key("queue.group_max_delay_ms", 1, 600_000, |c, v| {
-            c.queue.group_max_delay_ms = v
-        }),
-        key("queue.max_bytes", 8 << 20, i64::MAX, |c, v| {
-            c.queue.max_bytes = v
-        }),
-        key("queue.max_records", 1, i64::MAX, |c, v| {
-            c.queue.max_records = v
-        }),
-        key("queue.thumbnail_side", 0, 1024, |c, v| {
-            c.queue.thumbnail_side = v
-        }),
-        key("sync.batch_records", 1, 10_000, |c, v| {
-            c.sync.batch_records = v
-        }),
+        optional("model.threads", 1, 64),
+        optional("camera.width", 16, 8192),
+        optional("camera.height", 16, 8192),
+        key("camera.hold_frames", 1, 100),
+        key("capture.stable_frames", 1, 100),
+        optional("capture.max_captures", 1, i64::MAX),
+        key("display.size (width)", 96, 4096),
+        key("display.size (height)", 96, 4096),
+        key("display.preview_every", 1, 1000),
+        key("queue.group_max_records", 1, 100_000),
+        key("queue.group_max_delay_ms", 1, 600_000),
+        key("queue.max_bytes", 8 << 20, i64::MAX),
+        key("queue.max_records", 1, i64::MAX),
+        key("queue.thumbnail_side", 0, 1024),
+        key("sync.batch_records", 1, 10_000),
     ]
 }
 
@@ -394,9 +354,9 @@ fn cases() -> impl Strategy<Value = Case> {
 }
 
 impl Case {
-    /// The configuration, and the keys given bait that lies outside their documented range (as
-    /// the configuration holds the value: quality thresholds are f32).
-    fn config(&self, place: &Path) -> (DeviceConfig, Vec<String>) {
+    /// The configuration as TOML, and the keys given bait that lies outside their documented
+    /// range (as the configuration holds the value: quality thresholds are f32).
+    fn config(&self, place: &Path) -> (toml::Table, Vec<String>) {
         let mut c = base(place);
         c.camera.source = self.source;
         c.camera.looped = self.looped;
@@ -406,21 +366,28 @@ impl Case {
         c.queue.full_policy = self.full_policy;
         c.queue.embedding = self.embedding;
         c.sync.enabled = self.sync;
+        let mut table = toml::Table::try_from(&c).unwrap();
         let (fk, ik) = (float_keys(), integer_keys());
+        let mut floats: BTreeMap<&str, f64> = BTreeMap::new();
         for (k, v) in fk.iter().zip(&self.floats) {
             if let Some(v) = v {
-                (k.set)(&mut c, *v);
+                floats.insert(k.name, *v);
             }
+        }
+        let (lo, hi) = ("quality.min_mean_luminance", "quality.max_mean_luminance");
+        if let (Some(&a), Some(&b)) = (floats.get(lo), floats.get(hi)) {
+            if a > b {
+                floats.insert(lo, b);
+                floats.insert(hi, a);
+            }
+        }
+        for (name, v) in floats {
+            set_key(&mut table, name, toml::Value::Float(v));
         }
         for (k, v) in ik.iter().zip(&self.integers) {
             if let Some(v) = v {
-                (k.set)(&mut c, *v);
+                set_key(&mut table, k.name, toml::Value::Integer(*v));
             }
-        }
-        let q = &mut c.quality;
-        if q.min_mean_luminance > q.max_mean_luminance {
-            (q.min_mean_luminance, q.max_mean_luminance) =
-                (q.max_mean_luminance, q.min_mean_luminance);
         }
         // A key baited twice holds the second bait.
         let mut outside = BTreeMap::new();
@@ -428,7 +395,7 @@ impl Case {
             outside.remove(&key);
             if let Some(k) = fk.get(key) {
                 let v = float_bait(class, k.lo, k.hi, random_float);
-                (k.set)(&mut c, v);
+                set_key(&mut table, k.name, toml::Value::Float(v));
                 let held = if k.name.starts_with("quality.") {
                     v as f32 as f64
                 } else {
@@ -440,14 +407,14 @@ impl Case {
             } else {
                 let k = &ik[key - fk.len()];
                 let v = integer_bait(class, k.lo, k.hi, random_integer);
-                (k.set)(&mut c, v);
+                set_key(&mut table, k.name, toml::Value::Integer(v));
                 if !(k.lo..=k.hi).contains(&v) {
                     outside.insert(key, format!("{} = {v}", k.name));
                 }
             }
         }
         let outside = outside.into_values().collect();
-        (c, outside)
+        (table, outside)
     }
 }
 
@@ -481,13 +448,13 @@ fn derive_everything(loaded: &LoadedConfig) {
     }
     assert_eq!(
         7 % settings.preview_every,
-        7 % c.display.preview_every as u64
+        7 % c.display.preview_every.get()
     );
     assert!(settings.sync_batch_records >= 1);
     assert!(settings.max_captures.is_none_or(|m| m >= 1));
 
     // The source, as the capture thread opens it (and one replayed frame: the first is not paced).
-    let _ = Pacer::new(c.camera.fps);
+    let _ = Pacer::new(c.camera.fps.map(RangedFloat::get));
     if let Ok(mut source) = open_source(&c.camera) {
         if c.camera.source == SourceKind::Replay {
             source.next_frame().unwrap().unwrap();

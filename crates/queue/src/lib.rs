@@ -162,6 +162,9 @@ pub enum Durability {
     Group { max_records: u32, max_delay_ms: u64 },
 }
 
+/// The size a segment file is rolled over at unless [`QueueOptions::segment_bytes`] says otherwise.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 4 << 20;
+
 /// What to do when an append would exceed the capacity limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -192,7 +195,7 @@ impl Default for QueueOptions {
     fn default() -> Self {
         Self {
             durability: Durability::PerRecord,
-            segment_bytes: 4 << 20,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
             max_record_bytes: 1 << 20,
             max_bytes: 1 << 30,
             max_records: 1_000_000,
