@@ -431,14 +431,18 @@ impl ModelManifest {
         Ok(())
     }
 
-    /// [`Self::verify_model_file`], remembered in `stamp`: when the stamp records this manifest's
-    /// sha256 for the very same file (device, inode, size, modification and change times), the
-    /// file is not hashed again. Hashing a Derm-Foundation-size int8 file takes longer than
+    /// [`Self::verify_model_bytes`] on `bytes` (the model file as mapped for the runtime),
+    /// remembered in `stamp`: when the stamp records this manifest's sha256 for the very same
+    /// file (device, inode, size, modification and change times), it is not hashed again. Hashing a Derm-Foundation-size int8 file takes longer than
     /// loading it from a weight cache; the stamp lives next to that cache and is trusted as
     /// far as the cache is. Any change to the file changes its change time (which no user tool
     /// can set back), so a replaced or edited model is hashed, and refused if it differs.
     /// Returns whether the stamp was used.
-    pub fn verify_model_file_with_stamp(&self, stamp: &Path) -> Result<bool, ManifestError> {
+    pub fn verify_model_with_stamp(
+        &self,
+        bytes: &[u8],
+        stamp: &Path,
+    ) -> Result<bool, ManifestError> {
         let model = self.model_path();
         let expected = self.model.sha256.to_ascii_lowercase();
         let identity = file_identity(&model).map(|id| format!("{expected} {id}\n"));
@@ -452,7 +456,7 @@ impl ModelManifest {
                 return Ok(true);
             }
         }
-        self.verify_model_file()?;
+        self.verify_model_bytes(bytes)?;
         if let Some(identity) = identity {
             if let Err(e) = fs::write(stamp, identity) {
                 log::warn!(
@@ -754,12 +758,14 @@ dtype = "float32"
         let stamp = dir.path().join("cache.verified");
 
         assert!(
-            !m.verify_model_file_with_stamp(&stamp).unwrap(),
+            !m.verify_model_with_stamp(&std::fs::read(&model).unwrap(), &stamp)
+                .unwrap(),
             "first start hashes"
         );
         assert!(stamp.is_file());
         assert!(
-            m.verify_model_file_with_stamp(&stamp).unwrap(),
+            m.verify_model_with_stamp(&std::fs::read(&model).unwrap(), &stamp)
+                .unwrap(),
             "second start uses the stamp"
         );
 
@@ -767,7 +773,9 @@ dtype = "float32"
         // again and refused.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&model, b"TFL3 model BYTES").unwrap();
-        let err = m.verify_model_file_with_stamp(&stamp).unwrap_err();
+        let err = m
+            .verify_model_with_stamp(&std::fs::read(&model).unwrap(), &stamp)
+            .unwrap_err();
         assert!(
             matches!(err, ManifestError::ChecksumMismatch { .. }),
             "{err}"
@@ -775,11 +783,15 @@ dtype = "float32"
 
         // A stamp for another manifest's checksum does not vouch for this one.
         std::fs::write(&model, b"TFL3 model bytes").unwrap();
-        assert!(!m.verify_model_file_with_stamp(&stamp).unwrap());
+        assert!(!m
+            .verify_model_with_stamp(&std::fs::read(&model).unwrap(), &stamp)
+            .unwrap());
         let other = std::fs::read_to_string(&stamp)
             .unwrap()
             .replacen(&sha, &"0".repeat(64), 1);
         std::fs::write(&stamp, other).unwrap();
-        assert!(!m.verify_model_file_with_stamp(&stamp).unwrap());
+        assert!(!m
+            .verify_model_with_stamp(&std::fs::read(&model).unwrap(), &stamp)
+            .unwrap());
     }
 }

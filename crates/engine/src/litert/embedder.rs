@@ -17,6 +17,7 @@ use super::handles::{
 };
 use super::quiet::quietly;
 use super::runtime::{CpuSettings, LiteRtRuntime};
+use super::weight_cache::{self, CacheState};
 use dermedge_core::ManifestError;
 
 use crate::check::{check_against_manifest, check_tflite, map_model};
@@ -78,16 +79,21 @@ impl LiteRtEmbedder {
             model: model_path.clone(),
             cause,
         })?;
-        match &options.weight_cache {
+        let cache_state = match &options.weight_cache {
             // A warm start maps the packed weights from the cache; re-hashing the model file
-            // would then cost more than loading it (docs/BENCHMARKS.md).
+            // would then cost more than loading it (docs/BENCHMARKS.md). The cache itself is
+            // checked instead: it is what XNNPACK reads.
             Some(cache) => {
                 let mut stamp = cache.clone().into_os_string();
                 stamp.push(".verified");
-                manifest.verify_model_file_with_stamp(Path::new(&stamp))?;
+                manifest.verify_model_with_stamp(&bytes, Path::new(&stamp))?;
+                Some(weight_cache::prepare(cache))
             }
-            None => manifest.verify_model_bytes(&bytes)?,
-        }
+            None => {
+                manifest.verify_model_bytes(&bytes)?;
+                None
+            }
+        };
         let verified_s = started.elapsed().as_secs_f64();
         check_tflite(&model_path, &bytes)?;
         let runtime = LiteRtRuntime::locate(options)?;
@@ -121,6 +127,11 @@ impl LiteRtEmbedder {
         };
         let (compiled, accelerator) =
             quietly(|| compile(&env, &model, &model_path, options, &cpu))?;
+        if let (Some(cache), Some(CacheState::ToBuild)) = (&options.weight_cache, cache_state) {
+            if accelerator == Accelerator::Cpu && cache.exists() {
+                weight_cache::seal(cache);
+            }
+        }
         let fully_accelerated = compiled.fully_accelerated();
         let input_buffer = compiled
             .create_buffer(&env, signature_index, Side::Input, 0, &input_type)

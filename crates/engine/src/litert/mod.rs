@@ -5,6 +5,7 @@ mod ffi;
 mod handles;
 mod quiet;
 mod runtime;
+mod weight_cache;
 
 pub use embedder::LiteRtEmbedder;
 pub use runtime::{AcceleratorInfo, LiteRtRuntime, RuntimeLock, RuntimeReport};
