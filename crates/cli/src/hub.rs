@@ -1,4 +1,8 @@
 //! `dermedge hub init|enroll|revoke|serve|export`: the clinic hub.
+//!
+//! `--db` is an SQLite file (one clinic, created if missing) or a PostgreSQL connection URL,
+//! `postgres://user:password@host:port/database` (a health system's regional hub; several hubs
+//! may serve one database). A URL's password is never printed.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use dermedge_hub::export::{export, gaps_csv_path, ExportFilter};
 use dermedge_hub::server::{HubServer, Limits};
-use dermedge_hub::store::{Enrolled, Store};
+use dermedge_hub::store::{Enrolled, Location, Store};
 use dermedge_queue::{DevicePublic, HubKey};
 
 #[derive(Subcommand)]
@@ -27,6 +31,7 @@ pub enum HubCommand {
     /// Register a device by its public key (or replace a device's key: its sequence starts
     /// again in a new epoch) so that the hub accepts its batches.
     Enroll {
+        /// The SQLite database file or a postgres:// URL.
         #[arg(long)]
         db: PathBuf,
         #[arg(long)]
@@ -38,6 +43,7 @@ pub enum HubCommand {
     },
     /// Each enrolled device: epoch, highest sequence, records, gaps, revoked (on the hub machine).
     Status {
+        /// The SQLite database file or a postgres:// URL.
         #[arg(long)]
         db: PathBuf,
         #[arg(long)]
@@ -45,6 +51,7 @@ pub enum HubCommand {
     },
     /// Refuse every further request from a device (its stored records stay).
     Revoke {
+        /// The SQLite database file or a postgres:// URL.
         #[arg(long)]
         db: PathBuf,
         #[arg(long)]
@@ -52,7 +59,9 @@ pub enum HubCommand {
     },
     /// Receive batches over HTTP until SIGINT/SIGTERM.
     Serve {
-        /// The SQLite database (created if missing).
+        /// The SQLite database file (created if missing), or a PostgreSQL URL
+        /// `postgres://user:password@host:port/database` (its schema created or migrated; other
+        /// hubs may serve the same database).
         #[arg(long)]
         db: PathBuf,
         /// The hub key (`dermedge hub init`).
@@ -71,6 +80,7 @@ pub enum HubCommand {
     /// Write the stored records as CSV (and the reported losses as <stem>.gaps.csv) and their
     /// embeddings as .npy (+ .npy.json index).
     Export {
+        /// The SQLite database file or a postgres:// URL.
         #[arg(long)]
         db: PathBuf,
         #[arg(long)]
@@ -84,6 +94,11 @@ pub enum HubCommand {
         #[arg(long)]
         model: Option<String>,
     },
+}
+
+/// A `--db` value: a postgres:// or postgresql:// URL, or an SQLite file.
+fn location(db: &Path) -> Location {
+    Location::parse(db.as_os_str())
 }
 
 /// A device public key given as the line itself or as a file holding it.
@@ -138,28 +153,23 @@ pub fn run(command: &HubCommand) -> Result<()> {
             device_public: public,
         } => {
             let public = device_public(public)?;
-            match Store::open(db)?.enroll(device_id, &public)? {
-                Enrolled::New => println!("enrolled {device_id} in {}", db.display()),
-                Enrolled::Unchanged => println!(
-                    "{device_id} is already enrolled with this key in {}",
-                    db.display()
-                ),
+            let db = location(db);
+            match Store::connect(&db)?.enroll(device_id, &public)? {
+                Enrolled::New => println!("enrolled {device_id} in {db}"),
+                Enrolled::Unchanged => {
+                    println!("{device_id} is already enrolled with this key in {db}")
+                }
                 Enrolled::Migrated => println!(
-                    "enrolled {device_id}'s public key in {}; its sequence continues from before the migration",
-                    db.display()
+                    "enrolled {device_id}'s public key in {db}; its sequence continues from before the migration"
                 ),
                 Enrolled::Replaced { epoch } => println!(
-                    "replaced the key of {device_id} in {}: its sequence starts again (epoch {epoch}); \
-                     earlier records are kept",
-                    db.display()
+                    "replaced the key of {device_id} in {db}: its sequence starts again (epoch {epoch}); \
+                     earlier records are kept"
                 ),
             }
         }
         HubCommand::Status { db, json } => {
-            if !db.is_file() {
-                bail!("{}: no hub database here", db.display());
-            }
-            let devices = Store::open(db)?.summaries()?;
+            let devices = Store::connect_existing(&location(db))?.summaries()?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&devices)?);
             } else {
@@ -182,14 +192,9 @@ pub fn run(command: &HubCommand) -> Result<()> {
             }
         }
         HubCommand::Revoke { db, device_id } => {
-            if !db.is_file() {
-                bail!("{}: no hub database here", db.display());
-            }
-            Store::open(db)?.revoke(device_id)?;
-            println!(
-                "revoked {device_id} in {}: its requests are refused from now on",
-                db.display()
-            );
+            let db = location(db);
+            Store::connect_existing(&db)?.revoke(device_id)?;
+            println!("revoked {device_id} in {db}: its requests are refused from now on");
         }
         HubCommand::Serve {
             db,
@@ -207,7 +212,7 @@ pub fn run(command: &HubCommand) -> Result<()> {
                 keep_source_paths: *keep_source_paths,
                 ..Limits::default()
             };
-            let server = HubServer::start_with(db, hub_key, listen, *workers, limits)?;
+            let server = HubServer::start_with(location(db), hub_key, listen, *workers, limits)?;
             println!("listening on http://{}", server.addr());
             std::io::stdout().flush()?;
             while !stop.load(Ordering::Relaxed) {
@@ -226,10 +231,7 @@ pub fn run(command: &HubCommand) -> Result<()> {
             if csv.is_none() && npy.is_none() {
                 bail!("nothing to write: give --csv and/or --npy");
             }
-            if !db.is_file() {
-                bail!("{}: no hub database here", db.display());
-            }
-            let store = Store::open(db)?;
+            let store = Store::connect_existing(&location(db))?;
             let filter = ExportFilter {
                 device_id: device.clone(),
                 model_id: model.clone(),

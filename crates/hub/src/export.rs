@@ -43,50 +43,34 @@ struct Row {
 }
 
 fn rows(store: &Store, filter: &ExportFilter) -> Result<Vec<Row>, HubError> {
-    let err = crate::store::db_err(store.path());
-    let mut stmt = store
-        .connection()
-        .prepare(
-            "SELECT record_id, device_id, seq, captured_at_ms, model_id, precision, source,
-                    heads_json, quality_json, embedding_dtype, embedding_dim, embedding, epoch
-             FROM records
-             WHERE (?1 IS NULL OR device_id = ?1) AND (?2 IS NULL OR model_id = ?2)
-             ORDER BY device_id, epoch, seq",
-        )
-        .map_err(&err)?;
-    let rows = stmt
-        .query_map(rusqlite::params![filter.device_id, filter.model_id], |r| {
-            let heads: String = r.get(7)?;
-            let quality: Option<String> = r.get(8)?;
-            let dtype: String = r.get(9)?;
-            Ok(Row {
-                record_id: r.get(0)?,
-                device_id: r.get(1)?,
-                epoch: r.get(12)?,
-                seq: r.get(2)?,
-                captured_at_ms: r.get(3)?,
-                model_id: r.get(4)?,
-                precision: r.get(5)?,
-                source: r.get(6)?,
-                heads: serde_json::from_str(&heads).unwrap_or_default(),
-                quality_ok: quality
-                    .and_then(|q| serde_json::from_str::<serde_json::Value>(&q).ok())
-                    .and_then(|v| v["acceptable"].as_bool()),
-                embedding: Embedding {
-                    dtype: if dtype == "f16" {
-                        EmbeddingType::F16
-                    } else {
-                        EmbeddingType::F32
-                    },
-                    dim: r.get(10)?,
-                    data: r.get(11)?,
+    let records = store.records(filter.device_id.as_deref(), filter.model_id.as_deref())?;
+    Ok(records
+        .into_iter()
+        .map(|r| Row {
+            heads: serde_json::from_str(&r.heads_json).unwrap_or_default(),
+            quality_ok: r
+                .quality_json
+                .and_then(|q| serde_json::from_str::<serde_json::Value>(&q).ok())
+                .and_then(|v| v["acceptable"].as_bool()),
+            embedding: Embedding {
+                dtype: if r.embedding_dtype == "f16" {
+                    EmbeddingType::F16
+                } else {
+                    EmbeddingType::F32
                 },
-            })
+                dim: r.embedding_dim,
+                data: r.embedding,
+            },
+            record_id: r.record_id,
+            device_id: r.device_id,
+            epoch: r.epoch,
+            seq: r.seq,
+            captured_at_ms: r.captured_at_ms,
+            model_id: r.model_id,
+            precision: r.precision,
+            source: r.source,
         })
-        .map_err(&err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(&err)?;
-    Ok(rows)
+        .collect())
 }
 
 /// A device-written text as a spreadsheet shows it but does not run it: a cell that starts like
@@ -163,42 +147,6 @@ pub fn gaps_csv_path(csv: &Path) -> PathBuf {
     csv.with_file_name(format!("{stem}.gaps.csv"))
 }
 
-struct GapRow {
-    device_id: String,
-    epoch: i64,
-    from: i64,
-    to: i64,
-    reason: String,
-    at_ms: i64,
-}
-
-fn gap_rows(store: &Store, filter: &ExportFilter) -> Result<Vec<GapRow>, HubError> {
-    let err = crate::store::db_err(store.path());
-    let mut stmt = store
-        .connection()
-        .prepare(
-            "SELECT device_id, epoch, from_seq, to_seq, reason, at_ms FROM gaps
-             WHERE (?1 IS NULL OR device_id = ?1)
-             ORDER BY device_id, epoch, from_seq, to_seq",
-        )
-        .map_err(&err)?;
-    let rows = stmt
-        .query_map(rusqlite::params![filter.device_id], |r| {
-            Ok(GapRow {
-                device_id: r.get(0)?,
-                epoch: r.get(1)?,
-                from: r.get(2)?,
-                to: r.get(3)?,
-                reason: r.get(4)?,
-                at_ms: r.get(5)?,
-            })
-        })
-        .map_err(&err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(&err)?;
-    Ok(rows)
-}
-
 /// Write the CSV and/or the `.npy` (+ `.npy.json`) of the records that pass `filter`.
 pub fn export(
     store: &Store,
@@ -247,7 +195,7 @@ pub fn export(
             .map_err(&csv_err)?;
         }
         out.flush().map_err(io)?;
-        let gap_rows = gap_rows(store, filter)?;
+        let gap_rows = store.gaps(filter.device_id.as_deref())?;
         if !gap_rows.is_empty() {
             let path = gaps_csv_path(path);
             let io = |source| HubError::Io {

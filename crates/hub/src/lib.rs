@@ -4,8 +4,9 @@
 //! enrolled public key (refusing unknown and revoked devices, bad signatures and replayed
 //! counters, each logged to the bounded `rejections` table), opens its records with the hub key
 //! (kept in its own file, never in the database), stores them and the losses the device
-//! reported in SQLite in one transaction, deduplicated by record id and in each device's
-//! sequence order ([`store::Store`]), and answers with an acknowledgement signed by the hub key.
+//! reported in one transaction (SQLite for a clinic, PostgreSQL for a regional hub that several
+//! hub processes share), deduplicated by record id and in each device's sequence order
+//! ([`store::Store`]), and answers with an acknowledgement signed by the hub key.
 //! [`export`] turns the database into CSV and `.npy`.
 
 pub mod export;
@@ -17,8 +18,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
-    #[error("{path}: database: {message}")]
-    Database { path: PathBuf, message: String },
+    /// `db`: the SQLite file or the PostgreSQL URL, its password hidden.
+    #[error("{db}: database: {message}")]
+    Database { db: String, message: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -32,5 +34,7 @@ pub enum HubError {
 
 #[cfg(test)]
 mod server_tests;
+#[cfg(test)]
+mod test_db;
 #[cfg(test)]
 mod tests;

@@ -7,11 +7,11 @@
 //! [`Limits::max_connections`] are open at once. A handheld that loses power mid-upload leaves a
 //! stalled connection; these bounds close it, and health checks are answered meanwhile. The
 //! device's identity is checked from the headers, before any of the body is read. Database work
-//! runs on blocking threads, each with a connection from a small pool.
+//! runs on blocking threads, each with a connection from a small pool (never on the threads that
+//! drive the connections: the PostgreSQL client blocks on a runtime of its own).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -28,7 +28,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{watch, Semaphore};
 
-use crate::store::{Store, Stored, VerifiedBatch};
+use crate::store::{Location, Store, Stored, VerifiedBatch};
 use crate::HubError;
 
 /// The one answer to a request the hub cannot authenticate, whatever the reason (an unknown,
@@ -36,7 +36,7 @@ use crate::HubError;
 /// ids exist or what became of them; the reason goes to the `rejections` log.
 pub const UNAUTHENTICATED: &str = "unauthenticated request";
 
-/// The largest sequence number the hub stores (SQLite integers are signed).
+/// The largest sequence number the hub stores (SQLite and PostgreSQL integers are signed).
 const MAX_SEQ: u64 = i64::MAX as u64;
 
 /// The path of protocol `dermedge-sync/1`, answered with a pointer to the upgrade.
@@ -55,6 +55,10 @@ const LOGGED_FIELD_CHARS: usize = 96;
 
 /// Idle database connections kept for reuse.
 const POOLED_STORES: usize = 8;
+
+/// Database connections in use at once: more requests wait for one (a PostgreSQL server shared
+/// by several hubs has a bounded number of connections).
+const MAX_STORES: usize = 16;
 
 /// What one connection may take from the hub.
 #[derive(Debug, Clone)]
@@ -118,9 +122,11 @@ pub struct HubServer {
 
 impl HubServer {
     /// Listen on `listen` (`host:port`; port 0 picks a free one) with `workers` threads and the
-    /// default [`Limits`]; `hub_key` opens the records and signs the replies.
+    /// default [`Limits`]; `hub_key` opens the records and signs the replies. `db`: an SQLite
+    /// path or a [`Location`]. Called from a plain thread, not from asynchronous code (the
+    /// PostgreSQL client blocks).
     pub fn start(
-        db: &Path,
+        db: impl Into<Location>,
         hub_key: HubKey,
         listen: &str,
         workers: usize,
@@ -129,7 +135,7 @@ impl HubServer {
     }
 
     pub fn start_with(
-        db: &Path,
+        db: impl Into<Location>,
         hub_key: HubKey,
         listen: &str,
         workers: usize,
@@ -139,8 +145,9 @@ impl HubServer {
             addr: listen.into(),
             message,
         };
-        // Open once up front so that a bad database path fails here, clearly.
-        let stores = Stores::new(db, Store::open(db)?);
+        let db: Location = db.into();
+        // Open once up front so that a bad database path or URL fails here, clearly.
+        let stores = Stores::new(&db, Store::connect(&db)?);
         let listener =
             std::net::TcpListener::bind(listen).map_err(|e| listen_err(e.to_string()))?;
         listener
@@ -156,8 +163,7 @@ impl HubServer {
             .build()
             .map_err(|e| listen_err(format!("cannot start the server's threads: {e}")))?;
         log::info!(
-            "hub listening on http://{addr} (database {}, {})",
-            db.display(),
+            "hub listening on http://{addr} (database {db}, {})",
             hub_key.public()
         );
         let state = Arc::new(State {
@@ -170,6 +176,9 @@ impl HubServer {
         let thread = std::thread::Builder::new()
             .name("hub-accept".into())
             .spawn(move || {
+                // Held until the runtime is down, so that the connections are closed here and
+                // not on a thread that drives tasks (a PostgreSQL client cannot be dropped there).
+                let held = state.clone();
                 runtime.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => serve(listener, state, stopped).await,
@@ -178,6 +187,7 @@ impl HubServer {
                 });
                 // Requests still on blocking threads finish their transaction first.
                 runtime.shutdown_timeout(Duration::from_secs(10));
+                drop(held);
             })
             .map_err(|e| listen_err(format!("cannot start the server's thread: {e}")))?;
         Ok(Self {
@@ -217,27 +227,37 @@ struct State {
     limits: Limits,
 }
 
-/// Database connections for blocking threads: one is taken for a piece of work and put back.
+/// Database connections for blocking threads: one is taken for a piece of work and put back
+/// (unless it was lost: a PostgreSQL server that restarted); at most [`MAX_STORES`] at once.
 struct Stores {
-    db: PathBuf,
+    db: Location,
     idle: Mutex<Vec<Store>>,
+    in_use: Arc<Semaphore>,
 }
 
 impl Stores {
-    fn new(db: &Path, first: Store) -> Self {
+    fn new(db: &Location, first: Store) -> Self {
         Self {
-            db: db.into(),
+            db: db.clone(),
             idle: Mutex::new(vec![first]),
+            in_use: Arc::new(Semaphore::new(MAX_STORES)),
         }
     }
 
     fn with<R>(&self, work: impl FnOnce(&mut Store) -> R) -> Result<R, HubError> {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut store = match pooled {
-            Some(s) => s,
-            None => Store::open(&self.db)?,
+            Some(s) if !s.is_broken() => s,
+            Some(_) => {
+                log::warn!("hub: {}: a lost database connection replaced", self.db);
+                Store::connect(&self.db)?
+            }
+            None => Store::connect(&self.db)?,
         };
         let result = work(&mut store);
+        if store.is_broken() {
+            return Ok(result);
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < POOLED_STORES {
             idle.push(store);
@@ -252,8 +272,14 @@ async fn blocking<R: Send + 'static>(
     work: impl FnOnce(&State, &mut Store) -> R + Send + 'static,
 ) -> Result<R, String> {
     let state = state.clone();
-    match tokio::task::spawn_blocking(move || state.stores.with(|store| work(&state, store))).await
-    {
+    let Ok(permit) = state.stores.in_use.clone().acquire_owned().await else {
+        return Err("the hub is shutting down".into());
+    };
+    let work = move || {
+        let _permit = permit;
+        state.stores.with(|store| work(&state, store))
+    };
+    match tokio::task::spawn_blocking(work).await {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(format!("the request's worker failed: {e}")),

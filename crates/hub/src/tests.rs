@@ -1,4 +1,6 @@
-//! The hub, a real queue and the real sync client, in one process over loopback HTTP.
+//! The hub, a real queue and the real sync client, in one process over loopback HTTP. The tests
+//! of what the hub stores run on SQLite and, when `DERMEDGE_TEST_POSTGRES_URL` is set, on
+//! PostgreSQL ([`on_both_backends!`]); the tests of the SQLite file itself on SQLite only.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -12,6 +14,26 @@ use dermedge_sync::{wire, SyncClient, SyncConfig, SyncError};
 
 use crate::server::{HubServer, UNAUTHENTICATED};
 use crate::store::{Enrolled, Store};
+use crate::test_db::{on_both_backends, Backend, TestDb};
+
+on_both_backends!(
+    records_arrive_once_each_in_order_with_identical_bytes,
+    tampered_replayed_and_unknown_requests_are_rejected_and_logged,
+    envelopes_that_do_not_open_or_name_another_device_become_reported_losses,
+    a_device_with_the_wrong_key_gets_a_clear_error_and_keeps_its_records,
+    a_replacement_device_starts_a_new_epoch_and_the_old_records_stay,
+    a_revoked_device_gets_the_same_answer_as_an_unknown_one,
+    export_writes_csv_and_npy_in_sequence_order,
+    evicted_records_are_reported_once_and_appear_in_health_and_export,
+    a_batch_of_gaps_alone_reports_a_loss_with_no_records_left,
+    the_rejections_log_is_bounded,
+    forged_fields_are_inert_in_the_export_or_refused_on_arrival,
+    a_refused_record_sent_again_is_acknowledged_again,
+    migrations_are_recorded_once_and_a_newer_schema_is_refused,
+    hubs_starting_together_migrate_once,
+    a_missing_database_is_not_created_where_one_must_exist,
+    two_hubs_on_one_database_store_every_record_exactly_once,
+);
 
 fn record(device: &str, i: u64) -> Record {
     Record {
@@ -30,37 +52,36 @@ fn record(device: &str, i: u64) -> Record {
 }
 
 struct Setup {
-    dir: tempfile::TempDir,
-    db: PathBuf,
+    /// Dropped (stopped) before the database.
     hub: HubServer,
     hub_key: HubKey,
     key: DeviceKey,
     queue_dir: PathBuf,
+    db: TestDb,
 }
 
 impl Setup {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("hub.sqlite");
+    fn new(backend: Backend) -> Self {
+        let db = TestDb::new(backend);
         let key = DeviceKey::generate();
         let hub_key = HubKey::generate();
         assert_eq!(
-            Store::open(&db)
-                .unwrap()
-                .enroll("dev-1", &key.public())
-                .unwrap(),
+            db.open().enroll("dev-1", &key.public()).unwrap(),
             Enrolled::New
         );
-        let hub = HubServer::start(&db, hub_key.clone(), "127.0.0.1:0", 2).unwrap();
-        let queue_dir = dir.path().join("queue");
+        let hub = HubServer::start(&db.location, hub_key.clone(), "127.0.0.1:0", 2).unwrap();
+        let queue_dir = db.dir.path().join("queue");
         Setup {
-            dir,
-            db,
             hub,
             hub_key,
             key,
             queue_dir,
+            db,
         }
+    }
+
+    fn dir(&self) -> &Path {
+        self.db.dir.path()
     }
 
     fn url(&self) -> String {
@@ -113,33 +134,36 @@ impl Setup {
     }
 }
 
-fn rejections(db: &Path) -> Vec<(i64, String)> {
-    let store = Store::open(db).unwrap();
-    let mut stmt = store
-        .connection()
-        .prepare("SELECT status, reason FROM rejections ORDER BY rowid")
-        .unwrap();
-    let rows = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+fn rejections(db: &TestDb) -> Vec<(i64, String)> {
+    db.open()
+        .rejections()
         .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    rows
+        .into_iter()
+        .map(|r| (r.status, r.reason))
+        .collect()
 }
 
 /// (epoch, seq, record id) of every stored record of `device`, in storage order.
-fn stored(db: &Path, device: &str) -> Vec<(i64, i64, String)> {
-    let store = Store::open(db).unwrap();
-    let mut stmt = store
-        .connection()
-        .prepare("SELECT epoch, seq, record_id FROM records WHERE device_id = ?1 ORDER BY row")
-        .unwrap();
-    let rows = stmt
-        .query_map([device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+fn stored(db: &TestDb, device: &str) -> Vec<(i64, i64, String)> {
+    db.open()
+        .query(
+            "SELECT epoch, seq, record_id FROM records WHERE device_id = ?1 ORDER BY row",
+            &[device.into()],
+        )
         .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    rows
+        .iter()
+        .map(|r| (r.int(0).unwrap(), r.int(1).unwrap(), r.text(2).unwrap()))
+        .collect()
+}
+
+/// (from, reason) of every stored gap, by where it starts.
+fn gaps(store: &Store) -> Vec<(i64, String)> {
+    store
+        .gaps(None)
+        .unwrap()
+        .into_iter()
+        .map(|g| (g.from, g.reason))
+        .collect()
 }
 
 fn mode(path: &Path) -> u32 {
@@ -147,9 +171,8 @@ fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
-#[test]
-fn records_arrive_once_each_in_order_with_identical_bytes() {
-    let s = Setup::new();
+fn records_arrive_once_each_in_order_with_identical_bytes(backend: Backend) {
+    let s = Setup::new(backend);
     let queue = s.queue(&s.queue_dir, &s.key, QueueOptions::default());
     let mut sent = Vec::new();
     for i in 0..150 {
@@ -174,16 +197,23 @@ fn records_arrive_once_each_in_order_with_identical_bytes() {
     );
     assert_eq!(queue.lock().unwrap().stats().pending_records, 0);
 
-    let store = Store::open(&s.db).unwrap();
-    let mut stmt = store
-        .connection()
-        .prepare("SELECT record_id, seq, embedding, record_cbor FROM records ORDER BY row")
-        .unwrap();
-    let rows: Vec<(String, i64, Vec<u8>, Vec<u8>)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let rows: Vec<(String, i64, Vec<u8>, Vec<u8>)> =
+        s.db.open()
+            .query(
+                "SELECT record_id, seq, embedding, record_cbor FROM records ORDER BY row",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.text(0).unwrap(),
+                    r.int(1).unwrap(),
+                    r.blob(2).unwrap(),
+                    r.blob(3).unwrap(),
+                )
+            })
+            .collect();
     assert_eq!(rows.len(), 150);
     for (i, (r, (id, seq, embedding, cbor))) in sent.iter().zip(&rows).enumerate() {
         assert_eq!((id, *seq), (&r.id, i as i64 + 1));
@@ -193,9 +223,8 @@ fn records_arrive_once_each_in_order_with_identical_bytes() {
     s.hub.shutdown();
 }
 
-#[test]
-fn tampered_replayed_and_unknown_requests_are_rejected_and_logged() {
-    let s = Setup::new();
+fn tampered_replayed_and_unknown_requests_are_rejected_and_logged(backend: Backend) {
+    let s = Setup::new(backend);
     let envelope = Envelope::seal(&record("dev-1", 1), &s.hub_public());
     let batch = wire::Batch {
         after_seq: 0,
@@ -227,7 +256,7 @@ fn tampered_replayed_and_unknown_requests_are_rejected_and_logged() {
     assert_eq!(status, 409, "replayed");
     let conflict = wire::open_conflict(&s.hub_public(), "dev-1", 5, &body, &conflict).unwrap();
     assert_eq!(conflict.hub_last_counter, Some(5));
-    let store = Store::open(&s.db).unwrap();
+    let store = s.db.open();
     assert_eq!(store.record_count().unwrap(), 1);
     let reasons = rejections(&s.db);
     assert_eq!(reasons.len(), 6, "{reasons:?}");
@@ -248,9 +277,8 @@ fn tampered_replayed_and_unknown_requests_are_rejected_and_logged() {
 /// Envelopes in a batch the device signed that cannot be read, opened or attributed are that
 /// device's reported losses: the rest of the batch is stored and its queue moves on (a refused
 /// batch would be sent again for ever).
-#[test]
-fn envelopes_that_do_not_open_or_name_another_device_become_reported_losses() {
-    let s = Setup::new();
+fn envelopes_that_do_not_open_or_name_another_device_become_reported_losses(backend: Backend) {
+    let s = Setup::new(backend);
     let good = Envelope::seal(&record("dev-1", 1), &s.hub_public());
     let to_another_hub = Envelope::seal(&record("dev-1", 2), &HubKey::generate().public());
     let other_device = Envelope::seal(&record("dev-2", 3), &s.hub_public());
@@ -280,16 +308,7 @@ fn envelopes_that_do_not_open_or_name_another_device_become_reported_losses() {
     let ack = wire::open_ack(&s.hub_public(), "dev-1", 1, &body, &reply).unwrap();
     assert_eq!((ack.acked_through, ack.stored), (5, 1));
     assert_eq!(stored(&s.db, "dev-1").len(), 1);
-    let store = Store::open(&s.db).unwrap();
-    let mut stmt = store
-        .connection()
-        .prepare("SELECT from_seq, reason FROM gaps ORDER BY from_seq")
-        .unwrap();
-    let gaps: Vec<(i64, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let gaps = gaps(&s.db.open());
     let seqs: Vec<i64> = gaps.iter().map(|g| g.0).collect();
     assert_eq!(seqs, [2, 3, 4, 5], "{gaps:?}");
     assert!(gaps[0].1.contains("cannot be opened"), "{gaps:?}");
@@ -305,9 +324,8 @@ fn envelopes_that_do_not_open_or_name_another_device_become_reported_losses() {
     s.hub.shutdown();
 }
 
-#[test]
-fn a_device_with_the_wrong_key_gets_a_clear_error_and_keeps_its_records() {
-    let s = Setup::new();
+fn a_device_with_the_wrong_key_gets_a_clear_error_and_keeps_its_records(backend: Backend) {
+    let s = Setup::new(backend);
     let wrong = DeviceKey::generate();
     let queue = s.queue(&s.queue_dir, &wrong, QueueOptions::default());
     s.append(&queue, &record("dev-1", 1));
@@ -324,9 +342,8 @@ fn a_device_with_the_wrong_key_gets_a_clear_error_and_keeps_its_records() {
     s.hub.shutdown();
 }
 
-#[test]
-fn a_replacement_device_starts_a_new_epoch_and_the_old_records_stay() {
-    let s = Setup::new();
+fn a_replacement_device_starts_a_new_epoch_and_the_old_records_stay(backend: Backend) {
+    let s = Setup::new(backend);
     let old_queue = s.queue(&s.queue_dir, &s.key, QueueOptions::default());
     for i in 0..3 {
         s.append(&old_queue, &record("dev-1", i));
@@ -340,7 +357,7 @@ fn a_replacement_device_starts_a_new_epoch_and_the_old_records_stay() {
 
     // The replacement: a new key under the same id.
     let new_key = DeviceKey::generate();
-    let store = Store::open(&s.db).unwrap();
+    let store = s.db.open();
     assert_eq!(
         store.enroll("dev-1", &new_key.public()).unwrap(),
         Enrolled::Replaced { epoch: 2 }
@@ -356,7 +373,7 @@ fn a_replacement_device_starts_a_new_epoch_and_the_old_records_stay() {
     );
     assert_eq!(device.public, Some(new_key.public()));
 
-    let new_dir = s.dir.path().join("queue-2");
+    let new_dir = s.dir().join("queue-2");
     let new_queue = s.queue(&new_dir, &new_key, QueueOptions::default());
     for i in 0..2 {
         s.append(&new_queue, &record("dev-1", 10 + i));
@@ -386,9 +403,8 @@ fn a_replacement_device_starts_a_new_epoch_and_the_old_records_stay() {
     s.hub.shutdown();
 }
 
-#[test]
-fn a_revoked_device_gets_the_same_answer_as_an_unknown_one() {
-    let s = Setup::new();
+fn a_revoked_device_gets_the_same_answer_as_an_unknown_one(backend: Backend) {
+    let s = Setup::new(backend);
     let batch = wire::Batch {
         after_seq: 0,
         records: vec![wire::BatchRecord {
@@ -398,7 +414,7 @@ fn a_revoked_device_gets_the_same_answer_as_an_unknown_one() {
         gaps: Vec::new(),
     };
     let unknown = s.post("dev-9", 1, &wire::seal_batch(&s.key, "dev-9", 1, &batch));
-    let store = Store::open(&s.db).unwrap();
+    let store = s.db.open();
     store.revoke("dev-1").unwrap();
     store.revoke("dev-1").unwrap();
     assert!(store.revoke("dev-9").is_err());
@@ -433,14 +449,13 @@ fn a_revoked_device_gets_the_same_answer_as_an_unknown_one() {
 /// acknowledgement or conflict that the device accepts.
 #[test]
 fn the_database_holds_no_secret() {
-    let s = Setup::new();
+    let s = Setup::new(Backend::Sqlite);
     let queue = s.queue(&s.queue_dir, &s.key, QueueOptions::default());
     s.append(&queue, &record("dev-1", 1));
     s.client(&s.queue_dir, &s.key)
         .drain(&queue, &AtomicBool::new(false), Some(0))
         .unwrap();
     let Setup {
-        dir,
         db,
         hub,
         hub_key,
@@ -449,9 +464,9 @@ fn the_database_holds_no_secret() {
     } = s;
     hub.shutdown();
 
-    let copy = dir.path().join("copy.sqlite");
+    let copy = db.dir.path().join("copy.sqlite");
     {
-        let store = Store::open(&db).unwrap();
+        let store = db.open();
         store
             .connection()
             .execute("VACUUM INTO ?1", [copy.to_str().unwrap()])
@@ -520,18 +535,18 @@ fn the_database_holds_no_secret() {
 
 #[test]
 fn the_database_and_exports_are_private_to_their_owner() {
-    let s = Setup::new();
+    let s = Setup::new(Backend::Sqlite);
     let queue = s.queue(&s.queue_dir, &s.key, QueueOptions::default());
     s.append(&queue, &record("dev-1", 1));
     s.client(&s.queue_dir, &s.key)
         .drain(&queue, &AtomicBool::new(false), Some(0))
         .unwrap();
-    let store = Store::open(&s.db).unwrap();
+    let store = s.db.open();
     for suffix in ["", "-wal", "-shm"] {
-        let path = PathBuf::from(format!("{}{suffix}", s.db.display()));
+        let path = PathBuf::from(format!("{}{suffix}", s.db.path().display()));
         assert_eq!(mode(&path), 0o600, "{}", path.display());
     }
-    let dir = s.dir.path();
+    let dir = s.dir();
     let (csv, npy) = (dir.join("r.csv"), dir.join("e.npy"));
     std::fs::write(&csv, "old").unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -553,9 +568,8 @@ fn the_database_and_exports_are_private_to_their_owner() {
     s.hub.shutdown();
 }
 
-#[test]
-fn export_writes_csv_and_npy_in_sequence_order() {
-    let s = Setup::new();
+fn export_writes_csv_and_npy_in_sequence_order(backend: Backend) {
+    let s = Setup::new(backend);
     let queue = s.queue(&s.queue_dir, &s.key, QueueOptions::default());
     for i in 0..5 {
         s.append(&queue, &record("dev-1", i));
@@ -563,7 +577,7 @@ fn export_writes_csv_and_npy_in_sequence_order() {
     s.client(&s.queue_dir, &s.key)
         .drain(&queue, &AtomicBool::new(false), Some(0))
         .unwrap();
-    let store = Store::open(&s.db).unwrap();
+    let store = s.db.open();
     let dir = tempfile::tempdir().unwrap();
     let (csv, npy) = (dir.path().join("r.csv"), dir.path().join("e.npy"));
     let out = crate::export::export(&store, &Default::default(), Some(&csv), Some(&npy)).unwrap();
@@ -589,9 +603,8 @@ fn export_writes_csv_and_npy_in_sequence_order() {
 
 /// A queue that evicts under pressure reports what it dropped; the hub stores each loss once,
 /// shows it in health and export, and takes the surviving records after it.
-#[test]
-fn evicted_records_are_reported_once_and_appear_in_health_and_export() {
-    let s = Setup::new();
+fn evicted_records_are_reported_once_and_appear_in_health_and_export(backend: Backend) {
+    let s = Setup::new(backend);
     let options = QueueOptions {
         segment_bytes: 4096,
         max_bytes: 8192,
@@ -650,12 +663,8 @@ fn evicted_records_are_reported_once_and_appear_in_health_and_export() {
     );
     assert_eq!(status, 400);
 
-    let store = Store::open(&s.db).unwrap();
-    let count: i64 = store
-        .connection()
-        .query_row("SELECT COUNT(*) FROM gaps", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(count as usize, gaps.len());
+    let store = s.db.open();
+    assert_eq!(store.gaps(None).unwrap().len(), gaps.len());
     let health = s.health();
     assert_eq!(health["devices"], 1);
     assert_eq!(health["gaps"], gaps.len());
@@ -668,11 +677,11 @@ fn evicted_records_are_reported_once_and_appear_in_health_and_export() {
     assert_eq!(summary.gaps, gaps.len() as u64);
     assert_eq!(summary.records, 60 - lost);
 
-    let csv = s.dir.path().join("records.csv");
+    let csv = s.dir().join("records.csv");
     let out = crate::export::export(&store, &Default::default(), Some(&csv), None).unwrap();
     assert_eq!(out.gaps, gaps.len());
     let gaps_csv = crate::export::gaps_csv_path(&csv);
-    assert_eq!(gaps_csv, s.dir.path().join("records.gaps.csv"));
+    assert_eq!(gaps_csv, s.dir().join("records.gaps.csv"));
     assert_eq!(mode(&gaps_csv), 0o600);
     let text = std::fs::read_to_string(&gaps_csv).unwrap();
     let mut lines = text.lines();
@@ -688,9 +697,8 @@ fn evicted_records_are_reported_once_and_appear_in_health_and_export() {
 
 /// When nothing but a loss waits (every segment vanished), a batch of gaps alone reports it and
 /// moves the cursor; the next record follows it.
-#[test]
-fn a_batch_of_gaps_alone_reports_a_loss_with_no_records_left() {
-    let s = Setup::new();
+fn a_batch_of_gaps_alone_reports_a_loss_with_no_records_left(backend: Backend) {
+    let s = Setup::new(backend);
     {
         let queue = s.queue(&s.queue_dir, &s.key, QueueOptions::default());
         for i in 0..5 {
@@ -740,7 +748,7 @@ fn a_batch_of_gaps_alone_reports_a_loss_with_no_records_left() {
     assert_eq!((report.records, report.acked_through), (1, 6));
     let rows = stored(&s.db, "dev-1");
     assert_eq!(rows.iter().map(|r| r.1).collect::<Vec<_>>(), [6]);
-    let store = Store::open(&s.db).unwrap();
+    let store = s.db.open();
     assert_eq!(store.device("dev-1").unwrap().unwrap().highest_seq, 6);
     assert_eq!(store.summaries().unwrap()[0].gaps, 1);
     s.hub.shutdown();
@@ -785,11 +793,11 @@ CREATE TABLE rejections (
 
 #[test]
 fn a_shared_key_database_is_migrated_and_its_devices_must_re_enroll() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("hub.sqlite");
+    let test_db = TestDb::new(Backend::Sqlite);
+    let db = test_db.path();
     let shared = [0x5au8; 32];
     {
-        let conn = rusqlite::Connection::open(&db).unwrap();
+        let conn = rusqlite::Connection::open(db).unwrap();
         conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
             .unwrap();
         conn.execute_batch(SCHEMA_1).unwrap();
@@ -810,19 +818,21 @@ fn a_shared_key_database_is_migrated_and_its_devices_must_re_enroll() {
             .unwrap();
         }
     }
-    let store = Store::open(&db).unwrap();
+    let store = Store::open(db).unwrap();
     let version: i64 = store
         .connection()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, crate::store::SCHEMA_VERSION);
+    // What a dermedge from before schema_migrations reads as its own schema (2).
+    assert_eq!(version, crate::store::SCHEMA_VERSION + 1);
+    assert_eq!(migrations(&store), [1]);
     let device = store.device("dev-1").unwrap().unwrap();
     assert_eq!(device.public, None);
     assert_eq!(
         (device.last_counter, device.highest_seq, device.epoch),
         (7, 2, 1)
     );
-    assert_eq!(stored(&db, "dev-1").len(), 2);
+    assert_eq!(stored(&test_db, "dev-1").len(), 2);
     let columns: Vec<String> = store
         .connection()
         .prepare("SELECT name FROM pragma_table_info('devices')")
@@ -833,18 +843,18 @@ fn a_shared_key_database_is_migrated_and_its_devices_must_re_enroll() {
         .unwrap();
     assert!(!columns.iter().any(|c| c == "sync_key"), "{columns:?}");
     drop(store);
-    let file = std::fs::read(&db).unwrap();
+    let file = std::fs::read(db).unwrap();
     assert!(
         !file.windows(32).any(|w| w == shared),
         "the shared key is left in the file"
     );
     // Opening again changes nothing.
-    drop(Store::open(&db).unwrap());
+    drop(Store::open(db).unwrap());
 
     let key = DeviceKey::generate();
     let hub_key = HubKey::generate();
-    let hub = HubServer::start(&db, hub_key.clone(), "127.0.0.1:0", 1).unwrap();
-    let queue_dir = dir.path().join("queue");
+    let hub = HubServer::start(db, hub_key.clone(), "127.0.0.1:0", 1).unwrap();
+    let queue_dir = test_db.dir.path().join("queue");
     // The upgraded device keeps its queue: records 1 and 2 were acknowledged before.
     let queue =
         Mutex::new(Queue::open(&queue_dir, &key, "dev-1", QueueOptions::default()).unwrap());
@@ -870,13 +880,13 @@ fn a_shared_key_database_is_migrated_and_its_devices_must_re_enroll() {
         matches!(&err, SyncError::Refused { status: 401, message, .. } if message == UNAUTHENTICATED),
         "{err}"
     );
-    let reasons = rejections(&db);
+    let reasons = rejections(&test_db);
     assert!(
         reasons[0].1.contains("old shared-key scheme: re-enroll"),
         "{reasons:?}"
     );
     assert_eq!(
-        Store::open(&db)
+        Store::open(db)
             .unwrap()
             .enroll("dev-1", &key.public())
             .unwrap(),
@@ -887,39 +897,41 @@ fn a_shared_key_database_is_migrated_and_its_devices_must_re_enroll() {
         .drain(&queue, &AtomicBool::new(false), Some(3))
         .unwrap();
     assert_eq!(report.records, 1);
-    let positions: Vec<(i64, i64)> = stored(&db, "dev-1").iter().map(|r| (r.0, r.1)).collect();
+    let positions: Vec<(i64, i64)> = stored(&test_db, "dev-1")
+        .iter()
+        .map(|r| (r.0, r.1))
+        .collect();
     assert_eq!(positions, [(1, 1), (1, 2), (1, 3)]);
     hub.shutdown();
 }
 
-#[test]
-fn the_rejections_log_is_bounded() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("hub.sqlite")).unwrap();
+fn the_rejections_log_is_bounded(backend: Backend) {
+    let db = TestDb::new(backend);
+    let store = db.open();
     let n = crate::store::MAX_REJECTIONS + 5;
-    store.connection().execute_batch("BEGIN").unwrap();
+    // One transaction on SQLite, so that the ten thousand rows take no minute; PostgreSQL
+    // commits each (the test cluster does not wait for the disk).
+    let batched = backend == Backend::Sqlite;
+    if batched {
+        store.connection().execute_batch("BEGIN").unwrap();
+    }
     for i in 0..n {
         store.log_rejection(None, None, 400, &format!("reason {i}"));
     }
-    store.connection().execute_batch("COMMIT").unwrap();
-    let (count, first): (i64, String) = store
-        .connection()
-        .query_row(
-            "SELECT COUNT(*), (SELECT reason FROM rejections ORDER BY rowid LIMIT 1) FROM rejections",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
-    assert_eq!(count, crate::store::MAX_REJECTIONS);
-    assert_eq!(first, "reason 5");
+    if batched {
+        store.connection().execute_batch("COMMIT").unwrap();
+    }
+    let log = store.rejections().unwrap();
+    assert_eq!(log.len() as i64, crate::store::MAX_REJECTIONS);
+    assert_eq!(log[0].reason, "reason 5");
+    assert_eq!(log.last().unwrap().reason, format!("reason {}", n - 1));
 }
 
 /// Device-written fields that would forge CSV rows, run as spreadsheet formulas, shift columns
 /// or break the `.npy`: inert in the export, or refused on arrival with the reason kept as the
 /// device's loss, while the rest of the batch is stored.
-#[test]
-fn forged_fields_are_inert_in_the_export_or_refused_on_arrival() {
-    let s = Setup::new();
+fn forged_fields_are_inert_in_the_export_or_refused_on_arrival(backend: Backend) {
+    let s = Setup::new(backend);
     let queue = s.queue(&s.queue_dir, &s.key, QueueOptions::default());
     let mut formula = record("dev-1", 1);
     formula.source = Some("/home/jane-doe/=HYPERLINK(1).png".into());
@@ -942,7 +954,7 @@ fn forged_fields_are_inert_in_the_export_or_refused_on_arrival() {
         report.records, 5,
         "the device's queue moved past every record"
     );
-    let store = Store::open(&s.db).unwrap();
+    let store = s.db.open();
     let dir = tempfile::tempdir().unwrap();
     let (csv, npy) = (dir.path().join("r.csv"), dir.path().join("e.npy"));
     let filter = crate::export::ExportFilter {
@@ -980,9 +992,8 @@ fn forged_fields_are_inert_in_the_export_or_refused_on_arrival() {
 
 /// A batch holding a refused record, sent again after its ack was lost (a new counter, the same
 /// records): the refusal is already recorded, so the batch is acknowledged again, not refused.
-#[test]
-fn a_refused_record_sent_again_is_acknowledged_again() {
-    let s = Setup::new();
+fn a_refused_record_sent_again_is_acknowledged_again(backend: Backend) {
+    let s = Setup::new(backend);
     let mut bad = record("dev-1", 2);
     bad.id = "not-hex".into();
     let batch = wire::Batch {
@@ -1006,4 +1017,340 @@ fn a_refused_record_sent_again_is_acknowledged_again() {
     }
     assert_eq!(stored(&s.db, "dev-1").len(), 1);
     s.hub.shutdown();
+}
+
+/// The versions recorded in `schema_migrations`, in order.
+fn migrations(store: &Store) -> Vec<i64> {
+    store
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.int(0).unwrap())
+        .collect()
+}
+
+fn migrations_are_recorded_once_and_a_newer_schema_is_refused(backend: Backend) {
+    let db = TestDb::new(backend);
+    let store = db.open();
+    assert_eq!(migrations(&store), [crate::store::SCHEMA_VERSION]);
+    let applied_at = store
+        .query("SELECT applied_at_ms FROM schema_migrations", &[])
+        .unwrap()[0]
+        .int(0)
+        .unwrap();
+    assert!(applied_at > 1_700_000_000_000, "{applied_at}");
+    // Opening again (a restart, a second hub) applies nothing.
+    drop(db.open());
+    drop(db.open());
+    assert_eq!(migrations(&store), [crate::store::SCHEMA_VERSION]);
+
+    // A database a newer dermedge migrated further is refused, by name.
+    store
+        .execute(
+            "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?1, 0)",
+            &[(crate::store::SCHEMA_VERSION + 1).into()],
+        )
+        .unwrap();
+    let err = Store::connect(&db.location).err().expect("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("newer than this dermedge's") && text.contains(&db.location.to_string()),
+        "{text}"
+    );
+}
+
+/// Hubs started at the same moment on a new database: one creates the schema, every one opens.
+fn hubs_starting_together_migrate_once(backend: Backend) {
+    let db = TestDb::new(backend);
+    let location = &db.location;
+    let stores: Vec<Store> = std::thread::scope(|scope| {
+        let opening: Vec<_> = (0..4)
+            .map(|_| scope.spawn(move || Store::connect(location).unwrap()))
+            .collect();
+        opening.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for store in &stores {
+        assert_eq!(migrations(store), [crate::store::SCHEMA_VERSION]);
+        assert_eq!(store.record_count().unwrap(), 0);
+    }
+}
+
+fn a_missing_database_is_not_created_where_one_must_exist(backend: Backend) {
+    let db = TestDb::new(backend);
+    let err = Store::connect_existing(&db.location)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("no hub database here"), "{err}");
+    if backend == Backend::Sqlite {
+        assert!(!db.path().exists());
+    }
+    // Where a database may be created, it is; then it exists.
+    drop(db.open());
+    let store = Store::connect_existing(&db.location).unwrap();
+    assert_eq!(store.record_count().unwrap(), 0);
+}
+
+/// A database written by dermedge before `schema_migrations` (schema version 2 in
+/// `user_version`) opens as version 1, its records kept.
+#[test]
+fn a_database_from_before_schema_migrations_is_at_version_1() {
+    let db = TestDb::new(Backend::Sqlite);
+    let key = DeviceKey::generate();
+    {
+        let store = db.open();
+        store.enroll("dev-1", &key.public()).unwrap();
+        store
+            .connection()
+            .execute_batch("DROP TABLE schema_migrations; PRAGMA user_version = 2;")
+            .unwrap();
+    }
+    let store = db.open();
+    assert_eq!(migrations(&store), [1]);
+    assert_eq!(
+        store.device("dev-1").unwrap().unwrap().public,
+        Some(key.public())
+    );
+    let version: i64 = store
+        .connection()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+    // A database of a dermedge from before schema_migrations that is newer than it knew.
+    store
+        .connection()
+        .execute_batch("DROP TABLE schema_migrations; PRAGMA user_version = 7;")
+        .unwrap();
+    let err = Store::open(db.path()).err().expect("refused");
+    assert!(
+        err.to_string().contains("newer than this dermedge's"),
+        "{err}"
+    );
+}
+
+/// A connection URL's password appears in no error (nor in the location's `Debug`).
+#[test]
+fn a_postgres_password_never_appears_in_errors() {
+    let url = "postgres://hub:s3cret-pw@127.0.0.1:1/dermedge?connect_timeout=5";
+    let location = crate::store::Location::parse(std::ffi::OsStr::new(url));
+    let err = Store::connect(&location)
+        .err()
+        .expect("nothing listens on port 1");
+    let text = format!("{err} {err:?} {location:?}");
+    assert!(!text.contains("s3cret-pw"), "{text}");
+    assert!(
+        text.contains("postgres://hub:***@127.0.0.1:1/dermedge"),
+        "{text}"
+    );
+    assert!(text.contains("cannot connect to PostgreSQL"), "{text}");
+    let err = HubServer::start(&location, HubKey::generate(), "127.0.0.1:0", 1)
+        .err()
+        .expect("no database");
+    assert!(!err.to_string().contains("s3cret-pw"), "{err}");
+}
+
+/// Two hubs (two servers, two connection pools) on one database, several devices sending at
+/// once: each batch goes to both hubs together under two counters (a retry after a lost ack
+/// meeting the original), and every third batch once more afterwards. Every record is stored
+/// exactly once, in order, and the acks account for each.
+fn two_hubs_on_one_database_store_every_record_exactly_once(backend: Backend) {
+    const DEVICES: usize = 4;
+    const RECORDS: u64 = 36;
+    const PER_BATCH: u64 = 5;
+    let db = TestDb::new(backend);
+    let hub_key = HubKey::generate();
+    let keys: Vec<DeviceKey> = (0..DEVICES).map(|_| DeviceKey::generate()).collect();
+    let store = db.open();
+    for (d, key) in keys.iter().enumerate() {
+        store.enroll(&format!("dev-{d}"), &key.public()).unwrap();
+    }
+    let hubs: Vec<HubServer> = (0..2)
+        .map(|_| HubServer::start(&db.location, hub_key.clone(), "127.0.0.1:0", 2).unwrap())
+        .collect();
+    let urls: Vec<String> = hubs
+        .iter()
+        .map(|h| format!("http://{}", h.addr()))
+        .collect();
+    let sent: Vec<Vec<Record>> = (0..DEVICES)
+        .map(|d| {
+            (1..=RECORDS)
+                .map(|i| record(&format!("dev-{d}"), i))
+                .collect()
+        })
+        .collect();
+    let totals: Vec<DeviceTotals> = std::thread::scope(|scope| {
+        let senders: Vec<_> = keys
+            .iter()
+            .zip(&sent)
+            .enumerate()
+            .map(|(d, (key, records))| {
+                let (urls, hub_public) = (&urls, hub_key.public());
+                scope.spawn(move || {
+                    send_through_two_hubs(
+                        urls,
+                        &hub_public,
+                        &format!("dev-{d}"),
+                        key,
+                        records,
+                        PER_BATCH,
+                    )
+                })
+            })
+            .collect();
+        senders.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for hub in hubs {
+        hub.shutdown();
+    }
+
+    let store = db.open();
+    assert_eq!(store.record_count().unwrap(), DEVICES as u64 * RECORDS);
+    for (d, (records, totals)) in sent.iter().zip(&totals).enumerate() {
+        let device = format!("dev-{d}");
+        assert_eq!(totals.stored, RECORDS, "{device}: acks of stored records");
+        assert_eq!(
+            totals.stored + totals.duplicates,
+            totals.in_accepted,
+            "{device}: each record of an accepted request stored or a duplicate: {totals:?}"
+        );
+        assert!(totals.duplicates > 0, "{device}: {totals:?}");
+        let rows = stored(&db, &device);
+        let expected: Vec<(i64, i64, String)> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (1, i as i64 + 1, r.id.clone()))
+            .collect();
+        assert_eq!(rows, expected, "{device}: every record once, in order");
+        let known = store.device(&device).unwrap().unwrap();
+        assert_eq!(
+            (known.highest_seq, known.last_counter),
+            (RECORDS, totals.last_counter)
+        );
+    }
+    assert!(store.gaps(None).unwrap().is_empty());
+}
+
+/// What one device's acks said.
+#[derive(Debug, Default)]
+struct DeviceTotals {
+    stored: u64,
+    duplicates: u64,
+    /// Records in the requests answered 200.
+    in_accepted: u64,
+    last_counter: u64,
+}
+
+/// POST `body` to `url`: (status, reply).
+fn post_batch(url: &str, device: &str, counter: u64, body: &[u8]) -> (u16, Vec<u8>) {
+    let response = ureq::post(&format!("{url}{}", wire::BATCH_PATH))
+        .set(wire::DEVICE_HEADER, device)
+        .set(wire::COUNTER_HEADER, &counter.to_string())
+        .send_bytes(body);
+    let (status, r) = match response {
+        Ok(r) => (r.status(), r),
+        Err(ureq::Error::Status(code, r)) => (code, r),
+        Err(e) => panic!("{device} request {counter}: {e}"),
+    };
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut r.into_reader(), &mut bytes).unwrap();
+    (status, bytes)
+}
+
+/// Send `records` in batches, each to both hubs at once under two counters; the acks' totals.
+fn send_through_two_hubs(
+    urls: &[String],
+    hub_public: &HubPublic,
+    device: &str,
+    key: &DeviceKey,
+    records: &[Record],
+    per_batch: u64,
+) -> DeviceTotals {
+    let envelopes: Vec<Vec<u8>> = records
+        .iter()
+        .map(|r| Envelope::seal(r, hub_public).to_cbor())
+        .collect();
+    let mut totals = DeviceTotals::default();
+    let (mut acked, mut batch_number) = (0u64, 0usize);
+    while acked < records.len() as u64 {
+        let last = (acked + per_batch).min(records.len() as u64);
+        let batch = wire::Batch {
+            after_seq: acked,
+            records: (acked + 1..=last)
+                .map(|seq| wire::BatchRecord {
+                    seq,
+                    cbor: envelopes[seq as usize - 1].clone(),
+                })
+                .collect(),
+            gaps: Vec::new(),
+        };
+        let counters = [totals.last_counter + 1, totals.last_counter + 2];
+        totals.last_counter += 2;
+        // Which hub gets which counter alternates from batch to batch.
+        let order = [batch_number % 2, 1 - batch_number % 2];
+        let requests: Vec<(String, u64, Vec<u8>)> = order
+            .iter()
+            .zip(counters)
+            .map(|(&hub, counter)| {
+                let body = wire::seal_batch(key, device, counter, &batch);
+                (urls[hub].clone(), counter, body)
+            })
+            .collect();
+        let replies: Vec<(u16, Vec<u8>)> = std::thread::scope(|scope| {
+            let sending: Vec<_> = requests
+                .iter()
+                .map(|(url, counter, body)| {
+                    scope.spawn(move || post_batch(url, device, *counter, body))
+                })
+                .collect();
+            sending.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut accepted = 0;
+        for ((_, counter, body), (status, reply)) in requests.iter().zip(&replies) {
+            match status {
+                200 => {
+                    let ack = wire::open_ack(hub_public, device, *counter, body, reply).unwrap();
+                    assert_eq!(ack.acked_through, last, "{device} request {counter}");
+                    totals.stored += u64::from(ack.stored);
+                    totals.duplicates += u64::from(ack.duplicates);
+                    totals.in_accepted += batch.records.len() as u64;
+                    accepted += 1;
+                }
+                // The higher counter was stored first: the lower one is a replay.
+                409 => {
+                    let conflict =
+                        wire::open_conflict(hub_public, device, *counter, body, reply).unwrap();
+                    assert_eq!(
+                        conflict.hub_last_counter,
+                        Some(counters[1]),
+                        "{device} request {counter}: {conflict:?}"
+                    );
+                }
+                other => panic!(
+                    "{device} request {counter}: {other} {}",
+                    String::from_utf8_lossy(reply)
+                ),
+            }
+        }
+        assert!(
+            accepted >= 1,
+            "{device}: neither hub took batch {batch_number}"
+        );
+        if batch_number % 3 == 0 {
+            // Once more later, to the other hub: a retry after a lost ack, all duplicates.
+            totals.last_counter += 1;
+            let counter = totals.last_counter;
+            let body = wire::seal_batch(key, device, counter, &batch);
+            let (status, reply) = post_batch(&urls[order[1]], device, counter, &body);
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+            let ack = wire::open_ack(hub_public, device, counter, &body, &reply).unwrap();
+            assert_eq!((ack.stored, ack.acked_through), (0, last));
+            totals.duplicates += u64::from(ack.duplicates);
+            totals.in_accepted += batch.records.len() as u64;
+        }
+        acked = last;
+        batch_number += 1;
+    }
+    totals
 }

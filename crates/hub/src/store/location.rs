@@ -1,0 +1,194 @@
+//! Where the hub's database is: an SQLite file (one clinic) or a PostgreSQL server (a health
+//! system's regional hub), chosen by the `--db` value. A connection URL may hold a password: it
+//! is shown, logged and put in errors only with the password replaced.
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The URL schemes that select PostgreSQL.
+pub const POSTGRES_SCHEMES: [&str; 2] = ["postgres://", "postgresql://"];
+
+/// What stands in for a password when a URL is shown.
+const HIDDEN: &str = "***";
+
+#[derive(Clone, PartialEq, Eq)]
+pub enum Location {
+    /// An SQLite database file (created if missing).
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection URL, `postgres://user:password@host:port/database?…`.
+    Postgres(PostgresUrl),
+}
+
+/// A PostgreSQL connection URL; its `Display` and `Debug` hide the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresUrl {
+    url: String,
+}
+
+impl PostgresUrl {
+    /// The URL as given, password included: for the database driver only.
+    pub(crate) fn secret(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL with its password (in the user part or a `password=` parameter) hidden.
+    pub fn redacted(&self) -> String {
+        redact(&self.url)
+    }
+}
+
+impl fmt::Display for PostgresUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PostgresUrl({})", self.redacted())
+    }
+}
+
+impl Location {
+    /// A `--db` value: a `postgres://` or `postgresql://` URL selects PostgreSQL; anything else
+    /// is an SQLite file.
+    pub fn parse(arg: &OsStr) -> Self {
+        match arg.to_str() {
+            Some(url) if is_postgres_url(url) => {
+                Location::Postgres(PostgresUrl { url: url.into() })
+            }
+            _ => Location::Sqlite(arg.into()),
+        }
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Location::Sqlite(_) => "sqlite",
+            Location::Postgres(_) => "postgres",
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Sqlite(path) => write!(f, "{}", path.display()),
+            Location::Postgres(url) => url.fmt(f),
+        }
+    }
+}
+
+impl fmt::Debug for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            Location::Postgres(url) => f.debug_tuple("Postgres").field(url).finish(),
+        }
+    }
+}
+
+/// A path is always an SQLite file; [`Location::parse`] reads a `--db` value.
+impl From<&Path> for Location {
+    fn from(path: &Path) -> Self {
+        Location::Sqlite(path.into())
+    }
+}
+
+impl From<&PathBuf> for Location {
+    fn from(path: &PathBuf) -> Self {
+        Location::Sqlite(path.clone())
+    }
+}
+
+impl From<PathBuf> for Location {
+    fn from(path: PathBuf) -> Self {
+        Location::Sqlite(path)
+    }
+}
+
+impl From<&Location> for Location {
+    fn from(location: &Location) -> Self {
+        location.clone()
+    }
+}
+
+pub fn is_postgres_url(text: &str) -> bool {
+    POSTGRES_SCHEMES.iter().any(|scheme| {
+        text.get(..scheme.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(scheme))
+    })
+}
+
+/// `url` with the password of its user part and of any `password=` parameter hidden. The user
+/// part ends at the first `@`, as the driver reads it.
+fn redact(url: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let (scheme, rest) = url.split_at(scheme_end);
+    let rest = match rest.find('@') {
+        Some(at) => {
+            let (credentials, tail) = rest.split_at(at);
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{user}:{HIDDEN}{tail}"),
+                None => rest.to_string(),
+            }
+        }
+        None => rest.to_string(),
+    };
+    let Some((head, query)) = rest.split_once('?') else {
+        return format!("{scheme}{rest}");
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}={HIDDEN}"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{scheme}{head}?{}", query.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn location(arg: &str) -> Location {
+        Location::parse(OsStr::new(arg))
+    }
+
+    #[test]
+    fn urls_select_postgres_and_anything_else_is_a_file() {
+        assert_eq!(location("hub.sqlite").kind(), "sqlite");
+        assert_eq!(location("/var/lib/postgres/hub.db").kind(), "sqlite");
+        assert_eq!(location("postgres://h/db").kind(), "postgres");
+        assert_eq!(location("PostgreSQL://h/db").kind(), "postgres");
+        assert_eq!(location("mysql://h/db").kind(), "sqlite");
+    }
+
+    #[test]
+    fn passwords_are_never_shown() {
+        let cases = [
+            (
+                "postgres://hub:s3cr%40t@db.example:5432/dermedge",
+                "postgres://hub:***@db.example:5432/dermedge",
+            ),
+            (
+                "postgresql://hub@db/dermedge?password=s3cret&sslmode=disable",
+                "postgresql://hub@db/dermedge?password=***&sslmode=disable",
+            ),
+            ("postgres://db/dermedge", "postgres://db/dermedge"),
+            (
+                "postgres://u:p@h/d?application_name=x&PASSWORD=q",
+                "postgres://u:***@h/d?application_name=x&PASSWORD=***",
+            ),
+        ];
+        for (url, shown) in cases {
+            let location = location(url);
+            assert_eq!(location.to_string(), shown);
+            let debug = format!("{location:?}");
+            assert!(debug.contains(shown), "{debug}");
+            assert!(!debug.contains("s3c") && !debug.contains(":p@"), "{debug}");
+        }
+    }
+}

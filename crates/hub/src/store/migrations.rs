@@ -1,0 +1,176 @@
+//! Versioned schema migrations: numbered steps, the same versions for SQLite and PostgreSQL,
+//! each recorded in `schema_migrations (version, applied_at_ms)` in the transaction that
+//! applies it. Opening a database applies the steps it lacks; opening it again applies none; a
+//! database whose version is newer than this dermedge's is refused.
+//!
+//! A new step is added at the end of both lists ([`super::sqlite::migrations`] and
+//! [`postgres`]) with the next version; a step is never edited once released.
+
+use dermedge_queue::now_ms;
+
+use super::sql::{args, Sql};
+use crate::HubError;
+
+/// One step of the schema.
+#[derive(Debug, Clone)]
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    /// Statements, run as one batch.
+    pub sql: String,
+}
+
+/// The same table in both dialects.
+const SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
+    version       BIGINT PRIMARY KEY,
+    applied_at_ms BIGINT NOT NULL
+)";
+
+/// The schema of migration 1 on PostgreSQL: the SQLite schema with PostgreSQL's types (64-bit
+/// integers, `BYTEA`, identity columns for the insertion order).
+const POSTGRES_1: &str = "
+CREATE TABLE devices (
+    device_id      TEXT PRIMARY KEY,
+    -- Ed25519 public key; NULL for a device enrolled under the shared-key scheme (re-enroll).
+    public_key     BYTEA,
+    last_counter   BIGINT NOT NULL DEFAULT 0,
+    highest_seq    BIGINT NOT NULL DEFAULT 0,
+    -- Rises each time another key (a replacement device) is enrolled under this id.
+    epoch          BIGINT NOT NULL DEFAULT 1,
+    enrolled_at_ms BIGINT NOT NULL,
+    revoked_at_ms  BIGINT
+);
+CREATE TABLE records (
+    row             BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    record_id       TEXT NOT NULL UNIQUE,
+    device_id       TEXT NOT NULL REFERENCES devices(device_id),
+    epoch           BIGINT NOT NULL,
+    seq             BIGINT NOT NULL,
+    captured_at_ms  BIGINT NOT NULL,
+    model_id        TEXT NOT NULL,
+    precision       TEXT NOT NULL,
+    embedding_dtype TEXT NOT NULL,
+    embedding_dim   BIGINT NOT NULL,
+    embedding       BYTEA NOT NULL,
+    heads_json      TEXT NOT NULL,
+    quality_json    TEXT,
+    source          TEXT,
+    thumbnail_jpeg  BYTEA,
+    record_cbor     BYTEA NOT NULL,
+    received_at_ms  BIGINT NOT NULL,
+    UNIQUE (device_id, epoch, seq)
+);
+CREATE TABLE gaps (
+    device_id      TEXT NOT NULL REFERENCES devices(device_id),
+    epoch          BIGINT NOT NULL,
+    from_seq       BIGINT NOT NULL,
+    to_seq         BIGINT NOT NULL,
+    reason         TEXT NOT NULL,
+    at_ms          BIGINT NOT NULL,
+    received_at_ms BIGINT NOT NULL,
+    UNIQUE (device_id, epoch, from_seq, to_seq, reason)
+);
+CREATE TABLE rejections (
+    id        BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at_ms     BIGINT NOT NULL,
+    remote    TEXT,
+    device_id TEXT,
+    status    BIGINT NOT NULL,
+    reason    TEXT NOT NULL
+);";
+
+/// The PostgreSQL schema's steps; [`super::sqlite::migrations`] has the same versions.
+pub fn postgres() -> Vec<Migration> {
+    vec![Migration {
+        version: 1,
+        name: "devices, records, gaps, rejections",
+        sql: POSTGRES_1.to_string(),
+    }]
+}
+
+/// The newest version `migrations` reach.
+pub fn latest(migrations: &[Migration]) -> i64 {
+    migrations.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+pub fn newer(db: &str, found: i64, known: i64) -> HubError {
+    HubError::Database {
+        db: db.into(),
+        message: format!(
+            "schema version {found} is newer than this dermedge's ({known}): use a newer dermedge"
+        ),
+    }
+}
+
+fn sql_err(db: &str) -> impl Fn(super::sql::SqlError) -> HubError + '_ {
+    move |e| HubError::Database {
+        db: db.into(),
+        message: format!("migration: {e}"),
+    }
+}
+
+/// Create `schema_migrations` if it is missing.
+pub fn create_table(sql: &mut dyn Sql, db: &str) -> Result<(), HubError> {
+    sql.execute(SCHEMA_MIGRATIONS, &[]).map_err(sql_err(db))?;
+    Ok(())
+}
+
+/// Record `version` as applied now.
+pub fn mark_applied(sql: &mut dyn Sql, version: i64, db: &str) -> Result<(), HubError> {
+    sql.execute(
+        "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?1, ?2)",
+        &args![version, now_ms()],
+    )
+    .map_err(sql_err(db))?;
+    Ok(())
+}
+
+/// The newest applied version (0: none), `schema_migrations` existing.
+pub fn current(sql: &mut dyn Sql, db: &str) -> Result<i64, HubError> {
+    sql.query_one(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        &[],
+    )
+    .and_then(|row| row.int(0))
+    .map_err(sql_err(db))
+}
+
+/// Inside the caller's transaction: apply the steps after the current version, in order, each
+/// recorded as it is applied. The versions applied.
+pub fn apply(sql: &mut dyn Sql, migrations: &[Migration], db: &str) -> Result<Vec<i64>, HubError> {
+    create_table(sql, db)?;
+    let current = current(sql, db)?;
+    let latest = latest(migrations);
+    if current > latest {
+        return Err(newer(db, current, latest));
+    }
+    let mut applied = Vec::new();
+    for step in migrations.iter().filter(|m| m.version > current) {
+        sql.execute_batch(&step.sql)
+            .map_err(|e| HubError::Database {
+                db: db.into(),
+                message: format!("migration {} ({}): {e}", step.version, step.name),
+            })?;
+        mark_applied(sql, step.version, db)?;
+        log::info!(
+            "{db}: schema migration {} applied: {}",
+            step.version,
+            step.name
+        );
+        applied.push(step.version);
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_backends_know_the_same_versions_in_order() {
+        let versions = |m: Vec<Migration>| m.iter().map(|m| m.version).collect::<Vec<_>>();
+        let sqlite = versions(super::super::sqlite::migrations());
+        assert_eq!(sqlite, versions(postgres()));
+        assert!(sqlite.windows(2).all(|w| w[1] == w[0] + 1) && sqlite[0] == 1);
+    }
+}
