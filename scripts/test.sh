@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up and run every check: formatting, clippy (warnings are errors), the model tooling's tests,
-# the CI models built by the exporter (df-mini, lesion-x448), the whole Rust test suite, and the
-# aarch64 cross build tested under QEMU (cross/test-aarch64.sh), and the kill sweep.
+# the CI models built by the exporter (df-mini, lesion-x448), the whole Rust test suite, the hub on
+# PostgreSQL, the kill sweep, the classic backend, and the aarch64 cross build tested under QEMU
+# (cross/test-aarch64.sh).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -20,6 +21,9 @@ for model in "${ci_models[@]}"; do
 done
 scripts/python-env.sh -m unittest discover -s models/export/tests
 DERMEDGE_REQUIRE_MODELS="$(IFS=,; echo "${ci_models[*]}")" cargo test --workspace --locked
+# The hub on a real PostgreSQL server (a throwaway cluster): the store suite on both backends,
+# two hubs on one database, and a device syncing through both.
+scripts/test-postgres.sh
 # SIGKILL at every fsync/fdatasync/rename/unlink/ftruncate of `queue add`, `sync` and `run`.
 scripts/kill-sweep.sh
 # The classic TensorFlow Lite backend (tflitec) and the Coral Edge TPU path.
