@@ -97,7 +97,7 @@ pub fn run(args: &EmbedArgs) -> Result<bool> {
     let model = ModelRef {
         id: manifest.model.id.clone(),
         version: manifest.model.version.clone(),
-        precision: manifest.model.precision.as_str().to_string(),
+        precision: manifest.model.precision,
         sha256: manifest.model.sha256.clone(),
         embedding_dim: manifest.model.embedding_dim,
         runtime: embedder.runtime_description(),
@@ -111,7 +111,7 @@ pub fn run(args: &EmbedArgs) -> Result<bool> {
                 records.len(),
                 model.embedding_dim,
                 model.id,
-                model.precision,
+                model.precision.as_str(),
                 path.display(),
                 format
             );

@@ -5,13 +5,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use dermedge_core::manifest::Precision;
 use serde::Deserialize;
 
 /// Embeddings of one model, one row per image file.
 #[derive(Debug, Clone)]
 pub struct EmbeddingSet {
     pub model_id: String,
-    pub precision: String,
+    pub precision: Precision,
     pub dim: usize,
     pub files: Vec<String>,
     pub rows: Vec<Vec<f32>>,
@@ -20,7 +21,7 @@ pub struct EmbeddingSet {
 #[derive(Deserialize)]
 struct ModelRef {
     id: String,
-    precision: String,
+    precision: Precision,
     embedding_dim: usize,
 }
 
@@ -48,7 +49,7 @@ struct NpyIndex {
 struct JsonLine {
     file: String,
     model_id: String,
-    precision: String,
+    precision: Precision,
     embedding: Vec<f32>,
 }
 

@@ -6,6 +6,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use dermedge_core::manifest::Precision;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -31,7 +32,7 @@ impl Format {
 pub struct ModelRef {
     pub id: String,
     pub version: String,
-    pub precision: String,
+    pub precision: Precision,
     pub sha256: String,
     pub embedding_dim: usize,
     pub runtime: String,
@@ -70,7 +71,7 @@ struct NpyIndex<'a> {
 struct JsonLine<'a> {
     file: &'a str,
     model_id: &'a str,
-    precision: &'a str,
+    precision: Precision,
     embedding: &'a [f32],
 }
 
@@ -125,7 +126,7 @@ pub fn write(
                 let line = JsonLine {
                     file: &r.file,
                     model_id: &model.id,
-                    precision: &model.precision,
+                    precision: model.precision,
                     embedding: &r.embedding,
                 };
                 serde_json::to_writer(&mut *out, &line)?;

@@ -2,13 +2,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::manifest::Precision;
+
 /// An embedding computed by a model (6144 × f32 for Derm Foundation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Embedding {
     /// `model.id` of the manifest of the model that computed it.
     pub model_id: String,
-    /// `model.precision` of that manifest (`fp32`, `int8`, ...).
-    pub precision: String,
+    /// `model.precision` of that manifest.
+    pub precision: Precision,
     /// The values, dequantised to f32.
     pub values: Vec<f32>,
 }
@@ -59,7 +61,7 @@ mod tests {
     fn norm_and_dim() {
         let e = Embedding {
             model_id: "m".into(),
-            precision: "fp32".into(),
+            precision: Precision::Fp32,
             values: vec![3.0, 4.0],
         };
         assert_eq!(e.dim(), 2);

@@ -294,4 +294,30 @@ mod tests {
         let err = Framebuffer::open(&path).err().unwrap().to_string();
         assert!(err.contains("not a framebuffer"), "{err}");
     }
+
+    /// The structs the two ioctls fill, laid out as linux/fb.h declares them.
+    #[test]
+    fn screen_info_layouts_match_the_kernel() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(size_of::<Bitfield>(), 12);
+        assert_eq!(size_of::<VarScreenInfo>(), 160);
+        assert_eq!(offset_of!(VarScreenInfo, bits_per_pixel), 24);
+        assert_eq!(offset_of!(VarScreenInfo, red), 32);
+        assert_eq!(offset_of!(VarScreenInfo, transp), 68);
+        assert_eq!(offset_of!(VarScreenInfo, rest), 80);
+        let long = size_of::<libc::c_ulong>();
+        assert_eq!(offset_of!(FixScreenInfo, smem_start), 16);
+        assert_eq!(offset_of!(FixScreenInfo, smem_len), 16 + long);
+        assert_eq!(offset_of!(FixScreenInfo, xpanstep), 16 + long + 16);
+        // ywrapstep is followed by two bytes of padding before line_length.
+        assert_eq!(offset_of!(FixScreenInfo, line_length), 16 + long + 24);
+        if long == 8 {
+            assert_eq!(offset_of!(FixScreenInfo, mmio_start), 56);
+            assert_eq!(offset_of!(FixScreenInfo, capabilities), 72);
+            assert_eq!(size_of::<FixScreenInfo>(), 80);
+        } else {
+            assert_eq!(offset_of!(FixScreenInfo, mmio_start), 44);
+            assert_eq!(size_of::<FixScreenInfo>(), 68);
+        }
+    }
 }

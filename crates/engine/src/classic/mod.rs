@@ -436,7 +436,7 @@ impl Embedder for ClassicEmbedder {
         let values = self.read_output()?;
         Ok(Embedding {
             model_id: self.manifest.model.id.clone(),
-            precision: self.manifest.model.precision.as_str().to_string(),
+            precision: self.manifest.model.precision,
             values,
         })
     }

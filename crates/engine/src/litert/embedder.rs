@@ -315,7 +315,7 @@ impl Embedder for LiteRtEmbedder {
         let values = self.read_output()?;
         Ok(Embedding {
             model_id: self.manifest.model.id.clone(),
-            precision: self.manifest.model.precision.as_str().to_string(),
+            precision: self.manifest.model.precision,
             values,
         })
     }

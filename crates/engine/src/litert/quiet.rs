@@ -1,10 +1,10 @@
 //! LiteRT 2.1 prints `INFO: [...]` / `WARNING: [...]` lines on stderr while it registers
 //! accelerators and compiles a model (about ten per load), and exports no call to change its log
 //! level. Around those calls fd 2 is sent through a pipe: LiteRT's own lines become `log`
-//! records (debug, or warn for its errors) under the `litert` target, and anything else written
-//! meanwhile — another thread's log output — goes on to the real stderr unchanged.
+//! records under the `litert` target (info, so `-v` shows them; warn for its errors), and anything
+//! else written meanwhile — another thread's log output — goes on to the real stderr unchanged.
 //!
-//! With `-v` (debug enabled for `litert`) nothing is redirected and LiteRT prints as it likes.
+//! With debug logging for `litert` (`-vv`) nothing is redirected and LiteRT prints as it likes.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -94,8 +94,8 @@ impl Drop for Redirect {
 fn litert_severity(line: &str) -> Option<log::Level> {
     let (severity, _) = line.split_once(": ")?;
     match severity {
-        "VERBOSE" | "DEBUG" | "INFO" => Some(log::Level::Debug),
-        "WARNING" => Some(log::Level::Debug),
+        "VERBOSE" | "DEBUG" => Some(log::Level::Debug),
+        "INFO" | "WARNING" => Some(log::Level::Info),
         "ERROR" | "FATAL" => Some(log::Level::Warn),
         _ => None,
     }
@@ -126,9 +126,9 @@ mod tests {
         let warning = "WARNING: [auto_registration.cc:308] GPU accelerator could not be loaded.";
         let error = "ERROR: [compiled_model.cc:1] failed";
         let tflite = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.";
-        assert_eq!(litert_severity(tflite), Some(log::Level::Debug));
-        assert_eq!(litert_severity(info), Some(log::Level::Debug));
-        assert_eq!(litert_severity(warning), Some(log::Level::Debug));
+        assert_eq!(litert_severity(tflite), Some(log::Level::Info));
+        assert_eq!(litert_severity(info), Some(log::Level::Info));
+        assert_eq!(litert_severity(warning), Some(log::Level::Info));
         assert_eq!(litert_severity(error), Some(log::Level::Warn));
         for other in [
             "[2026-11-30T16:00:00Z WARN dermedge] queue full",
