@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks: builds the release binary and prints Markdown tables for docs/BENCHMARKS.md.
-#   scripts/bench.sh [queue|sync|hub|all]
+#   scripts/bench.sh [queue|sync|hub|all]      (hub: SQLite and PostgreSQL side by side)
 # Results depend on the machine and its storage: run it on the device (queue numbers measure the
 # disk the queue lives on; pass DERMEDGE_BENCH_DIR to point at the SD card).
 set -euo pipefail
@@ -21,7 +21,12 @@ if [[ "$what" == sync || "$what" == all ]]; then
   echo
 fi
 if [[ "$what" == hub || "$what" == all ]]; then
-  # The hub under 1-200 concurrent devices with stalled, vanishing and slow-drip clients.
-  RUST_LOG=error "$bin" bench hub --dir "$dir"
+  # The hub under 1-200 concurrent devices with stalled, vanishing and slow-drip clients, on
+  # SQLite and on a PostgreSQL server (a throwaway local cluster with the server's default
+  # durability: fsync and synchronous commit on).
+  source scripts/postgres-cluster.sh
+  trap 'pg_cluster_stop $?' EXIT
+  pg_cluster_start durable
+  RUST_LOG=error "$bin" bench hub --dir "$dir" --postgres "$pg_url"
   echo
 fi

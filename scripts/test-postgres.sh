@@ -16,46 +16,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 log() { echo "test-postgres: $*" >&2; }
 
-# --- PostgreSQL's server binaries (Debian keeps them out of PATH) -----------------------------
-pg_bin() {
-  local dir
-  if command -v initdb >/dev/null && command -v pg_ctl >/dev/null; then
-    dirname "$(readlink -f "$(command -v initdb)")"
-    return
-  fi
-  for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
-    if [[ -x "$dir/initdb" && -x "$dir/pg_ctl" ]]; then
-      echo "$dir"
-      return
-    fi
-  done
-  return 1
-}
-
-if ! bindir="$(pg_bin)"; then
-  log "installing Debian's postgresql"
-  sudo_cmd=(); [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
-  "${sudo_cmd[@]}" apt-get update -qq
-  # The package's own cluster is not wanted: only the binaries.
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq postgresql >/dev/null
-  # Debian starts a default cluster; this script uses its own.
-  "${sudo_cmd[@]}" service postgresql stop >/dev/null 2>&1 || true
-  bindir="$(pg_bin)" || { log "error: no initdb after installing postgresql"; exit 1; }
-fi
-log "PostgreSQL: $("$bindir/postgres" --version)"
-
-# --- a throwaway cluster ------------------------------------------------------------------------
-if [[ $(id -u) -eq 0 ]]; then
-  id postgres >/dev/null 2>&1 || { log "error: no postgres user (install postgresql)"; exit 1; }
-  as_pg=(runuser -u postgres --)
-else
-  as_pg=()
-fi
-# As root, in /tmp: the postgres user must reach the cluster's directory (a TMPDIR under /root
-# would not do).
-if [[ $(id -u) -eq 0 ]]; then tmp=/tmp; else tmp="${TMPDIR:-/tmp}"; fi
-work="$(mktemp -d "$tmp/dermedge-pg.XXXXXX")"
-data="$work/data"
+source scripts/postgres-cluster.sh
 hubs_pids=()
 cleanup() {
   local status=$?
@@ -63,38 +24,16 @@ cleanup() {
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
-  if [[ -f "$data/postmaster.pid" ]]; then
-    "${as_pg[@]}" "$bindir/pg_ctl" -D "$data" -m immediate -w stop >/dev/null 2>&1 || true
-  fi
-  if ((status != 0)) && [[ -f "$work/postgres.log" ]]; then
-    log "the server's log:"
-    tail -n 40 "$work/postgres.log" >&2 || true
-  fi
-  rm -rf "$work"
+  pg_cluster_stop "$status"
   exit "$status"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-if [[ $(id -u) -eq 0 ]]; then
-  chown postgres: "$work"
-fi
-chmod 700 "$work"
-
-port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-password="$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
-# Local (socket) connections are trusted for this script's setup; TCP ones need the password.
-"${as_pg[@]}" "$bindir/initdb" -D "$data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
-  --encoding=UTF8 --locale=C >/dev/null
 # Throwaway: no waiting for the disk.
-"${as_pg[@]}" "$bindir/pg_ctl" -D "$data" -l "$work/postgres.log" -w -t 60 \
-  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
-  start >/dev/null
-psql_admin() { "${as_pg[@]}" "$bindir/psql" -X -q -v ON_ERROR_STOP=1 -h "$work" -p "$port" -U postgres "$@"; }
-psql_admin -d postgres -c "CREATE ROLE dermedge LOGIN PASSWORD '$password'" \
-  -c "CREATE DATABASE dermedge OWNER dermedge" \
-  -c "CREATE DATABASE dermedge_e2e OWNER dermedge"
-export DERMEDGE_TEST_POSTGRES_URL="postgres://dermedge:$password@127.0.0.1:$port/dermedge"
-log "cluster on 127.0.0.1:$port in $work"
+pg_cluster_start fast
+psql_admin -d postgres -c "CREATE DATABASE dermedge_e2e OWNER dermedge"
+export DERMEDGE_TEST_POSTGRES_URL="$pg_url"
+work="$pg_work" port="$pg_port" password="$pg_password"
 
 # --- the hub crate's tests, on both backends ----------------------------------------------------
 cargo test --locked -p dermedge-hub

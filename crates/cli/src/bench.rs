@@ -57,6 +57,9 @@ pub enum BenchCommand {
         stalled: usize,
         #[arg(long, default_value_t = 6144)]
         dim: usize,
+        /// Also run every round against this PostgreSQL database (`postgres://…`), after SQLite.
+        #[arg(long)]
+        postgres: Option<String>,
     },
     /// Sync throughput to a hub on loopback (real server, real SQLite) for several batch sizes.
     Sync {
@@ -122,7 +125,8 @@ pub fn run(command: &BenchCommand) -> Result<()> {
             records,
             stalled,
             dim,
-        } => crate::bench_hub::run(dir, devices, *records, *stalled, *dim),
+            postgres,
+        } => crate::bench_hub::run(dir, devices, *records, *stalled, *dim, postgres.as_deref()),
         BenchCommand::Sync {
             dir,
             records,

@@ -1,4 +1,5 @@
-//! `dermedge bench hub`: the hub (real server, real SQLite, on loopback) while many devices sync
+//! `dermedge bench hub`: the hub (real server, real SQLite and optionally a real PostgreSQL, on
+//! loopback) while many devices sync
 //! at once and broken clients hold connections: stalled in their headers or bodies (a handheld
 //! that lost power mid-upload), vanishing mid-body, dripping a byte at a time. Measures ingest
 //! rate, per-batch latency, health-check latency throughout, and peak RSS; checks that every
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use dermedge_fidelity::stats::percentile;
 use dermedge_hub::server::HubServer;
-use dermedge_hub::store::Store;
+use dermedge_hub::store::{Location, Store};
 use dermedge_queue::{DeviceKey, Durability, EmbeddingType, Envelope, HubKey, Queue, QueueOptions};
 use dermedge_sync::{wire, Pushed, SyncClient, SyncConfig};
 
@@ -26,6 +27,7 @@ type DeviceResult = Result<(Vec<f64>, usize)>;
 
 /// One round's results.
 struct Round {
+    store: &'static str,
     devices: usize,
     records: usize,
     seconds: f64,
@@ -43,18 +45,26 @@ pub fn run(
     records: usize,
     stalled: usize,
     dim: usize,
+    postgres: Option<&str>,
 ) -> Result<()> {
     let mut rounds = Vec::new();
-    for &n in devices {
-        eprintln!("bench hub: {n} devices × {records} records, {stalled} stalled clients ...");
-        rounds.push(round(dir, n, records, stalled, dim)?);
+    let postgres = postgres.map(|url| Location::parse(url.as_ref()));
+    for (index, &n) in devices.iter().enumerate() {
+        eprintln!("bench hub: SQLite, {n} devices × {records} records, {stalled} stalled clients ...");
+        let tmp = scratch(dir)?;
+        let sqlite = Location::from(tmp.path().join("hub.sqlite"));
+        rounds.push(round(dir, &sqlite, "SQLite", index, n, records, stalled, dim)?);
+        if let Some(pg) = &postgres {
+            eprintln!("bench hub: PostgreSQL ({pg}), {n} devices ...");
+            rounds.push(round(dir, pg, "PostgreSQL", index, n, records, stalled, dim)?);
+        }
     }
     println!(
-        "| devices (× {records} records of {dim}-d f16) | records/s | batch p50 / p99 ms | \
+        "| store | devices (× {records} records of {dim}-d f16) | records/s | batch p50 / p99 ms | \
          health p50 / p99 / max ms ({stalled} stalled + vanishing + slow-drip clients) | \
          health failures | sync retries | peak RSS MB (hub + devices) | every record once |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in &rounds {
         let sorted = |v: &[f64]| {
             let mut v = v.to_vec();
@@ -70,7 +80,8 @@ pub fn run(
             }
         };
         println!(
-            "| {} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} / {:.1} | {} of {} | {} | {:.0} | {} |",
+            "| {} | {} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} / {:.1} | {} of {} | {} | {:.0} | {} |",
+            r.store,
             r.devices,
             r.records as f64 / r.seconds,
             at(&batch, 0.5),
@@ -92,21 +103,27 @@ pub fn run(
     Ok(())
 }
 
+/// One round on `db`. Device ids are unique per round (`r<round>-dev-<i>`), so rounds can share
+/// a PostgreSQL database and each counts only its own records.
+#[allow(clippy::too_many_arguments)]
 fn round(
     dir: &Option<PathBuf>,
+    db: &Location,
+    store_name: &'static str,
+    round_index: usize,
     n: usize,
     records: usize,
     stalled: usize,
     dim: usize,
 ) -> Result<Round> {
     let tmp = scratch(dir)?;
-    let db = tmp.path().join("hub.sqlite");
     let hub_key = HubKey::generate();
     let hub_public = hub_key.public();
-    let store = Store::open(&db)?;
+    let store = Store::connect(db)?;
     let mut devices = Vec::with_capacity(n);
+    let prefix = format!("r{round_index}-dev-");
     for i in 0..n {
-        let id = format!("dev-{i:03}");
+        let id = format!("{prefix}{i:03}");
         let key = DeviceKey::generate();
         store.enroll(&id, &key.public())?;
         let qdir = tmp.path().join(&id);
@@ -126,7 +143,7 @@ fn round(
         queue.commit()?;
         devices.push((id, key, qdir, queue));
     }
-    let hub = HubServer::start(&db, hub_key, "127.0.0.1:0", 2)?;
+    let hub = HubServer::start(db, hub_key, "127.0.0.1:0", 2)?;
     let addr = hub.addr();
     let stop = Arc::new(AtomicBool::new(false));
     let faults = broken_clients(addr, stalled, stop.clone());
@@ -174,12 +191,19 @@ fn round(
     }
     let peak_rss = peak_rss_bytes();
     hub.shutdown();
-    let (count, distinct): (i64, i64) = store.connection().query_row(
-        "SELECT COUNT(*), COUNT(DISTINCT record_id) FROM records",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    // Record ids are unique in the store's schema; every device must hold each of its records
+    // once, in sequence.
+    let mine: Vec<_> = store
+        .summaries()?
+        .into_iter()
+        .filter(|s| s.device_id.starts_with(&prefix))
+        .collect();
+    let exactly_once = mine.len() == n
+        && mine
+            .iter()
+            .all(|s| s.records as usize == records && s.highest_seq as usize == records);
     Ok(Round {
+        store: store_name,
         devices: n,
         records: n * records,
         seconds,
@@ -187,7 +211,7 @@ fn round(
         health_ms,
         health_failed,
         retries,
-        exactly_once: count == distinct && count as usize == n * records,
+        exactly_once,
         peak_rss,
     })
 }

@@ -160,6 +160,12 @@ pub enum Precision {
     DynamicInt8,
 }
 
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Precision {
     pub const ALL: [Precision; 5] = [
         Precision::Fp32,
