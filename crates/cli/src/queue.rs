@@ -290,6 +290,9 @@ pub struct SyncArgs {
     /// The hub's public key (`hub.pub`), pinned at enrollment: only replies it signed count.
     #[arg(long)]
     hub_public: PathBuf,
+    /// For an https:// hub: PEM certificate(s) to trust (the hub's own or the clinic's CA).
+    #[arg(long)]
+    hub_ca: Option<PathBuf>,
     /// Records per batch.
     #[arg(long, default_value_t = 64)]
     batch: usize,
@@ -310,6 +313,7 @@ pub fn sync(args: &SyncArgs) -> Result<()> {
     let mut config = SyncConfig::new(&args.hub);
     config.batch_records = args.batch;
     config.timeout = std::time::Duration::from_secs_f64(args.timeout);
+    config.trust = args.hub_ca.clone();
     let mut client = SyncClient::new(config, &key, hub, &dir)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

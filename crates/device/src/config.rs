@@ -288,6 +288,9 @@ pub struct SyncSection {
     /// http://host:port or https://host:port. An unreachable hub is not an error: the device
     /// works offline and syncs when the hub answers.
     pub hub: Option<String>,
+    /// For an https:// hub: the PEM certificate(s) to trust (the hub's own, or the clinic's CA)
+    /// instead of the public web's roots.
+    pub hub_ca: Option<PathBuf>,
     /// Seconds between sync attempts (1–86400).
     pub interval_seconds: RangedFloat<1_000, 86_400_000>,
     /// Records per batch (1–10000).
@@ -305,6 +308,7 @@ impl Default for SyncSection {
         Self {
             enabled: false,
             hub: None,
+            hub_ca: None,
             interval_seconds: RangedFloat::of_milli(30_000),
             batch_records: Ranged::of(64),
             timeout_seconds: RangedFloat::of_milli(10_000),
@@ -442,6 +446,9 @@ impl LoadedConfig {
         if let Some(p) = config.device.hub_public.as_mut() {
             resolve(p);
         }
+        if let Some(p) = config.sync.hub_ca.as_mut() {
+            resolve(p);
+        }
         resolve(&mut config.model.manifest);
         if let Some(r) = config.model.runtime.as_mut() {
             resolve(r);
@@ -577,6 +584,15 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
                     })?;
                 if rest.trim_end_matches('/').is_empty() {
                     return Err(err("sync.hub", format!("{url:?}: no host")));
+                }
+                if let Some(ca) = &s.hub_ca {
+                    if !url.starts_with("https://") {
+                        return Err(err(
+                            "sync.hub_ca",
+                            format!("{}: a certificate is only used for an https:// hub, not {url:?}", ca.display()),
+                        ));
+                    }
+                    existing(file, "sync.hub_ca", ca, "certificate file")?;
                 }
             }
             (None, Some(_)) => {}

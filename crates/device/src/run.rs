@@ -436,6 +436,7 @@ fn spawn_sync(
     let mut sync_config = SyncConfig::new(url);
     sync_config.batch_records = settings.sync_batch_records;
     sync_config.timeout = settings.sync_timeout;
+    sync_config.trust = config.config.sync.hub_ca.clone();
     let mut client = SyncClient::new(sync_config, key, hub_public, &config.config.queue.dir)?;
     let (queue, shared, sync_stop) = (queue.clone(), shared.clone(), sync_stop.clone());
     let interval = settings.sync_interval;

@@ -124,6 +124,9 @@ pub struct SyncConfig {
     /// Per request: connect, send and receive.
     pub timeout: Duration,
     pub backoff: Backoff,
+    /// For `https://`: PEM certificates to trust instead of the public web's roots (the
+    /// clinic's own CA, or the hub's self-signed certificate: a clinic LAN has no public CA).
+    pub trust: Option<PathBuf>,
 }
 
 impl SyncConfig {
@@ -134,6 +137,7 @@ impl SyncConfig {
             batch_bytes: 2 << 20,
             timeout: Duration::from_secs(30),
             backoff: Backoff::default(),
+            trust: None,
         }
     }
 }
@@ -227,10 +231,13 @@ impl SyncClient {
                 })
             }
         };
-        let agent = ureq::AgentBuilder::new()
+        let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(config.timeout.min(Duration::from_secs(10)))
-            .timeout(config.timeout)
-            .build();
+            .timeout(config.timeout);
+        if let Some(trust) = &config.trust {
+            agent = agent.tls_config(pinned_tls(trust)?);
+        }
+        let agent = agent.build();
         let mut client = Self {
             config,
             key: key.clone(),
@@ -530,6 +537,35 @@ fn plan_batch(
         gaps,
     };
     Some((batch, last))
+}
+
+/// A TLS client that trusts exactly the certificates in the PEM file `trust`.
+fn pinned_tls(trust: &Path) -> Result<std::sync::Arc<rustls::ClientConfig>, SyncError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let config_error = |message: String| SyncError::Config(format!("{}: {message}", trust.display()));
+    let certificates = CertificateDer::pem_file_iter(trust)
+        .map_err(|e| config_error(format!("cannot read the trusted certificates: {e}")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| config_error(format!("not PEM certificates: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in certificates {
+        roots
+            .add(certificate)
+            .map_err(|e| config_error(format!("not a usable certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(config_error(
+            "no CERTIFICATE block: expected the hub's certificate or the clinic's CA in PEM".into(),
+        ));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| config_error(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
 }
 
 fn read_body(response: ureq::Response) -> Vec<u8> {
