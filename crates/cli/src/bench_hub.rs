@@ -50,13 +50,26 @@ pub fn run(
     let mut rounds = Vec::new();
     let postgres = postgres.map(|url| Location::parse(url.as_ref()));
     for (index, &n) in devices.iter().enumerate() {
-        eprintln!("bench hub: SQLite, {n} devices × {records} records, {stalled} stalled clients ...");
+        eprintln!(
+            "bench hub: SQLite, {n} devices × {records} records, {stalled} stalled clients ..."
+        );
         let tmp = scratch(dir)?;
         let sqlite = Location::from(tmp.path().join("hub.sqlite"));
-        rounds.push(round(dir, &sqlite, "SQLite", index, n, records, stalled, dim)?);
+        rounds.push(round(
+            dir, &sqlite, "SQLite", index, n, records, stalled, dim,
+        )?);
         if let Some(pg) = &postgres {
             eprintln!("bench hub: PostgreSQL ({pg}), {n} devices ...");
-            rounds.push(round(dir, pg, "PostgreSQL", index, n, records, stalled, dim)?);
+            rounds.push(round(
+                dir,
+                pg,
+                "PostgreSQL",
+                index,
+                n,
+                records,
+                stalled,
+                dim,
+            )?);
         }
     }
     println!(

@@ -157,7 +157,7 @@ fn read_jsonl(path: &Path) -> Result<EmbeddingSet> {
         })?;
         let set = set.get_or_insert_with(|| EmbeddingSet {
             model_id: row.model_id.clone(),
-            precision: row.precision.clone(),
+            precision: row.precision,
             dim: row.embedding.len(),
             files: Vec::new(),
             rows: Vec::new(),

@@ -1,16 +1,17 @@
-//! `dermedge hub init|enroll|revoke|serve|export`: the clinic hub.
+//! `dermedge hub init|enroll|revoke|serve|export|user`: the clinic hub.
 //!
 //! `--db` is an SQLite file (one clinic, created if missing) or a PostgreSQL connection URL,
 //! `postgres://user:password@host:port/database` (a health system's regional hub; several hubs
 //! may serve one database). A URL's password is never printed.
 
-use std::io::Write;
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use dermedge_hub::accounts::MIN_PASSWORD_CHARS;
 use dermedge_hub::export::{export, gaps_csv_path, ExportFilter};
 use dermedge_hub::server::{HubServer, Limits};
 use dermedge_hub::store::{Enrolled, Location, Store};
@@ -77,6 +78,11 @@ pub enum HubCommand {
         #[arg(long)]
         keep_source_paths: bool,
     },
+    /// Clinicians' accounts for the hub's web page (`http://<listen>/`).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
     /// Write the stored records as CSV (and the reported losses as <stem>.gaps.csv) and their
     /// embeddings as .npy (+ .npy.json index).
     Export {
@@ -94,6 +100,96 @@ pub enum HubCommand {
         #[arg(long)]
         model: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum UserCommand {
+    /// Create an account. The password is read from the environment variable
+    /// DERMEDGE_HUB_PASSWORD if it is set, otherwise from standard input (typed twice, not shown,
+    /// on a terminal; the first line otherwise).
+    Add {
+        /// The SQLite database file or a postgres:// URL.
+        #[arg(long)]
+        db: PathBuf,
+        /// The name the clinician signs in with.
+        #[arg(long)]
+        name: String,
+    },
+    /// Every account: name, created, open sessions, locked.
+    List {
+        /// The SQLite database file or a postgres:// URL.
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an account and end its sessions (the labels it wrote keep its name).
+    Remove {
+        /// The SQLite database file or a postgres:// URL.
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// The environment variable `hub user add` takes the password from (for scripts).
+pub const PASSWORD_VAR: &str = "DERMEDGE_HUB_PASSWORD";
+
+/// Turn the terminal's echo off (`stty -echo`) until dropped.
+struct NoEcho(bool);
+
+impl NoEcho {
+    fn new() -> Self {
+        let off = std::process::Command::new("stty")
+            .arg("-echo")
+            .stdin(std::process::Stdio::inherit())
+            .status()
+            .is_ok_and(|s| s.success());
+        NoEcho(off)
+    }
+}
+
+impl Drop for NoEcho {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = std::process::Command::new("stty")
+                .arg("echo")
+                .stdin(std::process::Stdio::inherit())
+                .status();
+        }
+    }
+}
+
+fn read_line(stdin: &mut impl BufRead) -> Result<String> {
+    let mut line = String::new();
+    stdin
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
+}
+
+/// The new account's password: from [`PASSWORD_VAR`], a terminal (twice, unechoed) or the first
+/// line of standard input.
+fn new_password() -> Result<String> {
+    if let Ok(password) = std::env::var(PASSWORD_VAR) {
+        return Ok(password);
+    }
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return read_line(&mut stdin.lock());
+    }
+    let _no_echo = NoEcho::new();
+    let mut lock = stdin.lock();
+    eprint!("password (at least {MIN_PASSWORD_CHARS} characters): ");
+    let first = read_line(&mut lock)?;
+    eprint!("\nagain: ");
+    let second = read_line(&mut lock)?;
+    eprintln!();
+    if first != second {
+        bail!("the two passwords differ");
+    }
+    Ok(first)
 }
 
 /// A `--db` value: a postgres:// or postgresql:// URL, or an SQLite file.
@@ -214,6 +310,10 @@ pub fn run(command: &HubCommand) -> Result<()> {
             };
             let server = HubServer::start_with(location(db), hub_key, listen, *workers, limits)?;
             println!("listening on http://{}", server.addr());
+            eprintln!(
+                "the web page for clinicians is at http://{}/ (accounts: `dermedge hub user add`)",
+                server.addr()
+            );
             std::io::stdout().flush()?;
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(std::time::Duration::from_millis(100));
@@ -221,6 +321,7 @@ pub fn run(command: &HubCommand) -> Result<()> {
             eprintln!("hub: shutting down");
             server.shutdown();
         }
+        HubCommand::User { command } => user(command)?,
         HubCommand::Export {
             db,
             csv,
@@ -256,6 +357,47 @@ pub fn run(command: &HubCommand) -> Result<()> {
                     gaps_csv_path(csv).display()
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+fn user(command: &UserCommand) -> Result<()> {
+    match command {
+        UserCommand::Add { db, name } => {
+            let db = location(db);
+            // Check the name and the database before asking for a password.
+            dermedge_hub::accounts::check_user_name(name)?;
+            let store = Store::connect(&db)?;
+            let password = new_password()?;
+            store.add_user(name, &password)?;
+            println!("account {name} created in {db}");
+        }
+        UserCommand::List { db, json } => {
+            let users = Store::connect_existing(&location(db))?.users()?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&users)?);
+            } else {
+                let now = dermedge_queue::now_ms();
+                for u in &users {
+                    println!(
+                        "{}\tcreated {} UTC\t{} sessions{}",
+                        u.name,
+                        dermedge_hub::web::utc_time(u.created_at_ms),
+                        u.sessions,
+                        match u.locked_until_ms {
+                            Some(until) if until > now =>
+                                format!("\tlocked for {} s", (until - now) / 1000),
+                            _ => String::new(),
+                        }
+                    );
+                }
+            }
+        }
+        UserCommand::Remove { db, name } => {
+            let db = location(db);
+            Store::connect_existing(&db)?.remove_user(name)?;
+            println!("account {name} removed from {db}; its sessions are ended");
         }
     }
     Ok(())

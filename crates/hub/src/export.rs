@@ -76,7 +76,7 @@ fn rows(store: &Store, filter: &ExportFilter) -> Result<Vec<Row>, HubError> {
 /// A device-written text as a spreadsheet shows it but does not run it: a cell that starts like
 /// a formula (`=`, `+`, `-`, `@`, tab, carriage return) gets a leading `'`. Quoting (RFC 4180) is
 /// the CSV writer's.
-fn inert(s: &str) -> String {
+pub(crate) fn inert(s: &str) -> String {
     // Spreadsheets set to `;` as their list separator split a cell there: each piece is a cell.
     s.split(';')
         .map(|piece| {
@@ -90,8 +90,66 @@ fn inert(s: &str) -> String {
         .join(";")
 }
 
+/// The columns of the records' CSV, in order.
+const RECORD_COLUMNS: [&str; 11] = [
+    "record_id",
+    "device_id",
+    "seq",
+    "captured_at_ms",
+    "model_id",
+    "precision",
+    "embedding_dim",
+    "source",
+    "quality_ok",
+    "heads",
+    "epoch",
+];
+
+/// One row of the records' CSV (`hub export` and the web page's export).
+pub(crate) struct CsvRecord<'a> {
+    pub record_id: &'a str,
+    pub device_id: &'a str,
+    pub epoch: i64,
+    pub seq: i64,
+    pub captured_at_ms: i64,
+    pub model_id: &'a str,
+    pub precision: &'a str,
+    pub embedding_dim: i64,
+    pub source: Option<&'a str>,
+    pub quality_ok: Option<bool>,
+    pub heads: &'a [HeadResult],
+}
+
+/// The records' header, then `extra` columns.
+pub(crate) fn write_header<W: Write>(out: &mut csv::Writer<W>, extra: &[&str]) -> csv::Result<()> {
+    out.write_record(RECORD_COLUMNS.iter().chain(extra))
+}
+
+/// One record's row, then `extra` cells; every device- or person-written cell made inert.
+pub(crate) fn write_row<W: Write>(
+    out: &mut csv::Writer<W>,
+    r: &CsvRecord<'_>,
+    extra: &[String],
+) -> csv::Result<()> {
+    let heads: Vec<String> = r.heads.iter().map(top).collect();
+    let cells = [
+        inert(r.record_id),
+        inert(r.device_id),
+        r.seq.to_string(),
+        r.captured_at_ms.to_string(),
+        inert(r.model_id),
+        inert(r.precision),
+        r.embedding_dim.to_string(),
+        inert(r.source.unwrap_or("")),
+        r.quality_ok.map_or(String::new(), |q| q.to_string()),
+        inert(&heads.join(";")),
+        r.epoch.to_string(),
+    ];
+    out.write_record(cells.into_iter().chain(extra.iter().map(|c| inert(c))))
+}
+
 /// An RFC 4180 CSV writer (CRLF line ends, quotes where needed).
-fn csv_writer<W: Write>(out: W) -> csv::Writer<W> {
+pub(crate) fn csv_writer<W: Write>(out: W) -> csv::Writer<W> {
     csv::WriterBuilder::new()
         .terminator(csv::Terminator::CRLF)
         .from_writer(out)
@@ -163,36 +221,22 @@ pub fn export(
         };
         let mut out = csv_writer(create(path)?);
         let csv_err = csv_error(path);
-        out.write_record([
-            "record_id",
-            "device_id",
-            "seq",
-            "captured_at_ms",
-            "model_id",
-            "precision",
-            "embedding_dim",
-            "source",
-            "quality_ok",
-            "heads",
-            "epoch",
-        ])
-        .map_err(&csv_err)?;
+        write_header(&mut out, &[]).map_err(&csv_err)?;
         for r in &rows {
-            let heads: Vec<String> = r.heads.iter().map(top).collect();
-            out.write_record([
-                inert(&r.record_id),
-                inert(&r.device_id),
-                r.seq.to_string(),
-                r.captured_at_ms.to_string(),
-                inert(&r.model_id),
-                inert(&r.precision),
-                r.embedding.dim.to_string(),
-                inert(r.source.as_deref().unwrap_or("")),
-                r.quality_ok.map_or(String::new(), |q| q.to_string()),
-                inert(&heads.join(";")),
-                r.epoch.to_string(),
-            ])
-            .map_err(&csv_err)?;
+            let row = CsvRecord {
+                record_id: &r.record_id,
+                device_id: &r.device_id,
+                epoch: r.epoch,
+                seq: r.seq,
+                captured_at_ms: r.captured_at_ms,
+                model_id: &r.model_id,
+                precision: &r.precision,
+                embedding_dim: i64::from(r.embedding.dim),
+                source: r.source.as_deref(),
+                quality_ok: r.quality_ok,
+                heads: &r.heads,
+            };
+            write_row(&mut out, &row, &[]).map_err(&csv_err)?;
         }
         out.flush().map_err(io)?;
         let gap_rows = store.gaps(filter.device_id.as_deref())?;

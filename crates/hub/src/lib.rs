@@ -7,12 +7,16 @@
 //! reported in one transaction (SQLite for a clinic, PostgreSQL for a regional hub that several
 //! hub processes share), deduplicated by record id and in each device's sequence order
 //! ([`store::Store`]), and answers with an acknowledgement signed by the hub key.
-//! [`export`] turns the database into CSV and `.npy`.
+//! [`export`] turns the database into CSV and `.npy`. The same listener serves clinicians a web
+//! page ([`web`]): records with their thumbnails, device health, labels and CSV export, behind
+//! accounts with Argon2id passwords ([`accounts`]).
 
+pub mod accounts;
 pub mod export;
 pub mod server;
 pub mod store;
 pub mod validate;
+pub mod web;
 
 use std::path::PathBuf;
 
@@ -30,6 +34,9 @@ pub enum HubError {
     Listen { addr: String, message: String },
     #[error("{0}")]
     BadRequest(String),
+    /// Random numbers or password hashing failed.
+    #[error("{0}")]
+    Crypto(String),
 }
 
 #[cfg(test)]
@@ -38,3 +45,5 @@ mod server_tests;
 mod test_db;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod web_tests;

@@ -1,4 +1,5 @@
-//! The HTTP side: `POST /v2/batches` (signed batches in, signed acks out) and `GET /v1/health`.
+//! The HTTP side: `POST /v2/batches` (signed batches in, signed acks out) and `GET /v1/health`;
+//! every other path is the clinicians' web page ([`crate::web`]).
 //!
 //! hyper (HTTP/1.1 only) on a tokio runtime of its own. Every connection is bounded: headers must
 //! arrive within [`Limits::header_timeout`] and fit in [`Limits::max_header_bytes`], a body must
@@ -28,7 +29,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{watch, Semaphore};
 
-use crate::store::{Location, Store, Stored, VerifiedBatch};
+use crate::store::{Location, SessionPolicy, Store, Stored, VerifiedBatch};
 use crate::HubError;
 
 /// The one answer to a request the hub cannot authenticate, whatever the reason (an unknown,
@@ -86,6 +87,8 @@ pub struct Limits {
     /// counted and summarised.
     pub rejections_per_s: f64,
     pub rejections_burst: f64,
+    /// How long a clinician's session on the web page lasts.
+    pub sessions: SessionPolicy,
 }
 
 impl Default for Limits {
@@ -103,6 +106,7 @@ impl Default for Limits {
             keep_source_paths: false,
             rejections_per_s: 5.0,
             rejections_burst: 50.0,
+            sessions: SessionPolicy::default(),
         }
     }
 }
@@ -169,6 +173,7 @@ impl HubServer {
         let state = Arc::new(State {
             stores,
             rejections: RejectionLog::new(limits.rejections_per_s, limits.rejections_burst),
+            logins: crate::web::LoginThrottle::default(),
             hub_key,
             limits,
         });
@@ -220,11 +225,13 @@ impl Drop for HubServer {
     }
 }
 
-struct State {
+pub(crate) struct State {
     stores: Stores,
     rejections: RejectionLog,
+    /// Failed web logins per address.
+    pub(crate) logins: crate::web::LoginThrottle,
     hub_key: HubKey,
-    limits: Limits,
+    pub(crate) limits: Limits,
 }
 
 /// Database connections for blocking threads: one is taken for a piece of work and put back
@@ -267,7 +274,7 @@ impl Stores {
 }
 
 /// Run database work on a blocking thread with a pooled connection.
-async fn blocking<R: Send + 'static>(
+pub(crate) async fn blocking<R: Send + 'static>(
     state: &Arc<State>,
     work: impl FnOnce(&State, &mut Store) -> R + Send + 'static,
 ) -> Result<R, String> {
@@ -379,7 +386,7 @@ impl RejectionLog {
 }
 
 /// `text` cut to `max` characters with control characters escaped, fit for a log line or a cell.
-fn printable(text: &str, max: usize) -> String {
+pub(crate) fn printable(text: &str, max: usize) -> String {
     let mut out = String::new();
     for (i, c) in text.chars().enumerate() {
         if i == max {
@@ -465,45 +472,67 @@ async fn serve(
     }
 }
 
-struct Reply {
-    status: u16,
-    body: Vec<u8>,
-    content_type: &'static str,
+/// An answer: status, body, its type, and any further headers (lower-case names).
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) body: Vec<u8>,
+    pub(crate) content_type: &'static str,
+    pub(crate) headers: Vec<(&'static str, String)>,
 }
 
 impl Reply {
-    fn text(status: u16, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            body: format!("{}\n", message.into()).into_bytes(),
-            content_type: "text/plain; charset=utf-8",
-        }
-    }
-
-    fn json(status: u16, value: &impl serde::Serialize) -> Self {
-        Self {
-            status,
-            body: serde_json::to_vec(value).expect("serialisable"),
-            content_type: "application/json",
-        }
-    }
-
-    fn signed(status: u16, body: Vec<u8>) -> Self {
+    pub(crate) fn new(status: u16, content_type: &'static str, body: Vec<u8>) -> Self {
         Self {
             status,
             body,
-            content_type: "application/octet-stream",
+            content_type,
+            headers: Vec::new(),
         }
+    }
+
+    pub(crate) fn text(status: u16, message: impl Into<String>) -> Self {
+        Self::new(
+            status,
+            "text/plain; charset=utf-8",
+            format!("{}\n", message.into()).into_bytes(),
+        )
+    }
+
+    /// Add a header (several of one name are all sent: `set-cookie`).
+    pub(crate) fn with(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    fn json(status: u16, value: &impl serde::Serialize) -> Self {
+        Self::new(
+            status,
+            "application/json",
+            serde_json::to_vec(value).expect("serialisable"),
+        )
+    }
+
+    fn signed(status: u16, body: Vec<u8>) -> Self {
+        Self::new(status, "application/octet-stream", body)
     }
 
     fn into_response(self) -> Response<Full<Bytes>> {
         let mut response = Response::new(Full::new(Bytes::from(self.body)));
         *response.status_mut() =
             StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        response.headers_mut().insert(
+        let headers = response.headers_mut();
+        headers.insert(
             CONTENT_TYPE,
             hyper::header::HeaderValue::from_static(self.content_type),
         );
+        for (name, value) in self.headers {
+            match hyper::header::HeaderValue::from_str(&value) {
+                Ok(value) => {
+                    headers.append(name, value);
+                }
+                Err(e) => log::error!("hub: header {name} not sent: {e}"),
+            }
+        }
         response
     }
 }
@@ -528,9 +557,13 @@ async fn route(
                 wire::BATCH_PATH
             ),
         ),
-        _ => Reply::text(404, "not found"),
+        // The clinicians' web page: everything else.
+        _ => crate::web::route(&state, remote, request).await,
     };
-    let level = if path == wire::HEALTH_PATH && reply.status == 200 {
+    // Health checks and the pages' reads (a page of records loads fifty thumbnails) at debug.
+    let quiet = (path == wire::HEALTH_PATH && reply.status == 200)
+        || (method == Method::GET && reply.status < 400 && !path.starts_with("/v"));
+    let level = if quiet {
         log::Level::Debug
     } else {
         log::Level::Info
@@ -574,9 +607,9 @@ async fn health(state: &Arc<State>) -> Reply {
 }
 
 /// Why a request was refused before its body was read or stored.
-struct Refusal {
-    status: u16,
-    reason: String,
+pub(crate) struct Refusal {
+    pub(crate) status: u16,
+    pub(crate) reason: String,
     /// Logged with this reason, answered with [`UNAUTHENTICATED`].
     unauthenticated: bool,
     /// Already admitted by the rejections log's rate limit.
@@ -757,7 +790,7 @@ async fn batch(state: &Arc<State>, remote: SocketAddr, request: Request<Incoming
 }
 
 /// The body, as long as it keeps arriving fast enough and stays within the limit.
-async fn read_body(
+pub(crate) async fn read_body(
     mut body: Incoming,
     declared: Option<u64>,
     limits: &Limits,

@@ -825,7 +825,7 @@ fn a_shared_key_database_is_migrated_and_its_devices_must_re_enroll() {
         .unwrap();
     // What a dermedge from before schema_migrations reads as its own schema (2).
     assert_eq!(version, crate::store::SCHEMA_VERSION + 1);
-    assert_eq!(migrations(&store), [1]);
+    assert_eq!(migrations(&store), all_migrations());
     let device = store.device("dev-1").unwrap().unwrap();
     assert_eq!(device.public, None);
     assert_eq!(
@@ -1019,6 +1019,21 @@ fn a_refused_record_sent_again_is_acknowledged_again(backend: Backend) {
     s.hub.shutdown();
 }
 
+/// Every version this dermedge knows, in order.
+fn all_migrations() -> Vec<i64> {
+    (1..=crate::store::SCHEMA_VERSION).collect()
+}
+
+/// Undo migration 2 (the web page's tables) by hand, leaving an SQLite database of version 1.
+pub(crate) fn roll_back_to_version_1(conn: &rusqlite::Connection) {
+    conn.execute_batch(
+        "DROP TABLE labels; DROP TABLE sessions; DROP TABLE users; DROP TABLE record_heads;
+         DROP INDEX records_by_capture; ALTER TABLE devices DROP COLUMN last_batch_at_ms;
+         DELETE FROM schema_migrations WHERE version = 2; PRAGMA user_version = 2;",
+    )
+    .unwrap();
+}
+
 /// The versions recorded in `schema_migrations`, in order.
 fn migrations(store: &Store) -> Vec<i64> {
     store
@@ -1035,7 +1050,7 @@ fn migrations(store: &Store) -> Vec<i64> {
 fn migrations_are_recorded_once_and_a_newer_schema_is_refused(backend: Backend) {
     let db = TestDb::new(backend);
     let store = db.open();
-    assert_eq!(migrations(&store), [crate::store::SCHEMA_VERSION]);
+    assert_eq!(migrations(&store), all_migrations());
     let applied_at = store
         .query("SELECT applied_at_ms FROM schema_migrations", &[])
         .unwrap()[0]
@@ -1045,7 +1060,7 @@ fn migrations_are_recorded_once_and_a_newer_schema_is_refused(backend: Backend) 
     // Opening again (a restart, a second hub) applies nothing.
     drop(db.open());
     drop(db.open());
-    assert_eq!(migrations(&store), [crate::store::SCHEMA_VERSION]);
+    assert_eq!(migrations(&store), all_migrations());
 
     // A database a newer dermedge migrated further is refused, by name.
     store
@@ -1073,7 +1088,7 @@ fn hubs_starting_together_migrate_once(backend: Backend) {
         opening.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for store in &stores {
-        assert_eq!(migrations(store), [crate::store::SCHEMA_VERSION]);
+        assert_eq!(migrations(store), all_migrations());
         assert_eq!(store.record_count().unwrap(), 0);
     }
 }
@@ -1094,7 +1109,7 @@ fn a_missing_database_is_not_created_where_one_must_exist(backend: Backend) {
 }
 
 /// A database written by dermedge before `schema_migrations` (schema version 2 in
-/// `user_version`) opens as version 1, its records kept.
+/// `user_version`) opens as version 1, its records kept, and is migrated on from there.
 #[test]
 fn a_database_from_before_schema_migrations_is_at_version_1() {
     let db = TestDb::new(Backend::Sqlite);
@@ -1102,13 +1117,14 @@ fn a_database_from_before_schema_migrations_is_at_version_1() {
     {
         let store = db.open();
         store.enroll("dev-1", &key.public()).unwrap();
+        roll_back_to_version_1(store.connection());
         store
             .connection()
             .execute_batch("DROP TABLE schema_migrations; PRAGMA user_version = 2;")
             .unwrap();
     }
     let store = db.open();
-    assert_eq!(migrations(&store), [1]);
+    assert_eq!(migrations(&store), all_migrations());
     assert_eq!(
         store.device("dev-1").unwrap().unwrap().public,
         Some(key.public())
@@ -1117,7 +1133,7 @@ fn a_database_from_before_schema_migrations_is_at_version_1() {
         .connection()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, crate::store::SCHEMA_VERSION + 1);
     // A database of a dermedge from before schema_migrations that is newer than it knew.
     store
         .connection()

@@ -8,8 +8,11 @@
 
 use dermedge_queue::now_ms;
 
-use super::sql::{args, Sql};
+use super::sql::{args, Sql, SqlError};
 use crate::HubError;
+
+/// Rows a migration derives from existing ones, in its transaction.
+pub type Backfill = fn(&mut dyn Sql) -> Result<(), SqlError>;
 
 /// One step of the schema.
 #[derive(Debug, Clone)]
@@ -18,6 +21,9 @@ pub struct Migration {
     pub name: &'static str,
     /// Statements, run as one batch.
     pub sql: String,
+    /// Run after `sql` in the same transaction: rows derived from existing ones, written once
+    /// for both dialects.
+    pub backfill: Option<Backfill>,
 }
 
 /// The same table in both dialects.
@@ -79,13 +85,71 @@ CREATE TABLE rejections (
     reason    TEXT NOT NULL
 );";
 
+/// Migration 2 on PostgreSQL: see [`super::sqlite::migrations`].
+const POSTGRES_2: &str = "
+ALTER TABLE devices ADD COLUMN last_batch_at_ms BIGINT;
+CREATE INDEX records_by_capture ON records (captured_at_ms);
+CREATE TABLE record_heads (
+    record_id TEXT NOT NULL REFERENCES records(record_id),
+    head      TEXT NOT NULL,
+    top_class TEXT NOT NULL,
+    PRIMARY KEY (record_id, head)
+);
+CREATE INDEX record_heads_by_class ON record_heads (head, top_class);
+CREATE TABLE users (
+    name            TEXT PRIMARY KEY,
+    password_hash   TEXT NOT NULL,
+    created_at_ms   BIGINT NOT NULL,
+    failed_logins   BIGINT NOT NULL DEFAULT 0,
+    locked_until_ms BIGINT
+);
+CREATE TABLE sessions (
+    token_hash    BYTEA PRIMARY KEY,
+    user_name     TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    created_at_ms BIGINT NOT NULL,
+    last_seen_ms  BIGINT NOT NULL
+);
+CREATE TABLE labels (
+    id        BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    record_id TEXT NOT NULL REFERENCES records(record_id),
+    head      TEXT,
+    label     TEXT NOT NULL,
+    author    TEXT NOT NULL,
+    at_ms     BIGINT NOT NULL
+);
+CREATE INDEX labels_by_record ON labels (record_id, head, id);";
+
+pub const NAME_2: &str =
+    "web page: users, sessions, labels, record_heads, devices.last_batch_at_ms";
+
 /// The PostgreSQL schema's steps; [`super::sqlite::migrations`] has the same versions.
 pub fn postgres() -> Vec<Migration> {
-    vec![Migration {
-        version: 1,
-        name: "devices, records, gaps, rejections",
-        sql: POSTGRES_1.to_string(),
-    }]
+    vec![
+        Migration {
+            version: 1,
+            name: "devices, records, gaps, rejections",
+            sql: POSTGRES_1.to_string(),
+            backfill: None,
+        },
+        Migration {
+            version: 2,
+            name: NAME_2,
+            sql: POSTGRES_2.to_string(),
+            backfill: Some(backfill_record_heads),
+        },
+    ]
+}
+
+/// Migration 2: each stored record's heads with their top class, for the page's filter.
+pub fn backfill_record_heads(sql: &mut dyn Sql) -> Result<(), SqlError> {
+    let rows = sql.query("SELECT record_id, heads_json FROM records", &[])?;
+    for row in rows {
+        let record_id = row.text(0)?;
+        let heads: Vec<dermedge_queue::HeadResult> =
+            serde_json::from_str(&row.text(1)?).unwrap_or_default();
+        super::insert_record_heads(sql, &record_id, &heads)?;
+    }
+    Ok(())
 }
 
 /// The newest version `migrations` reach.
@@ -151,6 +215,12 @@ pub fn apply(sql: &mut dyn Sql, migrations: &[Migration], db: &str) -> Result<Ve
                 db: db.into(),
                 message: format!("migration {} ({}): {e}", step.version, step.name),
             })?;
+        if let Some(backfill) = step.backfill {
+            backfill(sql).map_err(|e| HubError::Database {
+                db: db.into(),
+                message: format!("migration {} ({}): {e}", step.version, step.name),
+            })?;
+        }
         mark_applied(sql, step.version, db)?;
         log::info!(
             "{db}: schema migration {} applied: {}",

@@ -18,6 +18,7 @@ mod migrations;
 mod postgres;
 pub(crate) mod sql;
 mod sqlite;
+mod web;
 
 use std::cell::RefCell;
 use std::path::Path;
@@ -28,11 +29,15 @@ use rusqlite::Connection;
 
 pub use location::{is_postgres_url, Location, PostgresUrl};
 use sql::{args, Dialect, Fail, Failure, Row, Sql, SqlError};
+pub use web::{
+    DeviceHealth, GapTotal, Label, LoginOutcome, RecordFilter, RecordPage, RecordSummary,
+    SessionPolicy, User, FAILURES_BEFORE_LOCK, FIRST_LOCK_MS, MAX_LOCK_MS,
+};
 
 use crate::HubError;
 
 /// The newest schema migration this dermedge knows (`schema_migrations.version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The newest rejections kept; older ones are deleted as new ones are logged.
 pub const MAX_REJECTIONS: i64 = 10_000;
@@ -670,11 +675,13 @@ fn store_in(sql: &mut dyn Sql, batch: &VerifiedBatch<'_>) -> Result<Stored, Fail
         }
     }
     sql.execute(
-        "UPDATE devices SET last_counter = ?2, highest_seq = ?3 WHERE device_id = ?1",
+        "UPDATE devices SET last_counter = ?2, highest_seq = ?3, last_batch_at_ms = ?4
+         WHERE device_id = ?1",
         &args![
             batch.device_id,
             batch.counter as i64,
-            progress.highest as i64
+            progress.highest as i64,
+            progress.received
         ],
     )?;
     Ok(Stored::Ok {
@@ -835,7 +842,7 @@ fn insert_record(
         ],
     );
     match inserted {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(insert_record_heads(sql, &record.id, &record.heads)?),
         Err(e) if e.failure == Failure::Constraint => Err(HubError::BadRequest(format!(
             "record id {} is already stored for another device or position",
             record.id
@@ -843,6 +850,37 @@ fn insert_record(
         .into()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The class with the highest probability of `head` (the last of equals, as the export says),
+/// if any.
+pub(crate) fn top_class(head: &dermedge_queue::HeadResult) -> Option<(&str, f32)> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, p) in head.probabilities.iter().enumerate() {
+        if best.is_none_or(|(_, b)| *p >= b) {
+            best = Some((i, *p));
+        }
+    }
+    best.and_then(|(i, p)| head.classes.get(i).map(|c| (c.as_str(), p)))
+}
+
+/// A record's heads with their top class, for the page's filter by head result (a head named
+/// twice counts once, the first).
+fn insert_record_heads(
+    sql: &mut dyn Sql,
+    record_id: &str,
+    heads: &[dermedge_queue::HeadResult],
+) -> Result<(), SqlError> {
+    for head in heads {
+        if let Some((class, _)) = top_class(head) {
+            sql.execute(
+                "INSERT INTO record_heads (record_id, head, top_class) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO NOTHING",
+                &args![record_id, &head.head, class],
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The id of the record stored at `seq` of this device and epoch, if any.

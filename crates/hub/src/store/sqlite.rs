@@ -75,13 +75,59 @@ const RECORD_COLUMNS: &str =
      embedding_dtype, embedding_dim, embedding, heads_json, quality_json, source, thumbnail_jpeg, \
      record_cbor, received_at_ms";
 
+/// Migration 2, the web page: clinicians' accounts (Argon2id PHC strings) and sessions (the
+/// SHA-256 of each token), labels (every one kept; the newest per record and head is the
+/// current one), each record's heads with their top class (for the page's filter), and the time
+/// of each device's last accepted batch.
+const WEB: &str = "
+ALTER TABLE devices ADD COLUMN last_batch_at_ms INTEGER;
+CREATE INDEX records_by_capture ON records (captured_at_ms);
+CREATE TABLE record_heads (
+    record_id TEXT NOT NULL REFERENCES records(record_id),
+    head      TEXT NOT NULL,
+    top_class TEXT NOT NULL,
+    PRIMARY KEY (record_id, head)
+);
+CREATE INDEX record_heads_by_class ON record_heads (head, top_class);
+CREATE TABLE users (
+    name            TEXT PRIMARY KEY,
+    password_hash   TEXT NOT NULL,
+    created_at_ms   INTEGER NOT NULL,
+    failed_logins   INTEGER NOT NULL DEFAULT 0,
+    locked_until_ms INTEGER
+);
+CREATE TABLE sessions (
+    token_hash    BLOB PRIMARY KEY,
+    user_name     TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    created_at_ms INTEGER NOT NULL,
+    last_seen_ms  INTEGER NOT NULL
+);
+CREATE TABLE labels (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    record_id TEXT NOT NULL REFERENCES records(record_id),
+    head      TEXT,
+    label     TEXT NOT NULL,
+    author    TEXT NOT NULL,
+    at_ms     INTEGER NOT NULL
+);
+CREATE INDEX labels_by_record ON labels (record_id, head, id);";
+
 /// The SQLite schema's steps; [`super::migrations::postgres`] has the same versions.
 pub fn migrations() -> Vec<Migration> {
-    vec![Migration {
-        version: 1,
-        name: "devices, records, gaps, rejections",
-        sql: format!("{DEVICES}{RECORDS}{GAPS}{REJECTIONS}"),
-    }]
+    vec![
+        Migration {
+            version: 1,
+            name: "devices, records, gaps, rejections",
+            sql: format!("{DEVICES}{RECORDS}{GAPS}{REJECTIONS}"),
+            backfill: None,
+        },
+        Migration {
+            version: 2,
+            name: migrations::NAME_2,
+            sql: WEB.to_string(),
+            backfill: Some(migrations::backfill_record_heads),
+        },
+    ]
 }
 
 /// `PRAGMA user_version` is kept at the schema version plus this, so that a dermedge from
