@@ -589,7 +589,10 @@ fn validate(file: &Path, c: &DeviceConfig) -> Result<(u32, u32), ConfigError> {
                     if !url.starts_with("https://") {
                         return Err(err(
                             "sync.hub_ca",
-                            format!("{}: a certificate is only used for an https:// hub, not {url:?}", ca.display()),
+                            format!(
+                                "{}: a certificate is only used for an https:// hub, not {url:?}",
+                                ca.display()
+                            ),
                         ));
                     }
                     existing(file, "sync.hub_ca", ca, "certificate file")?;

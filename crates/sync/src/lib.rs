@@ -543,7 +543,8 @@ fn plan_batch(
 fn pinned_tls(trust: &Path) -> Result<std::sync::Arc<rustls::ClientConfig>, SyncError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
-    let config_error = |message: String| SyncError::Config(format!("{}: {message}", trust.display()));
+    let config_error =
+        |message: String| SyncError::Config(format!("{}: {message}", trust.display()));
     let certificates = CertificateDer::pem_file_iter(trust)
         .map_err(|e| config_error(format!("cannot read the trusted certificates: {e}")))?
         .collect::<Result<Vec<_>, _>>()
