@@ -14,8 +14,8 @@ mod binary;
 use binary::{dermedge, train_image_kind_head, HubProcess};
 use dermedge_e2e::{fixtures, read_npy_rows, text};
 use dermedge_queue::{
-    new_record_id, DeviceKey, Embedding, EmbeddingType, Envelope, HubKey, Queue, QueueOptions,
-    Record, RECORD_FORMAT,
+    new_record_id, DeviceKey, EmbeddingType, Envelope, HubKey, Queue, QueueOptions, Record,
+    StoredEmbedding, RECORD_FORMAT,
 };
 use dermedge_sync::{Backoff, SyncClient, SyncConfig};
 
@@ -137,7 +137,7 @@ fn synthetic_record(device: &str, i: u64) -> Record {
         device_id: device.into(),
         model_id: "df-mini".into(),
         precision: "int8".into(),
-        embedding: Embedding::new(&values, EmbeddingType::F32),
+        embedding: StoredEmbedding::new(&values, EmbeddingType::F32),
         heads: Vec::new(),
         quality: None,
         source: Some(format!("img-{i}.png")),

@@ -6,8 +6,8 @@
 use std::io::Write;
 
 use dermedge_queue::{
-    new_record_id, DeviceKey, Durability, Embedding, EmbeddingType, Envelope, HubKey, Queue,
-    QueueOptions, Record, RECORD_FORMAT,
+    new_record_id, DeviceKey, Durability, EmbeddingType, Envelope, HubKey, Queue, QueueOptions,
+    Record, StoredEmbedding, RECORD_FORMAT,
 };
 
 fn main() {
@@ -42,7 +42,7 @@ fn main() {
             device_id: device.clone(),
             model_id: "df-mini".into(),
             precision: "int8".into(),
-            embedding: Embedding::new(&values, EmbeddingType::F32),
+            embedding: StoredEmbedding::new(&values, EmbeddingType::F32),
             heads: Vec::new(),
             quality: None,
             source: Some(format!("crash-{n}")),

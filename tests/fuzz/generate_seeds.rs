@@ -12,8 +12,8 @@ use std::fs;
 use std::path::Path;
 
 use dermedge_queue::{
-    DeviceKey, Embedding, EmbeddingType, Envelope, Gap, GapReason, HeadResult, HubKey, HubPublic,
-    QualityResult, Record, RECORD_FORMAT,
+    DeviceKey, EmbeddingType, Envelope, Gap, GapReason, HeadResult, HubKey, HubPublic,
+    QualityResult, Record, StoredEmbedding, RECORD_FORMAT,
 };
 use dermedge_sync::wire::{Ack, Batch, BatchRecord, Conflict};
 
@@ -44,7 +44,7 @@ pub fn record(seq: u64, shape: Shape) -> Record {
         device_id: DEVICE.into(),
         model_id: "df-mini".into(),
         precision: "int8".into(),
-        embedding: Embedding::new(&values[..3], EmbeddingType::F32),
+        embedding: StoredEmbedding::new(&values[..3], EmbeddingType::F32),
         heads: Vec::new(),
         quality: None,
         source: None,
@@ -53,7 +53,7 @@ pub fn record(seq: u64, shape: Shape) -> Record {
     match shape {
         Shape::Small => {}
         Shape::Full => {
-            r.embedding = Embedding::new(&values, EmbeddingType::F32);
+            r.embedding = StoredEmbedding::new(&values, EmbeddingType::F32);
             r.heads = vec![HeadResult {
                 head: "image-kind".into(),
                 classes: vec!["dermoscopy".into(), "photo".into()],
@@ -70,7 +70,7 @@ pub fn record(seq: u64, shape: Shape) -> Record {
             r.source = Some(format!("patch-{seq}.png"));
         }
         Shape::F16Thumbnail => {
-            r.embedding = Embedding::new(&values, EmbeddingType::F16);
+            r.embedding = StoredEmbedding::new(&values, EmbeddingType::F16);
             r.precision = "fp32".into();
             // The first bytes of a JPEG: SOI, APP0 JFIF, EOI.
             r.thumbnail_jpeg = Some(

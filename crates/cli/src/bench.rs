@@ -13,14 +13,14 @@ use dermedge_fidelity::stats::percentile;
 use dermedge_hub::server::HubServer;
 use dermedge_hub::store::Store;
 use dermedge_queue::{
-    new_record_id, DeviceKey, Durability, Embedding, EmbeddingType, Envelope, HubKey, Queue,
-    QueueOptions, Record, RECORD_FORMAT,
+    new_record_id, DeviceKey, Durability, EmbeddingType, Envelope, HubKey, Queue, QueueOptions,
+    Record, StoredEmbedding, RECORD_FORMAT,
 };
 use dermedge_sync::{SyncClient, SyncConfig};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Embedding speed and memory, per stage, like TFLite's benchmark_model: load, first
+    /// StoredEmbedding speed and memory, per stage, like TFLite's benchmark_model: load, first
     /// embedding, warm-up, timed runs (median, p90, min), peak RSS; a --threads sweep.
     Embed(EmbedBenchArgs),
     /// One configuration of `bench embed`, in this process, as JSON (used by the sweep).
@@ -35,7 +35,7 @@ pub enum BenchCommand {
         records: usize,
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// Embedding dimension of the synthetic records.
+        /// StoredEmbedding dimension of the synthetic records.
         #[arg(long, default_value_t = 6144)]
         dim: usize,
     },
@@ -85,7 +85,7 @@ pub(crate) fn record(i: usize, dim: usize, dtype: EmbeddingType) -> Record {
         device_id: "bench".into(),
         model_id: "df-r101x3".into(),
         precision: "int8".into(),
-        embedding: Embedding::new(&values, dtype),
+        embedding: StoredEmbedding::new(&values, dtype),
         heads: Vec::new(),
         quality: None,
         source: None,
@@ -522,7 +522,7 @@ pub fn bench_embed_one(args: &EmbedBenchArgs) -> Result<()> {
             .collect();
         split(4, &mut times);
         let mut record = record(i, 0, EmbeddingType::F32);
-        record.embedding = Embedding::new(&embedding, EmbeddingType::F32);
+        record.embedding = StoredEmbedding::new(&embedding, EmbeddingType::F32);
         record.heads = answers;
         // Sealed to the hub, as the device does before it queues a record.
         queue.append(&Envelope::seal(&record, &hub))?;

@@ -7,7 +7,7 @@ use dermedge_core::quality::{QualityThresholds, QualityVerdict};
 use dermedge_core::{Embedder, RgbImage};
 use dermedge_head::{HeadError, LinearHead};
 use dermedge_queue::{
-    new_record_id, Embedding, EmbeddingType, HeadResult, QualityResult, Record, RECORD_FORMAT,
+    new_record_id, EmbeddingType, HeadResult, QualityResult, Record, StoredEmbedding, RECORD_FORMAT,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +127,7 @@ impl<E: Embedder> Pipeline<E> {
             device_id: self.options.device_id.clone(),
             model_id: model.id.clone(),
             precision: model.precision.as_str().to_string(),
-            embedding: Embedding::new(&embedding, self.options.embedding_type),
+            embedding: StoredEmbedding::new(&embedding, self.options.embedding_type),
             heads,
             quality: Some(quality_result(&verdict)),
             source,

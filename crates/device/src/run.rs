@@ -729,7 +729,9 @@ mod tests {
 
     use dermedge_core::quality::{QualityIssue, QualityMeasures, QualityVerdict};
     use dermedge_core::RgbImage;
-    use dermedge_queue::{new_record_id, Embedding, EmbeddingType, HubKey, Record, RECORD_FORMAT};
+    use dermedge_queue::{
+        new_record_id, EmbeddingType, HubKey, Record, StoredEmbedding, RECORD_FORMAT,
+    };
 
     /// Which screens were drawn, by kind, and the status each carried.
     #[derive(Default)]
@@ -788,7 +790,7 @@ mod tests {
             device_id: "dev-1".into(),
             model_id: "df-mini".into(),
             precision: "int8".into(),
-            embedding: Embedding::new(&[0.25; 16], EmbeddingType::F32),
+            embedding: StoredEmbedding::new(&[0.25; 16], EmbeddingType::F32),
             heads: Vec::new(),
             quality: None,
             source: Some("test.png".into()),

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use dermedge_queue::{Embedding, EmbeddingType, HeadResult};
+use dermedge_queue::{EmbeddingType, HeadResult, StoredEmbedding};
 
 use crate::store::Store;
 use crate::HubError;
@@ -39,7 +39,7 @@ struct Row {
     source: Option<String>,
     heads: Vec<HeadResult>,
     quality_ok: Option<bool>,
-    embedding: Embedding,
+    embedding: StoredEmbedding,
 }
 
 fn rows(store: &Store, filter: &ExportFilter) -> Result<Vec<Row>, HubError> {
@@ -52,7 +52,7 @@ fn rows(store: &Store, filter: &ExportFilter) -> Result<Vec<Row>, HubError> {
                 .quality_json
                 .and_then(|q| serde_json::from_str::<serde_json::Value>(&q).ok())
                 .and_then(|v| v["acceptable"].as_bool()),
-            embedding: Embedding {
+            embedding: StoredEmbedding {
                 dtype: if r.embedding_dtype == "f16" {
                     EmbeddingType::F16
                 } else {

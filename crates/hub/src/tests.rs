@@ -7,8 +7,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
 use dermedge_queue::{
-    new_record_id, DeviceKey, Embedding, EmbeddingType, Envelope, FullPolicy, Gap, GapReason,
-    HubKey, HubPublic, Queue, QueueOptions, Record, RECORD_FORMAT,
+    new_record_id, DeviceKey, EmbeddingType, Envelope, FullPolicy, Gap, GapReason, HubKey,
+    HubPublic, Queue, QueueOptions, Record, StoredEmbedding, RECORD_FORMAT,
 };
 use dermedge_sync::{wire, SyncClient, SyncConfig, SyncError};
 
@@ -43,7 +43,7 @@ fn record(device: &str, i: u64) -> Record {
         device_id: device.into(),
         model_id: "df-mini".into(),
         precision: "int8".into(),
-        embedding: Embedding::new(&[i as f32, 1.5, -2.0], EmbeddingType::F32),
+        embedding: StoredEmbedding::new(&[i as f32, 1.5, -2.0], EmbeddingType::F32),
         heads: Vec::new(),
         quality: None,
         source: Some(format!("img-{i}.png")),

@@ -134,7 +134,7 @@ pub fn stored_source(source: Option<&str>, keep_paths: bool) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dermedge_queue::{new_record_id, Embedding, HeadResult};
+    use dermedge_queue::{new_record_id, HeadResult, StoredEmbedding};
 
     fn good() -> Record {
         Record {
@@ -144,7 +144,7 @@ mod tests {
             device_id: "dev".into(),
             model_id: "df-mini".into(),
             precision: "int8".into(),
-            embedding: Embedding::new(&[1.0, 2.0], EmbeddingType::F32),
+            embedding: StoredEmbedding::new(&[1.0, 2.0], EmbeddingType::F32),
             heads: vec![HeadResult {
                 head: "kind".into(),
                 classes: vec!["a".into(), "b".into()],

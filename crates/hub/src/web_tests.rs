@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use dermedge_queue::{
-    new_record_id, DeviceKey, Embedding, EmbeddingType, Envelope, Gap, GapReason, HeadResult,
-    HubKey, QualityResult, Record, RECORD_FORMAT,
+    new_record_id, DeviceKey, EmbeddingType, Envelope, Gap, GapReason, HeadResult, HubKey,
+    QualityResult, Record, StoredEmbedding, RECORD_FORMAT,
 };
 use dermedge_sync::wire;
 
@@ -46,7 +46,7 @@ fn record(device: &str, at_ms: i64, top: &str) -> Record {
         device_id: device.into(),
         model_id: "df-mini".into(),
         precision: "int8".into(),
-        embedding: Embedding::new(&[1.0, 2.0, 3.0], EmbeddingType::F32),
+        embedding: StoredEmbedding::new(&[1.0, 2.0, 3.0], EmbeddingType::F32),
         heads: vec![HeadResult {
             head: "kind".into(),
             classes,

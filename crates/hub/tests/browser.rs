@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use dermedge_hub::server::HubServer;
 use dermedge_hub::store::Store;
 use dermedge_queue::{
-    new_record_id, DeviceKey, Embedding, EmbeddingType, Envelope, HeadResult, HubKey,
-    QualityResult, Record, RECORD_FORMAT,
+    new_record_id, DeviceKey, EmbeddingType, Envelope, HeadResult, HubKey, QualityResult, Record,
+    StoredEmbedding, RECORD_FORMAT,
 };
 use dermedge_sync::wire;
 use serde_json::{json, Value};
@@ -319,7 +319,7 @@ fn record(device: &str, i: i64, top: usize, rgb: [u8; 3]) -> Record {
         device_id: device.into(),
         model_id: "df-mini".into(),
         precision: "int8".into(),
-        embedding: Embedding::new(&[0.25, -1.0, 2.0, 0.5], EmbeddingType::F32),
+        embedding: StoredEmbedding::new(&[0.25, -1.0, 2.0, 0.5], EmbeddingType::F32),
         heads: vec![HeadResult {
             head: "lesion".into(),
             classes,

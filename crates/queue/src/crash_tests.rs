@@ -96,7 +96,7 @@ fn plain_record(n: u64, thumbnail: u16) -> Record {
         device_id: "dev-1".into(),
         model_id: "m".into(),
         precision: "int8".into(),
-        embedding: Embedding::new(&[n as f32, 1.0], EmbeddingType::F16),
+        embedding: StoredEmbedding::new(&[n as f32, 1.0], EmbeddingType::F16),
         heads: Vec::new(),
         quality: None,
         source: None,

@@ -43,8 +43,8 @@ use serde::{Deserialize, Serialize};
 pub use gaps::{Gap, GapReason};
 pub use key::{hex, DeviceKey, DevicePublic, HubKey, HubPublic, KEY_BYTES, SIGNATURE_BYTES};
 pub use record::{
-    new_record_id, now_ms, Embedding, EmbeddingType, Envelope, HeadResult, QualityResult, Record,
-    ENVELOPE_FORMAT, RECORD_FORMAT,
+    new_record_id, now_ms, EmbeddingType, Envelope, HeadResult, QualityResult, Record,
+    StoredEmbedding, ENVELOPE_FORMAT, RECORD_FORMAT,
 };
 pub use segment::FRAME_OVERHEAD;
 pub use storage::{Disk, Entry, LockGuard, Open, Storage, StorageFile};

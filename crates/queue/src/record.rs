@@ -85,7 +85,7 @@ pub struct Record {
     pub model_id: String,
     /// `fp32` or `int8`: which export produced the embedding.
     pub precision: String,
-    pub embedding: Embedding,
+    pub embedding: StoredEmbedding,
     pub heads: Vec<HeadResult>,
     pub quality: Option<QualityResult>,
     /// Where the frame came from (file name, camera).
@@ -101,17 +101,18 @@ pub enum EmbeddingType {
     F16,
 }
 
-/// An embedding as little-endian bytes of `dtype`.
+/// An embedding as a record stores it: little-endian bytes of `dtype` (the model's output,
+/// `dermedge_core::Embedding`, is f32 values with the model that made them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Embedding {
+pub struct StoredEmbedding {
     pub dtype: EmbeddingType,
     pub dim: u32,
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
-impl Embedding {
+impl StoredEmbedding {
     pub fn new(values: &[f32], dtype: EmbeddingType) -> Self {
         let data = match dtype {
             EmbeddingType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -210,16 +211,16 @@ mod tests {
     #[test]
     fn embeddings_round_trip_in_both_widths() {
         let values = [0.5f32, -1.25, 3.0e-3, 1024.0];
-        let e = Embedding::new(&values, EmbeddingType::F32);
+        let e = StoredEmbedding::new(&values, EmbeddingType::F32);
         assert_eq!(e.data.len(), 16);
         assert_eq!(e.to_f32().unwrap(), values);
-        let h = Embedding::new(&values, EmbeddingType::F16);
+        let h = StoredEmbedding::new(&values, EmbeddingType::F16);
         assert_eq!(h.data.len(), 8);
         let back = h.to_f32().unwrap();
         for (a, b) in values.iter().zip(&back) {
             assert!((a - b).abs() <= a.abs() * 1e-3, "{a} vs {b}");
         }
-        let broken = Embedding { dim: 5, ..e };
+        let broken = StoredEmbedding { dim: 5, ..e };
         assert!(broken.to_f32().is_none());
     }
 

@@ -257,7 +257,7 @@ mod tests {
                 device_id: "d".into(),
                 model_id: "m".into(),
                 precision: "int8".into(),
-                embedding: crate::Embedding::new(&[1.0], crate::EmbeddingType::F32),
+                embedding: crate::StoredEmbedding::new(&[1.0], crate::EmbeddingType::F32),
                 heads: Vec::new(),
                 quality: None,
                 source: Some(name.to_string()),

@@ -19,7 +19,7 @@ fn plain_record(i: u64, marker: &str) -> Record {
         device_id: "dev-1".into(),
         model_id: "df-mini".into(),
         precision: "int8".into(),
-        embedding: Embedding::new(&[i as f32, 0.5, -1.0, 2.0], EmbeddingType::F32),
+        embedding: StoredEmbedding::new(&[i as f32, 0.5, -1.0, 2.0], EmbeddingType::F32),
         heads: vec![HeadResult {
             head: "condition".into(),
             classes: vec!["a".into(), "b".into()],

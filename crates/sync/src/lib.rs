@@ -644,7 +644,10 @@ mod tests {
             device_id: device.into(),
             model_id: "m".into(),
             precision: "int8".into(),
-            embedding: dermedge_queue::Embedding::new(&[1.0], dermedge_queue::EmbeddingType::F32),
+            embedding: dermedge_queue::StoredEmbedding::new(
+                &[1.0],
+                dermedge_queue::EmbeddingType::F32,
+            ),
             heads: Vec::new(),
             quality: None,
             source: None,
