@@ -15,6 +15,7 @@ use dermedge_hub::accounts::MIN_PASSWORD_CHARS;
 use dermedge_hub::export::{export, gaps_csv_path, ExportFilter};
 use dermedge_hub::server::{HubServer, Limits};
 use dermedge_hub::store::{Enrolled, Location, Store};
+use dermedge_hub::tls::TlsFiles;
 use dermedge_queue::{DevicePublic, HubKey};
 
 #[derive(Subcommand)]
@@ -77,6 +78,13 @@ pub enum HubCommand {
         /// kept (a full input path can carry a patient's name).
         #[arg(long)]
         keep_source_paths: bool,
+        /// Serve HTTPS with this PEM certificate (chain); with --tls-key. Devices trust it
+        /// through `sync.hub_ca` (a clinic LAN has no public CA).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's PEM private key.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Clinicians' accounts for the hub's web page (`http://<listen>/`).
     User {
@@ -298,6 +306,8 @@ pub fn run(command: &HubCommand) -> Result<()> {
             listen,
             workers,
             keep_source_paths,
+            tls_cert,
+            tls_key,
         } => {
             let hub_key = HubKey::load(key)?;
             let stop = Arc::new(AtomicBool::new(false));
@@ -308,10 +318,30 @@ pub fn run(command: &HubCommand) -> Result<()> {
                 keep_source_paths: *keep_source_paths,
                 ..Limits::default()
             };
-            let server = HubServer::start_with(location(db), hub_key, listen, *workers, limits)?;
-            println!("listening on http://{}", server.addr());
+            let (server, scheme) = match (tls_cert, tls_key) {
+                (Some(certificate), Some(key)) => {
+                    let files = TlsFiles {
+                        certificate: certificate.clone(),
+                        key: key.clone(),
+                    };
+                    let server = HubServer::start_tls(
+                        location(db),
+                        hub_key,
+                        listen,
+                        *workers,
+                        limits,
+                        &files,
+                    )?;
+                    (server, "https")
+                }
+                _ => (
+                    HubServer::start_with(location(db), hub_key, listen, *workers, limits)?,
+                    "http",
+                ),
+            };
+            println!("listening on {scheme}://{}", server.addr());
             eprintln!(
-                "the web page for clinicians is at http://{}/ (accounts: `dermedge hub user add`)",
+                "the web page for clinicians is at {scheme}://{}/ (accounts: `dermedge hub user add`)",
                 server.addr()
             );
             std::io::stdout().flush()?;

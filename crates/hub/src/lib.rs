@@ -15,6 +15,7 @@ pub mod accounts;
 pub mod export;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod validate;
 pub mod web;
 
@@ -37,6 +38,9 @@ pub enum HubError {
     /// Random numbers or password hashing failed.
     #[error("{0}")]
     Crypto(String),
+    /// The TLS listener's certificate or key file.
+    #[error("{path}: {message}")]
+    Tls { path: PathBuf, message: String },
 }
 
 #[cfg(test)]
@@ -45,5 +49,7 @@ mod server_tests;
 mod test_db;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 #[cfg(test)]
 mod web_tests;

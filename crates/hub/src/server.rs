@@ -145,6 +145,30 @@ impl HubServer {
         workers: usize,
         limits: Limits,
     ) -> Result<Self, HubError> {
+        Self::start_listener(db, hub_key, listen, workers, limits, None)
+    }
+
+    /// [`HubServer::start_with`], speaking TLS (HTTPS) with the certificate and key in `tls`.
+    pub fn start_tls(
+        db: impl Into<Location>,
+        hub_key: HubKey,
+        listen: &str,
+        workers: usize,
+        limits: Limits,
+        tls: &crate::tls::TlsFiles,
+    ) -> Result<Self, HubError> {
+        let config = crate::tls::server_config(tls)?;
+        Self::start_listener(db, hub_key, listen, workers, limits, Some(config))
+    }
+
+    fn start_listener(
+        db: impl Into<Location>,
+        hub_key: HubKey,
+        listen: &str,
+        workers: usize,
+        limits: Limits,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Self, HubError> {
         let listen_err = |message: String| HubError::Listen {
             addr: listen.into(),
             message,
@@ -166,16 +190,20 @@ impl HubServer {
             .enable_all()
             .build()
             .map_err(|e| listen_err(format!("cannot start the server's threads: {e}")))?;
+        let https = tls.is_some();
         log::info!(
-            "hub listening on http://{addr} (database {db}, {})",
+            "hub listening on {}://{addr} (database {db}, {})",
+            if tls.is_some() { "https" } else { "http" },
             hub_key.public()
         );
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
         let state = Arc::new(State {
             stores,
             rejections: RejectionLog::new(limits.rejections_per_s, limits.rejections_burst),
             logins: crate::web::LoginThrottle::default(),
             hub_key,
             limits,
+            https,
         });
         let (stop, stopped) = watch::channel(false);
         let thread = std::thread::Builder::new()
@@ -186,7 +214,7 @@ impl HubServer {
                 let held = state.clone();
                 runtime.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => serve(listener, state, stopped).await,
+                        Ok(listener) => serve(listener, tls, state, stopped).await,
                         Err(e) => log::error!("hub: cannot listen on {addr}: {e}"),
                     }
                 });
@@ -232,6 +260,8 @@ pub(crate) struct State {
     pub(crate) logins: crate::web::LoginThrottle,
     hub_key: HubKey,
     pub(crate) limits: Limits,
+    /// Served over TLS: cookies are marked `Secure`.
+    https: bool,
 }
 
 /// Database connections for blocking threads: one is taken for a piece of work and put back
@@ -404,6 +434,7 @@ pub(crate) fn printable(text: &str, max: usize) -> String {
 
 async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<State>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -455,10 +486,32 @@ async fn serve(
             // A client may close its sending side and wait for the answer.
             .half_close(true)
             .keep_alive(true);
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let Some(tls) = &tls else {
+            let connection =
+                graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    log::debug!("hub: connection from {remote} ended: {e}");
+                }
+                drop(slot);
+            });
+            continue;
+        };
+        // The handshake runs in the connection's task, bounded like a request's headers, so a
+        // client that stalls in it holds only its own slot.
+        let (tls, watcher, handshake_timeout) =
+            (tls.clone(), graceful.watcher(), state.limits.header_timeout);
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                log::debug!("hub: connection from {remote} ended: {e}");
+            match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let connection =
+                        watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
+                    if let Err(e) = connection.await {
+                        log::debug!("hub: TLS connection from {remote} ended: {e}");
+                    }
+                }
+                Ok(Err(e)) => log::debug!("hub: TLS handshake with {remote} failed: {e}"),
+                Err(_) => log::debug!("hub: TLS handshake with {remote} timed out"),
             }
             drop(slot);
         });
@@ -514,6 +567,16 @@ impl Reply {
 
     fn signed(status: u16, body: Vec<u8>) -> Self {
         Self::new(status, "application/octet-stream", body)
+    }
+
+    /// Over TLS, every cookie is sent with `Secure`: a browser never returns it over plain HTTP.
+    fn secure_cookies(mut self) -> Self {
+        for (name, value) in &mut self.headers {
+            if *name == "set-cookie" {
+                value.push_str("; Secure");
+            }
+        }
+        self
     }
 
     fn into_response(self) -> Response<Full<Bytes>> {
@@ -574,7 +637,11 @@ async fn route(
         reply.status,
         started.elapsed().as_millis()
     );
-    reply.into_response()
+    if state.https {
+        reply.secure_cookies().into_response()
+    } else {
+        reply.into_response()
+    }
 }
 
 async fn health(state: &Arc<State>) -> Reply {

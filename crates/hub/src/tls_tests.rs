@@ -1,0 +1,202 @@
+//! The TLS listener end to end: a device that pins the hub's self-signed certificate syncs over
+//! HTTPS; one that trusts only the public web's roots, or speaks plain HTTP, gets nowhere; the
+//! web page's cookies are `Secure`.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use dermedge_queue::{
+    new_record_id, DeviceKey, EmbeddingType, Envelope, HubKey, Queue, QueueOptions, Record,
+    StoredEmbedding, RECORD_FORMAT,
+};
+use dermedge_sync::{SyncClient, SyncConfig, SyncError};
+
+use crate::server::{HubServer, Limits};
+use crate::store::Store;
+use crate::tls::TlsFiles;
+
+/// A self-signed certificate for 127.0.0.1 and localhost, written as PEM into `dir`.
+fn certificate(dir: &Path) -> TlsFiles {
+    let generated =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let files = TlsFiles {
+        certificate: dir.join("hub.crt"),
+        key: dir.join("hub.key.pem"),
+    };
+    std::fs::write(&files.certificate, generated.cert.pem()).unwrap();
+    std::fs::write(&files.key, generated.key_pair.serialize_pem()).unwrap();
+    files
+}
+
+fn record(i: u64) -> Record {
+    Record {
+        format: RECORD_FORMAT,
+        id: new_record_id(),
+        captured_at_ms: 1_790_000_000_000 + i as i64,
+        device_id: "dev-tls".into(),
+        model_id: "df-mini".into(),
+        precision: "int8".into(),
+        embedding: StoredEmbedding::new(&[i as f32, 0.5], EmbeddingType::F32),
+        heads: Vec::new(),
+        quality: None,
+        source: None,
+        thumbnail_jpeg: None,
+    }
+}
+
+#[test]
+fn a_device_pinning_the_hub_certificate_syncs_over_https_and_no_other_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = certificate(dir.path());
+    let db = dir.path().join("hub.sqlite");
+    let (hub_key, device_key) = (HubKey::generate(), DeviceKey::generate());
+    Store::open(&db)
+        .unwrap()
+        .enroll("dev-tls", &device_key.public())
+        .unwrap();
+    let hub = HubServer::start_tls(
+        &db,
+        hub_key.clone(),
+        "127.0.0.1:0",
+        1,
+        Limits::default(),
+        &files,
+    )
+    .unwrap();
+    let queue_dir = dir.path().join("queue");
+    let queue = Mutex::new(
+        Queue::open(&queue_dir, &device_key, "dev-tls", QueueOptions::default()).unwrap(),
+    );
+    for i in 0..5 {
+        let sealed = Envelope::seal(&record(i), &hub_key.public());
+        queue.lock().unwrap().append(&sealed).unwrap();
+    }
+    let client = |url: String, trust: Option<&Path>| {
+        let mut config = SyncConfig::new(&url);
+        config.trust = trust.map(Path::to_path_buf);
+        config.timeout = std::time::Duration::from_secs(5);
+        SyncClient::new(config, &device_key, hub_key.public(), &queue_dir).unwrap()
+    };
+    let https = format!("https://{}", hub.addr());
+    let never = AtomicBool::new(false);
+
+    // The public web's roots do not vouch for a clinic's own certificate.
+    let refused = client(https.clone(), None).drain(&queue, &never, Some(0));
+    assert!(
+        matches!(&refused, Err(SyncError::Transport { message, .. }) if message.to_lowercase().contains("certificate")),
+        "{refused:?}"
+    );
+    // Plain HTTP to the TLS listener is not answered as HTTP.
+    let plain = client(format!("http://{}", hub.addr()), None).drain(&queue, &never, Some(0));
+    assert!(plain.is_err(), "{plain:?}");
+    assert_eq!(queue.lock().unwrap().stats().pending_records, 5);
+
+    let report = client(https.clone(), Some(&files.certificate))
+        .drain(&queue, &never, Some(0))
+        .unwrap();
+    assert_eq!((report.records, report.acked_through), (5, 5));
+    assert_eq!(Store::open(&db).unwrap().record_count().unwrap(), 5);
+
+    // The web page's cookies are never sent back over plain HTTP.
+    let pinned = {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(&files.certificate).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    };
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(Arc::new(pinned))
+        .redirects(0)
+        .build();
+    let login = agent.get(&format!("{https}/login")).call().unwrap();
+    let cookies: Vec<&str> = login.all("set-cookie");
+    assert!(!cookies.is_empty());
+    assert!(
+        cookies.iter().all(|c| c.ends_with("; Secure")),
+        "{cookies:?}"
+    );
+    hub.shutdown();
+}
+
+#[test]
+fn bad_certificate_or_key_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = certificate(dir.path());
+    let db = dir.path().join("hub.sqlite");
+    let start = |files: &TlsFiles| {
+        HubServer::start_tls(
+            &db,
+            HubKey::generate(),
+            "127.0.0.1:0",
+            1,
+            Limits::default(),
+            files,
+        )
+        .err()
+        .expect("refused")
+        .to_string()
+    };
+    let text = dir.path().join("not-pem.txt");
+    std::fs::write(&text, "hello").unwrap();
+    let missing = dir.path().join("missing.pem");
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let foreign_key = certificate(&other).key;
+    // (files, whether the error names the key file rather than the certificate, what it says)
+    let cases = [
+        (
+            TlsFiles {
+                certificate: text.clone(),
+                key: good.key.clone(),
+            },
+            false,
+            "no CERTIFICATE block",
+        ),
+        (
+            TlsFiles {
+                certificate: missing.clone(),
+                key: good.key.clone(),
+            },
+            false,
+            "cannot read",
+        ),
+        (
+            TlsFiles {
+                certificate: good.certificate.clone(),
+                key: text.clone(),
+            },
+            true,
+            "PEM private key",
+        ),
+        // A certificate's key must be its own.
+        (
+            TlsFiles {
+                certificate: good.certificate.clone(),
+                key: foreign_key,
+            },
+            true,
+            "does not fit",
+        ),
+    ];
+    for (files, key_named, says) in cases {
+        let err = start(&files);
+        let named = if key_named {
+            &files.key
+        } else {
+            &files.certificate
+        };
+        assert!(
+            err.contains(&named.display().to_string()) && err.contains(says),
+            "{err}"
+        );
+    }
+}
