@@ -14,16 +14,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 log() { echo "test-browser: $*" >&2; }
 
-if ! command -v chromedriver >/dev/null || ! { command -v chromium >/dev/null || [[ -n "${DERMEDGE_TEST_CHROMIUM:-}" ]]; }; then
-  log "installing Debian's chromium and chromium-driver"
-  sudo_cmd=(); [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
-  "${sudo_cmd[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends \
-    chromium chromium-driver fonts-dejavu-core >/dev/null
-fi
-DERMEDGE_TEST_CHROMEDRIVER="$(command -v chromedriver)"
-export DERMEDGE_TEST_CHROMEDRIVER
-log "$("$DERMEDGE_TEST_CHROMEDRIVER" --version 2>/dev/null | head -n1)"
+source scripts/browser-env.sh
 
 if [[ "${1:-}" == "--screenshot" ]]; then
   export DERMEDGE_SCREENSHOT_TO="$root/docs/hub-page.png"
@@ -33,7 +24,7 @@ out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
 cargo test --locked -p dermedge-hub 2>&1 | tee "$out"
 # With DERMEDGE_TEST_CHROMEDRIVER set the browser test runs; make sure it was not left out.
-grep -q "^test a_clinician_signs_in_finds_the_synced_records_and_labels_one \.\.\. ok$" "$out" \
+grep -q "$BROWSER_TEST_PASSED" "$out" \
   || { log "error: the browser test did not run"; exit 1; }
 log "the browser test ran and passed"
 if [[ -n "${DERMEDGE_SCREENSHOT_TO:-}" ]]; then log "screenshot: $DERMEDGE_SCREENSHOT_TO"; fi

@@ -5,7 +5,8 @@
 # then end to end with the real binary: two `dermedge hub serve --db postgres://…` processes on
 # one database, a device that enrolls and syncs part of its queue through each, and an export
 # that must hold every record. The cluster is stopped and deleted on exit.
-#   scripts/test-postgres.sh
+#   scripts/test-postgres.sh          # the hub crate's tests on PostgreSQL, then end to end
+#   DERMEDGE_BIN=target/debug/dermedge scripts/test-postgres.sh --e2e   # end to end only
 # As root (CI) the cluster runs as the `postgres` user; as anyone else, as that user. Run after
 # scripts/setup.sh (scripts/test.sh does): the binary's default build and the LiteRT runtime that
 # `dermedge queue add` uses are what it installs.
@@ -36,11 +37,18 @@ export DERMEDGE_TEST_POSTGRES_URL="$pg_url"
 work="$pg_work" port="$pg_port" password="$pg_password"
 
 # --- the hub crate's tests, on both backends ----------------------------------------------------
-cargo test --locked -p dermedge-hub
+# (`--e2e`: already run by the caller, scripts/test.sh, inside its workspace test run.)
+if [[ "${1:-}" != --e2e ]]; then
+  cargo test --locked -p dermedge-hub
+fi
 
 # --- end to end: two hub processes on one database, a device syncing through both -------------
-cargo build --locked -p dermedge-cli
-bin="$root/target/debug/dermedge"
+if [[ -n "${DERMEDGE_BIN:-}" ]]; then
+  bin="$DERMEDGE_BIN"
+else
+  cargo build --locked -p dermedge-cli
+  bin="$root/target/debug/dermedge"
+fi
 e2e="$work/e2e"
 mkdir -p "$e2e"
 url="postgres://dermedge:$password@127.0.0.1:$port/dermedge_e2e"

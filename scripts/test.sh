@@ -20,10 +20,25 @@ for model in "${ci_models[@]}"; do
   ./target/debug/dermedge models build "$model"
 done
 scripts/python-env.sh -m unittest discover -s models/export/tests
-DERMEDGE_REQUIRE_MODELS="$(IFS=,; echo "${ci_models[*]}")" cargo test --workspace --locked
-# The hub on a real PostgreSQL server (a throwaway cluster): the store suite on both backends,
-# two hubs on one database, and a device syncing through both.
-scripts/test-postgres.sh
+# The whole suite with the hub's real peers: a PostgreSQL server (a throwaway cluster; the store
+# suite runs on both backends) and headless Chromium driving the web page.
+source scripts/postgres-cluster.sh
+trap 'pg_cluster_stop $?' EXIT
+pg_cluster_start fast
+export DERMEDGE_TEST_POSTGRES_URL="$pg_url"
+source scripts/browser-env.sh
+log="$(mktemp)"
+DERMEDGE_REQUIRE_MODELS="$(IFS=,; echo "${ci_models[*]}")" cargo test --workspace --locked 2>&1 | tee "$log"
+grep -q "$BROWSER_TEST_PASSED" "$log" || { echo "error: the hub's browser test did not run" >&2; exit 1; }
+if grep -q "pass without running: DERMEDGE_TEST_POSTGRES_URL is not set" "$log"; then
+  echo "error: the hub's PostgreSQL tests did not run" >&2
+  exit 1
+fi
+rm -f "$log"
+pg_cluster_stop
+unset DERMEDGE_TEST_POSTGRES_URL
+# Two hub processes on one PostgreSQL database, a device syncing through both, every record once.
+DERMEDGE_BIN=target/debug/dermedge scripts/test-postgres.sh --e2e
 # SIGKILL at every fsync/fdatasync/rename/unlink/ftruncate of `queue add`, `sync` and `run`.
 scripts/kill-sweep.sh
 # The classic TensorFlow Lite backend (tflitec) and the Coral Edge TPU path.
