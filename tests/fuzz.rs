@@ -2169,7 +2169,8 @@ impl HubBench {
         self.store
             .connection()
             .execute_batch(
-                "DELETE FROM records; DELETE FROM gaps; DELETE FROM rejections;
+                "DELETE FROM labels; DELETE FROM record_heads; DELETE FROM records;
+                 DELETE FROM gaps; DELETE FROM rejections;
                  UPDATE devices SET last_counter = 0, highest_seq = 0;",
             )
             .unwrap();
