@@ -217,7 +217,8 @@ def fidelity(ctx: Context, manifest: Path, images: Path, report: Path) -> dict:
     if not path.is_file():
         raise ExportError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
     data = json.loads(path.read_text())
-    gates = {g["gate"]: {"value": g["value"], "pass": g["pass"]} for g in data["gates"]}
+    gates = {g["gate"]: {"value": g["value"], "pass": g["pass"], "min": g.get("min"), "max": g.get("max")}
+             for g in data["gates"]}
     return {"verdict": data["verdict"], "gates": gates, "report": str(report)}
 
 
