@@ -90,6 +90,13 @@ impl Driver {
 
     /// One WebDriver command: its `value`, or a panic with the driver's error.
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.try_call(method, path, body)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// One WebDriver command: its `value`, or the driver's error (a stale element while the
+    /// page changes, say).
+    fn try_call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
         let url = format!("{}{path}", self.base);
         let request = self
             .agent
@@ -108,9 +115,9 @@ impl Driver {
         let value: Value = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("{method} {path}: {status}: not JSON ({e}): {text}"));
         if status != 200 {
-            panic!("{method} {path}: {status}: {}", value["value"]);
+            return Err(format!("{method} {path}: {status}: {}", value["value"]));
         }
-        value["value"].clone()
+        Ok(value["value"].clone())
     }
 }
 
@@ -220,6 +227,28 @@ impl<'a> Browser<'a> {
             .as_str()
             .unwrap_or_default()
             .to_string()
+    }
+
+    /// The text of the one element `css` selects, or None while there is not exactly one or
+    /// it goes stale (the page is being replaced).
+    fn try_text(&self, css: &str) -> Option<String> {
+        let session = format!("/session/{}", self.id);
+        let found = self
+            .driver
+            .try_call(
+                "POST",
+                &format!("{session}/elements"),
+                Some(json!({"using": "css selector", "value": css})),
+            )
+            .ok()?;
+        let [element] = found.as_array()?.as_slice() else {
+            return None;
+        };
+        let element = element[ELEMENT].as_str()?;
+        self.driver
+            .try_call("GET", &format!("{session}/element/{element}/text"), None)
+            .ok()
+            .and_then(|text| text.as_str().map(String::from))
     }
 
     fn attribute(&self, element: &str, name: &str) -> Option<String> {
@@ -497,8 +526,8 @@ fn a_clinician_signs_in_finds_the_synced_records_and_labels_one() {
     browser.click(&browser.find(&format!("{form} option[value=\"seborrheic keratosis\"]")));
     browser.click(&browser.find(&format!("{form} button")));
     browser.wait_for("the label", |b| {
-        b.text(&b.find("#current-labels"))
-            .contains("lesion: seborrheic keratosis")
+        b.try_text("#current-labels")
+            .is_some_and(|text| text.contains("lesion: seborrheic keratosis"))
     });
     assert!(browser.url().starts_with(&record_url));
     assert!(browser
