@@ -141,4 +141,4 @@ for name in a b; do
   fi
 done
 grep -qF "$shown" "$e2e/a.err" || { log "error: hub a did not name its database"; cat "$e2e/a.err" >&2; exit 1; }
-log "ok: the hub crate's tests on PostgreSQL, and two hubs on one database exported every record"
+log "ok: two hubs on one PostgreSQL database exported every record once"
