@@ -204,6 +204,7 @@ impl HubServer {
             hub_key,
             limits,
             https,
+            health_store: Mutex::new(None),
         });
         let (stop, stopped) = watch::channel(false);
         let thread = std::thread::Builder::new()
@@ -262,6 +263,8 @@ pub(crate) struct State {
     pub(crate) limits: Limits,
     /// Served over TLS: cookies are marked `Secure`.
     https: bool,
+    /// `/v1/health`'s own database connection (see [`health`]).
+    health_store: Mutex<Option<Store>>,
 }
 
 /// Database connections for blocking threads: one is taken for a piece of work and put back
@@ -645,13 +648,27 @@ async fn route(
 }
 
 async fn health(state: &Arc<State>) -> Reply {
-    let counts = blocking(state, |_, store| {
-        store
+    let state = state.clone();
+    // Health has a connection of its own, outside the pool's limit: with every pooled connection
+    // waiting on the writer behind a hundred devices' batches, it still answers at once (a
+    // reader is not blocked by the writer on either backend).
+    let counts = tokio::task::spawn_blocking(move || {
+        let mut slot = state.health_store.lock().unwrap_or_else(|p| p.into_inner());
+        let store = match slot.take() {
+            Some(store) if !store.is_broken() => store,
+            _ => Store::connect(&state.stores.db).map_err(|e| e.to_string())?,
+        };
+        let counts = store
             .record_count()
             .and_then(|n| Ok((n, store.summaries()?)))
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        if !store.is_broken() {
+            *slot = Some(store);
+        }
+        counts
     })
     .await
+    .map_err(|e| format!("the health check's worker failed: {e}"))
     .and_then(|r| r);
     match counts {
         // Totals only: anyone on the LAN may ask, and device ids are not theirs to list
