@@ -189,8 +189,9 @@ pub fn load(manifest: &ModelManifest, options: &EngineOptions) -> Result<Box<dyn
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
-        // The device loop's health lines and captures are its normal output.
-        0 if matches!(cli.command, Command::Run { .. }) => "info",
+        // The device loop's health lines and captures are its normal output; LiteRT's own
+        // lines (target `litert`) only when -v asks for them.
+        0 if matches!(cli.command, Command::Run { .. }) => "info,litert=warn",
         0 => "warn",
         1 => "info",
         _ => "debug",
