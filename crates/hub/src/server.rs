@@ -658,10 +658,7 @@ async fn health(state: &Arc<State>) -> Reply {
             Some(store) if !store.is_broken() => store,
             _ => Store::connect(&state.stores.db).map_err(|e| e.to_string())?,
         };
-        let counts = store
-            .record_count()
-            .and_then(|n| Ok((n, store.summaries()?)))
-            .map_err(|e| e.to_string());
+        let counts = store.totals().map_err(|e| e.to_string());
         if !store.is_broken() {
             *slot = Some(store);
         }
@@ -673,14 +670,14 @@ async fn health(state: &Arc<State>) -> Reply {
     match counts {
         // Totals only: anyone on the LAN may ask, and device ids are not theirs to list
         // (`dermedge hub status` shows each device on the hub machine).
-        Ok((records, devices)) => Reply::json(
+        Ok((records, gaps, devices)) => Reply::json(
             200,
             &serde_json::json!({
                 "status": "ok",
                 "protocol": wire::PROTOCOL,
                 "records": records,
-                "gaps": devices.iter().map(|d| d.gaps).sum::<u64>(),
-                "devices": devices.len(),
+                "gaps": gaps,
+                "devices": devices,
             }),
         ),
         Err(e) => {

@@ -433,6 +433,18 @@ impl Store {
         })
     }
 
+    /// The hub's totals for `/v1/health`: records, reported losses and devices, in one query.
+    pub fn totals(&self) -> Result<(u64, u64, u64), HubError> {
+        self.autocommit(|sql| {
+            let row = sql.query_one(
+                "SELECT (SELECT COUNT(*) FROM records), (SELECT COUNT(*) FROM gaps),
+                        (SELECT COUNT(*) FROM devices)",
+                &[],
+            )?;
+            Ok((row.int(0)? as u64, row.int(1)? as u64, row.int(2)? as u64))
+        })
+    }
+
     /// Every device with its record and gap counts (all epochs), by device id.
     pub fn summaries(&self) -> Result<Vec<DeviceSummary>, HubError> {
         self.autocommit(|sql| {
