@@ -634,26 +634,32 @@ fn capture_one(
                     show(screens, &result, &status(tally.accepted));
                 }
                 Err(e) => {
-                    tally.failed += 1;
                     log::error!("capture from {} not queued: {e}", frame.source);
-                    let error = Screen::Error {
-                        title: "Not saved",
-                        message: &e.to_string(),
-                    };
-                    show(screens, &error, &status(tally.accepted));
+                    failed(tally, screens, status, "Not saved", &e.to_string());
                 }
             }
         }
         Err(e) => {
-            tally.failed += 1;
             log::error!("capture from {} failed: {e}", frame.source);
-            let error = Screen::Error {
-                title: "Capture failed",
-                message: &e.to_string(),
-            };
-            show(screens, &error, &status(tally.accepted));
+            failed(tally, screens, status, "Capture failed", &e.to_string());
         }
     }
+}
+
+/// A capture that produced no saved record: counted, and said on screen.
+fn failed(
+    tally: &mut Tally,
+    screens: &mut dyn ScreenOutput,
+    status: &dyn Fn(u64) -> Status,
+    title: &str,
+    message: &str,
+) {
+    tally.failed += 1;
+    show(
+        screens,
+        &Screen::Error { title, message },
+        &status(tally.accepted),
+    );
 }
 
 /// After a normal end, keep pushing until the queue is empty or `limit` has passed.

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use dermedge_queue::{
     new_record_id, DeviceKey, EmbeddingType, Envelope, HubKey, Queue, QueueOptions, Record,
@@ -100,21 +100,9 @@ fn a_device_pinning_the_hub_certificate_syncs_over_https_and_no_other_way() {
     assert_eq!(Store::open(&db).unwrap().record_count().unwrap(), 5);
 
     // The web page's cookies are never sent back over plain HTTP.
-    let pinned = {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(&files.certificate).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth()
-    };
+    let pinned = dermedge_sync::pinned_tls(&files.certificate).unwrap();
     let agent = ureq::AgentBuilder::new()
-        .tls_config(Arc::new(pinned))
+        .tls_config(pinned)
         .redirects(0)
         .build();
     let login = agent.get(&format!("{https}/login")).call().unwrap();

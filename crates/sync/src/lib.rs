@@ -539,8 +539,9 @@ fn plan_batch(
     Some((batch, last))
 }
 
-/// A TLS client that trusts exactly the certificates in the PEM file `trust`.
-fn pinned_tls(trust: &Path) -> Result<std::sync::Arc<rustls::ClientConfig>, SyncError> {
+/// A TLS client that trusts exactly the certificates in the PEM file `trust` (what
+/// [`SyncConfig::trust`] gives the sync client).
+pub fn pinned_tls(trust: &Path) -> Result<std::sync::Arc<rustls::ClientConfig>, SyncError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
     let config_error =

@@ -173,21 +173,14 @@ fn same_origin(headers: &HeaderMap) -> bool {
             .or_else(|| url.strip_prefix("https://"))
             .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or("").to_string())
     };
-    if let Some(origin) = headers.get(ORIGIN) {
-        return origin
+    match headers.get(ORIGIN).or_else(|| headers.get(REFERER)) {
+        Some(source) => source
             .to_str()
             .ok()
             .and_then(authority)
-            .is_some_and(|a| a.eq_ignore_ascii_case(host));
+            .is_some_and(|a| a.eq_ignore_ascii_case(host)),
+        None => true,
     }
-    if let Some(referer) = headers.get(REFERER) {
-        return referer
-            .to_str()
-            .ok()
-            .and_then(authority)
-            .is_some_and(|a| a.eq_ignore_ascii_case(host));
-    }
-    true
 }
 
 /// A signed-in clinician's request.
