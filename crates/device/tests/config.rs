@@ -754,3 +754,38 @@ fn enumerated_keys_are_typed_and_a_bad_value_names_its_key() {
     assert_eq!(settings.queue.full_policy, FullPolicy::EvictOldest);
     assert_eq!(settings.pipeline.embedding_type, EmbeddingType::F16);
 }
+
+#[test]
+fn a_pinned_hub_certificate_must_exist_and_needs_an_https_hub() {
+    fn with_hub(hub: &'static str, ca: &'static str) -> impl FnOnce(String) -> String {
+        move |t| {
+            t.replace(
+                "[sync]\n",
+                &format!("[sync]\nhub = \"{hub}\"\nhub_ca = \"{ca}\"\n"),
+            )
+        }
+    }
+    let e = refused(with_hub("https://hub.clinic:8443", "no-such-hub.crt"));
+    assert_eq!(e.key, "sync.hub_ca", "{e}");
+    assert!(e.to_string().contains("no-such-hub.crt"), "{e}");
+
+    let e = refused(with_hub("http://hub.clinic:8787", "x86-dev.toml"));
+    assert_eq!(e.key, "sync.hub_ca", "{e}");
+    assert!(
+        e.to_string().contains("only used for an https:// hub"),
+        "{e}"
+    );
+
+    // An existing certificate with an https:// hub is accepted.
+    let (_tmp, file) = staged(
+        "x86-dev.toml",
+        with_hub("https://hub.clinic:8443", "x86-dev.toml"),
+    );
+    let loaded = LoadedConfig::load(&file).unwrap();
+    assert!(loaded
+        .config
+        .sync
+        .hub_ca
+        .unwrap()
+        .ends_with("firmware-config/x86-dev.toml"));
+}
