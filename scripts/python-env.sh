@@ -17,9 +17,9 @@ if [[ ! -x "$venv/bin/python" || ! -f "$venv/.complete" ]]; then
     "${sudo_cmd[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq python3-venv
     python3 -m venv "$venv"
   fi
-  "$venv/bin/pip" install --quiet -r "$req"
+  "$venv/bin/pip" install --quiet --no-cache-dir -r "$req"
   # sklesion pins an old TensorFlow; only its trained model file is used.
-  "$venv/bin/pip" install --quiet --no-deps -r "$nodeps"
+  "$venv/bin/pip" install --quiet --no-cache-dir --no-deps -r "$nodeps"
   touch "$venv/.complete"
 fi
 export PYTHONPATH="$root/models/export${PYTHONPATH:+:$PYTHONPATH}"

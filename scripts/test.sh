@@ -8,6 +8,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
+# Incremental state is for editing sessions; in a one-shot run it only doubles what lands on disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+report_disk() { df -Ph "$root" | awk -v stage="$1" 'NR == 2 { print "disk " stage ": " $4 " free of " $2 }' >&2; }
+report_disk "at start"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The firmware build (device app only): lint-clean and free of server, SQLite and tooling crates.
@@ -15,6 +19,7 @@ cargo clippy -p dermedge-cli --locked --no-default-features --features firmware 
 scripts/check-firmware-deps.sh
 python3 scripts/dependency-graph.py --check
 cargo build --workspace --locked
+report_disk "after the build"
 ci_models=(df-mini lesion-x448)
 for model in "${ci_models[@]}"; do
   ./target/debug/dermedge models build "$model"
@@ -35,6 +40,7 @@ if grep -q "pass without running: DERMEDGE_TEST_POSTGRES_URL is not set" "$log";
   exit 1
 fi
 rm -f "$log"
+report_disk "after the workspace tests"
 pg_cluster_stop
 unset DERMEDGE_TEST_POSTGRES_URL
 # Two hub processes on one PostgreSQL database, a device syncing through both, every record once.
@@ -45,3 +51,4 @@ scripts/kill-sweep.sh
 DERMEDGE_REQUIRE_MODELS=lesion-x448 scripts/test-classic.sh
 # aarch64: the cross build's tests under qemu-user-static and its embeddings against x86_64's.
 cross/test-aarch64.sh
+report_disk "at the end"
