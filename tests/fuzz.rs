@@ -1359,6 +1359,7 @@ fn mutate_record(rng: &mut Rng, r: &mut Record) {
                 head: odd(rng),
                 classes,
                 probabilities,
+                version: None,
             });
         }
         6 => {

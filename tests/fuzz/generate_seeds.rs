@@ -58,6 +58,7 @@ pub fn record(seq: u64, shape: Shape) -> Record {
                 head: "image-kind".into(),
                 classes: vec!["dermoscopy".into(), "photo".into()],
                 probabilities: vec![0.875, 0.125],
+                version: None,
             }];
             r.quality = Some(QualityResult {
                 acceptable: true,

@@ -518,6 +518,7 @@ pub fn bench_embed_one(args: &EmbedBenchArgs) -> Result<()> {
                 head: h.name.clone(),
                 classes: h.classes.clone(),
                 probabilities: h.predict(&embedding),
+                version: None,
             })
             .collect();
         split(4, &mut times);

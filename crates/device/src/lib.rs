@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod dev_hub;
+pub mod hub_heads;
 pub mod pipeline;
 pub mod run;
 pub mod screens;

@@ -89,6 +89,18 @@ impl<E: Embedder> Pipeline<E> {
         &self.heads
     }
 
+    /// Run `head` from the next capture on, in place of the head of its name (or beside the
+    /// others); refused, the heads unchanged, if it is bound to another model.
+    pub fn install_head(&mut self, head: LinearHead) -> Result<(), PipelineError> {
+        let model = &self.embedder.manifest().model;
+        head.check_model(&model.id, model.embedding_dim)?;
+        match self.heads.iter_mut().find(|h| h.name == head.name) {
+            Some(slot) => *slot = head,
+            None => self.heads.push(head),
+        }
+        Ok(())
+    }
+
     pub fn judge(&self, image: &RgbImage) -> QualityVerdict {
         self.options.quality.judge(image)
     }
@@ -112,6 +124,7 @@ impl<E: Embedder> Pipeline<E> {
                 head: h.name.clone(),
                 classes: h.classes.clone(),
                 probabilities: h.predict(&embedding),
+                version: h.version,
             })
             .collect();
         let thumbnail_jpeg = self

@@ -21,6 +21,7 @@ use dermedge_sync::{sleep_unless, SyncClient, SyncConfig};
 use serde::Serialize;
 
 use crate::config::{DurabilityMode, LoadedConfig, TriggerKind};
+use crate::hub_heads::{self, HubHeads};
 use crate::pipeline::{Outcome, Pipeline, PipelineOptions};
 use crate::screens::{self, ScreenOutput};
 use crate::source::open_source;
@@ -66,6 +67,9 @@ struct SyncShared {
     last_ok: Option<Instant>,
     last_error: Option<String>,
     synced_records: u64,
+    /// Heads the hub published since the last capture, checked and kept on disk: the loop runs
+    /// them from the next capture.
+    new_heads: Vec<dermedge_head::LinearHead>,
 }
 
 /// What a run did, written as JSON at the end.
@@ -232,6 +236,11 @@ pub fn run<E: Embedder>(
         .lock()
         .expect("queue")
         .seal_earlier_records_to(hub_public);
+    let hub_heads = HubHeads::new(&c.queue.dir, hub_public);
+    let model = pipeline.embedder().manifest().model.clone();
+    for head in hub_heads.load(&model.id, model.embedding_dim) {
+        adopt_head(&mut pipeline, head);
+    }
     let hub_url = hub_url(
         local_hub.as_ref().map(|h| h.addr()),
         c.sync.enabled,
@@ -241,7 +250,19 @@ pub fn run<E: Embedder>(
     let sync_stop = Arc::new(AtomicBool::new(false));
     let sync_thread = match &hub_url {
         Some(url) => Some(spawn_sync(
-            url, &settings, &key, hub_public, config, &queue, &shared, &sync_stop,
+            url,
+            &settings,
+            &key,
+            hub_public,
+            config,
+            &queue,
+            &shared,
+            &sync_stop,
+            HeadSync {
+                heads: hub_heads,
+                query: hub_heads::query(&model.id, model.embedding_dim, pipeline.heads()),
+                device: c.device.id.clone(),
+            },
         )?),
         None => None,
     };
@@ -283,6 +304,10 @@ pub fn run<E: Embedder>(
             health_frames = 0;
         }
         commit_due_group(&queue, &key);
+        let new_heads = std::mem::take(&mut shared.lock().expect("sync state").new_heads);
+        for head in new_heads {
+            adopt_head(&mut pipeline, head);
+        }
         let Some(frame) = handoff.take(Duration::from_millis(100)) else {
             if handoff.is_closed() && handoff.waiting() == 0 {
                 break StopReason::EndOfSource;
@@ -336,9 +361,10 @@ pub fn run<E: Embedder>(
 
     // Background sync ends after its batch in flight; on a normal end, push what is left.
     sync_stop.store(true, Ordering::Relaxed);
-    if let Some(Ok(mut client)) = sync_thread.map(JoinHandle::join) {
+    if let Some(Ok((mut client, mut head_sync))) = sync_thread.map(JoinHandle::join) {
         if stopped_by != StopReason::Signal && !settings.final_sync.is_zero() {
             final_sync(&mut client, &queue, &shared, settings.final_sync);
+            fetch_heads(&mut client, &mut head_sync, &shared);
         }
     }
     if let Some(hub) = local_hub {
@@ -421,7 +447,66 @@ fn hub_url(local_hub: Option<SocketAddr>, enabled: bool, hub: Option<&str>) -> O
     }
 }
 
-/// The background sync thread: a drain every `sync.interval_seconds` until `sync_stop`.
+/// Run `head` from the next capture if it is newer than the head of its name that runs now
+/// (a local head file counts as version 0).
+fn adopt_head<E: Embedder>(pipeline: &mut Pipeline<E>, head: dermedge_head::LinearHead) {
+    let running = pipeline
+        .heads()
+        .iter()
+        .find(|h| h.name == head.name)
+        .map(|h| h.version.unwrap_or(0));
+    if running.is_some_and(|v| head.version.unwrap_or(0) <= v) {
+        return;
+    }
+    let label = head.label();
+    match pipeline.install_head(head) {
+        Ok(()) => log::info!("head {label} from the hub: in use from the next capture"),
+        Err(e) => log::error!("head {label} from the hub refused, the old one kept: {e}"),
+    }
+}
+
+/// What the sync thread needs to fetch published heads.
+struct HeadSync {
+    heads: HubHeads,
+    query: dermedge_sync::wire::HeadQuery,
+    device: String,
+}
+
+/// Ask the hub for newer heads; keep each on disk and hand it to the loop.
+fn fetch_heads(client: &mut SyncClient, head_sync: &mut HeadSync, shared: &Mutex<SyncShared>) {
+    let fetched = match client.fetch_heads(&head_sync.device, &head_sync.query) {
+        Ok(f) => f,
+        Err(e) => {
+            log::warn!("sync: cannot fetch published heads: {e}");
+            return;
+        }
+    };
+    for f in fetched {
+        if let Err(e) = head_sync.heads.save(&f) {
+            log::error!(
+                "sync: head {} not kept on disk ({e}); in use until the device restarts",
+                f.head.label()
+            );
+        }
+        let held = dermedge_sync::wire::HeldHead {
+            name: f.head.name.clone(),
+            version: f.head.version.unwrap_or(0),
+        };
+        match head_sync
+            .query
+            .have
+            .iter_mut()
+            .find(|h| h.name == held.name)
+        {
+            Some(slot) => *slot = held,
+            None => head_sync.query.have.push(held),
+        }
+        shared.lock().expect("sync state").new_heads.push(f.head);
+    }
+}
+
+/// The background sync thread: a drain every `sync.interval_seconds` until `sync_stop`, each
+/// followed by a look for newer heads.
 #[allow(clippy::too_many_arguments)]
 fn spawn_sync(
     url: &str,
@@ -432,7 +517,8 @@ fn spawn_sync(
     queue: &Arc<Mutex<Queue>>,
     shared: &Arc<Mutex<SyncShared>>,
     sync_stop: &Arc<AtomicBool>,
-) -> Result<JoinHandle<SyncClient>, RunError> {
+    mut head_sync: HeadSync,
+) -> Result<JoinHandle<(SyncClient, HeadSync)>, RunError> {
     let mut sync_config = SyncConfig::new(url);
     sync_config.batch_records = settings.sync_batch_records;
     sync_config.timeout = settings.sync_timeout;
@@ -445,10 +531,12 @@ fn spawn_sync(
         .name("sync".into())
         .spawn(move || {
             while !sync_stop.load(Ordering::Relaxed) {
-                sync_round(&mut client, &queue, &shared, &sync_stop, Some(2));
+                if sync_round(&mut client, &queue, &shared, &sync_stop, Some(2)) {
+                    fetch_heads(&mut client, &mut head_sync, &shared);
+                }
                 sleep_unless(&sync_stop, interval);
             }
-            client
+            (client, head_sync)
         })
         .map_err(|e| RunError::Setup(format!("cannot start the sync thread: {e}")))
 }
@@ -625,7 +713,7 @@ fn capture_one(
                     let views: Vec<HeadView> = record
                         .heads
                         .iter()
-                        .map(|h| HeadView::new(&h.head, &h.classes, &h.probabilities))
+                        .map(|h| HeadView::new(&h.label(), &h.classes, &h.probabilities))
                         .collect();
                     let result = Screen::Result {
                         heads: &views,
@@ -705,17 +793,19 @@ fn sync_round(
     shared: &Mutex<SyncShared>,
     stop: &AtomicBool,
     retries: Option<u32>,
-) {
+) -> bool {
     match client.drain(queue, stop, retries) {
         Ok(report) => {
             let mut s = shared.lock().expect("sync state");
             s.last_ok = Some(Instant::now());
             s.last_error = None;
             s.synced_records += report.records as u64;
+            true
         }
         Err(e) => {
             log::warn!("sync: {e}; working offline, will retry");
             shared.lock().expect("sync state").last_error = Some(short_reason(&e));
+            false
         }
     }
 }

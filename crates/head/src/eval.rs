@@ -1,10 +1,10 @@
 //! Scoring a head on labelled embeddings: accuracy, per-class ROC AUC, confusion matrix.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{HeadError, HeadKind, LinearHead, Targets};
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassScore {
     pub class: String,
     /// Embeddings labelled with this class.
@@ -16,7 +16,7 @@ pub struct ClassScore {
     pub recall: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
     pub head: String,
     pub kind: HeadKind,

@@ -20,6 +20,27 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT: &str = "dermedge-head/1";
+/// The longest name of a head the hub publishes.
+pub const MAX_NAME_CHARS: usize = 64;
+
+/// The name of a head the hub publishes, which a device also uses as a file name: 1 to
+/// [`MAX_NAME_CHARS`] letters, digits, `-`, `_` or `.`, not starting with `.`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name.chars().count() <= MAX_NAME_CHARS
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "head name {name:?}: expected 1 to {MAX_NAME_CHARS} letters, digits, '-', '_' or '.', \
+             not starting with '.'"
+        ))
+    }
+}
 
 /// How class scores become probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +69,10 @@ pub struct LinearHead {
     /// One row of `embedding_dim` weights per class.
     pub weights: Vec<Vec<f32>>,
     pub bias: Vec<f32>,
+    /// The hub's publication number for a head it trained and signed; `None` for a head file
+    /// trained by hand. A device replaces a head only by a higher version of the same name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +119,9 @@ impl LinearHead {
         std::fs::write(path, serde_json::to_string(self).expect("serialisable"))
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// The checks every head passes before use: the format, and shapes that agree with
+    /// `embedding_dim` and the classes.
+    pub fn validate(&self) -> Result<(), String> {
         if self.format != FORMAT {
             return Err(format!("format {:?}, expected {FORMAT:?}", self.format));
         }
@@ -113,6 +140,13 @@ impl LinearHead {
         }
         if !(self.input_scale.is_finite() && self.input_scale > 0.0) {
             return Err("input_scale must be a finite number > 0".into());
+        }
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        if !(self.weights.iter().all(|w| finite(w))
+            && finite(&self.bias)
+            && finite(&self.input_mean))
+        {
+            return Err("weights, biases and input_mean must be finite numbers".into());
         }
         Ok(())
     }
@@ -138,6 +172,14 @@ impl LinearHead {
             &self.input_mean,
             self.input_scale,
         )
+    }
+
+    /// `name`, or `name v<version>` for a head the hub published.
+    pub fn label(&self) -> String {
+        match self.version {
+            Some(v) => format!("{} v{v}", self.name),
+            None => self.name.clone(),
+        }
     }
 
     /// Class probabilities for one embedding (of `embedding_dim` values).
@@ -202,6 +244,23 @@ mod tests {
             y.push(c);
         }
         (x, y)
+    }
+
+    #[test]
+    fn published_names_are_short_and_plain() {
+        assert!(check_name("diagnosis-v2.clinic_7").is_ok());
+        for bad in [
+            "",
+            "a b",
+            "x\n",
+            "é",
+            &"n".repeat(65),
+            "../etc",
+            "..",
+            ".hidden",
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -211,6 +211,7 @@ pub fn train(
         input_scale: scale,
         weights: w,
         bias: b,
+        version: None,
     })
 }
 

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use dermedge_queue::{EmbeddingType, HeadResult, StoredEmbedding};
+use dermedge_queue::{HeadResult, StoredEmbedding};
 
 use crate::store::Store;
 use crate::HubError;
@@ -47,20 +47,12 @@ fn rows(store: &Store, filter: &ExportFilter) -> Result<Vec<Row>, HubError> {
     Ok(records
         .into_iter()
         .map(|r| Row {
+            embedding: r.stored_embedding(),
             heads: serde_json::from_str(&r.heads_json).unwrap_or_default(),
             quality_ok: r
                 .quality_json
                 .and_then(|q| serde_json::from_str::<serde_json::Value>(&q).ok())
                 .and_then(|v| v["acceptable"].as_bool()),
-            embedding: StoredEmbedding {
-                dtype: if r.embedding_dtype == "f16" {
-                    EmbeddingType::F16
-                } else {
-                    EmbeddingType::F32
-                },
-                dim: r.embedding_dim,
-                data: r.embedding,
-            },
             record_id: r.record_id,
             device_id: r.device_id,
             epoch: r.epoch,

@@ -13,6 +13,7 @@
 
 pub mod accounts;
 pub mod export;
+pub mod heads;
 pub mod server;
 pub mod store;
 pub mod tls;
@@ -43,6 +44,8 @@ pub enum HubError {
     Tls { path: PathBuf, message: String },
 }
 
+#[cfg(test)]
+mod heads_tests;
 #[cfg(test)]
 mod server_tests;
 #[cfg(test)]

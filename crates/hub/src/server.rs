@@ -259,7 +259,7 @@ pub(crate) struct State {
     rejections: RejectionLog,
     /// Failed web logins per address.
     pub(crate) logins: crate::web::LoginThrottle,
-    hub_key: HubKey,
+    pub(crate) hub_key: HubKey,
     pub(crate) limits: Limits,
     /// Served over TLS: cookies are marked `Secure`.
     https: bool,
@@ -613,8 +613,11 @@ async fn route(
     let path = printable(request.uri().path(), LOGGED_FIELD_CHARS);
     let reply = match (&method, request.uri().path()) {
         (&Method::POST, wire::BATCH_PATH) => batch(&state, remote, request).await,
+        (&Method::POST, wire::HEADS_PATH) => heads(&state, remote, request).await,
         (&Method::GET, wire::HEALTH_PATH) => health(&state).await,
-        (_, wire::BATCH_PATH) | (_, wire::HEALTH_PATH) => Reply::text(405, "method not allowed"),
+        (_, wire::BATCH_PATH | wire::HEADS_PATH | wire::HEALTH_PATH) => {
+            Reply::text(405, "method not allowed")
+        }
         (_, V1_BATCH_PATH) => Reply::text(
             404,
             format!(
@@ -811,10 +814,24 @@ fn identify(headers: &HeaderMap) -> Result<(String, u64), (Option<String>, Refus
     Ok((device, counter))
 }
 
-async fn batch(state: &Arc<State>, remote: SocketAddr, request: Request<Incoming>) -> Reply {
+/// A request from an enrolled device: its id, counter, public key and body. The device is
+/// looked up from the headers alone, so an unknown or revoked one is refused before a byte of
+/// its body is read.
+struct DeviceRequest {
+    device: String,
+    counter: u64,
+    public: DevicePublic,
+    body: Vec<u8>,
+}
+
+async fn device_request(
+    state: &Arc<State>,
+    remote: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<DeviceRequest, Reply> {
     let (device, counter) = match identify(request.headers()) {
         Ok(found) => found,
-        Err((device, refusal)) => return refuse(state, remote, device, refusal).await,
+        Err((device, refusal)) => return Err(refuse(state, remote, device, refusal).await),
     };
     let max_body = state.limits.max_body_bytes;
     let declared = request
@@ -824,10 +841,8 @@ async fn batch(state: &Arc<State>, remote: SocketAddr, request: Request<Incoming
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max_body as u64) {
         let refusal = Refusal::bad(413, format!("body over {max_body} bytes"));
-        return refuse(state, remote, Some(device), refusal).await;
+        return Err(refuse(state, remote, Some(device), refusal).await);
     }
-    // Who is asking, from the headers alone: an unknown or revoked device is refused before a
-    // byte of its body is read.
     let lookup = {
         let device = device.clone();
         blocking(state, move |_, store| store.device(&device)).await
@@ -845,29 +860,116 @@ async fn batch(state: &Arc<State>, remote: SocketAddr, request: Request<Incoming
         Ok(Ok(None)) => Err(Refusal::unauthenticated("unknown device")),
         Ok(Err(e)) => {
             log::error!("hub: {e}");
-            return Reply::text(500, "the hub cannot read its database; retry later");
+            return Err(Reply::text(
+                500,
+                "the hub cannot read its database; retry later",
+            ));
         }
         Err(e) => {
             log::error!("hub: {e}");
-            return Reply::text(500, "the hub cannot read its database; retry later");
+            return Err(Reply::text(
+                500,
+                "the hub cannot read its database; retry later",
+            ));
         }
     };
     let public = match public {
         Ok(p) => p,
-        Err(refusal) => return refuse(state, remote, Some(device), refusal).await,
+        Err(refusal) => return Err(refuse(state, remote, Some(device), refusal).await),
     };
-    let body = match read_body(request.into_body(), declared, &state.limits).await {
-        Ok(body) => body,
-        Err(refusal) => return refuse(state, remote, Some(device), refusal).await,
+    match read_body(request.into_body(), declared, &state.limits).await {
+        Ok(body) => Ok(DeviceRequest {
+            device,
+            counter,
+            public,
+            body,
+        }),
+        Err(refusal) => Err(refuse(state, remote, Some(device), refusal).await),
+    }
+}
+
+async fn batch(state: &Arc<State>, remote: SocketAddr, request: Request<Incoming>) -> Reply {
+    let r = match device_request(state, remote, request).await {
+        Ok(r) => r,
+        Err(reply) => return reply,
     };
     blocking(state, move |state, store| {
-        store_verified(state, store, remote, &device, &public, counter, &body)
+        store_verified(
+            state, store, remote, &r.device, &r.public, r.counter, &r.body,
+        )
     })
     .await
     .unwrap_or_else(|e| {
         log::error!("hub: {e}");
         Reply::text(500, "the hub could not store the batch; retry later")
     })
+}
+
+/// `POST /v2/heads`: the published heads for the device's model that it does not hold yet.
+async fn heads(state: &Arc<State>, remote: SocketAddr, request: Request<Incoming>) -> Reply {
+    let r = match device_request(state, remote, request).await {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    blocking(state, move |state, store| {
+        offer_heads(state, store, remote, &r)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        log::error!("hub: {e}");
+        Reply::text(500, "the hub cannot read its heads; retry later")
+    })
+}
+
+fn offer_heads(state: &State, store: &mut Store, remote: SocketAddr, r: &DeviceRequest) -> Reply {
+    let refuse = |refusal: Refusal| refusal.log_and_answer(state, store, remote, Some(&r.device));
+    let query = match wire::open_head_query(&r.public, &r.device, r.counter, &r.body) {
+        Ok(q) => q,
+        Err(OpenError::Unauthenticated) => return refuse(Refusal::unauthenticated(
+            "bad signature: the head query is not signed with this device's key for this counter",
+        )),
+        Err(OpenError::Malformed(m)) => {
+            return refuse(Refusal::bad(400, format!("malformed head query: {m}")))
+        }
+    };
+    let Ok(dim) = i64::try_from(query.embedding_dim) else {
+        return refuse(Refusal::bad(400, "embedding_dim out of range"));
+    };
+    let publications = match store.publications(&query.model_id, dim) {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("hub: {e}");
+            return Reply::text(500, "the hub cannot read its heads; retry later");
+        }
+    };
+    let newer: Vec<_> = publications
+        .into_iter()
+        .filter(|p| {
+            query
+                .have
+                .iter()
+                .find(|h| h.name == p.name)
+                .is_none_or(|h| p.version > h.version)
+        })
+        .collect();
+    for p in &newer {
+        log::info!(
+            "hub: {} gets head {} v{} for {}",
+            r.device,
+            p.name,
+            p.version,
+            query.model_id
+        );
+    }
+    let offer = wire::HeadOffer {
+        heads: newer
+            .into_iter()
+            .map(|p| serde_bytes::ByteBuf::from(p.signed))
+            .collect(),
+    };
+    let mut body = Vec::new();
+    ciborium::into_writer(&offer, &mut body).expect("serialisable");
+    Reply::new(200, "application/cbor", body)
 }
 
 /// The body, as long as it keeps arriving fast enough and stays within the limit.

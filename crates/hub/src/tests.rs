@@ -1027,9 +1027,10 @@ fn all_migrations() -> Vec<i64> {
 /// Undo migration 2 (the web page's tables) by hand, leaving an SQLite database of version 1.
 pub(crate) fn roll_back_to_version_1(conn: &rusqlite::Connection) {
     conn.execute_batch(
-        "DROP TABLE labels; DROP TABLE sessions; DROP TABLE users; DROP TABLE record_heads;
+        "DROP TABLE heads;
+         DROP TABLE labels; DROP TABLE sessions; DROP TABLE users; DROP TABLE record_heads;
          DROP INDEX records_by_capture; ALTER TABLE devices DROP COLUMN last_batch_at_ms;
-         DELETE FROM schema_migrations WHERE version = 2; PRAGMA user_version = 2;",
+         DELETE FROM schema_migrations WHERE version IN (2, 3); PRAGMA user_version = 2;",
     )
     .unwrap();
 }

@@ -149,6 +149,7 @@ mod tests {
                 head: "kind".into(),
                 classes: vec!["a".into(), "b".into()],
                 probabilities: vec![0.25, 0.75],
+                version: None,
             }],
             quality: None,
             source: Some("/home/jane-doe/clinic/img-1.png".into()),

@@ -51,6 +51,7 @@ fn record(device: &str, at_ms: i64, top: &str) -> Record {
             head: "kind".into(),
             classes,
             probabilities,
+            version: None,
         }],
         quality: Some(QualityResult {
             acceptable: true,
@@ -978,4 +979,114 @@ fn migration_2_fills_the_top_classes_of_records_stored_before_it() {
     assert_eq!(page.records.len(), 1);
     assert_eq!(page.records[0].record_id, a.id);
     assert_eq!(store.head_results().unwrap().len(), 2);
+}
+
+#[test]
+fn the_heads_page_trains_scores_and_publishes_from_labels() {
+    let hub = Hub::new(Backend::Sqlite, &["dev-1"]);
+    let classes = ["nevus", "melanoma"];
+    let records: Vec<Record> = (0..12)
+        .map(|i| {
+            let mut r = record("dev-1", DAY + i as i64, classes[i % 2]);
+            let mut v = [0.3f32; 4];
+            v[i % 2] += 1.0;
+            v[2] += 0.01 * i as f32;
+            r.embedding = StoredEmbedding::new(&v, EmbeddingType::F32);
+            r
+        })
+        .collect();
+    hub.send("dev-1", &records, &[]);
+    let store = hub.db.open();
+    for (i, r) in records.iter().enumerate() {
+        store
+            .add_label(&r.id, Some("kind"), classes[i % 2], "dr.ada", DAY)
+            .unwrap();
+    }
+    // Nothing without a session, and no form without the session's token.
+    let answer = get(&hub.url("/heads"), None);
+    assert_eq!(
+        (answer.status, answer.header("location")),
+        (303, Some("/login"))
+    );
+    let answer = post(&hub.url("/heads"), None, &[], &[("name", "diagnosis")]);
+    assert_eq!(
+        (answer.status, answer.header("location")),
+        (303, Some("/login"))
+    );
+    let cookie = session(&hub);
+    let page = get(&hub.url("/heads"), Some(&cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("labels of head kind (12 records)"),
+        "{}",
+        page.body
+    );
+    let set = r#"["df-mini","kind"]"#;
+    let answer = post(
+        &hub.url("/heads"),
+        Some(&cookie),
+        &[],
+        &[("csrf", "0"), ("label_set", set), ("name", "diagnosis")],
+    );
+    assert_eq!(answer.status, 403);
+    assert!(store.heads().unwrap().is_empty());
+    // A name that could not be a file name on the device is refused with the reason.
+    let csrf = page.csrf();
+    let train = |name: &str| {
+        post(
+            &hub.url("/heads"),
+            Some(&cookie),
+            &[],
+            &[("csrf", &csrf), ("label_set", set), ("name", name)],
+        )
+    };
+    let answer = train("../x");
+    assert_eq!(answer.status, 400);
+    assert!(answer.body.contains("head name"), "{}", answer.body);
+    let answer = train("diagnosis");
+    assert_eq!(answer.status, 303, "{}", answer.body);
+    let id = store.heads().unwrap()[0].id;
+    assert_eq!(
+        answer.header("location"),
+        Some(format!("/heads#head-{id}").as_str())
+    );
+    let page = get(&hub.url("/heads"), Some(&cookie));
+    assert!(
+        page.body.contains("class=\"accuracy\">100.0%"),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body.contains("table class=\"confusion\""),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains(">draft<"), "{}", page.body);
+    // Publishing signs it: the page says so, and the store holds the blob devices receive.
+    let answer = post(
+        &hub.url(&format!("/heads/{id}/publish")),
+        Some(&cookie),
+        &[],
+        &[("csrf", &csrf)],
+    );
+    assert_eq!(answer.status, 303, "{}", answer.body);
+    let page = get(&hub.url("/heads"), Some(&cookie));
+    assert!(
+        page.body.contains("published as version 1"),
+        "{}",
+        page.body
+    );
+    let publications = store.publications("df-mini", 4).unwrap();
+    assert_eq!(publications.len(), 1);
+    let head = wire::open_head(&hub.hub_key.public(), &publications[0].signed).unwrap();
+    assert_eq!((head.name.as_str(), head.version), ("diagnosis", Some(1)));
+    // Published once: a second publish is refused on the page.
+    let answer = post(
+        &hub.url(&format!("/heads/{id}/publish")),
+        Some(&cookie),
+        &[],
+        &[("csrf", &csrf)],
+    );
+    assert_eq!(answer.status, 400);
+    assert!(answer.body.contains("published already"), "{}", answer.body);
 }

@@ -353,6 +353,7 @@ fn record(device: &str, i: i64, top: usize, rgb: [u8; 3]) -> Record {
             head: "lesion".into(),
             classes,
             probabilities,
+            version: None,
         }],
         quality: Some(QualityResult {
             acceptable: i % 4 != 3,

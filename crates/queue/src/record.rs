@@ -159,6 +159,19 @@ pub struct HeadResult {
     pub head: String,
     pub classes: Vec<String>,
     pub probabilities: Vec<f32>,
+    /// The hub's publication number of the head that answered; `None` for a local head file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+impl HeadResult {
+    /// The head's name, with ` v<version>` for a head the hub published.
+    pub fn label(&self) -> String {
+        match self.version {
+            Some(v) => format!("{} v{v}", self.head),
+            None => self.head.clone(),
+        }
+    }
 }
 
 /// The image-quality gate's verdict on the frame.

@@ -24,6 +24,7 @@ fn plain_record(i: u64, marker: &str) -> Record {
             head: "condition".into(),
             classes: vec!["a".into(), "b".into()],
             probabilities: vec![0.25, 0.75],
+            version: None,
         }],
         quality: None,
         source: Some(format!("{marker}-{i}.png")),

@@ -28,6 +28,8 @@ const COUNTER_BLOCK: u64 = 64;
 /// A hub may move the device's counter forward (after a lost state file), but not past this.
 const COUNTER_CEILING: u64 = 1 << 60;
 const MAX_RESPONSE_BYTES: u64 = 64 << 10;
+/// Heads are weights: a 6144-d head of a few classes is a few hundred KiB.
+pub const MAX_HEAD_OFFER_BYTES: u64 = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -370,6 +372,78 @@ impl SyncClient {
         })
     }
 
+    /// The heads the hub published for `query`'s model that are newer than those the device
+    /// holds, each checked: signed by the pinned hub key, bound to the query's model and
+    /// dimension, and of a higher version than the one held. A head that fails a check is
+    /// refused with a log line naming why, and the rest are still returned.
+    pub fn fetch_heads(
+        &mut self,
+        device: &str,
+        query: &wire::HeadQuery,
+    ) -> Result<Vec<FetchedHead>, SyncError> {
+        let counter = self.take_counter()?;
+        let body = wire::seal_head_query(&self.key, device, counter, query);
+        let url = format!("{}{}", self.config.hub_url, wire::HEADS_PATH);
+        let response = self
+            .agent
+            .post(&url)
+            .set(wire::DEVICE_HEADER, device)
+            .set(wire::COUNTER_HEADER, &counter.to_string())
+            .set("Content-Type", wire::CONTENT_TYPE)
+            .send_bytes(&body);
+        let hub = self.config.hub_url.clone();
+        let reply = match response {
+            Ok(r) => read_body_up_to(r, MAX_HEAD_OFFER_BYTES),
+            Err(ureq::Error::Status(status, r)) => {
+                let text = String::from_utf8_lossy(&read_body(r)).trim().to_string();
+                return Err(if status >= 500 || status == 408 || status == 429 {
+                    SyncError::HubFailed {
+                        url: hub,
+                        status,
+                        message: text,
+                    }
+                } else if status == 404 || status == 405 {
+                    SyncError::Version { url: hub, status }
+                } else {
+                    SyncError::Refused {
+                        url: hub,
+                        status,
+                        message: text,
+                    }
+                });
+            }
+            Err(ureq::Error::Transport(t)) => {
+                return Err(SyncError::Transport {
+                    url: hub,
+                    message: t.to_string(),
+                })
+            }
+        };
+        let offer: wire::HeadOffer =
+            ciborium::from_reader(reply.as_slice()).map_err(|e| SyncError::BadAck {
+                url: hub.clone(),
+                message: format!("not a head offer: {e}"),
+            })?;
+        let mut accepted = Vec::new();
+        for blob in offer.heads {
+            match check_head(&self.hub, query, &blob) {
+                Ok(head) => {
+                    log::info!(
+                        "sync: hub published head {} for {}",
+                        head.label(),
+                        head.model_id
+                    );
+                    accepted.push(FetchedHead {
+                        head,
+                        signed: blob.into_vec(),
+                    });
+                }
+                Err(why) => log::error!("sync: head from {hub} refused, the old one kept: {why}"),
+            }
+        }
+        Ok(accepted)
+    }
+
     /// `body`: the reply; `request`: the body this device sent.
     fn status_error(
         &mut self,
@@ -571,12 +645,47 @@ pub fn pinned_tls(trust: &Path) -> Result<std::sync::Arc<rustls::ClientConfig>, 
 }
 
 fn read_body(response: ureq::Response) -> Vec<u8> {
+    read_body_up_to(response, MAX_RESPONSE_BYTES)
+}
+
+/// At most `max` bytes of the reply; a longer one comes back cut, and fails to decode.
+fn read_body_up_to(response: ureq::Response, max: u64) -> Vec<u8> {
     let mut body = Vec::new();
-    let _ = response
-        .into_reader()
-        .take(MAX_RESPONSE_BYTES)
-        .read_to_end(&mut body);
+    let _ = response.into_reader().take(max).read_to_end(&mut body);
     body
+}
+
+/// A head the hub published, checked, with the signed publication to store as it came.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FetchedHead {
+    pub head: dermedge_head::LinearHead,
+    pub signed: Vec<u8>,
+}
+
+/// The head in a signed publication, if `hub` signed it, it fits `query`'s model and dimension,
+/// and it is newer than the head of that name `query` says the device holds.
+pub fn check_head(
+    hub: &HubPublic,
+    query: &wire::HeadQuery,
+    signed: &[u8],
+) -> Result<dermedge_head::LinearHead, String> {
+    let head = wire::open_head(hub, signed).map_err(|e| match e {
+        OpenError::Unauthenticated => "not signed by the hub key pinned at enrollment".to_string(),
+        OpenError::Malformed(m) => format!("not a valid head: {m}"),
+    })?;
+    let dim = usize::try_from(query.embedding_dim).unwrap_or(usize::MAX);
+    head.check_model(&query.model_id, dim)
+        .map_err(|e| e.to_string())?;
+    let version = head.version.unwrap_or(0);
+    if let Some(held) = query.have.iter().find(|h| h.name == head.name) {
+        if version <= held.version {
+            return Err(format!(
+                "head {} is version {version}, not newer than the version {} held",
+                head.name, held.version
+            ));
+        }
+    }
+    Ok(head)
 }
 
 /// Sleep for `wait`, waking early when `stop` is set.
@@ -594,6 +703,54 @@ pub fn sleep_unless(stop: &AtomicBool, wait: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_must_fit_the_model_and_be_newer_than_the_one_held() {
+        let hub = HubKey::generate();
+        let head = dermedge_head::LinearHead {
+            format: dermedge_head::FORMAT.into(),
+            name: "diagnosis".into(),
+            model_id: "df-mini".into(),
+            embedding_dim: 2,
+            kind: dermedge_head::HeadKind::Softmax,
+            classes: vec!["a".into(), "b".into()],
+            l2_normalize: true,
+            input_mean: Vec::new(),
+            input_scale: 1.0,
+            weights: vec![vec![1.0, 0.0], vec![0.0, 1.0]],
+            bias: vec![0.0, 0.0],
+            version: Some(3),
+        };
+        let blob = wire::seal_head(&hub, &head);
+        let query = |model: &str, dim: u64, held: Option<u64>| wire::HeadQuery {
+            model_id: model.into(),
+            embedding_dim: dim,
+            have: held
+                .map(|version| wire::HeldHead {
+                    name: "diagnosis".into(),
+                    version,
+                })
+                .into_iter()
+                .collect(),
+        };
+        assert_eq!(
+            check_head(&hub.public(), &query("df-mini", 2, None), &blob).unwrap(),
+            head
+        );
+        assert!(check_head(&hub.public(), &query("df-mini", 2, Some(2)), &blob).is_ok());
+        let err = check_head(&hub.public(), &query("df-mini", 2, Some(3)), &blob).unwrap_err();
+        assert!(err.contains("not newer"), "{err}");
+        let err = check_head(&hub.public(), &query("lesion-x448", 2, None), &blob).unwrap_err();
+        assert!(err.contains("lesion-x448"), "{err}");
+        assert!(check_head(&hub.public(), &query("df-mini", 3, None), &blob).is_err());
+        let err = check_head(
+            &HubKey::generate().public(),
+            &query("df-mini", 2, None),
+            &blob,
+        )
+        .unwrap_err();
+        assert!(err.contains("pinned"), "{err}");
+    }
     use dermedge_queue::{
         Envelope, GapReason, HubKey, QueueOptions, Record, Stored, ENVELOPE_FORMAT,
     };

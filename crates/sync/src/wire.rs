@@ -14,7 +14,17 @@
 //! (kinds `ack` and `conflict`): a device moves its cursor or counter only on the word of the hub
 //! whose public key it pinned at enrollment. The hub's database holds public keys only, so a copy
 //! of it cannot produce such a word.
+//!
+//! `POST /v2/heads` asks, with the same headers and a body signed the same way (kind `heads`),
+//! for the heads the hub published for the device's model ([`HeadQuery`]); the hub answers `200`
+//! with a [`HeadOffer`]. Each head in it is a publication the hub signed once, for every device:
+//! `signature || CBOR head` over `"dermedge-sync/2 head\0" || "\0" || 0 (u64) || CBOR`, the
+//! head's version inside the CBOR
+//! ([`seal_head`], [`open_head`]). A device stores that blob as it came and checks it again at
+//! every start, so a head on its disk is as trustworthy as the hub key it pinned. The query
+//! changes nothing on the hub, so its counter is not checked against replay.
 
+use dermedge_head::LinearHead;
 use dermedge_queue::{DeviceKey, DevicePublic, Gap, HubKey, HubPublic, SIGNATURE_BYTES};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -22,6 +32,7 @@ use sha2::{Digest, Sha256};
 pub const PROTOCOL: &str = "dermedge-sync/2";
 pub const BATCH_PATH: &str = "/v2/batches";
 pub const HEALTH_PATH: &str = "/v1/health";
+pub const HEADS_PATH: &str = "/v2/heads";
 pub const DEVICE_HEADER: &str = "X-Dermedge-Device";
 pub const COUNTER_HEADER: &str = "X-Dermedge-Counter";
 pub const CONTENT_TYPE: &str = "application/vnd.dermedge.batch";
@@ -76,6 +87,31 @@ pub struct Conflict {
     pub error: String,
     pub hub_highest_seq: Option<u64>,
     pub hub_last_counter: Option<u64>,
+}
+
+/// The heads a device asks for: those published for its model, newer than the ones it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadQuery {
+    pub model_id: String,
+    pub embedding_dim: u64,
+    /// The heads the device runs now, by name, with the hub's version (0 for a local file).
+    pub have: Vec<HeldHead>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldHead {
+    pub name: String,
+    pub version: u64,
+}
+
+/// The hub's answer to a [`HeadQuery`]: signed head publications ([`seal_head`]), newest
+/// version of each name, only those the device does not hold yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadOffer {
+    pub heads: Vec<serde_bytes::ByteBuf>,
 }
 
 /// Why a signed message was refused.
@@ -226,6 +262,51 @@ pub fn open_conflict(
     )?)
 }
 
+/// A head query body: the device's signature, then the query's CBOR.
+pub fn seal_head_query(key: &DeviceKey, device: &str, counter: u64, query: &HeadQuery) -> Vec<u8> {
+    let cbor = to_cbor(query);
+    signed(key.sign(&message("heads", device, counter, &cbor)), cbor)
+}
+
+pub fn open_head_query(
+    public: &DevicePublic,
+    device: &str,
+    counter: u64,
+    body: &[u8],
+) -> Result<HeadQuery, OpenError> {
+    decode(verified(
+        |cbor| message("heads", device, counter, cbor),
+        body,
+        |m, s| public.verify(m, s),
+    )?)
+}
+
+/// A head publication: the hub's signature, then the head's CBOR (its version inside).
+///
+/// # Panics
+/// If `head.version` is `None`: only a numbered head is published.
+pub fn seal_head(hub: &HubKey, head: &LinearHead) -> Vec<u8> {
+    assert!(head.version.is_some(), "a published head has a version");
+    let cbor = to_cbor(head);
+    signed(hub.sign(&message("head", "", 0, &cbor)), cbor)
+}
+
+/// The head in a publication, if the pinned hub signed it and it is a well-formed, numbered head.
+/// Whether it fits the device's model is the caller's check ([`LinearHead::check_model`]).
+pub fn open_head(hub: &HubPublic, blob: &[u8]) -> Result<LinearHead, OpenError> {
+    let head: LinearHead = decode(verified(
+        |cbor| message("head", "", 0, cbor),
+        blob,
+        |m, s| hub.verify(m, s),
+    )?)?;
+    if head.version.is_none() {
+        return Err(OpenError::Malformed("the head has no version".into()));
+    }
+    dermedge_head::check_name(&head.name).map_err(OpenError::Malformed)?;
+    head.validate().map_err(OpenError::Malformed)?;
+    Ok(head)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +339,100 @@ mod tests {
         assert!(open_conflict(&hub.public(), "dev-1", 3, b"request B", &body).is_err());
     }
     use dermedge_queue::GapReason;
+
+    fn head(version: Option<u64>) -> LinearHead {
+        LinearHead {
+            format: dermedge_head::FORMAT.into(),
+            name: "diagnosis".into(),
+            model_id: "df-mini".into(),
+            embedding_dim: 2,
+            kind: dermedge_head::HeadKind::Softmax,
+            classes: vec!["a".into(), "b".into()],
+            l2_normalize: true,
+            input_mean: Vec::new(),
+            input_scale: 1.0,
+            weights: vec![vec![1.0, -1.0], vec![-1.0, 1.0]],
+            bias: vec![0.0, 0.5],
+            version,
+        }
+    }
+
+    /// `signature || cbor` of `value`, signed by `hub` as a head publication.
+    fn sign_as_head<T: Serialize>(hub: &HubKey, value: &T) -> Vec<u8> {
+        let cbor = to_cbor(value);
+        signed(hub.sign(&message("head", "", 0, &cbor)), cbor)
+    }
+
+    #[test]
+    fn a_head_publication_opens_only_with_the_hub_key_and_unchanged() {
+        let hub = HubKey::generate();
+        let blob = seal_head(&hub, &head(Some(3)));
+        assert_eq!(open_head(&hub.public(), &blob).unwrap(), head(Some(3)));
+        assert_eq!(
+            open_head(&HubKey::generate().public(), &blob),
+            Err(OpenError::Unauthenticated)
+        );
+        for i in [0, SIGNATURE_BYTES, blob.len() - 1] {
+            let mut bad = blob.clone();
+            bad[i] ^= 0x40;
+            assert_eq!(
+                open_head(&hub.public(), &bad),
+                Err(OpenError::Unauthenticated),
+                "byte {i}"
+            );
+        }
+        assert_eq!(
+            open_head(&hub.public(), &blob[..10]),
+            Err(OpenError::Unauthenticated)
+        );
+        // Signed, but not a publishable head: no version, a name that is no file name, a shape
+        // that does not fit, another message kind.
+        assert!(matches!(
+            open_head(&hub.public(), &sign_as_head(&hub, &head(None))),
+            Err(OpenError::Malformed(_))
+        ));
+        let mut named = head(Some(1));
+        named.name = "../../queue".into();
+        assert!(matches!(
+            open_head(&hub.public(), &sign_as_head(&hub, &named)),
+            Err(OpenError::Malformed(_))
+        ));
+        let mut short = head(Some(1));
+        short.weights[1].pop();
+        assert!(matches!(
+            open_head(&hub.public(), &sign_as_head(&hub, &short)),
+            Err(OpenError::Malformed(_))
+        ));
+        let as_ack = seal_ack(&hub, "", b"", &ack());
+        assert_eq!(
+            open_head(&hub.public(), &as_ack),
+            Err(OpenError::Unauthenticated)
+        );
+    }
+
+    #[test]
+    fn head_queries_open_only_for_their_device_and_counter() {
+        let key = DeviceKey::generate();
+        let query = HeadQuery {
+            model_id: "df-mini".into(),
+            embedding_dim: 16,
+            have: vec![HeldHead {
+                name: "diagnosis".into(),
+                version: 2,
+            }],
+        };
+        let body = seal_head_query(&key, "dev-1", 9, &query);
+        assert_eq!(
+            open_head_query(&key.public(), "dev-1", 9, &body).unwrap(),
+            query
+        );
+        assert!(open_head_query(&key.public(), "dev-1", 10, &body).is_err());
+        assert!(open_head_query(&key.public(), "dev-2", 9, &body).is_err());
+        // A batch signature does not make a head query, nor the other way round.
+        let batch_body = seal_batch(&key, "dev-1", 9, &batch());
+        assert!(open_head_query(&key.public(), "dev-1", 9, &batch_body).is_err());
+        assert!(open_batch(&key.public(), "dev-1", 9, &body).is_err());
+    }
 
     fn batch() -> Batch {
         Batch {

@@ -137,6 +137,12 @@ pub fn postgres() -> Vec<Migration> {
             sql: POSTGRES_2.to_string(),
             backfill: Some(backfill_record_heads),
         },
+        Migration {
+            version: 3,
+            name: super::heads::NAME_3,
+            sql: super::heads::POSTGRES.to_string(),
+            backfill: None,
+        },
     ]
 }
 

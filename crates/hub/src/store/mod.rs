@@ -18,15 +18,18 @@ mod migrations;
 mod postgres;
 pub(crate) mod sql;
 mod sqlite;
+#[macro_use]
 mod web;
+mod heads;
 
 use std::cell::RefCell;
 use std::path::Path;
 use std::time::Duration;
 
-use dermedge_queue::{now_ms, DevicePublic, Gap, Record};
+use dermedge_queue::{now_ms, DevicePublic, EmbeddingType, Gap, Record, StoredEmbedding};
 use rusqlite::Connection;
 
+pub use heads::{LabelledEmbedding, NewHead, Publication, StoredHead};
 pub use location::{is_postgres_url, Location, PostgresUrl};
 use sql::{args, Dialect, Fail, Failure, Row, Sql, SqlError};
 pub use web::{
@@ -37,7 +40,7 @@ pub use web::{
 use crate::HubError;
 
 /// The newest schema migration this dermedge knows (`schema_migrations.version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The newest rejections kept; older ones are deleted as new ones are logged.
 pub const MAX_REJECTIONS: i64 = 10_000;
@@ -135,6 +138,30 @@ pub struct StoredRecord {
     pub embedding_dtype: String,
     pub embedding_dim: u32,
     pub embedding: Vec<u8>,
+}
+
+impl StoredRecord {
+    /// The embedding as the record carried it.
+    pub fn stored_embedding(&self) -> StoredEmbedding {
+        stored_embedding(
+            &self.embedding_dtype,
+            self.embedding_dim,
+            self.embedding.clone(),
+        )
+    }
+}
+
+/// An embedding from its stored columns (`embedding_dtype` is `f16` or `f32`).
+fn stored_embedding(dtype: &str, dim: u32, data: Vec<u8>) -> StoredEmbedding {
+    StoredEmbedding {
+        dtype: if dtype == "f16" {
+            EmbeddingType::F16
+        } else {
+            EmbeddingType::F32
+        },
+        dim,
+        data,
+    }
 }
 
 /// A loss a device reported (or a record the hub refused, kept as one).

@@ -127,6 +127,12 @@ pub fn migrations() -> Vec<Migration> {
             sql: WEB.to_string(),
             backfill: Some(migrations::backfill_record_heads),
         },
+        Migration {
+            version: 3,
+            name: super::heads::NAME_3,
+            sql: super::heads::SQLITE.to_string(),
+            backfill: None,
+        },
     ]
 }
 

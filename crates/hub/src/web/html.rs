@@ -10,7 +10,8 @@ use dermedge_queue::HeadResult;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use super::ListQuery;
-use crate::store::{DeviceHealth, Label, RecordPage, RecordSummary};
+use crate::heads::Evaluation;
+use crate::store::{DeviceHealth, Label, RecordPage, RecordSummary, StoredHead};
 
 /// The page's stylesheet (inline; its SHA-256 is in the Content-Security-Policy).
 pub const CSS: &str = "
@@ -29,6 +30,9 @@ form.label{display:flex;gap:.6em;align-items:end;margin:.4em 0}
 ul.plain{list-style:none;margin:0;padding:0}.login{max-width:22em;margin:4em auto}
 .login form{display:flex;flex-direction:column;gap:.8em}.login label{display:flex;flex-direction:column}
 .record-fields{overflow:hidden}section{clear:both;margin-top:1.2em}
+form.train{display:flex;flex-wrap:wrap;gap:.6em 1em;align-items:end;margin-bottom:1em}
+form.train label{display:flex;flex-direction:column;font-size:.9em}
+section.head{background:#fff;border:1px solid #d5dae1;padding:.6em 1em}table.confusion td{text-align:right}
 ";
 
 /// `text` fit for HTML element content and double-quoted attribute values.
@@ -168,12 +172,13 @@ pub fn layout(title: &str, nav: Option<&Nav<'_>>, main: &str) -> String {
         };
         let _ = write!(
             out,
-            "<header><strong>dermedge hub</strong><nav>{}{}{}</nav>\
+            "<header><strong>dermedge hub</strong><nav>{}{}{}{}</nav>\
              <span class=\"user\">{}</span>\
              <form method=\"post\" action=\"/logout\">{}<button type=\"submit\" id=\"logout\">Log out</button></form>\
              </header>",
             link("/", "Records"),
             link("/devices", "Devices"),
+            link("/heads", "Heads"),
             link("/export.csv", "Export CSV"),
             esc(nav.user),
             csrf_field(nav.csrf)
@@ -261,18 +266,19 @@ fn head_results(heads: &[HeadResult]) -> String {
     }
     let mut out = String::from("<ul class=\"plain\">");
     for head in heads {
+        let name = head.label();
         match crate::store::top_class(head) {
             Some((class, p)) => {
                 let _ = write!(
                     out,
                     "<li>{}: <b>{}</b> {:.0}%</li>",
-                    esc(&head.head),
+                    esc(&name),
                     esc(class),
                     p * 100.0
                 );
             }
             None => {
-                let _ = write!(out, "<li>{}: —</li>", esc(&head.head));
+                let _ = write!(out, "<li>{}: —</li>", esc(&name));
             }
         }
     }
@@ -642,6 +648,170 @@ pub fn devices_page(nav: &Nav<'_>, devices: &[DeviceHealth], now_ms: i64) -> Str
     }
     main.push_str("</tbody></table>");
     layout("Devices", Some(nav), &main)
+}
+
+/// What the heads page shows.
+pub struct HeadsView<'a> {
+    pub heads: &'a [StoredHead],
+    /// `(model id, label set, labelled records)`: what a head can be trained from.
+    pub label_sets: &'a [(String, Option<String>, u64)],
+    pub message: Option<&'a str>,
+}
+
+fn label_set_name(set: Option<&str>) -> String {
+    set.map_or("labels of whole records".into(), |h| {
+        format!("labels of head {h}")
+    })
+}
+
+fn percent(v: Option<f64>) -> String {
+    v.map_or("—".into(), |v| format!("{:.1}%", v * 100.0))
+}
+
+fn auc(v: Option<f64>) -> String {
+    v.map_or("—".into(), |v| format!("{v:.3}"))
+}
+
+/// One head's held-out scores: per class, then the confusion matrix.
+fn evaluation_tables(out: &mut String, e: &Evaluation) {
+    let h = &e.heldout;
+    let _ = write!(
+        out,
+        "<p>Held out: <b>{}</b> records, accuracy <b class=\"accuracy\">{}</b>, macro ROC AUC {}.</p>\
+         <table class=\"classes\"><thead><tr><th>Class</th><th>Trained on</th><th>Held out</th>\
+         <th>ROC AUC</th><th>Precision</th><th>Recall</th></tr></thead><tbody>",
+        h.count,
+        percent(Some(h.accuracy)),
+        auc(h.macro_roc_auc)
+    );
+    for (i, c) in h.classes.iter().enumerate() {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"auc\">{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&c.class),
+            e.train_counts.get(i).copied().unwrap_or(0),
+            e.heldout_counts.get(i).copied().unwrap_or(0),
+            auc(c.roc_auc),
+            percent(c.precision),
+            percent(c.recall)
+        );
+    }
+    out.push_str("</tbody></table>");
+    if let Some(confusion) = &h.confusion {
+        out.push_str(
+            "<p>Confusion on the held-out records (rows: the clinicians' label, columns: the head's top class).</p>\
+             <table class=\"confusion\"><thead><tr><th></th>",
+        );
+        for c in &e.classes {
+            let _ = write!(out, "<th>{}</th>", esc(c));
+        }
+        out.push_str("</tr></thead><tbody>");
+        for (i, row) in confusion.iter().enumerate() {
+            let _ = write!(
+                out,
+                "<tr><th>{}</th>",
+                esc(e.classes.get(i).map_or("", String::as_str))
+            );
+            for n in row {
+                let _ = write!(out, "<td>{n}</td>");
+            }
+            out.push_str("</tr>");
+        }
+        out.push_str("</tbody></table>");
+    }
+    if !e.left_out.is_empty() {
+        let left: Vec<String> = e
+            .left_out
+            .iter()
+            .map(|(label, n)| format!("{} ({n})", esc(label)))
+            .collect();
+        let _ = write!(
+            out,
+            "<p class=\"muted\">Left out, too few labelled records: {}.</p>",
+            left.join(", ")
+        );
+    }
+}
+
+/// Heads trained from the clinicians' labels, each with its held-out scores, and the form that
+/// trains another.
+pub fn heads_page(nav: &Nav<'_>, view: &HeadsView<'_>) -> String {
+    let mut main = String::from(
+        "<h1>Heads</h1><p class=\"muted\">A head is trained from one set of labels on the records \
+         of one model, and scored on a quarter of each class's records it did not see. Publishing \
+         signs it with the hub's key; devices fetch it on their next sync and use it from the next \
+         capture.</p>",
+    );
+    main.push_str(&message(view.message));
+    if view.label_sets.is_empty() {
+        main.push_str(
+            "<p class=\"muted\">No record is labelled yet: label records to train a head.</p>",
+        );
+    } else {
+        let _ = write!(
+            main,
+            "<form method=\"post\" action=\"/heads\" class=\"train\" id=\"train\">{}\
+             <label>Labels<select name=\"label_set\" id=\"label-set\">",
+            csrf_field(nav.csrf)
+        );
+        for (model, set, n) in view.label_sets {
+            let value = serde_json::to_string(&(model, set)).expect("serialisable");
+            let _ = write!(
+                main,
+                "<option value=\"{}\">{}: {} ({n} records)</option>",
+                esc(&value),
+                esc(model),
+                esc(&label_set_name(set.as_deref()))
+            );
+        }
+        let _ = write!(
+            main,
+            "</select></label><label>Head name<input name=\"name\" id=\"head-name\" required \
+             maxlength=\"{}\" value=\"diagnosis\"></label>\
+             <button type=\"submit\" id=\"train-head\">Train</button></form>",
+            dermedge_head::MAX_NAME_CHARS
+        );
+    }
+    if view.heads.is_empty() {
+        main.push_str("<p class=\"muted\">No head has been trained.</p>");
+    }
+    for head in view.heads {
+        let status = match (head.version, head.published_at_ms) {
+            (Some(v), Some(at)) => format!(
+                "<span class=\"ok published\">published as version {v}</span> {} by {}",
+                esc(&time(at)),
+                esc(head.published_by.as_deref().unwrap_or("?"))
+            ),
+            _ => format!(
+                "<span class=\"muted\">draft</span> <form method=\"post\" action=\"/heads/{}/publish\" \
+                 class=\"publish\">{}<button type=\"submit\" id=\"publish-{}\">Publish to devices</button></form>",
+                head.id,
+                csrf_field(nav.csrf),
+                head.id
+            ),
+        };
+        let _ = write!(
+            main,
+            "<section class=\"head\" id=\"head-{}\"><h2>{} <span class=\"muted\">for {} \
+             ({}-d)</span></h2><p>{status}</p><p class=\"muted\">Trained {} by {} from {}: {} records \
+             to train, {} held out.</p>",
+            head.id,
+            esc(&head.name),
+            esc(&head.model_id),
+            head.embedding_dim,
+            esc(&time(head.trained_at_ms)),
+            esc(&head.trained_by),
+            esc(&label_set_name(head.label_set.as_deref())),
+            head.train_records,
+            head.heldout_records
+        );
+        match crate::heads::evaluation(head) {
+            Some(e) => evaluation_tables(&mut main, &e),
+            None => main.push_str("<p class=\"bad\">The stored evaluation cannot be read.</p>"),
+        }
+        main.push_str("</section>");
+    }
+    layout("Heads", Some(nav), &main)
 }
 
 #[cfg(test)]

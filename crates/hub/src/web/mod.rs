@@ -9,6 +9,9 @@
 //! | `POST /records/{id}/labels` | a label from the head's classes, or free text |
 //! | `GET /records/{id}/thumbnail.jpg` | the record's thumbnail |
 //! | `GET /devices` | each device's sync: last batch, acknowledged sequence, losses |
+//! | `GET /heads` | heads trained from the labels, their held-out scores, the training form |
+//! | `POST /heads` | train a head from one label set ([`crate::heads`]); kept as a draft |
+//! | `POST /heads/{id}/publish` | sign and publish a draft: devices fetch it on their next sync |
 //! | `GET /export.csv` | the filtered records as CSV (the `hub export` columns, plus labels) |
 //!
 //! Without a valid session a page answers `303` to `/login` and a resource (thumbnail, export)
@@ -456,8 +459,10 @@ async fn dispatch(
         (&Method::POST, "/logout") => logout(state, request).await,
         (&Method::GET, "/") => records(state, &request).await,
         (&Method::GET, "/devices") => devices(state, request.headers()).await,
+        (&Method::GET, "/heads") => heads(state, request.headers(), None).await,
+        (&Method::POST, "/heads") => train_head(state, request).await,
         (&Method::GET, "/export.csv") => export(state, &request).await,
-        (_, "/login" | "/logout" | "/" | "/devices" | "/export.csv") => {
+        (_, "/login" | "/logout" | "/" | "/devices" | "/heads" | "/export.csv") => {
             Ok(Reply::text(405, "method not allowed"))
         }
         (_, p) if p.starts_with("/records/") => {
@@ -478,6 +483,14 @@ async fn dispatch(
                 _ => Ok(Reply::text(404, "not found")),
             }
         }
+        (_, p) if p.starts_with("/heads/") => match p["/heads/".len()..].split_once('/') {
+            Some((id, "publish")) => match id.parse::<i64>() {
+                Ok(id) if method == Method::POST => publish_head(state, request, id).await,
+                Ok(_) => Ok(Reply::text(405, "method not allowed")),
+                Err(_) => Ok(Reply::text(404, "not found")),
+            },
+            _ => Ok(Reply::text(404, "not found")),
+        },
         _ => Ok(Reply::text(404, "not found")),
     }
 }
@@ -612,6 +625,88 @@ async fn devices(state: &Arc<State>, headers: &HeaderMap) -> Result<Reply, Reply
         200,
         html::devices_page(&session.nav("/devices"), &devices, now),
     ))
+}
+
+/// The heads page; `note`: a refusal of the last form, with its status.
+async fn heads(
+    state: &Arc<State>,
+    headers: &HeaderMap,
+    note: Option<(u16, String)>,
+) -> Result<Reply, Reply> {
+    let session = require(state, headers, Access::Page).await?;
+    let (heads, label_sets) = db(state, |store| Ok((store.heads()?, store.label_sets()?))).await?;
+    let (status, message) = note.map_or((200, None), |(status, m)| (status, Some(m)));
+    let view = html::HeadsView {
+        heads: &heads,
+        label_sets: &label_sets,
+        message: message.as_deref(),
+    };
+    Ok(page(
+        status,
+        html::heads_page(&session.nav("/heads"), &view),
+    ))
+}
+
+/// A refusal of a heads form is shown on the page; any other failure is an error page.
+async fn head_work<R: Send + 'static>(
+    state: &Arc<State>,
+    work: impl FnOnce(&State, &Store) -> Result<R, HubError> + Send + 'static,
+) -> Result<Result<R, String>, Reply> {
+    match blocking(state, move |state, store| work(state, store)).await {
+        Ok(Ok(r)) => Ok(Ok(r)),
+        Ok(Err(HubError::BadRequest(why))) => Ok(Err(why)),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// `POST /heads`: train a head from the label set the form names.
+async fn train_head(state: &Arc<State>, request: Request<Incoming>) -> Result<Reply, Reply> {
+    let session = require(state, request.headers(), Access::Page).await?;
+    let (headers, fields) = form(state, request).await?;
+    check_csrf(&session, &headers, &fields)?;
+    let name = fields.get("name").unwrap_or("").trim().to_string();
+    let set: Option<(String, Option<String>)> = fields
+        .get("label_set")
+        .and_then(|v| serde_json::from_str(v).ok());
+    let Some((model_id, label_set)) = set else {
+        let why = "choose the labels to train on".to_string();
+        return heads(state, &headers, Some((400, why))).await;
+    };
+    let request = crate::heads::TrainRequest {
+        name,
+        model_id,
+        label_set,
+    };
+    let by = session.user.clone();
+    let trained = head_work(state, move |_, store| {
+        crate::heads::train_from_labels(store, &request, &by, now_ms())
+    })
+    .await?;
+    match trained {
+        Ok((id, _)) => Ok(see_other(&format!("/heads#head-{id}"))),
+        Err(why) => heads(state, &headers, Some((400, why))).await,
+    }
+}
+
+/// `POST /heads/{id}/publish`: sign a draft with the hub key; devices fetch it on their next sync.
+async fn publish_head(
+    state: &Arc<State>,
+    request: Request<Incoming>,
+    id: i64,
+) -> Result<Reply, Reply> {
+    let session = require(state, request.headers(), Access::Page).await?;
+    let (headers, fields) = form(state, request).await?;
+    check_csrf(&session, &headers, &fields)?;
+    let by = session.user.clone();
+    let published = head_work(state, move |state, store| {
+        crate::heads::publish(store, &state.hub_key, id, &by, now_ms())
+    })
+    .await?;
+    match published {
+        Ok(_) => Ok(see_other(&format!("/heads#head-{id}"))),
+        Err(why) => heads(state, &headers, Some((400, why))).await,
+    }
 }
 
 /// `head: label; …` of a record's current labels, for the CSV.
