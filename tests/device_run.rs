@@ -1,5 +1,6 @@
 //! The device application end to end: the README's main-job config on the bundled session,
-//! SIGTERM during a run, and each example config broken five ways.
+//! the head loop (a head the hub trains from labels runs on the device), SIGTERM during a run,
+//! and each example config broken five ways.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -151,6 +152,103 @@ fn the_main_job_leaves_screens_records_and_a_hub_database() {
         read_npy_rows(&direct),
         "hub embeddings differ from `dermedge embed`"
     );
+}
+
+/// The heads of each record the hub holds: `(head, version)` per record, in capture order.
+fn hub_heads(db: &Path) -> Vec<Vec<(String, Option<u64>)>> {
+    let store = dermedge_hub::store::Store::open(db).unwrap();
+    store
+        .records(None, None)
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let heads: Vec<dermedge_queue::HeadResult> =
+                serde_json::from_str(&r.heads_json).unwrap();
+            heads.into_iter().map(|h| (h.head, h.version)).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_head_the_hub_trains_from_labels_runs_on_the_device_and_a_tampered_one_does_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let head = train_image_kind_head(dir);
+    let config = x86_config(dir, &head, |t| t.replace("fps = 12", "fps = 4"));
+    ok(&["run", "--config", &s(&config)]);
+
+    // A clinician labels the synced records by what they show; the hub trains a head of the
+    // same name as the device's own, scores it, and publishes it.
+    let db = dir.join("hub.sqlite");
+    let store = dermedge_hub::store::Store::open(&db).unwrap();
+    let records = store.records(None, None).unwrap();
+    assert_eq!(records.len(), 5);
+    for r in &records {
+        let kind = if r.source.as_deref().unwrap_or("").contains("dermoscopy") {
+            "dermoscopy"
+        } else {
+            "photo"
+        };
+        store
+            .add_label(&r.record_id, None, kind, "dr.ada", 1)
+            .unwrap();
+    }
+    let request = dermedge_hub::heads::TrainRequest {
+        name: "image-kind".into(),
+        model_id: records[0].model_id.clone(),
+        label_set: None,
+    };
+    let (id, evaluation) =
+        dermedge_hub::heads::train_from_labels(&store, &request, "dr.ada", 2).unwrap();
+    assert_eq!(evaluation.classes, ["dermoscopy", "photo"]);
+    let hub_key = dermedge_queue::HubKey::load(&dir.join("hub.key")).unwrap();
+    assert_eq!(
+        dermedge_hub::heads::publish(&store, &hub_key, id, "dr.ada", 3).unwrap(),
+        1
+    );
+    drop(store);
+
+    // The next run fetches it on sync and keeps it; the run after uses it for every capture.
+    let out = ok(&["run", "--config", &s(&config)]);
+    let kept = dir.join("queue/heads/image-kind.head");
+    assert!(kept.exists(), "{}", text(&out.stderr));
+    let out = ok(&["run", "--config", &s(&config)]);
+    assert!(
+        text(&out.stderr).contains("head image-kind v1 (published by the hub) loaded"),
+        "{}",
+        text(&out.stderr)
+    );
+    let runs = hub_heads(&db);
+    assert_eq!(runs.len(), 15);
+    let third = &runs[10..];
+    assert!(
+        third
+            .iter()
+            .all(|heads| heads == &vec![("image-kind".to_string(), Some(1))]),
+        "{third:?}"
+    );
+    assert!(
+        runs[..5]
+            .iter()
+            .all(|heads| heads == &vec![("image-kind".to_string(), None)]),
+        "the first run used the local head file"
+    );
+
+    // A kept head changed on the device's disk is refused at start, the device's own head file
+    // runs meanwhile, and the next sync brings the hub's signed head back.
+    let published = fs::read(&kept).unwrap();
+    let mut bytes = published.clone();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    fs::write(&kept, bytes).unwrap();
+    let out = ok(&["run", "--config", &s(&config)]);
+    let log = text(&out.stderr);
+    assert!(
+        log.contains("published head refused: not signed by the hub key"),
+        "{log}"
+    );
+    assert!(log.contains("hub published head image-kind v1"), "{log}");
+    assert_eq!(fs::read(&kept).unwrap(), published);
 }
 
 #[test]

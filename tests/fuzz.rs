@@ -1072,6 +1072,8 @@ const HTTP_DICT: &[&[u8]] = &[
     b"HEAD ",
     b"PUT ",
     b"/v2/batches",
+    b"/v2/heads",
+    b"/heads",
     b"/v1/health",
     b"/v2/batches?x=1",
     b"/v1/batches",
@@ -2094,6 +2096,39 @@ fn sync_wire() {
             signed_body(signature, input)
         };
         let batch = wire::open_batch(&device_public, DEVICE, counter, &sign("request"));
+        // The head loop: a device's query as the hub opens it, a publication as the device opens
+        // it, and a hub's offer (unsigned around signed heads) as the device reads it.
+        let query = wire::open_head_query(
+            &device_public,
+            DEVICE,
+            counter,
+            &signed_body(
+                device.sign(&sync_message("heads", DEVICE, counter, input)),
+                input,
+            ),
+        );
+        let head = wire::open_head(
+            &hub_public,
+            &signed_body(hub.sign(&sync_message("head", "", 0, input)), input),
+        );
+        let raw_head = wire::open_head(&hub_public, input);
+        let offered = match ciborium::from_reader::<wire::HeadOffer, _>(input) {
+            Ok(offer) => {
+                let want = wire::HeadQuery {
+                    model_id: "df-mini".into(),
+                    embedding_dim: 4,
+                    have: Vec::new(),
+                };
+                offer
+                    .heads
+                    .iter()
+                    .map(|blob| dermedge_sync::check_head(&hub_public, &want, blob).is_ok())
+                    .filter(|ok| *ok)
+                    .count()
+                    .to_string()
+            }
+            Err(_) => "-".into(),
+        };
         let ack = wire::open_ack(&hub_public, DEVICE, counter, request, &sign("ack"));
         // A 409's body, as the sync client reads it.
         let conflict =
@@ -2101,7 +2136,7 @@ fn sync_wire() {
         if let Ok(b) = &batch {
             let _ = b.last();
         }
-        if batch.is_ok() || ack.is_ok() || conflict.is_ok() {
+        if batch.is_ok() || ack.is_ok() || conflict.is_ok() || query.is_ok() || head.is_ok() {
             authentic += 1;
         }
         let name = |r: Result<(), wire::OpenError>| match r {
@@ -2110,13 +2145,16 @@ fn sync_wire() {
             Err(wire::OpenError::Malformed(m)) => signature(&m),
         };
         format!(
-            "raw {} {} {} | batch {} | ack {} | conflict {}",
+            "raw {} {} {} {} | batch {} | ack {} | conflict {} | query {} | head {} | offer {offered}",
             raw_batch.is_ok(),
             raw_ack.is_ok(),
             raw_conflict.is_ok(),
+            raw_head.is_ok(),
             name(batch.map(|_| ())),
             name(ack.map(|_| ())),
             name(conflict.map(|_| ())),
+            name(query.map(|_| ())),
+            name(head.map(|_| ())),
         )
     });
     assert!(

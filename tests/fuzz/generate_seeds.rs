@@ -15,7 +15,7 @@ use dermedge_queue::{
     DeviceKey, EmbeddingType, Envelope, Gap, GapReason, HeadResult, HubKey, HubPublic,
     QualityResult, Record, StoredEmbedding, RECORD_FORMAT,
 };
-use dermedge_sync::wire::{Ack, Batch, BatchRecord, Conflict};
+use dermedge_sync::wire::{Ack, Batch, BatchRecord, Conflict, HeadOffer, HeadQuery, HeldHead};
 
 use super::{
     batch_request, device_key, envelope_of, fuzz_dir, hub_key, segment, sign_reply, sign_request,
@@ -122,7 +122,26 @@ fn batch(after_seq: u64, records: &[(u64, Vec<u8>)], gaps: &[Gap]) -> Vec<u8> {
             })
             .collect(),
         gaps: gaps.to_vec(),
+        queued_after: None,
     })
+}
+
+/// A small published head of `version` for df-mini's 4 first dimensions.
+pub fn head(version: Option<u64>) -> dermedge_head::LinearHead {
+    dermedge_head::LinearHead {
+        format: dermedge_head::FORMAT.into(),
+        name: "diagnosis".into(),
+        model_id: "df-mini".into(),
+        embedding_dim: 4,
+        kind: dermedge_head::HeadKind::Softmax,
+        classes: vec!["melanoma".into(), "naevus".into()],
+        l2_normalize: true,
+        input_mean: vec![0.1, 0.2, 0.3, 0.4],
+        input_scale: 0.5,
+        weights: vec![vec![1.0, -1.0, 0.5, 0.0], vec![-1.0, 1.0, -0.5, 0.25]],
+        bias: vec![0.0, 0.5],
+        version,
+    }
 }
 
 type Seeds = Vec<(&'static str, Vec<u8>)>;
@@ -440,6 +459,27 @@ fn sync_wire_seeds() -> Seeds {
                     gap(12, 12, GapReason::Missing),
                 ],
             ),
+        ),
+        (
+            "seed-08-head-query.cbor",
+            cbor(&HeadQuery {
+                model_id: "df-mini".into(),
+                embedding_dim: 4,
+                have: vec![HeldHead {
+                    name: "diagnosis".into(),
+                    version: 1,
+                }],
+            }),
+        ),
+        ("seed-09-head.cbor", cbor(&head(Some(2)))),
+        (
+            "seed-10-head-offer.cbor",
+            cbor(&HeadOffer {
+                heads: vec![serde_bytes::ByteBuf::from(dermedge_sync::wire::seal_head(
+                    &hub_key(),
+                    &head(Some(3)),
+                ))],
+            }),
         ),
     ]
 }

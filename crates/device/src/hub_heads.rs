@@ -8,12 +8,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use dermedge_head::LinearHead;
-use dermedge_queue::HubPublic;
+use dermedge_queue::{HubPublic, HEADS_DIR};
 use dermedge_sync::wire::{HeadQuery, HeldHead};
 use dermedge_sync::{check_head, FetchedHead};
 
-/// Where published heads are kept, under the queue's directory.
-pub const HEADS_DIR: &str = "heads";
 const SUFFIX: &str = "head";
 
 pub struct HubHeads {

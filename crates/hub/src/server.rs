@@ -1064,6 +1064,7 @@ fn store_verified(
         gaps: &batch.gaps,
         refused: &refused,
         keep_source_paths: state.limits.keep_source_paths,
+        queued_after: batch.queued_after,
     }) {
         Ok(Stored::Ok {
             stored,

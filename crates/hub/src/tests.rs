@@ -183,6 +183,13 @@ fn records_arrive_once_each_in_order_with_identical_bytes(backend: Backend) {
     let mut config = SyncConfig::new(&s.url());
     config.batch_records = 40;
     let mut client = SyncClient::new(config, &s.key, s.hub_public(), &s.queue_dir).unwrap();
+    client.push_once(&queue).unwrap();
+    let depth = |s: &Setup| s.db.open().device_health(0).unwrap()[0].queue_depth;
+    assert_eq!(
+        depth(&s),
+        Some(110),
+        "the device reports what it still holds"
+    );
     let report = client
         .drain(&queue, &AtomicBool::new(false), Some(0))
         .unwrap();
@@ -193,9 +200,10 @@ fn records_arrive_once_each_in_order_with_identical_bytes(backend: Backend) {
             report.gaps,
             report.acked_through
         ),
-        (4, 150, 0, 150)
+        (3, 110, 0, 150)
     );
     assert_eq!(queue.lock().unwrap().stats().pending_records, 0);
+    assert_eq!(depth(&s), Some(0));
 
     let rows: Vec<(String, i64, Vec<u8>, Vec<u8>)> =
         s.db.open()
@@ -227,6 +235,7 @@ fn tampered_replayed_and_unknown_requests_are_rejected_and_logged(backend: Backe
     let s = Setup::new(backend);
     let envelope = Envelope::seal(&record("dev-1", 1), &s.hub_public());
     let batch = wire::Batch {
+        queued_after: None,
         after_seq: 0,
         records: vec![wire::BatchRecord {
             seq: 1,
@@ -298,6 +307,7 @@ fn envelopes_that_do_not_open_or_name_another_device_become_reported_losses(back
         cbor: b"not cbor".to_vec(),
     });
     let batch = wire::Batch {
+        queued_after: None,
         after_seq: 0,
         records,
         gaps: Vec::new(),
@@ -406,6 +416,7 @@ fn a_replacement_device_starts_a_new_epoch_and_the_old_records_stay(backend: Bac
 fn a_revoked_device_gets_the_same_answer_as_an_unknown_one(backend: Backend) {
     let s = Setup::new(backend);
     let batch = wire::Batch {
+        queued_after: None,
         after_seq: 0,
         records: vec![wire::BatchRecord {
             seq: 1,
@@ -638,6 +649,7 @@ fn evicted_records_are_reported_once_and_appear_in_health_and_export(backend: Ba
     // The same gap sent again (a lost ack) is stored once; a record inside it is refused.
     let counter = 1_000;
     let again = wire::Batch {
+        queued_after: None,
         after_seq: 60,
         records: Vec::new(),
         gaps: gaps.clone(),
@@ -649,6 +661,7 @@ fn evicted_records_are_reported_once_and_appear_in_health_and_export(backend: Ba
     );
     assert_eq!(status, 200);
     let inside = wire::Batch {
+        queued_after: None,
         after_seq: 0,
         records: vec![wire::BatchRecord {
             seq: gaps[0].from,
@@ -997,6 +1010,7 @@ fn a_refused_record_sent_again_is_acknowledged_again(backend: Backend) {
     let mut bad = record("dev-1", 2);
     bad.id = "not-hex".into();
     let batch = wire::Batch {
+        queued_after: None,
         after_seq: 0,
         records: [record("dev-1", 1), bad]
             .iter()
@@ -1027,7 +1041,7 @@ fn all_migrations() -> Vec<i64> {
 /// Undo migration 2 (the web page's tables) by hand, leaving an SQLite database of version 1.
 pub(crate) fn roll_back_to_version_1(conn: &rusqlite::Connection) {
     conn.execute_batch(
-        "DROP TABLE heads;
+        "DROP TABLE heads; ALTER TABLE devices DROP COLUMN queue_depth;
          DROP TABLE labels; DROP TABLE sessions; DROP TABLE users; DROP TABLE record_heads;
          DROP INDEX records_by_capture; ALTER TABLE devices DROP COLUMN last_batch_at_ms;
          DELETE FROM schema_migrations WHERE version IN (2, 3); PRAGMA user_version = 2;",
@@ -1293,6 +1307,7 @@ fn send_through_two_hubs(
     while acked < records.len() as u64 {
         let last = (acked + per_batch).min(records.len() as u64);
         let batch = wire::Batch {
+            queued_after: None,
             after_seq: acked,
             records: (acked + 1..=last)
                 .map(|seq| wire::BatchRecord {

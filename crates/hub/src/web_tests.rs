@@ -125,6 +125,7 @@ impl Hub {
             });
         }
         let batch = wire::Batch {
+            queued_after: None,
             after_seq,
             records: batch_records,
             gaps: gaps.to_vec(),

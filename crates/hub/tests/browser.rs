@@ -377,6 +377,7 @@ fn record(device: &str, i: i64, top: usize, rgb: [u8; 3]) -> Record {
 /// Send `records` from `device` in one signed batch, as the device's sync client does.
 fn send(hub: &str, hub_key: &HubKey, device: &str, key: &DeviceKey, records: &[Record]) {
     let batch = wire::Batch {
+        queued_after: None,
         after_seq: 0,
         records: records
             .iter()

@@ -293,7 +293,7 @@ impl SyncClient {
     /// Send one batch (unacknowledged records, with the unreported losses among them, or only
     /// losses when no record waits) and advance the cursor on the hub's signed ack.
     pub fn push_once(&mut self, queue: &Mutex<Queue>) -> Result<Pushed, SyncError> {
-        let (device, after_seq, durable_seq, records, gaps) = {
+        let (device, after_seq, durable_seq, records, gaps, pending) = {
             let q = queue.lock().expect("queue lock");
             let records = q.unacknowledged(self.config.batch_records, self.config.batch_bytes)?;
             (
@@ -302,9 +302,10 @@ impl SyncClient {
                 q.durable_seq(),
                 records,
                 q.unreported_gaps(),
+                q.stats().pending_records,
             )
         };
-        let Some((batch, last)) = plan_batch(after_seq, durable_seq, records, gaps) else {
+        let Some((batch, last)) = plan_batch(after_seq, durable_seq, records, gaps, pending) else {
             return Ok(Pushed::Idle);
         };
         let count = batch.records.len();
@@ -575,6 +576,7 @@ fn plan_batch(
     durable_seq: u64,
     records: Vec<dermedge_queue::Stored>,
     gaps: Vec<Gap>,
+    pending: u64,
 ) -> Option<(Batch, u64)> {
     let (gaps, last): (Vec<Gap>, u64) = match records.last() {
         Some(r) => {
@@ -601,6 +603,7 @@ fn plan_batch(
     };
     let batch = Batch {
         after_seq,
+        queued_after: Some(pending.saturating_sub(records.len() as u64)),
         records: records
             .into_iter()
             .map(|s| BatchRecord {
@@ -989,27 +992,33 @@ mod tests {
     #[test]
     fn batches_carry_the_gaps_before_their_last_record_or_only_gaps() {
         // Nothing waits.
-        assert!(plan_batch(4, 4, Vec::new(), Vec::new()).is_none());
+        assert!(plan_batch(4, 4, Vec::new(), Vec::new(), 0).is_none());
         // Records with a gap among them and one beyond them (sent later).
         let (batch, last) = plan_batch(
             4,
             20,
             vec![stored(8), stored(9)],
             vec![gap(5, 7), gap(12, 14)],
+            5,
         )
         .unwrap();
         assert_eq!(last, 9);
+        assert_eq!(
+            batch.queued_after,
+            Some(3),
+            "5 waiting, 2 of them in this batch"
+        );
         assert_eq!(batch.last(), 9);
         assert_eq!(batch.gaps, [gap(5, 7)]);
         assert_eq!(batch.records.len(), 2);
         // Only gaps: acknowledged through the end of the last.
-        let (batch, last) = plan_batch(9, 20, Vec::new(), vec![gap(12, 14)]).unwrap();
+        let (batch, last) = plan_batch(9, 20, Vec::new(), vec![gap(12, 14)], 0).unwrap();
         assert_eq!((last, batch.last(), batch.records.len()), (14, 14, 0));
         // Never past what is durable; nothing that could not move the cursor.
-        let (_, last) = plan_batch(9, 13, Vec::new(), vec![gap(12, 14)]).unwrap();
+        let (_, last) = plan_batch(9, 13, Vec::new(), vec![gap(12, 14)], 0).unwrap();
         assert_eq!(last, 13);
-        assert!(plan_batch(13, 13, Vec::new(), vec![gap(12, 14)]).is_none());
-        assert!(plan_batch(9, 11, Vec::new(), vec![gap(12, 14)]).is_none());
+        assert!(plan_batch(13, 13, Vec::new(), vec![gap(12, 14)], 0).is_none());
+        assert!(plan_batch(9, 11, Vec::new(), vec![gap(12, 14)], 0).is_none());
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub struct Batch {
     /// Ranges of sequence numbers the device lost (evicted, damaged, missing) and has not yet
     /// had acknowledged: their records will never come.
     pub gaps: Vec<Gap>,
+    /// Records the device still holds unacknowledged besides this batch's, when it built it:
+    /// its queue depth for the hub's devices page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_after: Option<u64>,
 }
 
 impl Batch {
@@ -447,6 +451,7 @@ mod tests {
                 reason: GapReason::Evicted,
                 at_ms: 1,
             }],
+            queued_after: Some(12),
         }
     }
 

@@ -4,6 +4,9 @@
 //! A trained head is kept as a draft until someone publishes it; publication numbers it (one
 //! above the newest published version of its name for its model) and stores the signed blob
 //! devices receive ([`dermedge_sync::wire::seal_head`]). Drafts are never sent.
+//!
+//! The same migration adds `devices.queue_depth`: the records a device said it still held
+//! besides its last batch.
 
 use super::sql::{args, Row, SqlError};
 use super::Store;
@@ -29,7 +32,8 @@ CREATE TABLE heads (
     published_by    TEXT,
     UNIQUE (name, model_id, version)
 );
-CREATE INDEX heads_published ON heads (model_id, name, version);";
+CREATE INDEX heads_published ON heads (model_id, name, version);
+ALTER TABLE devices ADD COLUMN queue_depth INTEGER;";
 
 /// The PostgreSQL schema of migration 3.
 pub(crate) const POSTGRES: &str = "
@@ -51,9 +55,11 @@ CREATE TABLE heads (
     published_by    TEXT,
     UNIQUE (name, model_id, version)
 );
-CREATE INDEX heads_published ON heads (model_id, name, version);";
+CREATE INDEX heads_published ON heads (model_id, name, version);
+ALTER TABLE devices ADD COLUMN queue_depth BIGINT;";
 
-pub const NAME_3: &str = "heads: trained, evaluated and published heads";
+pub const NAME_3: &str =
+    "heads: trained, evaluated and published heads; devices.queue_depth as devices report it";
 
 /// A labelled record's embedding, for training.
 #[derive(Debug, Clone, PartialEq)]

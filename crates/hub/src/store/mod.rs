@@ -63,6 +63,8 @@ pub struct VerifiedBatch<'a> {
     pub refused: &'a [(u64, String)],
     /// Keep `source` as written instead of its file name alone.
     pub keep_source_paths: bool,
+    /// What the device reported still queued besides this batch.
+    pub queued_after: Option<u64>,
 }
 
 /// A device as the hub knows it.
@@ -714,13 +716,15 @@ fn store_in(sql: &mut dyn Sql, batch: &VerifiedBatch<'_>) -> Result<Stored, Fail
         }
     }
     sql.execute(
-        "UPDATE devices SET last_counter = ?2, highest_seq = ?3, last_batch_at_ms = ?4
+        "UPDATE devices SET last_counter = ?2, highest_seq = ?3, last_batch_at_ms = ?4,
+                            queue_depth = COALESCE(?5, queue_depth)
          WHERE device_id = ?1",
         &args![
             batch.device_id,
             batch.counter as i64,
             progress.highest as i64,
-            progress.received
+            progress.received,
+            batch.queued_after.map(|n| n.min(i64::MAX as u64) as i64)
         ],
     )?;
     Ok(Stored::Ok {

@@ -123,8 +123,8 @@ pub struct GapTotal {
     pub last_received_at_ms: i64,
 }
 
-/// What the hub knows of a device's sync. The device's own queue depth is not in the sync
-/// protocol: the hub knows what it received and acknowledged.
+/// What the hub knows of a device's sync, and the queue depth the device reported with its
+/// last batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceHealth {
     pub device_id: String,
@@ -135,6 +135,8 @@ pub struct DeviceHealth {
     pub highest_record_seq: Option<i64>,
     pub last_counter: i64,
     pub last_batch_at_ms: Option<i64>,
+    /// Records the device still held besides its last batch, as it reported them then.
+    pub queue_depth: Option<i64>,
     pub last_captured_at_ms: Option<i64>,
     pub records: u64,
     pub revoked: bool,
@@ -666,7 +668,8 @@ impl Store {
                             (SELECT MAX(r.captured_at_ms) FROM records r
                              WHERE r.device_id = d.device_id),
                             (SELECT COUNT(*) FROM rejections j
-                             WHERE j.device_id = d.device_id AND j.at_ms >= ?1)
+                             WHERE j.device_id = d.device_id AND j.at_ms >= ?1),
+                            d.queue_depth
                      FROM devices d ORDER BY d.device_id",
                     &args![rejections_since_ms],
                 )?
@@ -684,6 +687,7 @@ impl Store {
                         highest_record_seq: r.opt_int(8)?,
                         last_captured_at_ms: r.opt_int(9)?,
                         recent_rejections: r.int(10)? as u64,
+                        queue_depth: r.opt_int(11)?,
                         gaps: Vec::new(),
                     })
                 })

@@ -582,10 +582,10 @@ pub fn record_page(
 /// Each device's sync as the hub knows it.
 pub fn devices_page(nav: &Nav<'_>, devices: &[DeviceHealth], now_ms: i64) -> String {
     let mut main = String::from(
-        "<h1>Devices</h1><p class=\"muted\">What the hub knows of each device's sync. A device \
-         does not report its own queue depth: <em>acknowledged through</em> is how far the hub \
-         has taken the device's sequence (records and reported losses); records captured \
-         after it are still on the device.</p>",
+        "<h1>Devices</h1><p class=\"muted\">What the hub knows of each device's sync. \
+         <em>Acknowledged through</em> is how far the hub has taken the device's sequence \
+         (records and reported losses); <em>still queued</em> is what the device said it held \
+         besides its last batch, when it sent it.</p>",
     );
     if devices.is_empty() {
         main.push_str("<p class=\"muted\">No device is enrolled.</p>");
@@ -593,7 +593,7 @@ pub fn devices_page(nav: &Nav<'_>, devices: &[DeviceHealth], now_ms: i64) -> Str
     }
     main.push_str(
         "<table id=\"devices\"><thead><tr><th>Device</th><th>Status</th><th>Last sync (UTC)</th>\
-         <th>Acknowledged through</th><th>Highest record</th><th>Records stored</th>\
+         <th>Acknowledged through</th><th>Still queued</th><th>Highest record</th><th>Records stored</th>\
          <th>Latest capture (UTC)</th><th>Losses</th><th>Refused requests (24 h)</th></tr></thead><tbody>",
     );
     for d in devices {
@@ -632,12 +632,13 @@ pub fn devices_page(nav: &Nav<'_>, devices: &[DeviceHealth], now_ms: i64) -> Str
         let _ = write!(
             main,
             "<tr class=\"device\" data-device=\"{}\"><td>{}</td><td>{status}</td><td>{last_sync}</td>\
-             <td>{} <span class=\"muted\">(epoch {})</span></td><td>{}</td><td>{}</td><td>{}</td>\
+             <td>{} <span class=\"muted\">(epoch {})</span></td><td class=\"queued\">{}</td><td>{}</td><td>{}</td><td>{}</td>\
              <td>{losses}</td><td>{}</td></tr>",
             esc(&d.device_id),
             esc(&d.device_id),
             d.acked_through,
             d.epoch,
+            d.queue_depth.map_or("—".to_string(), |n| n.to_string()),
             d.highest_record_seq
                 .map_or("—".to_string(), |s| s.to_string()),
             d.records,
