@@ -198,10 +198,10 @@ fn a_head_the_hub_trains_from_labels_runs_on_the_device_and_a_tampered_one_does_
         model_id: records[0].model_id.clone(),
         label_set: None,
     };
-    let (id, evaluation) =
-        dermedge_hub::heads::train_from_labels(&store, &request, "dr.ada", 2).unwrap();
-    assert_eq!(evaluation.classes, ["dermoscopy", "photo"]);
     let hub_key = dermedge_queue::HubKey::load(&dir.join("hub.key")).unwrap();
+    let (id, evaluation) =
+        dermedge_hub::heads::train_from_labels(&store, &hub_key, &request, "dr.ada", 2).unwrap();
+    assert_eq!(evaluation.classes, ["dermoscopy", "photo"]);
     assert_eq!(
         dermedge_hub::heads::publish(&store, &hub_key, id, "dr.ada", 3).unwrap(),
         1
@@ -210,7 +210,7 @@ fn a_head_the_hub_trains_from_labels_runs_on_the_device_and_a_tampered_one_does_
 
     // The next run fetches it on sync and keeps it; the run after uses it for every capture.
     let out = ok(&["run", "--config", &s(&config)]);
-    let kept = dir.join("queue/heads/image-kind.head");
+    let kept = dir.join("queue-heads/image-kind.head");
     assert!(kept.exists(), "{}", text(&out.stderr));
     let out = ok(&["run", "--config", &s(&config)]);
     assert!(
@@ -220,6 +220,12 @@ fn a_head_the_hub_trains_from_labels_runs_on_the_device_and_a_tampered_one_does_
     );
     let runs = hub_heads(&db);
     assert_eq!(runs.len(), 15);
+    // The second run switched once, between two captures, and never back.
+    let versions: Vec<Option<u64>> = runs[5..10].iter().map(|heads| heads[0].1).collect();
+    assert!(
+        versions.windows(2).all(|w| w[0] <= w[1]),
+        "{versions:?}"
+    );
     let third = &runs[10..];
     assert!(
         third

@@ -1,18 +1,29 @@
 //! Heads the hub published, kept on the device as the signed publications they came as
-//! (`<queue dir>/heads/<name>.head`) and checked again at every start: signed by the pinned hub
-//! key, bound to the running model, well formed. One that fails is refused with a log line and
-//! the head the device had is kept.
+//! (`<queue dir>-heads/<name>.head`, beside the queue rather than in it, so that an older firmware
+//! still opens the queue) and checked again at every start: signed by the pinned hub key, bound
+//! to the running model, well formed. One that fails is refused with a log line and the head the
+//! device had is kept.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use dermedge_head::LinearHead;
-use dermedge_queue::{HubPublic, HEADS_DIR};
+use dermedge_queue::HubPublic;
 use dermedge_sync::wire::{HeadQuery, HeldHead};
 use dermedge_sync::{check_head, FetchedHead};
 
 const SUFFIX: &str = "head";
+
+/// Where the heads of the queue in `queue_dir` are kept: `<queue dir>-heads`.
+pub fn heads_dir(queue_dir: &Path) -> PathBuf {
+    let mut name = queue_dir
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "queue".into());
+    name.push("-heads");
+    queue_dir.with_file_name(name)
+}
 
 pub struct HubHeads {
     dir: PathBuf,
@@ -22,7 +33,7 @@ pub struct HubHeads {
 impl HubHeads {
     pub fn new(queue_dir: &Path, hub: HubPublic) -> Self {
         Self {
-            dir: queue_dir.join(HEADS_DIR),
+            dir: heads_dir(queue_dir),
             hub,
         }
     }
@@ -74,7 +85,12 @@ impl HubHeads {
     pub fn save(&self, fetched: &FetchedHead) -> std::io::Result<PathBuf> {
         dermedge_head::check_name(&fetched.head.name)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        fs::create_dir_all(&self.dir)?;
+        if !self.dir.is_dir() {
+            fs::create_dir_all(&self.dir)?;
+            if let Some(parent) = self.dir.parent() {
+                fs::File::open(parent)?.sync_all()?;
+            }
+        }
         let path = self.dir.join(format!("{}.{SUFFIX}", fetched.head.name));
         let tmp = self.dir.join(format!("{}.{SUFFIX}.tmp", fetched.head.name));
         let mut f = fs::File::create(&tmp)?;
@@ -135,9 +151,10 @@ mod tests {
 
     #[test]
     fn saved_heads_load_again_and_bad_ones_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let queue = tmp.path().join("queue");
         let hub = HubKey::generate();
-        let heads = HubHeads::new(dir.path(), hub.public());
+        let heads = HubHeads::new(&queue, hub.public());
         assert!(heads.load("m", 2).is_empty(), "no directory yet");
         heads
             .save(&fetched(&hub, head("diagnosis", "m", 1)))
@@ -166,7 +183,8 @@ mod tests {
         bytes[last] ^= 1;
         fs::write(&path, bytes).unwrap();
         let good = heads.save(&fetched(&hub, head("body", "m", 1))).unwrap();
-        fs::copy(&good, dir.path().join(HEADS_DIR).join("renamed.head")).unwrap();
+        assert_eq!(good.parent().unwrap(), tmp.path().join("queue-heads"));
+        fs::copy(&good, good.with_file_name("renamed.head")).unwrap();
         let names: Vec<String> = heads.load("m", 2).into_iter().map(|h| h.name).collect();
         assert_eq!(names, ["body", "diagnosis"]);
     }

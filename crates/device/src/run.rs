@@ -361,10 +361,9 @@ pub fn run<E: Embedder>(
 
     // Background sync ends after its batch in flight; on a normal end, push what is left.
     sync_stop.store(true, Ordering::Relaxed);
-    if let Some(Ok((mut client, mut head_sync))) = sync_thread.map(JoinHandle::join) {
+    if let Some(Ok(mut client)) = sync_thread.map(JoinHandle::join) {
         if stopped_by != StopReason::Signal && !settings.final_sync.is_zero() {
             final_sync(&mut client, &queue, &shared, settings.final_sync);
-            fetch_heads(&mut client, &mut head_sync, &shared);
         }
     }
     if let Some(hub) = local_hub {
@@ -498,7 +497,7 @@ fn fetch_heads(client: &mut SyncClient, head_sync: &mut HeadSync, shared: &Mutex
             .iter_mut()
             .find(|h| h.name == held.name)
         {
-            Some(slot) => *slot = held,
+            Some(slot) => slot.version = slot.version.max(held.version),
             None => head_sync.query.have.push(held),
         }
         shared.lock().expect("sync state").new_heads.push(f.head);
@@ -518,7 +517,7 @@ fn spawn_sync(
     shared: &Arc<Mutex<SyncShared>>,
     sync_stop: &Arc<AtomicBool>,
     mut head_sync: HeadSync,
-) -> Result<JoinHandle<(SyncClient, HeadSync)>, RunError> {
+) -> Result<JoinHandle<SyncClient>, RunError> {
     let mut sync_config = SyncConfig::new(url);
     sync_config.batch_records = settings.sync_batch_records;
     sync_config.timeout = settings.sync_timeout;
@@ -536,7 +535,7 @@ fn spawn_sync(
                 }
                 sleep_unless(&sync_stop, interval);
             }
-            (client, head_sync)
+            client
         })
         .map_err(|e| RunError::Setup(format!("cannot start the sync thread: {e}")))
 }

@@ -24,19 +24,20 @@ pub const FORMAT: &str = "dermedge-head/1";
 pub const MAX_NAME_CHARS: usize = 64;
 
 /// The name of a head the hub publishes, which a device also uses as a file name: 1 to
-/// [`MAX_NAME_CHARS`] letters, digits, `-`, `_` or `.`, not starting with `.`.
+/// [`MAX_NAME_CHARS`] lower-case letters, digits, `-`, `_` or `.`, not starting with `.` (lower
+/// case only, so that no two names share a file on a case-insensitive card).
 pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && !name.starts_with('.')
         && name.chars().count() <= MAX_NAME_CHARS
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
     if ok {
         Ok(())
     } else {
         Err(format!(
-            "head name {name:?}: expected 1 to {MAX_NAME_CHARS} letters, digits, '-', '_' or '.', \
+            "head name {name:?}: expected 1 to {MAX_NAME_CHARS} lower-case letters, digits, '-', '_' or '.', \
              not starting with '.'"
         ))
     }
@@ -258,6 +259,7 @@ mod tests {
             "../etc",
             "..",
             ".hidden",
+            "Diagnosis",
         ] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }

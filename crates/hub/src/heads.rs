@@ -14,13 +14,18 @@ use dermedge_queue::HubKey;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::store::{LabelledEmbedding, NewHead, Store, StoredHead};
+use crate::store::{Draft, LabelledEmbedding, NewHead, Store, StoredHead};
 use crate::HubError;
 
 /// A class needs this many labelled records: at least one to train on and one to hold out.
 pub const MIN_RECORDS_PER_CLASS: usize = 2;
 /// The share of each class's records held out for the evaluation (at least one).
 pub const HELDOUT_SHARE: f64 = 0.25;
+/// The most labelled records the page trains on (at 6144 dimensions, about 0.5 GB as f32);
+/// larger sets are for `dermedge head train` on an export.
+pub const MAX_TRAINING_RECORDS: usize = 20_000;
+/// Fewer held-out records than this, and the page says the scores are too few to judge by.
+pub const MIN_HELDOUT_TO_JUDGE: i64 = 20;
 /// What to train.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrainRequest {
@@ -98,59 +103,100 @@ fn split(records: Vec<LabelledEmbedding>) -> Split {
     s
 }
 
-/// Train `request`'s head from the store's labels, score it on the held-out records, and keep
-/// it as a draft; its id and evaluation.
-pub fn train_from_labels(
+/// A label set's records, as training takes them: at most [`MAX_TRAINING_RECORDS`], all of one
+/// dimension. Database work.
+pub fn load_training_set(
     store: &Store,
     request: &TrainRequest,
-    by: &str,
-    now_ms: i64,
-) -> Result<(i64, Evaluation), HubError> {
+) -> Result<Vec<LabelledEmbedding>, HubError> {
     check_name(&request.name).map_err(HubError::BadRequest)?;
-    let records = store.labelled_embeddings(&request.model_id, request.label_set.as_deref())?;
-    let set = match &request.label_set {
-        Some(h) => format!("labels of head {h:?}"),
-        None => "labels of whole records".to_string(),
-    };
-    let dims: std::collections::BTreeSet<usize> = records.iter().map(|r| r.values.len()).collect();
-    if dims.len() > 1 {
+    let records = store.labelled_embeddings(
+        &request.model_id,
+        request.label_set.as_deref(),
+        MAX_TRAINING_RECORDS + 1,
+    )?;
+    if records.len() > MAX_TRAINING_RECORDS {
         return Err(HubError::BadRequest(format!(
-            "the {set} on {} records have embeddings of several dimensions ({dims:?})",
+            "the {} on records of {} are more than {MAX_TRAINING_RECORDS}: train with `dermedge \
+             head train` on an export instead",
+            set_name(request),
             request.model_id
         )));
     }
+    let dims: std::collections::BTreeSet<usize> = records.iter().map(|r| r.values.len()).collect();
+    if dims.len() > 1 {
+        return Err(HubError::BadRequest(format!(
+            "the {} on {} records have embeddings of several dimensions ({dims:?})",
+            set_name(request),
+            request.model_id
+        )));
+    }
+    Ok(records)
+}
+
+fn set_name(request: &TrainRequest) -> String {
+    match &request.label_set {
+        Some(h) => format!("labels of head {h:?}"),
+        None => "labels of whole records".to_string(),
+    }
+}
+
+/// A head trained on `records` and its scores on the ones held out. CPU work only: minutes for
+/// the largest sets, so the page runs it off the database's threads, one at a time.
+pub fn train_and_score(
+    request: &TrainRequest,
+    records: Vec<LabelledEmbedding>,
+) -> Result<(LinearHead, Evaluation), HubError> {
     let s = split(records);
     if s.classes.len() < 2 {
         return Err(HubError::BadRequest(format!(
-            "{set} on records of {}: {} classes with at least {MIN_RECORDS_PER_CLASS} labelled \
+            "{} on records of {}: {} classes with at least {MIN_RECORDS_PER_CLASS} labelled \
              records each, a head needs 2 (left out: {})",
+            set_name(request),
             request.model_id,
             s.classes.len(),
             describe_left_out(&s.left_out)
         )));
     }
-    let options = TrainOptions::default();
     let head = dermedge_head::train(
         &request.name,
         &request.model_id,
         &s.train.0,
         &Targets::Single(s.train.1.clone()),
         s.classes.clone(),
-        &options,
+        &TrainOptions::default(),
         |_, _| {},
     )
     .map_err(|e| HubError::BadRequest(e.to_string()))?;
     let heldout = eval::evaluate(&head, &s.heldout.0, &Targets::Single(s.heldout.1.clone()))
         .map_err(|e| HubError::BadRequest(e.to_string()))?;
-    let evaluation = Evaluation {
-        classes: s.classes,
-        train_counts: s.train_counts,
-        heldout_counts: s.heldout_counts,
-        left_out: s.left_out,
-        heldout,
-    };
-    let evaluation_json = serde_json::to_string(&evaluation).expect("serialisable");
-    let head_json = serde_json::to_string(&head).expect("serialisable");
+    Ok((
+        head,
+        Evaluation {
+            classes: s.classes,
+            train_counts: s.train_counts,
+            heldout_counts: s.heldout_counts,
+            left_out: s.left_out,
+            heldout,
+        },
+    ))
+}
+
+/// Keep a trained head as a draft, signed by `hub_key` as one it trained; its id.
+pub fn keep_draft(
+    store: &Store,
+    hub_key: &HubKey,
+    request: &TrainRequest,
+    head: &LinearHead,
+    evaluation: &Evaluation,
+    by: &str,
+    now_ms: i64,
+) -> Result<i64, HubError> {
+    let evaluation_json = serde_json::to_string(evaluation).expect("serialisable");
+    let head_json = serde_json::to_string(head).expect("serialisable");
+    let draft_signature = dermedge_sync::wire::sign_draft(hub_key, &head_json);
+    let train_records: usize = evaluation.train_counts.iter().sum();
+    let heldout_records: usize = evaluation.heldout_counts.iter().sum();
     let id = store.add_head(&NewHead {
         name: &request.name,
         model_id: &request.model_id,
@@ -158,20 +204,36 @@ pub fn train_from_labels(
         label_set: request.label_set.as_deref(),
         trained_at_ms: now_ms,
         trained_by: by,
-        train_records: s.train.1.len() as i64,
-        heldout_records: s.heldout.1.len() as i64,
+        train_records: train_records as i64,
+        heldout_records: heldout_records as i64,
         evaluation_json: &evaluation_json,
         head_json: &head_json,
+        draft_signature: &draft_signature,
     })?;
     log::info!(
-        "hub: {by} trained head {id} {:?} for {} from {set}: {} classes, {} records, \
-         held-out accuracy {:.3}",
+        "hub: {by} trained head {id} {:?} for {} from {}: {} classes, {} records, held-out \
+         accuracy {:.3}",
         request.name,
         request.model_id,
+        set_name(request),
         evaluation.classes.len(),
-        s.train.1.len() + s.heldout.1.len(),
+        train_records + heldout_records,
         evaluation.heldout.accuracy
     );
+    Ok(id)
+}
+
+/// Load, train, score and keep as a draft in one go; the draft's id and evaluation.
+pub fn train_from_labels(
+    store: &Store,
+    hub_key: &HubKey,
+    request: &TrainRequest,
+    by: &str,
+    now_ms: i64,
+) -> Result<(i64, Evaluation), HubError> {
+    let records = load_training_set(store, request)?;
+    let (head, evaluation) = train_and_score(request, records)?;
+    let id = keep_draft(store, hub_key, request, &head, &evaluation, by, now_ms)?;
     Ok((id, evaluation))
 }
 
@@ -186,17 +248,20 @@ fn describe_left_out(left_out: &[(String, usize)]) -> String {
         .join(", ")
 }
 
-/// The head a stored draft holds, numbered `version` and signed with `hub_key`: the blob
-/// devices receive.
-pub fn sign_publication(
-    hub_key: &HubKey,
-    stored: &StoredHead,
-    version: u64,
-) -> Result<Vec<u8>, String> {
-    let mut head: LinearHead = serde_json::from_str(&stored.head_json)
-        .map_err(|e| format!("head {}: stored head is not readable: {e}", stored.id))?;
+/// The head a draft holds, numbered `version` and signed with `hub_key`: the blob devices
+/// receive. Refused unless the draft carries this hub's signature over the head as trained.
+pub fn sign_publication(hub_key: &HubKey, draft: &Draft, version: u64) -> Result<Vec<u8>, String> {
+    let id = draft.head.id;
+    if !dermedge_sync::wire::verify_draft(&hub_key.public(), &draft.head_json, &draft.draft_signature) {
+        return Err(format!(
+            "head {id} is not the head this hub trained (its stored weights were changed): \
+             it cannot be published"
+        ));
+    }
+    let mut head: LinearHead = serde_json::from_str(&draft.head_json)
+        .map_err(|e| format!("head {id}: stored head is not readable: {e}"))?;
     head.validate()
-        .map_err(|e| format!("head {}: stored head is not valid: {e}", stored.id))?;
+        .map_err(|e| format!("head {id}: stored head is not valid: {e}"))?;
     head.version = Some(version);
     Ok(dermedge_sync::wire::seal_head(hub_key, &head))
 }
@@ -209,8 +274,8 @@ pub fn publish(
     by: &str,
     now_ms: i64,
 ) -> Result<u64, HubError> {
-    store.publish_head(id, by, now_ms, |stored, version| {
-        sign_publication(hub_key, stored, version)
+    store.publish_head(id, by, now_ms, |draft, version| {
+        sign_publication(hub_key, draft, version)
     })
 }
 

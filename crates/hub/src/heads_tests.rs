@@ -132,7 +132,7 @@ fn labelled_records_become_a_signed_head_devices_fetch_once(backend: Backend) {
 
     let store = l.db.open();
     let (id, evaluation) =
-        heads::train_from_labels(&store, &request("diagnosis"), "dr.ada", 10).unwrap();
+        heads::train_from_labels(&store, &l.hub_key, &request("diagnosis"), "dr.ada", 10).unwrap();
     assert_eq!(evaluation.classes, CLASSES);
     assert_eq!(evaluation.left_out, [("odd one".to_string(), 1)]);
     assert_eq!(evaluation.heldout_counts, [2, 2, 2]);
@@ -197,7 +197,7 @@ fn labelled_records_become_a_signed_head_devices_fetch_once(backend: Backend) {
     assert!(client.fetch_heads("dev-1", &wide).unwrap().is_empty());
 
     // A retrain, published, is version 2; only the newest version is offered.
-    let (again, _) = heads::train_from_labels(&store, &request("diagnosis"), "dr.ada", 30).unwrap();
+    let (again, _) = heads::train_from_labels(&store, &l.hub_key, &request("diagnosis"), "dr.ada", 30).unwrap();
     assert_eq!(
         heads::publish(&store, &l.hub_key, again, "dr.ada", 40).unwrap(),
         2
@@ -235,6 +235,20 @@ fn labelled_records_become_a_signed_head_devices_fetch_once(backend: Backend) {
         listed.iter().map(|h| h.version).collect::<Vec<_>>(),
         [Some(2), Some(1)]
     );
+
+    // A draft whose stored weights were changed behind the hub (a database writer) is not
+    // signed for devices.
+    let (third, _) =
+        heads::train_from_labels(&store, &l.hub_key, &request("diagnosis"), "dr.ada", 50).unwrap();
+    store
+        .execute(
+            "UPDATE heads SET head_json = REPLACE(head_json, '\"classes\":[\"', '\"classes\":[\"not ') WHERE id = ?1",
+            &[third.into()],
+        )
+        .unwrap();
+    let err = heads::publish(&store, &l.hub_key, third, "dr.ada", 60).unwrap_err();
+    assert!(err.to_string().contains("not the head this hub trained"), "{err}");
+    assert!(store.head(third).unwrap().unwrap().version.is_none());
     l.hub.shutdown();
 }
 
@@ -246,7 +260,7 @@ fn a_label_set_without_two_classes_trains_nothing(backend: Backend) {
         .collect();
     l.sync_and_label(&records);
     let store = l.db.open();
-    let err = heads::train_from_labels(&store, &request("diagnosis"), "dr.ada", 1).unwrap_err();
+    let err = heads::train_from_labels(&store, &l.hub_key, &request("diagnosis"), "dr.ada", 1).unwrap_err();
     let HubError::BadRequest(message) = err else {
         panic!("{err}")
     };
@@ -254,13 +268,14 @@ fn a_label_set_without_two_classes_trains_nothing(backend: Backend) {
         message.contains("1 classes") && message.contains("\"naevus\" with 1"),
         "{message}"
     );
-    let err = heads::train_from_labels(&store, &request("../diagnosis"), "dr.ada", 1).unwrap_err();
+    let err = heads::train_from_labels(&store, &l.hub_key, &request("../diagnosis"), "dr.ada", 1).unwrap_err();
     assert!(err.to_string().contains("head name"), "{err}");
     let mut by_head = request("diagnosis");
     by_head.label_set = Some("kind".into());
+    let err = heads::train_from_labels(&store, &l.hub_key, &by_head, "dr.ada", 1).unwrap_err();
     assert!(
-        heads::train_from_labels(&store, &by_head, "dr.ada", 1).is_err(),
-        "no labels of that head"
+        err.to_string().contains("labels of head \"kind\"") && err.to_string().contains("0 classes"),
+        "no labels of that head: {err}"
     );
     assert!(store.heads().unwrap().is_empty());
     l.hub.shutdown();

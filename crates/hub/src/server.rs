@@ -41,6 +41,8 @@ pub const UNAUTHENTICATED: &str = "unauthenticated request";
 const MAX_SEQ: u64 = i64::MAX as u64;
 
 /// The path of protocol `dermedge-sync/1`, answered with a pointer to the upgrade.
+/// The most head bytes one answer to a head query carries (the device reads up to twice this).
+const MAX_HEAD_OFFER_BYTES: usize = 16 << 20;
 const V1_BATCH_PATH: &str = "/v1/batches";
 
 /// The largest request body accepted: a device's batch is at most 2 MiB by default (records of
@@ -205,6 +207,7 @@ impl HubServer {
             limits,
             https,
             health_store: Mutex::new(None),
+            training: Semaphore::new(1),
         });
         let (stop, stopped) = watch::channel(false);
         let thread = std::thread::Builder::new()
@@ -260,6 +263,8 @@ pub(crate) struct State {
     /// Failed web logins per address.
     pub(crate) logins: crate::web::LoginThrottle,
     pub(crate) hub_key: HubKey,
+    /// One head is trained at a time, off the database's threads (`crate::heads`).
+    pub(crate) training: Semaphore,
     pub(crate) limits: Limits,
     /// Served over TLS: cookies are marked `Secure`.
     https: bool,
@@ -935,23 +940,20 @@ fn offer_heads(state: &State, store: &mut Store, remote: SocketAddr, r: &DeviceR
     let Ok(dim) = i64::try_from(query.embedding_dim) else {
         return refuse(Refusal::bad(400, "embedding_dim out of range"));
     };
-    let publications = match store.publications(&query.model_id, dim) {
+    let wanted = |name: &str, version: u64| {
+        query
+            .have
+            .iter()
+            .find(|h| h.name == name)
+            .is_none_or(|h| version > h.version)
+    };
+    let newer = match store.publications(&query.model_id, dim, wanted, MAX_HEAD_OFFER_BYTES) {
         Ok(p) => p,
         Err(e) => {
             log::error!("hub: {e}");
             return Reply::text(500, "the hub cannot read its heads; retry later");
         }
     };
-    let newer: Vec<_> = publications
-        .into_iter()
-        .filter(|p| {
-            query
-                .have
-                .iter()
-                .find(|h| h.name == p.name)
-                .is_none_or(|h| p.version > h.version)
-        })
-        .collect();
     for p in &newer {
         log::info!(
             "hub: {} gets head {} v{} for {}",

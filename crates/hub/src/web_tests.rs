@@ -1063,7 +1063,17 @@ fn the_heads_page_trains_scores_and_publishes_from_labels() {
         page.body
     );
     assert!(page.body.contains(">draft<"), "{}", page.body);
-    // Publishing signs it: the page says so, and the store holds the blob devices receive.
+    assert!(page.body.contains("too few to judge"), "{}", page.body);
+    // Publishing takes the session's token; then it signs: the page says so, and the store
+    // holds the blob devices receive.
+    let answer = post(
+        &hub.url(&format!("/heads/{id}/publish")),
+        Some(&cookie),
+        &[],
+        &[("csrf", "0")],
+    );
+    assert_eq!(answer.status, 403);
+    assert!(store.publications("df-mini", 4, |_, _| true, 1 << 20).unwrap().is_empty());
     let answer = post(
         &hub.url(&format!("/heads/{id}/publish")),
         Some(&cookie),
@@ -1077,7 +1087,7 @@ fn the_heads_page_trains_scores_and_publishes_from_labels() {
         "{}",
         page.body
     );
-    let publications = store.publications("df-mini", 4).unwrap();
+    let publications = store.publications("df-mini", 4, |_, _| true, 1 << 20).unwrap();
     assert_eq!(publications.len(), 1);
     let head = wire::open_head(&hub.hub_key.public(), &publications[0].signed).unwrap();
     assert_eq!((head.name.as_str(), head.version), ("diagnosis", Some(1)));

@@ -68,8 +68,6 @@ const LEGACY_EVICTED: &str = "evicted.log";
 pub const SYNC_STATE: &str = "sync.json";
 /// Where the sync client writes [`SYNC_STATE`] before renaming it into place.
 pub const SYNC_STATE_TMP: &str = "sync.json.tmp";
-/// The heads the hub published, as the device keeps them (`dermedge_device::hub_heads`).
-pub const HEADS_DIR: &str = "heads";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -87,7 +85,7 @@ pub enum QueueError {
     Locked { dir: PathBuf },
     #[error(
         "{dir}: `{file}` is not part of a dermedge queue; the directory may only hold {META}, \
-         {LOCK}, {STATE}, {GAPS}, {SYNC_STATE}, {QUARANTINE}/, {HEADS_DIR}/ and seg-<20 digits>.dlog files"
+         {LOCK}, {STATE}, {GAPS}, {SYNC_STATE}, {QUARANTINE}/ and seg-<20 digits>.dlog files"
     )]
     ForeignFile { dir: PathBuf, file: String },
     #[error("{path}: not a dermedge queue file: {message}")]
@@ -1138,7 +1136,7 @@ fn list_queue_dir(
         match entry.name.as_str() {
             META | LOCK | STATE | GAPS | SYNC_STATE | LEGACY_CURSOR | LEGACY_EVICTED
                 if !entry.is_dir => {}
-            QUARANTINE | HEADS_DIR if entry.is_dir => {}
+            QUARANTINE if entry.is_dir => {}
             META_TMP | STATE_TMP | LEGACY_CURSOR_TMP | SYNC_STATE_TMP if !entry.is_dir => {
                 recovery.rolled_back.push(path)
             }

@@ -28,6 +28,8 @@ const COUNTER_BLOCK: u64 = 64;
 /// A hub may move the device's counter forward (after a lost state file), but not past this.
 const COUNTER_CEILING: u64 = 1 << 60;
 const MAX_RESPONSE_BYTES: u64 = 64 << 10;
+/// How long a hub that has no `/v2/heads` is left alone.
+const HEADS_RETRY: Duration = Duration::from_secs(3600);
 /// Heads are weights: a 6144-d head of a few classes is a few hundred KiB.
 pub const MAX_HEAD_OFFER_BYTES: u64 = 32 << 20;
 
@@ -183,6 +185,11 @@ pub struct SyncClient {
     state_path: PathBuf,
     next_counter: u64,
     reserved_through: u64,
+    /// The hub answered a head query: it knows this release's additions to the batch
+    /// (`queued_after`), which an older hub refuses as an unknown field.
+    hub_is_current: bool,
+    /// An older hub without `/v2/heads`: not asked again before this.
+    heads_unsupported_until: Option<Instant>,
 }
 
 impl SyncClient {
@@ -249,6 +256,8 @@ impl SyncClient {
             // Counters up to the reservation may have been used before a restart: skip them.
             next_counter: state.reserved_through + 1,
             reserved_through: state.reserved_through,
+            hub_is_current: false,
+            heads_unsupported_until: None,
         };
         client.reserve()?;
         Ok(client)
@@ -305,6 +314,7 @@ impl SyncClient {
                 q.stats().pending_records,
             )
         };
+        let pending = self.hub_is_current.then_some(pending);
         let Some((batch, last)) = plan_batch(after_seq, durable_seq, records, gaps, pending) else {
             return Ok(Pushed::Idle);
         };
@@ -382,6 +392,12 @@ impl SyncClient {
         device: &str,
         query: &wire::HeadQuery,
     ) -> Result<Vec<FetchedHead>, SyncError> {
+        if self
+            .heads_unsupported_until
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return Ok(Vec::new());
+        }
         let counter = self.take_counter()?;
         let body = wire::seal_head_query(&self.key, device, counter, query);
         let url = format!("{}{}", self.config.hub_url, wire::HEADS_PATH);
@@ -404,7 +420,13 @@ impl SyncClient {
                         message: text,
                     }
                 } else if status == 404 || status == 405 {
-                    SyncError::Version { url: hub, status }
+                    log::info!(
+                        "sync: the hub at {hub} publishes no heads (HTTP {status} at {}: an \
+                         older hub); asking again in an hour",
+                        wire::HEADS_PATH
+                    );
+                    self.heads_unsupported_until = Some(Instant::now() + HEADS_RETRY);
+                    return Ok(Vec::new());
                 } else {
                     SyncError::Refused {
                         url: hub,
@@ -420,6 +442,8 @@ impl SyncClient {
                 })
             }
         };
+        self.hub_is_current = true;
+        self.heads_unsupported_until = None;
         let offer: wire::HeadOffer =
             ciborium::from_reader(reply.as_slice()).map_err(|e| SyncError::BadAck {
                 url: hub.clone(),
@@ -576,7 +600,7 @@ fn plan_batch(
     durable_seq: u64,
     records: Vec<dermedge_queue::Stored>,
     gaps: Vec<Gap>,
-    pending: u64,
+    pending: Option<u64>,
 ) -> Option<(Batch, u64)> {
     let (gaps, last): (Vec<Gap>, u64) = match records.last() {
         Some(r) => {
@@ -603,7 +627,7 @@ fn plan_batch(
     };
     let batch = Batch {
         after_seq,
-        queued_after: Some(pending.saturating_sub(records.len() as u64)),
+        queued_after: pending.map(|p| p.saturating_sub(records.len() as u64)),
         records: records
             .into_iter()
             .map(|s| BatchRecord {
@@ -965,6 +989,26 @@ mod tests {
         assert_eq!(queue.lock().unwrap().acked_seq(), 0);
     }
 
+    #[test]
+    fn an_older_hub_without_heads_is_asked_once_an_hour_and_gets_no_new_fields() {
+        // A hub that answers the one head query it gets with 404.
+        let (url, fake) = fake_hub(1, |_| (404, b"not found\n".to_vec()));
+        let dir = tempfile::tempdir().unwrap();
+        let key = DeviceKey::generate();
+        let mut client =
+            SyncClient::new(SyncConfig::new(&url), &key, hub_public(), dir.path()).unwrap();
+        let query = wire::HeadQuery {
+            model_id: "df-mini".into(),
+            embedding_dim: 16,
+            have: Vec::new(),
+        };
+        assert!(client.fetch_heads("dev-1", &query).unwrap().is_empty());
+        fake.join().unwrap();
+        // Not asked again within the hour: no connection is made (the fake hub is gone).
+        assert!(client.fetch_heads("dev-1", &query).unwrap().is_empty());
+        assert!(!client.hub_is_current);
+    }
+
     fn stored(seq: u64) -> Stored {
         let envelope = Envelope {
             format: ENVELOPE_FORMAT,
@@ -992,14 +1036,14 @@ mod tests {
     #[test]
     fn batches_carry_the_gaps_before_their_last_record_or_only_gaps() {
         // Nothing waits.
-        assert!(plan_batch(4, 4, Vec::new(), Vec::new(), 0).is_none());
+        assert!(plan_batch(4, 4, Vec::new(), Vec::new(), None).is_none());
         // Records with a gap among them and one beyond them (sent later).
         let (batch, last) = plan_batch(
             4,
             20,
             vec![stored(8), stored(9)],
             vec![gap(5, 7), gap(12, 14)],
-            5,
+            Some(5),
         )
         .unwrap();
         assert_eq!(last, 9);
@@ -1012,13 +1056,13 @@ mod tests {
         assert_eq!(batch.gaps, [gap(5, 7)]);
         assert_eq!(batch.records.len(), 2);
         // Only gaps: acknowledged through the end of the last.
-        let (batch, last) = plan_batch(9, 20, Vec::new(), vec![gap(12, 14)], 0).unwrap();
+        let (batch, last) = plan_batch(9, 20, Vec::new(), vec![gap(12, 14)], None).unwrap();
         assert_eq!((last, batch.last(), batch.records.len()), (14, 14, 0));
         // Never past what is durable; nothing that could not move the cursor.
-        let (_, last) = plan_batch(9, 13, Vec::new(), vec![gap(12, 14)], 0).unwrap();
+        let (_, last) = plan_batch(9, 13, Vec::new(), vec![gap(12, 14)], None).unwrap();
         assert_eq!(last, 13);
-        assert!(plan_batch(13, 13, Vec::new(), vec![gap(12, 14)], 0).is_none());
-        assert!(plan_batch(9, 11, Vec::new(), vec![gap(12, 14)], 0).is_none());
+        assert!(plan_batch(13, 13, Vec::new(), vec![gap(12, 14)], None).is_none());
+        assert!(plan_batch(9, 11, Vec::new(), vec![gap(12, 14)], None).is_none());
     }
 
     #[test]

@@ -295,6 +295,16 @@ pub fn seal_head(hub: &HubKey, head: &LinearHead) -> Vec<u8> {
     signed(hub.sign(&message("head", "", 0, &cbor)), cbor)
 }
 
+/// The hub's signature over a draft head it trained (`head_json` as it stores it), so that
+/// publishing signs only what the hub itself trained, not what a database writer put there.
+pub fn sign_draft(hub: &HubKey, head_json: &str) -> [u8; SIGNATURE_BYTES] {
+    hub.sign(&message("draft", "", 0, head_json.as_bytes()))
+}
+
+pub fn verify_draft(hub: &HubPublic, head_json: &str, signature: &[u8]) -> bool {
+    hub.verify(&message("draft", "", 0, head_json.as_bytes()), signature)
+}
+
 /// The head in a publication, if the pinned hub signed it and it is a well-formed, numbered head.
 /// Whether it fits the device's model is the caller's check ([`LinearHead::check_model`]).
 pub fn open_head(hub: &HubPublic, blob: &[u8]) -> Result<LinearHead, OpenError> {

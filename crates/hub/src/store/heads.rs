@@ -1,9 +1,11 @@
 //! The head loop's side of the store (migration 3): heads the hub trained from clinicians'
 //! labels, with their held-out evaluation, and the signed publications devices fetch.
 //!
-//! A trained head is kept as a draft until someone publishes it; publication numbers it (one
-//! above the newest published version of its name for its model) and stores the signed blob
-//! devices receive ([`dermedge_sync::wire::seal_head`]). Drafts are never sent.
+//! A trained head is kept as a draft, with the hub's signature over it
+//! ([`dermedge_sync::wire::sign_draft`]), until someone publishes it; publication checks that
+//! signature, numbers the head (one above the newest published version of its name for its
+//! model) and stores the signed blob devices receive ([`dermedge_sync::wire::seal_head`]).
+//! Drafts are never sent.
 //!
 //! The same migration adds `devices.queue_depth`: the records a device said it still held
 //! besides its last batch.
@@ -26,6 +28,7 @@ CREATE TABLE heads (
     heldout_records INTEGER NOT NULL,
     evaluation_json TEXT NOT NULL,
     head_json       TEXT NOT NULL,
+    draft_signature BLOB NOT NULL,
     version         INTEGER,
     signed          BLOB,
     published_at_ms INTEGER,
@@ -49,6 +52,7 @@ CREATE TABLE heads (
     heldout_records BIGINT NOT NULL,
     evaluation_json TEXT NOT NULL,
     head_json       TEXT NOT NULL,
+    draft_signature BYTEA NOT NULL,
     version         BIGINT,
     signed          BYTEA,
     published_at_ms BIGINT,
@@ -84,7 +88,6 @@ pub struct StoredHead {
     pub heldout_records: i64,
     /// [`crate::heads::Evaluation`] as JSON.
     pub evaluation_json: String,
-    pub head_json: String,
     pub version: Option<i64>,
     pub published_at_ms: Option<i64>,
     pub published_by: Option<String>,
@@ -103,6 +106,16 @@ pub struct NewHead<'a> {
     pub heldout_records: i64,
     pub evaluation_json: &'a str,
     pub head_json: &'a str,
+    /// [`dermedge_sync::wire::sign_draft`] over `head_json`.
+    pub draft_signature: &'a [u8],
+}
+
+/// A draft as publication needs it: the head as trained and the hub's signature over it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Draft {
+    pub head: StoredHead,
+    pub head_json: String,
+    pub draft_signature: Vec<u8>,
 }
 
 /// A published head, as devices receive it.
@@ -113,8 +126,12 @@ pub struct Publication {
     pub signed: Vec<u8>,
 }
 
+/// The columns of [`StoredHead`] (not the weights: the page lists heads without them).
 const HEAD_COLUMNS: &str = "SELECT id, name, model_id, embedding_dim, label_set, trained_at_ms,
-    trained_by, train_records, heldout_records, evaluation_json, head_json, version,
+    trained_by, train_records, heldout_records, evaluation_json, version,
+    published_at_ms, published_by, head_json, draft_signature FROM heads";
+const LIST_COLUMNS: &str = "SELECT id, name, model_id, embedding_dim, label_set, trained_at_ms,
+    trained_by, train_records, heldout_records, evaluation_json, version,
     published_at_ms, published_by FROM heads";
 
 fn stored_head(r: &Row) -> Result<StoredHead, SqlError> {
@@ -129,21 +146,30 @@ fn stored_head(r: &Row) -> Result<StoredHead, SqlError> {
         train_records: r.int(7)?,
         heldout_records: r.int(8)?,
         evaluation_json: r.text(9)?,
-        head_json: r.text(10)?,
-        version: r.opt_int(11)?,
-        published_at_ms: r.opt_int(12)?,
-        published_by: r.opt_text(13)?,
+        version: r.opt_int(10)?,
+        published_at_ms: r.opt_int(11)?,
+        published_by: r.opt_text(12)?,
+    })
+}
+
+fn draft(r: &Row) -> Result<Draft, SqlError> {
+    Ok(Draft {
+        head: stored_head(r)?,
+        head_json: r.text(13)?,
+        draft_signature: r.blob(14)?,
     })
 }
 
 impl Store {
     /// Every record of `model_id` whose current label in `label_set` (the labels of one head,
-    /// or of whole records when `None`) is set, with its embedding as f32. A record whose
-    /// embedding bytes do not fit its dimension is left out with a log line.
+    /// or of whole records when `None`) is set, with its embedding as f32: at most `limit`. A
+    /// record whose embedding bytes do not fit its dimension, or hold a value that is not a
+    /// finite number, is left out with a log line.
     pub fn labelled_embeddings(
         &self,
         model_id: &str,
         label_set: Option<&str>,
+        limit: usize,
     ) -> Result<Vec<LabelledEmbedding>, HubError> {
         let rows = self.autocommit(|sql| {
             sql.query(
@@ -152,9 +178,9 @@ impl Store {
                      FROM labels l JOIN records r ON r.record_id = l.record_id
                      WHERE r.model_id = ?1 AND l.head IS NOT DISTINCT FROM CAST(?2 AS TEXT) AND ",
                     current_label!(),
-                    " ORDER BY r.record_id"
+                    " ORDER BY r.record_id LIMIT ?3"
                 ),
-                &args![model_id, label_set],
+                &args![model_id, label_set, limit.min(i64::MAX as usize) as i64],
             )
         })?;
         let mut out = Vec::with_capacity(rows.len());
@@ -167,14 +193,14 @@ impl Store {
                 r.blob(4).map_err(|e| self.database(e))?,
             );
             match embedding.to_f32() {
-                Some(values) if !values.is_empty() => out.push(LabelledEmbedding {
+                Some(values) if !values.is_empty() && values.iter().all(|v| v.is_finite()) => out.push(LabelledEmbedding {
                     record_id,
                     label: r.text(1).map_err(|e| self.database(e))?,
                     values,
                 }),
                 _ => log::warn!(
                     "hub: record {record_id} left out of training: its embedding bytes do not \
-                     match its dimension"
+                     match its dimension, or are not all finite numbers"
                 ),
             }
         }
@@ -186,8 +212,9 @@ impl Store {
         self.autocommit(|sql| {
             sql.query_one(
                 "INSERT INTO heads (name, model_id, embedding_dim, label_set, trained_at_ms,
-                     trained_by, train_records, heldout_records, evaluation_json, head_json)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) RETURNING id",
+                     trained_by, train_records, heldout_records, evaluation_json, head_json,
+                     draft_signature)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING id",
                 &args![
                     head.name,
                     head.model_id,
@@ -198,7 +225,8 @@ impl Store {
                     head.train_records,
                     head.heldout_records,
                     head.evaluation_json,
-                    head.head_json
+                    head.head_json,
+                    head.draft_signature
                 ],
             )?
             .int(0)
@@ -208,7 +236,7 @@ impl Store {
     /// Every head the hub trained, newest first.
     pub fn heads(&self) -> Result<Vec<StoredHead>, HubError> {
         self.autocommit(|sql| {
-            sql.query(&format!("{HEAD_COLUMNS} ORDER BY id DESC"), &[])?
+            sql.query(&format!("{LIST_COLUMNS} ORDER BY id DESC"), &[])?
                 .iter()
                 .map(stored_head)
                 .collect()
@@ -217,7 +245,7 @@ impl Store {
 
     pub fn head(&self, id: i64) -> Result<Option<StoredHead>, HubError> {
         self.autocommit(|sql| {
-            sql.query_opt(&format!("{HEAD_COLUMNS} WHERE id = ?1"), &args![id])?
+            sql.query_opt(&format!("{LIST_COLUMNS} WHERE id = ?1"), &args![id])?
                 .as_ref()
                 .map(stored_head)
                 .transpose()
@@ -225,24 +253,30 @@ impl Store {
     }
 
     /// Publish draft `id`: number it one above the newest published version of its name for its
-    /// model, and store what `sign` makes of that version (the signed blob devices receive).
-    /// The version, or an error if there is no such draft or it was published already.
+    /// model, and store what `sign` makes of the draft at that version (the signed blob devices
+    /// receive). The version, or an error if there is no such draft, it was published already,
+    /// or `sign` refuses it. Publications are serialised (on PostgreSQL, a table lock), so two
+    /// hubs publishing at once get two versions.
     pub fn publish_head(
         &self,
         id: i64,
         by: &str,
         now_ms: i64,
-        sign: impl Fn(&StoredHead, u64) -> Result<Vec<u8>, String>,
+        sign: impl Fn(&Draft, u64) -> Result<Vec<u8>, String>,
     ) -> Result<u64, HubError> {
         let version = self.transaction(|sql| {
-            let Some(head) = sql
+            if sql.dialect() == super::sql::Dialect::Postgres {
+                sql.execute("LOCK TABLE heads IN SHARE ROW EXCLUSIVE MODE", &[])?;
+            }
+            let Some(draft) = sql
                 .query_opt(&format!("{HEAD_COLUMNS} WHERE id = ?1"), &args![id])?
                 .as_ref()
-                .map(stored_head)
+                .map(draft)
                 .transpose()?
             else {
                 return Err(HubError::BadRequest(format!("no head {id}")).into());
             };
+            let head = &draft.head;
             if let Some(v) = head.version {
                 return Err(
                     HubError::BadRequest(format!("head {id} is published already (v{v})")).into(),
@@ -255,10 +289,10 @@ impl Store {
                 )?
                 .int(0)?;
             let version = newest + 1;
-            let signed = sign(&head, version as u64).map_err(HubError::BadRequest)?;
+            let signed = sign(&draft, version as u64).map_err(HubError::BadRequest)?;
             sql.execute(
                 "UPDATE heads SET version = ?2, signed = ?3, published_at_ms = ?4, published_by = ?5
-                 WHERE id = ?1",
+                 WHERE id = ?1 AND version IS NULL",
                 &args![id, version, &signed, now_ms, by],
             )?;
             Ok(version as u64)
@@ -267,30 +301,51 @@ impl Store {
         Ok(version)
     }
 
-    /// The newest published version of each head name for `model_id` at `embedding_dim`.
+    /// The newest published version of each head name for `model_id` at `embedding_dim` that
+    /// `wanted(name, version)` asks for, in name order, as long as they fit in `max_bytes` in
+    /// all (the first always comes; the rest wait for a later query, once the device holds
+    /// these). Only the chosen heads' blobs are read.
     pub fn publications(
         &self,
         model_id: &str,
         embedding_dim: i64,
+        wanted: impl Fn(&str, u64) -> bool,
+        max_bytes: usize,
     ) -> Result<Vec<Publication>, HubError> {
         self.autocommit(|sql| {
-            sql.query(
-                "SELECT h.name, h.version, h.signed FROM heads h
+            let newest = sql.query(
+                "SELECT h.id, h.name, h.version, CAST(LENGTH(h.signed) AS BIGINT) FROM heads h
                  WHERE h.model_id = ?1 AND h.embedding_dim = ?2 AND h.signed IS NOT NULL
                    AND h.version = (SELECT MAX(g.version) FROM heads g
-                                    WHERE g.name = h.name AND g.model_id = h.model_id)
+                                    WHERE g.name = h.name AND g.model_id = h.model_id
+                                      AND g.embedding_dim = h.embedding_dim
+                                      AND g.signed IS NOT NULL)
                  ORDER BY h.name",
                 &args![model_id, embedding_dim],
-            )?
-            .iter()
-            .map(|r| {
-                Ok(Publication {
-                    name: r.text(0)?,
-                    version: r.int(1)? as u64,
-                    signed: r.blob(2)?,
-                })
-            })
-            .collect()
+            )?;
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            for r in &newest {
+                let (name, version) = (r.text(1)?, r.int(2)? as u64);
+                if !wanted(&name, version) {
+                    continue;
+                }
+                let size = usize::try_from(r.int(3)?).unwrap_or(usize::MAX);
+                if !out.is_empty() && bytes.saturating_add(size) > max_bytes {
+                    log::info!("hub: head {name} v{version} waits for a later query ({max_bytes} bytes an answer)");
+                    continue;
+                }
+                bytes = bytes.saturating_add(size);
+                let signed = sql
+                    .query_one("SELECT signed FROM heads WHERE id = ?1", &args![r.int(0)?])?
+                    .blob(0)?;
+                out.push(Publication {
+                    name,
+                    version,
+                    signed,
+                });
+            }
+            Ok(out)
         })
     }
 

@@ -29,7 +29,7 @@ use std::time::Duration;
 use dermedge_queue::{now_ms, DevicePublic, EmbeddingType, Gap, Record, StoredEmbedding};
 use rusqlite::Connection;
 
-pub use heads::{LabelledEmbedding, NewHead, Publication, StoredHead};
+pub use heads::{Draft, LabelledEmbedding, NewHead, Publication, StoredHead};
 pub use location::{is_postgres_url, Location, PostgresUrl};
 use sql::{args, Dialect, Fail, Failure, Row, Sql, SqlError};
 pub use web::{

@@ -806,6 +806,14 @@ pub fn heads_page(nav: &Nav<'_>, view: &HeadsView<'_>) -> String {
             head.train_records,
             head.heldout_records
         );
+        if head.heldout_records < crate::heads::MIN_HELDOUT_TO_JUDGE {
+            let _ = write!(
+                main,
+                "<p class=\"bad few\">Only {} held-out records: too few to judge this head by. \
+                 Label more records before publishing it.</p>",
+                head.heldout_records
+            );
+        }
         match crate::heads::evaluation(head) {
             Some(e) => evaluation_tables(&mut main, &e),
             None => main.push_str("<p class=\"bad\">The stored evaluation cannot be read.</p>"),

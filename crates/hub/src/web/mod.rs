@@ -678,13 +678,38 @@ async fn train_head(state: &Arc<State>, request: Request<Incoming>) -> Result<Re
         model_id,
         label_set,
     };
+    // One training at a time, and not on a database thread: a large set takes minutes of CPU.
+    let Ok(_training) = state.training.try_acquire() else {
+        let why = "a head is being trained: try again when it is done".to_string();
+        return heads(state, &headers, Some((409, why))).await;
+    };
+    let load = request.clone();
+    let records = match head_work(state, move |_, store| {
+        crate::heads::load_training_set(store, &load)
+    })
+    .await?
+    {
+        Ok(r) => r,
+        Err(why) => return heads(state, &headers, Some((400, why))).await,
+    };
+    let train = request.clone();
+    let trained = tokio::task::spawn_blocking(move || {
+        crate::heads::train_and_score(&train, records)
+    })
+    .await
+    .map_err(|e| unavailable(format!("the training failed: {e}")))?;
+    let (head, evaluation) = match trained {
+        Ok(t) => t,
+        Err(HubError::BadRequest(why)) => return heads(state, &headers, Some((400, why))).await,
+        Err(e) => return Err(unavailable(e)),
+    };
     let by = session.user.clone();
-    let trained = head_work(state, move |_, store| {
-        crate::heads::train_from_labels(store, &request, &by, now_ms())
+    let kept = head_work(state, move |state, store| {
+        crate::heads::keep_draft(store, &state.hub_key, &request, &head, &evaluation, &by, now_ms())
     })
     .await?;
-    match trained {
-        Ok((id, _)) => Ok(see_other(&format!("/heads#head-{id}"))),
+    match kept {
+        Ok(id) => Ok(see_other(&format!("/heads#head-{id}"))),
         Err(why) => heads(state, &headers, Some((400, why))).await,
     }
 }
