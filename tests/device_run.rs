@@ -222,10 +222,7 @@ fn a_head_the_hub_trains_from_labels_runs_on_the_device_and_a_tampered_one_does_
     assert_eq!(runs.len(), 15);
     // The second run switched once, between two captures, and never back.
     let versions: Vec<Option<u64>> = runs[5..10].iter().map(|heads| heads[0].1).collect();
-    assert!(
-        versions.windows(2).all(|w| w[0] <= w[1]),
-        "{versions:?}"
-    );
+    assert!(versions.windows(2).all(|w| w[0] <= w[1]), "{versions:?}");
     let third = &runs[10..];
     assert!(
         third

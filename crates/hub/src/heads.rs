@@ -252,7 +252,11 @@ fn describe_left_out(left_out: &[(String, usize)]) -> String {
 /// receive. Refused unless the draft carries this hub's signature over the head as trained.
 pub fn sign_publication(hub_key: &HubKey, draft: &Draft, version: u64) -> Result<Vec<u8>, String> {
     let id = draft.head.id;
-    if !dermedge_sync::wire::verify_draft(&hub_key.public(), &draft.head_json, &draft.draft_signature) {
+    if !dermedge_sync::wire::verify_draft(
+        &hub_key.public(),
+        &draft.head_json,
+        &draft.draft_signature,
+    ) {
         return Err(format!(
             "head {id} is not the head this hub trained (its stored weights were changed): \
              it cannot be published"

@@ -197,7 +197,8 @@ fn labelled_records_become_a_signed_head_devices_fetch_once(backend: Backend) {
     assert!(client.fetch_heads("dev-1", &wide).unwrap().is_empty());
 
     // A retrain, published, is version 2; only the newest version is offered.
-    let (again, _) = heads::train_from_labels(&store, &l.hub_key, &request("diagnosis"), "dr.ada", 30).unwrap();
+    let (again, _) =
+        heads::train_from_labels(&store, &l.hub_key, &request("diagnosis"), "dr.ada", 30).unwrap();
     assert_eq!(
         heads::publish(&store, &l.hub_key, again, "dr.ada", 40).unwrap(),
         2
@@ -247,7 +248,10 @@ fn labelled_records_become_a_signed_head_devices_fetch_once(backend: Backend) {
         )
         .unwrap();
     let err = heads::publish(&store, &l.hub_key, third, "dr.ada", 60).unwrap_err();
-    assert!(err.to_string().contains("not the head this hub trained"), "{err}");
+    assert!(
+        err.to_string().contains("not the head this hub trained"),
+        "{err}"
+    );
     assert!(store.head(third).unwrap().unwrap().version.is_none());
     l.hub.shutdown();
 }
@@ -260,7 +264,8 @@ fn a_label_set_without_two_classes_trains_nothing(backend: Backend) {
         .collect();
     l.sync_and_label(&records);
     let store = l.db.open();
-    let err = heads::train_from_labels(&store, &l.hub_key, &request("diagnosis"), "dr.ada", 1).unwrap_err();
+    let err = heads::train_from_labels(&store, &l.hub_key, &request("diagnosis"), "dr.ada", 1)
+        .unwrap_err();
     let HubError::BadRequest(message) = err else {
         panic!("{err}")
     };
@@ -268,13 +273,15 @@ fn a_label_set_without_two_classes_trains_nothing(backend: Backend) {
         message.contains("1 classes") && message.contains("\"naevus\" with 1"),
         "{message}"
     );
-    let err = heads::train_from_labels(&store, &l.hub_key, &request("../diagnosis"), "dr.ada", 1).unwrap_err();
+    let err = heads::train_from_labels(&store, &l.hub_key, &request("../diagnosis"), "dr.ada", 1)
+        .unwrap_err();
     assert!(err.to_string().contains("head name"), "{err}");
     let mut by_head = request("diagnosis");
     by_head.label_set = Some("kind".into());
     let err = heads::train_from_labels(&store, &l.hub_key, &by_head, "dr.ada", 1).unwrap_err();
     assert!(
-        err.to_string().contains("labels of head \"kind\"") && err.to_string().contains("0 classes"),
+        err.to_string().contains("labels of head \"kind\"")
+            && err.to_string().contains("0 classes"),
         "no labels of that head: {err}"
     );
     assert!(store.heads().unwrap().is_empty());

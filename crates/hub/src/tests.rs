@@ -195,7 +195,11 @@ fn records_arrive_once_each_in_order_with_identical_bytes(backend: Backend) {
     };
     assert!(client.fetch_heads("dev-1", &query).unwrap().is_empty());
     client.push_once(&queue).unwrap();
-    assert_eq!(depth(&s), Some(70), "the device reports what it still holds");
+    assert_eq!(
+        depth(&s),
+        Some(70),
+        "the device reports what it still holds"
+    );
     let report = client
         .drain(&queue, &AtomicBool::new(false), Some(0))
         .unwrap();

@@ -1073,7 +1073,10 @@ fn the_heads_page_trains_scores_and_publishes_from_labels() {
         &[("csrf", "0")],
     );
     assert_eq!(answer.status, 403);
-    assert!(store.publications("df-mini", 4, |_, _| true, 1 << 20).unwrap().is_empty());
+    assert!(store
+        .publications("df-mini", 4, |_, _| true, 1 << 20)
+        .unwrap()
+        .is_empty());
     let answer = post(
         &hub.url(&format!("/heads/{id}/publish")),
         Some(&cookie),
@@ -1087,7 +1090,9 @@ fn the_heads_page_trains_scores_and_publishes_from_labels() {
         "{}",
         page.body
     );
-    let publications = store.publications("df-mini", 4, |_, _| true, 1 << 20).unwrap();
+    let publications = store
+        .publications("df-mini", 4, |_, _| true, 1 << 20)
+        .unwrap();
     assert_eq!(publications.len(), 1);
     let head = wire::open_head(&hub.hub_key.public(), &publications[0].signed).unwrap();
     assert_eq!((head.name.as_str(), head.version), ("diagnosis", Some(1)));

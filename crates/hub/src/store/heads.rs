@@ -193,11 +193,12 @@ impl Store {
                 r.blob(4).map_err(|e| self.database(e))?,
             );
             match embedding.to_f32() {
-                Some(values) if !values.is_empty() && values.iter().all(|v| v.is_finite()) => out.push(LabelledEmbedding {
-                    record_id,
-                    label: r.text(1).map_err(|e| self.database(e))?,
-                    values,
-                }),
+                Some(values) if !values.is_empty() && values.iter().all(|v| v.is_finite()) => out
+                    .push(LabelledEmbedding {
+                        record_id,
+                        label: r.text(1).map_err(|e| self.database(e))?,
+                        values,
+                    }),
                 _ => log::warn!(
                     "hub: record {record_id} left out of training: its embedding bytes do not \
                      match its dimension, or are not all finite numbers"

@@ -693,11 +693,10 @@ async fn train_head(state: &Arc<State>, request: Request<Incoming>) -> Result<Re
         Err(why) => return heads(state, &headers, Some((400, why))).await,
     };
     let train = request.clone();
-    let trained = tokio::task::spawn_blocking(move || {
-        crate::heads::train_and_score(&train, records)
-    })
-    .await
-    .map_err(|e| unavailable(format!("the training failed: {e}")))?;
+    let trained =
+        tokio::task::spawn_blocking(move || crate::heads::train_and_score(&train, records))
+            .await
+            .map_err(|e| unavailable(format!("the training failed: {e}")))?;
     let (head, evaluation) = match trained {
         Ok(t) => t,
         Err(HubError::BadRequest(why)) => return heads(state, &headers, Some((400, why))).await,
@@ -705,7 +704,15 @@ async fn train_head(state: &Arc<State>, request: Request<Incoming>) -> Result<Re
     };
     let by = session.user.clone();
     let kept = head_work(state, move |state, store| {
-        crate::heads::keep_draft(store, &state.hub_key, &request, &head, &evaluation, &by, now_ms())
+        crate::heads::keep_draft(
+            store,
+            &state.hub_key,
+            &request,
+            &head,
+            &evaluation,
+            &by,
+            now_ms(),
+        )
     })
     .await?;
     match kept {
