@@ -162,7 +162,7 @@ fn hub_heads(db: &Path) -> Vec<Vec<(String, Option<u64>)>> {
         .unwrap()
         .iter()
         .map(|r| {
-            let heads: Vec<dermedge_queue::HeadResult> =
+            let heads: Vec<dermedge_record::HeadResult> =
                 serde_json::from_str(&r.heads_json).unwrap();
             heads.into_iter().map(|h| (h.head, h.version)).collect()
         })
@@ -198,7 +198,7 @@ fn a_head_the_hub_trains_from_labels_runs_on_the_device_and_a_tampered_one_does_
         model_id: records[0].model_id.clone(),
         label_set: None,
     };
-    let hub_key = dermedge_queue::HubKey::load(&dir.join("hub.key")).unwrap();
+    let hub_key = dermedge_record::HubKey::load(&dir.join("hub.key")).unwrap();
     let (id, evaluation) =
         dermedge_hub::heads::train_from_labels(&store, &hub_key, &request, "dr.ada", 2).unwrap();
     assert_eq!(evaluation.classes, ["dermoscopy", "photo"]);
@@ -528,7 +528,7 @@ fn each_example_config_broken_five_ways_is_a_clear_error_or_runs_offline() {
     );
     // The hub comes back: the same records arrive.
     let db = dir.join("later.sqlite");
-    let device_public = dermedge_queue::DeviceKey::load(&dir.join("device.key"))
+    let device_public = dermedge_record::DeviceKey::load(&dir.join("device.key"))
         .unwrap()
         .public()
         .to_string();

@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use dermedge_queue::{
-    hex, DeviceKey, DevicePublic, Envelope, HeadResult, HubKey, HubPublic, QualityResult, Queue,
-    QueueOptions, Record, Stored, ENVELOPE_FORMAT, SIGNATURE_BYTES,
+use dermedge_queue::{Queue, QueueOptions, Stored};
+use dermedge_record::{
+    hex, DeviceKey, DevicePublic, Envelope, HeadResult, HubKey, HubPublic, QualityResult, Record,
+    ENVELOPE_FORMAT, SIGNATURE_BYTES,
 };
 use dermedge_sync::wire::{self, Batch};
 use sha2::Digest;
@@ -1383,7 +1384,8 @@ fn mutate_record(rng: &mut Rng, r: &mut Record) {
         8 => r.source = Some(odd(rng)),
         _ => {
             r.model_id = odd(rng);
-            r.precision = odd(rng);
+            // A precision outside the enum is the byte mutations' to make.
+            r.precision = *rng.pick(&dermedge_record::Precision::ALL);
         }
     }
 }

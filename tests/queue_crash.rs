@@ -5,7 +5,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use dermedge_queue::{DeviceKey, Queue, QueueOptions};
+use dermedge_queue::{Queue, QueueOptions};
+use dermedge_record::DeviceKey;
 
 /// A deterministic pseudo-random sequence (xorshift), so a failing run can be repeated.
 struct Rng(u64);

@@ -13,9 +13,10 @@ mod binary;
 
 use binary::{dermedge, train_image_kind_head, HubProcess};
 use dermedge_e2e::{fixtures, read_npy_rows, text};
-use dermedge_queue::{
-    new_record_id, DeviceKey, EmbeddingType, Envelope, HubKey, Queue, QueueOptions, Record,
-    StoredEmbedding, RECORD_FORMAT,
+use dermedge_queue::{Queue, QueueOptions};
+use dermedge_record::{
+    new_record_id, DeviceKey, EmbeddingType, Envelope, HubKey, Record, StoredEmbedding,
+    RECORD_FORMAT,
 };
 use dermedge_sync::{Backoff, SyncClient, SyncConfig};
 
@@ -136,7 +137,7 @@ fn synthetic_record(device: &str, i: u64) -> Record {
         captured_at_ms: 1_790_000_000_000 + i as i64,
         device_id: device.into(),
         model_id: "df-mini".into(),
-        precision: "int8".into(),
+        precision: dermedge_record::Precision::Int8,
         embedding: StoredEmbedding::new(&values, EmbeddingType::F32),
         heads: Vec::new(),
         quality: None,

@@ -5,9 +5,10 @@
 
 use std::io::Write;
 
-use dermedge_queue::{
-    new_record_id, DeviceKey, Durability, EmbeddingType, Envelope, HubKey, Queue, QueueOptions,
-    Record, StoredEmbedding, RECORD_FORMAT,
+use dermedge_queue::{Durability, Queue, QueueOptions};
+use dermedge_record::{
+    new_record_id, DeviceKey, EmbeddingType, Envelope, HubKey, Record, StoredEmbedding,
+    RECORD_FORMAT,
 };
 
 fn main() {
@@ -41,7 +42,7 @@ fn main() {
             captured_at_ms: n as i64,
             device_id: device.clone(),
             model_id: "df-mini".into(),
-            precision: "int8".into(),
+            precision: dermedge_record::Precision::Int8,
             embedding: StoredEmbedding::new(&values, EmbeddingType::F32),
             heads: Vec::new(),
             quality: None,

@@ -11,9 +11,10 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
-use dermedge_queue::{
-    DeviceKey, EmbeddingType, Envelope, Gap, GapReason, HeadResult, HubKey, HubPublic,
-    QualityResult, Record, StoredEmbedding, RECORD_FORMAT,
+use dermedge_queue::{Gap, GapReason};
+use dermedge_record::{
+    DeviceKey, EmbeddingType, Envelope, HeadResult, HubKey, HubPublic, QualityResult, Record,
+    StoredEmbedding, RECORD_FORMAT,
 };
 use dermedge_sync::wire::{Ack, Batch, BatchRecord, Conflict, HeadOffer, HeadQuery, HeldHead};
 
@@ -43,7 +44,7 @@ pub fn record(seq: u64, shape: Shape) -> Record {
         captured_at_ms: 1_790_000_000_000i64.wrapping_add(seq as i64),
         device_id: DEVICE.into(),
         model_id: "df-mini".into(),
-        precision: "int8".into(),
+        precision: dermedge_record::Precision::Int8,
         embedding: StoredEmbedding::new(&values[..3], EmbeddingType::F32),
         heads: Vec::new(),
         quality: None,
@@ -72,7 +73,7 @@ pub fn record(seq: u64, shape: Shape) -> Record {
         }
         Shape::F16Thumbnail => {
             r.embedding = StoredEmbedding::new(&values, EmbeddingType::F16);
-            r.precision = "fp32".into();
+            r.precision = dermedge_record::Precision::Fp32;
             // The first bytes of a JPEG: SOI, APP0 JFIF, EOI.
             r.thumbnail_jpeg = Some(
                 [
@@ -365,8 +366,8 @@ fn not_a_point() -> [u8; 32] {
             bytes
         })
         .find(|bytes| {
-            format!("dermedge-device-public-1 {}", dermedge_queue::hex(bytes))
-                .parse::<dermedge_queue::DevicePublic>()
+            format!("dermedge-device-public-1 {}", dermedge_record::hex(bytes))
+                .parse::<dermedge_record::DevicePublic>()
                 .is_err()
         })
         .expect("one of them is off the curve")
@@ -377,7 +378,7 @@ fn public_key_seeds() -> Seeds {
     let hub = hub().to_string();
     let not_a_point = format!(
         "dermedge-device-public-1 {}",
-        dermedge_queue::hex(&not_a_point())
+        dermedge_record::hex(&not_a_point())
     );
     let mut multibyte = device.clone();
     multibyte.replace_range(device.len() - 2.., "é");

@@ -12,9 +12,10 @@ use clap::Subcommand;
 use dermedge_fidelity::stats::percentile;
 use dermedge_hub::server::HubServer;
 use dermedge_hub::store::Store;
-use dermedge_queue::{
-    new_record_id, DeviceKey, Durability, EmbeddingType, Envelope, HubKey, Queue, QueueOptions,
-    Record, StoredEmbedding, RECORD_FORMAT,
+use dermedge_queue::{Durability, Queue, QueueOptions};
+use dermedge_record::{
+    new_record_id, DeviceKey, EmbeddingType, Envelope, HubKey, Record, StoredEmbedding,
+    RECORD_FORMAT,
 };
 use dermedge_sync::{SyncClient, SyncConfig};
 
@@ -84,7 +85,7 @@ pub(crate) fn record(i: usize, dim: usize, dtype: EmbeddingType) -> Record {
         captured_at_ms: i as i64,
         device_id: "bench".into(),
         model_id: "df-r101x3".into(),
-        precision: "int8".into(),
+        precision: dermedge_record::Precision::Int8,
         embedding: StoredEmbedding::new(&values, dtype),
         heads: Vec::new(),
         quality: None,
@@ -264,7 +265,7 @@ fn bench_sync(dir: &Option<PathBuf>, n: usize, rounds: usize, dim: usize) -> Res
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EmbedBench {
     pub model: String,
-    pub precision: String,
+    pub precision: dermedge_core::Precision,
     pub model_bytes: u64,
     pub threads: u32,
     pub accelerator: String,
@@ -512,9 +513,9 @@ pub fn bench_embed_one(args: &EmbedBenchArgs) -> Result<()> {
         split(2, &mut times);
         let embedding = embedder.read_output()?;
         split(3, &mut times);
-        let answers: Vec<dermedge_queue::HeadResult> = heads
+        let answers: Vec<dermedge_record::HeadResult> = heads
             .iter()
-            .map(|h| dermedge_queue::HeadResult {
+            .map(|h| dermedge_record::HeadResult {
                 head: h.name.clone(),
                 classes: h.classes.clone(),
                 probabilities: h.predict(&embedding),
@@ -531,7 +532,7 @@ pub fn bench_embed_one(args: &EmbedBenchArgs) -> Result<()> {
     }
     let result = EmbedBench {
         model: manifest.model.id.clone(),
-        precision: manifest.model.precision.as_str().into(),
+        precision: manifest.model.precision,
         model_bytes: std::fs::metadata(manifest.model_path())?.len(),
         threads: embedder.threads(),
         accelerator: embedder.accelerator().to_string(),

@@ -17,7 +17,8 @@ use anyhow::{Context, Result};
 use dermedge_fidelity::stats::percentile;
 use dermedge_hub::server::HubServer;
 use dermedge_hub::store::{Location, Store};
-use dermedge_queue::{DeviceKey, Durability, EmbeddingType, Envelope, HubKey, Queue, QueueOptions};
+use dermedge_queue::{Durability, Queue, QueueOptions};
+use dermedge_record::{DeviceKey, EmbeddingType, Envelope, HubKey};
 use dermedge_sync::{wire, Pushed, SyncClient, SyncConfig};
 
 use crate::bench::{peak_rss_bytes, record, scratch};

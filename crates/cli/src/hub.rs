@@ -16,7 +16,7 @@ use dermedge_hub::export::{export, gaps_csv_path, ExportFilter};
 use dermedge_hub::server::{HubServer, Limits};
 use dermedge_hub::store::{Enrolled, Location, Store};
 use dermedge_hub::tls::TlsFiles;
-use dermedge_queue::{DevicePublic, HubKey};
+use dermedge_record::{DevicePublic, HubKey};
 
 #[derive(Subcommand)]
 pub enum HubCommand {
@@ -408,7 +408,7 @@ fn user(command: &UserCommand) -> Result<()> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&users)?);
             } else {
-                let now = dermedge_queue::now_ms();
+                let now = dermedge_record::now_ms();
                 for u in &users {
                     println!(
                         "{}\tcreated {} UTC\t{} sessions{}",

@@ -11,7 +11,8 @@ use dermedge_core::preprocess::{decode_file, DecodeLimits};
 use dermedge_core::ModelManifest;
 use dermedge_device::{Outcome, Pipeline, PipelineOptions};
 use dermedge_head::LinearHead;
-use dermedge_queue::{now_ms, DeviceKey, EmbeddingType, Envelope, HubPublic, Queue, QueueOptions};
+use dermedge_queue::{Queue, QueueOptions};
+use dermedge_record::{now_ms, DeviceKey, EmbeddingType, Envelope, HubPublic};
 use dermedge_sync::{SyncClient, SyncConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 

@@ -150,41 +150,7 @@ pub fn with_fidelity_record(text: &str, record: &FidelityRecord) -> String {
 const FIDELITY_COMMENT: &str =
     "# The fidelity suite's verdict (dermedge fidelity --record); `config check` warns on fail.";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Precision {
-    Fp32,
-    Fp16,
-    Int8,
-    Int16x8,
-    DynamicInt8,
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl Precision {
-    pub const ALL: [Precision; 5] = [
-        Precision::Fp32,
-        Precision::Fp16,
-        Precision::Int8,
-        Precision::Int16x8,
-        Precision::DynamicInt8,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Fp16 => "fp16",
-            Precision::Int8 => "int8",
-            Precision::Int16x8 => "int16x8",
-            Precision::DynamicInt8 => "dynamic-int8",
-        }
-    }
-}
+pub use dermedge_record::Precision;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

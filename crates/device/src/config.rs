@@ -10,7 +10,8 @@ use dermedge_core::bounds::{Bounds, OutOfBounds, Ranged, RangedFloat};
 use dermedge_core::quality::QualityThresholds;
 use dermedge_core::{Accelerator, Backend, Fallback};
 use dermedge_display::framebuffer::FramebufferLayout;
-use dermedge_queue::{EmbeddingType, FullPolicy, DEFAULT_SEGMENT_BYTES};
+use dermedge_queue::{FullPolicy, DEFAULT_SEGMENT_BYTES};
+use dermedge_record::EmbeddingType;
 use serde::{Deserialize, Serialize};
 
 /// The upper end of a count that needs none: TOML integers stop at `i64::MAX`.

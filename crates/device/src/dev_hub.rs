@@ -1,7 +1,7 @@
 //! `sync.local_hub`: a hub in the device's own process, for development machines only (cargo
 //! feature `dev-hub`). A firmware build leaves it out, and with it the HTTP server and SQLite.
 
-use dermedge_queue::{DeviceKey, HubPublic};
+use dermedge_record::{DeviceKey, HubPublic};
 
 use crate::config::LocalHubSection;
 use crate::run::RunError;
@@ -16,7 +16,7 @@ mod enabled {
 
     use dermedge_hub::server::HubServer;
     use dermedge_hub::store::Store;
-    use dermedge_queue::HubKey;
+    use dermedge_record::HubKey;
 
     use super::*;
 

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use dermedge_head::LinearHead;
-use dermedge_queue::HubPublic;
+use dermedge_record::HubPublic;
 use dermedge_sync::wire::{HeadQuery, HeldHead};
 use dermedge_sync::{check_head, FetchedHead};
 
@@ -122,7 +122,7 @@ pub fn query(model_id: &str, dim: usize, running: &[LinearHead]) -> HeadQuery {
 mod tests {
     use super::*;
     use dermedge_head::{HeadKind, FORMAT};
-    use dermedge_queue::HubKey;
+    use dermedge_record::HubKey;
     use dermedge_sync::wire::seal_head;
 
     fn head(name: &str, model: &str, version: u64) -> LinearHead {

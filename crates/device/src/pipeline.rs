@@ -6,7 +6,7 @@ use std::io::Cursor;
 use dermedge_core::quality::{QualityThresholds, QualityVerdict};
 use dermedge_core::{Embedder, RgbImage};
 use dermedge_head::{HeadError, LinearHead};
-use dermedge_queue::{
+use dermedge_record::{
     new_record_id, EmbeddingType, HeadResult, QualityResult, Record, StoredEmbedding, RECORD_FORMAT,
 };
 
@@ -139,7 +139,7 @@ impl<E: Embedder> Pipeline<E> {
             captured_at_ms,
             device_id: self.options.device_id.clone(),
             model_id: model.id.clone(),
-            precision: model.precision.as_str().to_string(),
+            precision: model.precision,
             embedding: StoredEmbedding::new(&embedding, self.options.embedding_type),
             heads,
             quality: Some(quality_result(&verdict)),

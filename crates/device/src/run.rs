@@ -14,9 +14,8 @@ use dermedge_core::quality::measure;
 use dermedge_core::Ranged;
 use dermedge_core::{Embedder, Frame};
 use dermedge_display::{HeadView, Screen, Status, SyncView};
-use dermedge_queue::{
-    now_ms, DeviceKey, Durability, Envelope, HubPublic, Queue, QueueOptions, QueueStats,
-};
+use dermedge_queue::{Durability, Queue, QueueOptions, QueueStats};
+use dermedge_record::{now_ms, DeviceKey, Envelope, HubPublic};
 use dermedge_sync::{sleep_unless, SyncClient, SyncConfig};
 use serde::Serialize;
 
@@ -31,6 +30,8 @@ use crate::trigger::{AutoTrigger, Trigger};
 pub enum RunError {
     #[error(transparent)]
     Queue(#[from] dermedge_queue::QueueError),
+    #[error(transparent)]
+    Key(#[from] dermedge_record::KeyError),
     #[error(transparent)]
     Sync(#[from] dermedge_sync::SyncError),
     #[cfg(feature = "dev-hub")]
@@ -824,7 +825,7 @@ mod tests {
 
     use dermedge_core::quality::{QualityIssue, QualityMeasures, QualityVerdict};
     use dermedge_core::RgbImage;
-    use dermedge_queue::{
+    use dermedge_record::{
         new_record_id, EmbeddingType, HubKey, Record, StoredEmbedding, RECORD_FORMAT,
     };
 
@@ -884,7 +885,7 @@ mod tests {
             captured_at_ms: 1_790_000_000_000,
             device_id: "dev-1".into(),
             model_id: "df-mini".into(),
-            precision: "int8".into(),
+            precision: dermedge_record::Precision::Int8,
             embedding: StoredEmbedding::new(&[0.25; 16], EmbeddingType::F32),
             heads: Vec::new(),
             quality: None,

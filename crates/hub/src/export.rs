@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use dermedge_queue::{HeadResult, StoredEmbedding};
+use dermedge_record::{HeadResult, StoredEmbedding};
 
 use crate::store::Store;
 use crate::HubError;

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use dermedge_head::{check_name, eval, LinearHead, Targets, TrainOptions};
-use dermedge_queue::HubKey;
+use dermedge_record::HubKey;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 

@@ -5,9 +5,10 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
-use dermedge_queue::{
-    new_record_id, DeviceKey, EmbeddingType, Envelope, HubKey, Queue, QueueOptions, Record,
-    StoredEmbedding, RECORD_FORMAT,
+use dermedge_queue::{Queue, QueueOptions};
+use dermedge_record::{
+    new_record_id, DeviceKey, EmbeddingType, Envelope, HubKey, Record, StoredEmbedding,
+    RECORD_FORMAT,
 };
 use dermedge_sync::wire::{self, HeadQuery, HeldHead};
 use dermedge_sync::{SyncClient, SyncConfig, SyncError};
@@ -36,7 +37,7 @@ fn record(i: usize, class: usize) -> Record {
         captured_at_ms: 1_790_000_000_000 + i as i64,
         device_id: "dev-1".into(),
         model_id: "df-mini".into(),
-        precision: "int8".into(),
+        precision: dermedge_record::Precision::Int8,
         embedding: StoredEmbedding::new(&v, EmbeddingType::F16),
         heads: Vec::new(),
         quality: None,

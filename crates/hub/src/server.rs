@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dermedge_queue::{DevicePublic, Envelope, HubKey};
+use dermedge_record::{DevicePublic, Envelope, HubKey};
 use dermedge_sync::wire::{self, Ack, Conflict, OpenError};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -1134,7 +1134,7 @@ fn store_verified(
 }
 
 /// Opened records, and refused ones with the reason.
-type Opened = (Vec<(u64, dermedge_queue::Record)>, Vec<(u64, String)>);
+type Opened = (Vec<(u64, dermedge_record::Record)>, Vec<(u64, String)>);
 
 /// The batch's records, opened with the hub key, after the checks that need no database: rising
 /// sequence numbers after `after_seq`, well-formed gaps, envelopes from the sender that open.
@@ -1177,7 +1177,7 @@ fn open_records(hub_key: &HubKey, device: &str, batch: &wire::Batch) -> Result<O
                 }
                 let record = envelope
                     .open(hub_key)
-                    .map_err(|e| format!("cannot be opened with this hub's key: {e}"))?;
+                    .map_err(|e| format!("cannot be opened: {e}"))?;
                 if record.device_id != device {
                     return Err(format!(
                         "the sealed record names device {}, the request is from {device}",

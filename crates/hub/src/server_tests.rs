@@ -6,7 +6,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use dermedge_queue::{DeviceKey, HubKey};
+use dermedge_record::{DeviceKey, HubKey};
 use dermedge_sync::wire;
 
 use crate::server::{HubServer, Limits, UNAUTHENTICATED};

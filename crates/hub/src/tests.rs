@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
-use dermedge_queue::{
-    new_record_id, DeviceKey, EmbeddingType, Envelope, FullPolicy, Gap, GapReason, HubKey,
-    HubPublic, Queue, QueueOptions, Record, StoredEmbedding, RECORD_FORMAT,
+use dermedge_queue::{FullPolicy, Gap, GapReason, Queue, QueueOptions};
+use dermedge_record::{
+    new_record_id, DeviceKey, EmbeddingType, Envelope, HubKey, HubPublic, Record, StoredEmbedding,
+    ENVELOPE_FORMAT, RECORD_FORMAT,
 };
 use dermedge_sync::{wire, SyncClient, SyncConfig, SyncError};
 
@@ -42,7 +43,7 @@ fn record(device: &str, i: u64) -> Record {
         captured_at_ms: 1_790_000_000_000 + i as i64,
         device_id: device.into(),
         model_id: "df-mini".into(),
-        precision: "int8".into(),
+        precision: dermedge_record::Precision::Int8,
         embedding: StoredEmbedding::new(&[i as f32, 1.5, -2.0], EmbeddingType::F32),
         heads: Vec::new(),
         quality: None,
@@ -961,12 +962,25 @@ fn forged_fields_are_inert_in_the_export_or_refused_on_arrival(backend: Backend)
     formula.model_id = "=cmd|' /C calc'!A0".into();
     let mut forged_id = record("dev-1", 2);
     forged_id.id = "abc\r\nforged,row,=1+1".into();
-    let mut comma = record("dev-1", 3);
-    comma.precision = "int8,shifted".into();
+    // A precision with a comma (to shift the CSV's columns): no device makes one, so it is
+    // written into the record's CBOR by hand and sealed as a device would.
+    let comma = record("dev-1", 3);
     let mut short = record("dev-1", 4);
     short.embedding.data.truncate(5);
     let good = record("dev-1", 5);
-    for r in [&formula, &forged_id, &comma, &short, &good] {
+    for r in [&formula, &forged_id] {
+        s.append(&queue, r);
+    }
+    queue
+        .lock()
+        .unwrap()
+        .append(&sealed_with_precision(
+            &comma,
+            "int8,shifted",
+            &s.hub_public(),
+        ))
+        .unwrap();
+    for r in [&short, &good] {
         s.append(&queue, r);
     }
     let report = s
@@ -1006,11 +1020,35 @@ fn forged_fields_are_inert_in_the_export_or_refused_on_arrival(backend: Backend)
     // The stored source is the file name alone.
     assert_eq!(&forged[7], "'=HYPERLINK(1).png");
     let gaps = std::fs::read_to_string(crate::export::gaps_csv_path(&csv)).unwrap();
-    for expected in ["refused: id", "refused: precision", "refused: embedding"] {
+    for expected in [
+        "refused: id",
+        // (quoted as CSV quotes it)
+        "refused: cannot be opened: precision \"\"int8,shifted\"\": expected one of",
+        "refused: embedding",
+    ] {
         assert!(gaps.contains(expected), "{expected} in {gaps}");
     }
     assert!(!gaps.contains("forged,row"), "{gaps}");
     s.hub.shutdown();
+}
+
+/// `record` sealed to the hub with its precision replaced by `precision` in its CBOR.
+fn sealed_with_precision(record: &Record, precision: &str, hub: &HubPublic) -> Envelope {
+    let mut value: ciborium::Value = ciborium::from_reader(record.to_cbor().as_slice()).unwrap();
+    for (key, v) in value.as_map_mut().unwrap() {
+        if key.as_text() == Some("precision") {
+            *v = ciborium::Value::Text(precision.into());
+        }
+    }
+    let mut cbor = Vec::new();
+    ciborium::into_writer(&value, &mut cbor).unwrap();
+    Envelope {
+        format: ENVELOPE_FORMAT,
+        id: record.id.clone(),
+        captured_at_ms: record.captured_at_ms,
+        device_id: record.device_id.clone(),
+        sealed: hub.seal(&cbor),
+    }
 }
 
 /// A batch holding a refused record, sent again after its ack was lost (a new counter, the same

@@ -6,9 +6,10 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
-use dermedge_queue::{
-    new_record_id, DeviceKey, EmbeddingType, Envelope, HubKey, Queue, QueueOptions, Record,
-    StoredEmbedding, RECORD_FORMAT,
+use dermedge_queue::{Queue, QueueOptions};
+use dermedge_record::{
+    new_record_id, DeviceKey, EmbeddingType, Envelope, HubKey, Record, StoredEmbedding,
+    RECORD_FORMAT,
 };
 use dermedge_sync::{SyncClient, SyncConfig, SyncError};
 
@@ -37,7 +38,7 @@ fn record(i: u64) -> Record {
         captured_at_ms: 1_790_000_000_000 + i as i64,
         device_id: "dev-tls".into(),
         model_id: "df-mini".into(),
-        precision: "int8".into(),
+        precision: dermedge_record::Precision::Int8,
         embedding: StoredEmbedding::new(&[i as f32, 0.5], EmbeddingType::F32),
         heads: Vec::new(),
         quality: None,

@@ -4,9 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use dermedge_queue::{
-    new_record_id, DeviceKey, EmbeddingType, Envelope, Gap, GapReason, HeadResult, HubKey,
-    QualityResult, Record, StoredEmbedding, RECORD_FORMAT,
+use dermedge_queue::{Gap, GapReason};
+use dermedge_record::{
+    new_record_id, DeviceKey, EmbeddingType, Envelope, HeadResult, HubKey, QualityResult, Record,
+    StoredEmbedding, RECORD_FORMAT,
 };
 use dermedge_sync::wire;
 
@@ -45,7 +46,7 @@ fn record(device: &str, at_ms: i64, top: &str) -> Record {
         captured_at_ms: at_ms,
         device_id: device.into(),
         model_id: "df-mini".into(),
-        precision: "int8".into(),
+        precision: dermedge_record::Precision::Int8,
         embedding: StoredEmbedding::new(&[1.0, 2.0, 3.0], EmbeddingType::F32),
         heads: vec![HeadResult {
             head: "kind".into(),
@@ -908,7 +909,7 @@ fn device_health_counts_losses_by_reason_and_the_last_batch(backend: Backend) {
         at_ms: DAY,
     };
     let mut refused = record("dev-1", DAY, "nevus");
-    refused.precision = "int3".into();
+    refused.id = "not a record id".into();
     hub.send(
         "dev-1",
         &[

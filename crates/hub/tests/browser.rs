@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use dermedge_hub::server::HubServer;
 use dermedge_hub::store::Store;
-use dermedge_queue::{
+use dermedge_record::{
     new_record_id, DeviceKey, EmbeddingType, Envelope, HeadResult, HubKey, QualityResult, Record,
     StoredEmbedding, RECORD_FORMAT,
 };
@@ -347,7 +347,7 @@ fn record(device: &str, i: i64, top: usize, rgb: [u8; 3]) -> Record {
         captured_at_ms: MORNING + i * 47 * 60_000,
         device_id: device.into(),
         model_id: "df-mini".into(),
-        precision: "int8".into(),
+        precision: dermedge_record::Precision::Int8,
         embedding: StoredEmbedding::new(&[0.25, -1.0, 2.0, 0.5], EmbeddingType::F32),
         heads: vec![HeadResult {
             head: "lesion".into(),

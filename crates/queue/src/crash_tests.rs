@@ -13,6 +13,10 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 
+use dermedge_record::{
+    new_record_id, EmbeddingType, HubKey, Record, StoredEmbedding, RECORD_FORMAT,
+};
+
 use super::*;
 use crate::sim::{Rng, SimDisk};
 
@@ -95,7 +99,7 @@ fn plain_record(n: u64, thumbnail: u16) -> Record {
         captured_at_ms: n as i64,
         device_id: "dev-1".into(),
         model_id: "m".into(),
-        precision: "int8".into(),
+        precision: dermedge_record::Precision::Int8,
         embedding: StoredEmbedding::new(&[n as f32, 1.0], EmbeddingType::F16),
         heads: Vec::new(),
         quality: None,

@@ -23,8 +23,6 @@
 //! Depends on nothing else in dermedge.
 
 mod gaps;
-mod key;
-mod record;
 mod segment;
 mod state;
 mod storage;
@@ -38,14 +36,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dermedge_record::{hex, DeviceKey, Envelope, HubPublic, Record};
 use serde::{Deserialize, Serialize};
 
 pub use gaps::{Gap, GapReason};
-pub use key::{hex, DeviceKey, DevicePublic, HubKey, HubPublic, KEY_BYTES, SIGNATURE_BYTES};
-pub use record::{
-    new_record_id, now_ms, EmbeddingType, Envelope, HeadResult, QualityResult, Record,
-    StoredEmbedding, ENVELOPE_FORMAT, RECORD_FORMAT,
-};
 pub use segment::FRAME_OVERHEAD;
 pub use storage::{Disk, Entry, LockGuard, Open, Storage, StorageFile};
 
@@ -76,11 +70,8 @@ pub enum QueueError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a device key: expected {expected}")]
-    BadKeyFile {
-        path: PathBuf,
-        expected: &'static str,
-    },
+    #[error(transparent)]
+    Key(#[from] dermedge_record::KeyError),
     #[error("{dir}: the queue is open in another process ({LOCK} is locked)")]
     Locked { dir: PathBuf },
     #[error(
@@ -470,7 +461,7 @@ impl Queue {
             &present,
             &gaps,
             &damaged,
-            record::now_ms(),
+            dermedge_record::now_ms(),
         );
         for gap in &new_gaps {
             log::error!("queue {}: {gap}; journalled in {GAPS}", dir.display());
@@ -792,7 +783,7 @@ impl Queue {
                 from,
                 to,
                 reason: GapReason::Evicted,
-                at_ms: record::now_ms(),
+                at_ms: dermedge_record::now_ms(),
             };
             let journal = self.dir.join(GAPS);
             gaps::append(st, &journal, std::slice::from_ref(&gap)).map_err(io(&journal))?;

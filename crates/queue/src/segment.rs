@@ -205,8 +205,8 @@ pub fn scan(
         };
         // A frame that would stop sync for ever (its record cannot be read) is damage too. A
         // record queued before records were sealed to the hub is still a record.
-        if let Err(e) = crate::Envelope::from_cbor(&plain) {
-            if crate::Record::from_cbor(&plain).is_err() {
+        if let Err(e) = dermedge_record::Envelope::from_cbor(&plain) {
+            if dermedge_record::Record::from_cbor(&plain).is_err() {
                 return Err(format!("frame {seq} holds no readable record: {e}"));
             }
         }
@@ -250,21 +250,24 @@ mod tests {
         let mut buf = encode_header(1, &[7; 16]).to_vec();
         let mut ends = Vec::new();
         for (i, name) in names.iter().enumerate() {
-            let record = crate::Record {
-                format: crate::RECORD_FORMAT,
-                id: crate::new_record_id(),
+            let record = dermedge_record::Record {
+                format: dermedge_record::RECORD_FORMAT,
+                id: dermedge_record::new_record_id(),
                 captured_at_ms: 0,
                 device_id: "d".into(),
                 model_id: "m".into(),
-                precision: "int8".into(),
-                embedding: crate::StoredEmbedding::new(&[1.0], crate::EmbeddingType::F32),
+                precision: dermedge_record::Precision::Int8,
+                embedding: dermedge_record::StoredEmbedding::new(
+                    &[1.0],
+                    dermedge_record::EmbeddingType::F32,
+                ),
                 heads: Vec::new(),
                 quality: None,
                 source: Some(name.to_string()),
                 thumbnail_jpeg: None,
             };
-            let hub = crate::HubKey::from_bytes([9; 32]).public();
-            let envelope = crate::Envelope::seal(&record, &hub);
+            let hub = dermedge_record::HubKey::from_bytes([9; 32]).public();
+            let envelope = dermedge_record::Envelope::seal(&record, &hub);
             buf.extend(cipher.seal(i as u64 + 1, &envelope.to_cbor()));
             ends.push(buf.len());
         }

@@ -1,5 +1,9 @@
 use std::fs;
 
+use dermedge_record::{
+    new_record_id, EmbeddingType, HeadResult, HubKey, Record, StoredEmbedding, RECORD_FORMAT,
+};
+
 use super::*;
 
 /// The clinic key the test records are sealed to.
@@ -18,7 +22,7 @@ fn plain_record(i: u64, marker: &str) -> Record {
         captured_at_ms: 1_790_000_000_000 + i as i64,
         device_id: "dev-1".into(),
         model_id: "df-mini".into(),
-        precision: "int8".into(),
+        precision: dermedge_record::Precision::Int8,
         embedding: StoredEmbedding::new(&[i as f32, 0.5, -1.0, 2.0], EmbeddingType::F32),
         heads: vec![HeadResult {
             head: "condition".into(),

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use dermedge_queue::{DeviceKey, Gap, HubPublic, Queue, QueueError, SYNC_STATE};
+use dermedge_queue::{Gap, Queue, QueueError, SYNC_STATE};
+use dermedge_record::{DeviceKey, HubPublic};
 use serde::{Deserialize, Serialize};
 
 use wire::{Batch, BatchRecord, OpenError};
@@ -778,9 +779,8 @@ mod tests {
         .unwrap_err();
         assert!(err.contains("pinned"), "{err}");
     }
-    use dermedge_queue::{
-        Envelope, GapReason, HubKey, QueueOptions, Record, Stored, ENVELOPE_FORMAT,
-    };
+    use dermedge_queue::{GapReason, QueueOptions, Stored};
+    use dermedge_record::{Envelope, HubKey, Record, ENVELOPE_FORMAT};
 
     #[test]
     fn backoff_grows_exponentially_with_bounded_jitter() {
@@ -823,15 +823,15 @@ mod tests {
 
     fn record(device: &str) -> Record {
         Record {
-            format: dermedge_queue::RECORD_FORMAT,
-            id: dermedge_queue::new_record_id(),
+            format: dermedge_record::RECORD_FORMAT,
+            id: dermedge_record::new_record_id(),
             captured_at_ms: 1,
             device_id: device.into(),
             model_id: "m".into(),
-            precision: "int8".into(),
-            embedding: dermedge_queue::StoredEmbedding::new(
+            precision: dermedge_record::Precision::Int8,
+            embedding: dermedge_record::StoredEmbedding::new(
                 &[1.0],
-                dermedge_queue::EmbeddingType::F32,
+                dermedge_record::EmbeddingType::F32,
             ),
             heads: Vec::new(),
             quality: None,

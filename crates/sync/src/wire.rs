@@ -25,7 +25,8 @@
 //! changes nothing on the hub, so its counter is not checked against replay.
 
 use dermedge_head::LinearHead;
-use dermedge_queue::{DeviceKey, DevicePublic, Gap, HubKey, HubPublic, SIGNATURE_BYTES};
+use dermedge_queue::Gap;
+use dermedge_record::{DeviceKey, DevicePublic, HubKey, HubPublic, SIGNATURE_BYTES};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 

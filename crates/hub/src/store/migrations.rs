@@ -6,7 +6,7 @@
 //! A new step is added at the end of both lists ([`super::sqlite::migrations`] and
 //! [`postgres`]) with the next version; a step is never edited once released.
 
-use dermedge_queue::now_ms;
+use dermedge_record::now_ms;
 
 use super::sql::{args, Sql, SqlError};
 use crate::HubError;
@@ -151,7 +151,7 @@ pub fn backfill_record_heads(sql: &mut dyn Sql) -> Result<(), SqlError> {
     let rows = sql.query("SELECT record_id, heads_json FROM records", &[])?;
     for row in rows {
         let record_id = row.text(0)?;
-        let heads: Vec<dermedge_queue::HeadResult> =
+        let heads: Vec<dermedge_record::HeadResult> =
             serde_json::from_str(&row.text(1)?).unwrap_or_default();
         super::insert_record_heads(sql, &record_id, &heads)?;
     }

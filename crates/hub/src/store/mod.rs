@@ -26,7 +26,8 @@ use std::cell::RefCell;
 use std::path::Path;
 use std::time::Duration;
 
-use dermedge_queue::{now_ms, DevicePublic, EmbeddingType, Gap, Record, StoredEmbedding};
+use dermedge_queue::Gap;
+use dermedge_record::{now_ms, DevicePublic, EmbeddingType, Record, StoredEmbedding};
 use rusqlite::Connection;
 
 pub use heads::{Draft, LabelledEmbedding, NewHead, Publication, StoredHead};
@@ -872,7 +873,7 @@ fn insert_record(
             seq as i64,
             record.captured_at_ms,
             &record.model_id,
-            &record.precision,
+            record.precision.as_str(),
             &dtype,
             i64::from(record.embedding.dim),
             &record.embedding.data,
@@ -897,7 +898,7 @@ fn insert_record(
 
 /// The class with the highest probability of `head` (the last of equals, as the export says),
 /// if any.
-pub(crate) fn top_class(head: &dermedge_queue::HeadResult) -> Option<(&str, f32)> {
+pub(crate) fn top_class(head: &dermedge_record::HeadResult) -> Option<(&str, f32)> {
     let mut best: Option<(usize, f32)> = None;
     for (i, p) in head.probabilities.iter().enumerate() {
         if best.is_none_or(|(_, b)| *p >= b) {
@@ -912,7 +913,7 @@ pub(crate) fn top_class(head: &dermedge_queue::HeadResult) -> Option<(&str, f32)
 fn insert_record_heads(
     sql: &mut dyn Sql,
     record_id: &str,
-    heads: &[dermedge_queue::HeadResult],
+    heads: &[dermedge_record::HeadResult],
 ) -> Result<(), SqlError> {
     for head in heads {
         if let Some((class, _)) = top_class(head) {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use dermedge_queue::{HeadResult, QualityResult};
+use dermedge_record::{HeadResult, QualityResult};
 
 use super::sql::{args, Row, SqlError};
 use super::Store;
@@ -318,7 +318,7 @@ impl Store {
             sql.execute(
                 "INSERT INTO users (name, password_hash, created_at_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT (name) DO NOTHING",
-                &args![name, &hash, dermedge_queue::now_ms()],
+                &args![name, &hash, dermedge_record::now_ms()],
             )
         })?;
         if inserted == 0 {

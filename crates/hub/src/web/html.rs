@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use dermedge_queue::HeadResult;
+use dermedge_record::HeadResult;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use super::ListQuery;

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use dermedge_queue::now_ms;
+use dermedge_record::now_ms;
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, CONTENT_TYPE, COOKIE, HOST, ORIGIN, REFERER};
 use hyper::{Method, Request};

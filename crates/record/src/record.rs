@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::key::{HubKey, HubPublic};
+use crate::Precision;
 
 pub const RECORD_FORMAT: u32 = 1;
 pub const ENVELOPE_FORMAT: u32 = 2;
@@ -83,8 +84,8 @@ pub struct Record {
     pub captured_at_ms: i64,
     pub device_id: String,
     pub model_id: String,
-    /// `fp32` or `int8`: which export produced the embedding.
-    pub precision: String,
+    /// Which export of the model produced the embedding (`fp32`, `int8`, … on the wire).
+    pub precision: Precision,
     pub embedding: StoredEmbedding,
     pub heads: Vec<HeadResult>,
     pub quality: Option<QualityResult>,
@@ -206,7 +207,7 @@ impl Record {
     }
 
     pub fn from_cbor(bytes: &[u8]) -> Result<Self, String> {
-        let record: Record = ciborium::from_reader(bytes).map_err(|e| e.to_string())?;
+        let record: Record = ciborium::from_reader(bytes).map_err(cbor_error)?;
         if record.format != RECORD_FORMAT {
             return Err(format!(
                 "record format {}, expected {RECORD_FORMAT}",
@@ -214,6 +215,14 @@ impl Record {
             ));
         }
         Ok(record)
+    }
+}
+
+/// A decoding error as a reader wants it: a field's own message without the decoder's wrapping.
+fn cbor_error(e: ciborium::de::Error<std::io::Error>) -> String {
+    match e {
+        ciborium::de::Error::Semantic(_, message) => message,
+        other => other.to_string(),
     }
 }
 

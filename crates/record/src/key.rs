@@ -20,7 +20,22 @@ use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use crate::QueueError;
+use std::path::PathBuf;
+
+/// Why a key file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a device key: expected {expected}")]
+    BadKeyFile {
+        path: PathBuf,
+        expected: &'static str,
+    },
+}
 
 pub const KEY_BYTES: usize = 32;
 /// Bytes of an Ed25519 signature.
@@ -36,8 +51,8 @@ fn derive(seed: &[u8; KEY_BYTES], info: &str) -> [u8; 32] {
     out
 }
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> QueueError + '_ {
-    move |source| QueueError::Io {
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
+    move |source| KeyError::Io {
         path: path.into(),
         source,
     }
@@ -58,7 +73,7 @@ fn from_hex32(text: &str) -> Option<[u8; 32]> {
 
 /// Write a new secret file readable by its owner only, synced with its directory entry; never
 /// overwrites.
-fn save_secret(path: &Path, text: &str) -> Result<(), QueueError> {
+fn save_secret(path: &Path, text: &str) -> Result<(), KeyError> {
     use std::io::Write;
     let mut options = fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -75,11 +90,11 @@ fn save_secret(path: &Path, text: &str) -> Result<(), QueueError> {
         .map_err(io_error(dir))
 }
 
-fn load_seed(path: &Path, expected: &'static str) -> Result<[u8; KEY_BYTES], QueueError> {
+fn load_seed(path: &Path, expected: &'static str) -> Result<[u8; KEY_BYTES], KeyError> {
     let mut text = fs::read_to_string(path).map_err(io_error(path))?;
     let seed = from_hex32(&text);
     text.zeroize();
-    seed.ok_or_else(|| QueueError::BadKeyFile {
+    seed.ok_or_else(|| KeyError::BadKeyFile {
         path: path.into(),
         expected,
     })
@@ -119,7 +134,7 @@ impl DeviceKey {
         hex(&self.0)
     }
 
-    pub fn load(path: &Path) -> Result<Self, QueueError> {
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
         load_seed(
             path,
             "64 hex digits (32 bytes), as `dermedge keygen` writes",
@@ -128,7 +143,7 @@ impl DeviceKey {
     }
 
     /// Write a new key file readable by its owner only; refuses to overwrite.
-    pub fn save_new(&self, path: &Path) -> Result<(), QueueError> {
+    pub fn save_new(&self, path: &Path) -> Result<(), KeyError> {
         save_secret(path, &format!("{}\n", self.to_hex()))
     }
 
@@ -228,7 +243,7 @@ impl HubKey {
         Self(bytes)
     }
 
-    pub fn load(path: &Path) -> Result<Self, QueueError> {
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
         load_seed(
             path,
             "64 hex digits (32 bytes), as `dermedge hub init` writes",
@@ -236,7 +251,7 @@ impl HubKey {
         .map(Self)
     }
 
-    pub fn save_new(&self, path: &Path) -> Result<(), QueueError> {
+    pub fn save_new(&self, path: &Path) -> Result<(), KeyError> {
         save_secret(path, &format!("{}\n", hex(&self.0)))
     }
 
@@ -321,9 +336,9 @@ impl std::str::FromStr for HubPublic {
 
 impl HubPublic {
     /// Read a `hub.pub` file (as `dermedge hub init` writes it).
-    pub fn load(path: &Path) -> Result<Self, QueueError> {
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
         let text = fs::read_to_string(path).map_err(io_error(path))?;
-        text.parse().map_err(|_| QueueError::BadKeyFile {
+        text.parse().map_err(|_| KeyError::BadKeyFile {
             path: path.into(),
             expected: "`dermedge-hub-public-1 <signing key> <sealing key>`, as `dermedge hub init` writes",
         })
