@@ -189,3 +189,64 @@ fn bad_certificate_or_key_files_are_named() {
         );
     }
 }
+
+#[test]
+fn clients_stalled_in_the_tls_handshake_hold_nothing_up_and_are_cut_off() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let files = certificate(dir.path());
+    let db = dir.path().join("hub.sqlite");
+    Store::open(&db).unwrap();
+    let header_timeout = Duration::from_secs(8);
+    let limits = Limits {
+        header_timeout,
+        ..Limits::default()
+    };
+    let hub =
+        HubServer::start_tls(&db, HubKey::generate(), "127.0.0.1:0", 1, limits, &files).unwrap();
+    // Twelve clients stall in the handshake: six say nothing, six send half a ClientHello.
+    let stalled: Vec<std::net::TcpStream> = (0..12)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(hub.addr()).unwrap();
+            if i % 2 == 1 {
+                s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+                    .unwrap();
+            }
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    // Answered well before the stalled handshakes time out: they hold up nobody.
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(dermedge_sync::pinned_tls(&files.certificate).unwrap())
+        .timeout(header_timeout / 2)
+        .build();
+    let url = format!("https://127.0.0.1:{}/v1/health", hub.addr().port());
+    assert_eq!(agent.get(&url).call().unwrap().status(), 200);
+    // And each stalled client is cut off once the header timeout has passed.
+    for mut s in stalled {
+        s.set_read_timeout(Some(header_timeout * 2)).unwrap();
+        let mut buf = [0u8; 256];
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e) => {
+                    break !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                }
+            }
+        };
+        assert!(
+            closed,
+            "a stalled handshake was still open after {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(started.elapsed() < header_timeout * 2);
+    hub.shutdown();
+}
