@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dermedge_fidelity::stats::percentile;
-use dermedge_hub::server::HubServer;
+use dermedge_hub::server::{HubServer, Limits};
 use dermedge_hub::store::{Location, Store};
 use dermedge_queue::{Durability, Queue, QueueOptions};
 use dermedge_record::{DeviceKey, EmbeddingType, Envelope, HubKey};
@@ -157,7 +157,13 @@ fn round(
         queue.commit()?;
         devices.push((id, key, qdir, queue));
     }
-    let hub = HubServer::start(db, hub_key, "127.0.0.1:0", 2)?;
+    // Every simulated device and broken client comes from 127.0.0.1: the per-address cap,
+    // meant for one client among many, would measure the cap instead of the hub.
+    let limits = Limits {
+        max_connections_per_address: usize::MAX,
+        ..Limits::default()
+    };
+    let hub = HubServer::start_with(db, hub_key, "127.0.0.1:0", 2, limits)?;
     let addr = hub.addr();
     let stop = Arc::new(AtomicBool::new(false));
     let faults = broken_clients(addr, stalled, stop.clone());

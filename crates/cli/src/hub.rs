@@ -78,6 +78,10 @@ pub enum HubCommand {
         /// kept (a full input path can carry a patient's name).
         #[arg(long)]
         keep_source_paths: bool,
+        /// Connections open at once from one address (a regional hub behind which a clinic's
+        /// devices share one NAT address may need more).
+        #[arg(long, default_value_t = Limits::default().max_connections_per_address)]
+        max_connections_per_address: usize,
         /// Serve HTTPS with this PEM certificate (chain); with --tls-key. Devices trust it
         /// through `sync.hub_ca` (a clinic LAN has no public CA).
         #[arg(long, requires = "tls_key")]
@@ -306,6 +310,7 @@ pub fn run(command: &HubCommand) -> Result<()> {
             listen,
             workers,
             keep_source_paths,
+            max_connections_per_address,
             tls_cert,
             tls_key,
         } => {
@@ -316,6 +321,7 @@ pub fn run(command: &HubCommand) -> Result<()> {
             }
             let limits = Limits {
                 keep_source_paths: *keep_source_paths,
+                max_connections_per_address: (*max_connections_per_address).max(1),
                 ..Limits::default()
             };
             let (server, scheme) = match (tls_cert, tls_key) {

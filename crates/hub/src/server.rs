@@ -1,11 +1,13 @@
-//! The HTTP side: `POST /v2/batches` (signed batches in, signed acks out) and `GET /v1/health`;
-//! every other path is the clinicians' web page ([`crate::web`]).
+//! The HTTP side: `POST /v2/batches` (signed batches in, signed acks out), `POST /v2/heads`
+//! (published heads out) and `GET /v1/health`; every other path is the clinicians' web page
+//! ([`crate::web`]).
 //!
 //! hyper (HTTP/1.1 only) on a tokio runtime of its own. Every connection is bounded: headers must
 //! arrive within [`Limits::header_timeout`] and fit in [`Limits::max_header_bytes`], a body must
 //! keep arriving (no pause over [`Limits::body_idle_timeout`], an average of at least
 //! [`Limits::min_body_bytes_per_s`]) and fit in [`Limits::max_body_bytes`], and at most
-//! [`Limits::max_connections`] are open at once. A handheld that loses power mid-upload leaves a
+//! [`Limits::max_connections`] are open at once, [`Limits::max_connections_per_address`] from
+//! one address. A handheld that loses power mid-upload leaves a
 //! stalled connection; these bounds close it, and health checks are answered meanwhile. The
 //! device's identity is checked from the headers, before any of the body is read. Database work
 //! runs on blocking threads, each with a connection from a small pool (never on the threads that
@@ -79,6 +81,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Connections open at once; more are closed as they arrive.
     pub max_connections: usize,
+    /// Connections open at once from one address, so that one client (or one clinic's NAT gone
+    /// wrong) cannot take every slot; more from it are closed as they arrive.
+    pub max_connections_per_address: usize,
     /// TCP keepalive: a peer that vanished (power cut, lost Wi-Fi) is noticed after this idle
     /// time plus a few probes.
     pub tcp_keepalive: Duration,
@@ -104,6 +109,7 @@ impl Default for Limits {
             min_body_bytes_per_s: 16 << 10,
             max_body_bytes: MAX_BODY_BYTES,
             max_connections: 512,
+            max_connections_per_address: 64,
             tcp_keepalive: Duration::from_secs(30),
             keep_source_paths: false,
             rejections_per_s: 5.0,
@@ -449,6 +455,8 @@ async fn serve(
     let slots = Arc::new(Semaphore::new(state.limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut refused_at_cap: u64 = 0;
+    let per_address = Arc::new(PerAddress::default());
+    let mut refused_per_address: u64 = 0;
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => break,
@@ -474,6 +482,22 @@ async fn serve(
             drop(stream);
             continue;
         };
+        let Some(address_slot) =
+            per_address.take(remote.ip(), state.limits.max_connections_per_address)
+        else {
+            refused_per_address += 1;
+            if refused_per_address.is_power_of_two() {
+                log::warn!(
+                    "hub: {} connections open from {}, the limit for one address: \
+                     {refused_per_address} refused so far",
+                    state.limits.max_connections_per_address,
+                    remote.ip()
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        let slot = (slot, address_slot);
         let keepalive = socket2::TcpKeepalive::new()
             .with_time(state.limits.tcp_keepalive)
             .with_interval(Duration::from_secs(10));
@@ -530,6 +554,43 @@ async fn serve(
         .is_err()
     {
         log::warn!("hub: stopped with requests still in progress");
+    }
+}
+
+/// Connections open per remote address.
+#[derive(Default)]
+struct PerAddress(Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One open connection from `ip`; counted until dropped.
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    ip: std::net::IpAddr,
+}
+
+impl PerAddress {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -273,6 +273,45 @@ fn connections_over_the_cap_are_closed_and_idle_ones_time_out() {
     assert_eq!(exchange(addr, HEALTH).0, Some(200));
 }
 
+/// `exchange` from another loopback address (127.0.0.2), as a second client machine would.
+fn exchange_from(source: &str, addr: SocketAddr, request: &[u8]) -> Option<u16> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&source.parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut s: TcpStream = socket.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let _ = s.shutdown(Shutdown::Write);
+    status(&read_all(&mut s, Duration::from_secs(10)))
+}
+
+#[test]
+fn one_address_cannot_take_every_connection() {
+    let hub = hub(Limits {
+        max_connections_per_address: 3,
+        ..quick()
+    });
+    let addr = hub.server.addr();
+    let idle: Vec<TcpStream> = (0..3).map(|_| connect(addr)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        exchange(addr, HEALTH).0,
+        None,
+        "a fourth from 127.0.0.1 was served"
+    );
+    assert_eq!(
+        exchange_from("127.0.0.2:0", addr, HEALTH),
+        Some(200),
+        "another address is served meanwhile"
+    );
+    // Once the idle ones time out, the address is served again.
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(exchange(addr, HEALTH).0, Some(200));
+}
+
 #[test]
 fn a_keep_alive_connection_serves_several_requests() {
     let hub = hub(quick());
