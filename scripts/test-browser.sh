@@ -3,9 +3,10 @@
 # `chromium-driver` if they are missing (apt-get, non-interactive; as root, or through sudo), then
 # runs `cargo test -p dermedge-hub` with DERMEDGE_TEST_CHROMEDRIVER set, so that
 # crates/hub/tests/browser.rs drives headless Chromium through chromedriver (WebDriver): sign-in,
-# the synced records with their thumbnails, a filter, a label, refusals without a session.
+# the synced records with their thumbnails, a filter, a label, a head trained and published,
+# refusals without a session.
 #   scripts/test-browser.sh                  # the hub's tests, the browser test included
-#   scripts/test-browser.sh --screenshot     # also write docs/hub-page.png (the README's picture)
+#   scripts/test-browser.sh --screenshot     # also write docs/hub-page.png and docs/hub-heads.png
 # Chromium runs with --no-sandbox (it refuses to start as root otherwise) and --headless=new.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

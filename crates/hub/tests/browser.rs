@@ -5,12 +5,13 @@
 //! Debian's `chromium` and `chromium-driver` and sets it); otherwise it says so and passes without
 //! running. `DERMEDGE_TEST_CHROMIUM` may name the browser if chromedriver does not find it, and
 //! `DERMEDGE_SCREENSHOT_TO` a PNG file to write a screenshot of the records page to (the README's
-//! `docs/hub-page.png`).
+//! `docs/hub-page.png`; the heads page goes to `hub-heads.png` beside it).
 //!
 //! A hub on SQLite in a temporary directory receives real signed batches from two devices,
 //! records with JPEG thumbnails; in the browser a clinician is sent to the sign-in form, signs in,
 //! finds the records with their thumbnails loaded, filters by device, opens a record, labels it
-//! from the head's classes (and sees the label on the page and in the database), has a form with
+//! from the head's classes (and sees the label on the page and in the database), trains a head
+//! from labels on the heads page and publishes it, has a form with
 //! a forged CSRF token refused, and signs out; without the cookie the page, the export and a
 //! thumbnail are refused.
 
@@ -559,6 +560,54 @@ fn a_clinician_signs_in_finds_the_synced_records_and_labels_one() {
     assert_eq!(
         Store::open(&db).unwrap().labels(&chosen.id).unwrap().len(),
         1
+    );
+
+    // The head loop: labels on every record (two classes), a head trained on the heads page,
+    // its held-out scores and confusion matrix shown, and published for devices.
+    {
+        let store = Store::open(&db).unwrap();
+        for (i, r) in all.iter().enumerate() {
+            let label = if i % 2 == 0 { "benign" } else { "refer" };
+            store
+                .add_label(&r.id, None, label, "dr.ada", MORNING)
+                .unwrap();
+        }
+    }
+    browser.goto(&format!("{hub}/heads"));
+    browser.wait_for("the heads page", |b| b.try_text("#train").is_some());
+    browser.click(&browser.find("#label-set option[value='[\"df-mini\",null]']"));
+    let name = browser.find("#head-name");
+    browser.call("POST", &format!("/element/{name}/clear"), Some(json!({})));
+    browser.type_into(&name, "referral");
+    browser.click(&browser.find("#train-head"));
+    browser.wait_for("the trained head", |b| {
+        b.try_text("table.confusion").is_some()
+    });
+    assert!(
+        browser.source().contains("referral"),
+        "{}",
+        browser.source()
+    );
+    browser.click(&browser.find("form.publish button"));
+    browser.wait_for("the publication", |b| {
+        b.try_text("span.published")
+            .is_some_and(|t| t.contains("published as version 1"))
+    });
+    if let Some(path) = std::env::var_os(SCREENSHOT_VAR).filter(|v| !v.is_empty()) {
+        let heads_png = Path::new(&path).with_file_name("hub-heads.png");
+        std::fs::write(&heads_png, browser.screenshot()).unwrap();
+        eprintln!("screenshot of the heads page in {}", heads_png.display());
+    }
+    let published = Store::open(&db)
+        .unwrap()
+        .publications("df-mini", 4, |_, _| true, 1 << 20)
+        .unwrap();
+    assert_eq!(
+        published
+            .iter()
+            .map(|p| (p.name.as_str(), p.version))
+            .collect::<Vec<_>>(),
+        [("referral", 1)]
     );
 
     // The records page, labelled, for the README.
