@@ -2,6 +2,8 @@
 # `postgresql`, installed if missing) in a temporary directory, run as the `postgres` user when
 # the caller is root. After `pg_cluster_start [fast|durable]`:
 #   pg_url       postgres://dermedge:<password>@127.0.0.1:<port>/dermedge (role and database made)
+#   pg_ca        the server's self-signed certificate (PEM): the cluster also takes TLS, and a
+#                URL with `sslrootcert=$pg_ca` connects over it
 #   pg_work      the cluster's directory; pg_port, pg_password, pg_bindir
 #   psql_admin   psql as the superuser over the cluster's socket
 # `fast` turns fsync, synchronous commit and full-page writes off (tests); `durable` keeps the
@@ -54,7 +56,21 @@ pg_cluster_start() {
   # Local (socket) connections are trusted for setup; TCP ones need the password.
   "${_pg_as[@]}" "$pg_bindir/initdb" -D "$pg_work/data" -U postgres --auth-local=trust \
     --auth-host=scram-sha-256 --encoding=UTF8 --locale=C >/dev/null
-  settings="-p $pg_port -k $pg_work -c listen_addresses=127.0.0.1 -c max_connections=200"
+  # TLS too, with a certificate made here for 127.0.0.1 (an end-entity one: rustls refuses a CA
+  # certificate as a server's own).
+  command -v openssl >/dev/null || {
+    [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq openssl >/dev/null
+  }
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 \
+    -subj "/CN=127.0.0.1" -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+    -addext "basicConstraints=critical,CA:FALSE" \
+    -keyout "$pg_work/data/server.key" -out "$pg_work/data/server.crt" 2>/dev/null
+  chmod 600 "$pg_work/data/server.key"
+  [[ $(id -u) -ne 0 ]] || chown postgres: "$pg_work/data/server.key" "$pg_work/data/server.crt"
+  pg_ca="$pg_work/ca.crt"
+  cp "$pg_work/data/server.crt" "$pg_ca"
+  settings="-p $pg_port -k $pg_work -c listen_addresses=127.0.0.1 -c max_connections=200 -c ssl=on"
   if [[ "$mode" == fast ]]; then
     settings+=" -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   fi

@@ -33,7 +33,7 @@ trap 'exit 130' INT TERM
 # Throwaway: no waiting for the disk.
 pg_cluster_start fast
 psql_admin -d postgres -c "CREATE DATABASE dermedge_e2e OWNER dermedge"
-export DERMEDGE_TEST_POSTGRES_URL="$pg_url"
+export DERMEDGE_TEST_POSTGRES_URL="$pg_url" DERMEDGE_TEST_POSTGRES_CA="$pg_ca"
 work="$pg_work" port="$pg_port" password="$pg_password"
 
 # --- the hub crate's tests, on both backends ----------------------------------------------------

@@ -30,19 +30,19 @@ scripts/python-env.sh -m unittest discover -s models/export/tests
 source scripts/postgres-cluster.sh
 trap 'pg_cluster_stop $?' EXIT
 pg_cluster_start fast
-export DERMEDGE_TEST_POSTGRES_URL="$pg_url"
+export DERMEDGE_TEST_POSTGRES_URL="$pg_url" DERMEDGE_TEST_POSTGRES_CA="$pg_ca"
 source scripts/browser-env.sh
 log="$(mktemp)"
 DERMEDGE_REQUIRE_MODELS="$(IFS=,; echo "${ci_models[*]}")" cargo test --workspace --locked 2>&1 | tee "$log"
 grep -q "$BROWSER_TEST_PASSED" "$log" || { echo "error: the hub's browser test did not run" >&2; exit 1; }
-if grep -q "pass without running: DERMEDGE_TEST_POSTGRES_URL is not set" "$log"; then
+if grep -q "pass without running: DERMEDGE_TEST_POSTGRES_\(URL\|CA\) is not set" "$log"; then
   echo "error: the hub's PostgreSQL tests did not run" >&2
   exit 1
 fi
 rm -f "$log"
 report_disk "after the workspace tests"
 pg_cluster_stop
-unset DERMEDGE_TEST_POSTGRES_URL
+unset DERMEDGE_TEST_POSTGRES_URL DERMEDGE_TEST_POSTGRES_CA
 # Two hub processes on one PostgreSQL database, a device syncing through both, every record once.
 DERMEDGE_BIN=target/debug/dermedge scripts/test-postgres.sh --e2e
 # SIGKILL at every fsync/fdatasync/rename/unlink/ftruncate of `queue add`, `sync` and `run`.

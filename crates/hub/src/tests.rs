@@ -1434,3 +1434,74 @@ fn send_through_two_hubs(
     }
     totals
 }
+
+/// The PostgreSQL server's certificate (`scripts/postgres-cluster.sh`'s `pg_ca`).
+const POSTGRES_CA_VAR: &str = "DERMEDGE_TEST_POSTGRES_CA";
+
+#[test]
+fn a_regional_hub_reaches_postgres_over_tls_with_the_server_checked() {
+    let Some(_) = crate::test_db::postgres_url("a_regional_hub_reaches_postgres_over_tls") else {
+        return;
+    };
+    let Some(ca) = std::env::var_os(POSTGRES_CA_VAR).filter(|v| !v.is_empty()) else {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: the hub's PostgreSQL TLS tests pass without running: {POSTGRES_CA_VAR} is not \
+             set (scripts/postgres-cluster.sh makes the server's certificate)"
+        );
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres);
+    let crate::store::Location::Postgres(url) = &db.location else {
+        unreachable!("a PostgreSQL test database")
+    };
+    let with = |extra: String| {
+        let base = url.secret();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        crate::store::Location::parse(std::ffi::OsStr::new(&format!("{base}{separator}{extra}")))
+    };
+    let ca = PathBuf::from(ca);
+    let store = Store::connect(&with(format!("sslrootcert={}", ca.display()))).unwrap();
+    let ssl = store
+        .query(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .unwrap();
+    assert!(ssl[0].bool(0).unwrap(), "the connection is not TLS");
+    // A server whose certificate the file does not vouch for is refused.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let other_ca = db.dir.path().join("other.crt");
+    std::fs::write(&other_ca, other.cert.pem()).unwrap();
+    let err = Store::connect(&with(format!("sslrootcert={}", other_ca.display())))
+        .err()
+        .expect("a server with another certificate was accepted")
+        .to_string();
+    assert!(err.contains("cannot connect to PostgreSQL"), "{err}");
+    assert!(
+        !err.contains(&password_of(url.secret())),
+        "the password leaked: {err}"
+    );
+    // A certificate with a mode that may fall back to plain TCP is refused before connecting.
+    let err = Store::connect(&with(format!(
+        "sslmode=prefer&sslrootcert={}",
+        ca.display()
+    )))
+    .err()
+    .expect("sslmode=prefer with a root certificate was accepted")
+    .to_string();
+    assert!(err.contains("needs sslmode=require"), "{err}");
+    // A missing certificate file is named.
+    let err = Store::connect(&with("sslrootcert=/nonexistent/ca.crt".into()))
+        .err()
+        .expect("a missing root certificate was accepted")
+        .to_string();
+    assert!(err.contains("/nonexistent/ca.crt"), "{err}");
+}
+
+/// The password in a `postgres://user:password@…` URL.
+fn password_of(url: &str) -> String {
+    let credentials = url.split("://").nth(1).unwrap().split('@').next().unwrap();
+    credentials.split(':').nth(1).unwrap_or("").to_string()
+}

@@ -250,3 +250,61 @@ fn clients_stalled_in_the_tls_handshake_hold_nothing_up_and_are_cut_off() {
     assert!(started.elapsed() < header_timeout * 2);
     hub.shutdown();
 }
+
+/// The README's recipe for a hub certificate (`openssl req …`), run as written but for the
+/// address: a device that pins the result must accept it.
+#[test]
+fn the_readmes_certificate_recipe_makes_one_devices_accept() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .unwrap();
+    let mut lines = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("openssl req -x509"));
+    let mut command = String::new();
+    for line in lines.by_ref() {
+        let line = line.split(" # ").next().unwrap().trim_end();
+        command.push_str(line.trim_end_matches('\\'));
+        command.push(' ');
+        if !line.ends_with('\\') {
+            break;
+        }
+    }
+    assert!(
+        command.contains("-out hub-tls.crt"),
+        "no recipe in the README: {command}"
+    );
+    let command = command.replace("IP:192.168.1.10", "IP:127.0.0.1");
+    let dir = tempfile::tempdir().unwrap();
+    let made = std::process::Command::new("sh")
+        .args(["-c", &command])
+        .current_dir(dir.path())
+        .status();
+    assert!(
+        made.is_ok_and(|s| s.success()),
+        "the README's openssl command failed: {command}"
+    );
+    let files = TlsFiles {
+        certificate: dir.path().join("hub-tls.crt"),
+        key: dir.path().join("hub-tls.key"),
+    };
+    let db = dir.path().join("hub.sqlite");
+    Store::open(&db).unwrap();
+    let hub = HubServer::start_tls(
+        &db,
+        HubKey::generate(),
+        "127.0.0.1:0",
+        1,
+        Limits::default(),
+        &files,
+    )
+    .unwrap();
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(dermedge_sync::pinned_tls(&files.certificate).unwrap())
+        .timeout(std::time::Duration::from_secs(5))
+        .build();
+    let url = format!("https://127.0.0.1:{}/v1/health", hub.addr().port());
+    let status = agent.get(&url).call().map(|r| r.status());
+    assert!(matches!(status, Ok(200)), "{status:?}");
+    hub.shutdown();
+}

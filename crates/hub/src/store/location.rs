@@ -21,15 +21,56 @@ pub enum Location {
 }
 
 /// A PostgreSQL connection URL; its `Display` and `Debug` hide the password.
+///
+/// `sslrootcert=<PEM file>` (libpq's name) is the hub's own parameter: the server's certificate
+/// or its CA. With it the connection is TLS, `sslmode=require` and the server's certificate
+/// verified against that file (libpq's `verify-full`); without it the hub connects as the URL
+/// says, without TLS.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PostgresUrl {
     url: String,
+    root_cert: Option<PathBuf>,
 }
 
 impl PostgresUrl {
-    /// The URL as given, password included: for the database driver only.
+    pub(crate) fn new(url: &str) -> Self {
+        let Some((head, query)) = url.split_once('?') else {
+            return Self {
+                url: url.into(),
+                root_cert: None,
+            };
+        };
+        let mut root_cert = None;
+        let mut kept = Vec::new();
+        for pair in query.split('&') {
+            match pair.strip_prefix("sslrootcert=") {
+                Some(value) => {
+                    let path = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+                    root_cert = Some(PathBuf::from(path.into_owned()));
+                }
+                None => kept.push(pair),
+            }
+        }
+        if root_cert.is_some() && !kept.iter().any(|p| p.starts_with("sslmode=")) {
+            kept.push("sslmode=require");
+        }
+        let url = if kept.is_empty() {
+            head.to_string()
+        } else {
+            format!("{head}?{}", kept.join("&"))
+        };
+        Self { url, root_cert }
+    }
+
+    /// The URL for the driver, password included and `sslrootcert` taken out: for the database
+    /// driver only.
     pub(crate) fn secret(&self) -> &str {
         &self.url
+    }
+
+    /// The PEM file the server's certificate is checked against (`sslrootcert=`).
+    pub fn root_cert(&self) -> Option<&Path> {
+        self.root_cert.as_deref()
     }
 
     /// The URL with its password (in the user part or a `password=` parameter) hidden.
@@ -55,9 +96,7 @@ impl Location {
     /// is an SQLite file.
     pub fn parse(arg: &OsStr) -> Self {
         match arg.to_str() {
-            Some(url) if is_postgres_url(url) => {
-                Location::Postgres(PostgresUrl { url: url.into() })
-            }
+            Some(url) if is_postgres_url(url) => Location::Postgres(PostgresUrl::new(url)),
             _ => Location::Sqlite(arg.into()),
         }
     }
@@ -164,6 +203,35 @@ mod tests {
         assert_eq!(location("postgres://h/db").kind(), "postgres");
         assert_eq!(location("PostgreSQL://h/db").kind(), "postgres");
         assert_eq!(location("mysql://h/db").kind(), "sqlite");
+    }
+
+    #[test]
+    fn a_root_certificate_is_the_hubs_own_parameter_and_requires_tls() {
+        let Location::Postgres(url) = location(
+            "postgres://u:p@h/d?sslrootcert=%2Fetc%2Fdermedge%2Fpg%20ca.crt&application_name=x",
+        ) else {
+            panic!("not postgres")
+        };
+        assert_eq!(url.root_cert(), Some(Path::new("/etc/dermedge/pg ca.crt")));
+        assert_eq!(
+            url.secret(),
+            "postgres://u:p@h/d?application_name=x&sslmode=require"
+        );
+        let Location::Postgres(url) = location("postgres://h/d?sslmode=require&sslrootcert=ca.pem")
+        else {
+            panic!("not postgres")
+        };
+        assert_eq!(
+            (url.secret(), url.root_cert()),
+            ("postgres://h/d?sslmode=require", Some(Path::new("ca.pem")))
+        );
+        let Location::Postgres(url) = location("postgres://h/d?sslmode=disable") else {
+            panic!("not postgres")
+        };
+        assert_eq!(
+            (url.secret(), url.root_cert()),
+            ("postgres://h/d?sslmode=disable", None)
+        );
     }
 
     #[test]

@@ -100,7 +100,27 @@ impl Postgres {
         config.notice_callback(|notice| {
             log::debug!("postgres: {}: {}", notice.severity(), notice.message())
         });
-        let client = config.connect(NoTls).map_err(connect_err(url))?;
+        let client = match url.root_cert() {
+            None => config.connect(NoTls),
+            Some(root) => {
+                if config.get_ssl_mode() != postgres::config::SslMode::Require {
+                    return Err(HubError::Database {
+                        db: url.redacted(),
+                        message: "sslrootcert= needs sslmode=require (or no sslmode): a \
+                                  connection that may fall back to plain TCP checks nothing"
+                            .into(),
+                    });
+                }
+                let tls = dermedge_sync::pinned_tls(root).map_err(|e| HubError::Database {
+                    db: url.redacted(),
+                    message: format!("sslrootcert: {e}"),
+                })?;
+                config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(
+                    (*tls).clone(),
+                ))
+            }
+        }
+        .map_err(connect_err(url))?;
         let mut pg = Self {
             client,
             statements: HashMap::new(),
