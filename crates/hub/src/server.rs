@@ -79,6 +79,11 @@ pub struct Limits {
     pub body_grace: Duration,
     pub min_body_bytes_per_s: u64,
     pub max_body_bytes: usize,
+    /// Bodies being read or handled at once, in bytes all together (each counted at its
+    /// declared length, or `max_body_bytes` without one): a body read before its signature is
+    /// checked costs memory, and without this bound every open connection could claim
+    /// `max_body_bytes`. A request over it is answered `503` (the device retries).
+    pub max_body_bytes_in_flight: usize,
     /// Connections open at once; more are closed as they arrive.
     pub max_connections: usize,
     /// Connections open at once from one address, so that one client (or one clinic's NAT gone
@@ -108,6 +113,7 @@ impl Default for Limits {
             // 128 kbit/s: a poor rural uplink still gets a full batch through.
             min_body_bytes_per_s: 16 << 10,
             max_body_bytes: MAX_BODY_BYTES,
+            max_body_bytes_in_flight: 256 << 20,
             max_connections: 512,
             max_connections_per_address: 64,
             tcp_keepalive: Duration::from_secs(30),
@@ -205,6 +211,13 @@ impl HubServer {
             hub_key.public()
         );
         let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+        // Never below one whole body: a request the budget could never admit would be retried
+        // for ever.
+        let limits_budget_kib = limits
+            .max_body_bytes_in_flight
+            .max(limits.max_body_bytes)
+            .div_ceil(1024)
+            .max(1);
         let state = Arc::new(State {
             stores,
             rejections: RejectionLog::new(limits.rejections_per_s, limits.rejections_burst),
@@ -214,6 +227,9 @@ impl HubServer {
             https,
             health_store: Mutex::new(None),
             training: Semaphore::new(1),
+            body_budget: Arc::new(Semaphore::new(
+                limits_budget_kib.min(Semaphore::MAX_PERMITS),
+            )),
         });
         let (stop, stopped) = watch::channel(false);
         let thread = std::thread::Builder::new()
@@ -271,6 +287,8 @@ pub(crate) struct State {
     pub(crate) hub_key: HubKey,
     /// One head is trained at a time, off the database's threads (`crate::heads`).
     pub(crate) training: Semaphore,
+    /// [`Limits::max_body_bytes_in_flight`], in KiB.
+    body_budget: Arc<Semaphore>,
     pub(crate) limits: Limits,
     /// Served over TLS: cookies are marked `Secure`.
     https: bool,
@@ -888,6 +906,8 @@ struct DeviceRequest {
     counter: u64,
     public: DevicePublic,
     body: Vec<u8>,
+    /// Its share of [`Limits::max_body_bytes_in_flight`], held until the request is answered.
+    _budget: tokio::sync::OwnedSemaphorePermit,
 }
 
 async fn device_request(
@@ -943,12 +963,28 @@ async fn device_request(
         Ok(p) => p,
         Err(refusal) => return Err(refuse(state, remote, Some(device), refusal).await),
     };
+    let claim = declared
+        .map_or(max_body, |n| n as usize)
+        .div_ceil(1024)
+        .max(1);
+    let Ok(budget) = u32::try_from(claim)
+        .ok()
+        .and_then(|kib| state.body_budget.clone().try_acquire_many_owned(kib).ok())
+        .ok_or(())
+    else {
+        log::warn!("hub: {device}: bodies in flight at the limit; answered 503");
+        return Err(Reply::text(
+            503,
+            "the hub is receiving too much at once; retry later",
+        ));
+    };
     match read_body(request.into_body(), declared, &state.limits).await {
         Ok(body) => Ok(DeviceRequest {
             device,
             counter,
             public,
             body,
+            _budget: budget,
         }),
         Err(refusal) => Err(refuse(state, remote, Some(device), refusal).await),
     }

@@ -135,6 +135,37 @@ fn twelve_stalled_uploads_do_not_stop_health_and_are_closed() {
 }
 
 #[test]
+fn bodies_in_flight_are_bounded_all_together() {
+    let hub = hub(Limits {
+        max_body_bytes: 600_000,
+        max_body_bytes_in_flight: 1_000_000,
+        ..quick()
+    });
+    let addr = hub.server.addr();
+    // One upload stalls with most of the budget claimed by its declared length.
+    let mut stalled = connect(addr);
+    stalled
+        .write_all(&[batch_head("dev-1", 600_000), vec![0u8; 500]].concat())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // A second one that would not fit beside it is told to come back, at once.
+    let second = [batch_head("dev-1", 600_000), vec![0u8; 600_000]].concat();
+    let (code, took) = exchange(addr, &second);
+    assert_eq!(code, Some(503));
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(exchange(addr, HEALTH).0, Some(200));
+    // Once the stalled one is cut off, its share is free again.
+    let response = read_all(&mut stalled, Duration::from_secs(8));
+    assert_eq!(status(&response), Some(408), "{response}");
+    let (code, _) = exchange(addr, &second);
+    assert_eq!(
+        code,
+        Some(401),
+        "the body was read and its signature checked"
+    );
+}
+
+#[test]
 fn a_slow_drip_body_is_cut_off_at_the_minimum_rate() {
     let hub = hub(Limits {
         min_body_bytes_per_s: 1000,
