@@ -193,20 +193,55 @@ fn a_head_the_hub_trains_from_labels_runs_on_the_device_and_a_tampered_one_does_
             .add_label(&r.record_id, None, kind, "dr.ada", 1)
             .unwrap();
     }
-    let request = dermedge_hub::heads::TrainRequest {
-        name: "image-kind".into(),
-        model_id: records[0].model_id.clone(),
-        label_set: None,
-    };
-    let hub_key = dermedge_record::HubKey::load(&dir.join("hub.key")).unwrap();
-    let (id, evaluation) =
-        dermedge_hub::heads::train_from_labels(&store, &hub_key, &request, "dr.ada", 2).unwrap();
-    assert_eq!(evaluation.classes, ["dermoscopy", "photo"]);
-    assert_eq!(
-        dermedge_hub::heads::publish(&store, &hub_key, id, "dr.ada", 3).unwrap(),
-        1
-    );
     drop(store);
+    let (db_arg, key_arg) = (s(&db), s(&dir.join("hub.key")));
+    let model = records[0].model_id.clone();
+    let trained = ok(&[
+        "hub",
+        "head",
+        "train",
+        "--db",
+        &db_arg,
+        "--key",
+        &key_arg,
+        "--model",
+        &model,
+        "--name",
+        "image-kind",
+    ]);
+    let printed = text(&trained.stdout);
+    assert!(
+        printed.contains("2 classes")
+            && printed.contains("dermoscopy")
+            && printed.contains("photo"),
+        "{printed}"
+    );
+    let id = printed
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<i64>()
+        .unwrap();
+    let published = ok(&[
+        "hub",
+        "head",
+        "publish",
+        "--db",
+        &db_arg,
+        "--key",
+        &key_arg,
+        &id.to_string(),
+    ]);
+    assert!(
+        text(&published.stdout).contains("published as version 1"),
+        "{}",
+        text(&published.stdout)
+    );
+    let listed = text(&ok(&["hub", "head", "list", "--db", &db_arg]).stdout);
+    assert!(
+        listed.contains("image-kind") && listed.contains("published v1"),
+        "{listed}"
+    );
 
     // The next run fetches it on sync and keeps it; the run after uses it for every capture.
     let out = ok(&["run", "--config", &s(&config)]);

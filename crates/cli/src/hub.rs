@@ -1,4 +1,4 @@
-//! `dermedge hub init|enroll|revoke|serve|export|user`: the clinic hub.
+//! `dermedge hub init|enroll|revoke|serve|export|user|head`: the clinic hub.
 //!
 //! `--db` is an SQLite file (one clinic, created if missing) or a PostgreSQL connection URL,
 //! `postgres://user:password@host:port/database` (a health system's regional hub; several hubs
@@ -95,6 +95,11 @@ pub enum HubCommand {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Heads trained from the clinicians' labels, as on the page's `/heads` (for scripts).
+    Head {
+        #[command(subcommand)]
+        command: HeadCommand,
+    },
     /// Write the stored records as CSV (and the reported losses as <stem>.gaps.csv) and their
     /// embeddings as .npy (+ .npy.json index).
     Export {
@@ -142,6 +147,50 @@ pub enum UserCommand {
         db: PathBuf,
         #[arg(long)]
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum HeadCommand {
+    /// Every trained head: id, name, model, held-out accuracy, draft or published version.
+    List {
+        /// The SQLite database file or a postgres:// URL.
+        #[arg(long)]
+        db: PathBuf,
+    },
+    /// Train a head from one label set and keep it as a draft (printed: its held-out scores).
+    Train {
+        /// The SQLite database file or a postgres:// URL.
+        #[arg(long)]
+        db: PathBuf,
+        /// The hub's secret key: the draft is signed as one this hub trained.
+        #[arg(long)]
+        key: PathBuf,
+        /// The model whose records' labels train it.
+        #[arg(long)]
+        model: String,
+        /// The labels of this head; without it, the labels of whole records.
+        #[arg(long)]
+        label_set: Option<String>,
+        /// The head's name (what devices replace by it).
+        #[arg(long)]
+        name: String,
+        /// Who trained it, as the page shows it.
+        #[arg(long, default_value = "hub-cli")]
+        by: String,
+    },
+    /// Sign a draft with the hub key and publish it: devices fetch it on their next sync.
+    Publish {
+        /// The SQLite database file or a postgres:// URL.
+        #[arg(long)]
+        db: PathBuf,
+        /// The hub's secret key.
+        #[arg(long)]
+        key: PathBuf,
+        /// The draft's id (`hub head list`).
+        id: i64,
+        #[arg(long, default_value = "hub-cli")]
+        by: String,
     },
 }
 
@@ -358,6 +407,7 @@ pub fn run(command: &HubCommand) -> Result<()> {
             server.shutdown();
         }
         HubCommand::User { command } => user(command)?,
+        HubCommand::Head { command } => head(command)?,
         HubCommand::Export {
             db,
             csv,
@@ -393,6 +443,84 @@ pub fn run(command: &HubCommand) -> Result<()> {
                     gaps_csv_path(csv).display()
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+fn head(command: &HeadCommand) -> Result<()> {
+    use dermedge_hub::heads;
+    match command {
+        HeadCommand::List { db } => {
+            for h in Store::connect_existing(&location(db))?.heads()? {
+                let accuracy = heads::evaluation(&h)
+                    .map_or("?".to_string(), |e| format!("{:.3}", e.heldout.accuracy));
+                println!(
+                    "{}	{}	{} ({}-d)	held-out accuracy {accuracy} on {}	{}",
+                    h.id,
+                    h.name,
+                    h.model_id,
+                    h.embedding_dim,
+                    h.heldout_records,
+                    h.version
+                        .map_or("draft".to_string(), |v| format!("published v{v}"))
+                );
+            }
+        }
+        HeadCommand::Train {
+            db,
+            key,
+            model,
+            label_set,
+            name,
+            by,
+        } => {
+            let hub_key = HubKey::load(key)?;
+            let store = Store::connect_existing(&location(db))?;
+            let request = heads::TrainRequest {
+                name: name.clone(),
+                model_id: model.clone(),
+                label_set: label_set.clone(),
+            };
+            let (id, evaluation) = heads::train_from_labels(
+                &store,
+                &hub_key,
+                &request,
+                by,
+                dermedge_record::now_ms(),
+            )?;
+            let h = &evaluation.heldout;
+            println!(
+                "head {id} {name:?} for {model}: {} classes; held out {} records, accuracy {:.3}, \
+                 macro ROC AUC {}",
+                evaluation.classes.len(),
+                h.count,
+                h.accuracy,
+                h.macro_roc_auc.map_or("-".into(), |a| format!("{a:.3}"))
+            );
+            for (i, c) in h.classes.iter().enumerate() {
+                println!(
+                    "  {}	trained on {}	held out {}	ROC AUC {}",
+                    c.class,
+                    evaluation.train_counts[i],
+                    evaluation.heldout_counts[i],
+                    c.roc_auc.map_or("-".into(), |a| format!("{a:.3}"))
+                );
+            }
+            for (label, n) in &evaluation.left_out {
+                println!("  left out: {label:?} ({n} labelled records)");
+            }
+            println!(
+                "a draft: `dermedge hub head publish --db … --key … {id}` sends it to devices"
+            );
+        }
+        HeadCommand::Publish { db, key, id, by } => {
+            let hub_key = HubKey::load(key)?;
+            let store = Store::connect_existing(&location(db))?;
+            let version = heads::publish(&store, &hub_key, *id, by, dermedge_record::now_ms())?;
+            println!(
+                "head {id} published as version {version}: devices fetch it on their next sync"
+            );
         }
     }
     Ok(())
