@@ -14,7 +14,7 @@ target=aarch64-unknown-linux-gnu
 # Under emulation the queue's crash model runs a bounded slice (the x86_64 run does 1500 cases) and
 # its two cut-at-every-byte scans are left to x86_64: they test the format, not the target.
 DERMEDGE_CRASH_CASES=200 cargo test --locked --target "$target" -p dermedge-core -p dermedge-camera \
-  -p dermedge-head -p dermedge-fidelity -p dermedge-queue -- --skip at_every_byte
+  -p dermedge-head -p dermedge-fidelity -p dermedge-record -p dermedge-queue -- --skip at_every_byte
 cargo test --locked --target "$target" -p dermedge-engine --lib -- --skip bit_flips --skip refuses_every_truncation
 # The firmware build: the device application without the hub's server, SQLite or model tooling.
 cargo build --release --locked --target "$target" -p dermedge-cli --no-default-features --features firmware

@@ -59,13 +59,16 @@ pg_cluster_start() {
   # TLS too, with a certificate made here for 127.0.0.1 (an end-entity one: rustls refuses a CA
   # certificate as a server's own).
   command -v openssl >/dev/null || {
+    _pg_log "installing Debian's openssl"
     [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq openssl >/dev/null
   }
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 \
     -subj "/CN=127.0.0.1" -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
     -addext "basicConstraints=critical,CA:FALSE" \
-    -keyout "$pg_work/data/server.key" -out "$pg_work/data/server.crt" 2>/dev/null
+    -keyout "$pg_work/data/server.key" -out "$pg_work/data/server.crt" 2>"$pg_work/openssl.log" \
+    || { cat "$pg_work/openssl.log" >&2; _pg_log "error: openssl could not make the server's certificate"; return 1; }
   chmod 600 "$pg_work/data/server.key"
   [[ $(id -u) -ne 0 ]] || chown postgres: "$pg_work/data/server.key" "$pg_work/data/server.crt"
   pg_ca="$pg_work/ca.crt"

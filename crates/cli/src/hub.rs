@@ -80,8 +80,9 @@ pub enum HubCommand {
         keep_source_paths: bool,
         /// Connections open at once from one address (a regional hub behind which a clinic's
         /// devices share one NAT address may need more).
-        #[arg(long, default_value_t = Limits::default().max_connections_per_address)]
-        max_connections_per_address: usize,
+        #[arg(long, default_value_t = Limits::default().max_connections_per_address as u32,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        max_connections_per_address: u32,
         /// Serve HTTPS with this PEM certificate (chain); with --tls-key. Devices trust it
         /// through `sync.hub_ca` (a clinic LAN has no public CA).
         #[arg(long, requires = "tls_key")]
@@ -370,7 +371,7 @@ pub fn run(command: &HubCommand) -> Result<()> {
             }
             let limits = Limits {
                 keep_source_paths: *keep_source_paths,
-                max_connections_per_address: (*max_connections_per_address).max(1),
+                max_connections_per_address: *max_connections_per_address as usize,
                 ..Limits::default()
             };
             let (server, scheme) = match (tls_cert, tls_key) {

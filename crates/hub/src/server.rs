@@ -15,6 +15,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -79,10 +80,10 @@ pub struct Limits {
     pub body_grace: Duration,
     pub min_body_bytes_per_s: u64,
     pub max_body_bytes: usize,
-    /// Bodies being read or handled at once, in bytes all together (each counted at its
-    /// declared length, or `max_body_bytes` without one): a body read before its signature is
-    /// checked costs memory, and without this bound every open connection could claim
-    /// `max_body_bytes`. A request over it is answered `503` (the device retries).
+    /// Device request bodies being read or handled at once, in bytes all together (each counted
+    /// at the memory it holds so far, claimed as it arrives): a body is read before its signature
+    /// is checked, and without this bound every open connection could hold `max_body_bytes`. A
+    /// request that would go over it is answered `503` (the device retries).
     pub max_body_bytes_in_flight: usize,
     /// Connections open at once; more are closed as they arrive.
     pub max_connections: usize,
@@ -230,6 +231,7 @@ impl HubServer {
             body_budget: Arc::new(Semaphore::new(
                 limits_budget_kib.min(Semaphore::MAX_PERMITS),
             )),
+            busy_refusals: std::sync::atomic::AtomicU64::new(0),
         });
         let (stop, stopped) = watch::channel(false);
         let thread = std::thread::Builder::new()
@@ -289,6 +291,8 @@ pub(crate) struct State {
     pub(crate) training: Semaphore,
     /// [`Limits::max_body_bytes_in_flight`], in KiB.
     body_budget: Arc<Semaphore>,
+    /// Requests answered `503` for the budget, for a log line at powers of two.
+    busy_refusals: std::sync::atomic::AtomicU64,
     pub(crate) limits: Limits,
     /// Served over TLS: cookies are marked `Secure`.
     https: bool,
@@ -500,9 +504,10 @@ async fn serve(
             drop(stream);
             continue;
         };
-        let Some(address_slot) =
-            per_address.take(remote.ip(), state.limits.max_connections_per_address)
-        else {
+        let Some(address_slot) = per_address.take(
+            client_address(remote.ip()),
+            state.limits.max_connections_per_address,
+        ) else {
             refused_per_address += 1;
             if refused_per_address.is_power_of_two() {
                 log::warn!(
@@ -572,6 +577,21 @@ async fn serve(
         .is_err()
     {
         log::warn!("hub: stopped with requests still in progress");
+    }
+}
+
+/// The address a connection counts against: an IPv4 address, or an IPv6 address's /64 (one
+/// host is usually handed a whole /64, and could otherwise open a cap's worth from each).
+fn client_address(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -907,7 +927,7 @@ struct DeviceRequest {
     public: DevicePublic,
     body: Vec<u8>,
     /// Its share of [`Limits::max_body_bytes_in_flight`], held until the request is answered.
-    _budget: tokio::sync::OwnedSemaphorePermit,
+    _claim: BodyClaim,
 }
 
 async fn device_request(
@@ -963,30 +983,78 @@ async fn device_request(
         Ok(p) => p,
         Err(refusal) => return Err(refuse(state, remote, Some(device), refusal).await),
     };
-    let claim = declared
-        .map_or(max_body, |n| n as usize)
-        .div_ceil(1024)
-        .max(1);
-    let Ok(budget) = u32::try_from(claim)
-        .ok()
-        .and_then(|kib| state.body_budget.clone().try_acquire_many_owned(kib).ok())
-        .ok_or(())
-    else {
-        log::warn!("hub: {device}: bodies in flight at the limit; answered 503");
-        return Err(Reply::text(
-            503,
-            "the hub is receiving too much at once; retry later",
-        ));
-    };
-    match read_body(request.into_body(), declared, &state.limits).await {
+    let mut claim = BodyClaim::new(state.body_budget.clone());
+    match read_body(
+        request.into_body(),
+        declared,
+        &state.limits,
+        Some(&mut claim),
+    )
+    .await
+    {
         Ok(body) => Ok(DeviceRequest {
             device,
             counter,
             public,
             body,
-            _budget: budget,
+            _claim: claim,
         }),
-        Err(refusal) => Err(refuse(state, remote, Some(device), refusal).await),
+        Err(refusal) if refusal.status == 503 => {
+            drop(claim);
+            let refused = state.busy_refusals.fetch_add(1, Ordering::Relaxed) + 1;
+            if refused.is_power_of_two() {
+                log::warn!(
+                    "hub: bodies in flight at the limit ({} bytes): {refused} requests answered \
+                     503 so far, the last from {device}",
+                    state.limits.max_body_bytes_in_flight
+                );
+            }
+            Err(Reply::text(503, refusal.reason).with("retry-after", "5"))
+        }
+        Err(refusal) => {
+            drop(claim);
+            Err(refuse(state, remote, Some(device), refusal).await)
+        }
+    }
+}
+
+/// The memory a device request's body holds, claimed from
+/// [`Limits::max_body_bytes_in_flight`] as its buffer grows (whole KiB of capacity) and given
+/// back when dropped.
+pub(crate) struct BodyClaim {
+    budget: Arc<Semaphore>,
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
+    kib: u32,
+}
+
+impl BodyClaim {
+    fn new(budget: Arc<Semaphore>) -> Self {
+        Self {
+            budget,
+            held: None,
+            kib: 0,
+        }
+    }
+
+    /// Claim up to `bytes` in all; `false` when the budget has no room for it.
+    fn cover(&mut self, bytes: usize) -> bool {
+        let Ok(want) = u32::try_from(bytes.div_ceil(1024)) else {
+            return false;
+        };
+        if want <= self.kib {
+            return true;
+        }
+        match self.budget.clone().try_acquire_many_owned(want - self.kib) {
+            Ok(more) => {
+                match &mut self.held {
+                    Some(held) => held.merge(more),
+                    None => self.held = Some(more),
+                }
+                self.kib = want;
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -1071,18 +1139,21 @@ fn offer_heads(state: &State, store: &mut Store, remote: SocketAddr, r: &DeviceR
     Reply::new(200, "application/cbor", body)
 }
 
-/// The body, as long as it keeps arriving fast enough and stays within the limit.
+/// The body, as long as it keeps arriving fast enough and stays within the limit (and, with a
+/// `claim`, within the budget of bodies in flight: `503` otherwise).
 pub(crate) async fn read_body(
     mut body: Incoming,
     declared: Option<u64>,
     limits: &Limits,
+    mut claim: Option<&mut BodyClaim>,
 ) -> Result<Vec<u8>, Refusal> {
     let max = limits.max_body_bytes;
     let started = tokio::time::Instant::now();
-    let deadline = started + limits.body_deadline(declared.unwrap_or(max as u64).min(max as u64));
+    let expected = declared.unwrap_or(max as u64).min(max as u64) as usize;
+    let deadline = started + limits.body_deadline(expected as u64);
     let rate = limits.min_body_bytes_per_s.max(1) as f64;
-    // Trust a declared length for the allocation only up to a modest size.
-    let mut out = Vec::with_capacity(declared.unwrap_or(0).min(1 << 20) as usize);
+    let busy = || Refusal::bad(503, "the hub is receiving too much at once; retry later");
+    let mut out: Vec<u8> = Vec::new();
     loop {
         let pause_ends = tokio::time::Instant::now() + limits.body_idle_timeout;
         // The average rate so far must stay above the minimum once the grace time is over, so
@@ -1107,8 +1178,20 @@ pub(crate) async fn read_body(
             }
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
-                    if out.len() + data.len() > max {
+                    let needed = out.len() + data.len();
+                    if needed > max {
                         return Err(Refusal::bad(413, format!("body over {max} bytes")));
+                    }
+                    if needed > out.capacity() {
+                        // Doubling, but never past the declared length: what the buffer holds
+                        // is at most twice what arrived, and is claimed before it is taken.
+                        let capacity = needed.max(out.capacity() * 2).min(expected).max(needed);
+                        if let Some(claim) = claim.as_deref_mut() {
+                            if !claim.cover(capacity) {
+                                return Err(busy());
+                            }
+                        }
+                        out.reserve_exact(capacity - out.len());
                     }
                     out.extend_from_slice(&data);
                 }
@@ -1274,7 +1357,7 @@ fn open_records(hub_key: &HubKey, device: &str, batch: &wire::Batch) -> Result<O
                 }
                 let record = envelope
                     .open(hub_key)
-                    .map_err(|e| format!("cannot be opened: {e}"))?;
+                    .map_err(|e| format!("the sealed record {e}"))?;
                 if record.device_id != device {
                     return Err(format!(
                         "the sealed record names device {}, the request is from {device}",

@@ -139,25 +139,33 @@ fn bodies_in_flight_are_bounded_all_together() {
     let hub = hub(Limits {
         max_body_bytes: 600_000,
         max_body_bytes_in_flight: 1_000_000,
+        body_idle_timeout: Duration::from_secs(3),
         ..quick()
     });
     let addr = hub.server.addr();
-    // One upload stalls with most of the budget claimed by its declared length.
+    // A body that stalls after 560 kB holds what it received; one that only declared its
+    // length holds next to nothing.
     let mut stalled = connect(addr);
     stalled
-        .write_all(&[batch_head("dev-1", 600_000), vec![0u8; 500]].concat())
+        .write_all(&[batch_head("dev-1", 600_000), vec![0u8; 560_000]].concat())
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    // A second one that would not fit beside it is told to come back, at once.
-    let second = [batch_head("dev-1", 600_000), vec![0u8; 600_000]].concat();
-    let (code, took) = exchange(addr, &second);
+    let mut declared_only = connect(addr);
+    declared_only
+        .write_all(&[batch_head("dev-1", 600_000), vec![0u8; 10]].concat())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // A third that would not fit beside the first is told to come back, at once.
+    let third = [batch_head("dev-1", 600_000), vec![0u8; 600_000]].concat();
+    let (code, took) = exchange(addr, &third);
     assert_eq!(code, Some(503));
-    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
     assert_eq!(exchange(addr, HEALTH).0, Some(200));
-    // Once the stalled one is cut off, its share is free again.
-    let response = read_all(&mut stalled, Duration::from_secs(8));
-    assert_eq!(status(&response), Some(408), "{response}");
-    let (code, _) = exchange(addr, &second);
+    // Once the stalled ones are cut off, their share is free again.
+    for s in [&mut stalled, &mut declared_only] {
+        let response = read_all(s, Duration::from_secs(8));
+        assert_eq!(status(&response), Some(408), "{response}");
+    }
+    let (code, _) = exchange(addr, &third);
     assert_eq!(
         code,
         Some(401),

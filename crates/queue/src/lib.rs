@@ -20,7 +20,7 @@
 //! ([`Queue::acknowledge`]), which needs no free space. Capacity is bounded in bytes and records,
 //! with an explicit [`FullPolicy`].
 //!
-//! Depends on nothing else in dermedge.
+//! Depends on `dermedge-record` alone (the envelopes it stores, the device key).
 
 mod gaps;
 mod segment;

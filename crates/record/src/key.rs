@@ -30,7 +30,7 @@ pub enum KeyError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a device key: expected {expected}")]
+    #[error("{path}: not a key file: expected {expected}")]
     BadKeyFile {
         path: PathBuf,
         expected: &'static str,

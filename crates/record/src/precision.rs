@@ -50,8 +50,11 @@ impl std::str::FromStr for Precision {
             .into_iter()
             .find(|p| p.as_str() == text)
             .ok_or_else(|| {
+                // The text may come from a device: shown cut short.
+                let shown: String = text.chars().take(32).collect();
+                let cut = if shown.len() < text.len() { "…" } else { "" };
                 format!(
-                    "precision {text:?}: expected one of {}",
+                    "precision {shown:?}{cut}: expected one of {}",
                     Precision::ALL.map(Precision::as_str).join(", ")
                 )
             })

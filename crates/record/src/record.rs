@@ -37,18 +37,19 @@ impl Envelope {
         }
     }
 
-    /// The record, if this envelope was sealed to `hub` and its outside matches its inside.
+    /// The record, if this envelope was sealed to `hub` and its outside matches its inside; the
+    /// error reads after "the sealed record …".
     pub fn open(&self, hub: &HubKey) -> Result<Record, String> {
         let cbor = hub
             .unseal(&self.sealed)
-            .ok_or("the record is not sealed to this hub's key, or was changed")?;
-        let record = Record::from_cbor(&cbor)?;
+            .ok_or("is not sealed to this hub's key, or was changed")?;
+        let record = Record::from_cbor(&cbor).map_err(|e| format!("does not decode: {e}"))?;
         if (&record.id, record.captured_at_ms, &record.device_id)
             != (&self.id, self.captured_at_ms, &self.device_id)
         {
             return Err(format!(
-                "the envelope says record {} of {}, the sealed record is {} of {}",
-                self.id, self.device_id, record.id, record.device_id
+                "is record {} of {}, the envelope says {} of {}",
+                record.id, record.device_id, self.id, self.device_id
             ));
         }
         Ok(record)

@@ -34,12 +34,16 @@ pub struct PostgresUrl {
 
 impl PostgresUrl {
     pub(crate) fn new(url: &str) -> Self {
-        let Some((head, query)) = url.split_once('?') else {
+        // The query starts after the user part (a password may hold a `?`), as the driver reads
+        // it.
+        let after_user = url.find('@').map_or(0, |at| at + 1);
+        let Some(mark) = url[after_user..].find('?').map(|i| i + after_user) else {
             return Self {
                 url: url.into(),
                 root_cert: None,
             };
         };
+        let (head, query) = (&url[..mark], &url[mark + 1..]);
         let mut root_cert = None;
         let mut kept = Vec::new();
         for pair in query.split('&') {
@@ -51,8 +55,17 @@ impl PostgresUrl {
                 None => kept.push(pair),
             }
         }
-        if root_cert.is_some() && !kept.iter().any(|p| p.starts_with("sslmode=")) {
-            kept.push("sslmode=require");
+        if root_cert.is_some() {
+            // libpq's verifying modes are what the hub does with a root certificate; the driver
+            // knows them only as `require`.
+            for p in kept.iter_mut() {
+                if matches!(*p, "sslmode=verify-full" | "sslmode=verify-ca") {
+                    *p = "sslmode=require";
+                }
+            }
+            if !kept.iter().any(|p| p.starts_with("sslmode=")) {
+                kept.push("sslmode=require");
+            }
         }
         let url = if kept.is_empty() {
             head.to_string()
@@ -225,6 +238,12 @@ mod tests {
             (url.secret(), url.root_cert()),
             ("postgres://h/d?sslmode=require", Some(Path::new("ca.pem")))
         );
+        let Location::Postgres(url) =
+            location("postgres://u:p?w@h/d?sslmode=verify-full&sslrootcert=ca.pem")
+        else {
+            panic!("not postgres")
+        };
+        assert_eq!(url.secret(), "postgres://u:p?w@h/d?sslmode=require");
         let Location::Postgres(url) = location("postgres://h/d?sslmode=disable") else {
             panic!("not postgres")
         };

@@ -295,7 +295,7 @@ async fn form(state: &State, request: Request<Incoming>) -> Result<(HeaderMap, F
             format!("form over {MAX_FORM_BYTES} bytes"),
         ));
     }
-    let body = read_body(body, declared, &limits)
+    let body = read_body(body, declared, &limits, None)
         .await
         .map_err(|r| Reply::text(r.status, r.reason))?;
     Ok((
