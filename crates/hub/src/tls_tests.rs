@@ -320,3 +320,40 @@ fn the_readmes_certificate_recipe_makes_one_devices_accept() {
     assert!(matches!(status, Ok(200)), "{status:?}");
     hub.shutdown();
 }
+
+/// A pinned certificate for another name is no certificate for this hub.
+#[test]
+fn a_pinned_certificate_for_another_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let generated =
+        rcgen::generate_simple_self_signed(vec!["hub.other-clinic".to_string()]).unwrap();
+    let files = TlsFiles {
+        certificate: dir.path().join("other.crt"),
+        key: dir.path().join("other.key.pem"),
+    };
+    std::fs::write(&files.certificate, generated.cert.pem()).unwrap();
+    std::fs::write(&files.key, generated.key_pair.serialize_pem()).unwrap();
+    let db = dir.path().join("hub.sqlite");
+    Store::open(&db).unwrap();
+    let hub = HubServer::start_tls(
+        &db,
+        HubKey::generate(),
+        "127.0.0.1:0",
+        1,
+        Limits::default(),
+        &files,
+    )
+    .unwrap();
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(dermedge_sync::pinned_tls(&files.certificate).unwrap())
+        .timeout(std::time::Duration::from_secs(5))
+        .build();
+    let url = format!("https://127.0.0.1:{}/v1/health", hub.addr().port());
+    let err = agent
+        .get(&url)
+        .call()
+        .err()
+        .expect("a certificate for another name was accepted");
+    assert!(format!("{err:?}").contains("NotValidForName"), "{err:?}");
+    hub.shutdown();
+}
