@@ -352,8 +352,7 @@ fn a_pinned_certificate_for_another_name_is_refused() {
     let err = agent
         .get(&url)
         .call()
-        .err()
-        .expect("a certificate for another name was accepted");
+        .expect_err("a certificate for another name was accepted");
     assert!(format!("{err:?}").contains("NotValidForName"), "{err:?}");
     hub.shutdown();
 }
