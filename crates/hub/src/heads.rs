@@ -85,7 +85,7 @@ fn split(records: Vec<LabelledEmbedding>) -> Split {
         }
         let c = s.classes.len();
         s.classes.push(label);
-        members.sort_by_key(|m| (rank(&m.record_id), m.record_id.clone()));
+        members.sort_by_cached_key(|m| (rank(&m.record_id), m.record_id.clone()));
         let held =
             ((members.len() as f64 * HELDOUT_SHARE).round() as usize).clamp(1, members.len() - 1);
         s.heldout_counts.push(held);

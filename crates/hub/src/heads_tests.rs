@@ -259,12 +259,21 @@ fn labelled_records_become_a_signed_head_devices_fetch_once(backend: Backend) {
 
 fn a_label_set_without_two_classes_trains_nothing(backend: Backend) {
     let l = Loop::new(backend);
+    // A second "naevus" whose embedding holds a NaN is left out of training, so that class
+    // still has one record.
+    let mut broken = record(10, 1);
+    broken.embedding = StoredEmbedding::new(&[f32::NAN; DIM], EmbeddingType::F16);
     let records: Vec<(Record, &str)> = (0..4)
         .map(|i| (record(i, 0), "melanoma"))
-        .chain([(record(9, 1), "naevus")])
+        .chain([(record(9, 1), "naevus"), (broken, "naevus")])
         .collect();
     l.sync_and_label(&records);
     let store = l.db.open();
+    assert_eq!(
+        store.records(None, None).unwrap().len(),
+        6,
+        "the NaN record is stored"
+    );
     let err = heads::train_from_labels(&store, &l.hub_key, &request("diagnosis"), "dr.ada", 1)
         .unwrap_err();
     let HubError::BadRequest(message) = err else {

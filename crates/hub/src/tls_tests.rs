@@ -19,9 +19,13 @@ use crate::tls::TlsFiles;
 
 /// A self-signed certificate for 127.0.0.1 and localhost, written as PEM into `dir`.
 fn certificate(dir: &Path) -> TlsFiles {
-    let generated =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap();
+    certificate_for(dir, &["127.0.0.1", "localhost"])
+}
+
+/// A self-signed certificate for `names`, written as PEM into `dir`.
+fn certificate_for(dir: &Path, names: &[&str]) -> TlsFiles {
+    let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let generated = rcgen::generate_simple_self_signed(names).unwrap();
     let files = TlsFiles {
         certificate: dir.join("hub.crt"),
         key: dir.join("hub.key.pem"),
@@ -29,6 +33,27 @@ fn certificate(dir: &Path) -> TlsFiles {
     std::fs::write(&files.certificate, generated.cert.pem()).unwrap();
     std::fs::write(&files.key, generated.key_pair.serialize_pem()).unwrap();
     files
+}
+
+/// A TLS hub on a new SQLite database in `dir`, with `files` for its certificate.
+fn tls_hub(dir: &Path, files: &TlsFiles, limits: Limits) -> HubServer {
+    let db = dir.join("hub.sqlite");
+    Store::open(&db).unwrap();
+    HubServer::start_tls(&db, HubKey::generate(), "127.0.0.1:0", 1, limits, files).unwrap()
+}
+
+/// `GET /v1/health` over TLS to `hub` at 127.0.0.1, from a client that pins `trust`: the status.
+fn pinned_health(
+    hub: &HubServer,
+    trust: &Path,
+    timeout: std::time::Duration,
+) -> Result<u16, Box<ureq::Error>> {
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(dermedge_sync::pinned_tls(trust).unwrap())
+        .timeout(timeout)
+        .build();
+    let url = format!("https://127.0.0.1:{}/v1/health", hub.addr().port());
+    agent.get(&url).call().map(|r| r.status()).map_err(Box::new)
 }
 
 fn record(i: u64) -> Record {
@@ -197,15 +222,12 @@ fn clients_stalled_in_the_tls_handshake_hold_nothing_up_and_are_cut_off() {
 
     let dir = tempfile::tempdir().unwrap();
     let files = certificate(dir.path());
-    let db = dir.path().join("hub.sqlite");
-    Store::open(&db).unwrap();
     let header_timeout = Duration::from_secs(8);
     let limits = Limits {
         header_timeout,
         ..Limits::default()
     };
-    let hub =
-        HubServer::start_tls(&db, HubKey::generate(), "127.0.0.1:0", 1, limits, &files).unwrap();
+    let hub = tls_hub(dir.path(), &files, limits);
     // Twelve clients stall in the handshake: six say nothing, six send half a ClientHello.
     let stalled: Vec<std::net::TcpStream> = (0..12)
         .map(|i| {
@@ -219,12 +241,10 @@ fn clients_stalled_in_the_tls_handshake_hold_nothing_up_and_are_cut_off() {
         .collect();
     let started = Instant::now();
     // Answered well before the stalled handshakes time out: they hold up nobody.
-    let agent = ureq::AgentBuilder::new()
-        .tls_config(dermedge_sync::pinned_tls(&files.certificate).unwrap())
-        .timeout(header_timeout / 2)
-        .build();
-    let url = format!("https://127.0.0.1:{}/v1/health", hub.addr().port());
-    assert_eq!(agent.get(&url).call().unwrap().status(), 200);
+    assert_eq!(
+        pinned_health(&hub, &files.certificate, header_timeout / 2).unwrap(),
+        200
+    );
     // And each stalled client is cut off once the header timeout has passed.
     for mut s in stalled {
         s.set_read_timeout(Some(header_timeout * 2)).unwrap();
@@ -300,23 +320,8 @@ fn the_readmes_certificate_recipe_makes_one_devices_accept() {
         certificate: dir.path().join("hub-tls.crt"),
         key: dir.path().join("hub-tls.key"),
     };
-    let db = dir.path().join("hub.sqlite");
-    Store::open(&db).unwrap();
-    let hub = HubServer::start_tls(
-        &db,
-        HubKey::generate(),
-        "127.0.0.1:0",
-        1,
-        Limits::default(),
-        &files,
-    )
-    .unwrap();
-    let agent = ureq::AgentBuilder::new()
-        .tls_config(dermedge_sync::pinned_tls(&files.certificate).unwrap())
-        .timeout(std::time::Duration::from_secs(5))
-        .build();
-    let url = format!("https://127.0.0.1:{}/v1/health", hub.addr().port());
-    let status = agent.get(&url).call().map(|r| r.status());
+    let hub = tls_hub(dir.path(), &files, Limits::default());
+    let status = pinned_health(&hub, &files.certificate, std::time::Duration::from_secs(5));
     assert!(matches!(status, Ok(200)), "{status:?}");
     hub.shutdown();
 }
@@ -325,33 +330,9 @@ fn the_readmes_certificate_recipe_makes_one_devices_accept() {
 #[test]
 fn a_pinned_certificate_for_another_name_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let generated =
-        rcgen::generate_simple_self_signed(vec!["hub.other-clinic".to_string()]).unwrap();
-    let files = TlsFiles {
-        certificate: dir.path().join("other.crt"),
-        key: dir.path().join("other.key.pem"),
-    };
-    std::fs::write(&files.certificate, generated.cert.pem()).unwrap();
-    std::fs::write(&files.key, generated.key_pair.serialize_pem()).unwrap();
-    let db = dir.path().join("hub.sqlite");
-    Store::open(&db).unwrap();
-    let hub = HubServer::start_tls(
-        &db,
-        HubKey::generate(),
-        "127.0.0.1:0",
-        1,
-        Limits::default(),
-        &files,
-    )
-    .unwrap();
-    let agent = ureq::AgentBuilder::new()
-        .tls_config(dermedge_sync::pinned_tls(&files.certificate).unwrap())
-        .timeout(std::time::Duration::from_secs(5))
-        .build();
-    let url = format!("https://127.0.0.1:{}/v1/health", hub.addr().port());
-    let err = agent
-        .get(&url)
-        .call()
+    let files = certificate_for(dir.path(), &["hub.other-clinic"]);
+    let hub = tls_hub(dir.path(), &files, Limits::default());
+    let err = pinned_health(&hub, &files.certificate, std::time::Duration::from_secs(5))
         .expect_err("a certificate for another name was accepted");
     assert!(format!("{err:?}").contains("NotValidForName"), "{err:?}");
     hub.shutdown();

@@ -414,13 +414,7 @@ impl SyncClient {
             Ok(r) => read_body_up_to(r, MAX_HEAD_OFFER_BYTES),
             Err(ureq::Error::Status(status, r)) => {
                 let text = String::from_utf8_lossy(&read_body(r)).trim().to_string();
-                return Err(if status >= 500 || status == 408 || status == 429 {
-                    SyncError::HubFailed {
-                        url: hub,
-                        status,
-                        message: text,
-                    }
-                } else if status == 404 || status == 405 {
+                return Err(if status == 404 || status == 405 {
                     log::info!(
                         "sync: the hub at {hub} publishes no heads (HTTP {status} at {}: an \
                          older hub); asking again in an hour",
@@ -429,11 +423,7 @@ impl SyncClient {
                     self.heads_unsupported_until = Some(Instant::now() + HEADS_RETRY);
                     return Ok(Vec::new());
                 } else {
-                    SyncError::Refused {
-                        url: hub,
-                        status,
-                        message: text,
-                    }
+                    status_failure(hub, status, text)
                 });
             }
             Err(ureq::Error::Transport(t)) => {
@@ -527,19 +517,7 @@ impl SyncClient {
                 message: conflict.error,
             };
         }
-        if status >= 500 || status == 408 || status == 429 {
-            SyncError::HubFailed {
-                url,
-                status,
-                message: text,
-            }
-        } else {
-            SyncError::Refused {
-                url,
-                status,
-                message: text,
-            }
-        }
+        status_failure(url, status, text)
     }
 
     /// Push until the queue holds nothing unacknowledged and no unreported loss, retrying transient failures with
@@ -672,6 +650,24 @@ pub fn pinned_tls(trust: &Path) -> Result<std::sync::Arc<rustls::ClientConfig>, 
     Ok(std::sync::Arc::new(config))
 }
 
+/// A failed request's status as an error: one that may pass (a `5xx`, a timeout, too many
+/// requests), or a refusal.
+fn status_failure(url: String, status: u16, message: String) -> SyncError {
+    if status >= 500 || status == 408 || status == 429 {
+        SyncError::HubFailed {
+            url,
+            status,
+            message,
+        }
+    } else {
+        SyncError::Refused {
+            url,
+            status,
+            message,
+        }
+    }
+}
+
 fn read_body(response: ureq::Response) -> Vec<u8> {
     read_body_up_to(response, MAX_RESPONSE_BYTES)
 }
@@ -735,20 +731,7 @@ mod tests {
     #[test]
     fn a_head_must_fit_the_model_and_be_newer_than_the_one_held() {
         let hub = HubKey::generate();
-        let head = dermedge_head::LinearHead {
-            format: dermedge_head::FORMAT.into(),
-            name: "diagnosis".into(),
-            model_id: "df-mini".into(),
-            embedding_dim: 2,
-            kind: dermedge_head::HeadKind::Softmax,
-            classes: vec!["a".into(), "b".into()],
-            l2_normalize: true,
-            input_mean: Vec::new(),
-            input_scale: 1.0,
-            weights: vec![vec![1.0, 0.0], vec![0.0, 1.0]],
-            bias: vec![0.0, 0.0],
-            version: Some(3),
-        };
+        let head = wire::tests::head(Some(3));
         let blob = wire::seal_head(&hub, &head);
         let query = |model: &str, dim: u64, held: Option<u64>| wire::HeadQuery {
             model_id: model.into(),

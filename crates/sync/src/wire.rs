@@ -323,7 +323,7 @@ pub fn open_head(hub: &HubPublic, blob: &[u8]) -> Result<LinearHead, OpenError> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The request the replies in these tests answer.
@@ -355,7 +355,8 @@ mod tests {
     }
     use dermedge_queue::GapReason;
 
-    fn head(version: Option<u64>) -> LinearHead {
+    /// A small 2-d head of df-mini named `diagnosis`.
+    pub(crate) fn head(version: Option<u64>) -> LinearHead {
         LinearHead {
             format: dermedge_head::FORMAT.into(),
             name: "diagnosis".into(),

@@ -181,22 +181,25 @@ impl Store {
                     " ORDER BY r.record_id LIMIT ?3"
                 ),
                 &args![model_id, label_set, limit.min(i64::MAX as usize) as i64],
-            )
+            )?
+            .iter()
+            .map(|r| {
+                let dim = u32::try_from(r.int(3)?).unwrap_or(0);
+                Ok((
+                    r.text(0)?,
+                    r.text(1)?,
+                    super::stored_embedding(&r.text(2)?, dim, r.blob(4)?),
+                ))
+            })
+            .collect::<Result<Vec<_>, SqlError>>()
         })?;
         let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let record_id = r.text(0).map_err(|e| self.database(e))?;
-            let dim = r.int(3).map_err(|e| self.database(e))?;
-            let embedding = super::stored_embedding(
-                &r.text(2).map_err(|e| self.database(e))?,
-                u32::try_from(dim).unwrap_or(0),
-                r.blob(4).map_err(|e| self.database(e))?,
-            );
+        for (record_id, label, embedding) in rows {
             match embedding.to_f32() {
                 Some(values) if !values.is_empty() && values.iter().all(|v| v.is_finite()) => out
                     .push(LabelledEmbedding {
                         record_id,
-                        label: r.text(1).map_err(|e| self.database(e))?,
+                        label,
                         values,
                     }),
                 _ => log::warn!(

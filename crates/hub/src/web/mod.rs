@@ -317,6 +317,19 @@ impl Fields {
 }
 
 /// Refuse a form that did not come from this session's page (its CSRF token, its origin).
+/// A signed-in clinician's form: the session, the request's headers and the form's fields, once
+/// the session's CSRF token and the request's origin have been checked. Every `POST` but the
+/// sign-in goes through here.
+async fn session_form(
+    state: &Arc<State>,
+    request: Request<Incoming>,
+) -> Result<(Session, HeaderMap, Fields), Reply> {
+    let session = require(state, request.headers(), Access::Page).await?;
+    let (headers, fields) = form(state, request).await?;
+    check_csrf(&session, &headers, &fields)?;
+    Ok((session, headers, fields))
+}
+
 fn check_csrf(session: &Session, headers: &HeaderMap, fields: &Fields) -> Result<(), Reply> {
     let token_ok = fields
         .get("csrf")
@@ -582,12 +595,8 @@ async fn login(
 }
 
 async fn logout(state: &Arc<State>, request: Request<Incoming>) -> Result<Reply, Reply> {
-    let session = require(state, request.headers(), Access::Page).await?;
-    let token = cookie(request.headers(), SESSION_COOKIE)
-        .unwrap_or("")
-        .to_string();
-    let (headers, fields) = form(state, request).await?;
-    check_csrf(&session, &headers, &fields)?;
+    let (session, headers, _) = session_form(state, request).await?;
+    let token = cookie(&headers, SESSION_COOKIE).unwrap_or("").to_string();
     let hash = accounts::token_hash(&token);
     db(state, move |store| store.close_session(&hash)).await?;
     log::info!("hub: web: {} signed out", printable(&session.user, 64));
@@ -662,9 +671,7 @@ async fn head_work<R: Send + 'static>(
 
 /// `POST /heads`: train a head from the label set the form names.
 async fn train_head(state: &Arc<State>, request: Request<Incoming>) -> Result<Reply, Reply> {
-    let session = require(state, request.headers(), Access::Page).await?;
-    let (headers, fields) = form(state, request).await?;
-    check_csrf(&session, &headers, &fields)?;
+    let (session, headers, fields) = session_form(state, request).await?;
     let name = fields.get("name").unwrap_or("").trim().to_string();
     let set: Option<(String, Option<String>)> = fields
         .get("label_set")
@@ -727,9 +734,7 @@ async fn publish_head(
     request: Request<Incoming>,
     id: i64,
 ) -> Result<Reply, Reply> {
-    let session = require(state, request.headers(), Access::Page).await?;
-    let (headers, fields) = form(state, request).await?;
-    check_csrf(&session, &headers, &fields)?;
+    let (session, headers, _) = session_form(state, request).await?;
     let by = session.user.clone();
     let published = head_work(state, move |state, store| {
         crate::heads::publish(store, &state.hub_key, id, &by, now_ms())
@@ -887,9 +892,7 @@ async fn add_label(
     request: Request<Incoming>,
     id: String,
 ) -> Result<Reply, Reply> {
-    let session = require(state, request.headers(), Access::Page).await?;
-    let (headers, fields) = form(state, request).await?;
-    check_csrf(&session, &headers, &fields)?;
+    let (session, headers, fields) = session_form(state, request).await?;
     let lookup = id.clone();
     let Some(found) = db(state, move |store| store.record_summary(&lookup)).await? else {
         return Ok(page(
