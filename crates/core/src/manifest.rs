@@ -27,6 +27,9 @@
 //! [output]
 //! name = "embedding"
 //! dtype = "float32"         # float32 | uint8 | int8 (quantised outputs are dequantised)
+//! # [output.correction]     # optional per-dimension affine the engine applies to every output:
+//! # file = "x.correction.npy"  # float32 [2, embedding_dim]: row 0 scale, row 1 offset
+//! # sha256 = "…"            # of that file; a mismatch is refused
 //!
 //! [provenance]              # free-form strings: source, tool, notes, …
 //! ```
@@ -180,6 +183,19 @@ pub struct QuantSpec {
 pub struct OutputSpec {
     pub name: String,
     pub dtype: TensorDtype,
+    /// A per-dimension affine map, fitted so a quantised model's outputs land where the fp32
+    /// reference's would (`y = x * scale + offset`); applied by the engine on every backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correction: Option<OutputCorrectionSpec>,
+}
+
+/// `[output.correction]`: the file holding the affine map, and its checksum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputCorrectionSpec {
+    /// A float32 `.npy` of shape `[2, embedding_dim]`, relative to the manifest.
+    pub file: PathBuf,
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -294,7 +310,7 @@ impl ModelManifest {
         if m.id.trim().is_empty() || m.id.chars().any(char::is_whitespace) {
             return Err(self.invalid("model.id", "expected a non-empty id without whitespace"));
         }
-        if m.sha256.len() != 64 || !m.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        if !is_sha256_hex(&m.sha256) {
             return Err(self.invalid("model.sha256", "expected 64 hexadecimal digits"));
         }
         EMBEDDING_DIM
@@ -352,6 +368,13 @@ impl ModelManifest {
                     })?;
             }
         }
+        if let Some(c) = &self.output.correction {
+            if !is_sha256_hex(&c.sha256) {
+                return Err(
+                    self.invalid("output.correction.sha256", "expected 64 hexadecimal digits")
+                );
+            }
+        }
         if self.output.name.trim().is_empty() {
             return Err(self.invalid(
                 "output.name",
@@ -363,13 +386,25 @@ impl ModelManifest {
 
     /// The model file, resolved relative to the manifest's directory.
     pub fn model_path(&self) -> PathBuf {
-        if self.model.file.is_absolute() {
-            return self.model.file.clone();
+        self.resolve(&self.model.file)
+    }
+
+    /// The output correction's file, resolved relative to the manifest's directory.
+    pub fn correction_path(&self) -> Option<PathBuf> {
+        self.output
+            .correction
+            .as_ref()
+            .map(|c| self.resolve(&c.file))
+    }
+
+    fn resolve(&self, file: &Path) -> PathBuf {
+        if file.is_absolute() {
+            return file.to_path_buf();
         }
         self.path
             .parent()
             .unwrap_or_else(|| Path::new("."))
-            .join(&self.model.file)
+            .join(file)
     }
 
     /// Check the model file against `model.sha256`, reading it in chunks (models can be GBs).
@@ -491,6 +526,10 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
 }
 
 /// Lower-case hexadecimal sha256 of `bytes`.
+fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64 && text.chars().all(|c| c.is_ascii_hexdigit())
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()

@@ -1,5 +1,6 @@
 //! The one loader: it picks the backend, checks that this build has it, and loads the model.
 
+use crate::correction::{Corrected, OutputCorrection};
 use crate::{Accelerator, Backend, EngineError, EngineOptions, TensorDetails};
 use dermedge_core::{EmbedError, Embedder, ModelManifest};
 
@@ -85,21 +86,29 @@ pub fn load(
         options.backend,
         options.accelerator
     );
-    match options.backend {
+    // Checked before the model loads: a damaged correction should not cost a model load.
+    let correction = OutputCorrection::for_manifest(manifest)?;
+    let model: Box<dyn LoadedModel> = match options.backend {
         #[cfg(feature = "litert")]
-        Backend::Litert => Ok(Box::new(crate::litert::LiteRtEmbedder::load(
-            manifest, options,
-        )?)),
+        Backend::Litert => Box::new(crate::litert::LiteRtEmbedder::load(manifest, options)?),
         #[cfg(feature = "classic")]
-        Backend::Classic => Ok(Box::new(crate::classic::ClassicEmbedder::load(
-            manifest, options,
-        )?)),
+        Backend::Classic => Box::new(crate::classic::ClassicEmbedder::load(manifest, options)?),
         #[allow(unreachable_patterns)]
-        other => Err(EngineError::BackendNotBuilt {
-            backend: other.name(),
-            feature: other.feature(),
+        other => {
+            return Err(EngineError::BackendNotBuilt {
+                backend: other.name(),
+                feature: other.feature(),
+            })
+        }
+    };
+    Ok(match correction {
+        Some(correction) => Box::new(Corrected {
+            inner: model,
+            correction,
+            file: manifest.correction_path().unwrap_or_default(),
         }),
-    }
+        None => model,
+    })
 }
 
 #[cfg(test)]

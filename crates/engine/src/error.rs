@@ -31,6 +31,12 @@ pub enum EngineError {
     },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error("{manifest}: output correction {file}: {message}")]
+    Correction {
+        manifest: PathBuf,
+        file: PathBuf,
+        message: String,
+    },
     #[error("{path}: not a TFLite model: {reason}")]
     NotTflite { path: PathBuf, reason: String },
     #[error("{path}: LiteRT {call} failed: {message} (status {status})")]

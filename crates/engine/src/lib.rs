@@ -7,6 +7,9 @@
 //!   same `.tflite` format), loaded with `dlopen` at run time and verified against the pinned
 //!   runtime lock, so a missing or wrong library is a clear error rather than a loader failure.
 //!
+//! A manifest's `[output.correction]` (a per-dimension affine map fitted by the exporter) is
+//! applied here too, once for every backend.
+//!
 //! Accelerators are values ([`Accelerator`]) with an explicit [`Fallback`]: a requested
 //! accelerator that cannot be used falls back to CPU with a logged warning, unless the caller
 //! asked for a hard failure.
@@ -20,6 +23,7 @@ mod backend;
 mod check;
 #[cfg(feature = "classic")]
 pub mod classic;
+mod correction;
 mod error;
 pub mod flatbuffer;
 #[cfg(feature = "litert")]
@@ -28,6 +32,7 @@ mod options;
 mod tensor;
 
 pub use backend::{check_options, is_built, load, LoadedModel};
+pub use correction::OutputCorrection;
 pub use dermedge_core::runtime::{Accelerator, Backend, Fallback};
 pub use error::EngineError;
 pub use options::EngineOptions;
