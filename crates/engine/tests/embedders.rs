@@ -45,13 +45,8 @@ fn fixture_images() -> Vec<String> {
 /// golden.df-mini.npy: float32 [n, 6144], C order.
 fn golden() -> Vec<Vec<f32>> {
     let npy = fs::read(fixtures().join("reference/golden.df-mini.npy")).unwrap();
-    let header_len = u16::from_le_bytes([npy[8], npy[9]]) as usize;
-    let data = &npy[10 + header_len..];
-    let values: Vec<f32> = data
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    values.chunks(6144).map(<[f32]>::to_vec).collect()
+    let (shape, values) = dermedge_core::npy::read_f32(&npy).unwrap();
+    values.chunks(shape[1]).map(<[f32]>::to_vec).collect()
 }
 
 fn embed_all(embedder: &mut impl Embedder) -> Vec<Vec<f32>> {
@@ -327,4 +322,63 @@ fn unavailable_accelerators_fall_back_to_cpu_or_fail_as_asked() {
             );
         }
     }
+}
+
+/// `[output.correction]` is applied by `dermedge_engine::load` to whatever the backend returns:
+/// every value becomes `x * scale + offset` of the uncorrected model's, and a damaged correction
+/// is refused before the model loads.
+#[test]
+fn an_output_correction_is_applied_to_every_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = copy_fixture(dir.path(), "int8");
+    let plain = ModelManifest::load(&toml).unwrap();
+    let dim = plain.model.embedding_dim;
+    let scale: Vec<f32> = (0..dim).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+    let offset: Vec<f32> = (0..dim).map(|i| (i % 5) as f32 - 2.0).collect();
+    let mut npy = Vec::new();
+    dermedge_core::npy::write_f32_rows(&mut npy, dim, [&scale[..], &offset[..]].into_iter())
+        .unwrap();
+    fs::write(dir.path().join("c.npy"), &npy).unwrap();
+    let section = format!(
+        "[output.correction]\nfile = \"c.npy\"\nsha256 = \"{}\"\n",
+        dermedge_core::sha256_hex(&npy)
+    );
+    let text = fs::read_to_string(&toml).unwrap();
+    let corrected_toml = dir.path().join("corrected.toml");
+    fs::write(
+        &corrected_toml,
+        text.replace("[provenance]", &format!("{section}\n[provenance]")),
+    )
+    .unwrap();
+    let corrected = ModelManifest::load(&corrected_toml).unwrap();
+
+    let image = decode_file(
+        &fixtures().join("images/astronaut-480.png"),
+        &DecodeLimits::default(),
+    )
+    .unwrap();
+    let x = dermedge_engine::load(&plain, &options(1))
+        .unwrap()
+        .embed(&image)
+        .unwrap()
+        .values;
+    let mut model = dermedge_engine::load(&corrected, &options(1)).unwrap();
+    let y = model.embed(&image).unwrap().values;
+    for i in 0..dim {
+        assert_eq!(y[i], x[i] * scale[i] + offset[i], "value {i}");
+    }
+    // The staged path (benchmarks) is corrected too.
+    model.fill_input(&image).unwrap();
+    model.invoke().unwrap();
+    assert_eq!(model.read_output().unwrap(), y);
+    assert!(model.runtime_description().contains("output corrected"));
+
+    // One flipped byte in the correction file: refused, naming it and the checksum.
+    npy[200] ^= 1;
+    fs::write(dir.path().join("c.npy"), &npy).unwrap();
+    let err = dermedge_engine::load(&corrected, &options(1))
+        .err()
+        .expect("a damaged correction must be refused")
+        .to_string();
+    assert!(err.contains("c.npy") && err.contains("sha256"), "{err}");
 }
