@@ -52,9 +52,14 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int)
     p.add_argument("--scale", type=float)
     p.add_argument("--offset", type=float)
+    p.add_argument("--calibration-sampling", choices=["stratified", "sorted"], default="stratified",
+                   help="stratified (default): a seeded random sample, each image kind in proportion; sorted: the first N")
+    p.add_argument("--calibration-seed", type=int, default=448)
+    p.add_argument("--faithful-recipe", help="also convert this recipe (chosen by an earlier search) and keep it as "
+                                            "<name>.<precision>-faithful.*")
     p.add_argument("--target-fidelity", action="store_true",
                    help="also search int8 recipes in order of cost; keep the fastest that passes dermedge's "
-                        "fidelity gates as <name>.int8-faithful.tflite (see docs/QUANTISATION.md)")
+                        "fidelity gates as <name>.<precision>-faithful.tflite (see docs/QUANTISATION.md)")
     p.add_argument("--validation", type=Path, help="recipe search: validation images (default: --evaluation)")
     p.add_argument("--validation-count", type=int, help="recipe search: judge on the first N validation images")
     p.add_argument("--holdout", type=Path, help="recipe search: images the search never sees, to check the choice")
@@ -92,7 +97,9 @@ def main(argv=None) -> int:
             options = ExportOptions(
                 savedmodel=args.savedmodel, name=args.name, out=args.out, calibration=args.calibration,
                 evaluation=args.evaluation, version=args.version, input_type=args.input_type,
-                calibration_count=args.calibration_count, evaluation_count=args.evaluation_count,
+                calibration_count=args.calibration_count, calibration_sampling=args.calibration_sampling,
+                calibration_seed=args.calibration_seed, faithful_recipe=args.faithful_recipe,
+                evaluation_count=args.evaluation_count,
                 debug_count=args.debug_count, image_tensor=args.image_tensor, size=args.size, scale=args.scale,
                 offset=args.offset, target_fidelity=target)
             from . import export

@@ -36,6 +36,8 @@ from tensorflow.python.framework import tensor_util
 from tensorflow.python.framework.convert_to_constants import _run_inline_graph_optimization
 
 from . import opreport, recipes
+from .calibration import calibration_sample, image_kind
+from .runner import run_tflite
 from .errors import ExportError
 from .manifest import Preprocessing, sha256, write_manifest
 from .options import ExportOptions
@@ -318,23 +320,6 @@ def serialized_example(path: Path) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def run_tflite(path: Path, inputs: list[np.ndarray]) -> np.ndarray:
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_path=str(path), num_threads=2)
-    runner = interp.get_signature_runner("serving_default")
-    name = interp.get_signature_list()["serving_default"]["inputs"][0]
-    detail = runner.get_input_details()[name]
-    outs = []
-    for x in inputs:
-        if detail["dtype"] != np.float32:
-            s, z = detail["quantization"]
-            info = np.iinfo(detail["dtype"])
-            x = np.clip(np.round(x / s + z), info.min, info.max).astype(detail["dtype"])
-        outs.append(runner(**{name: x})["embedding"][0].astype(np.float32))
-    return np.stack(outs)
-
-
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
@@ -367,7 +352,7 @@ def export(options: ExportOptions, progress=print) -> dict:
     calibration, evaluation, debug_count = options.calibration, options.evaluation, options.debug_count
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    cal_files = list_images(calibration, "calibration")[:options.calibration_count]
+    cal_files, sampling = calibration_sample(list_images(calibration, "calibration"), options)
     eval_files = list_images(evaluation, "evaluation")[:options.evaluation_count]
     overlap = {sha256(p) for p in cal_files} & {sha256(p) for p in eval_files}
     if overlap:
@@ -436,8 +421,9 @@ def export(options: ExportOptions, progress=print) -> dict:
 
     (out / f"{name}.calibration.json").write_text(json.dumps({
         "calibration_dir": str(calibration), "count": len(cal_files),
-        "sampling": f"the first {options.calibration_count} readable images of the directory in sorted order, "
-                    "decoded and preprocessed exactly as dermedge does",
+        "sampling": sampling, "seed": options.calibration_seed,
+        "preprocessing": "decoded and preprocessed exactly as dermedge does",
+        "kinds": {k: sum(image_kind(p) == k for p in cal_files) for k in sorted({image_kind(p) for p in cal_files})},
         "files": [p.name for p in cal_files], "evaluation_dir": str(evaluation), "evaluation_count": len(eval_files),
         "disjoint": "checked by content hash",
     }, indent=1) + "\n")
@@ -480,6 +466,26 @@ def export(options: ExportOptions, progress=print) -> dict:
         "seconds": round(time.time() - started, 1),
     }
     search = options.target_fidelity
+    integer_core_dir = None
+    if search is not None or options.faithful_recipe is not None:
+        squares = sum(n.op in ("Square", "SquaredDifference") for n in serving.graph_def.node)
+        if squares:
+            progress(f"[{name}] {squares} Square/SquaredDifference ops: building the integer-friendly graph too")
+            integer_core = cut(serving, pre.cut_tensor, shape, rewrite_squares=True)
+            integer_core_dir = Path(tempfile.mkdtemp(prefix=f"{name}-integer-core-"))
+            save_core(integer_core, serving, integer_core_dir)
+
+    def context(**search_fields) -> recipes.Context:
+        return recipes.Context(
+            core_dir=core_dir, integer_core_dir=integer_core_dir, name=name, version=version, out=out, pre=pre, dim=dim,
+            cal_inputs=cal_inputs, plain_int8=files["int8"], fp32_manifest=out / f"{name}.fp32.toml",
+            fp32_tflite=files["fp32"], layer_errors=out / f"{name}.int8.layer-errors.csv", debug_count=debug_count,
+            progress=progress, **search_fields)
+
+    if options.faithful_recipe is not None:
+        faithful = recipes.make_faithful(context(dermedge="", validation=Path(), holdout=None, threads=2,
+                                                 latency_budget=1.0, bench_runs=1), options.faithful_recipe)
+        report["faithful"] = {"recipe": options.faithful_recipe, "manifest": faithful.name}
     if search is not None:
         validation = search.validation or evaluation
         val_files = list_images(validation, "validation")
@@ -494,22 +500,11 @@ def export(options: ExportOptions, progress=print) -> dict:
             for f in val_files[:count]:
                 shutil.copy(f, subset / f.name)
             validation = subset
-        integer_core_dir = None
-        squares = sum(n.op in ("Square", "SquaredDifference") for n in serving.graph_def.node)
-        if squares:
-            progress(f"[{name}] {squares} Square/SquaredDifference ops: building the integer-friendly graph too")
-            integer_core = cut(serving, pre.cut_tensor, shape, rewrite_squares=True)
-            integer_core_dir = Path(tempfile.mkdtemp(prefix=f"{name}-integer-core-"))
-            save_core(integer_core, serving, integer_core_dir)
-        report["recipe_search"] = recipes.search(recipes.Context(
-            core_dir=core_dir, integer_core_dir=integer_core_dir, name=name, version=version, out=out, pre=pre, dim=dim, cal_inputs=cal_inputs,
-            plain_int8=files["int8"], fp32_manifest=out / f"{name}.fp32.toml",
-            layer_errors=out / f"{name}.int8.layer-errors.csv", debug_count=debug_count,
-            dermedge=search.dermedge, validation=validation, holdout=search.holdout,
-            threads=search.threads, latency_budget=search.latency_budget,
-            bench_runs=search.bench_runs, progress=progress, only=search.recipes))
-        if integer_core_dir is not None:
-            shutil.rmtree(integer_core_dir, ignore_errors=True)
+        report["recipe_search"] = recipes.search(context(
+            dermedge=search.dermedge, validation=validation, holdout=search.holdout, threads=search.threads,
+            latency_budget=search.latency_budget, bench_runs=search.bench_runs, only=search.recipes))
+    if integer_core_dir is not None:
+        shutil.rmtree(integer_core_dir, ignore_errors=True)
     shutil.rmtree(core_dir, ignore_errors=True)
     (out / f"{name}.export-report.json").write_text(json.dumps(report, indent=1) + "\n")
     progress(f"[{name}] fp32 TFLite vs SavedModel cosine min {report['fp32_tflite_vs_savedmodel_cosine']['min']:.6f}; "

@@ -9,6 +9,10 @@ Sets (disjoint by source patch and by source photo):
 - calibration/            mosaics of 4 distinct patches, each tiled 7x7 (448 px, native sharpness) + photo crops
 - evaluation/             mosaics from the other half of the patches + crops of other photos
 - evaluation-upscaled/    single patches upscaled to 448 by the model itself: a separately reported hard case
+- unseen/                 mosaics of patches and crops of photos used in no other set: the search's hold-out
+- evaluation-wide/        >= 300 images of three kinds for gates that must bear statistics: mosaics,
+                          single patches tiled at native resolution, crops of texture and other photos;
+                          disjoint from calibration and from unseen/
 A `sets.json` records every file's sources and how it was sampled.
 """
 import hashlib
@@ -89,8 +93,13 @@ def photo_crops(name: str, image: np.ndarray, count: int, rng) -> list[tuple[np.
     return out
 
 
+def single_texture(patch: np.ndarray, rng) -> np.ndarray:
+    """One patch tiled 14x14 (448 px) with random flips: a lesion texture at native resolution."""
+    return tiled(patch, SIZE // PATCH, rng)
+
+
 def build(out: Path, mosaics_per_set: int = 96, photo_crops_per_photo: int = 8, upscaled: int = 24,
-          unseen_mosaics: int = 48) -> Path:
+          unseen_mosaics: int = 48, wide_mosaics: int = 192, wide_textures: int = 64, wide_crops_per_photo: int = 10) -> Path:
     import skimage.data as skd
 
     rng = np.random.default_rng(SEED)
@@ -160,5 +169,34 @@ def build(out: Path, mosaics_per_set: int = 96, photo_crops_per_photo: int = 8, 
     unseen = {s for e in record["sets"]["unseen"]["files"] for s in e["sources"]}
     assert not cal & ev, "calibration and evaluation must be disjoint"
     assert not unseen & (cal | ev), "the unseen set must share no source with calibration or evaluation"
+    # The wide evaluation set, drawn last so that adding it changed none of the sets above: the
+    # evaluation pool's patches that unseen/ does not use, as mosaics and as single-patch
+    # textures, and crops of three texture photos no other set uses plus two of the evaluation
+    # set's photos at other places.
+    wide_pool = [p for p in pools["evaluation"] if p[0] not in unseen]
+    d = out / "evaluation-wide"
+    d.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(wide_mosaics):
+        img, sources = mosaic(wide_pool, rng)
+        name = f"mosaic-{i:03d}.png"
+        Image.fromarray(img).save(d / name)
+        entries.append({"file": name, "kind": "mosaic", "sources": sources})
+    for k, i in enumerate(rng.choice(len(wide_pool), wide_textures, replace=False)):
+        src, px = wide_pool[i]
+        name = f"texture-{k:03d}.png"
+        Image.fromarray(single_texture(px, rng)).save(d / name)
+        entries.append({"file": name, "kind": "texture", "sources": [src]})
+    wide_photos = {"brick": skd.brick(), "grass": skd.grass(), "gravel": skd.gravel(), "retina": skd.retina(),
+                   "hubble_deep_field": skd.hubble_deep_field()}
+    for pname, photo in wide_photos.items():
+        for j, (crop, src) in enumerate(photo_crops(pname, photo, wide_crops_per_photo, rng)):
+            name = f"photo-{pname}-{j:02d}.png"
+            Image.fromarray(np.ascontiguousarray(crop)).save(d / name)
+            entries.append({"file": name, "kind": "photo", "sources": [src]})
+    record["sets"]["evaluation-wide"] = {"count": len(entries), "patch_pool": len(wide_pool), "files": entries}
+    wide = {s for e in entries for s in e["sources"]}
+    assert not wide & cal, "the wide evaluation set must share no source with calibration"
+    assert not wide & unseen, "the wide evaluation set must share no source with unseen/"
     (out / "sets.json").write_text(json.dumps(record, indent=1) + "\n")
     return out

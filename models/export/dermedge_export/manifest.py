@@ -1,4 +1,6 @@
 """What a dermedge model manifest states: the file's checksum and the preprocessing its input expects."""
+from __future__ import annotations
+
 import hashlib
 import json
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ def sha256(path: Path) -> str:
 
 
 def write_manifest(path: Path, tflite: Path, name: str, version: str, precision: str, dim: int,
-                   pre: Preprocessing, input_dtype: str, quant, provenance: dict):
+                   pre: Preprocessing, input_dtype: str, quant, provenance: dict, correction: Path | None = None):
     lines = [
         f"# dermedge model manifest: what {tflite.name} is and the preprocessing its input expects.",
         "[model]", f'id = "{name}"', f'version = "{version}"', f'file = "{tflite.name}"',
@@ -40,6 +42,10 @@ def write_manifest(path: Path, tflite: Path, name: str, version: str, precision:
     ]
     if quant is not None:
         lines += ["", "[input.quantization]", f"scale = {quant[0]!r}", f"zero_point = {quant[1]}"]
-    lines += ["", "[output]", 'name = "embedding"', 'dtype = "float32"', "", "[provenance]"]
+    lines += ["", "[output]", 'name = "embedding"', 'dtype = "float32"']
+    if correction is not None:
+        lines += ["", "# y = x * scale + offset per dimension, fitted on the calibration images; applied by dermedge's engine",
+                  "[output.correction]", f'file = "{correction.name}"', f'sha256 = "{sha256(correction)}"']
+    lines += ["", "[provenance]"]
     lines += [f"{k} = {json.dumps(str(v))}" for k, v in provenance.items()]
     path.write_text("\n".join(lines) + "\n")

@@ -19,8 +19,11 @@ from .errors import ExportError
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_DERMEDGE = str(ROOT / "target" / "release" / "dermedge")
 INPUT_TYPES = ("float32", "uint8", "int8")
-RECIPE_NAMES = ("int8-plain", "int8-integer-groupnorm", "int8-calibration-x4", "int8-selective-5",
-                "int8-selective-20", "dynamic-range-int8", "int16x8")
+CALIBRATION_SAMPLING = ("stratified", "sorted")
+RECIPE_NAMES = ("int8-plain", "int8-integer-groupnorm", "ablation-conv", "ablation-conv-add", "ablation-conv-add-norm",
+                "int8-affine", "int8-calibration-x4",
+                "int8-calibration-x4-affine", "int8-selective-5", "int8-selective-20", "dynamic-range-int8", "fp16",
+                "int16x8")
 
 
 def _set(obj, name: str, value):
@@ -104,7 +107,11 @@ class ExportOptions:
     evaluation: Path  # evaluation images, disjoint from calibration
     version: str = "1"
     input_type: str = "float32"  # the int8 model's input tensor type
-    calibration_count: int = 64  # the first N readable calibration images
+    calibration_count: int = 64  # N calibration images, sampled as calibration_sampling says
+    # "stratified": a seeded random sample, each image kind (the file name's first word: mosaic,
+    # photo, texture, ...) in proportion to its share of the directory; "sorted": the first N.
+    calibration_sampling: str = "stratified"
+    calibration_seed: int = 448
     evaluation_count: int | None = None  # compare on the first N evaluation images; None: all
     debug_count: int = 4  # images for the per-layer quantisation error; 0 skips it
     image_tensor: str | None = None  # cut here instead of after the recovered preprocessing
@@ -112,6 +119,9 @@ class ExportOptions:
     scale: float | None = None  # value = pixel * scale + offset
     offset: float | None = None
     target_fidelity: TargetFidelity | None = None
+    # Also convert this recipe (chosen by an earlier search, docs/QUANTISATION.md) and keep it as
+    # <name>.<precision>-faithful.*: the export devices may ship.
+    faithful_recipe: str | None = None
 
     def __post_init__(self):
         for name in ("savedmodel", "out", "calibration", "evaluation"):
@@ -123,6 +133,10 @@ class ExportOptions:
         if self.input_type not in INPUT_TYPES:
             raise ExportError(f"input_type: expected one of {', '.join(INPUT_TYPES)}, got {self.input_type!r}")
         _count("calibration_count", self.calibration_count)
+        if self.calibration_sampling not in CALIBRATION_SAMPLING:
+            raise ExportError(f"calibration_sampling: expected one of {', '.join(CALIBRATION_SAMPLING)}, "
+                              f"got {self.calibration_sampling!r}")
+        _count("calibration_seed", self.calibration_seed, minimum=0)
         if self.evaluation_count is not None:
             _count("evaluation_count", self.evaluation_count)
         _count("debug_count", self.debug_count, minimum=0)
@@ -140,6 +154,8 @@ class ExportOptions:
             _count("size", self.size)
             _set(self, "scale", _number("scale", self.scale, nonzero=True))
             _set(self, "offset", _number("offset", self.offset))
+        if self.faithful_recipe is not None and self.faithful_recipe not in RECIPE_NAMES:
+            raise ExportError(f"faithful_recipe: expected one of {', '.join(RECIPE_NAMES)}, got {self.faithful_recipe!r}")
         if self.target_fidelity is not None:
             if not isinstance(self.target_fidelity, TargetFidelity):
                 raise ExportError(f"target_fidelity: expected TargetFidelity or None, got {self.target_fidelity!r}")

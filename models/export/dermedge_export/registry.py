@@ -67,7 +67,7 @@ def build(name: str, cache: Path | None = None) -> Path:
 
     # Building loads TensorFlow, so its modules are imported only past the up-to-date check.
     images = cache / "images"
-    if not (images / "sets.json").is_file() or not (images / "unseen").is_dir():
+    if not (images / "sets.json").is_file() or not (images / "evaluation-wide").is_dir():
         step(f"building calibration/evaluation image sets in {images}")
         from . import images as image_sets
         image_sets.build(images)

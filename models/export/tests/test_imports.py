@@ -12,7 +12,7 @@ PACKAGE = "dermedge_export"
 SOURCE = Path(__file__).resolve().parents[1] / PACKAGE
 MODULES = sorted(p.stem for p in SOURCE.glob("*.py"))
 # Their commands parse and check arguments before anything loads TensorFlow.
-LIGHT = {"__init__", "__main__", "errors", "manifest", "options", "registry"}
+LIGHT = {"__init__", "__main__", "calibration", "errors", "manifest", "options", "registry"}
 
 
 def imported_modules(module: str) -> set[str]:

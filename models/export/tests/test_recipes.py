@@ -58,7 +58,7 @@ class Recipes(unittest.TestCase):
         self.assertIn("No recipe passes the gates", text)
         self.assertIn("**int8-plain**", text)
         self.assertIn("not judged: 40.00x", text)
-        self.assertIn("| int8-plain | 1.0 | 0.100 | 1.00x | 0.5000 |", text)
+        self.assertIn("| int8-plain | 1.0 | 0.100 | 1.00x | – | – | 0.5000 |", text)
 
     def test_squares_are_rewritten_as_multiplications_with_the_same_values(self):
         import tensorflow as tf
@@ -119,12 +119,99 @@ class Recipes(unittest.TestCase):
 
     def test_recipe_selection_keeps_the_plain_baseline(self):
         ctx = recipes.Context(core_dir=Path("c"), integer_core_dir=Path("i"), name="m", version="1", out=Path("o"),
-                              pre=None, dim=4, cal_inputs=[], plain_int8=Path("p"), fp32_manifest=Path("f"),
+                              pre=None, dim=4, cal_inputs=[], plain_int8=Path("p"), fp32_manifest=Path("f"), fp32_tflite=Path("f"),
                               layer_errors=Path("l"), debug_count=1, dermedge="d", validation=Path("v"), holdout=None,
                               threads=2, latency_budget=1.2, bench_runs=1, only=("dynamic-range-int8",))
         self.assertEqual([r.name for r in recipes.selected(ctx)], ["int8-plain", "dynamic-range-int8"])
         ctx.only = None
         self.assertEqual([r.name for r in recipes.selected(ctx)], list(RECIPE_NAMES))
+
+    def test_the_choice_is_the_fastest_pass_within_budget_else_the_fastest_pass_said_over_budget(self):
+        def entry(name, verdict, seconds, within):
+            gates = {"centred_cosine_p1": {"value": 0.99 if verdict == "PASS" else 0.5, "min": 0.95,
+                                           "pass": verdict == "PASS"}}
+            return {"recipe": name, "invoke_median_s": seconds, "within_budget": within,
+                    "fidelity": {"verdict": verdict, "gates": gates}}
+        tried = [entry("int8-plain", "FAIL", 0.1, True), entry("int8-affine", "PASS", 0.11, True),
+                 entry("fp16", "PASS", 0.3, False), entry("dynamic-range-int8", "PASS", 0.12, True)]
+        self.assertEqual(recipes.choose(tried), {"chosen": "int8-affine", "over_budget": False})
+        self.assertEqual(recipes.choose([tried[0], tried[2]]), {"chosen": "fp16", "over_budget": True})
+        self.assertEqual(recipes.choose([tried[0]]), {"chosen": None, "best_tradeoff": "int8-plain"})
+        text = recipes.markdown("m", {"validation": "v", "threads": 2, "latency_budget": 1.2, "recipes": [],
+                                      "chosen": "fp16", "over_budget": True, "faithful": "m.fp16-faithful.toml"})
+        self.assertIn("none passes within the latency budget", text)
+        self.assertIn("m.fp16-faithful.toml", text)
+
+    def test_each_ablation_step_keeps_later_op_types_and_pooling_in_float(self):
+        self.assertEqual(recipes.ablation_denylist("ablation-conv-add-norm"), ["AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN"])
+        first = recipes.ablation_denylist("ablation-conv")
+        self.assertIn("ADD", first)
+        self.assertIn("RELU", first)
+        self.assertNotIn("CONV_2D", first)
+        self.assertNotIn("ADD", recipes.ablation_denylist("ablation-conv-add"))
+
+
+class Correction(unittest.TestCase):
+    def test_a_per_dimension_gain_and_offset_is_recovered_and_written_for_the_engine(self):
+        from dermedge_export import correction
+        rng = np.random.default_rng(1)
+        reference = rng.normal(size=(256, 8)).astype(np.float32)
+        gain = np.linspace(0.5, 1.5, 8, dtype=np.float32)
+        candidate = (reference - 0.3) / gain
+        scale, offset = correction.fit_affine(candidate, reference, shrink=0.0)
+        np.testing.assert_allclose(scale, gain, rtol=1e-4)
+        np.testing.assert_allclose(correction.apply(candidate, scale, offset), reference, atol=1e-4)
+        path = correction.write(Path(tempfile.mkdtemp()) / "c.npy", scale, offset)
+        stored = np.load(path)
+        self.assertEqual((stored.shape, stored.dtype.str), ((2, 8), "<f4"))
+
+    def test_a_constant_dimension_keeps_its_slope_and_moves_by_its_mean(self):
+        from dermedge_export import correction
+        rng = np.random.default_rng(2)
+        candidate = rng.normal(size=(64, 3)).astype(np.float32)
+        candidate[:, 1] = 2.0
+        reference = candidate.copy()
+        reference[:, 1] = 2.5
+        scale, offset = correction.fit_affine(candidate, reference)
+        self.assertAlmostEqual(float(scale[1]), 1.0, places=3)
+        self.assertAlmostEqual(float(candidate[0, 1] * scale[1] + offset[1]), 2.5, places=3)
+        with self.assertRaises(ValueError):
+            correction.fit_affine(candidate, reference[:, :2])
+        with self.assertRaises(ValueError):
+            correction.write(Path(tempfile.mkdtemp()) / "c.npy", np.array([np.nan], np.float32), scale[:1])
+
+
+class CostModel(unittest.TestCase):
+    """The Cortex-A76 estimate on one-op graphs built with the converter: int8 convolutions come out
+    2-3x faster than float32 ones, and the work counted is the convolution's."""
+
+    @staticmethod
+    def conv_model(int8: bool) -> bytes:
+        import tensorflow as tf
+        rng = np.random.default_rng(0)
+        weights = tf.constant(rng.normal(size=(3, 3, 16, 32)).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 32, 32, 16], tf.float32)])
+        def f(x):
+            return tf.nn.relu(tf.nn.conv2d(x, weights, 1, "SAME"))
+
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()])
+        if int8:
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+            conv.representative_dataset = lambda: ([rng.normal(size=(1, 32, 32, 16)).astype(np.float32)] for _ in range(4))
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        return conv.convert()
+
+    def test_int8_convolutions_cost_a_third_to_a_half_of_float_ones(self):
+        from dermedge_export import costmodel
+        fp32 = costmodel.estimate(self.conv_model(False), threads=1)
+        int8 = costmodel.estimate(self.conv_model(True), threads=1)
+        macs = 32 * 32 * 32 * 3 * 3 * 16
+        self.assertAlmostEqual(fp32["by_arithmetic"]["float32"]["gmacs"], round(macs / 1e9, 3))
+        self.assertAlmostEqual(int8["by_arithmetic"]["int8"]["gmacs"], round(macs / 1e9, 3))
+        ratio = fp32["seconds"] / int8["seconds"]
+        self.assertTrue(2.0 <= ratio <= 3.0, ratio)
+        self.assertIn("estimate", fp32["target"])
 
 
 if __name__ == "__main__":
