@@ -280,6 +280,10 @@ pub struct EmbedBench {
     /// Per stage: median, p90, min seconds over the timed runs.
     pub stages: Vec<(String, [f64; 3])>,
     pub peak_rss_bytes: u64,
+    /// Resident bytes at the end, by what is mapped (file, `[heap]`, `[anon]`), largest first:
+    /// where the peak goes.
+    #[serde(default)]
+    pub resident_by_mapping: Vec<(String, u64)>,
 }
 
 fn stat(mut v: Vec<f64>) -> [f64; 3] {
@@ -311,6 +315,30 @@ fn clock_ticks_per_second() -> f64 {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(100.0)
+}
+
+/// Resident bytes per mapped object of this process (`/proc/self/smaps`), the `top` largest.
+fn resident_by_mapping(top: usize) -> Vec<(String, u64)> {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return Vec::new();
+    };
+    let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut current = String::from("[anon]");
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && first.chars().next().is_some_and(|c| c.is_ascii_hexdigit()) {
+            // A mapping's header: address perms offset dev inode [path].
+            current = words.nth(4).map_or("[anon]".to_string(), str::to_string);
+        } else if first == "Rss:" {
+            let kb: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            *by.entry(current.clone()).or_default() += kb * 1024;
+        }
+    }
+    let mut list: Vec<(String, u64)> = by.into_iter().filter(|(_, b)| *b > 0).collect();
+    list.sort_by(|a, b| b.1.cmp(&a.1));
+    list.truncate(top);
+    list
 }
 
 pub fn peak_rss_bytes() -> u64 {
@@ -547,6 +575,7 @@ pub fn bench_embed_one(args: &EmbedBenchArgs) -> Result<()> {
             .map(|(n, t)| (n.to_string(), stat(t)))
             .collect(),
         peak_rss_bytes: peak_rss_bytes(),
+        resident_by_mapping: resident_by_mapping(6),
     };
     println!("{}", serde_json::to_string(&result)?);
     Ok(())

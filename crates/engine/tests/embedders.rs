@@ -382,3 +382,66 @@ fn an_output_correction_is_applied_to_every_value() {
         .to_string();
     assert!(err.contains("c.npy") && err.contains("sha256"), "{err}");
 }
+
+/// Resident bytes of `path`'s mappings in this process (`/proc/self/smaps`).
+fn resident_bytes_of(path: &Path) -> u64 {
+    let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
+    let target = path.to_string_lossy();
+    let mut inside = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or_default();
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            inside = line.ends_with(&*target);
+        } else if inside && first == "Rss:" {
+            total += line
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                * 1024;
+        }
+    }
+    total
+}
+
+/// Once compiled for the CPU, XNNPACK runs from its packed weights, so the model file's pages
+/// are released from the resident set. A fully delegated model (fp32) does not touch them again
+/// while embedding; ops left to TFLite's own kernels (df-mini int8's float islands) read theirs
+/// back.
+#[test]
+fn the_model_file_is_not_kept_resident_once_compiled() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = decode_file(
+        &fixtures().join("images/astronaut-480.png"),
+        &DecodeLimits::default(),
+    )
+    .unwrap();
+    for precision in ["fp32", "int8"] {
+        let toml = copy_fixture(dir.path(), precision);
+        let manifest = ModelManifest::load(&toml).unwrap();
+        let model_path = manifest.model_path();
+        let bytes = fs::metadata(&model_path).unwrap().len();
+        let mut model = dermedge_engine::load(&manifest, &options(1)).unwrap();
+        let after_load = resident_bytes_of(&model_path);
+        assert!(
+            after_load * 10 <= bytes,
+            "{precision}: {after_load} of {bytes} bytes still resident after loading"
+        );
+        for _ in 0..2 {
+            model.embed(&image).unwrap();
+        }
+        let after_embedding = resident_bytes_of(&model_path);
+        if precision == "fp32" {
+            assert!(
+                after_embedding * 10 <= bytes,
+                "fp32: {after_embedding} of {bytes} bytes resident after embedding"
+            );
+        }
+        assert!(
+            after_embedding < bytes / 2,
+            "{precision}: {after_embedding} of {bytes}"
+        );
+    }
+}

@@ -132,6 +132,11 @@ impl LiteRtEmbedder {
                 weight_cache::seal(cache);
             }
         }
+        if accelerator == Accelerator::Cpu {
+            if let Err(e) = model.release_resident_pages() {
+                log::debug!("{}: cannot release its pages: {e}", model_path.display());
+            }
+        }
         let fully_accelerated = compiled.fully_accelerated();
         let input_buffer = compiled
             .create_buffer(&env, signature_index, Side::Input, 0, &input_type)

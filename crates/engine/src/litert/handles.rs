@@ -177,6 +177,20 @@ impl Model {
         })
     }
 
+    /// Drop the model mapping's resident pages. Once compiled, the CPU path reads its weights
+    /// from XNNPACK's packed copy (its heap, or the weight cache), so the pages LiteRT touched
+    /// while loading only swell the resident set; any page touched again is read back from the
+    /// file.
+    pub fn release_resident_pages(&self) -> std::io::Result<()> {
+        // SAFETY: a read-only file mapping this process never writes: MADV_DONTNEED drops its
+        // pages, and the next access reads the same file's pages back (it cannot zero-fill
+        // them, as it would an anonymous or written private page).
+        unsafe {
+            self._bytes
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        }
+    }
+
     pub fn signature_count(&self) -> CallResult<usize> {
         let mut count = 0usize;
         // SAFETY: live model, valid out-pointer.
