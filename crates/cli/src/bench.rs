@@ -336,7 +336,7 @@ fn resident_by_mapping(top: usize) -> Vec<(String, u64)> {
         }
     }
     let mut list: Vec<(String, u64)> = by.into_iter().filter(|(_, b)| *b > 0).collect();
-    list.sort_by(|a, b| b.1.cmp(&a.1));
+    list.sort_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
     list.truncate(top);
     list
 }
