@@ -26,7 +26,7 @@ import tensorflow as tf
 from . import correction, costmodel
 from .errors import ExportError
 from .manifest import Preprocessing, sha256, write_manifest
-from .runner import run_tflite
+from .runner import delegation, run_tflite
 
 GATE_KEYS = ("centred_cosine_p1", "head_view_delta_p99", "sqnr_db_p1", "top10_overlap_mean", "self_retrieval",
              "head_agreement")
@@ -324,6 +324,7 @@ def search(ctx: Context) -> dict:
             continue
         tflite, manifest = write_recipe(ctx, recipe, model, work, entry)
         entry["convert_s"] = round(time.time() - started, 1)
+        entry["delegation"] = delegation(tflite, ctx.threads)
         estimate = costmodel.estimate(model, ctx.threads)
         plain_estimate = plain_estimate or estimate["seconds"]
         entry["a76_estimate"] = estimate
@@ -464,6 +465,14 @@ def summary_line(entry: dict) -> str:
     return "; ".join(parts)
 
 
+def delegated(entry: dict) -> str:
+    d = entry.get("delegation")
+    if not d:
+        return "–"
+    outside = ", ".join(f"{n} {op}" for op, n in d["outside"].items())
+    return f"{d['partitions']}" + (f" ({outside})" if outside else "")
+
+
 def a76(entry: dict) -> str:
     if "a76_estimate" not in entry:
         return "– | –"
@@ -475,19 +484,21 @@ def markdown(name: str, result: dict) -> str:
              f"Validation images: `{result['validation']}`; {result['threads']} threads; latency budget "
              f"{result['latency_budget']}x the plain int8 export's on the Cortex-A76 estimate (costmodel.py); recipes "
              f"over {TOO_SLOW_TO_JUDGE}x on this machine are not judged.", "",
-             "| recipe | size (MiB) | x86 invoke median (s) | x86 vs plain | A76 estimate (s) | A76 vs plain | "
-             "head-view cos p1 | δ p99 | SQNR p1 (dB) | top-10 | self-retrieval | head agreement | verdict |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| recipe | size (MiB) | XNNPACK partitions (ops outside) | x86 invoke median (s) | x86 vs plain | "
+             "A76 estimate (s) | A76 vs plain | head-view cos p1 | δ p99 | SQNR p1 (dB) | top-10 | self-retrieval | "
+             "head agreement | verdict |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for t in result["recipes"]:
         if "error" in t:
-            lines.append(f"| {t['recipe']} | | | | | | | | | | | | {t['error']} |")
+            lines.append(f"| {t['recipe']} | | | | | | | | | | | | | {t['error']} |")
             continue
         f = t.get("fidelity")
         g = f["gates"] if f else {}
         cell = lambda k, fmt: "undefined" if k in g and g[k]["value"] is None else (
             format(g[k]["value"], fmt) if k in g else "–")
         lines.append(
-            f"| {t['recipe']} | {t['bytes'] / 2**20:.1f} | {t['invoke_median_s']:.3f} | {t['latency_vs_plain_int8']:.2f}x | "
+            f"| {t['recipe']} | {t['bytes'] / 2**20:.1f} | {delegated(t)} | {t['invoke_median_s']:.3f} | "
+            f"{t['latency_vs_plain_int8']:.2f}x | "
             f"{a76(t)} | "
             f"{cell('centred_cosine_p1', '.4f')} | {cell('head_view_delta_p99', '.3f')} | {cell('sqnr_db_p1', '.2f')} | "
             f"{cell('top10_overlap_mean', '.3f')} | {cell('self_retrieval', '.3f')} | {cell('head_agreement', '.3f')} | "

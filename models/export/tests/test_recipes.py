@@ -58,7 +58,7 @@ class Recipes(unittest.TestCase):
         self.assertIn("No recipe passes the gates", text)
         self.assertIn("**int8-plain**", text)
         self.assertIn("not judged: 40.00x", text)
-        self.assertIn("| int8-plain | 1.0 | 0.100 | 1.00x | – | – | 0.5000 |", text)
+        self.assertIn("| int8-plain | 1.0 | – | 0.100 | 1.00x | – | – | 0.5000 |", text)
 
     def test_squares_are_rewritten_as_multiplications_with_the_same_values(self):
         import tensorflow as tf
@@ -212,6 +212,14 @@ class CostModel(unittest.TestCase):
         ratio = fp32["seconds"] / int8["seconds"]
         self.assertTrue(2.0 <= ratio <= 3.0, ratio)
         self.assertIn("estimate", fp32["target"])
+
+    def test_delegation_counts_xnnpack_partitions(self):
+        from dermedge_export.runner import delegation
+        path = Path(tempfile.mkdtemp()) / "conv.tflite"
+        path.write_bytes(self.conv_model(False))
+        d = delegation(path, threads=1)
+        self.assertEqual((d["partitions"], d["outside"]), (1, {}))
+        self.assertGreaterEqual(d["nodes"], 1)
 
 
 if __name__ == "__main__":
