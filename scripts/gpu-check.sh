@@ -7,8 +7,9 @@
 #   scripts/gpu-check.sh        (after cargo build --release -p dermedge-cli and the runtime fetch)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-lib="$PWD/.cache/litert/2.1.4/$(uname -m)-unknown-linux-gnu"
-export DERMEDGE_LITERT_LIB="$lib/libLiteRt.so" LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}"
+source scripts/litert-env.sh "$(uname -m)-unknown-linux-gnu"   # the runtime version from its lock
+lib="$(dirname "$DERMEDGE_LITERT_LIB")"
+export LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}"
 # The WebGPU accelerator needs the Vulkan loader; where the machine has the GPU driver but not the
 # loader, .cache/vulkan/ may hold Debian's libvulkan.so.1 (apt-get download libvulkan1).
 if [[ -e .cache/vulkan/libvulkan.so.1 ]]; then
