@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import platform
 import shutil
 import subprocess
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,6 +29,7 @@ import tensorflow as tf
 from . import correction, costmodel
 from .errors import ExportError
 from .manifest import Preprocessing, sha256, write_manifest
+from .options import ROOT
 from .runner import delegation, run_tflite
 
 GATE_KEYS = ("centred_cosine_p1", "head_view_delta_p99", "sqnr_db_p1", "top10_overlap_mean", "self_retrieval",
@@ -257,8 +261,20 @@ def recipes(ctx: Context) -> list[Recipe]:
     ]
 
 
+def runtime_env() -> dict:
+    """The environment for the dermedge binary: a release build searches no build-tree path for
+    its runtime, so point it at the pinned one in the repository cache (what
+    scripts/litert-env.sh does) unless the caller already chose one."""
+    env = dict(os.environ)
+    if "DERMEDGE_LITERT_LIB" not in env:
+        lock = tomllib.loads((ROOT / "scripts" / "litert-runtime.lock").read_text())
+        target = f"{platform.machine()}-unknown-linux-gnu"
+        env["DERMEDGE_LITERT_LIB"] = str(ROOT / ".cache" / "litert" / lock["version"] / target / "libLiteRt.so")
+    return env
+
+
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, env=runtime_env())
 
 
 def bench(ctx: Context, manifest: Path) -> dict:
