@@ -100,9 +100,44 @@ fn embed_all(
     Ok((kept, out))
 }
 
+/// The gated head: k-means clusters of the reference embeddings (k = n/8, 2 to 8), one seed.
 fn kmeans_head(model_id: &str, reference: &[Vec<f32>]) -> Result<LinearHead> {
+    let k = (reference.len() / 8).clamp(2, 8);
+    kmeans_head_with(model_id, reference, k, 0x5eed)
+}
+
+/// k-means heads at k = 2, 4, 8 (as far as n/4 allows) and three seeds each, plus `given` (a
+/// trained head), for the reported ensemble agreement.
+fn head_ensemble(
+    model_id: &str,
+    reference: &[Vec<f32>],
+    candidate: &[Vec<f32>],
+    given: Option<&LinearHead>,
+) -> Result<dermedge_fidelity::HeadEnsemble> {
+    let mut heads = Vec::new();
+    for k in [2, 4, 8].into_iter().filter(|&k| k * 4 <= reference.len()) {
+        for seed in [1u64, 2, 3] {
+            let head = kmeans_head_with(model_id, reference, k, seed)?;
+            heads.push(dermedge_fidelity::head_agreement(
+                reference, candidate, &head,
+            ));
+        }
+    }
+    if let Some(head) = given {
+        heads.push(dermedge_fidelity::head_agreement(
+            reference, candidate, head,
+        ));
+    }
+    Ok(dermedge_fidelity::HeadEnsemble::new(heads))
+}
+
+fn kmeans_head_with(
+    model_id: &str,
+    reference: &[Vec<f32>],
+    k: usize,
+    seed: u64,
+) -> Result<LinearHead> {
     let n = reference.len();
-    let k = (n / 8).clamp(2, 8);
     // Cluster on L2-normalised, centred embeddings: the shared component would dominate otherwise.
     let normed: Vec<Vec<f32>> = reference
         .iter()
@@ -119,10 +154,15 @@ fn kmeans_head(model_id: &str, reference: &[Vec<f32>]) -> Result<LinearHead> {
         .iter()
         .map(|v| v.iter().zip(&mean).map(|(a, m)| a - m).collect())
         .collect();
-    let labels = kmeans(&centred, k, 0x5eed, 100);
+    let labels = kmeans(&centred, k, seed, 100);
     let classes = (0..k).map(|c| format!("cluster-{c}")).collect();
+    let name = if seed == 0x5eed {
+        format!("kmeans-{k}")
+    } else {
+        format!("kmeans-{k}-seed-{seed}")
+    };
     let head = train_softmax(
-        &format!("kmeans-{k}"),
+        &name,
         model_id,
         reference,
         &labels,
@@ -199,16 +239,23 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         candidate: sets.pop().unwrap(),
         reference: sets.pop().unwrap(),
     };
+    let given = head.is_some();
     let head = match head {
         Some(h) => h,
         None => kmeans_head(&reference.model.id, &embedded.reference)?,
     };
-    let comparison = compare_named(
+    let mut comparison = compare_named(
         &embedded.reference,
         &embedded.candidate,
         &embedded.files,
         Some(&head),
     )?;
+    comparison.head_ensemble = Some(head_ensemble(
+        &reference.model.id,
+        &embedded.reference,
+        &embedded.candidate,
+        given.then_some(&head),
+    )?);
     let noise = compare_named(
         &embedded.reference,
         &embedded.noise,
@@ -294,6 +341,14 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         comparison.top10_overlap_chance,
         comparison.self_retrieval
     );
+    if let Some(e) = &comparison.head_ensemble {
+        println!(
+            "  head ensemble ({} heads, not gated): top-1 agreement min {:.3}, mean {:.3}",
+            e.heads.len(),
+            e.min_top1_agreement,
+            e.mean_top1_agreement
+        );
+    }
     for w in &comparison.worst_centred_cosine {
         println!("  worst centred cosine: {:.4} {}", w.value, w.image);
     }

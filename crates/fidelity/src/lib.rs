@@ -27,7 +27,9 @@ pub mod report;
 pub mod stats;
 
 pub use gates::{GateResult, Gates};
-pub use metrics::{compare, compare_named, Comparison, HeadAgreement, WorstImage};
+pub use metrics::{
+    compare, compare_named, head_agreement, Comparison, HeadAgreement, HeadEnsemble, WorstImage,
+};
 pub use stats::{Interval, Summary};
 
 #[derive(Debug, thiserror::Error)]

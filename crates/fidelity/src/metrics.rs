@@ -62,6 +62,80 @@ pub struct HeadAgreement {
     pub degenerate: bool,
 }
 
+/// Top-1 agreements of several heads on the same images: k-means heads at several k and seeds
+/// (and any trained head given), so one unlucky clustering cannot make or break the number.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeadEnsemble {
+    pub heads: Vec<HeadAgreement>,
+    /// Over the heads that are not degenerate (NaN when all are).
+    pub min_top1_agreement: f64,
+    pub mean_top1_agreement: f64,
+}
+
+impl HeadEnsemble {
+    pub fn new(heads: Vec<HeadAgreement>) -> Self {
+        let useful: Vec<f64> = heads
+            .iter()
+            .filter(|h| !h.degenerate)
+            .map(|h| h.top1_agreement)
+            .collect();
+        let (min, mean) = if useful.is_empty() {
+            (f64::NAN, f64::NAN)
+        } else {
+            (
+                useful.iter().cloned().fold(f64::INFINITY, f64::min),
+                useful.iter().sum::<f64>() / useful.len() as f64,
+            )
+        };
+        Self {
+            heads,
+            min_top1_agreement: min,
+            mean_top1_agreement: mean,
+        }
+    }
+}
+
+/// How far `head`'s answers on `candidate` embeddings follow its answers on `reference` ones.
+pub fn head_agreement(
+    reference: &[Vec<f32>],
+    candidate: &[Vec<f32>],
+    h: &LinearHead,
+) -> HeadAgreement {
+    let n = reference.len().max(1);
+    let pr: Vec<Vec<f32>> = reference.iter().map(|v| h.predict(v)).collect();
+    let pc: Vec<Vec<f32>> = candidate.iter().map(|v| h.predict(v)).collect();
+    let agree = pr
+        .iter()
+        .zip(&pc)
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count() as f64
+        / n as f64;
+    let change: Vec<f64> = pr
+        .iter()
+        .zip(&pc)
+        .map(|(a, b)| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs() as f64)
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    let mut counts = vec![0usize; h.classes.len()];
+    for p in &pr {
+        counts[argmax(p)] += 1;
+    }
+    let share = *counts.iter().max().unwrap_or(&0) as f64 / n as f64;
+    HeadAgreement {
+        head: h.name.clone(),
+        classes: h.classes.len(),
+        top1_agreement: agree,
+        max_probability_change: change.iter().cloned().fold(0.0, f64::max),
+        probability_change: Summary::of(&change),
+        reference_top_class_share: share,
+        degenerate: share > DEGENERATE_HEAD_SHARE,
+    }
+}
+
 /// One image named in a worst-images list.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WorstImage {
@@ -106,6 +180,9 @@ pub struct Comparison {
     pub top10_overlap_chance: f64,
     pub pairwise_similarity_spearman: f64,
     pub head: Option<HeadAgreement>,
+    /// Several heads' agreements, reported beside the gated `head` (set by the caller that
+    /// trains them; `None` from [`compare`]).
+    pub head_ensemble: Option<HeadEnsemble>,
     /// Percentile-bootstrap confidence intervals ([`crate::stats::bootstrap_percentile`]) of every
     /// per-image distribution's p1 and p99, keyed like the gates: `centred_cosine_p1`,
     /// `head_view_delta_p99`, `sqnr_db_p1`, ...
@@ -362,40 +439,7 @@ pub fn compare_named(
         .filter(|(_, v)| **v > 0.0)
         .fold(0f64, |m, (b, v)| m.max(b.abs() / v.sqrt()));
 
-    let head = head.map(|h| {
-        let pr: Vec<Vec<f32>> = reference.iter().map(|v| h.predict(v)).collect();
-        let pc: Vec<Vec<f32>> = candidate.iter().map(|v| h.predict(v)).collect();
-        let agree = pr
-            .iter()
-            .zip(&pc)
-            .filter(|(a, b)| argmax(a) == argmax(b))
-            .count() as f64
-            / n as f64;
-        let change: Vec<f64> = pr
-            .iter()
-            .zip(&pc)
-            .map(|(a, b)| {
-                a.iter()
-                    .zip(b)
-                    .map(|(x, y)| (x - y).abs() as f64)
-                    .fold(0.0, f64::max)
-            })
-            .collect();
-        let mut counts = vec![0usize; h.classes.len()];
-        for p in &pr {
-            counts[argmax(p)] += 1;
-        }
-        let share = *counts.iter().max().unwrap_or(&0) as f64 / n as f64;
-        HeadAgreement {
-            head: h.name.clone(),
-            classes: h.classes.len(),
-            top1_agreement: agree,
-            max_probability_change: change.iter().cloned().fold(0.0, f64::max),
-            probability_change: Summary::of(&change),
-            reference_top_class_share: share,
-            degenerate: share > DEGENERATE_HEAD_SHARE,
-        }
-    });
+    let head = head.map(|h| head_agreement(reference, candidate, h));
     if let Some(h) = &head {
         if h.degenerate {
             log::warn!(
@@ -424,6 +468,7 @@ pub fn compare_named(
         top10_overlap_chance: k as f64 / (n - 1) as f64,
         pairwise_similarity_spearman: spearman(&pairs_r, &pairs_c),
         head,
+        head_ensemble: None,
         confidence_intervals: confidence_intervals(&per),
         worst_centred_cosine: worst(&per.centred_cosine, names, true),
         worst_head_view_delta: worst(&per.head_view_delta, names, false),
@@ -877,5 +922,29 @@ mod tests {
         // The same inputs give the same intervals.
         let again = compare_named(&s.reference, &c, &names, None).unwrap();
         assert_eq!(again.confidence_intervals, cmp.confidence_intervals);
+    }
+
+    #[test]
+    fn the_head_ensemble_leaves_degenerate_heads_out_of_its_min_and_mean() {
+        let agreement = |top1: f64, degenerate: bool| HeadAgreement {
+            head: format!("h{top1}"),
+            classes: 2,
+            top1_agreement: top1,
+            max_probability_change: 0.0,
+            probability_change: Summary::of(&[0.0]),
+            reference_top_class_share: if degenerate { 0.95 } else { 0.5 },
+            degenerate,
+        };
+        let e = HeadEnsemble::new(vec![
+            agreement(0.9, false),
+            agreement(0.7, false),
+            agreement(0.1, true),
+        ]);
+        assert_eq!(e.heads.len(), 3);
+        assert_eq!(e.min_top1_agreement, 0.7);
+        assert!((e.mean_top1_agreement - 0.8).abs() < 1e-12);
+        assert!(HeadEnsemble::new(vec![agreement(0.5, true)])
+            .mean_top1_agreement
+            .is_nan());
     }
 }

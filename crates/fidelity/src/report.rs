@@ -264,6 +264,26 @@ pub fn markdown(r: &Report<'_>) -> String {
             if h.degenerate { " — **degenerate head: agreement says little**" } else { "" }
         );
     }
+    if let Some(e) = &c.head_ensemble {
+        let _ = writeln!(
+            md,
+            "\n## Head ensemble ({} heads, reported, not gated)\n\nTop-1 agreement over the heads that are not degenerate: min {:.4}, mean {:.4}.\n\n| head | classes | top-1 agreement | most frequent class |\n|---|---:|---:|---:|",
+            e.heads.len(),
+            e.min_top1_agreement,
+            e.mean_top1_agreement
+        );
+        for h in &e.heads {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.4} | {:.0}%{} |",
+                h.head,
+                h.classes,
+                h.top1_agreement,
+                h.reference_top_class_share * 100.0,
+                if h.degenerate { " (degenerate)" } else { "" }
+            );
+        }
+    }
     let d = &c.per_dimension;
     let _ = writeln!(
         md,
