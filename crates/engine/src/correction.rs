@@ -98,6 +98,11 @@ fn npy_limit(dim: usize) -> u64 {
 }
 
 fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    // Not a FIFO or a device, which could block or never end.
+    let kind = std::fs::metadata(path).map_err(|e| format!("cannot open: {e}"))?;
+    if !kind.is_file() {
+        return Err("not a regular file".into());
+    }
     let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let mut bytes = Vec::new();
     file.take(limit + 1)

@@ -29,9 +29,15 @@ def apply(candidate: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.nd
     return candidate * scale + offset
 
 
+# The largest |scale| or |offset| dermedge's engine accepts (crates/engine/src/correction.rs).
+MAX_MAGNITUDE = 1.0e6
+
+
 def write(path: Path, scale: np.ndarray, offset: np.ndarray) -> Path:
     if not (np.isfinite(scale).all() and np.isfinite(offset).all()):
         raise ValueError("the fitted correction is not finite")
+    if max(np.abs(scale).max(), np.abs(offset).max()) > MAX_MAGNITUDE:
+        raise ValueError(f"the fitted correction exceeds {MAX_MAGNITUDE:g}, which dermedge refuses")
     with open(path, "wb") as f:
         np.save(f, np.stack([scale, offset]).astype("<f4"), allow_pickle=False)
     return path

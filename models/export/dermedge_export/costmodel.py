@@ -34,7 +34,7 @@ GEMM_MACS_PER_CYCLE = {"float32": 8 * 0.75, "int8": 32 * 0.55, "dynamic-int8": 3
 DEPTHWISE_MACS_PER_CYCLE = {"float32": 4.0, "int8": 8.0, "dynamic-int8": 8.0, "int16": 0.4}
 # Elements per cycle per core for everything else (adds, activations, pooling, (de)quantising).
 ELEMENTS_PER_CYCLE = {"float32": 1.0, "int8": 2.0, "dynamic-int8": 1.0, "int16": 0.1}
-GEMM_OPS = {"CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV"}
+GEMM_OPS = {"CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL"}
 DEPTHWISE_OPS = {"DEPTHWISE_CONV_2D"}
 
 
@@ -62,8 +62,14 @@ def arithmetic(op_name: str, activation_types: set[str], weight_types: set[str])
     return "float32"
 
 
-def estimate(flatbuffer: bytes, threads: int = 2) -> dict:
-    """Estimated seconds per invoke on `threads` Cortex-A76 cores, with the work per arithmetic."""
+# TFLite's reference kernels, for the nodes XNNPACK leaves outside its partitions.
+REFERENCE_SLOWDOWN = 10.0
+
+
+def estimate(flatbuffer: bytes, threads: int = 2, outside: set[str] = frozenset()) -> dict:
+    """Estimated seconds per invoke on `threads` Cortex-A76 cores, with the work per arithmetic.
+    Nodes of the op types in `outside` (those XNNPACK leaves to TFLite, runner.delegation) are
+    costed at the reference kernels' speed."""
     model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
     sg = model.subgraphs[0]
     has_data = [b.data is not None and len(b.data) > 0 for b in model.buffers]
@@ -96,6 +102,8 @@ def estimate(flatbuffer: bytes, threads: int = 2) -> dict:
         else:
             in_elements = sum(_elements(sg.tensors[i]) for i in inputs if i not in constant)
             seconds = (in_elements + out_elements) / (ELEMENTS_PER_CYCLE[kind] * CLOCK_HZ)
+        if name in outside:
+            seconds *= REFERENCE_SLOWDOWN
         costs.append(OpCost(name, kind, macs, out_elements, seconds))
     total = sum(c.seconds for c in costs) / max(threads, 1)
     by_kind: dict[str, dict] = {}

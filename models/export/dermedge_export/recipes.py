@@ -100,7 +100,9 @@ def augmented(samples: list) -> list:
     activation statistics (skin has no canonical orientation)."""
     out = []
     for x in samples:
-        out += [x, x[:, :, ::-1, :].copy(), x[:, ::-1, :, :].copy(), np.rot90(x, axes=(1, 2)).copy()]
+        out += [x, x[:, :, ::-1, :].copy(), x[:, ::-1, :, :].copy()]
+        if x.shape[1] == x.shape[2]:  # a rotation of a non-square input is another shape
+            out.append(np.rot90(x, axes=(1, 2)).copy())
     return out
 
 
@@ -303,11 +305,13 @@ def side_by_side(ctx: Context, manifest: Path, plain: Path, rounds: int = 2) -> 
 
 
 def fidelity(ctx: Context, manifest: Path, images: Path, report: Path) -> dict:
+    # A report left by an earlier run must never be read as this one's verdict.
+    shutil.rmtree(report, ignore_errors=True)
     cmd = [ctx.dermedge, "fidelity", "--threads", str(ctx.threads), "--reference", str(ctx.fp32_manifest),
            "--candidate", str(manifest), "--images", str(images), "--report", str(report)]
     done = _run(cmd)
     path = report / "report.json"
-    if not path.is_file():
+    if done.returncode not in (0, 1) or not path.is_file():
         raise ExportError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
     data = json.loads(path.read_text())
     gates = {g["gate"]: {"value": g["value"], "pass": g["pass"], "min": g.get("min"), "max": g.get("max")}
@@ -323,6 +327,7 @@ TOO_SLOW_TO_JUDGE = 8.0
 def search(ctx: Context) -> dict:
     work = ctx.out / "recipes"
     work.mkdir(parents=True, exist_ok=True)
+    remove_faithful(ctx)
     tried = []
     plain_manifest = None  # the first recipe's (the plain export's) manifest
     plain_estimate = None
@@ -338,10 +343,18 @@ def search(ctx: Context) -> dict:
             tried.append(entry)
             ctx.progress(f"[{ctx.name}] recipe {recipe.name}: {entry['error']}")
             continue
-        tflite, manifest = write_recipe(ctx, recipe, model, work, entry)
-        entry["convert_s"] = round(time.time() - started, 1)
-        entry["delegation"] = delegation(tflite, ctx.threads)
-        estimate = costmodel.estimate(model, ctx.threads)
+        try:
+            tflite, manifest = write_recipe(ctx, recipe, model, work, entry)
+            entry["convert_s"] = round(time.time() - started, 1)
+            entry["delegation"] = delegation(tflite, ctx.threads)
+            estimate = costmodel.estimate(model, ctx.threads, outside=set(entry["delegation"]["outside"]))
+        except Exception as e:  # one recipe that cannot be written or read back ends only itself
+            if recipe.name == "int8-plain":
+                raise
+            entry["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+            tried.append(entry)
+            ctx.progress(f"[{ctx.name}] recipe {recipe.name}: {entry['error']}")
+            continue
         plain_estimate = plain_estimate or estimate["seconds"]
         entry["a76_estimate"] = estimate
         entry["a76_vs_plain_int8"] = round(estimate["seconds"] / plain_estimate, 3)
@@ -372,11 +385,21 @@ def search(ctx: Context) -> dict:
               "dermedge": ctx.dermedge, "recipes": tried, **choose(tried)}
     chosen = next((t for t in tried if t["recipe"] == result["chosen"]), None)
     if chosen:
-        faithful = keep_faithful(ctx, work, chosen)
-        result["faithful"] = faithful.name
+        held_out = None
         if ctx.holdout:
             ctx.progress(f"[{ctx.name}] chosen {chosen['recipe']}: fidelity on the held-out {ctx.holdout}")
-            result["holdout"] = fidelity(ctx, faithful, ctx.holdout, ctx.out / f"fidelity-{faithful.stem}-holdout")
+            held_out = fidelity(ctx, work / f"{ctx.name}.{chosen['recipe']}.toml", ctx.holdout,
+                                ctx.out / f"fidelity-{chosen['recipe']}-holdout")
+            result["holdout"] = held_out
+        if held_out is None or held_out["verdict"] == "PASS":
+            selection = ("the fastest recipe passing the gates, over the latency budget "
+                         f"({chosen['a76_vs_plain_int8']:.2f}x the plain int8 export on the Cortex-A76 estimate)"
+                         if result.get("over_budget") else "the fastest recipe passing the gates within the latency budget")
+            faithful = keep_faithful(ctx, work, chosen, selection)
+            result["faithful"] = faithful.name
+        else:
+            result["faithful"] = None
+            result["chosen_failed_holdout"] = True
     (ctx.out / f"{ctx.name}.recipes.json").write_text(json.dumps(result, indent=1) + "\n")
     (ctx.out / f"{ctx.name}.recipes.md").write_text(markdown(ctx.name, result))
     return result
@@ -411,7 +434,7 @@ def make_faithful(ctx: Context, name: str) -> Path:
     ctx.progress(f"[{ctx.name}] faithful recipe {name}: converting")
     entry = {"recipe": recipe.name, "precision": recipe.precision}
     write_recipe(ctx, recipe, recipe.convert(), work, entry)
-    return keep_faithful(ctx, work, entry)
+    return keep_faithful(ctx, work, entry, f"recipe {name}, as the registry names it (faithful_recipe)")
 
 
 def choose(tried: list[dict]) -> dict:
@@ -429,9 +452,16 @@ def choose(tried: list[dict]) -> dict:
     return {"chosen": None, "best_tradeoff": best and best["recipe"]}
 
 
-def keep_faithful(ctx: Context, work: Path, chosen: dict) -> Path:
-    """Copy the chosen recipe's files to `<name>.<precision>-faithful.*` (its correction too);
-    returns the manifest."""
+def remove_faithful(ctx: Context):
+    for old in ctx.out.glob(f"{ctx.name}.*-faithful.*"):
+        old.unlink()
+
+
+def keep_faithful(ctx: Context, work: Path, chosen: dict, selection: str) -> Path:
+    """Copy the chosen recipe's files to `<name>.<precision>-faithful.*` (its correction too),
+    saying in its provenance how it was chosen; returns the manifest. Earlier faithful exports
+    of the model are removed first: exactly one is current."""
+    remove_faithful(ctx)
     stem = f"{ctx.name}.{chosen['precision']}-faithful"
     source = f"{ctx.name}.{chosen['recipe']}"
     text = (work / f"{source}.toml").read_text()
@@ -439,6 +469,8 @@ def keep_faithful(ctx: Context, work: Path, chosen: dict) -> Path:
         if (work / f"{source}.{ext}").is_file():
             shutil.copy(work / f"{source}.{ext}", ctx.out / f"{stem}.{ext}")
             text = text.replace(f'file = "{source}.{ext}"', f'file = "{stem}.{ext}"')
+    # [provenance] is the manifest's last table (manifest.write_manifest).
+    text = text.rstrip("\n") + f"\nselection = {json.dumps(selection)}\n"
     faithful = ctx.out / f"{stem}.toml"
     faithful.write_text(text)
     return faithful

@@ -23,6 +23,11 @@ class Recipes(unittest.TestCase):
         self.assertEqual(recipes.worst_layers(csv, 2), ["worst", "second"])
         self.assertEqual(recipes.worst_layers(csv, 10), ["worst", "second", "big-absolute-small-relative"])
 
+    def test_a_non_square_input_is_flipped_but_not_rotated(self):
+        x = np.zeros((1, 4, 6, 3), dtype=np.float32)
+        out = recipes.augmented([x])
+        self.assertEqual([a.shape for a in out], [x.shape] * 3)
+
     def test_augmented_calibration_keeps_shape_and_adds_flips_and_rotation(self):
         x = np.arange(1 * 4 * 4 * 3, dtype=np.float32).reshape(1, 4, 4, 3)
         out = recipes.augmented([x, x + 1])
@@ -179,6 +184,8 @@ class Correction(unittest.TestCase):
             correction.fit_affine(candidate, reference[:, :2])
         with self.assertRaises(ValueError):
             correction.write(Path(tempfile.mkdtemp()) / "c.npy", np.array([np.nan], np.float32), scale[:1])
+        with self.assertRaisesRegex(ValueError, "refuses"):
+            correction.write(Path(tempfile.mkdtemp()) / "c.npy", np.array([2e6], np.float32), scale[:1])
 
 
 class CostModel(unittest.TestCase):

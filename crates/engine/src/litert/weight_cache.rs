@@ -2,12 +2,13 @@
 //!
 //! On a warm start XNNPACK maps its packed weights from the cache instead of the model file, so
 //! the cache is what must be intact. Once LiteRT has written it, a CRC-32 of the whole file is
-//! recorded next to it (`<cache>.crc32`). Each later start maps the cache and sums it once
+//! recorded next to it (`<cache>.crc32`). Each later start reads the cache through once
 //! (CRC-32 runs at memory speed, well below the sha256 the model's manifest pins) and compares:
 //! a mismatch, or a cache without its record (a crash while it was written, or an earlier
 //! release), removes the cache so LiteRT packs the weights afresh from the verified model.
 
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// What [`prepare`] found.
@@ -25,19 +26,23 @@ fn record_path(cache: &Path) -> PathBuf {
     PathBuf::from(path)
 }
 
-/// CRC-32 and length of a file. The file is mapped (pre-faulted) rather than read: a start
-/// checks hundreds of MB this way, and a read would first copy every byte into a buffer. The
-/// mapping is gone before LiteRT maps the cache itself.
+/// CRC-32 and length of a file, read in large chunks. (Not mapped: another process rebuilding
+/// the cache could truncate it under a mapping, which would kill this one with SIGBUS; a read
+/// only sees a mismatch.)
 fn checksum(path: &Path) -> std::io::Result<(u32, u64)> {
-    let file = fs::File::open(path)?;
-    let length = file.metadata()?.len();
-    if length == 0 {
-        return Ok((crc32fast::hash(&[]), 0));
+    let mut file = fs::File::open(path)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buffer = vec![0u8; 8 << 20];
+    let mut length = 0u64;
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        length += n as u64;
     }
-    // SAFETY: a read-only mapping of the cache, which only dermedge's own LiteRT writes (before
-    // it is sealed); it is read here and dropped before this function returns.
-    let bytes = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
-    Ok((crc32fast::hash(&bytes), bytes.len() as u64))
+    Ok((hasher.finalize(), length))
 }
 
 fn record_text(crc: u32, length: u64) -> String {
