@@ -13,7 +13,7 @@ threads="${THREADS:-2}"
 runs="${RUNS:-5}"
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked -q -p dermedge-cli
-source scripts/litert-env.sh
+source scripts/litert-env.sh ""   # "": the host (not this script's own arguments)
 bin=./target/release/dermedge
 "$bin" models build "$model" >&2
 dir=".cache/models/$model"

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 what="${1:-all}"
 cargo build --release --locked -q -p dermedge-cli
-source scripts/litert-env.sh
+source scripts/litert-env.sh ""   # "": the host (not this script's own arguments)
 bin=target/release/dermedge
 dir="${DERMEDGE_BENCH_DIR:-.cache/bench}"
 echo "machine: $(uname -m), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), storage of $dir: $(df -T "$(dirname "$dir")" | awk 'NR==2{print $2}')"

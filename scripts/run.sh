@@ -9,7 +9,7 @@ cd "$root"
 scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked -p dermedge-cli
-source scripts/litert-env.sh
+source scripts/litert-env.sh ""   # "": the host (not this script's own arguments)
 bin=./target/release/dermedge
 out=out/x86-dev
 mkdir -p "$out/heads"
