@@ -383,3 +383,66 @@ fn the_verdict_is_recorded_in_the_manifest_and_config_check_warns_on_fail() {
         "{err}"
     );
 }
+
+/// The export the registry ships for lesion-x448 (`<name>.<precision>-faithful.toml`, built by
+/// `dermedge models build lesion-x448` from the registry's `faithful_recipe` and judged there on
+/// the wide evaluation set) passes the unchanged default gates on images the recipe search never
+/// saw, and its report shows the head-view metrics and names the worst images.
+#[test]
+fn the_faithful_export_passes_the_default_gates_on_unseen_images() {
+    let Some(dir) = built("lesion-x448") else {
+        return;
+    };
+    let faithful: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("-faithful.toml"))
+        .collect();
+    assert_eq!(
+        faithful.len(),
+        1,
+        "one faithful export in {}",
+        dir.display()
+    );
+    let candidate = &faithful[0];
+    let recorded = fs::read_to_string(candidate).unwrap();
+    assert!(
+        recorded.contains("[fidelity]") && recorded.contains("verdict = \"pass\""),
+        "the build records a pass in {}:\n{recorded}",
+        candidate.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("faithful");
+    let unseen = root().join(".cache/models/images/unseen");
+    let (ok, stdout, stderr) = fidelity(&[
+        "--reference",
+        dir.join("lesion-x448.fp32.toml").to_str().unwrap(),
+        "--candidate",
+        candidate.to_str().unwrap(),
+        "--images",
+        unseen.to_str().unwrap(),
+        "--report",
+        out.to_str().unwrap(),
+    ]);
+    let r = report(&out);
+    assert!(ok && r["verdict"] == "PASS", "{stdout}\n{stderr}");
+    let gates: Vec<&str> = r["gates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["gate"].as_str().unwrap())
+        .collect();
+    assert!(
+        gates.contains(&"centred_cosine_p1") && gates.contains(&"head_view_delta_p99"),
+        "{gates:?}"
+    );
+    let md = fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("head_view_delta"), "{md}");
+    let worst = r["comparison"]["worst_centred_cosine"].as_array().unwrap();
+    assert_eq!(worst.len(), 5, "{worst:?}");
+    assert!(worst[0]["image"].as_str().unwrap().ends_with(".png"));
+    // k-means heads at k = 2, 4, 8 and three seeds each, reported beside the gated head.
+    let ensemble = &r["comparison"]["head_ensemble"];
+    assert_eq!(ensemble["heads"].as_array().unwrap().len(), 9, "{ensemble}");
+    assert!(md.contains("## Head ensemble"), "{md}");
+}

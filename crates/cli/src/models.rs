@@ -133,7 +133,63 @@ pub fn run(command: &ModelsCommand) -> Result<()> {
                     Err(why) => bail!("{}: {why}", dir.join(file).display()),
                 }
             }
+            for file in model.files.keys().filter(|f| f.ends_with(FAITHFUL_SUFFIX)) {
+                let manifest = dir.join(file.replace(".tflite", ".toml"));
+                record_fidelity(&cache, &dir.join(format!("{name}.fp32.toml")), &manifest)?;
+            }
             Ok(())
         }
+    }
+}
+
+/// The export a registry model ships to devices: `<name>.<precision>-faithful.tflite`.
+const FAITHFUL_SUFFIX: &str = "-faithful.tflite";
+/// How `dermedge fidelity` names the default gates in a recorded verdict.
+const BUILT_IN_GATES: &str = "built-in gates";
+
+/// Judge a faithful export against its fp32 reference on the wide evaluation set and record the
+/// verdict in its manifest (`dermedge fidelity --record`), unless a pass is recorded already. A
+/// failing verdict fails the build: that export is what devices would be told to ship.
+fn record_fidelity(cache: &Path, reference: &Path, candidate: &Path) -> Result<()> {
+    let manifest = dermedge_core::ModelManifest::load(candidate)?;
+    let images = cache.join("images/evaluation-wide");
+    // A pass counts only as this build would record it: the default gates, the wide set.
+    if manifest.fidelity.as_ref().is_some_and(|f| {
+        f.verdict == dermedge_core::FidelityVerdict::Pass
+            && f.gates == BUILT_IN_GATES
+            && f.images.ends_with(&images.display().to_string())
+    }) {
+        println!("{}: fidelity pass already recorded", candidate.display());
+        return Ok(());
+    }
+    let report = candidate.with_extension("fidelity");
+    let exe = std::env::current_exe().context("cannot find the running dermedge binary")?;
+    let status = Command::new(&exe)
+        .arg("fidelity")
+        .arg("--reference")
+        .arg(reference)
+        .arg("--candidate")
+        .arg(candidate)
+        .arg("--images")
+        .arg(&images)
+        .arg("--report")
+        .arg(&report)
+        .arg("--record")
+        .status()
+        .with_context(|| format!("cannot run {}", exe.display()))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(1) => bail!(
+            "{}: the faithful export fails the fidelity gates on {} (report in {}); \
+             it must not be shipped",
+            candidate.display(),
+            images.display(),
+            report.display()
+        ),
+        _ => bail!(
+            "{}: could not be judged on {} ({status}; the error is above)",
+            candidate.display(),
+            images.display()
+        ),
     }
 }

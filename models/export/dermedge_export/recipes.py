@@ -468,7 +468,7 @@ def keep_faithful(ctx: Context, work: Path, chosen: dict, selection: str) -> Pat
     for ext in ("tflite", "correction.npy"):
         if (work / f"{source}.{ext}").is_file():
             shutil.copy(work / f"{source}.{ext}", ctx.out / f"{stem}.{ext}")
-            text = text.replace(f'file = "{source}.{ext}"', f'file = "{stem}.{ext}"')
+            text = text.replace(f'"{source}.{ext}"', f'"{stem}.{ext}"').replace(f" {source}.{ext} ", f" {stem}.{ext} ")
     # [provenance] is the manifest's last table (manifest.write_manifest).
     text = text.rstrip("\n") + f"\nselection = {json.dumps(selection)}\n"
     faithful = ctx.out / f"{stem}.toml"
