@@ -402,7 +402,55 @@ def search(ctx: Context) -> dict:
             result["chosen_failed_holdout"] = True
     (ctx.out / f"{ctx.name}.recipes.json").write_text(json.dumps(result, indent=1) + "\n")
     (ctx.out / f"{ctx.name}.recipes.md").write_text(markdown(ctx.name, result))
+    (ctx.out / f"{ctx.name}.frontier.svg").write_text(frontier_svg(ctx.name, result))
     return result
+
+
+def frontier_svg(name: str, result: dict) -> str:
+    """Fidelity against latency for every judged recipe: head-view δ p99 (log scale; the gate at
+    0.33) over the Cortex-A76 estimate relative to the plain int8 export (the budget marked)."""
+    points = [(t["recipe"], t["a76_vs_plain_int8"], t["fidelity"]["gates"]["head_view_delta_p99"]["value"],
+               t["fidelity"]["verdict"]) for t in result["recipes"]
+              if t.get("fidelity") and "a76_vs_plain_int8" in t
+              and (t["fidelity"]["gates"].get("head_view_delta_p99") or {}).get("value")]
+    width, height, left, bottom, top, right = 720, 420, 70, 50, 30, 190
+    xs = [p[1] for p in points] + [result["latency_budget"], 1.0]
+    x_max = max(xs) * 1.1
+    y_lo, y_hi = -3.0, 1.0  # log10 of δ: 0.001 to 10
+
+    def x(v):
+        return left + (width - left - right) * v / x_max
+
+    def y(v):
+        ly = min(max(np.log10(max(v, 1e-3)), y_lo), y_hi)
+        return top + (height - top - bottom) * (y_hi - ly) / (y_hi - y_lo)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{left}" y="18" font-size="13">{name}: fidelity against latency, every judged recipe</text>',
+           f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>']
+    for decade in range(int(y_lo), int(y_hi) + 1):
+        out.append(f'<text x="{left - 8}" y="{y(10.0 ** decade) + 4:.1f}" text-anchor="end">{10.0 ** decade:g}</text>')
+    for tick in np.linspace(0, x_max, 6):
+        out.append(f'<text x="{x(tick):.1f}" y="{height - bottom + 16}" text-anchor="middle">{tick:.1f}x</text>')
+    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">Cortex-A76 estimate, '
+               'relative to the plain int8 export</text>')
+    out.append(f'<text x="16" y="{(top + height - bottom) / 2}" transform="rotate(-90 16 {(top + height - bottom) / 2})" '
+               'text-anchor="middle">head-view δ p99 (log)</text>')
+    gate = 0.33
+    out.append(f'<line x1="{left}" y1="{y(gate):.1f}" x2="{width - right}" y2="{y(gate):.1f}" stroke="green" '
+               f'stroke-dasharray="4 3"/><text x="{width - right + 4}" y="{y(gate) + 4:.1f}" fill="green">gate δ p99 ≤ 0.33</text>')
+    budget = result["latency_budget"]
+    out.append(f'<line x1="{x(budget):.1f}" y1="{top}" x2="{x(budget):.1f}" y2="{height - bottom}" stroke="gray" '
+               f'stroke-dasharray="4 3"/><text x="{x(budget) + 4:.1f}" y="{top + 10}" fill="gray">budget {budget}x</text>')
+    for recipe, lat, delta, verdict in points:
+        colour = "green" if verdict == "PASS" else "firebrick"
+        out.append(f'<circle cx="{x(lat):.1f}" cy="{y(delta):.1f}" r="4" fill="{colour}"><title>{recipe}: '
+                   f'{lat:.2f}x, δ p99 {delta:.3f}, {verdict}</title></circle>')
+        out.append(f'<text x="{x(lat) + 6:.1f}" y="{y(delta) - 4:.1f}">{recipe}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
 
 
 def write_recipe(ctx: Context, recipe: Recipe, model: bytes, work: Path, entry: dict) -> tuple[Path, Path]:

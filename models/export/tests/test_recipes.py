@@ -155,6 +155,18 @@ class Recipes(unittest.TestCase):
         self.assertNotIn("CONV_2D", first)
         self.assertNotIn("ADD", recipes.ablation_denylist("ablation-conv-add"))
 
+    def test_the_frontier_plots_every_judged_recipe(self):
+        def entry(name, lat, delta, verdict):
+            return {"recipe": name, "a76_vs_plain_int8": lat,
+                    "fidelity": {"verdict": verdict, "gates": {"head_view_delta_p99": {"value": delta}}}}
+        svg = recipes.frontier_svg("m", {"latency_budget": 1.2, "recipes": [
+            entry("int8-plain", 1.0, 2.1, "FAIL"), entry("fp16", 2.9, 0.009, "PASS"),
+            {"recipe": "int16x8", "fidelity": None}]})
+        self.assertTrue(svg.startswith("<svg") and svg.rstrip().endswith("</svg>"))
+        self.assertEqual(svg.count("<circle"), 2)
+        self.assertIn("fp16: 2.90x", svg)
+        self.assertIn("budget 1.2x", svg)
+
 
 class Correction(unittest.TestCase):
     def test_a_per_dimension_gain_and_offset_is_recovered_and_written_for_the_engine(self):
