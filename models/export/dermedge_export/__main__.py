@@ -4,6 +4,7 @@
     python -m dermedge_export images --out DIR
     python -m dermedge_export export SAVEDMODEL --name NAME --out DIR --calibration DIR --evaluation DIR
     python -m dermedge_export build NAME            # per models/models.toml, into .cache/models/
+    python -m dermedge_export recipes-report OUT --name NAME   # re-estimate a finished search
 
 Run it through scripts/python-env.sh (or models/export/dermedge-export), which provides the
 pinned tensorflow-cpu venv.
@@ -71,6 +72,11 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", help="recipe search: comma-separated recipe names to try (default: all; the plain "
                                      "int8 export is always tried, as the timing baseline)")
 
+    p = sub.add_parser("recipes-report", help="recompute a finished search's delegation and Cortex-A76 estimates "
+                                              "from its files and rewrite its tables and frontier")
+    p.add_argument("out", type=Path, help="the search's --out directory")
+    p.add_argument("--name", required=True)
+
     p = sub.add_parser("build", help="build a registry model (models/models.toml) into the cache")
     p.add_argument("name")
     p.add_argument("--cache", type=Path, default=None)
@@ -104,6 +110,10 @@ def main(argv=None) -> int:
                 offset=args.offset, target_fidelity=target)
             from . import export
             export.export(options)
+        elif args.command == "recipes-report":
+            from . import recipes
+            recipes.refresh(args.out, args.name)
+            print(f"rewrote {args.out / (args.name + '.recipes.md')} and {args.name}.frontier.svg")
         elif args.command == "build":
             registry.build(args.name, args.cache)
     except ExportError as e:

@@ -406,6 +406,29 @@ def search(ctx: Context) -> dict:
     return result
 
 
+def refresh(out: Path, name: str, threads: int = 2) -> dict:
+    """Recompute every tried recipe's delegation and Cortex-A76 estimate from its file in
+    `out/recipes/` (after a cost-model change, say) and rewrite the search's JSON, Markdown and
+    frontier; the measured latencies and fidelity stay as the search recorded them."""
+    path = out / f"{name}.recipes.json"
+    result = json.loads(path.read_text())
+    plain = None
+    for entry in result["recipes"]:
+        tflite = out / "recipes" / entry.get("file", "")
+        if "error" in entry or not tflite.is_file():
+            continue
+        entry["delegation"] = delegation(tflite, threads)
+        entry["a76_estimate"] = costmodel.estimate(tflite.read_bytes(), threads,
+                                                   outside=set(entry["delegation"]["outside"]))
+        plain = plain or entry["a76_estimate"]["seconds"]
+        entry["a76_vs_plain_int8"] = round(entry["a76_estimate"]["seconds"] / plain, 3)
+        entry["within_budget"] = entry["a76_vs_plain_int8"] <= result["latency_budget"]
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{name}.recipes.md").write_text(markdown(name, result))
+    (out / f"{name}.frontier.svg").write_text(frontier_svg(name, result))
+    return result
+
+
 def frontier_svg(name: str, result: dict) -> str:
     """Fidelity against latency for every judged recipe: head-view δ p99 (log scale; the gate at
     0.33) over the Cortex-A76 estimate relative to the plain int8 export (the budget marked)."""
