@@ -93,6 +93,26 @@ def photo_crops(name: str, image: np.ndarray, count: int, rng) -> list[tuple[np.
     return out
 
 
+def write_mosaics(d: Path, pool, count: int, rng, kind: str) -> list[dict]:
+    entries = []
+    for i in range(count):
+        img, sources = mosaic(pool, rng)
+        name = f"mosaic-{i:03d}.png"
+        Image.fromarray(img).save(d / name)
+        entries.append({"file": name, "kind": kind, "sources": sources})
+    return entries
+
+
+def write_crops(d: Path, photos: dict, per_photo: int, rng, kind: str) -> list[dict]:
+    entries = []
+    for pname, photo in photos.items():
+        for j, (crop, src) in enumerate(photo_crops(pname, photo, per_photo, rng)):
+            name = f"photo-{pname}-{j:02d}.png"
+            Image.fromarray(np.ascontiguousarray(crop)).save(d / name)
+            entries.append({"file": name, "kind": kind, "sources": [src]})
+    return entries
+
+
 def single_texture(patch: np.ndarray, rng) -> np.ndarray:
     """One patch tiled 14x14 (448 px) with random flips: a lesion texture at native resolution."""
     return tiled(patch, SIZE // PATCH, rng)
@@ -118,17 +138,8 @@ def build(out: Path, mosaics_per_set: int = 96, photo_crops_per_photo: int = 8, 
     for split, pool in pools.items():
         d = out / split
         d.mkdir(parents=True, exist_ok=True)
-        entries = []
-        for i in range(mosaics_per_set):
-            img, sources = mosaic(pool, rng)
-            name = f"mosaic-{i:03d}.png"
-            Image.fromarray(img).save(d / name)
-            entries.append({"file": name, "kind": "4 distinct 32px patches, each tiled 7x7 into a quadrant", "sources": sources})
-        for pname, photo in photos[split].items():
-            for j, (crop, src) in enumerate(photo_crops(pname, photo, photo_crops_per_photo, rng)):
-                name = f"photo-{pname}-{j:02d}.png"
-                Image.fromarray(crop).save(d / name)
-                entries.append({"file": name, "kind": "448px crop of a photo", "sources": [src]})
+        entries = write_mosaics(d, pool, mosaics_per_set, rng, "4 distinct 32px patches, each tiled 7x7 into a quadrant")
+        entries += write_crops(d, photos[split], photo_crops_per_photo, rng, "448px crop of a photo")
         record["sets"][split] = {"count": len(entries), "patch_pool": len(pool), "files": entries}
     d = out / "evaluation-upscaled"
     d.mkdir(parents=True, exist_ok=True)
@@ -146,23 +157,16 @@ def build(out: Path, mosaics_per_set: int = 96, photo_crops_per_photo: int = 8, 
     fresh = [p for p in pools["evaluation"] if p[0] not in used]
     d = out / "unseen"
     d.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i in range(unseen_mosaics):
-        img, sources = mosaic(fresh, rng)
-        name = f"mosaic-{i:03d}.png"
-        Image.fromarray(img).save(d / name)
-        entries.append({"file": name, "kind": "4 distinct 32px patches, each tiled 7x7 into a quadrant", "sources": sources})
+    entries = write_mosaics(d, fresh, unseen_mosaics, rng, "4 distinct 32px patches, each tiled 7x7 into a quadrant")
+
     def at_least(photo: np.ndarray) -> np.ndarray:
         # These photos are a little under 448 px high: enlarge them slightly (bicubic, < 1.2x).
         h, w = photo.shape[:2]
         k = max(1.0, (SIZE + 16) / min(h, w))
         return np.asarray(Image.fromarray(photo).resize((round(w * k), round(h * k)), Image.BICUBIC))
 
-    for pname, photo in {"coffee": at_least(skd.coffee()), "rocket": at_least(skd.rocket())}.items():
-        for j, (crop, src) in enumerate(photo_crops(pname, photo, photo_crops_per_photo, rng)):
-            name = f"photo-{pname}-{j:02d}.png"
-            Image.fromarray(crop).save(d / name)
-            entries.append({"file": name, "kind": "448px crop of a photo", "sources": [src]})
+    entries += write_crops(d, {"coffee": at_least(skd.coffee()), "rocket": at_least(skd.rocket())},
+                           photo_crops_per_photo, rng, "448px crop of a photo")
     record["sets"]["unseen"] = {"count": len(entries), "patch_pool": len(fresh), "files": entries}
     cal = {s for e in record["sets"]["calibration"]["files"] for s in e["sources"]}
     ev = {s for name in ("evaluation", "evaluation-upscaled") for e in record["sets"][name]["files"] for s in e["sources"]}
@@ -176,12 +180,7 @@ def build(out: Path, mosaics_per_set: int = 96, photo_crops_per_photo: int = 8, 
     wide_pool = [p for p in pools["evaluation"] if p[0] not in unseen]
     d = out / "evaluation-wide"
     d.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i in range(wide_mosaics):
-        img, sources = mosaic(wide_pool, rng)
-        name = f"mosaic-{i:03d}.png"
-        Image.fromarray(img).save(d / name)
-        entries.append({"file": name, "kind": "mosaic", "sources": sources})
+    entries = write_mosaics(d, wide_pool, wide_mosaics, rng, "mosaic")
     for k, i in enumerate(rng.choice(len(wide_pool), wide_textures, replace=False)):
         src, px = wide_pool[i]
         name = f"texture-{k:03d}.png"
@@ -189,11 +188,7 @@ def build(out: Path, mosaics_per_set: int = 96, photo_crops_per_photo: int = 8, 
         entries.append({"file": name, "kind": "texture", "sources": [src]})
     wide_photos = {"brick": skd.brick(), "grass": skd.grass(), "gravel": skd.gravel(), "retina": skd.retina(),
                    "hubble_deep_field": skd.hubble_deep_field()}
-    for pname, photo in wide_photos.items():
-        for j, (crop, src) in enumerate(photo_crops(pname, photo, wide_crops_per_photo, rng)):
-            name = f"photo-{pname}-{j:02d}.png"
-            Image.fromarray(np.ascontiguousarray(crop)).save(d / name)
-            entries.append({"file": name, "kind": "photo", "sources": [src]})
+    entries += write_crops(d, wide_photos, wide_crops_per_photo, rng, "photo")
     record["sets"]["evaluation-wide"] = {"count": len(entries), "patch_pool": len(wide_pool), "files": entries}
     wide = {s for e in entries for s in e["sources"]}
     assert not wide & cal, "the wide evaluation set must share no source with calibration"
