@@ -317,40 +317,18 @@ fn clock_ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// Resident bytes per mapped object of this process (`/proc/self/smaps`), the `top` largest.
+/// The `top` largest resident mappings of this process, largest first.
 fn resident_by_mapping(top: usize) -> Vec<(String, u64)> {
-    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
-        return Vec::new();
-    };
-    let mut by: std::collections::BTreeMap<String, u64> = Default::default();
-    let mut current = String::from("[anon]");
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        let first = words.next().unwrap_or_default();
-        if first.contains('-') && first.chars().next().is_some_and(|c| c.is_ascii_hexdigit()) {
-            // A mapping's header: address perms offset dev inode [path].
-            current = words.nth(4).map_or("[anon]".to_string(), str::to_string);
-        } else if first == "Rss:" {
-            let kb: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-            *by.entry(current.clone()).or_default() += kb * 1024;
-        }
-    }
-    let mut list: Vec<(String, u64)> = by.into_iter().filter(|(_, b)| *b > 0).collect();
+    let mut list: Vec<(String, u64)> = dermedge_core::memory::resident_by_mapping()
+        .into_iter()
+        .filter(|(_, b)| *b > 0)
+        .collect();
     list.sort_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
     list.truncate(top);
     list
 }
 
-pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
+pub use dermedge_core::memory::peak_rss_bytes;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct EmbedBenchArgs {

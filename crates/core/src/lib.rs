@@ -14,6 +14,7 @@ pub mod embedder;
 pub mod embedding;
 pub mod frame;
 pub mod manifest;
+pub mod memory;
 pub mod npy;
 pub mod preprocess;
 pub mod quality;

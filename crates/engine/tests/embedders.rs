@@ -383,27 +383,12 @@ fn an_output_correction_is_applied_to_every_value() {
     assert!(err.contains("c.npy") && err.contains("sha256"), "{err}");
 }
 
-/// Resident bytes of `path`'s mappings in this process (`/proc/self/smaps`).
+/// Resident bytes of `path`'s mappings in this process.
 fn resident_bytes_of(path: &Path) -> u64 {
-    let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
-    let target = path.to_string_lossy();
-    let mut inside = false;
-    let mut total = 0;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or_default();
-        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            inside = line.ends_with(&*target);
-        } else if inside && first == "Rss:" {
-            total += line
-                .split_whitespace()
-                .nth(1)
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-                * 1024;
-        }
-    }
-    total
+    dermedge_core::memory::resident_by_mapping()
+        .get(&*path.to_string_lossy())
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Once compiled for the CPU, XNNPACK runs from its packed weights, so the model file's pages
