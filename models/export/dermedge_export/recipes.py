@@ -14,11 +14,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
 import shutil
 import subprocess
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -73,8 +71,9 @@ class Context:
     progress: Callable[[str], None] = print
     # Recipe names to try (None: all). The plain export is always tried: it is the timing baseline.
     only: tuple[str, ...] | None = None
-    # Conversions two recipes share (a recipe and its corrected twin), made once.
-    converted: dict = field(default_factory=dict)
+    # What several recipes need and is made once: a conversion a recipe shares with its
+    # corrected twin, the fp32 export's outputs on the calibration samples.
+    shared: dict = field(default_factory=dict)
 
 
 def _converter(ctx: Context, integer_friendly: bool = False):
@@ -149,11 +148,15 @@ ABLATION_STEPS = {
 POOLING = {"MEAN", "MAX_POOL_2D", "AVERAGE_POOL_2D"}
 
 
+def ablation_quantised(step: str) -> set[str]:
+    """The op types quantised at `step`: its own and those of the steps before it."""
+    names = list(ABLATION_STEPS)
+    return set().union(*(ABLATION_STEPS[n] for n in names[:names.index(step) + 1]))
+
+
 def ablation_denylist(step: str) -> list[str]:
     """The op types kept in float at `step`: those of later steps, and pooling."""
-    names = list(ABLATION_STEPS)
-    later = set().union(*(ABLATION_STEPS[n] for n in names[names.index(step) + 1:]))
-    return sorted(later | POOLING)
+    return sorted(set().union(*ABLATION_STEPS.values()) - ablation_quantised(step) | POOLING)
 
 
 def _ablation(ctx: Context, step: str) -> bytes:
@@ -182,10 +185,10 @@ def _int16x8(ctx: Context) -> bytes:
     return conv.convert()
 
 
-def _once(ctx: Context, key: str, convert: Callable[[], bytes]) -> bytes:
-    if key not in ctx.converted:
-        ctx.converted[key] = convert()
-    return ctx.converted[key]
+def _once(ctx: Context, key: str, make: Callable[[], object]):
+    if key not in ctx.shared:
+        ctx.shared[key] = make()
+    return ctx.shared[key]
 
 
 def _fp16(ctx: Context) -> bytes:
@@ -200,7 +203,7 @@ def fit_correction(ctx: Context, tflite: Path, path: Path) -> dict:
     and their flips and rotation (4x the samples, none of them validation images); write it to
     `path`. Returns what the fit did on those samples."""
     samples = augmented(ctx.cal_inputs)
-    reference = run_tflite(ctx.fp32_tflite, samples)
+    reference = _once(ctx, "fp32-calibration-outputs", lambda: run_tflite(ctx.fp32_tflite, samples))
     candidate = run_tflite(tflite, samples)
     scale, offset = correction.fit_affine(candidate, reference)
     correction.write(path, scale, offset)
@@ -222,6 +225,10 @@ def recipes(ctx: Context) -> list[Recipe]:
     """In order of expected cost on a CPU: full-integer first, float islands after, wider types last.
     Their names are options.RECIPE_NAMES, which `--recipes` is checked against."""
     n = len(ctx.cal_inputs)
+
+    def calibration_x4() -> bytes:
+        return _once(ctx, "calibration-x4", lambda: _full_int8(ctx, augmented(ctx.cal_inputs)).convert())
+
     integer = []
     if ctx.integer_core_dir is not None:
         integer = [Recipe("int8-integer-groupnorm", "int8",
@@ -232,10 +239,9 @@ def recipes(ctx: Context) -> list[Recipe]:
         Recipe("int8-plain", "int8", f"full-integer int8, per-channel weights, {n} calibration images (the plain export)",
                lambda: ctx.plain_int8.read_bytes()),
         *integer,
-        *[Recipe(step, "int8", "ablation: only " + ", ".join(
-              sorted(set().union(*(ABLATION_STEPS[n] for n in list(ABLATION_STEPS)[:i + 1])))) +
-              " quantised to int8; every other op type float", lambda step=step: _ablation(ctx, step))
-          for i, step in enumerate(ABLATION_STEPS)],
+        *[Recipe(step, "int8", f"ablation: only {', '.join(sorted(ablation_quantised(step)))} quantised to int8; "
+                 "every other op type float", lambda step=step: _ablation(ctx, step))
+          for step in ABLATION_STEPS],
         Recipe("int8-affine", "int8",
                f"the plain export with a per-dimension output correction (y = x * scale + offset) fitted against "
                f"the fp32 export on {4 * n} calibration samples (each image, its flips and a rotation)",
@@ -243,10 +249,9 @@ def recipes(ctx: Context) -> list[Recipe]:
         Recipe("int8-calibration-x4", "int8",
                f"full-integer int8, per-channel weights, {4 * n} calibration samples (each image, its two flips "
                "and a 90-degree rotation)",
-               lambda: _once(ctx, "calibration-x4", lambda: _full_int8(ctx, augmented(ctx.cal_inputs)).convert())),
+               calibration_x4),
         Recipe("int8-calibration-x4-affine", "int8",
-               "int8-calibration-x4 with the per-dimension output correction of int8-affine",
-               lambda: _once(ctx, "calibration-x4", lambda: _full_int8(ctx, augmented(ctx.cal_inputs)).convert()),
+               "int8-calibration-x4 with the per-dimension output correction of int8-affine", calibration_x4,
                corrected=True),
         Recipe("int8-selective-5", "int8",
                "int8 with the 5 tensors of largest quantisation error (RMSE / step) kept in float",
@@ -269,9 +274,11 @@ def runtime_env() -> dict:
     scripts/litert-env.sh does) unless the caller already chose one."""
     env = dict(os.environ)
     if "DERMEDGE_LITERT_LIB" not in env:
-        lock = tomllib.loads((ROOT / "scripts" / "litert-runtime.lock").read_text())
-        target = f"{platform.machine()}-unknown-linux-gnu"
-        env["DERMEDGE_LITERT_LIB"] = str(ROOT / ".cache" / "litert" / lock["version"] / target / "libLiteRt.so")
+        done = subprocess.run(["bash", "-c", 'source scripts/litert-env.sh "" && echo "$DERMEDGE_LITERT_LIB"'],
+                              cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0 or not done.stdout.strip():
+            raise ExportError(f"scripts/litert-env.sh could not name the runtime: {done.stderr.strip()[-300:]}")
+        env["DERMEDGE_LITERT_LIB"] = done.stdout.strip()
     return env
 
 
