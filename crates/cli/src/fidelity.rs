@@ -100,77 +100,86 @@ fn embed_all(
     Ok((kept, out))
 }
 
-/// The gated head: k-means clusters of the reference embeddings (k = n/8, 2 to 8), one seed.
-fn kmeans_head(model_id: &str, reference: &[Vec<f32>]) -> Result<LinearHead> {
-    let k = (reference.len() / 8).clamp(2, 8);
-    kmeans_head_with(model_id, reference, k, 0x5eed)
+/// Linear heads trained on k-means clusters of one model's reference embeddings.
+struct KmeansHeads<'a> {
+    model_id: &'a str,
+    reference: &'a [Vec<f32>],
+    /// The reference embeddings L2-normalised and centred, where clusters are sought: the
+    /// shared component would dominate them otherwise.
+    centred: Vec<Vec<f32>>,
 }
 
-/// k-means heads at k = 2, 4, 8 (as far as n/4 allows) and three seeds each, plus `given` (a
-/// trained head), for the reported ensemble agreement.
-fn head_ensemble(
-    model_id: &str,
-    reference: &[Vec<f32>],
-    candidate: &[Vec<f32>],
-    given: Option<&LinearHead>,
-) -> Result<dermedge_fidelity::HeadEnsemble> {
-    let mut heads = Vec::new();
-    for k in [2, 4, 8].into_iter().filter(|&k| k * 4 <= reference.len()) {
-        for seed in [1u64, 2, 3] {
-            let head = kmeans_head_with(model_id, reference, k, seed)?;
-            heads.push(dermedge_fidelity::head_agreement(
-                reference, candidate, &head,
-            ));
+impl<'a> KmeansHeads<'a> {
+    fn new(model_id: &'a str, reference: &'a [Vec<f32>]) -> Self {
+        let n = reference.len();
+        let normed: Vec<Vec<f32>> = reference
+            .iter()
+            .map(|v| {
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                v.iter().map(|x| x / norm).collect()
+            })
+            .collect();
+        let dim = normed[0].len();
+        let mean: Vec<f32> = (0..dim)
+            .map(|d| normed.iter().map(|v| v[d]).sum::<f32>() / n as f32)
+            .collect();
+        let centred = normed
+            .iter()
+            .map(|v| v.iter().zip(&mean).map(|(a, m)| a - m).collect())
+            .collect();
+        Self {
+            model_id,
+            reference,
+            centred,
         }
     }
-    if let Some(head) = given {
-        heads.push(dermedge_fidelity::head_agreement(
-            reference, candidate, head,
-        ));
-    }
-    Ok(dermedge_fidelity::HeadEnsemble::new(heads))
-}
 
-fn kmeans_head_with(
-    model_id: &str,
-    reference: &[Vec<f32>],
-    k: usize,
-    seed: u64,
-) -> Result<LinearHead> {
-    let n = reference.len();
-    // Cluster on L2-normalised, centred embeddings: the shared component would dominate otherwise.
-    let normed: Vec<Vec<f32>> = reference
-        .iter()
-        .map(|v| {
-            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-            v.iter().map(|x| x / norm).collect()
-        })
-        .collect();
-    let dim = normed[0].len();
-    let mean: Vec<f32> = (0..dim)
-        .map(|d| normed.iter().map(|v| v[d]).sum::<f32>() / n as f32)
-        .collect();
-    let centred: Vec<Vec<f32>> = normed
-        .iter()
-        .map(|v| v.iter().zip(&mean).map(|(a, m)| a - m).collect())
-        .collect();
-    let labels = kmeans(&centred, k, seed, 100);
-    let classes = (0..k).map(|c| format!("cluster-{c}")).collect();
-    let name = if seed == 0x5eed {
-        format!("kmeans-{k}")
-    } else {
-        format!("kmeans-{k}-seed-{seed}")
-    };
-    let head = train_softmax(
-        &name,
-        model_id,
-        reference,
-        &labels,
-        classes,
-        &TrainOptions::default(),
-        |_, _| {},
-    )?;
-    Ok(head)
+    /// The gated head: k = n/8 (2 to 8), one seed.
+    fn gated(&self) -> Result<LinearHead> {
+        let k = (self.reference.len() / 8).clamp(2, 8);
+        self.head(k, 0x5eed)
+    }
+
+    /// k = 2, 4, 8 (as far as n/4 allows), three seeds each, plus `given` (a trained head): the
+    /// reported ensemble agreement against `candidate`.
+    fn ensemble(
+        &self,
+        candidate: &[Vec<f32>],
+        given: Option<&LinearHead>,
+    ) -> Result<dermedge_fidelity::HeadEnsemble> {
+        let agreement =
+            |head: &LinearHead| dermedge_fidelity::head_agreement(self.reference, candidate, head);
+        let mut heads = Vec::new();
+        for k in [2, 4, 8]
+            .into_iter()
+            .filter(|&k| k * 4 <= self.reference.len())
+        {
+            for seed in [1u64, 2, 3] {
+                heads.push(agreement(&self.head(k, seed)?));
+            }
+        }
+        heads.extend(given.map(agreement));
+        Ok(dermedge_fidelity::HeadEnsemble::new(heads))
+    }
+
+    fn head(&self, k: usize, seed: u64) -> Result<LinearHead> {
+        let labels = kmeans(&self.centred, k, seed, 100);
+        let classes = (0..k).map(|c| format!("cluster-{c}")).collect();
+        let name = if seed == 0x5eed {
+            format!("kmeans-{k}")
+        } else {
+            format!("kmeans-{k}-seed-{seed}")
+        };
+        Ok(train_softmax(
+            &name,
+            self.model_id,
+            self.reference,
+            &labels,
+            classes,
+            &TrainOptions::default(),
+            |_, _| {},
+        )?)
+    }
 }
 
 pub fn run(args: &FidelityArgs) -> Result<bool> {
@@ -239,10 +248,11 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         candidate: sets.pop().unwrap(),
         reference: sets.pop().unwrap(),
     };
+    let kmeans_heads = KmeansHeads::new(&reference.model.id, &embedded.reference);
     let given = head.is_some();
     let head = match head {
         Some(h) => h,
-        None => kmeans_head(&reference.model.id, &embedded.reference)?,
+        None => kmeans_heads.gated()?,
     };
     let mut comparison = compare_named(
         &embedded.reference,
@@ -250,12 +260,8 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         &embedded.files,
         Some(&head),
     )?;
-    comparison.head_ensemble = Some(head_ensemble(
-        &reference.model.id,
-        &embedded.reference,
-        &embedded.candidate,
-        given.then_some(&head),
-    )?);
+    comparison.head_ensemble =
+        Some(kmeans_heads.ensemble(&embedded.candidate, given.then_some(&head))?);
     let noise = compare_named(
         &embedded.reference,
         &embedded.noise,
