@@ -1,6 +1,7 @@
 //! aarch64 (under QEMU) vs x86_64 embeddings of the fixture images, written by
 //! `cross/test-aarch64.sh` into DERMEDGE_CROSS_DIR (`x86_64.<precision>.npy` and one
-//! `aarch64-<qemu cpu>.<precision>.npy` per emulated core); that script runs this ignored test.
+//! `aarch64-<qemu cpu>.<precision>.npy` per emulated core, and the fp32 model asked for fp16
+//! arithmetic: `aarch64-<qemu cpu>.fp32-fp16-arithmetic.npy`); that script runs these ignored tests.
 
 use std::path::PathBuf;
 
@@ -52,5 +53,56 @@ fn aarch64_embeddings_match_x86_64() {
             "{precision}: aarch64 ({cpu}) vs x86_64, minimum cosine over {} images: {worst:.7}",
             x86.len()
         );
+    }
+}
+
+/// What the embeddings' index (`<file>.npy.json`) says ran them.
+fn runtime_of(path: &std::path::Path) -> String {
+    let index = std::fs::read_to_string(format!("{}.json", path.display())).unwrap();
+    let index: serde_json::Value = serde_json::from_str(&index).unwrap();
+    index["model"]["runtime"].as_str().unwrap().to_string()
+}
+
+#[test]
+#[ignore = "needs the aarch64 embeddings cross/test-aarch64.sh produces"]
+fn fp16_arithmetic_runs_on_the_cortex_a76_and_falls_back_on_the_a72() {
+    let dir = PathBuf::from(
+        std::env::var_os("DERMEDGE_CROSS_DIR")
+            .expect("DERMEDGE_CROSS_DIR: run cross/test-aarch64.sh"),
+    );
+    let x86 = read_npy_rows(&dir.join("x86_64.fp32.npy"));
+    let a76_fp32 = read_npy_rows(&dir.join("aarch64-cortex-a76.fp32.npy"));
+    for (cpu, native) in [("cortex-a76", true), ("cortex-a72", false)] {
+        let path = dir.join(format!("aarch64-{cpu}.fp32-fp16-arithmetic.npy"));
+        let runtime = runtime_of(&path);
+        assert_eq!(
+            runtime.contains("fp16 arithmetic"),
+            native,
+            "{cpu}: the index says {runtime:?}"
+        );
+        let rows = read_npy_rows(&path);
+        assert_eq!(rows.len(), x86.len());
+        let mut worst = 1.0f64;
+        for ((h, f), x) in rows.iter().zip(&a76_fp32).zip(&x86) {
+            let c = cosine(h, x);
+            worst = worst.min(c);
+            if native {
+                // float16 rounding of every activation: close to fp32, never identical to it.
+                assert!(
+                    c >= 0.999,
+                    "fp16 arithmetic on {cpu}: cosine {c} to x86_64 fp32"
+                );
+                assert!(
+                    h.iter().zip(f).any(|(a, b)| a.to_bits() != b.to_bits()),
+                    "fp16 arithmetic on {cpu} gave the fp32 embedding bit for bit"
+                );
+            } else {
+                assert!(
+                    c >= FP32_MIN_COSINE,
+                    "the fp32 fallback on {cpu}: cosine {c} to x86_64 fp32"
+                );
+            }
+        }
+        eprintln!("fp32 model, fp16 asked, on {cpu} ({runtime}): minimum cosine to x86_64 fp32 {worst:.7}");
     }
 }

@@ -270,6 +270,9 @@ pub struct EmbedBench {
     pub threads: u32,
     pub accelerator: String,
     pub weight_cache: bool,
+    /// The arithmetic float ops ran in on the CPU (after any fallback).
+    #[serde(default)]
+    pub cpu_arithmetic: dermedge_engine::CpuArithmetic,
     /// Model load and compile, seconds.
     pub load_s: f64,
     /// The first embedding (preprocess + invoke + read), seconds.
@@ -351,6 +354,9 @@ pub struct EmbedBenchArgs {
     /// XNNPACK weight cache file (made on the first start, mapped on later ones).
     #[arg(long)]
     pub weight_cache: Option<PathBuf>,
+    /// Arithmetic of float ops on the CPU: fp32 or fp16 (XNNPACK's float16).
+    #[arg(long, default_value = "fp32")]
+    pub cpu_arithmetic: dermedge_engine::CpuArithmetic,
     /// Heads to time (default: a 7-class head with random weights bound to the model).
     #[arg(long = "head")]
     pub heads: Vec<PathBuf>,
@@ -388,6 +394,7 @@ pub fn bench_embed(args: &EmbedBenchArgs) -> Result<()> {
         if let Some(c) = &args.weight_cache {
             cmd.arg("--weight-cache").arg(c);
         }
+        cmd.args(["--cpu-arithmetic", args.cpu_arithmetic.name()]);
         let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
         anyhow::ensure!(
             out.status.success(),
@@ -411,7 +418,11 @@ pub fn bench_embed(args: &EmbedBenchArgs) -> Result<()> {
         println!(
             "| {}{} | {} | {:.3} | {:.3} | {:.3} | {:.4} / {:.4} / {:.4} | {:.4} | {:.4} | {:.5} | {:.5} | {:.4} | {:.1} % | {:.0} | {:.2} |",
             r.accelerator,
-            if r.weight_cache { ", weight cache" } else { "" },
+            match (r.weight_cache, r.cpu_arithmetic) {
+                (true, _) => ", weight cache",
+                (false, dermedge_engine::CpuArithmetic::Fp16) => ", fp16 arithmetic",
+                (false, dermedge_engine::CpuArithmetic::Fp32) => "",
+            },
             r.threads,
             r.load_s,
             r.first_embed_s,
@@ -450,6 +461,7 @@ pub fn bench_embed_one(args: &EmbedBenchArgs) -> Result<()> {
         accelerator: args.accelerator,
         fallback: Fallback::Cpu,
         weight_cache: args.weight_cache.clone(),
+        cpu_arithmetic: args.cpu_arithmetic,
         ..EngineOptions::default()
     };
     let started = Instant::now();
@@ -543,6 +555,7 @@ pub fn bench_embed_one(args: &EmbedBenchArgs) -> Result<()> {
         threads: embedder.threads(),
         accelerator: embedder.accelerator().to_string(),
         weight_cache: args.weight_cache.is_some(),
+        cpu_arithmetic: embedder.cpu_arithmetic(),
         load_s,
         first_embed_s,
         start_to_first_embedding_s,

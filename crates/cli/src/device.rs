@@ -22,6 +22,20 @@ fn engine_options(config: &LoadedConfig) -> EngineOptions {
         runtime_path: m.runtime.clone(),
         allow_unpinned_runtime: false,
         weight_cache: m.weight_cache.clone(),
+        cpu_arithmetic: m.cpu_arithmetic,
+    }
+}
+
+/// The configuration key an engine option error is about.
+fn config_key(e: &EngineError) -> &'static str {
+    match e {
+        EngineError::AcceleratorNotOffered { .. } => "model.accelerator",
+        EngineError::InvalidOption {
+            field: "cpu_arithmetic",
+            ..
+        } => "model.cpu_arithmetic",
+        EngineError::InvalidOption { .. } => "model.threads",
+        _ => "model.backend",
     }
 }
 
@@ -31,12 +45,7 @@ fn buildable(config: &LoadedConfig) -> Result<EngineOptions> {
     let path = config.path.display();
     let options = engine_options(config);
     if let Err(e) = dermedge_engine::check_options(&options) {
-        let key = match e {
-            EngineError::AcceleratorNotOffered { .. } => "model.accelerator",
-            EngineError::InvalidOption { .. } => "model.threads",
-            _ => "model.backend",
-        };
-        anyhow::bail!("{path}: {key}: {e}");
+        anyhow::bail!("{path}: {}: {e}", config_key(&e));
     }
     if config.config.sync.local_hub.is_some() && !dermedge_device::dev_hub::BUILT {
         anyhow::bail!("{path}: {}", dermedge_device::dev_hub::NOT_BUILT);
@@ -49,11 +58,7 @@ pub fn check(path: &Path) -> Result<()> {
     let c = &config.config;
     // What this build can run: the backend compiled in, an accelerator that backend reaches.
     if let Err(e) = dermedge_engine::check_options(&engine_options(&config)) {
-        let key = match e {
-            EngineError::AcceleratorNotOffered { .. } => "model.accelerator",
-            _ => "model.backend",
-        };
-        anyhow::bail!("{}: {key}: {e}", path.display());
+        anyhow::bail!("{}: {}: {e}", path.display(), config_key(&e));
     }
     if c.sync.local_hub.is_some() && !dermedge_device::dev_hub::BUILT {
         anyhow::bail!(

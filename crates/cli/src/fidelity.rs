@@ -51,6 +51,10 @@ pub struct FidelityArgs {
     /// TensorFlow Lite on the same model, say.
     #[arg(long)]
     candidate_backend: Option<Backend>,
+    /// Arithmetic of the candidate's float ops on the CPU (default: --cpu-arithmetic): judge
+    /// XNNPACK's fp16 arithmetic against the same file in fp32, say.
+    #[arg(long)]
+    candidate_cpu_arithmetic: Option<dermedge_engine::CpuArithmetic>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -217,6 +221,9 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
     let candidate_backend = args.candidate_backend.unwrap_or(args.runtime.backend);
     let candidate_options = dermedge_engine::EngineOptions {
         backend: candidate_backend,
+        cpu_arithmetic: args
+            .candidate_cpu_arithmetic
+            .unwrap_or(options.cpu_arithmetic),
         ..options.clone()
     };
     let mut cand_model = load(&candidate, &candidate_options)?;

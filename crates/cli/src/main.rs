@@ -27,7 +27,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dermedge_core::{Embedder, ModelManifest};
-use dermedge_engine::{Accelerator, Backend, EngineOptions, Fallback, LoadedModel};
+use dermedge_engine::{Accelerator, Backend, CpuArithmetic, EngineOptions, Fallback, LoadedModel};
 
 #[derive(Parser)]
 #[command(
@@ -155,6 +155,10 @@ pub struct RuntimeArgs {
     /// XNNPACK weight cache file: written on the first start, mapped on later ones (faster start).
     #[arg(long, value_name = "FILE")]
     weight_cache: Option<PathBuf>,
+    /// Arithmetic of float ops on the CPU: fp32, or fp16 (XNNPACK's float16 arithmetic, native
+    /// on Cortex-A76/A78AE and AVX512-FP16; falls back to fp32, logged, where the CPU lacks it).
+    #[arg(long, default_value = "fp32")]
+    cpu_arithmetic: CpuArithmetic,
 }
 
 impl RuntimeArgs {
@@ -176,6 +180,7 @@ impl RuntimeArgs {
             runtime_path: self.runtime.clone(),
             allow_unpinned_runtime: self.allow_unpinned_runtime,
             weight_cache: self.weight_cache.clone(),
+            cpu_arithmetic: self.cpu_arithmetic,
         }
     }
 }

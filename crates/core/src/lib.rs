@@ -30,7 +30,7 @@ pub use manifest::{
 };
 pub use preprocess::{DecodeError, DecodeLimits, InputBuffer, Preprocessor, QuantParams};
 pub use quality::{QualityIssue, QualityThresholds, QualityVerdict};
-pub use runtime::{Accelerator, Backend, Fallback};
+pub use runtime::{Accelerator, Backend, CpuArithmetic, Fallback};
 
 /// RGB8 image, any size: what frame sources produce and preprocessing consumes.
 pub type RgbImage = image::RgbImage;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use dermedge_camera::RawFormat;
 use dermedge_core::bounds::{Bounds, OutOfBounds, Ranged, RangedFloat};
 use dermedge_core::quality::QualityThresholds;
-use dermedge_core::{Accelerator, Backend, Fallback};
+use dermedge_core::{Accelerator, Backend, CpuArithmetic, Fallback};
 use dermedge_display::framebuffer::FramebufferLayout;
 use dermedge_queue::{FullPolicy, DEFAULT_SEGMENT_BYTES};
 use dermedge_record::EmbeddingType;
@@ -88,6 +88,10 @@ pub struct ModelSection {
     pub runtime: Option<PathBuf>,
     /// XNNPACK weight cache file (CPU): made on the first start, mapped on later ones.
     pub weight_cache: Option<PathBuf>,
+    /// Arithmetic of float ops on the CPU: `fp32`, or `fp16` (XNNPACK's float16, native on
+    /// Cortex-A76 / A78AE; falls back to fp32 per `fallback` where the CPU lacks it).
+    #[serde(default)]
+    pub cpu_arithmetic: CpuArithmetic,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -79,6 +79,7 @@ fn base(place: &Path) -> DeviceConfig {
             fallback: Fallback::Cpu,
             runtime: None,
             weight_cache: None,
+            cpu_arithmetic: Default::default(),
         },
         heads: Vec::new(),
         camera: CameraSection {

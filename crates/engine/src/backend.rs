@@ -1,7 +1,7 @@
 //! The one loader: it picks the backend, checks that this build has it, and loads the model.
 
 use crate::correction::{Corrected, OutputCorrection};
-use crate::{Accelerator, Backend, EngineError, EngineOptions, TensorDetails};
+use crate::{Accelerator, Backend, CpuArithmetic, EngineError, EngineOptions, TensorDetails};
 use dermedge_core::{EmbedError, Embedder, ModelManifest};
 
 /// Whether this build carries `backend`.
@@ -20,6 +20,10 @@ pub trait LoadedModel: Embedder + Send {
     /// The accelerator the model actually runs on (after any fallback).
     fn accelerator(&self) -> Accelerator;
     fn threads(&self) -> u32;
+    /// The arithmetic float ops run in on the CPU (after any fallback).
+    fn cpu_arithmetic(&self) -> CpuArithmetic {
+        CpuArithmetic::Fp32
+    }
     /// The three stages of [`Embedder::embed`], for benchmarks that time each: preprocess
     /// `image` into the input tensor, run the model, read the output as `f32`.
     fn fill_input(&mut self, image: &dermedge_core::RgbImage) -> Result<(), EmbedError>;
@@ -67,6 +71,26 @@ pub fn check_options(options: &EngineOptions) -> Result<(), EngineError> {
             other: offering.name(),
             feature: offering.feature(),
         });
+    }
+    if options.cpu_arithmetic == CpuArithmetic::Fp16 {
+        if backend != Backend::Litert {
+            return Err(EngineError::InvalidOption {
+                field: "cpu_arithmetic",
+                message: format!(
+                    "fp16 is XNNPACK's, which the {} backend does not run; use the litert backend or fp32",
+                    backend.name()
+                ),
+            });
+        }
+        if options.weight_cache.is_some() {
+            // The cache holds weights packed for one arithmetic; one file must not serve both.
+            return Err(EngineError::InvalidOption {
+                field: "cpu_arithmetic",
+                message: "fp16 with a weight cache is not supported: the cache packs float32 \
+                          weights; drop one of them"
+                    .into(),
+            });
+        }
     }
     options.resolved_threads().map(|_| ())
 }
@@ -149,6 +173,33 @@ mod tests {
                 message.contains(&format!("cargo feature `{}`", backend.feature())),
                 "{message}"
             );
+        }
+    }
+
+    #[test]
+    fn fp16_arithmetic_needs_litert_built_in_and_no_weight_cache() {
+        let fp16 = |backend, weight_cache: Option<&str>| EngineOptions {
+            backend,
+            cpu_arithmetic: CpuArithmetic::Fp16,
+            weight_cache: weight_cache.map(Into::into),
+            ..EngineOptions::default()
+        };
+        for backend in Backend::ALL.into_iter().filter(|b| is_built(*b)) {
+            let plain = check_options(&fp16(backend, None));
+            match backend {
+                Backend::Litert => assert!(plain.is_ok(), "{plain:?}"),
+                Backend::Classic => {
+                    let message = plain.unwrap_err().to_string();
+                    assert!(message.contains("cpu_arithmetic"), "{message}");
+                    assert!(message.contains("litert"), "{message}");
+                }
+            }
+        }
+        if is_built(Backend::Litert) {
+            let message = check_options(&fp16(Backend::Litert, Some("w.cache")))
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains("weight cache"), "{message}");
         }
     }
 }

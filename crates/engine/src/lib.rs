@@ -33,7 +33,7 @@ mod tensor;
 
 pub use backend::{check_options, is_built, load, LoadedModel};
 pub use correction::OutputCorrection;
-pub use dermedge_core::runtime::{Accelerator, Backend, Fallback};
+pub use dermedge_core::runtime::{Accelerator, Backend, CpuArithmetic, Fallback};
 pub use error::EngineError;
 pub use options::EngineOptions;
 pub use tensor::{ElementType, Quantization, TensorDetails};

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::{Accelerator, Backend, EngineError, Fallback};
+use crate::{Accelerator, Backend, CpuArithmetic, EngineError, Fallback};
 
 /// Options for loading a model.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +20,8 @@ pub struct EngineOptions {
     /// XNNPACK weight cache file: packed weights are written on the first start and mapped on
     /// later ones, so a restart skips repacking (CPU only).
     pub weight_cache: Option<PathBuf>,
+    /// The arithmetic of float ops on the CPU (LiteRT's XNNPACK only).
+    pub cpu_arithmetic: CpuArithmetic,
 }
 
 impl Default for EngineOptions {
@@ -32,6 +34,7 @@ impl Default for EngineOptions {
             runtime_path: None,
             allow_unpinned_runtime: false,
             weight_cache: None,
+            cpu_arithmetic: CpuArithmetic::Fp32,
         }
     }
 }

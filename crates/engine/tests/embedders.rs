@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use dermedge_core::preprocess::{decode_file, DecodeLimits};
 use dermedge_core::{embedding::cosine, Embedder, ModelManifest};
 use dermedge_engine::{
-    litert::LiteRtEmbedder, Accelerator, EngineError, EngineOptions, Fallback, Quantization,
+    litert::LiteRtEmbedder, Accelerator, CpuArithmetic, EngineError, EngineOptions, Fallback,
+    Quantization,
 };
 
 /// fp32 TFLite vs the TensorFlow graph: the gate the foundation issue sets.
@@ -429,4 +430,80 @@ fn the_model_file_is_not_kept_resident_once_compiled() {
             "{precision}: {after_embedding} of {bytes}"
         );
     }
+}
+
+/// Whether this CPU has float16 arithmetic XNNPACK uses (AVX512-FP16 on x86, FEAT_FP16 on
+/// aarch64); `None` where this test cannot tell.
+fn cpu_has_fp16() -> Option<bool> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let info = fs::read_to_string("/proc/cpuinfo").ok()?;
+        Some(info.split_whitespace().any(|flag| flag == "avx512_fp16"))
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        Some(std::arch::is_aarch64_feature_detected!("fp16"))
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        None
+    }
+}
+
+#[test]
+fn fp16_arithmetic_runs_where_the_cpu_has_it_and_falls_back_to_fp32_where_not() {
+    let fp32 = embed_all(&mut LiteRtEmbedder::load(&manifest("fp32"), &options(1)).unwrap());
+    let fp16_options = EngineOptions {
+        cpu_arithmetic: CpuArithmetic::Fp16,
+        ..options(1)
+    };
+    let mut embedder = LiteRtEmbedder::load(&manifest("fp32"), &fp16_options).unwrap();
+    let ran = embedder.cpu_arithmetic();
+    if let Some(has) = cpu_has_fp16() {
+        let expected = if has {
+            CpuArithmetic::Fp16
+        } else {
+            CpuArithmetic::Fp32
+        };
+        assert_eq!(ran, expected, "this CPU has fp16 arithmetic: {has}");
+    }
+    let fp16 = embed_all(&mut embedder);
+    for (name, (h, f)) in fixture_images().iter().zip(fp16.iter().zip(&fp32)) {
+        let identical = h.iter().zip(f).all(|(a, b)| a.to_bits() == b.to_bits());
+        match ran {
+            CpuArithmetic::Fp32 => assert!(identical, "{name}: the fp32 fallback must be fp32"),
+            CpuArithmetic::Fp16 => {
+                assert!(
+                    !identical,
+                    "{name}: fp16 arithmetic left every value bit-identical"
+                );
+                let cos = cosine(h, f);
+                assert!(cos > 0.999, "{name}: fp16 vs fp32 cosine {cos}");
+            }
+        }
+    }
+    if ran == CpuArithmetic::Fp16 {
+        assert_eq!(embedder.backend(), "litert/cpu+fp16");
+    }
+}
+
+#[test]
+fn fp16_arithmetic_is_refused_where_it_cannot_be_honoured() {
+    let with_cache = EngineOptions {
+        cpu_arithmetic: CpuArithmetic::Fp16,
+        weight_cache: Some(PathBuf::from("/tmp/never-made.xnnpack_cache")),
+        ..options(1)
+    };
+    let err = dermedge_engine::check_options(&with_cache).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::InvalidOption {
+                field: "cpu_arithmetic",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("weight cache"), "{err}");
 }

@@ -22,7 +22,8 @@ use dermedge_core::ManifestError;
 
 use crate::check::{check_against_manifest, check_tflite, map_model};
 use crate::{
-    Accelerator, ElementType, EngineError, EngineOptions, Fallback, Quantization, TensorDetails,
+    Accelerator, CpuArithmetic, ElementType, EngineError, EngineOptions, Fallback, Quantization,
+    TensorDetails,
 };
 
 /// A model loaded and compiled by LiteRT, with its input/output buffers, ready to embed frames.
@@ -36,6 +37,8 @@ pub struct LiteRtEmbedder {
     signature_index: usize,
     threads: u32,
     accelerator: Accelerator,
+    /// The arithmetic float ops run in on the CPU (after any fallback).
+    arithmetic: CpuArithmetic,
     fully_accelerated: Option<bool>,
     // LiteRT objects drop in declaration order, the reverse of creation: the buffers before the
     // compiled model that made them, which LiteRT requires to go before its model (and the
@@ -124,8 +127,9 @@ impl LiteRtEmbedder {
         let cpu = CpuSettings {
             threads,
             weight_cache: options.weight_cache.clone(),
+            arithmetic: options.cpu_arithmetic,
         };
-        let (compiled, accelerator) =
+        let (compiled, accelerator, arithmetic) =
             quietly(|| compile(&env, &model, &model_path, options, &cpu))?;
         if let (Some(cache), Some(CacheState::ToBuild)) = (&options.weight_cache, cache_state) {
             if accelerator == Accelerator::Cpu && cache.exists() {
@@ -158,13 +162,14 @@ impl LiteRtEmbedder {
             started.elapsed().as_secs_f64()
         );
         log::info!(
-            "{}: {} {} on LiteRT {} ({}, {} threads); input {}; output {}",
+            "{}: {} {} on LiteRT {} ({}, {} threads{}); input {}; output {}",
             model_path.display(),
             manifest.model.id,
             manifest.model.precision.as_str(),
             runtime.version(),
             accelerator,
             threads,
+            arithmetic_note(accelerator, arithmetic),
             input,
             output
         );
@@ -178,6 +183,7 @@ impl LiteRtEmbedder {
             signature_index,
             threads,
             accelerator,
+            arithmetic,
             fully_accelerated,
             input_buffer,
             output_buffer,
@@ -206,6 +212,11 @@ impl LiteRtEmbedder {
     /// The accelerator the model actually runs on (after any fallback).
     pub fn accelerator(&self) -> Accelerator {
         self.accelerator
+    }
+
+    /// The arithmetic float ops run in on the CPU (after any fallback).
+    pub fn cpu_arithmetic(&self) -> CpuArithmetic {
+        self.arithmetic
     }
 
     /// Whether LiteRT placed every op on the chosen accelerator, when it says.
@@ -301,16 +312,24 @@ impl Embedder for LiteRtEmbedder {
         &self.manifest
     }
 
+    /// `litert/<accelerator>`, `+fp16` where float ops run in float16 on the CPU: what the
+    /// records and fidelity reports say made an embedding.
     fn backend(&self) -> String {
-        format!("litert/{}", self.accelerator)
+        let fp16 = if arithmetic_note(self.accelerator, self.arithmetic).is_empty() {
+            ""
+        } else {
+            "+fp16"
+        };
+        format!("litert/{}{fp16}", self.accelerator)
     }
 
     fn runtime_description(&self) -> String {
         format!(
-            "LiteRT {} {}, {} threads",
+            "LiteRT {} {}, {} threads{}",
             self.env.runtime().version(),
             self.accelerator,
-            self.threads
+            self.threads,
+            arithmetic_note(self.accelerator, self.arithmetic)
         )
     }
 
@@ -410,29 +429,79 @@ fn tensor_details(
 }
 
 /// Compile for the requested accelerator; fall back to CPU (logged) or fail, per the options.
+/// `, fp16 arithmetic` where float ops run in float16 on the CPU; nothing otherwise.
+fn arithmetic_note(accelerator: Accelerator, arithmetic: CpuArithmetic) -> &'static str {
+    match (accelerator, arithmetic) {
+        (Accelerator::Cpu, CpuArithmetic::Fp16) => ", fp16 arithmetic",
+        _ => "",
+    }
+}
+
+/// Compile for the CPU in the arithmetic `cpu` asks for. fp16 that this CPU cannot compile
+/// falls back to float32 (logged) or fails, as `fallback` says; the arithmetic that runs is
+/// returned.
+fn compile_cpu(
+    env: &Environment,
+    model: &Model,
+    path: &Path,
+    fallback: Fallback,
+    cpu: &CpuSettings,
+) -> Result<(CompiledModel, CpuArithmetic), EngineError> {
+    match compile_for(env, model, path, ffi::HW_CPU, cpu) {
+        Ok(compiled) => Ok((compiled, cpu.arithmetic)),
+        Err(e) if cpu.arithmetic == CpuArithmetic::Fp16 => {
+            let reason = format!("XNNPACK could not compile fp16 arithmetic on this CPU: {e}");
+            match fallback {
+                Fallback::Fail => Err(EngineError::InvalidOption {
+                    field: "cpu_arithmetic",
+                    message: reason,
+                }),
+                Fallback::Cpu => {
+                    log::warn!("{reason}; running float32 arithmetic instead");
+                    let fp32 = CpuSettings {
+                        arithmetic: CpuArithmetic::Fp32,
+                        ..cpu.clone()
+                    };
+                    Ok((
+                        compile_for(env, model, path, ffi::HW_CPU, &fp32)?,
+                        CpuArithmetic::Fp32,
+                    ))
+                }
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn compile(
     env: &Environment,
     model: &Model,
     path: &Path,
     options: &EngineOptions,
     cpu: &CpuSettings,
-) -> Result<(CompiledModel, Accelerator), EngineError> {
+) -> Result<(CompiledModel, Accelerator, CpuArithmetic), EngineError> {
     let requested = options.accelerator;
-    let on_cpu = || compile_for(env, model, path, ffi::HW_CPU, cpu);
-    let unavailable = |reason: String| -> Result<(CompiledModel, Accelerator), EngineError> {
-        match options.fallback {
-            Fallback::Fail => Err(EngineError::AcceleratorUnavailable {
-                requested: requested.to_string(),
-                reason,
-            }),
-            Fallback::Cpu => {
-                log::warn!("accelerator {requested} unavailable ({reason}); falling back to CPU");
-                Ok((on_cpu()?, Accelerator::Cpu))
-            }
-        }
+    let on_cpu = || {
+        compile_cpu(env, model, path, options.fallback, cpu)
+            .map(|(compiled, arithmetic)| (compiled, Accelerator::Cpu, arithmetic))
     };
+    let unavailable =
+        |reason: String| -> Result<(CompiledModel, Accelerator, CpuArithmetic), EngineError> {
+            match options.fallback {
+                Fallback::Fail => Err(EngineError::AcceleratorUnavailable {
+                    requested: requested.to_string(),
+                    reason,
+                }),
+                Fallback::Cpu => {
+                    log::warn!(
+                        "accelerator {requested} unavailable ({reason}); falling back to CPU"
+                    );
+                    on_cpu()
+                }
+            }
+        };
     let hw = match requested {
-        Accelerator::Cpu => return Ok((on_cpu()?, Accelerator::Cpu)),
+        Accelerator::Cpu => return on_cpu(),
         Accelerator::Gpu => ffi::HW_GPU,
         Accelerator::Npu => ffi::HW_NPU,
         Accelerator::EdgeTpu => {
@@ -452,7 +521,7 @@ fn compile(
         ));
     }
     match compile_for(env, model, path, hw | ffi::HW_CPU, cpu) {
-        Ok(compiled) => Ok((compiled, requested)),
+        Ok(compiled) => Ok((compiled, requested, cpu.arithmetic)),
         Err(e) => unavailable(format!("compiling for {name} failed: {e}")),
     }
 }
@@ -486,6 +555,9 @@ impl crate::LoadedModel for LiteRtEmbedder {
     }
     fn threads(&self) -> u32 {
         LiteRtEmbedder::threads(self)
+    }
+    fn cpu_arithmetic(&self) -> CpuArithmetic {
+        LiteRtEmbedder::cpu_arithmetic(self)
     }
     fn fill_input(&mut self, image: &RgbImage) -> Result<(), EmbedError> {
         LiteRtEmbedder::fill_input(self, image)

@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use super::ffi::{self, Api};
 use super::handles::Environment;
-use crate::{EngineError, EngineOptions};
+use crate::{CpuArithmetic, EngineError, EngineOptions};
 
 pub const LIBRARY_NAME: &str = "libLiteRt.so";
 const LOCK_TEXT: &str = include_str!("../../../../scripts/litert-runtime.lock");
@@ -261,11 +261,24 @@ pub(crate) fn hardware_names(bits: c_int) -> Vec<&'static str> {
 }
 
 impl CpuSettings {
+    /// The flags to set, or `None` to leave the delegate's defaults.
+    pub(crate) fn xnnpack_flags(&self) -> Option<u32> {
+        match self.arithmetic {
+            CpuArithmetic::Fp32 => None,
+            CpuArithmetic::Fp16 => {
+                Some(xnnpack_flag::QS8 | xnnpack_flag::QU8 | xnnpack_flag::FORCE_FP16)
+            }
+        }
+    }
+
     /// The CPU accelerator's options as LiteRT's opaque-options entry: identifier `xnnpack` and
     /// a TOML payload, the format LiteRT's own CPU-options helpers produce (those helpers are not
     /// exported by the runtime library, so dermedge builds the entry itself).
     pub(crate) fn opaque_entry(&self) -> (CString, CString) {
         let mut toml = format!("num_threads = {}\n", self.threads);
+        if let Some(flags) = self.xnnpack_flags() {
+            toml.push_str(&format!("flags = {flags}\n"));
+        }
         if let Some(cache) = &self.weight_cache {
             // A TOML basic string, control characters (NUL included) escaped by the toml crate.
             let path = toml::Value::String(cache.to_string_lossy().into_owned());
@@ -284,6 +297,18 @@ pub(crate) struct CpuSettings {
     pub threads: u32,
     /// XNNPACK packs weights into this file once; later starts map it instead of repacking.
     pub weight_cache: Option<std::path::PathBuf>,
+    pub arithmetic: CpuArithmetic,
+}
+
+/// XNNPACK delegate flags (`TFLITE_XNNPACK_DELEGATE_FLAG_*` in TensorFlow Lite's
+/// `xnnpack_delegate.h`). Flags given replace the delegate's defaults, so they restate them.
+mod xnnpack_flag {
+    /// Signed 8-bit quantised operators (the default).
+    pub const QS8: u32 = 0x1;
+    /// Unsigned 8-bit quantised operators (the default).
+    pub const QU8: u32 = 0x2;
+    /// float16 arithmetic for float operators.
+    pub const FORCE_FP16: u32 = 0x4;
 }
 
 /// Destructor LiteRT calls for a payload made by `CString::into_raw`.
@@ -297,6 +322,23 @@ pub(crate) unsafe extern "C" fn free_cstring_payload(payload: *mut std::ffi::c_v
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fp16_arithmetic_sets_xnnpack_flags_that_keep_the_int8_defaults() {
+        let settings = |arithmetic| CpuSettings {
+            threads: 2,
+            weight_cache: None,
+            arithmetic,
+        };
+        let payload = |arithmetic| {
+            let (id, payload) = settings(arithmetic).opaque_entry();
+            assert_eq!(id.to_str().unwrap(), "xnnpack");
+            payload.into_string().unwrap()
+        };
+        assert_eq!(payload(CpuArithmetic::Fp32), "num_threads = 2\n");
+        // QS8 | QU8 (the delegate's defaults, which given flags replace) | FORCE_FP16.
+        assert_eq!(payload(CpuArithmetic::Fp16), "num_threads = 2\nflags = 7\n");
+    }
 
     #[test]
     fn the_embedded_lock_pins_this_target() {
