@@ -3,14 +3,30 @@
 # The venv lives in .cache/venv/tf-<hash of the requirement files>, so a changed pin makes a new one.
 #   scripts/python-env.sh tests/fixtures/generate.py [args...]
 #   scripts/python-env.sh -m dermedge_export ...      (models/export is on PYTHONPATH)
+#   scripts/python-env.sh --venv quantizer -m dermedge_export.sensitivity ...
+#     (the AI Edge Quantizer's venv: requirements-quantizer.txt, no TensorFlow, its own LiteRT)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-req="$root/models/export/requirements.txt"
-nodeps="$root/models/export/requirements-nodeps.txt"
+kind=tf
+if [[ "${1:-}" == "--venv" ]]; then
+  case "${2:-}" in
+    tf|quantizer) kind="$2"; shift 2 ;;
+    *) echo "python-env.sh: --venv takes tf or quantizer, not '${2:-}'" >&2; exit 2 ;;
+  esac
+fi
+if [[ "$kind" == quantizer ]]; then
+  req="$root/models/export/requirements-quantizer.txt"
+  nodeps=/dev/null
+  size="ai-edge-quantizer, about 0.2 GB"
+else
+  req="$root/models/export/requirements.txt"
+  nodeps="$root/models/export/requirements-nodeps.txt"
+  size="tensorflow-cpu, about 1.7 GB"
+fi
 key="$(cat "$req" "$nodeps" | sha256sum | cut -c1-12)"
-venv="$root/.cache/venv/tf-$key"
+venv="$root/.cache/venv/$kind-$key"
 if [[ ! -x "$venv/bin/python" || ! -f "$venv/.complete" ]]; then
-  echo "creating the model-tooling venv in $venv (tensorflow-cpu, about 1.7 GB) ..." >&2
+  echo "creating the model-tooling venv in $venv ($size) ..." >&2
   rm -rf "$venv"
   if ! python3 -m venv "$venv" 2>/dev/null; then
     sudo_cmd=(); [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
@@ -19,7 +35,7 @@ if [[ ! -x "$venv/bin/python" || ! -f "$venv/.complete" ]]; then
   fi
   "$venv/bin/pip" install --quiet --no-cache-dir -r "$req"
   # sklesion pins an old TensorFlow; only its trained model file is used.
-  "$venv/bin/pip" install --quiet --no-cache-dir --no-deps -r "$nodeps"
+  [[ "$nodeps" == /dev/null ]] || "$venv/bin/pip" install --quiet --no-cache-dir --no-deps -r "$nodeps"
   touch "$venv/.complete"
 fi
 export PYTHONPATH="$root/models/export${PYTHONPATH:+:$PYTHONPATH}"

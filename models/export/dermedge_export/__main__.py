@@ -5,6 +5,7 @@
     python -m dermedge_export export SAVEDMODEL --name NAME --out DIR --calibration DIR --evaluation DIR
     python -m dermedge_export build NAME            # per models/models.toml, into .cache/models/
     python -m dermedge_export recipes-report OUT --name NAME   # re-estimate a finished search
+    python -m dermedge_export inputs MANIFEST (--images DIR [--count N] | --calibration-record JSON) --out X.npz
 
 Run it through scripts/python-env.sh (or models/export/dermedge-export), which provides the
 pinned tensorflow-cpu venv.
@@ -77,6 +78,16 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path, help="the search's --out directory")
     p.add_argument("--name", required=True)
 
+    p = sub.add_parser("inputs", help="preprocess images as dermedge does for a model (its manifest) into an .npz, "
+                                      "for tools in the quantizer venv")
+    p.add_argument("manifest", type=Path, help="the model's dermedge manifest (.toml): input size, scale, offset")
+    p.add_argument("--images", type=Path, help="a directory of images")
+    p.add_argument("--count", type=int, help="a seeded sample of this many, stratified by image kind (default: all)")
+    p.add_argument("--seed", type=int, default=448)
+    p.add_argument("--calibration-record", type=Path,
+                   help="an export's <name>.calibration.json: exactly the images it calibrated on")
+    p.add_argument("--out", required=True, type=Path)
+
     p = sub.add_parser("build", help="build a registry model (models/models.toml) into the cache")
     p.add_argument("name")
     p.add_argument("--cache", type=Path, default=None)
@@ -114,6 +125,11 @@ def main(argv=None) -> int:
             from . import recipes
             recipes.refresh(args.out, args.name)
             print(f"rewrote {args.out / (args.name + '.recipes.md')} and {args.name}.frontier.svg")
+        elif args.command == "inputs":
+            from . import export
+            n = export.write_inputs(args.manifest, args.out, images=args.images, count=args.count, seed=args.seed,
+                                    calibration_record=args.calibration_record)
+            print(f"wrote {n} preprocessed inputs to {args.out}")
         elif args.command == "build":
             registry.build(args.name, args.cache)
     except ExportError as e:

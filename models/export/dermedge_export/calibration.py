@@ -20,6 +20,12 @@ def calibration_sample(files: list[Path], options: ExportOptions) -> tuple[list[
     count = min(options.calibration_count, len(files))
     if options.calibration_sampling == "sorted":
         return files[:count], f"the first {count} readable images of the directory in sorted order"
+    return stratified_sample(files, count, options.calibration_seed)
+
+
+def stratified_sample(files: list[Path], count: int, seed: int) -> tuple[list[Path], str]:
+    """`count` of `files`, each kind in proportion, drawn with `seed`; and how they were chosen."""
+    count = min(count, len(files))
     kinds: dict[str, list[Path]] = {}
     for p in files:
         kinds.setdefault(image_kind(p), []).append(p)
@@ -39,7 +45,7 @@ def calibration_sample(files: list[Path], options: ExportOptions) -> tuple[list[
     while sum(share.values()) > count:
         k = max(names, key=lambda k: (share[k], k))
         share[k] -= 1
-    rng = np.random.default_rng(options.calibration_seed)
+    rng = np.random.default_rng(seed)
     chosen = []
     for k in names:
         picked = rng.choice(len(kinds[k]), share[k], replace=False)

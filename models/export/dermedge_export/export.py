@@ -36,7 +36,7 @@ from tensorflow.python.framework import tensor_util
 from tensorflow.python.framework.convert_to_constants import _run_inline_graph_optimization
 
 from . import opreport, recipes
-from .calibration import calibration_sample, image_kind
+from .calibration import calibration_sample, image_kind, stratified_sample
 from .runner import run_tflite
 from .errors import ExportError
 from .manifest import Preprocessing, sha256, write_manifest
@@ -310,6 +310,48 @@ def model_input(path: Path, pre: Preprocessing) -> np.ndarray:
     img = tf.io.decode_image(path.read_bytes(), channels=3, expand_animations=False)
     img = tf.image.resize(img, [pre.height, pre.width], method="bilinear", antialias=False)
     return (img.numpy() * np.float32(pre.scale) + np.float32(pre.offset))[None].astype(np.float32)
+
+
+def manifest_preprocessing(manifest: Path) -> Preprocessing:
+    """The input size and affine a dermedge manifest states (what `model_input` needs)."""
+    import tomllib
+
+    try:
+        spec = tomllib.loads(Path(manifest).read_text())["input"]
+        return Preprocessing("", "", int(spec["height"]), int(spec["width"]), float(spec["scale"]),
+                             float(spec["offset"]), "", [], True)
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{manifest}: not a dermedge manifest with [input] height, width, scale and offset ({e})") from e
+
+
+def write_inputs(manifest: Path, out: Path, images: Path | None = None, count: int | None = None, seed: int = 448,
+                 calibration_record: Path | None = None) -> int:
+    """Preprocess images for the manifest's model into `out` (.npz: float32 `inputs` [n, h, w, c],
+    `names`): a directory (all, or a stratified seeded sample of `count`), or exactly the images an
+    export calibrated on (its `<name>.calibration.json`)."""
+    pre = manifest_preprocessing(manifest)
+    if (images is None) == (calibration_record is None):
+        raise ExportError("inputs: give either an image directory or a calibration record, not both or neither")
+    if calibration_record is not None:
+        try:
+            record = json.loads(Path(calibration_record).read_text())
+            files = [Path(record["calibration_dir"]) / f for f in record["files"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ExportError(f"{calibration_record}: not an export's calibration record ({e})") from e
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ExportError(f"{calibration_record}: {len(missing)} recorded calibration images are gone, e.g. {missing[0]}")
+    else:
+        files = list_images(images, "inputs")
+        if count is not None:
+            if count < 1:
+                raise ExportError(f"inputs: --count must be at least 1, not {count}")
+            files, _ = stratified_sample(files, count, seed)
+    inputs = np.concatenate([model_input(f, pre) for f in files])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, inputs=inputs, names=np.array([f.name for f in files]))
+    return len(files)
 
 
 def serialized_example(path: Path) -> bytes:
