@@ -129,8 +129,57 @@ impl LiteRtEmbedder {
             weight_cache: options.weight_cache.clone(),
             arithmetic: options.cpu_arithmetic,
         };
-        let (compiled, accelerator, arithmetic) =
-            quietly(|| compile(&env, &model, &model_path, options, &cpu))?;
+        let build = |cpu: &CpuSettings| -> Result<Compiled, EngineError> {
+            let (compiled, accelerator, arithmetic) =
+                quietly(|| compile(&env, &model, &model_path, options, cpu))?;
+            let input_buffer = compiled
+                .create_buffer(&env, signature_index, Side::Input, 0, &input_type)
+                .map_err(at)?;
+            let output_buffer = compiled
+                .create_buffer(
+                    &env,
+                    signature_index,
+                    Side::Output,
+                    output_index,
+                    &output_type,
+                )
+                .map_err(at)?;
+            Ok(Compiled {
+                input_buffer,
+                output_buffer,
+                compiled,
+                accelerator,
+                arithmetic,
+            })
+        };
+        let mut built = build(&cpu)?;
+        if built.accelerator == Accelerator::Cpu && built.arithmetic == CpuArithmetic::Fp16 {
+            // XNNPACK sets up its fp16 kernels at the first run, not at compile: a CPU without
+            // fp16 arithmetic (the Pi 4's Cortex-A72) fails there. One run now finds out.
+            let Compiled {
+                compiled,
+                input_buffer,
+                output_buffer,
+                ..
+            } = &mut built;
+            if let Err(failed) =
+                quietly(|| compiled.run(signature_index, input_buffer, output_buffer))
+            {
+                fp16_unavailable(options.fallback, failed.at(&model_path))?;
+                drop(built);
+                built = build(&CpuSettings {
+                    arithmetic: CpuArithmetic::Fp32,
+                    ..cpu.clone()
+                })?;
+            }
+        }
+        let Compiled {
+            input_buffer,
+            output_buffer,
+            compiled,
+            accelerator,
+            arithmetic,
+        } = built;
         if let (Some(cache), Some(CacheState::ToBuild)) = (&options.weight_cache, cache_state) {
             if accelerator == Accelerator::Cpu && cache.exists() {
                 weight_cache::seal(cache);
@@ -142,18 +191,6 @@ impl LiteRtEmbedder {
             }
         }
         let fully_accelerated = compiled.fully_accelerated();
-        let input_buffer = compiled
-            .create_buffer(&env, signature_index, Side::Input, 0, &input_type)
-            .map_err(at)?;
-        let output_buffer = compiled
-            .create_buffer(
-                &env,
-                signature_index,
-                Side::Output,
-                output_index,
-                &output_type,
-            )
-            .map_err(at)?;
         // Where start-up time goes: the checksum is proportional to the file, compiling to the
         // weights XNNPACK packs (or maps, with a weight cache).
         log::debug!(
@@ -437,6 +474,31 @@ fn arithmetic_note(accelerator: Accelerator, arithmetic: CpuArithmetic) -> &'sta
     }
 }
 
+/// A compiled model with its buffers; the buffers drop first, as LiteRT requires.
+struct Compiled {
+    input_buffer: TensorBuffer,
+    output_buffer: TensorBuffer,
+    compiled: CompiledModel,
+    accelerator: Accelerator,
+    arithmetic: CpuArithmetic,
+}
+
+/// fp16 arithmetic this CPU cannot run: an error under `Fallback::Fail`, else a warning and
+/// `Ok` (the caller compiles for float32).
+fn fp16_unavailable(fallback: Fallback, cause: EngineError) -> Result<(), EngineError> {
+    let reason = format!("XNNPACK cannot run fp16 arithmetic on this CPU: {cause}");
+    match fallback {
+        Fallback::Fail => Err(EngineError::InvalidOption {
+            field: "cpu_arithmetic",
+            message: reason,
+        }),
+        Fallback::Cpu => {
+            log::warn!("{reason}; running float32 arithmetic instead");
+            Ok(())
+        }
+    }
+}
+
 /// Compile for the CPU in the arithmetic `cpu` asks for. fp16 that this CPU cannot compile
 /// falls back to float32 (logged) or fails, as `fallback` says; the arithmetic that runs is
 /// returned.
@@ -450,24 +512,15 @@ fn compile_cpu(
     match compile_for(env, model, path, ffi::HW_CPU, cpu) {
         Ok(compiled) => Ok((compiled, cpu.arithmetic)),
         Err(e) if cpu.arithmetic == CpuArithmetic::Fp16 => {
-            let reason = format!("XNNPACK could not compile fp16 arithmetic on this CPU: {e}");
-            match fallback {
-                Fallback::Fail => Err(EngineError::InvalidOption {
-                    field: "cpu_arithmetic",
-                    message: reason,
-                }),
-                Fallback::Cpu => {
-                    log::warn!("{reason}; running float32 arithmetic instead");
-                    let fp32 = CpuSettings {
-                        arithmetic: CpuArithmetic::Fp32,
-                        ..cpu.clone()
-                    };
-                    Ok((
-                        compile_for(env, model, path, ffi::HW_CPU, &fp32)?,
-                        CpuArithmetic::Fp32,
-                    ))
-                }
-            }
+            fp16_unavailable(fallback, e)?;
+            let fp32 = CpuSettings {
+                arithmetic: CpuArithmetic::Fp32,
+                ..cpu.clone()
+            };
+            Ok((
+                compile_for(env, model, path, ffi::HW_CPU, &fp32)?,
+                CpuArithmetic::Fp32,
+            ))
         }
         Err(e) => Err(e),
     }
