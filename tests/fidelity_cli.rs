@@ -226,6 +226,29 @@ fn bad_inputs_are_clear_errors() {
         !ok && stderr.contains("df-mini") && stderr.contains("lesion-x448"),
         "{stderr}"
     );
+
+    // A verdict for fp16 arithmetic recorded against the file (which devices run in fp32).
+    let (ok, _, stderr) = fidelity(&[
+        "--reference",
+        lesion_fp32.to_str().unwrap(),
+        "--candidate",
+        lesion_fp32.to_str().unwrap(),
+        "--candidate-cpu-arithmetic",
+        "fp16",
+        "--record",
+        "--images",
+        &images,
+        "--report",
+        report_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stderr.contains("--record") && stderr.contains("fp16"),
+        "{stderr}"
+    );
+    assert!(
+        !fs::read_to_string(&lesion_fp32).unwrap().contains("[fidelity]"),
+        "nothing recorded"
+    );
 }
 
 /// The committed baseline (crates/fidelity/baselines/lesion-x448.int8.json, measured on the

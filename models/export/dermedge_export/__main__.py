@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--latency-budget", type=float, default=1.2,
                    help="recipe search: the slowest a recipe may be, relative to the plain int8 export")
     p.add_argument("--bench-runs", type=int, default=5)
+    p.add_argument("--sensitivity", type=Path,
+                   help="recipe search: a per-layer sensitivity run of this model's fp32 export "
+                        "(dermedge_export.sensitivity); offers the aeq-mixed-* recipes")
     p.add_argument("--recipes", help="recipe search: comma-separated recipe names to try (default: all; the plain "
                                      "int8 export is always tried, as the timing baseline)")
 
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
                     dermedge=args.dermedge or DEFAULT_DERMEDGE, validation=args.validation,
                     validation_count=args.validation_count, holdout=args.holdout, threads=args.threads,
                     latency_budget=args.latency_budget, bench_runs=args.bench_runs,
-                    recipes=tuple(args.recipes.split(",")) if args.recipes is not None else None)
+                    recipes=tuple(args.recipes.split(",")) if args.recipes is not None else None,
+                    sensitivity=args.sensitivity)
             options = ExportOptions(
                 savedmodel=args.savedmodel, name=args.name, out=args.out, calibration=args.calibration,
                 evaluation=args.evaluation, version=args.version, input_type=args.input_type,

@@ -544,7 +544,8 @@ def export(options: ExportOptions, progress=print) -> dict:
             validation = subset
         report["recipe_search"] = recipes.search(context(
             dermedge=search.dermedge, validation=validation, holdout=search.holdout, threads=search.threads,
-            latency_budget=search.latency_budget, bench_runs=search.bench_runs, only=search.recipes))
+            latency_budget=search.latency_budget, bench_runs=search.bench_runs, only=search.recipes,
+            sensitivity=search.sensitivity))
     if integer_core_dir is not None:
         shutil.rmtree(integer_core_dir, ignore_errors=True)
     shutil.rmtree(core_dir, ignore_errors=True)

@@ -23,7 +23,8 @@ CALIBRATION_SAMPLING = ("stratified", "sorted")
 RECIPE_NAMES = ("int8-plain", "int8-integer-groupnorm", "ablation-conv", "ablation-conv-add", "ablation-conv-add-norm",
                 "int8-affine", "int8-calibration-x4",
                 "int8-calibration-x4-affine", "int8-selective-5", "int8-selective-20", "dynamic-range-int8", "fp16",
-                "int16x8")
+                "int16x8", "aeq-int8", "aeq-int8-bias-corrected", "aeq-int8-bias-corrected-affine", "aeq-mixed-8",
+                "aeq-mixed-32", "aeq-a16w8")
 
 
 def _set(obj, name: str, value):
@@ -71,6 +72,9 @@ class TargetFidelity:
     latency_budget: float = 1.2  # the slowest a recipe may be, relative to the plain int8 export
     bench_runs: int = 5
     recipes: tuple[str, ...] | None = None  # None: all; the plain int8 export is always tried
+    # A per-layer sensitivity run (dermedge_export.sensitivity) of this model's fp32 export: the
+    # aeq-mixed-* recipes keep its most sensitive ops float. None: those recipes are not offered.
+    sensitivity: Path | None = None
 
     def __post_init__(self):
         if not isinstance(self.dermedge, (str, os.PathLike)) or not os.fspath(self.dermedge):
@@ -82,6 +86,8 @@ class TargetFidelity:
         for name in ("validation", "holdout"):
             if getattr(self, name) is not None:
                 _set(self, name, _path(name, getattr(self, name), directory=True))
+        if self.sensitivity is not None:
+            _set(self, "sensitivity", _path("sensitivity", self.sensitivity))
         if self.validation_count is not None:
             _count("validation_count", self.validation_count)
         _count("threads", self.threads)

@@ -74,6 +74,8 @@ class Context:
     # What several recipes need and is made once: a conversion a recipe shares with its
     # corrected twin, the fp32 export's outputs on the calibration samples.
     shared: dict = field(default_factory=dict)
+    # A per-layer sensitivity run of the fp32 export (sensitivity.py): offers aeq-mixed-*.
+    sensitivity: Path | None = None
 
 
 def _converter(ctx: Context, integer_friendly: bool = False):
@@ -198,6 +200,27 @@ def _fp16(ctx: Context) -> bytes:
     return conv.convert()
 
 
+def _quantizer(ctx: Context, conversion: str, *extra: str) -> bytes:
+    """A conversion by the AI Edge Quantizer (sensitivity.CONVERSIONS), run in its own venv
+    (it pins another LiteRT) on the fp32 export, calibrated on the same images as every recipe."""
+    def calibration() -> Path:
+        path = ctx.out / "recipes" / f"{ctx.name}.calibration-inputs.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, inputs=np.concatenate(ctx.cal_inputs), names=np.array([str(i) for i in range(len(ctx.cal_inputs))]))
+        return path
+
+    cal = _once(ctx, "calibration-npz", calibration)
+    out = ctx.out / "recipes" / f"{ctx.name}.{conversion}{''.join(extra[-1:])}.aeq.tflite"
+    cmd = ["bash", str(ROOT / "scripts" / "python-env.sh"), "--venv", "quantizer", "-m", "dermedge_export.sensitivity",
+           str(ctx.fp32_tflite), "--calibration", str(cal), "--convert", conversion, "--out", str(out), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not out.is_file():
+        raise ExportError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
 def fit_correction(ctx: Context, tflite: Path, path: Path) -> dict:
     """Fit the output correction of `tflite` against the fp32 export on the calibration images
     and their flips and rotation (4x the samples, none of them validation images); write it to
@@ -218,6 +241,12 @@ def selected(ctx: Context) -> list[Recipe]:
     every = recipes(ctx)
     if ctx.only is None:
         return every
+    offered = {r.name for r in every}
+    missing = [n for n in ctx.only if n not in offered]
+    if missing:
+        why = {n: "needs --sensitivity (a per-layer sensitivity run)" if n.startswith("aeq-mixed-")
+               else "needs a graph with Square / SquaredDifference" for n in missing}
+        raise ExportError("recipes not offered for this model: " + "; ".join(f"{n} {w}" for n, w in why.items()))
     return [r for r in every if r.name == "int8-plain" or r.name in ctx.only]
 
 
@@ -265,6 +294,36 @@ def recipes(ctx: Context) -> list[Recipe]:
         Recipe("fp16", "fp16", "float16 weights, float32 arithmetic (XNNPACK unpacks the weights to float32 once, "
                "at load): half the fp32 file, the fp32 model's speed", lambda: _fp16(ctx)),
         Recipe("int16x8", "int16x8", "int16 activations, int8 weights", lambda: _int16x8(ctx)),
+        *aeq_recipes(ctx),
+    ]
+
+
+def aeq_recipes(ctx: Context) -> list[Recipe]:
+    """The AI Edge Quantizer's recipes, converted from the fp32 export (not the SavedModel)."""
+    n = len(ctx.cal_inputs)
+
+    def bias_corrected() -> bytes:
+        return _once(ctx, "aeq-int8-bias-corrected", lambda: _quantizer(ctx, "int8-bias-corrected"))
+
+    mixed = []
+    if ctx.sensitivity is not None:
+        mixed = [Recipe(f"aeq-mixed-{k}", "int8",
+                        f"aeq-int8-bias-corrected with the {k} ops most sensitive on the final embedding kept "
+                        f"float ({ctx.sensitivity.name}); {n} calibration images",
+                        lambda k=k: _quantizer(ctx, "mixed", "--sensitivity", str(ctx.sensitivity), "--float-ops", str(k)))
+                 for k in (8, 32)]
+    return [
+        Recipe("aeq-int8", "int8", f"AI Edge Quantizer int8 (min/max ranges, per-channel weights); {n} calibration images",
+               lambda: _quantizer(ctx, "int8")),
+        Recipe("aeq-int8-bias-corrected", "int8",
+               "aeq-int8 on the graph with every convolution's bias corrected for its int8 weights' error "
+               "(b' = b - (Q(W) - W) E[x], E[x] measured on 16 calibration images)", bias_corrected),
+        Recipe("aeq-int8-bias-corrected-affine", "int8",
+               "aeq-int8-bias-corrected with the per-dimension output correction of int8-affine", bias_corrected,
+               corrected=True),
+        *mixed,
+        Recipe("aeq-a16w8", "int16x8", "AI Edge Quantizer int16 activations, int8 weights",
+               lambda: _quantizer(ctx, "a16w8")),
     ]
 
 

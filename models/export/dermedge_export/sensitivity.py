@@ -46,6 +46,13 @@ def static_config(activation_bits: int = 8) -> dict:
     }
 
 
+def weight_only_config() -> dict:
+    """Per-channel symmetric int8 weights dequantised to float32 at load; float arithmetic. What
+    weight quantisation alone costs."""
+    return {"weight_tensor_config": {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE", "dtype": "INT"},
+            "compute_precision": "FLOAT", "explicit_dequantize": True, "skip_checks": False, "min_weight_elements": 0}
+
+
 def entry(regex: str, operation: str, config: dict | None, algorithm: str = "min_max_uniform_quantize") -> dict:
     """One line of an AI Edge Quantizer recipe; `config` None keeps the matching ops float."""
     if config is None:
@@ -80,6 +87,123 @@ def quantisable_ops(model: bytes) -> list[Op]:
             continue
         ops.append(Op(i, str(getattr(name, "value", name)), fb.get_op_scope(op, subgraph.tensors)))
     return ops
+
+
+def _conv_weights(flat, subgraph, op):
+    """(op type, weight array, bias array or None, per-channel axis) of a convolution, else None."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    name = str(getattr(fb.TFL_OP_CODE_TO_NAME.get(flat.operatorCodes[op.opcodeIndex].builtinCode), "value", ""))
+    if name not in ("CONV_2D", "DEPTHWISE_CONV_2D") or len(op.inputs) < 2:
+        return None
+    weights = subgraph.tensors[op.inputs[1]]
+    data = flat.buffers[weights.buffer].data
+    if data is None or len(data) == 0:
+        return None
+    w = np.frombuffer(bytes(data), np.float32).reshape(weights.shape)
+    b = None
+    if len(op.inputs) > 2 and op.inputs[2] >= 0:
+        bias = subgraph.tensors[op.inputs[2]]
+        if flat.buffers[bias.buffer].data is not None and len(flat.buffers[bias.buffer].data):
+            b = np.frombuffer(bytes(flat.buffers[bias.buffer].data), np.float32)
+    return name, w, b, (3 if name == "DEPTHWISE_CONV_2D" else 0)
+
+
+def _set_constant(flat, op, slot: int, values: np.ndarray, subgraph: int = 0) -> None:
+    """Give the constant at input `slot` of `op` new values, for this op only. The converter
+    shares equal constants (every all-zero bias of a size is one tensor on one buffer), so a
+    tensor or buffer used elsewhere is first copied and `op` rewired to the copy."""
+    import copy
+
+    graph = flat.subgraphs[subgraph]
+    index = op.inputs[slot]
+    tensor = graph.tensors[index]
+    readers = sum(list(o.inputs).count(index) for o in graph.operators)
+    owners = sum(t.buffer == tensor.buffer for g in flat.subgraphs for t in g.tensors)
+    if readers > 1 or owners > 1:
+        flat.buffers.append(copy.copy(flat.buffers[tensor.buffer]))
+        tensor = copy.copy(tensor)
+        tensor.buffer = len(flat.buffers) - 1
+        # Tensor names must stay unique (the quantizer keys its ranges by name).
+        name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
+        tensor.name = f"{name}/own-{len(graph.tensors)}".encode()
+        graph.tensors.append(tensor)
+        inputs = list(op.inputs)
+        inputs[slot] = len(graph.tensors) - 1
+        op.inputs = np.array(inputs, dtype=np.int32) if isinstance(op.inputs, np.ndarray) else inputs
+    flat.buffers[tensor.buffer].data = np.frombuffer(values.astype(np.float32).tobytes(), np.uint8)
+
+
+def int8_weight_error(w: np.ndarray, axis: int) -> np.ndarray:
+    """Q(w) − w for per-channel symmetric int8 along `axis` (scale max|w| / 127)."""
+    moved = np.moveaxis(w, axis, 0)
+    scale = np.abs(moved).reshape(moved.shape[0], -1).max(1) / 127.0
+    scale[scale == 0] = 1.0
+    scale = scale.reshape((-1,) + (1,) * (moved.ndim - 1))
+    return np.moveaxis(np.round(moved / scale) * scale - moved, 0, axis)
+
+
+def bias_corrected(model: bytes, calibration: np.ndarray, threads: int = 2) -> bytes:
+    """The float model with every convolution's bias corrected for its int8 weights' error:
+    b' = b − Σ (Q(W) − W) · E[x], E[x] the per-channel mean of the op's input over the calibration
+    images (Nagel et al. 2019, "Data-free quantization", analytic bias correction with measured
+    means; borders and padding ignored). Quantising the result leaves the weights as they were and
+    moves each output channel's expected value back to float's."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    flat = fb.read_model(bytearray(model))
+    subgraph = flat.subgraphs[0]
+    convs = [(op, c) for op in subgraph.operators if (c := _conv_weights(flat, subgraph, op)) and c[2] is not None]
+    interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
+    run = interp.get_signature_runner(SIGNATURE)
+    input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
+    sums = {op.inputs[0]: 0.0 for op, _ in convs}
+    for x in calibration:
+        run(**{input_name: x[None]})
+        for index in sums:
+            sums[index] = sums[index] + interp.get_tensor(index).reshape(-1, interp.get_tensor(index).shape[-1]).mean(0)
+    for op, (name, w, b, axis) in convs:
+        mean = sums[op.inputs[0]] / len(calibration)
+        error = int8_weight_error(w, axis)
+        if name == "CONV_2D":  # [out, kh, kw, in]
+            shift = np.einsum("ohwi,i->o", error, mean)
+        else:  # [1, kh, kw, in * multiplier]
+            multiplier = w.shape[3] // mean.shape[0]
+            shift = error.sum((0, 1, 2)) * np.repeat(mean, multiplier)
+        _set_constant(flat, op, 2, b - shift)
+    return bytes(fu.convert_object_to_bytearray(flat))
+
+
+def with_weight_noise(model: bytes, relative: float, seed: int = 0) -> bytes:
+    """The float model with Gaussian noise on every convolution's weights, `relative` to each
+    weight tensor's RMS: unbiased error of a chosen size, the yardstick for int8's."""
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    flat = fb.read_model(bytearray(model))
+    subgraph = flat.subgraphs[0]
+    rng = np.random.default_rng(seed)
+    for op in subgraph.operators:
+        conv = _conv_weights(flat, subgraph, op)
+        if conv is None:
+            continue
+        w = conv[1]
+        noisy = w + rng.normal(0.0, relative * float(np.sqrt((w.astype(np.float64) ** 2).mean())), w.shape)
+        _set_constant(flat, op, 1, noisy)
+    return bytes(fu.convert_object_to_bytearray(flat))
+
+
+def int8_weight_relative_error(model: bytes) -> float:
+    """The median over convolutions of ‖Q(W) − W‖ / ‖W‖ under per-channel int8."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    flat = fb.read_model(bytearray(model))
+    subgraph = flat.subgraphs[0]
+    errors = [float(np.linalg.norm(int8_weight_error(c[1], c[3])) / np.linalg.norm(c[1]))
+              for op in subgraph.operators if (c := _conv_weights(flat, subgraph, op))]
+    return float(np.median(errors))
 
 
 def load_inputs(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -154,6 +278,14 @@ class Quantiser:
         data = {SIGNATURE: [{input_name: x[None]} for x in calibration]}
         self.qsvs = q.calibrate(data, num_threads=threads)
 
+    @classmethod
+    def from_qsvs(cls, model: bytes, other: "Quantiser") -> "Quantiser":
+        """The same graph with other constants (corrected biases), calibrated ranges taken from
+        `other`: tensor names are the same, and the ranges barely move."""
+        q = cls.__new__(cls)
+        q.model, q.activation_bits, q.qsvs = model, other.activation_bits, other.qsvs
+        return q
+
     def quantise(self, recipe: list[dict]) -> bytes:
         from ai_edge_quantizer import quantizer
 
@@ -163,6 +295,13 @@ class Quantiser:
 
     def only(self, op: Op) -> bytes:
         return self.quantise([entry(scope_regex(op.scope), op.name, static_config(self.activation_bits))])
+
+    def weight_only(self, model: bytes | None = None) -> bytes:
+        from ai_edge_quantizer import quantizer
+
+        q = quantizer.Quantizer(bytearray(model or self.model))
+        q.load_quantization_recipe([entry(".*", "*", weight_only_config())])
+        return bytes(q.quantize(enable_progress_report=False).quantized_model)
 
     def all_but(self, kept_float: list[Op], algorithm: str = "min_max_uniform_quantize") -> bytes:
         """Every op quantised but `kept_float`; the graph's input and output stay float32, as
@@ -178,7 +317,7 @@ RANK_BY = "delta_mean"  # the mean counts an op that ruins a few images as well 
 
 def measure(model_path: Path, calibration: Path, images: Path, out: Path, top: list[int],
             activation_bits: int = 8, threads: int = 2, reuse: bool = False, full_only: bool = False,
-            progress=print) -> dict:
+            variants: bool = False, progress=print) -> dict:
     """Measure every op alone, then the graph without the k most sensitive. `reuse` takes the
     per-op measurements from an earlier run's `<name>.sensitivity.json` in `out` (same model,
     images and calibration, checked) and measures only the cumulative curve; `full_only`
@@ -203,6 +342,9 @@ def measure(model_path: Path, calibration: Path, images: Path, out: Path, top: l
         return {"model": str(model_path), "images": str(images), "image_count": len(xs),
                 "calibration_count": len(cal), "activation_bits": activation_bits, "full": full,
                 "seconds": round(time.time() - started, 1)}
+    if variants:
+        return whole_graph_variants(model, cal, quantiser, judged, out, name, progress) | {
+            "seconds": round(time.time() - started, 1)}
     earlier = out / f"{name}.sensitivity.json"
     if reuse:
         try:
@@ -249,6 +391,83 @@ def measure(model_path: Path, calibration: Path, images: Path, out: Path, top: l
     return result
 
 
+def whole_graph_variants(model: bytes, cal: np.ndarray, quantiser: "Quantiser", judged, out: Path, name: str,
+                         progress=print) -> dict:
+    """Where the loss comes from, graph-wide: int8 weights alone (float arithmetic), the same
+    with bias correction, the full int8 graph with and without it, and unbiased weight noise of
+    int8's size (what an ideal 8-bit weight scheme could at best reach)."""
+    relative = int8_weight_relative_error(model)
+    corrected = bias_corrected(model, cal[:16])
+    rows = [
+        ("int8 weights, float arithmetic", lambda: quantiser.weight_only()),
+        ("int8 weights + bias correction, float arithmetic", lambda: quantiser.weight_only(corrected)),
+        ("full int8 (activations and weights)", lambda: quantiser.all_but([])),
+        ("full int8 + bias correction",
+         lambda: Quantiser.from_qsvs(corrected, quantiser).all_but([])),
+        (f"unbiased weight noise at int8's size ({relative:.4f} of each tensor's RMS), float arithmetic",
+         lambda: with_weight_noise(model, relative)),
+        (f"unbiased weight noise at a quarter of it ({relative / 4:.4f})", lambda: with_weight_noise(model, relative / 4)),
+    ]
+    result = {"int8_weight_relative_error_median": relative, "variants": []}
+    for label, make in rows:
+        row = {"variant": label, **judged(make())}
+        result["variants"].append(row)
+        progress(f"  {label}: delta median {row['delta_median']:.3f} p99 {row['delta_p99']:.3f}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.variants.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# {name}: where the int8 loss comes from", "",
+             f"Median relative error of per-channel int8 convolution weights: {relative:.4f}.", "",
+             "| variant | δ median | δ mean | δ p99 |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['delta_median']:.4f} | {r['delta_mean']:.4f} | {r['delta_p99']:.4f} |"
+              for r in result["variants"]]
+    (out / f"{name}.variants.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
+# The AI Edge Quantizer recipes the exporter's search converts through this venv
+# (`recipes.py`, `aeq-*`): every op int8 (graph input and output float, as dermedge's exports
+# are), the same on the bias-corrected graph, int16 activations, and the bias-corrected int8 with
+# the k ops most sensitive on the final embedding kept float (a sensitivity run's ranking).
+CONVERSIONS = ("int8", "int8-bias-corrected", "a16w8", "mixed")
+
+
+def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sensitivity: Path | None = None,
+            float_ops: int = 0, threads: int = 2) -> dict:
+    """Write one of CONVERSIONS of the float model to `out`; returns what was done."""
+    if conversion not in CONVERSIONS:
+        raise ExportError(f"conversion {conversion!r}: expected one of {', '.join(CONVERSIONS)}")
+    model = Path(model_path).read_bytes()
+    cal, _ = load_inputs(calibration)
+    input_name = Runner(model, threads).input
+    done = {"conversion": conversion, "calibration_count": len(cal)}
+    if conversion == "int8":
+        data = Quantiser(model, cal, input_name, 8, threads).all_but([])
+    elif conversion == "a16w8":
+        data = Quantiser(model, cal, input_name, 16, threads).all_but([])
+    elif conversion == "int8-bias-corrected":
+        quantiser = Quantiser(model, cal, input_name, 8, threads)
+        data = Quantiser.from_qsvs(bias_corrected(model, cal[:16], threads), quantiser).all_but([])
+        done["bias_correction_images"] = min(16, len(cal))
+    else:
+        if sensitivity is None or float_ops < 1:
+            raise ExportError("conversion mixed: needs --sensitivity (a sensitivity run's JSON) and --float-ops >= 1")
+        try:
+            ranked = json.loads(Path(sensitivity).read_text())["alone"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ExportError(f"{sensitivity}: not a sensitivity run's JSON ({e})") from e
+        by_scope = {op.scope: op for op in quantisable_ops(model)}
+        kept = [by_scope.get(r.get("scope")) for r in ranked[:float_ops]]
+        if None in kept or len(kept) < float_ops:
+            raise ExportError(f"{sensitivity}: its ops are not {model_path}'s (measured on another model?)")
+        quantiser = Quantiser(model, cal, input_name, 8, threads)
+        data = Quantiser.from_qsvs(bias_corrected(model, cal[:16], threads), quantiser).all_but(kept)
+        done |= {"bias_correction_images": min(16, len(cal)), "float_ops": float_ops, "sensitivity": str(sensitivity), "kept_float": [op.scope for op in kept]}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    return done
+
+
 def write(out: Path, name: str, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.sensitivity.json").write_text(json.dumps(result, indent=1))
@@ -282,8 +501,11 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="the float .tflite export")
     p.add_argument("--calibration", required=True, type=Path, help="inputs .npz to calibrate ranges on")
-    p.add_argument("--images", required=True, type=Path, help="inputs .npz to measure the embedding on")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--images", type=Path, help="inputs .npz to measure the embedding on")
+    p.add_argument("--out", required=True, type=Path, help="the directory results go to (with --convert: the .tflite)")
+    p.add_argument("--convert", choices=CONVERSIONS, help="write this quantised model to --out instead of measuring")
+    p.add_argument("--sensitivity", type=Path, help="--convert mixed: the sensitivity run whose ranking to use")
+    p.add_argument("--float-ops", type=int, default=0, help="--convert mixed: how many of the most sensitive ops stay float")
     p.add_argument("--top", default="1,2,4,8,16,32", help="k values for 'all but the k most sensitive'")
     p.add_argument("--activation-bits", type=int, choices=[8, 16], default=8)
     p.add_argument("--threads", type=int, default=2)
@@ -291,6 +513,9 @@ def main(argv=None) -> int:
                    help="take the per-op measurements from an earlier run in --out; measure only the cumulative curve")
     p.add_argument("--full-only", action="store_true",
                    help="measure only the graph with every op quantised (nothing is written)")
+    p.add_argument("--variants", action="store_true",
+                   help="measure where the loss comes from graph-wide: int8 weights alone, bias correction, "
+                        "unbiased weight noise of int8's size (<name>.variants.{json,md})")
     args = p.parse_args(argv)
     try:
         top = [int(k) for k in args.top.split(",") if k.strip()]
@@ -300,13 +525,21 @@ def main(argv=None) -> int:
     try:
         if not args.model.is_file():
             raise ExportError(f"{args.model}: no such model file")
+        if args.convert:
+            print(json.dumps(convert(args.model, args.calibration, args.convert, args.out, args.sensitivity,
+                                     args.float_ops, args.threads)))
+            return 0
+        if args.images is None:
+            raise ExportError("--images is needed to measure (or give --convert)")
         result = measure(args.model, args.calibration, args.images, args.out, top, args.activation_bits, args.threads,
-                         args.reuse, args.full_only)
+                         args.reuse, args.full_only, args.variants)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.full_only:
         print(json.dumps(result))
+    elif args.variants:
+        print(f"wrote {args.out}/*.variants.{{json,md}} in {result['seconds']} s")
     else:
         print(f"wrote {args.out}/*.sensitivity.{{json,csv,md}} in {result['seconds']} s")
     return 0

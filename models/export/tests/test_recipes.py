@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from dermedge_export import recipes
+from dermedge_export.errors import ExportError
 from dermedge_export.options import RECIPE_NAMES
 
 
@@ -128,6 +129,15 @@ class Recipes(unittest.TestCase):
                               layer_errors=Path("l"), debug_count=1, dermedge="d", validation=Path("v"), holdout=None,
                               threads=2, latency_budget=1.2, bench_runs=1, only=("dynamic-range-int8",))
         self.assertEqual([r.name for r in recipes.selected(ctx)], ["int8-plain", "dynamic-range-int8"])
+        ctx.only = None
+        without = [n for n in RECIPE_NAMES if not n.startswith("aeq-mixed-")]
+        self.assertEqual([r.name for r in recipes.selected(ctx)], without)
+        # The mixed-precision recipes need a sensitivity run's ranking, and say so when asked for.
+        ctx.only = ("aeq-mixed-8",)
+        with self.assertRaisesRegex(ExportError, "aeq-mixed-8 needs --sensitivity"):
+            recipes.selected(ctx)
+        ctx.sensitivity = Path("m.sensitivity.json")
+        self.assertEqual([r.name for r in recipes.selected(ctx)], ["int8-plain", "aeq-mixed-8"])
         ctx.only = None
         self.assertEqual([r.name for r in recipes.selected(ctx)], list(RECIPE_NAMES))
 
