@@ -215,15 +215,24 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         }
         None => None,
     };
-    let files = inputs::expand(&args.images)?;
     let options = args.runtime.engine_options();
+    let candidate_arithmetic = args
+        .candidate_cpu_arithmetic
+        .unwrap_or(options.cpu_arithmetic);
+    if args.record && candidate_arithmetic != dermedge_engine::CpuArithmetic::Fp32 {
+        // A manifest's verdict is about its file as every device runs it by default.
+        bail!(
+            "--record stores the verdict in {}, which is about the file in fp32 arithmetic; \
+             a verdict for {candidate_arithmetic} arithmetic is reported, not recorded",
+            args.candidate.display()
+        );
+    }
+    let files = inputs::expand(&args.images)?;
     let mut ref_model = args.runtime.load(&reference)?;
     let candidate_backend = args.candidate_backend.unwrap_or(args.runtime.backend);
     let candidate_options = dermedge_engine::EngineOptions {
         backend: candidate_backend,
-        cpu_arithmetic: args
-            .candidate_cpu_arithmetic
-            .unwrap_or(options.cpu_arithmetic),
+        cpu_arithmetic: candidate_arithmetic,
         ..options.clone()
     };
     let mut cand_model = load(&candidate, &candidate_options)?;

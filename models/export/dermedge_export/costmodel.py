@@ -18,6 +18,10 @@ kernels: TFLite's reference kernels). Each class's throughput on one Cortex-A76 
 
 So int8 convolutions come out at ~2.9x float32 ones, in the 2-3x the boards show; the model is
 for ranking recipes against the plain int8 export, not for promising a latency.
+
+With XNNPACK's fp16 arithmetic (dermedge's `cpu_arithmetic = "fp16"`), float ops run as float16:
+the A76's FP16 FMLA does 8 MACs per 128-bit pipe per cycle, twice float32's, at the same assumed
+efficiencies (`float_arithmetic="float16"`).
 """
 from __future__ import annotations
 
@@ -30,10 +34,11 @@ from .opreport import OP_NAMES, TYPE_NAMES
 
 CLOCK_HZ = 2.4e9
 # MACs per cycle per core, by op family and arithmetic (see the module's sources).
-GEMM_MACS_PER_CYCLE = {"float32": 8 * 0.75, "int8": 32 * 0.55, "dynamic-int8": 32 * 0.55, "int16": 0.6}
-DEPTHWISE_MACS_PER_CYCLE = {"float32": 4.0, "int8": 8.0, "dynamic-int8": 8.0, "int16": 0.4}
+GEMM_MACS_PER_CYCLE = {"float32": 8 * 0.75, "float16": 16 * 0.75, "int8": 32 * 0.55, "dynamic-int8": 32 * 0.55,
+                       "int16": 0.6}
+DEPTHWISE_MACS_PER_CYCLE = {"float32": 4.0, "float16": 8.0, "int8": 8.0, "dynamic-int8": 8.0, "int16": 0.4}
 # Elements per cycle per core for everything else (adds, activations, pooling, (de)quantising).
-ELEMENTS_PER_CYCLE = {"float32": 1.0, "int8": 2.0, "dynamic-int8": 1.0, "int16": 0.1}
+ELEMENTS_PER_CYCLE = {"float32": 1.0, "float16": 2.0, "int8": 2.0, "dynamic-int8": 1.0, "int16": 0.1}
 GEMM_OPS = {"CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL"}
 DEPTHWISE_OPS = {"DEPTHWISE_CONV_2D"}
 
@@ -66,10 +71,14 @@ def arithmetic(op_name: str, activation_types: set[str], weight_types: set[str])
 REFERENCE_SLOWDOWN = 10.0
 
 
-def estimate(flatbuffer: bytes, threads: int = 2, outside: set[str] = frozenset()) -> dict:
+def estimate(flatbuffer: bytes, threads: int = 2, outside: set[str] = frozenset(),
+             float_arithmetic: str = "float32") -> dict:
     """Estimated seconds per invoke on `threads` Cortex-A76 cores, with the work per arithmetic.
     Nodes of the op types in `outside` (those XNNPACK leaves to TFLite, runner.delegation) are
-    costed at the reference kernels' speed."""
+    costed at the reference kernels' speed; `float_arithmetic="float16"` costs float ops that
+    XNNPACK runs as float16 arithmetic."""
+    if float_arithmetic not in ("float32", "float16"):
+        raise ValueError(f"float_arithmetic: float32 or float16, not {float_arithmetic!r}")
     model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
     sg = model.subgraphs[0]
     has_data = [b.data is not None and len(b.data) > 0 for b in model.buffers]
@@ -87,6 +96,8 @@ def estimate(flatbuffer: bytes, threads: int = 2, outside: set[str] = frozenset(
         weights = [i for i in inputs if i in constant]
         kind = arithmetic(name, {TYPE_NAMES.get(sg.tensors[i].type, "?") for i in acts},
                           {TYPE_NAMES.get(sg.tensors[i].type, "?") for i in weights})
+        if kind == "float32" and name not in outside:
+            kind = float_arithmetic
         out_elements = sum(_elements(sg.tensors[o]) for o in outputs)
         macs = 0
         if name in GEMM_OPS and len(inputs) > 1:
@@ -114,5 +125,6 @@ def estimate(flatbuffer: bytes, threads: int = 2, outside: set[str] = frozenset(
         k["seconds"] += c.seconds / max(threads, 1)
     for k in by_kind.values():
         k["gmacs"] = round(k["gmacs"], 3)
-    return {"target": f"Cortex-A76 at {CLOCK_HZ / 1e9:.1f} GHz, {threads} threads (estimate)",
+    arith = ", fp16 arithmetic" if float_arithmetic == "float16" else ""
+    return {"target": f"Cortex-A76 at {CLOCK_HZ / 1e9:.1f} GHz, {threads} threads{arith} (estimate)",
             "seconds": total, "by_arithmetic": by_kind}

@@ -241,6 +241,14 @@ class CostModel(unittest.TestCase):
         ratio = fp32["seconds"] / int8["seconds"]
         self.assertTrue(2.0 <= ratio <= 3.0, ratio)
         self.assertIn("estimate", fp32["target"])
+        # XNNPACK's fp16 arithmetic halves the float convolution's cost; int8 ops are unchanged.
+        fp16 = costmodel.estimate(self.conv_model(False), threads=1, float_arithmetic="float16")
+        self.assertAlmostEqual(fp32["seconds"] / fp16["seconds"], 2.0, places=6)
+        self.assertIn("fp16 arithmetic", fp16["target"])
+        self.assertEqual(costmodel.estimate(self.conv_model(True), threads=1, float_arithmetic="float16")
+                         ["by_arithmetic"]["int8"], int8["by_arithmetic"]["int8"])
+        with self.assertRaises(ValueError):
+            costmodel.estimate(self.conv_model(False), float_arithmetic="bfloat16")
 
     def test_delegation_counts_xnnpack_partitions(self):
         from dermedge_export.runner import delegation
