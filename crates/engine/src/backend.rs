@@ -49,6 +49,25 @@ impl Embedder for Box<dyn LoadedModel> {
     }
 }
 
+/// A requested accelerator this machine cannot give: an error under `Fallback::Fail`, else a
+/// warning and `Ok` (the backend then runs on the CPU). One wording for every backend.
+pub(crate) fn accelerator_unavailable(
+    fallback: crate::Fallback,
+    requested: Accelerator,
+    reason: String,
+) -> Result<(), EngineError> {
+    match fallback {
+        crate::Fallback::Fail => Err(EngineError::AcceleratorUnavailable {
+            requested: requested.to_string(),
+            reason,
+        }),
+        crate::Fallback::Cpu => {
+            log::warn!("accelerator {requested} unavailable ({reason}); falling back to CPU");
+            Ok(())
+        }
+    }
+}
+
 /// Whether this build can honour `options`: the backend built in, and the accelerator one the
 /// backend can reach. `config check` and [`load`] both ask.
 pub fn check_options(options: &EngineOptions) -> Result<(), EngineError> {

@@ -20,10 +20,9 @@ use dermedge_core::{
 use tflitec::interpreter::{Interpreter, Options};
 use tflitec::tensor::DataType;
 
+use crate::backend::accelerator_unavailable;
 use crate::check::{check_against_manifest, check_tflite_file};
-use crate::{
-    Accelerator, ElementType, EngineError, EngineOptions, Fallback, Quantization, TensorDetails,
-};
+use crate::{Accelerator, ElementType, EngineError, EngineOptions, Quantization, TensorDetails};
 use capi::DelegatedInterpreter;
 use edgetpu::{EdgeTpuError, EdgeTpuRuntime};
 
@@ -246,18 +245,8 @@ impl ClassicEmbedder {
         drop(map);
         let requested = options.accelerator;
         let unavailable = |reason: String| -> Result<(Runner, Accelerator), EngineError> {
-            match options.fallback {
-                Fallback::Fail => Err(EngineError::AcceleratorUnavailable {
-                    requested: requested.to_string(),
-                    reason,
-                }),
-                Fallback::Cpu => {
-                    log::warn!(
-                        "accelerator {requested} unavailable ({reason}); falling back to CPU"
-                    );
-                    Ok((cpu_runner(&model_path, threads)?, Accelerator::Cpu))
-                }
-            }
+            accelerator_unavailable(options.fallback, requested, reason)?;
+            Ok((cpu_runner(&model_path, threads)?, Accelerator::Cpu))
         };
         let (runner, accelerator) = match requested {
             Accelerator::Cpu => (cpu_runner(&model_path, threads)?, Accelerator::Cpu),

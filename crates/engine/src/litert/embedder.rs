@@ -20,6 +20,7 @@ use super::runtime::{CpuSettings, LiteRtRuntime};
 use super::weight_cache::{self, CacheState};
 use dermedge_core::ManifestError;
 
+use crate::backend::accelerator_unavailable;
 use crate::check::{check_against_manifest, check_tflite, map_model};
 use crate::{
     Accelerator, CpuArithmetic, ElementType, EngineError, EngineOptions, Fallback, Quantization,
@@ -540,18 +541,8 @@ fn compile(
     };
     let unavailable =
         |reason: String| -> Result<(CompiledModel, Accelerator, CpuArithmetic), EngineError> {
-            match options.fallback {
-                Fallback::Fail => Err(EngineError::AcceleratorUnavailable {
-                    requested: requested.to_string(),
-                    reason,
-                }),
-                Fallback::Cpu => {
-                    log::warn!(
-                        "accelerator {requested} unavailable ({reason}); falling back to CPU"
-                    );
-                    on_cpu()
-                }
-            }
+            accelerator_unavailable(options.fallback, requested, reason)?;
+            on_cpu()
         };
     let hw = match requested {
         Accelerator::Cpu => return on_cpu(),
