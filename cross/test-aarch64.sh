@@ -39,5 +39,11 @@ for cpu in cortex-a76 cortex-a72; do
   DERMEDGE_LITERT_LIB="$aarch64_litert" qemu-aarch64-static -cpu "$cpu" -L /usr/aarch64-linux-gnu "target/$target/release/dermedge" embed "${images[@]:0:2}" \
     --model tests/fixtures/df-mini/df-mini.fp32.toml --threads 2 --cpu-arithmetic fp16 --out "$out/aarch64-$cpu.fp32-fp16-arithmetic.npy"
 done
+# ... and with `--require-accelerator` (fallback = fail) the A72 must refuse, naming the option.
+if DERMEDGE_LITERT_LIB="$aarch64_litert" qemu-aarch64-static -cpu cortex-a72 -L /usr/aarch64-linux-gnu "target/$target/release/dermedge" embed "${images[0]}" \
+    --model tests/fixtures/df-mini/df-mini.fp32.toml --threads 2 --cpu-arithmetic fp16 --require-accelerator 2>"$out/a72-fail.log"; then
+  echo "fp16 arithmetic with fallback = fail ran on a Cortex-A72" >&2; exit 1
+fi
+grep -q cpu_arithmetic "$out/a72-fail.log" || { cat "$out/a72-fail.log" >&2; exit 1; }
 DERMEDGE_CROSS_DIR="$out" cargo test --locked -p dermedge-e2e --test cross_arch -- --ignored --nocapture
 rm -rf "$out"

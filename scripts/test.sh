@@ -26,7 +26,7 @@ for model in "${ci_models[@]}"; do
 done
 scripts/python-env.sh -m unittest discover -s models/export/tests
 # The AI Edge Quantizer tools (per-layer sensitivity, bias correction, mixed precision) in their own venv.
-scripts/python-env.sh --venv quantizer -m unittest models/export/tests/test_sensitivity.py
+DERMEDGE_REQUIRE_QUANTIZER=1 scripts/python-env.sh --venv quantizer -m unittest models/export/tests/test_sensitivity.py
 # The whole suite with the hub's real peers: a PostgreSQL server (a throwaway cluster; the store
 # suite runs on both backends) and headless Chromium driving the web page.
 source scripts/postgres-cluster.sh

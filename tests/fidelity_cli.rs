@@ -245,8 +245,27 @@ fn bad_inputs_are_clear_errors() {
         !ok && stderr.contains("--record") && stderr.contains("fp16"),
         "{stderr}"
     );
+    // ... or with the reference in fp16.
+    let (ok, _, stderr) = fidelity(&[
+        "--reference",
+        lesion_fp32.to_str().unwrap(),
+        "--candidate",
+        lesion_fp32.to_str().unwrap(),
+        "--cpu-arithmetic",
+        "fp16",
+        "--candidate-cpu-arithmetic",
+        "fp32",
+        "--record",
+        "--images",
+        &images,
+        "--report",
+        report_dir.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("either side"), "{stderr}");
     assert!(
-        !fs::read_to_string(&lesion_fp32).unwrap().contains("[fidelity]"),
+        !fs::read_to_string(&lesion_fp32)
+            .unwrap()
+            .contains("[fidelity]"),
         "nothing recorded"
     );
 }

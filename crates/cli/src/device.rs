@@ -70,6 +70,17 @@ pub fn check(path: &Path) -> Result<()> {
     // The model and heads must load and agree, not just exist.
     let manifest = ModelManifest::load(&c.model.manifest)?;
     fidelity_warning(path, &manifest, true);
+    if c.model.cpu_arithmetic == dermedge_engine::CpuArithmetic::Fp16 {
+        // No manifest verdict covers it (`fidelity --record` refuses fp16), and records carry the
+        // model's id and precision only: the hub cannot tell these embeddings from fp32's.
+        eprintln!(
+            "warning: {}: model.cpu_arithmetic = \"fp16\": embeddings differ from the file's fp32 \
+             ones and records do not say so; judge it on this device first \
+             (dermedge fidelity --candidate-cpu-arithmetic fp16) and train heads on embeddings \
+             made the same way",
+            path.display()
+        );
+    }
     for head in load_heads(&c.heads)? {
         head.check_model(&manifest.model.id, manifest.model.embedding_dim)?;
     }
@@ -143,7 +154,14 @@ pub fn run(path: &Path) -> Result<bool> {
     // The device warns only on a recorded failure; `config check` also on a missing verdict.
     fidelity_warning(path, &manifest, false);
     let heads = load_heads(&c.heads)?;
-    let embedder = crate::load(&manifest, &options)?;
+    let embedder =
+        crate::load(&manifest, &options).map_err(|e| match e.downcast_ref::<EngineError>() {
+            // Named as the configuration key it comes from, as `config check` names it.
+            Some(engine @ EngineError::InvalidOption { .. }) => {
+                anyhow::anyhow!("{}: {}: {engine}", path.display(), config_key(engine))
+            }
+            _ => e,
+        })?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;

@@ -219,11 +219,13 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
     let candidate_arithmetic = args
         .candidate_cpu_arithmetic
         .unwrap_or(options.cpu_arithmetic);
-    if args.record && candidate_arithmetic != dermedge_engine::CpuArithmetic::Fp32 {
+    let fp32 = dermedge_engine::CpuArithmetic::Fp32;
+    if args.record && (candidate_arithmetic != fp32 || options.cpu_arithmetic != fp32) {
         // A manifest's verdict is about its file as every device runs it by default.
         bail!(
-            "--record stores the verdict in {}, which is about the file in fp32 arithmetic; \
-             a verdict for {candidate_arithmetic} arithmetic is reported, not recorded",
+            "--record stores the verdict in {}, which is about the file in fp32 arithmetic \
+             against an fp32 reference; a verdict with fp16 arithmetic on either side is \
+             reported, not recorded",
             args.candidate.display()
         );
     }
@@ -236,6 +238,19 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         ..options.clone()
     };
     let mut cand_model = load(&candidate, &candidate_options)?;
+    // A comparison of what was not asked for would report a verdict about something else.
+    for (side, model, asked) in [
+        ("reference", &ref_model, options.cpu_arithmetic),
+        ("candidate", &cand_model, candidate_arithmetic),
+    ] {
+        if model.cpu_arithmetic() != asked {
+            bail!(
+                "the {side} was asked for {asked} arithmetic but runs {} (this CPU fell back): \
+                 nothing to judge",
+                model.cpu_arithmetic()
+            );
+        }
+    }
     let threads = options.resolved_threads()?;
     let noise_threads = args
         .noise_threads

@@ -156,7 +156,8 @@ pub struct RuntimeArgs {
     #[arg(long, value_name = "FILE")]
     weight_cache: Option<PathBuf>,
     /// Arithmetic of float ops on the CPU: fp32, or fp16 (XNNPACK's float16 arithmetic, native
-    /// on Cortex-A76/A78AE and AVX512-FP16; falls back to fp32, logged, where the CPU lacks it).
+    /// on Cortex-A76/A78AE and AVX512-FP16; where XNNPACK cannot run it, falls back to fp32 with
+    /// a warning, or fails with --require-accelerator).
     #[arg(long, default_value = "fp32")]
     cpu_arithmetic: CpuArithmetic,
 }

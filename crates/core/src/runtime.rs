@@ -66,9 +66,10 @@ pub enum CpuArithmetic {
     #[default]
     Fp32,
     /// float16 arithmetic for float ops (XNNPACK's force-fp16): native on ARMv8.2 cores
-    /// (Cortex-A76, A78AE) and on x86 with AVX512-FP16, about twice float32's throughput there.
-    /// Integer ops are unchanged. A CPU without fp16 arithmetic cannot compile it; the engine
-    /// then falls back to float32 (logged) or fails, as the fallback policy says.
+    /// (Cortex-A76, A78AE) and on x86 with AVX512-FP16, about twice float32's throughput there;
+    /// other x86 CPUs may emulate it, slowly. Integer ops are unchanged. Where XNNPACK cannot run
+    /// it (Cortex-A72), one run at load finds out and the engine falls back to float32 (logged)
+    /// or fails, as the fallback policy says. CPU accelerator, LiteRT backend only.
     Fp16,
 }
 

@@ -21,9 +21,7 @@ pub trait LoadedModel: Embedder + Send {
     fn accelerator(&self) -> Accelerator;
     fn threads(&self) -> u32;
     /// The arithmetic float ops run in on the CPU (after any fallback).
-    fn cpu_arithmetic(&self) -> CpuArithmetic {
-        CpuArithmetic::Fp32
-    }
+    fn cpu_arithmetic(&self) -> CpuArithmetic;
     /// The three stages of [`Embedder::embed`], for benchmarks that time each: preprocess
     /// `image` into the input tensor, run the model, read the output as `f32`.
     fn fill_input(&mut self, image: &dermedge_core::RgbImage) -> Result<(), EmbedError>;
@@ -91,27 +89,46 @@ pub fn check_options(options: &EngineOptions) -> Result<(), EngineError> {
             feature: offering.feature(),
         });
     }
-    if options.cpu_arithmetic == CpuArithmetic::Fp16 {
-        if backend != Backend::Litert {
-            return Err(EngineError::InvalidOption {
-                field: "cpu_arithmetic",
-                message: format!(
-                    "fp16 is XNNPACK's, which the {} backend does not run; use the litert backend or fp32",
-                    backend.name()
-                ),
-            });
-        }
-        if options.weight_cache.is_some() {
-            // The cache holds weights packed for one arithmetic; one file must not serve both.
-            return Err(EngineError::InvalidOption {
-                field: "cpu_arithmetic",
-                message: "fp16 with a weight cache is not supported: the cache packs float32 \
-                          weights; drop one of them"
-                    .into(),
-            });
-        }
-    }
+    check_cpu_arithmetic(options, backend)?;
     options.resolved_threads().map(|_| ())
+}
+
+/// fp16 arithmetic is XNNPACK's on the CPU: the LiteRT backend, the CPU accelerator, and no
+/// weight cache (which packs one arithmetic's weights).
+pub(crate) fn check_cpu_arithmetic(
+    options: &EngineOptions,
+    backend: Backend,
+) -> Result<(), EngineError> {
+    if options.cpu_arithmetic == CpuArithmetic::Fp32 {
+        return Ok(());
+    }
+    let refused = |message: String| {
+        Err(EngineError::InvalidOption {
+            field: "cpu_arithmetic",
+            message,
+        })
+    };
+    if backend != Backend::Litert {
+        return refused(format!(
+            "fp16 is XNNPACK's, which the {} backend does not run; use litert or fp32",
+            backend.name()
+        ));
+    }
+    if options.accelerator != Accelerator::Cpu {
+        return refused(format!(
+            "fp16 is the CPU's (XNNPACK's) arithmetic; the {} accelerator has its own",
+            options.accelerator
+        ));
+    }
+    if options.weight_cache.is_some() {
+        // The cache holds weights packed for one arithmetic; one file must not serve both.
+        return refused(
+            "fp16 with a weight cache is not supported: the cache packs float32 weights; \
+             drop one of them"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// Load the model `manifest` names with the backend `options` choose. A backend that is not
@@ -219,6 +236,17 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(message.contains("weight cache"), "{message}");
+            let on_gpu = EngineOptions {
+                accelerator: Accelerator::Gpu,
+                ..fp16(Backend::Litert, None)
+            };
+            let message = check_options(&on_gpu).unwrap_err().to_string();
+            assert!(message.contains("gpu"), "{message}");
         }
+        // The classic backend refuses it whether or not it is built in.
+        let message = check_cpu_arithmetic(&fp16(Backend::Classic, None), Backend::Classic)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("litert"), "{message}");
     }
 }

@@ -171,6 +171,9 @@ impl LoadedModel for Corrected {
     fn threads(&self) -> u32 {
         self.inner.threads()
     }
+    fn cpu_arithmetic(&self) -> crate::CpuArithmetic {
+        self.inner.cpu_arithmetic()
+    }
     fn fill_input(&mut self, image: &RgbImage) -> Result<(), EmbedError> {
         self.inner.fill_input(image)
     }

@@ -108,6 +108,8 @@ def main(argv=None) -> int:
             print(f"wrote image sets to {args.out}")
         elif args.command == "export":
             target = None
+            if args.sensitivity is not None and not args.target_fidelity:
+                raise ExportError("--sensitivity offers recipes to the search: it needs --target-fidelity")
             if args.target_fidelity:
                 target = TargetFidelity(
                     dermedge=args.dermedge or DEFAULT_DERMEDGE, validation=args.validation,

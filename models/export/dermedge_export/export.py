@@ -318,8 +318,9 @@ def manifest_preprocessing(manifest: Path) -> Preprocessing:
 
     try:
         spec = tomllib.loads(Path(manifest).read_text())["input"]
-        return Preprocessing("", "", int(spec["height"]), int(spec["width"]), float(spec["scale"]),
-                             float(spec["offset"]), "", [], True)
+        return Preprocessing(decode_op="", resize_op="", height=int(spec["height"]), width=int(spec["width"]),
+                             scale=float(spec["scale"]), offset=float(spec["offset"]), cut_tensor="", chain=[],
+                             recovered=True)
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
         raise ExportError(f"{manifest}: not a dermedge manifest with [input] height, width, scale and offset ({e})") from e
 
@@ -333,6 +334,8 @@ def write_inputs(manifest: Path, out: Path, images: Path | None = None, count: i
     if (images is None) == (calibration_record is None):
         raise ExportError("inputs: give either an image directory or a calibration record, not both or neither")
     if calibration_record is not None:
+        if count is not None:
+            raise ExportError("inputs: --count picks from --images; a calibration record lists its images")
         try:
             record = json.loads(Path(calibration_record).read_text())
             files = [Path(record["calibration_dir"]) / f for f in record["files"]]
@@ -347,6 +350,8 @@ def write_inputs(manifest: Path, out: Path, images: Path | None = None, count: i
             if count < 1:
                 raise ExportError(f"inputs: --count must be at least 1, not {count}")
             files, _ = stratified_sample(files, count, seed)
+    if not files:
+        raise ExportError(f"inputs: {calibration_record or images} names no images")
     inputs = np.concatenate([model_input(f, pre) for f in files])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,9 @@ class TargetFidelity:
                 _set(self, name, _path(name, getattr(self, name), directory=True))
         if self.sensitivity is not None:
             _set(self, "sensitivity", _path("sensitivity", self.sensitivity))
+            if not self.sensitivity.is_file():
+                raise ExportError(f"sensitivity: {str(self.sensitivity)!r} is not a file (a sensitivity run's "
+                                  "<name>.sensitivity.json)")
         if self.validation_count is not None:
             _count("validation_count", self.validation_count)
         _count("threads", self.threads)

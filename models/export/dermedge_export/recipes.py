@@ -188,8 +188,14 @@ def _int16x8(ctx: Context) -> bytes:
 
 
 def _once(ctx: Context, key: str, make: Callable[[], object]):
+    """`make()` once per search; a failure is kept too, so a twin recipe fails at once with it."""
     if key not in ctx.shared:
-        ctx.shared[key] = make()
+        try:
+            ctx.shared[key] = make()
+        except ExportError as e:
+            ctx.shared[key] = e
+    if isinstance(ctx.shared[key], ExportError):
+        raise ctx.shared[key]
     return ctx.shared[key]
 
 
@@ -198,6 +204,10 @@ def _fp16(ctx: Context) -> bytes:
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.target_spec.supported_types = [tf.float16]
     return conv.convert()
+
+
+# A conversion of a full-size model (df-r101x3, 1.5 GB) calibrates for tens of minutes here.
+QUANTIZER_TIMEOUT_S = 3 * 3600
 
 
 def _quantizer(ctx: Context, conversion: str, *extra: str) -> bytes:
@@ -213,9 +223,14 @@ def _quantizer(ctx: Context, conversion: str, *extra: str) -> bytes:
     out = ctx.out / "recipes" / f"{ctx.name}.{conversion}{''.join(extra[-1:])}.aeq.tflite"
     cmd = ["bash", str(ROOT / "scripts" / "python-env.sh"), "--venv", "quantizer", "-m", "dermedge_export.sensitivity",
            str(ctx.fp32_tflite), "--calibration", str(cal), "--convert", conversion, "--out", str(out), *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=QUANTIZER_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        raise ExportError(f"the AI Edge Quantizer's {conversion} conversion took over {QUANTIZER_TIMEOUT_S} s") from e
     if done.returncode != 0 or not out.is_file():
-        raise ExportError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+        reason = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        raise ExportError(f"the AI Edge Quantizer's {conversion} conversion failed: {reason[0][:300]} "
+                          f"(command: {' '.join(cmd)})")
     data = out.read_bytes()
     out.unlink()
     return data
@@ -317,7 +332,8 @@ def aeq_recipes(ctx: Context) -> list[Recipe]:
                lambda: _quantizer(ctx, "int8")),
         Recipe("aeq-int8-bias-corrected", "int8",
                "aeq-int8 on the graph with every convolution's bias corrected for its int8 weights' error "
-               "(b' = b - (Q(W) - W) E[x], E[x] measured on 16 calibration images)", bias_corrected),
+               "(b' = b - (Q(W) - W) E[x], E[x] measured on 16 calibration images spread over the set), "
+               "ranges calibrated on the corrected graph", bias_corrected),
         Recipe("aeq-int8-bias-corrected-affine", "int8",
                "aeq-int8-bias-corrected with the per-dimension output correction of int8-affine", bias_corrected,
                corrected=True),

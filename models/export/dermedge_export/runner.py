@@ -6,21 +6,38 @@ from pathlib import Path
 import numpy as np
 
 
-def run_tflite(path: Path, inputs: list[np.ndarray]) -> np.ndarray:
-    from ai_edge_litert.interpreter import Interpreter
+class Runner:
+    """One .tflite model on LiteRT's Python interpreter, float in and out whatever its I/O types."""
 
-    interp = Interpreter(model_path=str(path), num_threads=2)
-    runner = interp.get_signature_runner("serving_default")
-    name = interp.get_signature_list()["serving_default"]["inputs"][0]
-    detail = runner.get_input_details()[name]
-    outs = []
-    for x in inputs:
-        if detail["dtype"] != np.float32:
-            s, z = detail["quantization"]
-            info = np.iinfo(detail["dtype"])
-            x = np.clip(np.round(x / s + z), info.min, info.max).astype(detail["dtype"])
-        outs.append(runner(**{name: x})["embedding"][0].astype(np.float32))
-    return np.stack(outs)
+    def __init__(self, model: bytes, threads: int = 2):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interp = Interpreter(model_content=bytes(model), num_threads=threads)
+        self.run = self.interp.get_signature_runner("serving_default")
+        signature = self.interp.get_signature_list()["serving_default"]
+        self.input, self.output = signature["inputs"][0], signature["outputs"][0]
+        self.input_detail = self.run.get_input_details()[self.input]
+        self.output_detail = self.run.get_output_details()[self.output]
+
+    def embed(self, inputs: np.ndarray) -> np.ndarray:
+        out = []
+        for x in inputs:
+            x = x[None]
+            if self.input_detail["dtype"] != np.float32:
+                s, z = self.input_detail["quantization"]
+                info = np.iinfo(self.input_detail["dtype"])
+                x = np.clip(np.round(x / s + z), info.min, info.max).astype(self.input_detail["dtype"])
+            y = self.run(**{self.input: x})[self.output][0]
+            if self.output_detail["dtype"] != np.float32:
+                s, z = self.output_detail["quantization"]
+                y = (y.astype(np.float32) - z) * s
+            out.append(np.asarray(y, dtype=np.float32).reshape(-1))
+        return np.stack(out)
+
+
+def run_tflite(path: Path, inputs: list[np.ndarray]) -> np.ndarray:
+    """The embeddings of `path` for each preprocessed input ([1, h, w, c] arrays)."""
+    return Runner(Path(path).read_bytes()).embed(np.concatenate(inputs))
 
 
 def delegation(path: Path, threads: int = 2) -> dict:

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError
+from .runner import Runner
 
-SIGNATURE = "serving_default"
+SIGNATURE = "serving_default"  # the signature every dermedge export serves
 
 
 def static_config(activation_bits: int = 8) -> dict:
@@ -98,7 +99,7 @@ def _conv_weights(flat, subgraph, op):
         return None
     weights = subgraph.tensors[op.inputs[1]]
     data = flat.buffers[weights.buffer].data
-    if data is None or len(data) == 0:
+    if data is None or len(data) == 0 or weights.type != 0:  # 0: FLOAT32; only a float model's
         return None
     w = np.frombuffer(bytes(data), np.float32).reshape(weights.shape)
     b = None
@@ -141,6 +142,17 @@ def int8_weight_error(w: np.ndarray, axis: int) -> np.ndarray:
     scale[scale == 0] = 1.0
     scale = scale.reshape((-1,) + (1,) * (moved.ndim - 1))
     return np.moveaxis(np.round(moved / scale) * scale - moved, 0, axis)
+
+
+BIAS_CORRECTION_IMAGES = 16
+
+
+def spread(inputs: np.ndarray, count: int = BIAS_CORRECTION_IMAGES) -> np.ndarray:
+    """`count` inputs evenly spaced through `inputs` (calibration sets are sorted by file name,
+    so the first few would be one image kind)."""
+    if len(inputs) <= count:
+        return inputs
+    return inputs[np.linspace(0, len(inputs) - 1, count).round().astype(int)]
 
 
 def bias_corrected(model: bytes, calibration: np.ndarray, threads: int = 2) -> bytes:
@@ -219,44 +231,20 @@ def load_inputs(path: Path) -> tuple[np.ndarray, list[str]]:
     return inputs, names
 
 
-class Runner:
-    """One .tflite model on LiteRT's Python interpreter, float in and out whatever its I/O types."""
-
-    def __init__(self, model: bytes, threads: int = 2):
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.interp = Interpreter(model_content=bytes(model), num_threads=threads)
-        self.run = self.interp.get_signature_runner(SIGNATURE)
-        signature = self.interp.get_signature_list()[SIGNATURE]
-        self.input, self.output = signature["inputs"][0], signature["outputs"][0]
-        self.input_detail = self.run.get_input_details()[self.input]
-        self.output_detail = self.run.get_output_details()[self.output]
-
-    def embed(self, inputs: np.ndarray) -> np.ndarray:
-        out = []
-        for x in inputs:
-            x = x[None]
-            if self.input_detail["dtype"] != np.float32:
-                s, z = self.input_detail["quantization"]
-                info = np.iinfo(self.input_detail["dtype"])
-                x = np.clip(np.round(x / s + z), info.min, info.max).astype(self.input_detail["dtype"])
-            y = self.run(**{self.input: x})[self.output][0]
-            if self.output_detail["dtype"] != np.float32:
-                s, z = self.output_detail["quantization"]
-                y = (y.astype(np.float32) - z) * s
-            out.append(np.asarray(y, dtype=np.float32).reshape(-1))
-        return np.stack(out)
-
-
 def head_view_delta(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Per image δ = ‖P(c) − P(r)‖ / ‖P(r)‖ with P(x) = x/‖x‖ − m, m the mean of the normalised
     reference rows (as dermedge-fidelity computes `head_view_delta`)."""
+    if len(reference) < 2:
+        raise ExportError("the head view needs at least 2 images (it is centred on their mean)")
     r = reference.astype(np.float64)
     c = candidate.astype(np.float64)
-    rn = r / np.linalg.norm(r, axis=1, keepdims=True)
-    cn = c / np.linalg.norm(c, axis=1, keepdims=True)
+    tiny = np.finfo(np.float64).tiny
+    rn = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), tiny)
+    cn = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), tiny)
     m = rn.mean(0)
-    return np.linalg.norm((cn - m) - (rn - m), axis=1) / np.linalg.norm(rn - m, axis=1)
+    delta = np.linalg.norm((cn - m) - (rn - m), axis=1) / np.maximum(np.linalg.norm(rn - m, axis=1), tiny)
+    # A candidate that collapsed to zero or overflowed is as wrong as can be, never "insensitive".
+    return np.where(np.isfinite(delta), delta, np.inf)
 
 
 def stats(delta: np.ndarray) -> dict:
@@ -272,19 +260,12 @@ class Quantiser:
         from ai_edge_quantizer import quantizer
 
         self.model = model
+        self.input_name = input_name
         self.activation_bits = activation_bits
         q = quantizer.Quantizer(bytearray(model))
         q.load_quantization_recipe([entry(".*", "*", static_config(activation_bits))])
         data = {SIGNATURE: [{input_name: x[None]} for x in calibration]}
         self.qsvs = q.calibrate(data, num_threads=threads)
-
-    @classmethod
-    def from_qsvs(cls, model: bytes, other: "Quantiser") -> "Quantiser":
-        """The same graph with other constants (corrected biases), calibrated ranges taken from
-        `other`: tensor names are the same, and the ranges barely move."""
-        q = cls.__new__(cls)
-        q.model, q.activation_bits, q.qsvs = model, other.activation_bits, other.qsvs
-        return q
 
     def quantise(self, recipe: list[dict]) -> bytes:
         from ai_edge_quantizer import quantizer
@@ -397,13 +378,13 @@ def whole_graph_variants(model: bytes, cal: np.ndarray, quantiser: "Quantiser", 
     with bias correction, the full int8 graph with and without it, and unbiased weight noise of
     int8's size (what an ideal 8-bit weight scheme could at best reach)."""
     relative = int8_weight_relative_error(model)
-    corrected = bias_corrected(model, cal[:16])
+    corrected = bias_corrected(model, spread(cal))
     rows = [
         ("int8 weights, float arithmetic", lambda: quantiser.weight_only()),
         ("int8 weights + bias correction, float arithmetic", lambda: quantiser.weight_only(corrected)),
         ("full int8 (activations and weights)", lambda: quantiser.all_but([])),
         ("full int8 + bias correction",
-         lambda: Quantiser.from_qsvs(corrected, quantiser).all_but([])),
+         lambda: Quantiser(corrected, cal, quantiser.input_name, 8).all_but([])),
         (f"unbiased weight noise at int8's size ({relative:.4f} of each tensor's RMS), float arithmetic",
          lambda: with_weight_noise(model, relative)),
         (f"unbiased weight noise at a quarter of it ({relative / 4:.4f})", lambda: with_weight_noise(model, relative / 4)),
@@ -446,8 +427,9 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
         data = Quantiser(model, cal, input_name, 16, threads).all_but([])
     elif conversion == "int8-bias-corrected":
         quantiser = Quantiser(model, cal, input_name, 8, threads)
-        data = Quantiser.from_qsvs(bias_corrected(model, cal[:16], threads), quantiser).all_but([])
-        done["bias_correction_images"] = min(16, len(cal))
+        corrected = bias_corrected(model, spread(cal), threads)
+        data = Quantiser(corrected, cal, input_name, 8, threads).all_but([])
+        done["bias_correction_images"] = len(spread(cal))
     else:
         if sensitivity is None or float_ops < 1:
             raise ExportError("conversion mixed: needs --sensitivity (a sensitivity run's JSON) and --float-ops >= 1")
@@ -456,12 +438,14 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
         except (OSError, ValueError, KeyError) as e:
             raise ExportError(f"{sensitivity}: not a sensitivity run's JSON ({e})") from e
         by_scope = {op.scope: op for op in quantisable_ops(model)}
+        if len(ranked) < float_ops:
+            raise ExportError(f"{sensitivity}: ranks {len(ranked)} ops; --float-ops {float_ops} asks for more")
         kept = [by_scope.get(r.get("scope")) for r in ranked[:float_ops]]
-        if None in kept or len(kept) < float_ops:
+        if None in kept:
             raise ExportError(f"{sensitivity}: its ops are not {model_path}'s (measured on another model?)")
-        quantiser = Quantiser(model, cal, input_name, 8, threads)
-        data = Quantiser.from_qsvs(bias_corrected(model, cal[:16], threads), quantiser).all_but(kept)
-        done |= {"bias_correction_images": min(16, len(cal)), "float_ops": float_ops, "sensitivity": str(sensitivity), "kept_float": [op.scope for op in kept]}
+        corrected = bias_corrected(model, spread(cal), threads)
+        data = Quantiser(corrected, cal, input_name, 8, threads).all_but(kept)
+        done |= {"bias_correction_images": len(spread(cal)), "float_ops": float_ops, "sensitivity": str(sensitivity), "kept_float": [op.scope for op in kept]}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)

@@ -448,6 +448,10 @@ impl crate::LoadedModel for ClassicEmbedder {
     fn threads(&self) -> u32 {
         ClassicEmbedder::threads(self)
     }
+    fn cpu_arithmetic(&self) -> crate::CpuArithmetic {
+        // The classic API runs TFLite's own kernels; check_options refuses fp16 for it.
+        crate::CpuArithmetic::Fp32
+    }
     fn fill_input(&mut self, image: &RgbImage) -> Result<(), EmbedError> {
         ClassicEmbedder::fill_input(self, image)
     }

@@ -73,6 +73,7 @@ impl LiteRtEmbedder {
     /// Verify the model file against the manifest, load it into LiteRT, check its tensors against
     /// the manifest, compile it for the requested accelerator (or CPU, per the fallback policy).
     pub fn load(manifest: &ModelManifest, options: &EngineOptions) -> Result<Self, EngineError> {
+        crate::backend::check_cpu_arithmetic(options, crate::Backend::Litert)?;
         let threads = options.resolved_threads()?;
         let model_path = manifest.model_path();
         let started = Instant::now();
@@ -163,9 +164,12 @@ impl LiteRtEmbedder {
                 output_buffer,
                 ..
             } = &mut built;
-            if let Err(failed) =
+            // On zeros, not whatever the fresh buffer holds (NaN or denormals would make the
+            // probe's time and outcome depend on memory).
+            let zeroed = input_buffer.write().map(|mut lock| lock.bytes().fill(0));
+            if let Err(failed) = zeroed.and_then(|()| {
                 quietly(|| compiled.run(signature_index, input_buffer, output_buffer))
-            {
+            }) {
                 fp16_unavailable(options.fallback, failed.at(&model_path))?;
                 drop(built);
                 built = build(&CpuSettings {
@@ -487,7 +491,7 @@ struct Compiled {
 /// fp16 arithmetic this CPU cannot run: an error under `Fallback::Fail`, else a warning and
 /// `Ok` (the caller compiles for float32).
 fn fp16_unavailable(fallback: Fallback, cause: EngineError) -> Result<(), EngineError> {
-    let reason = format!("XNNPACK cannot run fp16 arithmetic on this CPU: {cause}");
+    let reason = format!("XNNPACK's fp16 arithmetic failed (this CPU or this graph): {cause}");
     match fallback {
         Fallback::Fail => Err(EngineError::InvalidOption {
             field: "cpu_arithmetic",
