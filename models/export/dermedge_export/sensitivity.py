@@ -155,19 +155,21 @@ def spread(inputs: np.ndarray, count: int = BIAS_CORRECTION_IMAGES) -> np.ndarra
     return inputs[np.linspace(0, len(inputs) - 1, count).round().astype(int)]
 
 
-def bias_corrected(model: bytes, calibration: np.ndarray, threads: int = 2) -> bytes:
+def bias_corrected(model: bytes, calibration: np.ndarray, threads: int = 2, kept_float: set[int] = frozenset()) -> bytes:
     """The float model with every convolution's bias corrected for its int8 weights' error:
     b' = b − Σ (Q(W) − W) · E[x], E[x] the per-channel mean of the op's input over the calibration
     images (Nagel et al. 2019, "Data-free quantization", analytic bias correction with measured
     means; borders and padding ignored). Quantising the result leaves the weights as they were and
-    moves each output channel's expected value back to float's."""
+    moves each output channel's expected value back to float's. Ops in `kept_float` (op indices)
+    stay float, so their biases are left alone: correcting them would add the error it removes."""
     from ai_edge_litert.interpreter import Interpreter
     from ai_edge_litert.tools import flatbuffer_utils as fu
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
     flat = fb.read_model(bytearray(model))
     subgraph = flat.subgraphs[0]
-    convs = [(op, c) for op in subgraph.operators if (c := _conv_weights(flat, subgraph, op)) and c[2] is not None]
+    convs = [(op, c) for i, op in enumerate(subgraph.operators)
+             if i not in kept_float and (c := _conv_weights(flat, subgraph, op)) and c[2] is not None]
     interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
     run = interp.get_signature_runner(SIGNATURE)
     input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
@@ -443,7 +445,7 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
         kept = [by_scope.get(r.get("scope")) for r in ranked[:float_ops]]
         if None in kept:
             raise ExportError(f"{sensitivity}: its ops are not {model_path}'s (measured on another model?)")
-        corrected = bias_corrected(model, spread(cal), threads)
+        corrected = bias_corrected(model, spread(cal), threads, {op.index for op in kept})
         data = Quantiser(corrected, cal, input_name, 8, threads).all_but(kept)
         done |= {"bias_correction_images": len(spread(cal)), "float_ops": float_ops, "sensitivity": str(sensitivity), "kept_float": [op.scope for op in kept]}
     out = Path(out)

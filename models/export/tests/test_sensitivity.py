@@ -102,6 +102,10 @@ class OnTheFixture(unittest.TestCase):
         index = graph.operators.index(first)
         moved = S._conv_weights(after, after.subgraphs[0], after.subgraphs[0].operators[index])[2]
         np.testing.assert_allclose(moved, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+        # An op kept float keeps its bias: correcting it would add the error the correction removes.
+        kept = fb.read_model(bytearray(S.bias_corrected(self.model, cal, kept_float={index})))
+        unmoved = S._conv_weights(kept, kept.subgraphs[0], kept.subgraphs[0].operators[index])[2]
+        np.testing.assert_array_equal(unmoved, b)
 
     def test_mixed_keeps_the_ranked_ops_float_and_refuses_another_models_ranking(self):
         ops = S.quantisable_ops(self.model)
