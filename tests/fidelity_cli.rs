@@ -227,41 +227,29 @@ fn bad_inputs_are_clear_errors() {
         "{stderr}"
     );
 
-    // A verdict for fp16 arithmetic recorded against the file (which devices run in fp32).
-    let (ok, _, stderr) = fidelity(&[
-        "--reference",
-        lesion_fp32.to_str().unwrap(),
-        "--candidate",
-        lesion_fp32.to_str().unwrap(),
-        "--candidate-cpu-arithmetic",
-        "fp16",
-        "--record",
-        "--images",
-        &images,
-        "--report",
-        report_dir.to_str().unwrap(),
-    ]);
-    assert!(
-        !ok && stderr.contains("--record") && stderr.contains("fp16"),
-        "{stderr}"
-    );
-    // ... or with the reference in fp16.
-    let (ok, _, stderr) = fidelity(&[
-        "--reference",
-        lesion_fp32.to_str().unwrap(),
-        "--candidate",
-        lesion_fp32.to_str().unwrap(),
-        "--cpu-arithmetic",
-        "fp16",
-        "--candidate-cpu-arithmetic",
-        "fp32",
-        "--record",
-        "--images",
-        &images,
-        "--report",
-        report_dir.to_str().unwrap(),
-    ]);
-    assert!(!ok && stderr.contains("either side"), "{stderr}");
+    // A verdict for fp16 arithmetic recorded against the file (which devices run in fp32), on
+    // the candidate's side or the reference's.
+    for arithmetic in [["fp32", "fp16"], ["fp16", "fp32"]] {
+        let (ok, _, stderr) = fidelity(&[
+            "--reference",
+            lesion_fp32.to_str().unwrap(),
+            "--candidate",
+            lesion_fp32.to_str().unwrap(),
+            "--cpu-arithmetic",
+            arithmetic[0],
+            "--candidate-cpu-arithmetic",
+            arithmetic[1],
+            "--record",
+            "--images",
+            &images,
+            "--report",
+            report_dir.to_str().unwrap(),
+        ]);
+        assert!(
+            !ok && stderr.contains("--record") && stderr.contains("either side"),
+            "{stderr}"
+        );
+    }
     assert!(
         !fs::read_to_string(&lesion_fp32)
             .unwrap()
