@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import re
 import sys
@@ -361,7 +362,8 @@ def measure(model_path: Path, calibration: Path, images: Path, out: Path, top: l
     for r in alone:
         by_type.setdefault(r["op"], []).append(r["delta_median"])
     result = {
-        "model": str(model_path), "images": str(images), "image_count": len(xs), "calibration": str(calibration),
+        "model": str(model_path), "model_sha256": hashlib.sha256(model).hexdigest(),
+        "images": str(images), "image_count": len(xs), "calibration": str(calibration),
         "calibration_count": len(cal), "activation_bits": activation_bits,
         "definition": "delta = |P(c) - P(r)| / |P(r)|, P(x) = x/|x| - mean of the normalised fp32 embeddings",
         "ranked_by": RANK_BY,
@@ -436,9 +438,13 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
         if sensitivity is None or float_ops < 1:
             raise ExportError("conversion mixed: needs --sensitivity (a sensitivity run's JSON) and --float-ops >= 1")
         try:
-            ranked = json.loads(Path(sensitivity).read_text())["alone"]
-        except (OSError, ValueError, KeyError) as e:
+            measured = json.loads(Path(sensitivity).read_text())
+            ranked = measured["alone"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise ExportError(f"{sensitivity}: not a sensitivity run's JSON ({e})") from e
+        recorded = measured.get("model_sha256")
+        if recorded is not None and recorded != hashlib.sha256(model).hexdigest():
+            raise ExportError(f"{sensitivity}: measured on another file than {model_path} (sha256 differs)")
         by_scope = {op.scope: op for op in quantisable_ops(model)}
         if len(ranked) < float_ops:
             raise ExportError(f"{sensitivity}: ranks {len(ranked)} ops; --float-ops {float_ops} asks for more")

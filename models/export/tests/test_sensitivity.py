@@ -133,6 +133,10 @@ class OnTheFixture(unittest.TestCase):
             S.convert(MODEL, self.cal, "mixed", out, ranking, 1)
         with self.assertRaisesRegex(ExportError, "--float-ops"):
             S.convert(MODEL, self.cal, "mixed", out, ranking, 0)
+        ranking.write_text(json.dumps({"model_sha256": "0" * 64, "alone": [
+            {"index": op.index, "op": op.name, "scope": op.scope} for op in ops[:3]]}))
+        with self.assertRaisesRegex(ExportError, "sha256 differs"):
+            S.convert(MODEL, self.cal, "mixed", out, ranking, 1)
 
     def test_bad_inputs_files_are_named(self):
         bad = Path(self.dir.name) / "bad.npz"

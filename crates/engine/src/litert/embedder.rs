@@ -178,10 +178,12 @@ impl LiteRtEmbedder {
                 })?;
             }
         }
+        // Bound before its buffers, so that on an unwind they drop before it (locals drop in
+        // reverse order).
         let Compiled {
+            compiled,
             input_buffer,
             output_buffer,
-            compiled,
             accelerator,
             arithmetic,
         } = built;
