@@ -23,7 +23,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,14 @@ class Op:
     scope: str
 
 
+def _op_type(flat, op) -> str | None:
+    """An op's type name as the quantizer spells it (CONV_2D, ...), or None for one it does not know."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    name = fb.TFL_OP_CODE_TO_NAME.get(flat.operatorCodes[op.opcodeIndex].builtinCode)
+    return None if name is None else str(getattr(name, "value", name))
+
+
 def quantisable_ops(model: bytes) -> list[Op]:
     """The main subgraph's ops the quantizer's min/max algorithm can quantise, in graph order."""
     from ai_edge_quantizer import algorithm_manager
@@ -83,19 +91,16 @@ def quantisable_ops(model: bytes) -> list[Op]:
     subgraph = flat.subgraphs[0]
     ops = []
     for i, op in enumerate(subgraph.operators):
-        code = flat.operatorCodes[op.opcodeIndex].builtinCode
-        name = fb.TFL_OP_CODE_TO_NAME.get(code)
+        name = _op_type(flat, op)
         if name is None or not algorithm_manager.is_op_registered("min_max_uniform_quantize", name):
             continue
-        ops.append(Op(i, str(getattr(name, "value", name)), fb.get_op_scope(op, subgraph.tensors)))
+        ops.append(Op(i, name, fb.get_op_scope(op, subgraph.tensors)))
     return ops
 
 
 def _conv_weights(flat, subgraph, op):
     """(op type, weight array, bias array or None, per-channel axis) of a convolution, else None."""
-    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
-
-    name = str(getattr(fb.TFL_OP_CODE_TO_NAME.get(flat.operatorCodes[op.opcodeIndex].builtinCode), "value", ""))
+    name = _op_type(flat, op)
     if name not in ("CONV_2D", "DEPTHWISE_CONV_2D") or len(op.inputs) < 2:
         return None
     weights = subgraph.tensors[op.inputs[1]]
@@ -178,7 +183,8 @@ def bias_corrected(model: bytes, calibration: np.ndarray, threads: int = 2, kept
     for x in calibration:
         run(**{input_name: x[None]})
         for index in sums:
-            sums[index] = sums[index] + interp.get_tensor(index).reshape(-1, interp.get_tensor(index).shape[-1]).mean(0)
+            activation = interp.get_tensor(index)
+            sums[index] = sums[index] + activation.reshape(-1, activation.shape[-1]).mean(0)
     for op, (name, w, b, axis) in convs:
         mean = sums[op.inputs[0]] / len(calibration)
         error = int8_weight_error(w, axis)
@@ -287,10 +293,10 @@ class Quantiser:
         q.load_quantization_recipe([entry(".*", "*", weight_only_config())])
         return bytes(q.quantize(enable_progress_report=False).quantized_model)
 
-    def all_but(self, kept_float: list[Op], algorithm: str = "min_max_uniform_quantize") -> bytes:
+    def all_but(self, kept_float: list[Op]) -> bytes:
         """Every op quantised but `kept_float`; the graph's input and output stay float32, as
         dermedge's exports are (the first and last ops quantise and dequantise)."""
-        recipe = [entry(".*", "*", static_config(self.activation_bits), algorithm),
+        recipe = [entry(".*", "*", static_config(self.activation_bits)),
                   entry(".*", "INPUT", None), entry(".*", "OUTPUT", None)]
         recipe += [entry(scope_regex(op.scope), op.name, None) for op in kept_float]
         return self.quantise(recipe)
@@ -416,6 +422,27 @@ def whole_graph_variants(model: bytes, cal: np.ndarray, quantiser: "Quantiser", 
 CONVERSIONS = ("int8", "int8-bias-corrected", "a16w8", "mixed")
 
 
+def _ranked_ops(model: bytes, model_path: Path, sensitivity: Path | None, float_ops: int) -> list[Op]:
+    """The `float_ops` most sensitive ops of `model` by a sensitivity run's ranking (its JSON)."""
+    if sensitivity is None or float_ops < 1:
+        raise ExportError("conversion mixed: needs --sensitivity (a sensitivity run's JSON) and --float-ops >= 1")
+    try:
+        measured = json.loads(Path(sensitivity).read_text())
+        ranked = measured["alone"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{sensitivity}: not a sensitivity run's JSON ({e})") from e
+    recorded = measured.get("model_sha256")
+    if recorded is not None and recorded != hashlib.sha256(model).hexdigest():
+        raise ExportError(f"{sensitivity}: measured on another file than {model_path} (sha256 differs)")
+    if len(ranked) < float_ops:
+        raise ExportError(f"{sensitivity}: ranks {len(ranked)} ops; --float-ops {float_ops} asks for more")
+    by_scope = {op.scope: op for op in quantisable_ops(model)}
+    kept = [by_scope.get(r.get("scope")) for r in ranked[:float_ops]]
+    if None in kept:
+        raise ExportError(f"{sensitivity}: its ops are not {model_path}'s (measured on another model?)")
+    return kept
+
+
 def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sensitivity: Path | None = None,
             float_ops: int = 0, threads: int = 2) -> dict:
     """Write one of CONVERSIONS of the float model to `out`; returns what was done."""
@@ -429,31 +456,14 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
         data = Quantiser(model, cal, input_name, 8, threads).all_but([])
     elif conversion == "a16w8":
         data = Quantiser(model, cal, input_name, 16, threads).all_but([])
-    elif conversion == "int8-bias-corrected":
-        quantiser = Quantiser(model, cal, input_name, 8, threads)
-        corrected = bias_corrected(model, spread(cal), threads)
-        data = Quantiser(corrected, cal, input_name, 8, threads).all_but([])
-        done["bias_correction_images"] = len(spread(cal))
     else:
-        if sensitivity is None or float_ops < 1:
-            raise ExportError("conversion mixed: needs --sensitivity (a sensitivity run's JSON) and --float-ops >= 1")
-        try:
-            measured = json.loads(Path(sensitivity).read_text())
-            ranked = measured["alone"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ExportError(f"{sensitivity}: not a sensitivity run's JSON ({e})") from e
-        recorded = measured.get("model_sha256")
-        if recorded is not None and recorded != hashlib.sha256(model).hexdigest():
-            raise ExportError(f"{sensitivity}: measured on another file than {model_path} (sha256 differs)")
-        by_scope = {op.scope: op for op in quantisable_ops(model)}
-        if len(ranked) < float_ops:
-            raise ExportError(f"{sensitivity}: ranks {len(ranked)} ops; --float-ops {float_ops} asks for more")
-        kept = [by_scope.get(r.get("scope")) for r in ranked[:float_ops]]
-        if None in kept:
-            raise ExportError(f"{sensitivity}: its ops are not {model_path}'s (measured on another model?)")
+        kept = [] if conversion == "int8-bias-corrected" else _ranked_ops(model, model_path, sensitivity, float_ops)
+        # The ops kept float keep their biases: correcting them would add the error it removes.
         corrected = bias_corrected(model, spread(cal), threads, {op.index for op in kept})
         data = Quantiser(corrected, cal, input_name, 8, threads).all_but(kept)
-        done |= {"bias_correction_images": len(spread(cal)), "float_ops": float_ops, "sensitivity": str(sensitivity), "kept_float": [op.scope for op in kept]}
+        done["bias_correction_images"] = len(spread(cal))
+        if kept:
+            done |= {"float_ops": float_ops, "sensitivity": str(sensitivity), "kept_float": [op.scope for op in kept]}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
