@@ -132,7 +132,7 @@ impl LiteRtEmbedder {
             arithmetic: options.cpu_arithmetic,
         };
         let build = |cpu: &CpuSettings| -> Result<Compiled, EngineError> {
-            let (compiled, accelerator, arithmetic) =
+            let (compiled, accelerator) =
                 quietly(|| compile(&env, &model, &model_path, options, cpu))?;
             let input_buffer = compiled
                 .create_buffer(&env, signature_index, Side::Input, 0, &input_type)
@@ -151,33 +151,42 @@ impl LiteRtEmbedder {
                 output_buffer,
                 compiled,
                 accelerator,
-                arithmetic,
+                arithmetic: cpu.arithmetic,
             })
         };
-        let mut built = build(&cpu)?;
-        if built.accelerator == Accelerator::Cpu && built.arithmetic == CpuArithmetic::Fp16 {
-            // XNNPACK sets up its fp16 kernels at the first run, not at compile: a CPU without
-            // fp16 arithmetic (the Pi 4's Cortex-A72) fails there. One run now finds out.
+        // XNNPACK sets up its fp16 kernels at the first run, not at compile: a CPU without fp16
+        // arithmetic (the Pi 4's Cortex-A72), or a graph it has none for (int8), fails there.
+        // One run on zeros (not whatever a fresh buffer holds) finds out; compiling or that run
+        // failing falls back to float32 or fails, as the policy says.
+        let proven = |mut built: Compiled| -> Result<Compiled, EngineError> {
             let Compiled {
                 compiled,
                 input_buffer,
                 output_buffer,
                 ..
             } = &mut built;
-            // On zeros, not whatever the fresh buffer holds (NaN or denormals would make the
-            // probe's time and outcome depend on memory).
-            let zeroed = input_buffer.write().map(|mut lock| lock.bytes().fill(0));
-            if let Err(failed) = zeroed.and_then(|()| {
-                quietly(|| compiled.run(signature_index, input_buffer, output_buffer))
-            }) {
-                fp16_unavailable(options.fallback, failed.at(&model_path))?;
-                drop(built);
-                built = build(&CpuSettings {
-                    arithmetic: CpuArithmetic::Fp32,
-                    ..cpu.clone()
-                })?;
-            }
-        }
+            input_buffer
+                .write()
+                .map(|mut lock| lock.bytes().fill(0))
+                .and_then(|()| {
+                    quietly(|| compiled.run(signature_index, input_buffer, output_buffer))
+                })
+                .map_err(at)?;
+            Ok(built)
+        };
+        let built = match cpu.arithmetic {
+            CpuArithmetic::Fp32 => build(&cpu)?,
+            CpuArithmetic::Fp16 => match build(&cpu).and_then(proven) {
+                Ok(built) => built,
+                Err(e) => {
+                    fp16_unavailable(options.fallback, e)?;
+                    build(&CpuSettings {
+                        arithmetic: CpuArithmetic::Fp32,
+                        ..cpu.clone()
+                    })?
+                }
+            },
+        };
         // Bound before its buffers, so that on an unwind they drop before it (locals drop in
         // reverse order).
         let Compiled {
@@ -213,7 +222,7 @@ impl LiteRtEmbedder {
             runtime.version(),
             accelerator,
             threads,
-            arithmetic_note(accelerator, arithmetic),
+            arithmetic_note(arithmetic),
             input,
             output
         );
@@ -356,13 +365,12 @@ impl Embedder for LiteRtEmbedder {
         &self.manifest
     }
 
-    /// `litert/<accelerator>`, `+fp16` where float ops run in float16 on the CPU: what the
-    /// records and fidelity reports say made an embedding.
+    /// `litert/<accelerator>`, `+fp16` where float ops run in float16 on the CPU: what `embed`
+    /// indexes and fidelity reports say made an embedding.
     fn backend(&self) -> String {
-        let fp16 = if arithmetic_note(self.accelerator, self.arithmetic).is_empty() {
-            ""
-        } else {
-            "+fp16"
+        let fp16 = match self.arithmetic {
+            CpuArithmetic::Fp16 => "+fp16",
+            CpuArithmetic::Fp32 => "",
         };
         format!("litert/{}{fp16}", self.accelerator)
     }
@@ -373,7 +381,7 @@ impl Embedder for LiteRtEmbedder {
             self.env.runtime().version(),
             self.accelerator,
             self.threads,
-            arithmetic_note(self.accelerator, self.arithmetic)
+            arithmetic_note(self.arithmetic)
         )
     }
 
@@ -473,11 +481,12 @@ fn tensor_details(
 }
 
 /// Compile for the requested accelerator; fall back to CPU (logged) or fail, per the options.
-/// `, fp16 arithmetic` where float ops run in float16 on the CPU; nothing otherwise.
-fn arithmetic_note(accelerator: Accelerator, arithmetic: CpuArithmetic) -> &'static str {
-    match (accelerator, arithmetic) {
-        (Accelerator::Cpu, CpuArithmetic::Fp16) => ", fp16 arithmetic",
-        _ => "",
+/// `, fp16 arithmetic` where float ops run in float16 on the CPU (fp16 is CPU-only:
+/// `check_cpu_arithmetic`); nothing otherwise.
+fn arithmetic_note(arithmetic: CpuArithmetic) -> &'static str {
+    match arithmetic {
+        CpuArithmetic::Fp16 => ", fp16 arithmetic",
+        CpuArithmetic::Fp32 => "",
     }
 }
 
@@ -506,50 +515,24 @@ fn fp16_unavailable(fallback: Fallback, cause: EngineError) -> Result<(), Engine
     }
 }
 
-/// Compile for the CPU in the arithmetic `cpu` asks for. fp16 that this CPU cannot compile
-/// falls back to float32 (logged) or fails, as `fallback` says; the arithmetic that runs is
-/// returned.
-fn compile_cpu(
-    env: &Environment,
-    model: &Model,
-    path: &Path,
-    fallback: Fallback,
-    cpu: &CpuSettings,
-) -> Result<(CompiledModel, CpuArithmetic), EngineError> {
-    match compile_for(env, model, path, ffi::HW_CPU, cpu) {
-        Ok(compiled) => Ok((compiled, cpu.arithmetic)),
-        Err(e) if cpu.arithmetic == CpuArithmetic::Fp16 => {
-            fp16_unavailable(fallback, e)?;
-            let fp32 = CpuSettings {
-                arithmetic: CpuArithmetic::Fp32,
-                ..cpu.clone()
-            };
-            Ok((
-                compile_for(env, model, path, ffi::HW_CPU, &fp32)?,
-                CpuArithmetic::Fp32,
-            ))
-        }
-        Err(e) => Err(e),
-    }
-}
-
 fn compile(
     env: &Environment,
     model: &Model,
     path: &Path,
     options: &EngineOptions,
     cpu: &CpuSettings,
-) -> Result<(CompiledModel, Accelerator, CpuArithmetic), EngineError> {
+) -> Result<(CompiledModel, Accelerator), EngineError> {
     let requested = options.accelerator;
     let on_cpu = || {
-        compile_cpu(env, model, path, options.fallback, cpu)
-            .map(|(compiled, arithmetic)| (compiled, Accelerator::Cpu, arithmetic))
+        Ok((
+            compile_for(env, model, path, ffi::HW_CPU, cpu)?,
+            Accelerator::Cpu,
+        ))
     };
-    let unavailable =
-        |reason: String| -> Result<(CompiledModel, Accelerator, CpuArithmetic), EngineError> {
-            accelerator_unavailable(options.fallback, requested, reason)?;
-            on_cpu()
-        };
+    let unavailable = |reason: String| -> Result<(CompiledModel, Accelerator), EngineError> {
+        accelerator_unavailable(options.fallback, requested, reason)?;
+        on_cpu()
+    };
     let hw = match requested {
         Accelerator::Cpu => return on_cpu(),
         Accelerator::Gpu => ffi::HW_GPU,
@@ -571,7 +554,7 @@ fn compile(
         ));
     }
     match compile_for(env, model, path, hw | ffi::HW_CPU, cpu) {
-        Ok(compiled) => Ok((compiled, requested, cpu.arithmetic)),
+        Ok(compiled) => Ok((compiled, requested)),
         Err(e) => unavailable(format!("compiling for {name} failed: {e}")),
     }
 }
