@@ -36,8 +36,10 @@ for model in "${ci_models[@]}"; do
   stage "models build $model"
 done
 scripts/python-env.sh -m unittest discover -s models/export/tests
-# The AI Edge Quantizer tools (per-layer sensitivity, bias correction, mixed precision) in their own venv.
-DERMEDGE_REQUIRE_QUANTIZER=1 scripts/python-env.sh --venv quantizer -m unittest models/export/tests/test_sensitivity.py
+# The AI Edge Quantizer tools (per-layer sensitivity, bias correction, GPTQ, MSE ranges, cross-layer
+# equalisation on lesion-x448, mixed precision) in their own venv.
+DERMEDGE_REQUIRE_QUANTIZER=1 DERMEDGE_REQUIRE_MODELS=lesion-x448 \
+  scripts/python-env.sh --venv quantizer -m unittest models/export/tests/test_sensitivity.py
 stage "model tooling tests (both venvs)"
 # The whole suite with the hub's real peers: a PostgreSQL server (a throwaway cluster; the store
 # suite runs on both backends) and headless Chromium driving the web page.

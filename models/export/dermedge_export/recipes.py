@@ -322,11 +322,13 @@ def aeq_recipes(ctx: Context) -> list[Recipe]:
 
     mixed = []
     if ctx.sensitivity is not None:
-        mixed = [Recipe(f"aeq-mixed-{k}", "int8",
-                        f"aeq-int8-bias-corrected with the {k} ops most sensitive on the final embedding kept "
-                        f"float ({ctx.sensitivity.name}); {n} calibration images",
-                        lambda k=k: _quantizer(ctx, "mixed", "--sensitivity", str(ctx.sensitivity), "--float-ops", str(k)))
-                 for k in (8, 32)]
+        for conversion, base in (("mixed", "aeq-int8-bias-corrected"), ("mixed-gptq-mse", "aeq-int8-gptq-mse")):
+            mixed += [Recipe(f"aeq-{conversion}-{k}", "int8",
+                             f"{base} with the {k} ops most sensitive on the final embedding kept float "
+                             f"({ctx.sensitivity.name}); {n} calibration images",
+                             lambda k=k, c=conversion: _quantizer(ctx, c, "--sensitivity", str(ctx.sensitivity),
+                                                                  "--float-ops", str(k)))
+                      for k in (8, 32)]
     return [
         Recipe("aeq-int8", "int8", f"AI Edge Quantizer int8 (min/max ranges, per-channel weights); {n} calibration images",
                lambda: _quantizer(ctx, "int8")),
@@ -337,6 +339,22 @@ def aeq_recipes(ctx: Context) -> list[Recipe]:
         Recipe("aeq-int8-bias-corrected-affine", "int8",
                "aeq-int8-bias-corrected with the per-dimension output correction of int8-affine", bias_corrected,
                corrected=True),
+        Recipe("aeq-int8-bias-corrected-mse", "int8",
+               "aeq-int8-bias-corrected with each activation's range chosen to minimise its int8 error (clipping "
+               "plus rounding) on the calibration images, not the moving average of per-image min/max",
+               lambda: _quantizer(ctx, "int8-bias-corrected-mse")),
+        Recipe("aeq-int8-cle-bias-corrected-mse", "int8",
+               "aeq-int8-bias-corrected-mse after cross-layer equalisation of every depthwise -> 1x1 convolution "
+               "pair (weight ranges balanced, Nagel et al. 2019; the float function unchanged)",
+               lambda: _quantizer(ctx, "int8-cle-bias-corrected-mse")),
+        Recipe("aeq-int8-gptq-mse", "int8",
+               "int8 with every convolution's weights rounded by GPTQ (each column's rounding error spread over "
+               "the rest by the inverse Hessian of the layer's input, 16 calibration images) and bias-corrected; "
+               "MSE activation ranges", lambda: _quantizer(ctx, "int8-gptq-mse")),
+        Recipe("aeq-int8-weights-gptq", "dynamic-int8",
+               "int8 weights rounded by GPTQ and bias-corrected, dequantised to float32 at load; float "
+               "activations and arithmetic (fp32's speed, or fp16 arithmetic's with cpu_arithmetic = \"fp16\"), "
+               "a quarter of the fp32 file", lambda: _quantizer(ctx, "int8-weights-gptq")),
         *mixed,
         Recipe("aeq-a16w8", "int16x8", "AI Edge Quantizer int16 activations, int8 weights",
                lambda: _quantizer(ctx, "a16w8")),

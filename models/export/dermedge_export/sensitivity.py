@@ -197,6 +197,231 @@ def bias_corrected(model: bytes, calibration: np.ndarray, threads: int = 2, kept
     return bytes(fu.convert_object_to_bytearray(flat))
 
 
+GPTQ_POSITIONS_PER_IMAGE = 4096
+GPTQ_DAMPING = 0.01  # of the Hessian's mean diagonal, as GPTQ's reference implementation
+
+
+def _patches(x: np.ndarray, shape: tuple, options, rng) -> np.ndarray:
+    """Input patches of a convolution at up to GPTQ_POSITIONS_PER_IMAGE random output positions of
+    one image: [positions, kh, kw, channels] (x is [1, h, w, c]; SAME padding is zeros)."""
+    _, kh, kw, _ = shape
+    sh, sw = options.strideH, options.strideW
+    dh, dw = getattr(options, "dilationHFactor", 1) or 1, getattr(options, "dilationWFactor", 1) or 1
+    h, w = x.shape[1:3]
+    if options.padding == 0:  # SAME
+        oh, ow = -(-h // sh), -(-w // sw)
+        ph = max((oh - 1) * sh + (kh - 1) * dh + 1 - h, 0)
+        pw = max((ow - 1) * sw + (kw - 1) * dw + 1 - w, 0)
+        x = np.pad(x[0], ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    else:  # VALID
+        oh, ow = (h - (kh - 1) * dh - 1) // sh + 1, (w - (kw - 1) * dw - 1) // sw + 1
+        x = x[0]
+    count = oh * ow
+    at = np.arange(count) if count <= GPTQ_POSITIONS_PER_IMAGE else rng.choice(count, GPTQ_POSITIONS_PER_IMAGE, replace=False)
+    ys = (at // ow)[:, None] * sh + np.arange(kh)[None, :] * dh
+    xs = (at % ow)[:, None] * sw + np.arange(kw)[None, :] * dw
+    return x[ys[:, :, None], xs[:, None, :], :]
+
+
+def _gptq(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """GPTQ (Frantar et al. 2023) on groups of rows sharing a Hessian: w [groups, rows, d],
+    hessian [groups, d, d], scale [groups, rows]. Each column is rounded to the symmetric int8
+    grid in turn and its error spread over the columns not yet rounded, weighted by the inverse
+    Hessian, so the layer's output error E‖(W' − W)x‖² is what is minimised, not each weight's.
+    Returns the rounded weights (on the grid: integers × scale)."""
+    w = w.astype(np.float64).copy()
+    d = w.shape[2]
+    h = hessian.astype(np.float64).copy()
+    diagonal = np.diagonal(h, axis1=1, axis2=2).copy()
+    dead = diagonal <= 0  # an input that is always zero: its weights cannot matter
+    for g, i in zip(*np.nonzero(dead)):
+        h[g, i, i] = 1.0
+        w[g, :, i] = 0.0
+    damping = GPTQ_DAMPING * np.maximum(np.diagonal(h, axis1=1, axis2=2).mean(1), 1e-12)
+    h += damping[:, None, None] * np.eye(d)
+    upper = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)  # Hinv = Uᵀ U
+    s = np.where(scale > 0, scale, 1.0)
+    for i in range(d):
+        q = np.clip(np.round(w[:, :, i] / s), -127, 127) * s
+        error = (w[:, :, i] - q) / upper[:, i, i][:, None]
+        w[:, :, i + 1:] -= error[:, :, None] * upper[:, None, i, i + 1:]
+        w[:, :, i] = q
+    return w
+
+
+def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_float: set[int] = frozenset(),
+                 seed: int = 0) -> bytes:
+    """The float model with every convolution's weights already on its per-channel int8 grid
+    (scale max|w| / 127, as the quantizer will choose it, so quantising leaves them as they are),
+    rounded by GPTQ from the Hessian of its input over the calibration images (the float graph's
+    activations), then bias-corrected against the original weights: b' = b − (W' − W)·E[x]. Ops in
+    `kept_float` (op indices) keep their weights and biases."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    flat = fb.read_model(bytearray(model))
+    graph = flat.subgraphs[0]
+    convs = [(op, c) for i, op in enumerate(graph.operators)
+             if i not in kept_float and (c := _conv_weights(flat, graph, op))]
+    interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
+    run = interp.get_signature_runner(SIGNATURE)
+    input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
+    rng = np.random.default_rng(seed)
+    hessians, means, counts = {}, {}, {}
+    for x in calibration:
+        run(**{input_name: x[None]})
+        for n, (op, (name, w, _, _)) in enumerate(convs):
+            a = interp.get_tensor(int(op.inputs[0]))
+            p = _patches(a, w.shape, op.builtinOptions, rng).astype(np.float32)
+            if name == "CONV_2D":
+                flat_p = p.reshape(len(p), -1)
+                update = (flat_p.T @ flat_p)[None]
+            else:
+                p = np.repeat(p, w.shape[3] // p.shape[3], axis=3)  # depth multiplier
+                flat_p = p.reshape(len(p), -1, p.shape[3])  # [positions, kh·kw, channels]
+                update = np.einsum("pkc,pjc->ckj", flat_p, flat_p)
+            hessians[n] = hessians.get(n, 0.0) + update.astype(np.float64)
+            counts[n] = counts.get(n, 0) + len(p)
+            means[n] = means.get(n, 0.0) + a.reshape(-1, a.shape[-1]).mean(0)
+    for n, (op, (name, w, b, axis)) in enumerate(convs):
+        h = hessians[n] / counts[n]
+        if name == "CONV_2D":  # [out, kh, kw, in]: one Hessian for every output channel
+            rows = w.reshape(1, w.shape[0], -1)
+        else:  # [1, kh, kw, channels]: one Hessian per channel, one row each
+            rows = w.reshape(-1, w.shape[3]).T[:, None, :]
+        peak = np.abs(rows).max(2)
+        rounded = _gptq(rows, h, peak / 127.0)
+        # The quantizer takes each channel's scale from its largest weight: keep that one at ±127 steps.
+        top = np.abs(rows).argmax(2)
+        g, r = np.indices(top.shape)
+        rounded[g, r, top] = np.sign(rows[g, r, top]) * peak
+        new = rounded[0].reshape(w.shape) if name == "CONV_2D" else rounded[:, 0, :].T.reshape(w.shape)
+        _set_constant(flat, op, 1, new)
+        if b is not None:
+            mean = means[n] / len(calibration)
+            error = new - w
+            if name == "CONV_2D":
+                shift = np.einsum("ohwi,i->o", error, mean)
+            else:
+                shift = error.sum((0, 1, 2)) * np.repeat(mean, w.shape[3] // mean.shape[0])
+            _set_constant(flat, op, 2, b - shift)
+    return bytes(fu.convert_object_to_bytearray(flat))
+
+
+EQUALISATION_MODES = ("weights", "activations")
+
+
+def equalised(model: bytes, calibration: np.ndarray, mode: str = "activations", threads: int = 2) -> bytes:
+    """The float model with cross-layer equalisation over every depthwise → 1×1 convolution pair
+    (an Xception separable convolution: the depthwise output feeds that one convolution, with no
+    activation between, or a ReLU, which commutes with a positive scale). Depthwise channel i is
+    divided by s_i (weights and bias) and the pointwise convolution's input column i multiplied by
+    it: the float function is unchanged. `weights` balances the two weight ranges (Nagel et al.
+    2019, s_i = √(r1_i / r2_i)); `activations` balances the depthwise output's per-channel range,
+    measured on the calibration images, against the pointwise column's (s_i = √(a_i / r2_i), the
+    migration of SmoothQuant at α = ½): the per-tensor int8 activation between them stops being
+    one wide channel's scale, which per-channel weights cannot help."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    if mode not in EQUALISATION_MODES:
+        raise ExportError(f"equalisation {mode!r}: expected one of {', '.join(EQUALISATION_MODES)}")
+    flat = fb.read_model(bytearray(model))
+    graph = flat.subgraphs[0]
+    outputs = set(int(t) for t in graph.outputs)
+    pairs = []
+    for op in graph.operators:
+        dw = _conv_weights(flat, graph, op)
+        if dw is None or dw[0] != "DEPTHWISE_CONV_2D" or dw[2] is None:
+            continue
+        activation = getattr(op.builtinOptions, "fusedActivationFunction", 0)
+        y = int(op.outputs[0])
+        readers = [o for o in graph.operators if y in list(o.inputs)]
+        if activation not in (0, 1) or y in outputs or len(readers) != 1:  # NONE or RELU only
+            continue
+        pw = _conv_weights(flat, graph, readers[0])
+        if pw is None or pw[0] != "CONV_2D" or pw[1].shape[1:3] != (1, 1) or list(readers[0].inputs).count(y) != 1:
+            continue
+        pairs.append((op, dw, readers[0], pw))
+    if mode == "activations" and pairs:
+        interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
+        run = interp.get_signature_runner(SIGNATURE)
+        input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
+        peaks = {int(op.outputs[0]): 0.0 for op, *_ in pairs}
+        for x in calibration:
+            run(**{input_name: x[None]})
+            for index in peaks:
+                a = interp.get_tensor(index)
+                peaks[index] = np.maximum(peaks[index], np.abs(a.reshape(-1, a.shape[-1])).max(0))
+    for op, (_, w1, b1, _), pw_op, (_, w2, _, _) in pairs:
+        column = np.abs(w2).max((0, 1, 2))  # r2_i over the pointwise outputs
+        first = peaks[int(op.outputs[0])] if mode == "activations" else np.abs(w1).max((0, 1, 2))
+        s = np.sqrt(np.maximum(first, 1e-12) / np.maximum(column, 1e-12))
+        s = np.where((first > 0) & (column > 0), s, 1.0)
+        _set_constant(flat, op, 1, w1 / s)
+        _set_constant(flat, op, 2, b1 / s)
+        _set_constant(flat, pw_op, 1, w2 * s)
+    return bytes(fu.convert_object_to_bytearray(flat))
+
+
+MSE_SAMPLES_PER_IMAGE = 4096
+MSE_SCALES = np.geomspace(0.05, 1.0, 61)
+
+
+def mse_ranges(model: bytes, qsvs: dict, calibration: np.ndarray, threads: int = 2, seed: int = 0) -> dict:
+    """The quantizer's calibration result with every activation range chosen to minimise the
+    int8 quantisation MSE (clipping plus rounding) over the calibration images' values, instead
+    of the moving average of per-image min/max. Each range is the observed [min, max] scaled by
+    one factor (zero stays representable); values come from a seeded sample of each tensor."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
+    run = interp.get_signature_runner(SIGNATURE)
+    input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
+    by_name = {d["name"]: d["index"] for d in interp.get_tensor_details()}
+    tensors = {n: by_name[n] for n in qsvs if n in by_name}
+    rng = np.random.default_rng(seed)
+    samples = {n: [] for n in tensors}
+    lows = {n: np.inf for n in tensors}
+    highs = {n: -np.inf for n in tensors}
+    for x in calibration:
+        run(**{input_name: x[None]})
+        for n, index in tensors.items():
+            a = interp.get_tensor(index)
+            if a.dtype != np.float32 or a.size == 0:
+                continue
+            flat_a = a.reshape(-1)
+            lows[n], highs[n] = min(lows[n], float(flat_a.min())), max(highs[n], float(flat_a.max()))
+            samples[n].append(flat_a[rng.integers(0, flat_a.size, min(MSE_SAMPLES_PER_IMAGE, flat_a.size))])
+    chosen = dict(qsvs)
+    for n, parts in samples.items():
+        if not parts or highs[n] - lows[n] <= 0:
+            continue
+        lo, hi = mse_range(np.concatenate(parts), lows[n], highs[n])
+        old = qsvs[n]
+        chosen[n] = {**old, "min": np.full_like(np.asarray(old["min"], np.float32), lo),
+                     "max": np.full_like(np.asarray(old["max"], np.float32), hi)}
+    return chosen
+
+
+def int8_range_error(values: np.ndarray, lo: float, hi: float) -> float:
+    """The mean squared error of asymmetric int8 (256 steps over [lo, hi], clipped outside)."""
+    step = (hi - lo) / 255.0
+    q = np.clip(np.round((values - lo) / step), 0, 255) * step + lo
+    return float(np.mean((q - values) ** 2))
+
+
+def mse_range(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """[low, high] (widened to hold 0) scaled by the factor of MSE_SCALES whose int8 error on
+    `values` is least."""
+    values = np.asarray(values, np.float64)
+    lo, hi = min(low, 0.0), max(high, 0.0)
+    best = min(MSE_SCALES, key=lambda scale: int8_range_error(values, lo * scale, hi * scale))
+    return float(lo * best), float(hi * best)
+
+
 def with_weight_noise(model: bytes, relative: float, seed: int = 0) -> bytes:
     """The float model with Gaussian noise on every convolution's weights, `relative` to each
     weight tensor's RMS: unbiased error of a chosen size, the yardstick for int8's."""
@@ -261,13 +486,28 @@ def stats(delta: np.ndarray) -> dict:
             "delta_mean": float(delta.mean())}
 
 
+def weights_only(model: bytes) -> bytes:
+    """Every weight per-channel int8, dequantised to float32 at load; float arithmetic."""
+    from ai_edge_quantizer import quantizer
+
+    q = quantizer.Quantizer(bytearray(model))
+    q.load_quantization_recipe([entry(".*", "*", weight_only_config())])
+    return bytes(q.quantize(enable_progress_report=False).quantized_model)
+
+
+# Activation ranges: the quantizer's own (a moving average of per-image min/max), or MSE-optimal.
+RANGES = ("minmax", "mse")
+
+
 class Quantiser:
     """The AI Edge Quantizer on one float model, calibrated once for every recipe it makes."""
 
     def __init__(self, model: bytes, calibration: np.ndarray, input_name: str, activation_bits: int = 8,
-                 threads: int = 2):
+                 threads: int = 2, ranges: str = "minmax"):
         from ai_edge_quantizer import quantizer
 
+        if ranges not in RANGES:
+            raise ExportError(f"activation ranges {ranges!r}: expected one of {', '.join(RANGES)}")
         self.model = model
         self.input_name = input_name
         self.activation_bits = activation_bits
@@ -275,6 +515,8 @@ class Quantiser:
         q.load_quantization_recipe([entry(".*", "*", static_config(activation_bits))])
         data = {SIGNATURE: [{input_name: x[None]} for x in calibration]}
         self.qsvs = q.calibrate(data, num_threads=threads)
+        if ranges == "mse":
+            self.qsvs = mse_ranges(model, self.qsvs, calibration, threads)
 
     def quantise(self, recipe: list[dict]) -> bytes:
         from ai_edge_quantizer import quantizer
@@ -285,13 +527,6 @@ class Quantiser:
 
     def only(self, op: Op) -> bytes:
         return self.quantise([entry(scope_regex(op.scope), op.name, static_config(self.activation_bits))])
-
-    def weight_only(self, model: bytes | None = None) -> bytes:
-        from ai_edge_quantizer import quantizer
-
-        q = quantizer.Quantizer(bytearray(model or self.model))
-        q.load_quantization_recipe([entry(".*", "*", weight_only_config())])
-        return bytes(q.quantize(enable_progress_report=False).quantized_model)
 
     def all_but(self, kept_float: list[Op]) -> bytes:
         """Every op quantised but `kept_float`; the graph's input and output stay float32, as
@@ -385,16 +620,31 @@ def measure(model_path: Path, calibration: Path, images: Path, out: Path, top: l
 def whole_graph_variants(model: bytes, cal: np.ndarray, quantiser: "Quantiser", judged, out: Path, name: str,
                          progress=print) -> dict:
     """Where the loss comes from, graph-wide: int8 weights alone (float arithmetic), the same
-    with bias correction, the full int8 graph with and without it, and unbiased weight noise of
-    int8's size (what an ideal 8-bit weight scheme could at best reach)."""
+    with bias correction and with GPTQ rounding, the full int8 graph with and without them, with
+    MSE activation ranges and with cross-layer equalisation first, and unbiased weight noise of
+    int8's size (what nearest rounding would cost if its error were unbiased)."""
     relative = int8_weight_relative_error(model)
     corrected = bias_corrected(model, spread(cal))
+    gptq = gptq_rounded(model, spread(cal))
+
+    def full(graph: bytes, ranges: str = "minmax") -> bytes:
+        return Quantiser(graph, cal, quantiser.input_name, 8, ranges=ranges).all_but([])
+
+    def equalised_then(mode: str) -> bytes:
+        return full(bias_corrected(equalised(model, spread(cal), mode), spread(cal)), "mse")
     rows = [
-        ("int8 weights, float arithmetic", lambda: quantiser.weight_only()),
-        ("int8 weights + bias correction, float arithmetic", lambda: quantiser.weight_only(corrected)),
+        ("int8 weights, float arithmetic", lambda: weights_only(model)),
+        ("int8 weights + bias correction, float arithmetic", lambda: weights_only(corrected)),
         ("full int8 (activations and weights)", lambda: quantiser.all_but([])),
-        ("full int8 + bias correction",
-         lambda: Quantiser(corrected, cal, quantiser.input_name, 8).all_but([])),
+        ("full int8 + bias correction", lambda: full(corrected)),
+        ("full int8 + bias correction + MSE activation ranges", lambda: full(corrected, "mse")),
+        ("int8 weights rounded by GPTQ, float arithmetic", lambda: weights_only(gptq)),
+        ("full int8, GPTQ weights", lambda: full(gptq)),
+        ("full int8, GPTQ weights + MSE activation ranges", lambda: full(gptq, "mse")),
+        ("full int8, cross-layer equalisation (weight ranges) + bias correction + MSE ranges",
+         lambda: equalised_then("weights")),
+        ("full int8, cross-layer equalisation (activation ranges) + bias correction + MSE ranges",
+         lambda: equalised_then("activations")),
         (f"unbiased weight noise at int8's size ({relative:.4f} of each tensor's RMS), float arithmetic",
          lambda: with_weight_noise(model, relative)),
         (f"unbiased weight noise at a quarter of it ({relative / 4:.4f})", lambda: with_weight_noise(model, relative / 4)),
@@ -415,11 +665,30 @@ def whole_graph_variants(model: bytes, cal: np.ndarray, quantiser: "Quantiser", 
     return result
 
 
-# The AI Edge Quantizer recipes the exporter's search converts through this venv
-# (`recipes.py`, `aeq-*`): every op int8 (graph input and output float, as dermedge's exports
-# are), the same on the bias-corrected graph, int16 activations, and the bias-corrected int8 with
-# the k ops most sensitive on the final embedding kept float (a sensitivity run's ranking).
-CONVERSIONS = ("int8", "int8-bias-corrected", "a16w8", "mixed")
+@dataclass(frozen=True)
+class Conversion:
+    """How one of the AI Edge Quantizer recipes the exporter's search converts through this venv
+    (`recipes.py`, `aeq-*`) treats the float graph before quantising it, and what it quantises.
+    The graph's input and output stay float32, as dermedge's exports are."""
+    activation_bits: int = 8
+    equalise: str | None = None  # EQUALISATION_MODES: cross-layer equalisation first
+    weights: str = "nearest"  # nearest | bias-corrected | gptq (rounded by GPTQ, bias-corrected)
+    ranges: str = "minmax"  # RANGES
+    mixed: bool = False  # keep a sensitivity run's k most sensitive ops float
+    weights_only: bool = False  # int8 weights dequantised at load, float activations and arithmetic
+
+
+CONVERSIONS = {
+    "int8": Conversion(),
+    "int8-bias-corrected": Conversion(weights="bias-corrected"),
+    "int8-bias-corrected-mse": Conversion(weights="bias-corrected", ranges="mse"),
+    "int8-cle-bias-corrected-mse": Conversion(equalise="weights", weights="bias-corrected", ranges="mse"),
+    "int8-gptq-mse": Conversion(weights="gptq", ranges="mse"),
+    "int8-weights-gptq": Conversion(weights="gptq", weights_only=True),
+    "a16w8": Conversion(activation_bits=16),
+    "mixed": Conversion(weights="bias-corrected", mixed=True),
+    "mixed-gptq-mse": Conversion(weights="gptq", ranges="mse", mixed=True),
+}
 
 
 def _ranked_ops(model: bytes, model_path: Path, sensitivity: Path | None, float_ops: int) -> list[Op]:
@@ -448,22 +717,31 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
     """Write one of CONVERSIONS of the float model to `out`; returns what was done."""
     if conversion not in CONVERSIONS:
         raise ExportError(f"conversion {conversion!r}: expected one of {', '.join(CONVERSIONS)}")
+    spec = CONVERSIONS[conversion]
     model = Path(model_path).read_bytes()
     cal, _ = load_inputs(calibration)
     input_name = Runner(model, threads).input
-    done = {"conversion": conversion, "calibration_count": len(cal)}
-    if conversion == "int8":
-        data = Quantiser(model, cal, input_name, 8, threads).all_but([])
-    elif conversion == "a16w8":
-        data = Quantiser(model, cal, input_name, 16, threads).all_but([])
-    else:
-        kept = [] if conversion == "int8-bias-corrected" else _ranked_ops(model, model_path, sensitivity, float_ops)
-        # The ops kept float keep their biases: correcting them would add the error it removes.
-        corrected = bias_corrected(model, spread(cal), threads, {op.index for op in kept})
-        data = Quantiser(corrected, cal, input_name, 8, threads).all_but(kept)
+    done = {"conversion": conversion, "calibration_count": len(cal), "ranges": spec.ranges}
+    kept = _ranked_ops(model, model_path, sensitivity, float_ops) if spec.mixed else []
+    # The ops kept float keep their weights and biases: correcting them would add the error it removes.
+    kept_float = {op.index for op in kept}
+    graph = model
+    if spec.equalise is not None:
+        graph = equalised(graph, spread(cal), spec.equalise, threads)
+        done["equalisation"] = spec.equalise
+    if spec.weights == "bias-corrected":
+        graph = bias_corrected(graph, spread(cal), threads, kept_float)
         done["bias_correction_images"] = len(spread(cal))
-        if kept:
-            done |= {"float_ops": float_ops, "sensitivity": str(sensitivity), "kept_float": [op.scope for op in kept]}
+    elif spec.weights == "gptq":
+        graph = gptq_rounded(graph, spread(cal), threads, kept_float)
+        done["gptq_images"] = len(spread(cal))
+    if spec.weights_only:
+        data = weights_only(graph)
+        del done["ranges"]  # nothing calibrated: the activations stay float
+    else:
+        data = Quantiser(graph, cal, input_name, spec.activation_bits, threads, spec.ranges).all_but(kept)
+    if kept:
+        done |= {"float_ops": float_ops, "sensitivity": str(sensitivity), "kept_float": [op.scope for op in kept]}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
@@ -506,8 +784,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=Path, help="inputs .npz to measure the embedding on")
     p.add_argument("--out", required=True, type=Path, help="the directory results go to (with --convert: the .tflite)")
     p.add_argument("--convert", choices=CONVERSIONS, help="write this quantised model to --out instead of measuring")
-    p.add_argument("--sensitivity", type=Path, help="--convert mixed: the sensitivity run whose ranking to use")
-    p.add_argument("--float-ops", type=int, default=0, help="--convert mixed: how many of the most sensitive ops stay float")
+    p.add_argument("--sensitivity", type=Path, help="--convert mixed*: the sensitivity run whose ranking to use")
+    p.add_argument("--float-ops", type=int, default=0, help="--convert mixed*: how many of the most sensitive ops stay float")
     p.add_argument("--top", default="1,2,4,8,16,32", help="k values for 'all but the k most sensitive'")
     p.add_argument("--activation-bits", type=int, choices=[8, 16], default=8)
     p.add_argument("--threads", type=int, default=2)
@@ -517,7 +795,8 @@ def main(argv=None) -> int:
                    help="measure only the graph with every op quantised (nothing is written)")
     p.add_argument("--variants", action="store_true",
                    help="measure where the loss comes from graph-wide: int8 weights alone, bias correction, "
-                        "unbiased weight noise of int8's size (<name>.variants.{json,md})")
+                        "GPTQ rounding, MSE activation ranges, cross-layer equalisation, unbiased weight noise "
+                        "of int8's size (<name>.variants.{json,md})")
     args = p.parse_args(argv)
     try:
         top = [int(k) for k in args.top.split(",") if k.strip()]

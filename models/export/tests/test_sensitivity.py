@@ -47,6 +47,44 @@ class HeadViewDelta(unittest.TestCase):
         self.assertLess(np.abs(error[0]).max(), step[2] / 100)
 
 
+class MseRange(unittest.TestCase):
+    def test_uniform_values_keep_their_range_and_an_outlier_is_clipped(self):
+        rng = np.random.default_rng(2)
+        uniform = rng.uniform(0.0, 6.0, 20000)
+        lo, hi = S.mse_range(uniform, 0.0, 6.0)
+        self.assertEqual(lo, 0.0)
+        self.assertGreater(hi, 5.5)
+        # Post-ReLU values whose observed maximum (40, from a pixel the sample missed) is far out
+        # in the tail: min/max would spend most of the 256 steps on values that hardly occur.
+        tailed = np.abs(rng.laplace(0.0, 1.0, 200000))
+        lo, hi = S.mse_range(tailed, 0.0, 40.0)
+        self.assertLess(hi, 20.0)
+        self.assertLess(S.int8_range_error(tailed, lo, hi), S.int8_range_error(tailed, 0.0, 40.0) / 2)
+
+    def test_zero_stays_representable(self):
+        lo, hi = S.mse_range(np.linspace(2.0, 3.0, 100), 2.0, 3.0)
+        self.assertEqual(lo, 0.0)
+        self.assertGreater(hi, 2.9)
+
+
+class Gptq(unittest.TestCase):
+    def test_columns_are_rounded_to_the_grid_and_the_output_error_is_less_than_nearest_rounding(self):
+        rng = np.random.default_rng(3)
+        # Correlated inputs (a shared component), as activations are: what GPTQ exploits.
+        x = rng.normal(size=(4000, 12)) + rng.normal(size=(4000, 1)) * 2.0
+        w = rng.normal(size=(6, 12))
+        h = (x.T @ x / len(x))[None]
+        scale = np.abs(w).max(1)[None] / 127.0
+        rounded = S._gptq(w[None], h, scale)[0]
+        steps = rounded / scale[0][:, None]
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-9)
+        self.assertLessEqual(np.abs(steps).max(), 127 + 1e-9)
+        nearest = np.round(w / scale[0][:, None]) * scale[0][:, None]
+        gptq_error = np.mean(((rounded - w) @ x.T) ** 2)
+        nearest_error = np.mean(((nearest - w) @ x.T) ** 2)
+        self.assertLess(gptq_error, nearest_error / 2)
+
+
 @unittest.skipUnless(HAVE_QUANTIZER, "the AI Edge Quantizer venv: scripts/python-env.sh --venv quantizer")
 class OnTheFixture(unittest.TestCase):
     @classmethod
@@ -138,6 +176,48 @@ class OnTheFixture(unittest.TestCase):
         with self.assertRaisesRegex(ExportError, "sha256 differs"):
             S.convert(MODEL, self.cal, "mixed", out, ranking, 1)
 
+    def test_gptq_puts_weights_on_the_quantizers_grid_and_leaves_kept_ops_alone(self):
+        cal, _ = S.load_inputs(self.cal)
+        from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+        rounded = S.gptq_rounded(self.model, cal)
+        before, after = fb.read_model(bytearray(self.model)), fb.read_model(bytearray(rounded))
+        graph = before.subgraphs[0]
+        convs = [i for i, op in enumerate(graph.operators) if S._conv_weights(before, graph, op)]
+        self.assertTrue(convs)
+        for i in convs:
+            name, w, _, axis = S._conv_weights(before, graph, graph.operators[i])
+            new = S._conv_weights(after, after.subgraphs[0], after.subgraphs[0].operators[i])[1]
+            # Quantising again changes nothing: the per-channel scale (max|w| / 127) is the
+            # original's, and every weight is a whole number of steps.
+            np.testing.assert_allclose(S.int8_weight_error(new, axis), 0.0, atol=1e-6 * np.abs(w).max())
+            peak = np.abs(np.moveaxis(w, axis, 0)).reshape(w.shape[axis], -1).max(1)
+            new_peak = np.abs(np.moveaxis(new, axis, 0)).reshape(w.shape[axis], -1).max(1)
+            np.testing.assert_allclose(new_peak, peak, rtol=1e-6)
+        # An op kept float keeps its weights and bias.
+        kept = fb.read_model(bytearray(S.gptq_rounded(self.model, cal, kept_float={convs[0]})))
+        a = S._conv_weights(before, graph, graph.operators[convs[0]])
+        b = S._conv_weights(kept, kept.subgraphs[0], kept.subgraphs[0].operators[convs[0]])
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[2], b[2])
+
+    def test_mse_ranges_stay_within_the_observed_ones_and_gptq_mse_converts(self):
+        cal, _ = S.load_inputs(self.cal)
+        q = S.Quantiser(self.model, cal, S.Runner(self.model).input, 8, ranges="minmax")
+        mse = S.mse_ranges(self.model, q.qsvs, cal)
+        self.assertEqual(set(mse), set(q.qsvs))
+        narrower = 0
+        for name, qsv in mse.items():
+            self.assertLessEqual(float(np.max(qsv["min"])), 0.0, name)
+            self.assertGreaterEqual(float(np.min(qsv["max"])), 0.0, name)
+            narrower += float(np.max(qsv["max"])) < float(np.max(q.qsvs[name]["max"])) - 1e-6
+        self.assertGreater(narrower, 0, "no range was narrowed")
+        out = Path(self.dir.name) / "gptq-mse.tflite"
+        done = S.convert(MODEL, self.cal, "int8-gptq-mse", out)
+        self.assertEqual((done["ranges"], done["gptq_images"]), ("mse", 2))
+        xs, _ = S.load_inputs(self.images)
+        self.assertTrue(np.all(np.isfinite(S.Runner(out.read_bytes()).embed(xs))))
+
     def test_bad_inputs_files_are_named(self):
         bad = Path(self.dir.name) / "bad.npz"
         np.savez(bad, inputs=np.zeros((2, 4), np.float32), names=np.array(["a", "b"]))
@@ -147,6 +227,45 @@ class OnTheFixture(unittest.TestCase):
         not_npz.write_text("not an archive")
         with self.assertRaisesRegex(ExportError, "text.npz"):
             S.load_inputs(not_npz)
+
+
+LESION = ROOT / ".cache" / "models" / "lesion-x448" / "lesion-x448.fp32.tflite"
+# scripts/test.sh builds lesion-x448 before these tests and names it here: there it must be present.
+if "lesion-x448" in os.environ.get("DERMEDGE_REQUIRE_MODELS", "").split(",") and not LESION.is_file():
+    raise FileNotFoundError(f"DERMEDGE_REQUIRE_MODELS names lesion-x448 but {LESION} is missing")
+
+
+@unittest.skipUnless(HAVE_QUANTIZER and LESION.is_file(), "lesion-x448 (dermedge models build lesion-x448) and the quantizer venv")
+class Equalisation(unittest.TestCase):
+    """Cross-layer equalisation needs depthwise -> 1x1 pairs: lesion-x448 (Xception) has them."""
+
+    def test_the_float_function_is_unchanged_and_the_pairs_are_balanced(self):
+        model = LESION.read_bytes()
+        x = np.random.default_rng(4).uniform(0, 255, (1, 448, 448, 3)).astype(np.float32)
+        reference = S.Runner(model).embed(x)
+        from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+        for mode in S.EQUALISATION_MODES:
+            equalised = S.equalised(model, x, mode)
+            out = S.Runner(equalised).embed(x)
+            np.testing.assert_allclose(out, reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max())
+            flat = fb.read_model(bytearray(equalised))
+            graph = flat.subgraphs[0]
+            changed = 0
+            for op in graph.operators:
+                dw = S._conv_weights(flat, graph, op)
+                if not dw or dw[0] != "DEPTHWISE_CONV_2D":
+                    continue
+                reader = next(o for o in graph.operators if op.outputs[0] in list(o.inputs))
+                pw = S._conv_weights(flat, graph, reader)
+                if mode == "weights" and pw and pw[0] == "CONV_2D":
+                    # Nagel et al.: both ranges become √(r1 r2), so they are equal.
+                    np.testing.assert_allclose(np.abs(dw[1]).max((0, 1, 2)), np.abs(pw[1]).max((0, 1, 2)), rtol=1e-4)
+                    changed += 1
+            if mode == "weights":
+                self.assertGreater(changed, 10)
+        with self.assertRaisesRegex(ExportError, "equalisation 'both'"):
+            S.equalised(model, x, "both")
 
 
 if __name__ == "__main__":
