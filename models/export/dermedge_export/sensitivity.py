@@ -228,21 +228,26 @@ def _gptq(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray) -> np.ndarray:
     hessian [groups, d, d], scale [groups, rows]. Each column is rounded to the symmetric int8
     grid in turn and its error spread over the columns not yet rounded, weighted by the inverse
     Hessian, so the layer's output error E‖(W' − W)x‖² is what is minimised, not each weight's.
-    Returns the rounded weights (on the grid: integers × scale)."""
-    w = w.astype(np.float64).copy()
+    Each row's largest weight is rounded to exactly ±127 steps (its original value), so the
+    quantizer, which takes the scale from it, finds the same scale. Returns the rounded weights
+    (on the grid: integers × scale)."""
+    original = w.astype(np.float64)
+    w = original.copy()
     d = w.shape[2]
+    top = np.abs(original).argmax(2)
     h = hessian.astype(np.float64).copy()
     diagonal = np.diagonal(h, axis1=1, axis2=2).copy()
-    dead = diagonal <= 0  # an input that is always zero: its weights cannot matter
-    for g, i in zip(*np.nonzero(dead)):
+    # An input never seen non-zero (in the sample) has no curvature: give it some so the inverse
+    # exists; its weight is then rounded to nearest and its error spread nowhere.
+    for g, i in zip(*np.nonzero(diagonal <= 0)):
         h[g, i, i] = 1.0
-        w[g, :, i] = 0.0
     damping = GPTQ_DAMPING * np.maximum(np.diagonal(h, axis1=1, axis2=2).mean(1), 1e-12)
     h += damping[:, None, None] * np.eye(d)
     upper = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)  # Hinv = Uᵀ U
     s = np.where(scale > 0, scale, 1.0)
     for i in range(d):
         q = np.clip(np.round(w[:, :, i] / s), -127, 127) * s
+        q = np.where(top == i, original[:, :, i], q)  # the scale-setting weight: ±127 steps exactly
         error = (w[:, :, i] - q) / upper[:, i, i][:, None]
         w[:, :, i + 1:] -= error[:, :, None] * upper[:, None, i, i + 1:]
         w[:, :, i] = q
@@ -290,12 +295,7 @@ def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_f
             rows = w.reshape(1, w.shape[0], -1)
         else:  # [1, kh, kw, channels]: one Hessian per channel, one row each
             rows = w.reshape(-1, w.shape[3]).T[:, None, :]
-        peak = np.abs(rows).max(2)
-        rounded = _gptq(rows, h, peak / 127.0)
-        # The quantizer takes each channel's scale from its largest weight: keep that one at ±127 steps.
-        top = np.abs(rows).argmax(2)
-        g, r = np.indices(top.shape)
-        rounded[g, r, top] = np.sign(rows[g, r, top]) * peak
+        rounded = _gptq(rows, h, np.abs(rows).max(2) / 127.0)
         new = rounded[0].reshape(w.shape) if name == "CONV_2D" else rounded[:, 0, :].T.reshape(w.shape)
         _set_constant(flat, op, 1, new)
         if b is not None:
@@ -393,11 +393,15 @@ def mse_ranges(model: bytes, qsvs: dict, calibration: np.ndarray, threads: int =
             if a.dtype != np.float32 or a.size == 0:
                 continue
             flat_a = a.reshape(-1)
+            flat_a = flat_a[np.isfinite(flat_a) & (np.abs(flat_a) < 3e38)]  # as the quantizer's min/max skips
+            if flat_a.size == 0:
+                continue
             lows[n], highs[n] = min(lows[n], float(flat_a.min())), max(highs[n], float(flat_a.max()))
             samples[n].append(flat_a[rng.integers(0, flat_a.size, min(MSE_SAMPLES_PER_IMAGE, flat_a.size))])
     chosen = dict(qsvs)
     for n, parts in samples.items():
-        if not parts or highs[n] - lows[n] <= 0:
+        # Only per-tensor ranges (activations' are): a per-channel one is left as calibrated.
+        if not parts or highs[n] - lows[n] <= 0 or np.size(qsvs[n]["min"]) != 1 or np.size(qsvs[n]["max"]) != 1:
             continue
         lo, hi = mse_range(np.concatenate(parts), lows[n], highs[n])
         old = qsvs[n]
@@ -677,6 +681,18 @@ class Conversion:
     mixed: bool = False  # keep a sensitivity run's k most sensitive ops float
     weights_only: bool = False  # int8 weights dequantised at load, float activations and arithmetic
 
+    def __post_init__(self):
+        if self.activation_bits not in (8, 16):
+            raise ValueError(f"activation_bits: 8 or 16, not {self.activation_bits}")
+        if self.equalise is not None and self.equalise not in EQUALISATION_MODES:
+            raise ValueError(f"equalise: one of {EQUALISATION_MODES}, not {self.equalise!r}")
+        if self.weights not in ("nearest", "bias-corrected", "gptq"):
+            raise ValueError(f"weights: nearest, bias-corrected or gptq, not {self.weights!r}")
+        if self.ranges not in RANGES:
+            raise ValueError(f"ranges: one of {RANGES}, not {self.ranges!r}")
+        if self.weights_only and (self.mixed or self.ranges != "minmax" or self.activation_bits != 8):
+            raise ValueError("weights_only quantises no activation: no mixed ops, ranges or activation bits")
+
 
 CONVERSIONS = {
     "int8": Conversion(),
@@ -691,10 +707,11 @@ CONVERSIONS = {
 }
 
 
-def _ranked_ops(model: bytes, model_path: Path, sensitivity: Path | None, float_ops: int) -> list[Op]:
+def _ranked_ops(model: bytes, model_path: Path, sensitivity: Path | None, float_ops: int,
+                conversion: str = "mixed") -> list[Op]:
     """The `float_ops` most sensitive ops of `model` by a sensitivity run's ranking (its JSON)."""
     if sensitivity is None or float_ops < 1:
-        raise ExportError("conversion mixed: needs --sensitivity (a sensitivity run's JSON) and --float-ops >= 1")
+        raise ExportError(f"conversion {conversion}: needs --sensitivity (a sensitivity run's JSON) and --float-ops >= 1")
     try:
         measured = json.loads(Path(sensitivity).read_text())
         ranked = measured["alone"]
@@ -722,7 +739,10 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
     cal, _ = load_inputs(calibration)
     input_name = Runner(model, threads).input
     done = {"conversion": conversion, "calibration_count": len(cal), "ranges": spec.ranges}
-    kept = _ranked_ops(model, model_path, sensitivity, float_ops) if spec.mixed else []
+    if not spec.mixed and (sensitivity is not None or float_ops):
+        raise ExportError(f"conversion {conversion}: --sensitivity and --float-ops are for the mixed conversions "
+                          f"({', '.join(n for n, c in CONVERSIONS.items() if c.mixed)})")
+    kept = _ranked_ops(model, model_path, sensitivity, float_ops, conversion) if spec.mixed else []
     # The ops kept float keep their weights and biases: correcting them would add the error it removes.
     kept_float = {op.index for op in kept}
     graph = model

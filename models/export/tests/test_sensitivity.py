@@ -30,6 +30,43 @@ def inputs(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+def check_patches(test, model: bytes, x: np.ndarray, only: str | None = None) -> int:
+    """Assert that act(patches · Wᵀ + b) is each convolution's output (every position, fused
+    NONE or RELU); returns how many convolutions were checked."""
+    from unittest import mock
+
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    flat = fb.read_model(bytearray(model))
+    graph = flat.subgraphs[0]
+    interp = Interpreter(model_content=bytes(model), experimental_preserve_all_tensors=True)
+    run = interp.get_signature_runner(S.SIGNATURE)
+    run(**{interp.get_signature_list()[S.SIGNATURE]["inputs"][0]: x})
+    checked = 0
+    with mock.patch.object(S, "GPTQ_POSITIONS_PER_IMAGE", 10**9):  # every position, in order
+        for op in graph.operators:
+            conv = S._conv_weights(flat, graph, op)
+            activation = getattr(op.builtinOptions, "fusedActivationFunction", 0)
+            if not conv or (only and conv[0] != only) or activation not in (0, 1):
+                continue
+            name, w, b, _ = conv
+            p = S._patches(interp.get_tensor(int(op.inputs[0])), w.shape, op.builtinOptions, np.random.default_rng(0))
+            if name == "CONV_2D":
+                y = p.reshape(len(p), -1).astype(np.float64) @ w.reshape(w.shape[0], -1).T.astype(np.float64)
+            else:
+                p = np.repeat(p, w.shape[3] // p.shape[3], axis=3)
+                y = np.einsum("pkc,kc->pc", p.reshape(len(p), -1, p.shape[3]).astype(np.float64),
+                              w.reshape(-1, w.shape[3]).astype(np.float64))
+            y = y + (0.0 if b is None else b)
+            y = np.maximum(y, 0.0) if activation == 1 else y
+            out = interp.get_tensor(int(op.outputs[0])).reshape(len(y), -1)
+            np.testing.assert_allclose(y, out, rtol=1e-3, atol=1e-3 * (np.abs(out).max() + 1e-6))
+            checked += 1
+    test.assertGreater(checked, 0)
+    return checked
+
+
 class HeadViewDelta(unittest.TestCase):
     def test_a_gain_is_no_error_and_a_shift_of_the_image_part_is(self):
         rng = np.random.default_rng(0)
@@ -205,9 +242,10 @@ class OnTheFixture(unittest.TestCase):
         cal, _ = S.load_inputs(self.cal)
         q = S.Quantiser(self.model, cal, S.Runner(self.model).input, 8, ranges="minmax")
         mse = S.mse_ranges(self.model, q.qsvs, cal)
-        self.assertEqual(set(mse), set(q.qsvs))
         narrower = 0
         for name, qsv in mse.items():
+            self.assertTrue(np.all(np.isfinite(qsv["min"])) and np.all(np.isfinite(qsv["max"])), name)
+            self.assertEqual(np.shape(qsv["min"]), np.shape(q.qsvs[name]["min"]), name)
             self.assertLessEqual(float(np.max(qsv["min"])), 0.0, name)
             self.assertGreaterEqual(float(np.min(qsv["max"])), 0.0, name)
             narrower += float(np.max(qsv["max"])) < float(np.max(q.qsvs[name]["max"])) - 1e-6
@@ -217,6 +255,29 @@ class OnTheFixture(unittest.TestCase):
         self.assertEqual((done["ranges"], done["gptq_images"]), ("mse", 2))
         xs, _ = S.load_inputs(self.images)
         self.assertTrue(np.all(np.isfinite(S.Runner(out.read_bytes()).embed(xs))))
+
+    def test_every_conversion_runs_and_keeps_float_input_and_output(self):
+        xs, _ = S.load_inputs(self.images)
+        for name, spec in S.CONVERSIONS.items():
+            if spec.mixed:
+                continue  # the mixed ones need a ranking: their own test
+            with self.subTest(conversion=name):
+                out = Path(self.dir.name) / f"{name}.tflite"
+                S.convert(MODEL, self.cal, name, out)
+                runner = S.Runner(out.read_bytes())
+                self.assertEqual((runner.input_detail["dtype"], runner.output_detail["dtype"]), (np.float32, np.float32))
+                self.assertTrue(np.all(np.isfinite(runner.embed(xs))))
+        with self.assertRaisesRegex(ExportError, "conversion int8: --sensitivity and --float-ops are for the mixed"):
+            S.convert(MODEL, self.cal, "int8", Path(self.dir.name) / "x.tflite", Path("ranking.json"), 2)
+        with self.assertRaisesRegex(ExportError, "conversion mixed-gptq-mse: needs --sensitivity"):
+            S.convert(MODEL, self.cal, "mixed-gptq-mse", Path(self.dir.name) / "x.tflite")
+        with self.assertRaises(ValueError):
+            S.Conversion(weights="gtpq")
+
+    def test_patches_times_the_weights_are_the_convolutions_outputs(self):
+        """GPTQ's Hessians are built from `_patches`: their layout, padding and strides must be the
+        convolution's own, checked against the interpreter's outputs for every convolution."""
+        check_patches(self, self.model, S.load_inputs(self.images)[0][:1])
 
     def test_bad_inputs_files_are_named(self):
         bad = Path(self.dir.name) / "bad.npz"
@@ -236,8 +297,31 @@ if "lesion-x448" in os.environ.get("DERMEDGE_REQUIRE_MODELS", "").split(",") and
 
 
 @unittest.skipUnless(HAVE_QUANTIZER and LESION.is_file(), "lesion-x448 (dermedge models build lesion-x448) and the quantizer venv")
-class Equalisation(unittest.TestCase):
-    """Cross-layer equalisation needs depthwise -> 1x1 pairs: lesion-x448 (Xception) has them."""
+class OnLesion(unittest.TestCase):
+    """Depthwise convolutions (cross-layer equalisation's pairs, GPTQ's per-channel path):
+    lesion-x448 (Xception) has them; df-mini has none."""
+
+    def test_depthwise_patches_and_gptq(self):
+        model = LESION.read_bytes()
+        x = np.random.default_rng(5).uniform(0, 255, (1, 448, 448, 3)).astype(np.float32)
+        self.assertGreater(check_patches(self, model, x, only="DEPTHWISE_CONV_2D"), 10)
+        from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+        before = fb.read_model(bytearray(model))
+        # The depthwise path only (the 1×1 convolutions, df-mini's kind, are most of the time).
+        pointwise = {i for i, op in enumerate(before.subgraphs[0].operators)
+                     if (c := S._conv_weights(before, before.subgraphs[0], op)) and c[0] == "CONV_2D"}
+        after = fb.read_model(bytearray(S.gptq_rounded(model, x, kept_float=pointwise)))
+        depthwise = 0
+        for a, b in zip(before.subgraphs[0].operators, after.subgraphs[0].operators):
+            old = S._conv_weights(before, before.subgraphs[0], a)
+            if not old or old[0] != "DEPTHWISE_CONV_2D":
+                continue
+            new = S._conv_weights(after, after.subgraphs[0], b)[1]
+            np.testing.assert_allclose(S.int8_weight_error(new, 3), 0.0, atol=1e-6 * np.abs(old[1]).max())
+            np.testing.assert_allclose(np.abs(new).max((0, 1, 2)), np.abs(old[1]).max((0, 1, 2)), rtol=1e-6)
+            depthwise += 1
+        self.assertGreater(depthwise, 10)
 
     def test_the_float_function_is_unchanged_and_the_pairs_are_balanced(self):
         model = LESION.read_bytes()
