@@ -1,13 +1,17 @@
-"""`export --target-fidelity`: try int8 export recipes in order of cost and keep the fastest one
-whose output passes dermedge's fidelity gates.
+"""`export --target-fidelity`: try export recipes in order of cost and keep the fastest one whose
+output passes dermedge's fidelity gates.
 
-Each recipe is converted from the same core SavedModel, written with a dermedge manifest, timed
-with `dermedge bench embed` alternately with the plain int8 file (same threads, same moment, so a
-shared machine's load cancels out in the ratio) and, when it is fast enough to be chosen (latency <= budget x plain int8), judged with
-`dermedge fidelity` against the fp32 export on a validation set disjoint from calibration. The
-chosen recipe is copied to `<name>.int8-faithful.{tflite,toml}`; every tried recipe, with its
-fidelity, size and latency, goes to `<name>.recipes.json` and `.md`. When none passes, nothing is
-copied: the table shows the best trade-off reached, and the gates stay as they are.
+Each recipe is converted (from the core SavedModel by TensorFlow's converter, or from the fp32
+export by the AI Edge Quantizer in its own venv: the `aeq-*` recipes), written with a dermedge
+manifest, timed with `dermedge bench embed` alternately with the plain int8 file (same threads,
+same moment, so a shared machine's load cancels out in the ratio), its Cortex-A76 time estimated
+(costmodel.py), and judged with `dermedge fidelity` against the fp32 export on a validation set
+disjoint from calibration (only a recipe over 8x the plain file here is left unjudged). The
+fastest passing recipe within the latency budget on the A76 estimate, else the fastest passing
+one (said over budget), is copied to `<name>.<precision>-faithful.{tflite,toml}`; every tried
+recipe, with its fidelity, size and latency, goes to `<name>.recipes.json` and `.md`. When none
+passes, nothing is copied: the table shows the best trade-off reached, and the gates stay as they
+are.
 """
 from __future__ import annotations
 
