@@ -295,7 +295,11 @@ def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_f
             rows = w.reshape(1, w.shape[0], -1)
         else:  # [1, kh, kw, channels]: one Hessian per channel, one row each
             rows = w.reshape(-1, w.shape[3]).T[:, None, :]
-        rounded = _gptq(rows, h, np.abs(rows).max(2) / 127.0)
+        try:
+            rounded = _gptq(rows, h, np.abs(rows).max(2) / 127.0)
+        except np.linalg.LinAlgError as e:
+            raise ExportError(f"GPTQ: the input Hessian of {name} {fb.get_op_scope(op, graph.tensors)!r} "
+                              f"is not positive definite even damped ({e}); calibrate on more images") from e
         new = rounded[0].reshape(w.shape) if name == "CONV_2D" else rounded[:, 0, :].T.reshape(w.shape)
         _set_constant(flat, op, 1, new)
         if b is not None:
