@@ -161,6 +161,33 @@ def spread(inputs: np.ndarray, count: int = BIAS_CORRECTION_IMAGES) -> np.ndarra
     return inputs[np.linspace(0, len(inputs) - 1, count).round().astype(int)]
 
 
+def calibration_runs(model: bytes, calibration: np.ndarray, threads: int = 2):
+    """Run the float model on each calibration input in turn, every intermediate tensor kept;
+    yields the interpreter after each run (read activations with `get_tensor`)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
+    run = interp.get_signature_runner(SIGNATURE)
+    input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
+    for x in calibration:
+        run(**{input_name: x[None]})
+        yield interp
+
+
+def channel_mean(activation: np.ndarray) -> np.ndarray:
+    """The per-channel (last axis) mean of one activation."""
+    return activation.reshape(-1, activation.shape[-1]).mean(0)
+
+
+def bias_shift(name: str, error: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """How far a weight error moves each output channel's expected value: (W' − W)·E[x], E[x]
+    the per-channel mean of the op's input."""
+    if name == "CONV_2D":  # [out, kh, kw, in]
+        return np.einsum("ohwi,i->o", error, mean)
+    # DEPTHWISE_CONV_2D: [1, kh, kw, in * multiplier]
+    return error.sum((0, 1, 2)) * np.repeat(mean, error.shape[3] // mean.shape[0])
+
+
 def bias_corrected(model: bytes, calibration: np.ndarray, threads: int = 2, kept_float: set[int] = frozenset()) -> bytes:
     """The float model with every convolution's bias corrected for its int8 weights' error:
     b' = b − Σ (Q(W) − W) · E[x], E[x] the per-channel mean of the op's input over the calibration
@@ -168,7 +195,6 @@ def bias_corrected(model: bytes, calibration: np.ndarray, threads: int = 2, kept
     means; borders and padding ignored). Quantising the result leaves the weights as they were and
     moves each output channel's expected value back to float's. Ops in `kept_float` (op indices)
     stay float, so their biases are left alone: correcting them would add the error it removes."""
-    from ai_edge_litert.interpreter import Interpreter
     from ai_edge_litert.tools import flatbuffer_utils as fu
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
@@ -176,24 +202,13 @@ def bias_corrected(model: bytes, calibration: np.ndarray, threads: int = 2, kept
     subgraph = flat.subgraphs[0]
     convs = [(op, c) for i, op in enumerate(subgraph.operators)
              if i not in kept_float and (c := _conv_weights(flat, subgraph, op)) and c[2] is not None]
-    interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
-    run = interp.get_signature_runner(SIGNATURE)
-    input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
     sums = {op.inputs[0]: 0.0 for op, _ in convs}
-    for x in calibration:
-        run(**{input_name: x[None]})
+    for interp in calibration_runs(model, calibration, threads):
         for index in sums:
-            activation = interp.get_tensor(index)
-            sums[index] = sums[index] + activation.reshape(-1, activation.shape[-1]).mean(0)
+            sums[index] = sums[index] + channel_mean(interp.get_tensor(index))
     for op, (name, w, b, axis) in convs:
         mean = sums[op.inputs[0]] / len(calibration)
-        error = int8_weight_error(w, axis)
-        if name == "CONV_2D":  # [out, kh, kw, in]
-            shift = np.einsum("ohwi,i->o", error, mean)
-        else:  # [1, kh, kw, in * multiplier]
-            multiplier = w.shape[3] // mean.shape[0]
-            shift = error.sum((0, 1, 2)) * np.repeat(mean, multiplier)
-        _set_constant(flat, op, 2, b - shift)
+        _set_constant(flat, op, 2, b - bias_shift(name, int8_weight_error(w, axis), mean))
     return bytes(fu.convert_object_to_bytearray(flat))
 
 
@@ -261,7 +276,6 @@ def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_f
     rounded by GPTQ from the Hessian of its input over the calibration images (the float graph's
     activations), then bias-corrected against the original weights: b' = b − (W' − W)·E[x]. Ops in
     `kept_float` (op indices) keep their weights and biases."""
-    from ai_edge_litert.interpreter import Interpreter
     from ai_edge_litert.tools import flatbuffer_utils as fu
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
@@ -269,13 +283,9 @@ def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_f
     graph = flat.subgraphs[0]
     convs = [(op, c) for i, op in enumerate(graph.operators)
              if i not in kept_float and (c := _conv_weights(flat, graph, op))]
-    interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
-    run = interp.get_signature_runner(SIGNATURE)
-    input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
     rng = np.random.default_rng(seed)
     hessians, means, counts = {}, {}, {}
-    for x in calibration:
-        run(**{input_name: x[None]})
+    for interp in calibration_runs(model, calibration, threads):
         for n, (op, (name, w, _, _)) in enumerate(convs):
             a = interp.get_tensor(int(op.inputs[0]))
             p = _patches(a, w.shape, op.builtinOptions, rng).astype(np.float32)
@@ -288,7 +298,7 @@ def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_f
                 update = np.einsum("pkc,pjc->ckj", flat_p, flat_p)
             hessians[n] = hessians.get(n, 0.0) + update.astype(np.float64)
             counts[n] = counts.get(n, 0) + len(p)
-            means[n] = means.get(n, 0.0) + a.reshape(-1, a.shape[-1]).mean(0)
+            means[n] = means.get(n, 0.0) + channel_mean(a)
     for n, (op, (name, w, b, axis)) in enumerate(convs):
         h = hessians[n] / counts[n]
         if name == "CONV_2D":  # [out, kh, kw, in]: one Hessian for every output channel
@@ -303,13 +313,7 @@ def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_f
         new = rounded[0].reshape(w.shape) if name == "CONV_2D" else rounded[:, 0, :].T.reshape(w.shape)
         _set_constant(flat, op, 1, new)
         if b is not None:
-            mean = means[n] / len(calibration)
-            error = new - w
-            if name == "CONV_2D":
-                shift = np.einsum("ohwi,i->o", error, mean)
-            else:
-                shift = error.sum((0, 1, 2)) * np.repeat(mean, w.shape[3] // mean.shape[0])
-            _set_constant(flat, op, 2, b - shift)
+            _set_constant(flat, op, 2, b - bias_shift(name, new - w, means[n] / len(calibration)))
     return bytes(fu.convert_object_to_bytearray(flat))
 
 
@@ -326,7 +330,6 @@ def equalised(model: bytes, calibration: np.ndarray, mode: str = "activations", 
     measured on the calibration images, against the pointwise column's (s_i = √(a_i / r2_i), the
     migration of SmoothQuant at α = ½): the per-tensor int8 activation between them stops being
     one wide channel's scale, which per-channel weights cannot help."""
-    from ai_edge_litert.interpreter import Interpreter
     from ai_edge_litert.tools import flatbuffer_utils as fu
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
@@ -349,13 +352,9 @@ def equalised(model: bytes, calibration: np.ndarray, mode: str = "activations", 
         if pw is None or pw[0] != "CONV_2D" or pw[1].shape[1:3] != (1, 1) or list(readers[0].inputs).count(y) != 1:
             continue
         pairs.append((op, dw, readers[0], pw))
+    peaks = {int(op.outputs[0]): 0.0 for op, *_ in pairs}
     if mode == "activations" and pairs:
-        interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
-        run = interp.get_signature_runner(SIGNATURE)
-        input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
-        peaks = {int(op.outputs[0]): 0.0 for op, *_ in pairs}
-        for x in calibration:
-            run(**{input_name: x[None]})
+        for interp in calibration_runs(model, calibration, threads):
             for index in peaks:
                 a = interp.get_tensor(index)
                 peaks[index] = np.maximum(peaks[index], np.abs(a.reshape(-1, a.shape[-1])).max(0))
@@ -379,19 +378,15 @@ def mse_ranges(model: bytes, qsvs: dict, calibration: np.ndarray, threads: int =
     int8 quantisation MSE (clipping plus rounding) over the calibration images' values, instead
     of the moving average of per-image min/max. Each range is the observed [min, max] scaled by
     one factor (zero stays representable); values come from a seeded sample of each tensor."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
-    run = interp.get_signature_runner(SIGNATURE)
-    input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
-    by_name = {d["name"]: d["index"] for d in interp.get_tensor_details()}
-    tensors = {n: by_name[n] for n in qsvs if n in by_name}
     rng = np.random.default_rng(seed)
-    samples = {n: [] for n in tensors}
-    lows = {n: np.inf for n in tensors}
-    highs = {n: -np.inf for n in tensors}
-    for x in calibration:
-        run(**{input_name: x[None]})
+    tensors = None
+    samples, lows, highs = {}, {}, {}
+    for interp in calibration_runs(model, calibration, threads):
+        if tensors is None:
+            by_name = {d["name"]: d["index"] for d in interp.get_tensor_details()}
+            tensors = {n: by_name[n] for n in qsvs if n in by_name}
+            samples = {n: [] for n in tensors}
+            lows, highs = {n: np.inf for n in tensors}, {n: -np.inf for n in tensors}
         for n, index in tensors.items():
             a = interp.get_tensor(index)
             if a.dtype != np.float32 or a.size == 0:
@@ -742,7 +737,7 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
     model = Path(model_path).read_bytes()
     cal, _ = load_inputs(calibration)
     input_name = Runner(model, threads).input
-    done = {"conversion": conversion, "calibration_count": len(cal), "ranges": spec.ranges}
+    done = {"conversion": conversion, "calibration_count": len(cal)}
     if not spec.mixed and (sensitivity is not None or float_ops):
         raise ExportError(f"conversion {conversion}: --sensitivity and --float-ops are for the mixed conversions "
                           f"({', '.join(n for n, c in CONVERSIONS.items() if c.mixed)})")
@@ -760,10 +755,10 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
         graph = gptq_rounded(graph, spread(cal), threads, kept_float)
         done["gptq_images"] = len(spread(cal))
     if spec.weights_only:
-        data = weights_only(graph)
-        del done["ranges"]  # nothing calibrated: the activations stay float
+        data = weights_only(graph)  # nothing calibrated: the activations stay float
     else:
         data = Quantiser(graph, cal, input_name, spec.activation_bits, threads, spec.ranges).all_but(kept)
+        done["ranges"] = spec.ranges
     if kept:
         done |= {"float_ops": float_ops, "sensitivity": str(sensitivity), "kept_float": [op.scope for op in kept]}
     out = Path(out)

@@ -35,14 +35,11 @@ def check_patches(test, model: bytes, x: np.ndarray, only: str | None = None) ->
     NONE or RELU); returns how many convolutions were checked."""
     from unittest import mock
 
-    from ai_edge_litert.interpreter import Interpreter
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
     flat = fb.read_model(bytearray(model))
     graph = flat.subgraphs[0]
-    interp = Interpreter(model_content=bytes(model), experimental_preserve_all_tensors=True)
-    run = interp.get_signature_runner(S.SIGNATURE)
-    run(**{interp.get_signature_list()[S.SIGNATURE]["inputs"][0]: x})
+    interp = next(S.calibration_runs(model, x))
     checked = 0
     with mock.patch.object(S, "GPTQ_POSITIONS_PER_IMAGE", 10**9):  # every position, in order
         for op in graph.operators:
