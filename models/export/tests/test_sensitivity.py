@@ -255,6 +255,8 @@ class OnTheFixture(unittest.TestCase):
 
     def test_every_conversion_runs_and_keeps_float_input_and_output(self):
         xs, _ = S.load_inputs(self.images)
+        reference = S.Runner(self.model).embed(xs)
+        error = {}
         for name, spec in S.CONVERSIONS.items():
             if spec.mixed:
                 continue  # the mixed ones need a ranking: their own test
@@ -263,7 +265,13 @@ class OnTheFixture(unittest.TestCase):
                 S.convert(MODEL, self.cal, name, out)
                 runner = S.Runner(out.read_bytes())
                 self.assertEqual((runner.input_detail["dtype"], runner.output_detail["dtype"]), (np.float32, np.float32))
-                self.assertTrue(np.all(np.isfinite(runner.embed(xs))))
+                candidate = runner.embed(xs)
+                self.assertTrue(np.all(np.isfinite(candidate)))
+                self.assertFalse(np.array_equal(candidate, reference), "nothing was quantised")
+                error[name] = float(np.linalg.norm(candidate - reference) / np.linalg.norm(reference))
+        # Float activations keep only the weights' (GPTQ-rounded) error: closer than any int8 graph.
+        self.assertLess(error["int8-weights-gptq"], 0.05, error)
+        self.assertLess(error["int8-weights-gptq"], min(v for k, v in error.items() if k != "int8-weights-gptq"), error)
         with self.assertRaisesRegex(ExportError, "conversion int8: --sensitivity and --float-ops are for the mixed"):
             S.convert(MODEL, self.cal, "int8", Path(self.dir.name) / "x.tflite", Path("ranking.json"), 2)
         with self.assertRaisesRegex(ExportError, "conversion mixed-gptq-mse: needs --sensitivity"):
