@@ -5,6 +5,7 @@
     python -m dermedge_export export SAVEDMODEL --name NAME --out DIR --calibration DIR --evaluation DIR
     python -m dermedge_export build NAME            # per models/models.toml, into .cache/models/
     python -m dermedge_export recipes-report OUT --name NAME   # re-estimate a finished search
+    python -m dermedge_export frontier OUT [OUT ...] --name NAME --svg FILE   # one plot of several searches
     python -m dermedge_export inputs MANIFEST (--images DIR [--count N] | --calibration-record JSON) --out X.npz
 
 Run it through scripts/python-env.sh (or models/export/dermedge-export), which provides the
@@ -81,6 +82,12 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path, help="the search's --out directory")
     p.add_argument("--name", required=True)
 
+    p = sub.add_parser("frontier", help="one fidelity-against-latency plot of several finished searches "
+                                        "(each recipe as the first search that judged it recorded it)")
+    p.add_argument("outs", type=Path, nargs="+", help="the searches' --out directories")
+    p.add_argument("--name", required=True)
+    p.add_argument("--svg", required=True, type=Path)
+
     p = sub.add_parser("inputs", help="preprocess images as dermedge does for a model (its manifest) into an .npz, "
                                       "for tools in the quantizer venv")
     p.add_argument("manifest", type=Path, help="the model's dermedge manifest (.toml): input size, scale, offset")
@@ -131,6 +138,11 @@ def main(argv=None) -> int:
             from . import recipes
             recipes.refresh(args.out, args.name)
             print(f"rewrote {args.out / (args.name + '.recipes.md')} and {args.name}.frontier.svg")
+        elif args.command == "frontier":
+            from . import recipes
+            result = recipes.merged(args.outs, args.name)
+            args.svg.write_text(recipes.frontier_svg(args.name, result))
+            print(f"wrote {args.svg} ({len(result['recipes'])} recipes)")
         elif args.command == "inputs":
             from . import export
             n = export.write_inputs(args.manifest, args.out, images=args.images, count=args.count, seed=args.seed,

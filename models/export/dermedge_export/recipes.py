@@ -533,6 +533,27 @@ def refresh(out: Path, name: str, threads: int = 2) -> dict:
     return result
 
 
+def merged(outs: list[Path], name: str) -> dict:
+    """Several searches' results (`<name>.recipes.json` in each --out) as one, for one frontier:
+    each recipe as the first search that judged it recorded it; the first search's budget."""
+    result, seen = None, set()
+    for out in outs:
+        path = Path(out) / f"{name}.recipes.json"
+        try:
+            one = json.loads(path.read_text())
+            tried = one["recipes"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ExportError(f"{path}: not a finished search's result ({e})") from e
+        result = result or {**one, "recipes": []}
+        for entry in tried:
+            if entry.get("recipe") not in seen:
+                seen.add(entry.get("recipe"))
+                result["recipes"].append(entry)
+    if result is None:
+        raise ExportError("no search to merge")
+    return result
+
+
 def frontier_svg(name: str, result: dict) -> str:
     """Fidelity against latency for every judged recipe: head-view δ p99 (log scale; the gate at
     0.33) over the Cortex-A76 estimate relative to the plain int8 export (the budget marked)."""

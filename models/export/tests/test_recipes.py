@@ -1,5 +1,6 @@
 """The recipe search's own logic: which layers stay in float, the calibration augmentation, and
 how results are chosen and reported (the conversions themselves run in the documented search)."""
+import json
 import tempfile
 import unittest
 from pathlib import Path
@@ -176,6 +177,25 @@ class Recipes(unittest.TestCase):
         self.assertEqual(svg.count("<circle"), 2)
         self.assertIn("fp16: 2.90x", svg)
         self.assertIn("budget 1.2x", svg)
+
+    def test_searches_merge_with_each_recipe_once_as_first_judged(self):
+        def entry(name, delta):
+            return {"recipe": name, "a76_vs_plain_int8": 1.0,
+                    "fidelity": {"verdict": "FAIL", "gates": {"head_view_delta_p99": {"value": delta}}}}
+        with tempfile.TemporaryDirectory() as d:
+            a, b = Path(d, "a"), Path(d, "b")
+            a.mkdir()
+            b.mkdir()
+            (a / "m.recipes.json").write_text(json.dumps({"latency_budget": 1.2, "recipes": [
+                entry("int8-plain", 2.1), entry("x", 0.5)]}))
+            (b / "m.recipes.json").write_text(json.dumps({"latency_budget": 2.0, "recipes": [
+                entry("int8-plain", 9.9), entry("y", 0.4)]}))
+            result = recipes.merged([a, b], "m")
+            self.assertEqual([(e["recipe"], e["fidelity"]["gates"]["head_view_delta_p99"]["value"])
+                              for e in result["recipes"]], [("int8-plain", 2.1), ("x", 0.5), ("y", 0.4)])
+            self.assertEqual(result["latency_budget"], 1.2)
+            with self.assertRaisesRegex(ExportError, "c/m.recipes.json"):
+                recipes.merged([a, Path(d, "c")], "m")
 
 
 class Correction(unittest.TestCase):
