@@ -31,6 +31,10 @@
 //! # file = "x.correction.npy"  # float32 [2, embedding_dim]: row 0 scale, row 1 offset
 //! # sha256 = "…"            # of that file; a mismatch is refused
 //!
+//! # [classifier]            # optional: the model's own trained classifier on its embeddings
+//! # file = "x.teacher.json" # dermedge-mlp-head/1, relative to the manifest
+//! # sha256 = "…"            # of that file; a mismatch is refused
+//!
 //! [provenance]              # free-form strings: source, tool, notes, …
 //! ```
 
@@ -64,6 +68,10 @@ pub struct ModelManifest {
     pub model: ModelSection,
     pub input: InputSpec,
     pub output: OutputSpec,
+    /// The model's own trained classifier, when its source carried one: the fidelity suite
+    /// judges an export by it as well as by heads it trains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier: Option<CompanionFile>,
     #[serde(default)]
     pub provenance: BTreeMap<String, String>,
     /// The fidelity suite's verdict on this export against its fp32 reference, when it was
@@ -186,14 +194,15 @@ pub struct OutputSpec {
     /// A per-dimension affine map, fitted so a quantised model's outputs land where the fp32
     /// reference's would (`y = x * scale + offset`); applied by the engine on every backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub correction: Option<OutputCorrectionSpec>,
+    pub correction: Option<CompanionFile>,
 }
 
-/// `[output.correction]`: the file holding the affine map, and its checksum.
+/// A file that travels with the model (`[output.correction]`: a float32 `.npy` of shape
+/// `[2, embedding_dim]`; `[classifier]`: a `dermedge-mlp-head/1` JSON), and its checksum.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OutputCorrectionSpec {
-    /// A float32 `.npy` of shape `[2, embedding_dim]`, relative to the manifest.
+pub struct CompanionFile {
+    /// Relative to the manifest.
     pub file: PathBuf,
     pub sha256: String,
 }
@@ -368,11 +377,15 @@ impl ModelManifest {
                     })?;
             }
         }
-        if let Some(c) = &self.output.correction {
-            if !is_sha256_hex(&c.sha256) {
-                return Err(
-                    self.invalid("output.correction.sha256", "expected 64 hexadecimal digits")
-                );
+        for (key, companion) in [
+            ("output.correction.sha256", &self.output.correction),
+            ("classifier.sha256", &self.classifier),
+        ] {
+            if companion
+                .as_ref()
+                .is_some_and(|c| !is_sha256_hex(&c.sha256))
+            {
+                return Err(self.invalid(key, "expected 64 hexadecimal digits"));
             }
         }
         if self.output.name.trim().is_empty() {
@@ -395,6 +408,11 @@ impl ModelManifest {
             .correction
             .as_ref()
             .map(|c| self.resolve(&c.file))
+    }
+
+    /// The classifier's file, resolved relative to the manifest's directory.
+    pub fn classifier_path(&self) -> Option<PathBuf> {
+        self.classifier.as_ref().map(|c| self.resolve(&c.file))
     }
 
     fn resolve(&self, file: &Path) -> PathBuf {
@@ -619,6 +637,24 @@ dtype = "float32"
         assert_eq!(m.model.precision, Precision::Fp32);
         assert_eq!(m.model_path(), PathBuf::from("/models/m.tflite"));
         assert_eq!(m.input_len(), 448 * 448 * 3);
+    }
+
+    #[test]
+    fn a_classifier_resolves_next_to_the_manifest_and_its_checksum_is_checked() {
+        let sha = "3558a50dd98020bc8872623cb5a91c09c755edfcb7de1e7b5d9a5cdc07e328df";
+        let with = format!("{GOOD}\n[classifier]\nfile = \"m.teacher.json\"\nsha256 = \"{sha}\"\n");
+        let m = parse(&with).unwrap();
+        assert_eq!(
+            m.classifier_path(),
+            Some(PathBuf::from("/models/m.teacher.json"))
+        );
+        assert_eq!(m.classifier.as_ref().unwrap().sha256, sha);
+        assert_eq!(parse(GOOD).unwrap().classifier_path(), None);
+        let (field, message) = field_error(&with.replace(sha, "not-a-checksum"));
+        assert_eq!(field, "classifier.sha256", "{message}");
+        let (field, message) = field_error(&with.replace("file = \"m.teacher.json\"\n", ""));
+        assert_eq!(field, "<parse>");
+        assert!(message.contains("file"), "{message}");
     }
 
     fn field_error(text: &str) -> (String, String) {

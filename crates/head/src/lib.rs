@@ -5,14 +5,19 @@
 //! scaled by constants stored in the file, so training and inference agree by construction.
 //! Training is deterministic: multinomial logistic regression with L2 regularisation, full-batch
 //! gradient descent from zeros; softmax for mutually exclusive classes, sigmoid for independent
-//! labels. [`eval`] scores a head on labelled embeddings (accuracy, per-class ROC AUC, confusion). [`kmeans`] gives deterministic cluster labels for unlabelled sets.
+//! labels. [`eval`] scores a head on labelled embeddings (accuracy, per-class ROC AUC, confusion).
+//! [`kmeans`] gives deterministic cluster labels for unlabelled sets. [`mlp`] reads a model's own
+//! trained classifier (a small perceptron the exporter writes beside the model); both kinds of
+//! head answer through [`Classifier`].
 //!
 //! Depends on nothing else in dermedge.
 
 pub mod eval;
 pub mod kmeans;
+pub mod mlp;
 mod train;
 
+pub use mlp::MlpHead;
 pub use train::{train, train_softmax, Targets, TrainOptions};
 
 use std::path::{Path, PathBuf};
@@ -51,6 +56,15 @@ pub enum HeadKind {
     Softmax,
     /// Independent labels.
     Sigmoid,
+}
+
+/// What every head does with an embedding, whatever its inside: a linear head dermedge trained,
+/// or a model's own classifier ([`MlpHead`]).
+pub trait Classifier {
+    fn name(&self) -> &str;
+    fn classes(&self) -> &[String];
+    /// Class probabilities for one embedding (of the head's `embedding_dim` values).
+    fn predict(&self, embedding: &[f32]) -> Vec<f32>;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,16 +168,13 @@ impl LinearHead {
 
     /// Refuse embeddings of another model.
     pub fn check_model(&self, model_id: &str, dim: usize) -> Result<(), HeadError> {
-        if self.model_id != model_id || self.embedding_dim != dim {
-            return Err(HeadError::ModelMismatch {
-                head: self.name.clone(),
-                head_model: self.model_id.clone(),
-                head_dim: self.embedding_dim,
-                model: model_id.into(),
-                dim,
-            });
-        }
-        Ok(())
+        check_binding(
+            &self.name,
+            &self.model_id,
+            self.embedding_dim,
+            model_id,
+            dim,
+        )
     }
 
     fn prepare(&self, embedding: &[f32]) -> Vec<f32> {
@@ -197,6 +208,40 @@ impl LinearHead {
             HeadKind::Sigmoid => logits.iter().map(|&z| train::sigmoid(z)).collect(),
         }
     }
+}
+
+impl Classifier for LinearHead {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    fn predict(&self, embedding: &[f32]) -> Vec<f32> {
+        LinearHead::predict(self, embedding)
+    }
+}
+
+/// A head bound to `head_model` (`head_dim` values) refuses embeddings of any other model.
+pub(crate) fn check_binding(
+    head: &str,
+    head_model: &str,
+    head_dim: usize,
+    model: &str,
+    dim: usize,
+) -> Result<(), HeadError> {
+    if head_model != model || head_dim != dim {
+        return Err(HeadError::ModelMismatch {
+            head: head.into(),
+            head_model: head_model.into(),
+            head_dim,
+            model: model.into(),
+            dim,
+        });
+    }
+    Ok(())
 }
 
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
