@@ -121,6 +121,12 @@ fn exported_models_reproduce_their_savedmodel_through_rust_preprocessing() {
         let teacher = dir.join(format!("{name}.teacher-labels.csv"));
         if teacher.is_file() {
             head_learns_the_teacher(name, &tmp.path().join("fp32.npy"), &teacher, tmp.path());
+            own_classifier_reproduces_the_teacher(
+                &dir.join(format!("{name}.fp32.toml")),
+                &reference,
+                fp32,
+                &teacher,
+            );
         }
         checked.push(name.clone());
     }
@@ -130,6 +136,63 @@ fn exported_models_reproduce_their_savedmodel_through_rust_preprocessing() {
             "required model {name} is not in models/models.toml"
         );
     }
+}
+
+/// The classifier the exporter folded out of the SavedModel (`[classifier]` in the fp32 manifest),
+/// run by Rust on the SavedModel's embeddings, gives every image the label the SavedModel's own
+/// `teacher` signature gave it; on the fp32 TFLite embeddings it agrees as far as they do.
+fn own_classifier_reproduces_the_teacher(
+    manifest: &Path,
+    savedmodel: &[Vec<f32>],
+    fp32: &[Vec<f32>],
+    teacher: &Path,
+) {
+    use dermedge_head::Classifier;
+    let manifest = dermedge_core::ModelManifest::load(manifest).unwrap();
+    let path = manifest
+        .classifier_path()
+        .unwrap_or_else(|| panic!("{}: no [classifier]", manifest.path.display()));
+    assert_eq!(
+        dermedge_core::manifest::file_sha256(&path).unwrap(),
+        manifest.classifier.as_ref().unwrap().sha256,
+        "{}",
+        path.display()
+    );
+    let head = dermedge_head::MlpHead::load(&path).unwrap();
+    head.check_model(&manifest.model.id, manifest.model.embedding_dim)
+        .unwrap();
+    let labels: Vec<String> = fs::read_to_string(teacher)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|row| row.rsplit(',').next().unwrap().to_string())
+        .collect();
+    assert_eq!(labels.len(), savedmodel.len());
+    let top = |embedding: &[f32]| {
+        let p = head.predict(embedding);
+        let best = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+        head.classes()[best].clone()
+    };
+    for (i, (embedding, label)) in savedmodel.iter().zip(&labels).enumerate() {
+        assert_eq!(&top(embedding), label, "{}: image {i}", head.name);
+    }
+    let same = fp32
+        .iter()
+        .zip(&labels)
+        .filter(|(e, label)| &top(e) == *label)
+        .count();
+    eprintln!(
+        "{}: the SavedModel's labels on {} images; on fp32 TFLite embeddings {same}/{}",
+        head.name,
+        labels.len(),
+        fp32.len()
+    );
+    assert!(
+        same as f64 >= 0.95 * fp32.len() as f64,
+        "{}: {same}/{} on fp32 TFLite embeddings",
+        head.name,
+        fp32.len()
+    );
 }
 
 /// A head trained with `dermedge head train` on half of the real embeddings, labelled by the

@@ -158,6 +158,20 @@ fn plain_int8_export_verdict_is_reported_as_measured() {
         "degenerate head: {}",
         c["head"]
     );
+    // The model's own seven-class classifier (the fp32 manifest's [classifier]) is in the
+    // ensemble beside the k-means heads, and the summary line names it.
+    let heads = c["head_ensemble"]["heads"].as_array().unwrap();
+    let own = heads
+        .iter()
+        .find(|h| h["head"] == "lesion-x448-teacher")
+        .unwrap_or_else(|| panic!("no lesion-x448-teacher in {heads:?}"));
+    assert_eq!(own["classes"], 7);
+    let agreement = own["top1_agreement"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&agreement), "{own}");
+    assert!(
+        stdout.contains("the model's own classifier `lesion-x448-teacher` (7 classes)"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -224,6 +238,43 @@ fn bad_inputs_are_clear_errors() {
     ]);
     assert!(
         !ok && stderr.contains("df-mini") && stderr.contains("lesion-x448"),
+        "{stderr}"
+    );
+
+    // A classifier file that is not the one the manifest's checksum names.
+    let manifest_text = fs::read_to_string(&lesion_fp32).unwrap();
+    let teacher = lesion.join("lesion-x448.teacher.json");
+    let tampered = tmp.path().join("teacher.json");
+    let mut bytes = fs::read(&teacher).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] = if bytes[last] == b'1' { b'2' } else { b'1' };
+    fs::write(&tampered, bytes).unwrap();
+    let tampered_manifest = tmp.path().join("tampered.toml");
+    fs::write(
+        &tampered_manifest,
+        manifest_text
+            .replace(
+                "file = \"lesion-x448.fp32.tflite\"",
+                &format!("file = {:?}", lesion.join("lesion-x448.fp32.tflite")),
+            )
+            .replace(
+                "file = \"lesion-x448.teacher.json\"",
+                &format!("file = {tampered:?}"),
+            ),
+    )
+    .unwrap();
+    let (ok, _, stderr) = fidelity(&[
+        "--reference",
+        tampered_manifest.to_str().unwrap(),
+        "--candidate",
+        lesion_fp32.to_str().unwrap(),
+        "--images",
+        &images,
+        "--report",
+        report_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stderr.contains("classifier.sha256") && stderr.contains("teacher.json"),
         "{stderr}"
     );
 

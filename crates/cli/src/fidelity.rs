@@ -10,7 +10,7 @@ use dermedge_core::preprocess::{decode_file, DecodeLimits};
 use dermedge_core::{Embedder, FidelityRecord, FidelityVerdict, GateValue, ModelManifest};
 use dermedge_fidelity::report::{write_report, Report};
 use dermedge_fidelity::{compare_named, Gates};
-use dermedge_head::{kmeans::kmeans, train_softmax, LinearHead, TrainOptions};
+use dermedge_head::{kmeans::kmeans, train_softmax, Classifier, LinearHead, MlpHead, TrainOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use dermedge_engine::{Backend, LoadedModel};
@@ -144,15 +144,16 @@ impl<'a> KmeansHeads<'a> {
         self.head(k, 0x5eed)
     }
 
-    /// k = 2, 4, 8 (as far as n/4 allows), three seeds each, plus `given` (a trained head): the
-    /// reported ensemble agreement against `candidate`.
+    /// k = 2, 4, 8 (as far as n/4 allows), three seeds each, plus `given` (a trained head, the
+    /// model's own classifier): the reported ensemble agreement against `candidate`.
     fn ensemble(
         &self,
         candidate: &[Vec<f32>],
-        given: Option<&LinearHead>,
+        given: &[&dyn Classifier],
     ) -> Result<dermedge_fidelity::HeadEnsemble> {
-        let agreement =
-            |head: &LinearHead| dermedge_fidelity::head_agreement(self.reference, candidate, head);
+        let agreement = |head: &dyn Classifier| {
+            dermedge_fidelity::head_agreement(self.reference, candidate, head)
+        };
         let mut heads = Vec::new();
         for k in [2, 4, 8]
             .into_iter()
@@ -162,7 +163,7 @@ impl<'a> KmeansHeads<'a> {
                 heads.push(agreement(&self.head(k, seed)?));
             }
         }
-        heads.extend(given.map(agreement));
+        heads.extend(given.iter().map(|&head| agreement(head)));
         Ok(dermedge_fidelity::HeadEnsemble::new(heads))
     }
 
@@ -184,6 +185,31 @@ impl<'a> KmeansHeads<'a> {
             |_, _| {},
         )?)
     }
+}
+
+/// The reference manifest's `[classifier]`, checked against its checksum and bound to the model.
+fn own_classifier(manifest: &ModelManifest) -> Result<Option<MlpHead>> {
+    let (Some(spec), Some(path)) = (&manifest.classifier, manifest.classifier_path()) else {
+        return Ok(None);
+    };
+    let actual = dermedge_core::manifest::file_sha256(&path).with_context(|| {
+        format!(
+            "{}: cannot read the classifier that {} names",
+            path.display(),
+            manifest.path.display()
+        )
+    })?;
+    if !actual.eq_ignore_ascii_case(&spec.sha256) {
+        bail!(
+            "{}: sha256 {actual}, but classifier.sha256 in {} is {}",
+            path.display(),
+            manifest.path.display(),
+            spec.sha256
+        );
+    }
+    let head = MlpHead::load(&path)?;
+    head.check_model(&manifest.model.id, manifest.model.embedding_dim)?;
+    Ok(Some(head))
 }
 
 pub fn run(args: &FidelityArgs) -> Result<bool> {
@@ -215,6 +241,7 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         }
         None => None,
     };
+    let own = own_classifier(&reference)?;
     let options = args.runtime.engine_options();
     let candidate_arithmetic = args
         .candidate_cpu_arithmetic
@@ -291,8 +318,14 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         &embedded.files,
         Some(&head),
     )?;
-    comparison.head_ensemble =
-        Some(kmeans_heads.ensemble(&embedded.candidate, given.then_some(&head))?);
+    let mut extra: Vec<&dyn Classifier> = Vec::new();
+    if given {
+        extra.push(&head);
+    }
+    if let Some(own) = &own {
+        extra.push(own);
+    }
+    comparison.head_ensemble = Some(kmeans_heads.ensemble(&embedded.candidate, &extra)?);
     let noise = compare_named(
         &embedded.reference,
         &embedded.noise,
@@ -385,6 +418,15 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
             e.min_top1_agreement,
             e.mean_top1_agreement
         );
+        if let Some(h) = own
+            .as_ref()
+            .and_then(|own| e.heads.iter().find(|h| h.head == own.name))
+        {
+            println!(
+                "  the model's own classifier `{}` ({} classes): top-1 agreement {:.3}, largest probability change {:.3}",
+                h.head, h.classes, h.top1_agreement, h.max_probability_change
+            );
+        }
     }
     for w in &comparison.worst_centred_cosine {
         println!("  worst centred cosine: {:.4} {}", w.value, w.image);

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use dermedge_head::LinearHead;
+use dermedge_head::{Classifier, LinearHead};
 use serde::Serialize;
 
 use crate::stats::{
@@ -99,7 +99,7 @@ impl HeadEnsemble {
 pub fn head_agreement(
     reference: &[Vec<f32>],
     candidate: &[Vec<f32>],
-    h: &LinearHead,
+    h: &dyn Classifier,
 ) -> HeadAgreement {
     let n = reference.len().max(1);
     let pr: Vec<Vec<f32>> = reference.iter().map(|v| h.predict(v)).collect();
@@ -120,14 +120,14 @@ pub fn head_agreement(
                 .fold(0.0, f64::max)
         })
         .collect();
-    let mut counts = vec![0usize; h.classes.len()];
+    let mut counts = vec![0usize; h.classes().len()];
     for p in &pr {
         counts[argmax(p)] += 1;
     }
     let share = *counts.iter().max().unwrap_or(&0) as f64 / n as f64;
     HeadAgreement {
-        head: h.name.clone(),
-        classes: h.classes.len(),
+        head: h.name().to_string(),
+        classes: h.classes().len(),
         top1_agreement: agree,
         max_probability_change: change.iter().cloned().fold(0.0, f64::max),
         probability_change: Summary::of(&change),

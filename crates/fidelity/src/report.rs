@@ -267,7 +267,7 @@ pub fn markdown(r: &Report<'_>) -> String {
     if let Some(e) = &c.head_ensemble {
         let _ = writeln!(
             md,
-            "\n## Head ensemble ({} heads, reported, not gated)\n\nTop-1 agreement over the heads that are not degenerate: min {:.4}, mean {:.4}.\n\n| head | classes | top-1 agreement | most frequent class |\n|---|---:|---:|---:|",
+            "\n## Head ensemble ({} heads, reported, not gated)\n\nk-means heads at several k and seeds, a head given with `--head`, and the model's own trained classifier where the reference manifest has a `[classifier]`. Top-1 agreement over the heads that are not degenerate: min {:.4}, mean {:.4}.\n\n| head | classes | top-1 agreement | most frequent class |\n|---|---:|---:|---:|",
             e.heads.len(),
             e.min_top1_agreement,
             e.mean_top1_agreement

@@ -253,7 +253,8 @@ mod tests {
 
     #[test]
     fn shapes_that_do_not_chain_are_refused_naming_the_layer() {
-        let cases: Vec<(Box<dyn Fn(&mut MlpHead)>, &str)> = vec![
+        type Damage = Box<dyn Fn(&mut MlpHead)>;
+        let cases: Vec<(Damage, &str)> = vec![
             (
                 Box::new(|h| h.layers[1].weights[2].push(0.0)),
                 "layers[1].weights[2]: 3 values, expected 2 (the outputs of layers[0])",

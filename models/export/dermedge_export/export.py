@@ -35,7 +35,8 @@ from tensorflow.python.framework import tensor_util
 # nested function calls, and the cut needs one flat graph.
 from tensorflow.python.framework.convert_to_constants import _run_inline_graph_optimization
 
-from . import opreport, recipes
+from . import classifier, opreport, recipes
+from .classifier import TEACHER_CLASSES
 from .calibration import calibration_sample, image_kind, stratified_sample
 from .runner import run_tflite
 from .errors import ExportError
@@ -376,9 +377,6 @@ def summary(values: np.ndarray) -> dict:
             "median": float(np.median(values)), "mean": float(values.mean())}
 
 
-TEACHER_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
-
-
 def write_teacher_labels(loaded, embeddings: np.ndarray, files: list[Path], path: Path):
     """Where the SavedModel carries a trained `teacher` signature (embedding -> class probabilities),
     label each evaluation image with the teacher's top class: real labels for training and
@@ -442,6 +440,7 @@ def export(options: ExportOptions, progress=print) -> dict:
             conv.inference_output_type = tf.float32
         return conv
 
+    teacher = classifier.write_teacher(loaded, name, dim, out / f"{name}.teacher.json")
     tool = f"models/export (tensorflow {tf.__version__})"
     files = {}
     for precision in ("fp32", "int8"):
@@ -459,7 +458,7 @@ def export(options: ExportOptions, progress=print) -> dict:
               "preprocessing": "recovered from the serving graph" if pre.recovered else "stated on the command line",
               "graph_cut": pre.cut_tensor}
     write_manifest(out / f"{name}.fp32.toml", files["fp32"], name, version, "fp32", dim, pre, "float32", None,
-                   {**common, "conversion": "TFLiteConverter, float32"})
+                   {**common, "conversion": "TFLiteConverter, float32"}, classifier=teacher)
     write_manifest(out / f"{name}.int8.toml", files["int8"], name, version, "int8", dim, pre, int8_dtype,
                    quant and (float(quant[0]), int(quant[1])),
                    {**common, "conversion": f"full-integer int8, {int8_dtype} input, float32 output; "
@@ -503,6 +502,9 @@ def export(options: ExportOptions, progress=print) -> dict:
     int8 = run_tflite(files["int8"], eval_inputs)
     np.save(out / f"{name}.savedmodel-embeddings.npy", reference.astype(np.float32))
     write_teacher_labels(loaded, reference, eval_files, out / f"{name}.teacher-labels.csv")
+    if teacher is not None:
+        worst = classifier.check(teacher, loaded, reference)
+        progress(f"[{name}] {teacher.name}: the folded teacher matches the SavedModel's to {worst:.2g} in probability")
     report = {
         "name": name, "embedding_dim": dim, "preprocessing": asdict(pre),
         "files": {p: {"path": f.name, "bytes": f.stat().st_size, "sha256": sha256(f)} for p, f in files.items()},

@@ -29,7 +29,8 @@ def sha256(path: Path) -> str:
 
 
 def write_manifest(path: Path, tflite: Path, name: str, version: str, precision: str, dim: int,
-                   pre: Preprocessing, input_dtype: str, quant, provenance: dict, correction: Path | None = None):
+                   pre: Preprocessing, input_dtype: str, quant, provenance: dict, correction: Path | None = None,
+                   classifier: Path | None = None):
     lines = [
         f"# dermedge model manifest: what {tflite.name} is and the preprocessing its input expects.",
         "[model]", f'id = "{name}"', f'version = "{version}"', f'file = "{tflite.name}"',
@@ -46,6 +47,10 @@ def write_manifest(path: Path, tflite: Path, name: str, version: str, precision:
     if correction is not None:
         lines += ["", "# y = x * scale + offset per dimension, fitted on the calibration images; applied by dermedge's engine",
                   "[output.correction]", f'file = "{correction.name}"', f'sha256 = "{sha256(correction)}"']
+    if classifier is not None:
+        lines += ["", "# the model's own trained classifier on its embeddings (dermedge-mlp-head/1); "
+                      "`dermedge fidelity` adds it to its head ensemble",
+                  "[classifier]", f'file = "{classifier.name}"', f'sha256 = "{sha256(classifier)}"']
     lines += ["", "[provenance]"]
     lines += [f"{k} = {json.dumps(str(v))}" for k, v in provenance.items()]
     path.write_text("\n".join(lines) + "\n")

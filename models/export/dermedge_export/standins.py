@@ -15,10 +15,10 @@ import numpy as np
 import tensorflow as tf
 
 from . import bit
+from .classifier import TEACHER_METADATA
 
 SIZE = 448
 SEED = 20261126
-LESION_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
 
 class ExampleServing(tf.Module):
@@ -96,7 +96,7 @@ def build_lesion(out: Path):
             metadata input set to 'unknown' sex and site and missing age, as a device without
             patient data would call it."""
             n = tf.shape(embedding)[0]
-            meta = tf.constant([[0, 0, 1, 0, 0, 0, 0, 1, 52.0 / 90.0, 1]], tf.float32)
+            meta = tf.constant([TEACHER_METADATA], tf.float32)
             meta = tf.tile(meta, [n, 1])
             a = L("batch_normalization_4")(L("dense")(embedding), training=False)
             b = L("batch_normalization_6")(L("dense_2")(L("batch_normalization_5")(L("dense_1")(meta), training=False)),
