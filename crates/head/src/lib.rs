@@ -115,23 +115,11 @@ pub enum HeadError {
 
 impl LinearHead {
     pub fn load(path: &Path) -> Result<Self, HeadError> {
-        let text = std::fs::read_to_string(path).map_err(|cause| HeadError::Read {
-            path: path.into(),
-            cause,
-        })?;
-        let head: LinearHead = serde_json::from_str(&text).map_err(|e| HeadError::Invalid {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
-        head.validate().map_err(|message| HeadError::Invalid {
-            path: path.into(),
-            message,
-        })?;
-        Ok(head)
+        read_json(path, Self::validate)
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        std::fs::write(path, serde_json::to_string(self).expect("serialisable"))
+        write_json(self, path)
     }
 
     /// The checks every head passes before use: the format, and shapes that agree with
@@ -242,6 +230,48 @@ pub(crate) fn check_binding(
         });
     }
     Ok(())
+}
+
+/// Largest head file read (64 Mi weights as JSON text); a larger file is damaged or hostile,
+/// not a head.
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
+
+/// A head file: a regular file of at most [`MAX_FILE_BYTES`], JSON of `T`, passing `validate`; every
+/// failure names the file.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    validate: impl Fn(&T) -> Result<(), String>,
+) -> Result<T, HeadError> {
+    use std::io::Read;
+    let invalid = |message: String| HeadError::Invalid {
+        path: path.into(),
+        message,
+    };
+    let read = |cause| HeadError::Read {
+        path: path.into(),
+        cause,
+    };
+    if !std::fs::metadata(path).map_err(read)?.is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(read)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(invalid(format!(
+            "larger than {MAX_FILE_BYTES} bytes, the most a head file may be"
+        )));
+    }
+    let value: T = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    validate(&value).map_err(invalid)?;
+    Ok(value)
+}
+
+pub(crate) fn write_json<T: Serialize>(value: &T, path: &Path) -> std::io::Result<()> {
+    std::fs::write(path, serde_json::to_string(value).expect("serialisable"))
 }
 
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -8,21 +8,19 @@
 //!  "layers": [{"activation": "relu", "weights": [[…2048…], …264 rows…], "bias": […264…]}, …]}
 //! ```
 
-use std::io::Read;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{check_binding, check_name, dot, softmax, Classifier, HeadError, HeadKind};
+use crate::{
+    check_binding, check_name, dot, read_json, softmax, write_json, Classifier, HeadError, HeadKind,
+};
 
 pub const MLP_FORMAT: &str = "dermedge-mlp-head/1";
 /// Most layers a classifier file may have.
 pub const MAX_LAYERS: usize = 16;
 /// Widest layer (outputs) a classifier file may have.
 pub const MAX_WIDTH: usize = 1 << 16;
-/// Largest classifier file read: 64 Mi weights as JSON text. A larger file is damaged or
-/// hostile, not a classifier head.
-pub const MAX_FILE_BYTES: u64 = 1 << 30;
 
 /// What a dense layer applies to its outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,36 +54,11 @@ pub struct MlpHead {
 
 impl MlpHead {
     pub fn load(path: &Path) -> Result<Self, HeadError> {
-        let invalid = |message: String| HeadError::Invalid {
-            path: path.into(),
-            message,
-        };
-        let read = |cause| HeadError::Read {
-            path: path.into(),
-            cause,
-        };
-        let meta = std::fs::metadata(path).map_err(read)?;
-        if !meta.is_file() {
-            return Err(invalid("not a regular file".into()));
-        }
-        let mut text = String::new();
-        std::fs::File::open(path)
-            .map_err(read)?
-            .take(MAX_FILE_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(read)?;
-        if text.len() as u64 > MAX_FILE_BYTES {
-            return Err(invalid(format!(
-                "larger than {MAX_FILE_BYTES} bytes, the most a classifier file may be"
-            )));
-        }
-        let head: MlpHead = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        head.validate().map_err(invalid)?;
-        Ok(head)
+        read_json(path, Self::validate)
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        std::fs::write(path, serde_json::to_string(self).expect("serialisable"))
+        write_json(self, path)
     }
 
     /// The format, a usable name, and layer shapes that chain from `embedding_dim` to the classes.
