@@ -522,8 +522,21 @@ fn the_faithful_export_passes_the_default_gates_on_unseen_images() {
     let worst = r["comparison"]["worst_centred_cosine"].as_array().unwrap();
     assert_eq!(worst.len(), 5, "{worst:?}");
     assert!(worst[0]["image"].as_str().unwrap().ends_with(".png"));
-    // k-means heads at k = 2, 4, 8 and three seeds each, reported beside the gated head.
+    // k-means heads at k = 2, 4, 8 and three seeds each, plus the model's own trained classifier
+    // (named by the reference manifest's `[classifier]`), reported beside the gated head.
     let ensemble = &r["comparison"]["head_ensemble"];
-    assert_eq!(ensemble["heads"].as_array().unwrap().len(), 9, "{ensemble}");
+    let heads = ensemble["heads"].as_array().unwrap();
+    assert_eq!(heads.len(), 10, "{ensemble}");
+    let kmeans = heads
+        .iter()
+        .filter(|h| h["head"].as_str().unwrap().starts_with("kmeans-"))
+        .count();
+    assert_eq!(kmeans, 9, "{ensemble}");
+    assert!(
+        heads
+            .iter()
+            .any(|h| h["head"] == "lesion-x448-teacher" && h["classes"] == 7),
+        "{ensemble}"
+    );
     assert!(md.contains("## Head ensemble"), "{md}");
 }
