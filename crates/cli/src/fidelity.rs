@@ -7,7 +7,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use dermedge_core::manifest::with_fidelity_record;
 use dermedge_core::preprocess::{decode_file, DecodeLimits};
-use dermedge_core::{Embedder, FidelityRecord, FidelityVerdict, GateValue, ModelManifest};
+use dermedge_core::{
+    Companion, Embedder, FidelityRecord, FidelityVerdict, GateValue, ModelManifest,
+};
 use dermedge_fidelity::report::{write_report, Report};
 use dermedge_fidelity::{compare_named, Gates};
 use dermedge_head::{kmeans::kmeans, train_softmax, Classifier, LinearHead, MlpHead, TrainOptions};
@@ -189,25 +191,12 @@ impl<'a> KmeansHeads<'a> {
 
 /// The reference manifest's `[classifier]`, checked against its checksum and bound to the model.
 fn own_classifier(manifest: &ModelManifest) -> Result<Option<MlpHead>> {
-    let (Some(spec), Some(path)) = (&manifest.classifier, manifest.classifier_path()) else {
+    let Some((path, bytes)) =
+        manifest.read_companion(Companion::Classifier, dermedge_head::MAX_FILE_BYTES)?
+    else {
         return Ok(None);
     };
-    let actual = dermedge_core::manifest::file_sha256(&path).with_context(|| {
-        format!(
-            "{}: cannot read the classifier that {} names",
-            path.display(),
-            manifest.path.display()
-        )
-    })?;
-    if !actual.eq_ignore_ascii_case(&spec.sha256) {
-        bail!(
-            "{}: sha256 {actual}, but classifier.sha256 in {} is {}",
-            path.display(),
-            manifest.path.display(),
-            spec.sha256
-        );
-    }
-    let head = MlpHead::load(&path)?;
+    let head = MlpHead::from_json(&bytes, &path)?;
     head.check_model(&manifest.model.id, manifest.model.embedding_dim)?;
     Ok(Some(head))
 }

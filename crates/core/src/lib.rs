@@ -25,8 +25,8 @@ pub use embedder::{EmbedError, Embedder};
 pub use embedding::Embedding;
 pub use frame::{Frame, FrameSource, SourceError};
 pub use manifest::{
-    sha256_hex, CompanionFile, FidelityRecord, FidelityVerdict, GateValue, ManifestError,
-    ModelManifest, Precision, TensorDtype,
+    sha256_hex, Companion, CompanionFile, FidelityRecord, FidelityVerdict, GateValue,
+    ManifestError, ModelManifest, Precision, TensorDtype,
 };
 pub use preprocess::{DecodeError, DecodeLimits, InputBuffer, Preprocessor, QuantParams};
 pub use quality::{QualityIssue, QualityThresholds, QualityVerdict};

@@ -207,6 +207,25 @@ pub struct CompanionFile {
     pub sha256: String,
 }
 
+/// Which [`CompanionFile`] of a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Companion {
+    /// `[output.correction]`
+    OutputCorrection,
+    /// `[classifier]`
+    Classifier,
+}
+
+impl Companion {
+    /// The manifest table that names it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::OutputCorrection => "output.correction",
+            Self::Classifier => "classifier",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Layout {
@@ -277,6 +296,13 @@ pub enum ManifestError {
         model: PathBuf,
         expected: String,
         actual: String,
+    },
+    #[error("{manifest}: {key}.file {file}: {message}")]
+    Companion {
+        manifest: PathBuf,
+        key: &'static str,
+        file: PathBuf,
+        message: String,
     },
 }
 
@@ -413,6 +439,55 @@ impl ModelManifest {
     /// The classifier's file, resolved relative to the manifest's directory.
     pub fn classifier_path(&self) -> Option<PathBuf> {
         self.classifier.as_ref().map(|c| self.resolve(&c.file))
+    }
+
+    /// The companion file `which`, as its path and bytes, or `None` when the manifest names none.
+    /// It must be a regular file (a FIFO or a device could block or never end) of at most `limit`
+    /// bytes whose sha256 is the manifest's; the bytes returned are the bytes hashed, so a file
+    /// replaced after the check is never the one used.
+    pub fn read_companion(
+        &self,
+        which: Companion,
+        limit: u64,
+    ) -> Result<Option<(PathBuf, Vec<u8>)>, ManifestError> {
+        let spec = match which {
+            Companion::OutputCorrection => self.output.correction.as_ref(),
+            Companion::Classifier => self.classifier.as_ref(),
+        };
+        let Some(spec) = spec else {
+            return Ok(None);
+        };
+        let file = self.resolve(&spec.file);
+        let key = which.key();
+        let invalid = |message: String| ManifestError::Companion {
+            manifest: self.path.clone(),
+            key,
+            file: file.clone(),
+            message,
+        };
+        let kind = fs::metadata(&file).map_err(|e| invalid(format!("cannot open: {e}")))?;
+        if !kind.is_file() {
+            return Err(invalid("not a regular file".into()));
+        }
+        let mut bytes = Vec::new();
+        fs::File::open(&file)
+            .map_err(|e| invalid(format!("cannot open: {e}")))?
+            .take(limit + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| invalid(format!("cannot read: {e}")))?;
+        if bytes.len() as u64 > limit {
+            return Err(invalid(format!(
+                "larger than {limit} bytes, the most a {key} file may be here"
+            )));
+        }
+        let actual = sha256_hex(&bytes);
+        if !actual.eq_ignore_ascii_case(&spec.sha256) {
+            return Err(invalid(format!(
+                "sha256 {actual}, but {key}.sha256 is {} (the file is corrupt or not the one the manifest names)",
+                spec.sha256.to_ascii_lowercase()
+            )));
+        }
+        Ok(Some((file, bytes)))
     }
 
     fn resolve(&self, file: &Path) -> PathBuf {
@@ -655,6 +730,61 @@ dtype = "float32"
         let (field, message) = field_error(&with.replace("file = \"m.teacher.json\"\n", ""));
         assert_eq!(field, "<parse>");
         assert!(message.contains("file"), "{message}");
+    }
+
+    #[test]
+    fn a_companion_is_read_once_bounded_and_checked_naming_its_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = b"{\"weights\": []}";
+        let with = |sha: &str| {
+            let text =
+                format!("{GOOD}\n[classifier]\nfile = \"m.teacher.json\"\nsha256 = \"{sha}\"\n");
+            ModelManifest::parse(&text, &dir.path().join("m.toml")).unwrap()
+        };
+        let m = with(&sha256_hex(body));
+        let file = dir.path().join("m.teacher.json");
+        let error = |m: &ModelManifest, limit| {
+            m.read_companion(Companion::Classifier, limit)
+                .unwrap_err()
+                .to_string()
+        };
+
+        let message = error(&m, 1024);
+        assert!(
+            message.contains("classifier.file") && message.contains("cannot open"),
+            "{message}"
+        );
+        std::fs::write(&file, body).unwrap();
+        let (path, bytes) = m
+            .read_companion(Companion::Classifier, 1024)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (path.as_path(), bytes.as_slice()),
+            (file.as_path(), &body[..])
+        );
+        assert_eq!(
+            m.read_companion(Companion::OutputCorrection, 1024).unwrap(),
+            None
+        );
+
+        // Exactly the limit is accepted; one byte more is refused before hashing.
+        assert!(m
+            .read_companion(Companion::Classifier, body.len() as u64)
+            .is_ok());
+        let message = error(&m, body.len() as u64 - 1);
+        assert!(message.contains("larger than"), "{message}");
+
+        let message = error(&with(&"A".repeat(64)), 1024);
+        assert!(
+            message.contains("classifier.sha256 is aaaa") && message.contains("m.teacher.json"),
+            "{message}"
+        );
+
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        let message = error(&m, 1024);
+        assert!(message.contains("not a regular file"), "{message}");
     }
 
     fn field_error(text: &str) -> (String, String) {

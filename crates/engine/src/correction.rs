@@ -2,11 +2,9 @@
 //! model, on every backend, so a quantised export's embeddings land where its fp32 reference's
 //! would. The exporter fits it on calibration images (`docs/QUANTISATION.md`).
 
-use std::fs::File;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use dermedge_core::{npy, sha256_hex, EmbedError, Embedder, Embedding, ModelManifest, RgbImage};
+use dermedge_core::{npy, Companion, EmbedError, Embedder, Embedding, ModelManifest, RgbImage};
 
 use crate::{Accelerator, EngineError, LoadedModel, TensorDetails};
 
@@ -25,24 +23,17 @@ impl OutputCorrection {
     /// The correction `manifest` names, checked against its sha256 and the embedding size, or
     /// `None` when it names none.
     pub fn for_manifest(manifest: &ModelManifest) -> Result<Option<Self>, EngineError> {
-        let (Some(spec), Some(path)) = (&manifest.output.correction, manifest.correction_path())
+        let dim = manifest.model.embedding_dim;
+        let Some((path, bytes)) =
+            manifest.read_companion(Companion::OutputCorrection, npy_limit(dim))?
         else {
             return Ok(None);
         };
-        let dim = manifest.model.embedding_dim;
         let invalid = |message: String| EngineError::Correction {
             manifest: manifest.path.clone(),
             file: path.clone(),
             message,
         };
-        let bytes = read_bounded(&path, npy_limit(dim)).map_err(invalid)?;
-        let actual = sha256_hex(&bytes);
-        if !actual.eq_ignore_ascii_case(&spec.sha256) {
-            return Err(invalid(format!(
-                "sha256 {actual}, the manifest's output.correction.sha256 is {}",
-                spec.sha256.to_ascii_lowercase()
-            )));
-        }
         let (shape, values) = npy::read_f32(&bytes).map_err(|e| invalid(e.to_string()))?;
         if shape != [2, dim] {
             return Err(invalid(format!(
@@ -95,25 +86,6 @@ impl OutputCorrection {
 /// A `[2, dim]` float32 `.npy`: its data plus a generous header allowance.
 fn npy_limit(dim: usize) -> u64 {
     (2 * dim * 4 + 4096) as u64
-}
-
-fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
-    // Not a FIFO or a device, which could block or never end.
-    let kind = std::fs::metadata(path).map_err(|e| format!("cannot open: {e}"))?;
-    if !kind.is_file() {
-        return Err("not a regular file".into());
-    }
-    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let mut bytes = Vec::new();
-    file.take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    if bytes.len() as u64 > limit {
-        return Err(format!(
-            "larger than the {limit} bytes a [2, embedding_dim] float32 array needs"
-        ));
-    }
-    Ok(bytes)
 }
 
 /// A loaded model whose every output goes through an [`OutputCorrection`].
@@ -189,6 +161,8 @@ impl LoadedModel for Corrected {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dermedge_core::sha256_hex;
+    use std::path::Path;
 
     fn manifest_with(dir: &Path, array: &[f32], shape: [usize; 2], dim: usize) -> ModelManifest {
         let file = dir.join("c.npy");

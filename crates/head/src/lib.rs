@@ -254,18 +254,32 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
     if !std::fs::metadata(path).map_err(read)?.is_file() {
         return Err(invalid("not a regular file".into()));
     }
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     std::fs::File::open(path)
         .map_err(read)?
         .take(MAX_FILE_BYTES + 1)
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(read)?;
-    if text.len() as u64 > MAX_FILE_BYTES {
+    if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(invalid(format!(
             "larger than {MAX_FILE_BYTES} bytes, the most a head file may be"
         )));
     }
-    let value: T = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    parse_json(&bytes, path, validate)
+}
+
+/// A head file's bytes, already read from `path` (named in every error): JSON of `T` passing
+/// `validate`.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    path: &Path,
+    validate: impl Fn(&T) -> Result<(), String>,
+) -> Result<T, HeadError> {
+    let invalid = |message: String| HeadError::Invalid {
+        path: path.into(),
+        message,
+    };
+    let value: T = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
     validate(&value).map_err(invalid)?;
     Ok(value)
 }

@@ -13,7 +13,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    check_binding, check_name, dot, read_json, softmax, write_json, Classifier, HeadError, HeadKind,
+    check_binding, check_name, dot, parse_json, read_json, softmax, write_json, Classifier,
+    HeadError, HeadKind,
 };
 
 pub const MLP_FORMAT: &str = "dermedge-mlp-head/1";
@@ -55,6 +56,11 @@ pub struct MlpHead {
 impl MlpHead {
     pub fn load(path: &Path) -> Result<Self, HeadError> {
         read_json(path, Self::validate)
+    }
+
+    /// A head from bytes already read (and checked) from `path`, which errors name.
+    pub fn from_json(bytes: &[u8], path: &Path) -> Result<Self, HeadError> {
+        parse_json(bytes, path, Self::validate)
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
