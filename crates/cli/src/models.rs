@@ -33,7 +33,36 @@ struct RegistryModel {
 
 #[derive(Debug, Deserialize)]
 struct RegistryFile {
-    sha256: Option<String>,
+    sha256: Option<RecordedBuilds>,
+}
+
+/// `sha256 = "<hex>"` (one recorded build) or `sha256 = { <machine> = "<hex>", ... }` (one per CPU
+/// family whose conversions differ in the last bits; models/models.toml says why).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RecordedBuilds {
+    One(String),
+    PerMachine(BTreeMap<String, String>),
+}
+
+impl RecordedBuilds {
+    fn matches(&self, sha: &str) -> bool {
+        match self {
+            Self::One(d) => d == sha,
+            Self::PerMachine(builds) => builds.values().any(|d| d == sha),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::One(d) => d.clone(),
+            Self::PerMachine(builds) => builds
+                .iter()
+                .map(|(machine, d)| format!("{machine} {d}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
 }
 
 /// The repository holding models/models.toml: the current directory or one above it.
@@ -71,9 +100,10 @@ fn verify(
             let status = match file_sha256(&path) {
                 Err(_) => Err("not built".to_string()),
                 Ok(sha) => match &spec.sha256 {
-                    Some(expected) if *expected != sha => {
-                        Err(format!("sha256 {sha}, registry says {expected}"))
-                    }
+                    Some(recorded) if !recorded.matches(&sha) => Err(format!(
+                        "sha256 {sha}, registry records {}",
+                        recorded.describe()
+                    )),
                     _ => Ok(sha),
                 },
             };
@@ -191,5 +221,45 @@ fn record_fidelity(cache: &Path, reference: &Path, candidate: &Path) -> Result<(
             candidate.display(),
             images.display()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_parses_and_a_build_matching_any_recorded_machine_verifies() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        assert!(!load(&root).unwrap().models.is_empty());
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("m.tflite"), b"model").unwrap();
+        let sha = dermedge_core::sha256_hex(b"model");
+        let other = "0".repeat(64);
+        let registry = |files: &str| -> RegistryModel {
+            toml::from_str(&format!("description = \"d\"\n[files]\n{files}")).unwrap()
+        };
+        for files in [
+            format!("\"m.tflite\" = {{ sha256 = \"{sha}\" }}"),
+            format!("\"m.tflite\" = {{ sha256 = {{ xeon-avx512 = \"{other}\", epyc-avx2 = \"{sha}\" }} }}"),
+            "\"m.tflite\" = { bytes = 5 }".to_string(),
+        ] {
+            let status = verify(dir.path(), &registry(&files));
+            assert_eq!(status["m.tflite"], Ok(sha.clone()), "{files}");
+        }
+        let status = verify(
+            dir.path(),
+            &registry(&format!(
+                "\"m.tflite\" = {{ sha256 = {{ xeon-avx512 = \"{other}\" }} }}\n\"gone.tflite\" = {{ sha256 = \"{sha}\" }}"
+            )),
+        );
+        assert_eq!(
+            status["m.tflite"],
+            Err(format!(
+                "sha256 {sha}, registry records xeon-avx512 {other}"
+            ))
+        );
+        assert_eq!(status["gone.tflite"], Err("not built".to_string()));
     }
 }

@@ -22,14 +22,45 @@ def load_registry() -> dict:
     return tomllib.loads(REGISTRY.read_text())
 
 
+def recorded_digests(name: str, spec: dict) -> dict[str, str]:
+    """The sha256 of each recorded build of file `name`, by the machine it was recorded on.
+
+    `sha256 = "<hex>"` records one build; `sha256 = { <machine> = "<hex>", ... }` records one per
+    CPU family whose conversions differ in the last bits (models.toml says why). None: not recorded.
+    """
+    value = spec.get("sha256")
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"recorded": value}
+    if isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values()):
+        return dict(value)
+    raise ExportError(f"{REGISTRY}: file {name!r}: sha256 must be a hex digest or a table of "
+                      f"machine = hex digest, not {value!r}")
+
+
+def this_cpu() -> str:
+    """The CPU as /proc/cpuinfo names it, and its widest vector unit (what decides the last bits)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "an unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 "an unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return f"{model} ({'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'})"
+
+
 def verified(directory: Path, files: dict) -> tuple[bool, list[str]]:
     problems = []
     for name, spec in files.items():
         path = directory / name
+        digests = recorded_digests(name, spec)
         if not path.is_file():
             problems.append(f"{name}: missing")
-        elif spec.get("sha256") and sha256(path) != spec["sha256"]:
-            problems.append(f"{name}: sha256 {sha256(path)} != registry {spec['sha256']}")
+        elif digests and (digest := sha256(path)) not in digests.values():
+            recorded = ", ".join(f"{machine} {d}" for machine, d in digests.items())
+            problems.append(f"{name}: sha256 {digest} matches no recorded build ({recorded}); built on {this_cpu()}")
     return not problems, problems
 
 
@@ -61,7 +92,7 @@ def build(name: str, cache: Path | None = None) -> Path:
         print(f"[{time.time() - started:6.1f}s] {name}: {message}", flush=True)
 
     ok, problems = verified(out, files)
-    if ok and all(f.get("sha256") for f in files.values()):
+    if ok and all(recorded_digests(f, s) for f, s in files.items()):
         step(f"up to date in {out} (checksums verified)")
         return out
 
@@ -83,7 +114,8 @@ def build(name: str, cache: Path | None = None) -> Path:
         (out / f"{name}.{extra}.txt").write_text(str(images / extra) + "\n")
 
     ok, problems = verified(out, files)
-    unrecorded = {f: sha256(out / f) for f, s in files.items() if not s.get("sha256") and (out / f).is_file()}
+    unrecorded = {f: sha256(out / f) for f, s in files.items()
+                  if not recorded_digests(f, s) and (out / f).is_file()}
     if not ok:
         raise ExportError(f"{name}: the build does not reproduce the registry's files: {'; '.join(problems)}")
     for f, digest in unrecorded.items():

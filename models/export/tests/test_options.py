@@ -167,6 +167,37 @@ class Registry(unittest.TestCase):
             registry.export_options("m", {"files": {}}, Path("cache"))
         self.assertIn("[models.m]: missing key 'standin'", str(caught.exception))
 
+    def test_every_recorded_digest_is_a_hex_digest(self):
+        for name, spec in registry.load_registry()["models"].items():
+            for file, file_spec in spec["files"].items():
+                with self.subTest(model=name, file=file):
+                    for digest in registry.recorded_digests(file, file_spec).values():
+                        self.assertRegex(digest, r"^[0-9a-f]{64}$")
+
+    def test_a_build_matching_any_recorded_machine_is_verified_and_others_are_named(self):
+        import hashlib
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(tmp)
+            (directory / "m.tflite").write_bytes(b"model")
+            digest = hashlib.sha256(b"model").hexdigest()
+            other = "0" * 64
+            one = {"m.tflite": {"sha256": digest}}
+            several = {"m.tflite": {"sha256": {"xeon-avx512": other, "epyc-avx2": digest}}}
+            unrecorded = {"m.tflite": {"bytes": 5}}
+            for files in (one, several, unrecorded):
+                self.assertEqual(registry.verified(directory, files), (True, []))
+            ok, problems = registry.verified(directory, {"m.tflite": {"sha256": {"xeon-avx512": other}}})
+            self.assertFalse(ok)
+            self.assertIn(f"m.tflite: sha256 {digest} matches no recorded build (xeon-avx512 {other}); built on",
+                          problems[0])
+            ok, problems = registry.verified(directory, {"gone.tflite": {"sha256": digest}})
+            self.assertEqual((ok, problems), (False, ["gone.tflite: missing"]))
+            for bad in ({}, {"x": 3}, 7):
+                with self.assertRaises(ExportError) as caught:
+                    registry.verified(directory, {"m.tflite": {"sha256": bad}})
+                self.assertIn("'m.tflite': sha256 must be", str(caught.exception))
+
 
 if __name__ == "__main__":
     unittest.main()
