@@ -149,16 +149,14 @@ fn own_classifier_reproduces_the_teacher(
 ) {
     use dermedge_head::Classifier;
     let manifest = dermedge_core::ModelManifest::load(manifest).unwrap();
-    let path = manifest
-        .classifier_path()
+    let (path, bytes) = manifest
+        .read_companion(
+            dermedge_core::Companion::Classifier,
+            dermedge_head::MAX_FILE_BYTES,
+        )
+        .unwrap()
         .unwrap_or_else(|| panic!("{}: no [classifier]", manifest.path.display()));
-    assert_eq!(
-        dermedge_core::manifest::file_sha256(&path).unwrap(),
-        manifest.classifier.as_ref().unwrap().sha256,
-        "{}",
-        path.display()
-    );
-    let head = dermedge_head::MlpHead::load(&path).unwrap();
+    let head = dermedge_head::MlpHead::from_json(&bytes, &path).unwrap();
     head.check_model(&manifest.model.id, manifest.model.embedding_dim)
         .unwrap();
     let labels: Vec<String> = fs::read_to_string(teacher)

@@ -39,13 +39,23 @@ struct RegistryFile {
 /// `sha256 = "<hex>"` (one recorded build) or `sha256 = { <machine> = "<hex>", ... }` (one per CPU
 /// family whose conversions differ in the last bits; models/models.toml says why).
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a sha256 hex digest or a table of machine = sha256 hex digest"
+)]
 enum RecordedBuilds {
     One(String),
     PerMachine(BTreeMap<String, String>),
 }
 
 impl RecordedBuilds {
+    fn digests(&self) -> Vec<&str> {
+        match self {
+            Self::One(d) => vec![d.as_str()],
+            Self::PerMachine(builds) => builds.values().map(String::as_str).collect(),
+        }
+    }
+
     fn matches(&self, sha: &str) -> bool {
         match self {
             Self::One(d) => d == sha,
@@ -84,7 +94,43 @@ fn load(root: &Path) -> Result<Registry> {
     let path = root.join("models/models.toml");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("{}: not a valid registry", path.display()))
+    let registry: Registry = toml::from_str(&text)
+        .with_context(|| format!("{}: not a valid registry", path.display()))?;
+    registry
+        .check()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(registry)
+}
+
+impl Registry {
+    /// File names that stay inside the model's cache directory, and digests that are digests.
+    fn check(&self) -> std::result::Result<(), String> {
+        for (model, spec) in &self.models {
+            for (file, recorded) in &spec.files {
+                let key = format!("[models.{model}.files] \"{file}\"");
+                if file.is_empty() || file.contains(['/', '\\']) || file == "." || file == ".." {
+                    return Err(format!("{key}: expected a file name, not a path"));
+                }
+                let digests = recorded.sha256.as_ref().map(|r| r.digests());
+                if digests.as_ref().is_some_and(Vec::is_empty) {
+                    return Err(format!("{key}: sha256 is an empty table"));
+                }
+                if let Some(bad) = digests.iter().flatten().find(|d| !is_digest(d)) {
+                    return Err(format!(
+                        "{key}: sha256 {bad:?}: expected 64 lower-case hexadecimal digits"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_digest(value: &str) -> bool {
+    value.len() == 64
+        && value
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Per file: Ok(sha) when present and matching (or not yet recorded), Err(reason) otherwise.
@@ -97,14 +143,20 @@ fn verify(
         .iter()
         .map(|(name, spec)| {
             let path = dir.join(name);
-            let status = match file_sha256(&path) {
-                Err(_) => Err("not built".to_string()),
-                Ok(sha) => match &spec.sha256 {
-                    Some(recorded) if !recorded.matches(&sha) => Err(format!(
-                        "sha256 {sha}, registry records {}",
-                        recorded.describe()
-                    )),
-                    _ => Ok(sha),
+            // Only a regular file is hashed: a FIFO or a device there could block or never end.
+            let status = match std::fs::metadata(&path).map(|m| m.is_file()) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("not built".to_string()),
+                Err(e) => Err(format!("cannot read: {e}")),
+                Ok(false) => Err("not a regular file".to_string()),
+                Ok(true) => match file_sha256(&path) {
+                    Err(e) => Err(format!("cannot read: {e}")),
+                    Ok(sha) => match &spec.sha256 {
+                        Some(recorded) if !recorded.matches(&sha) => Err(format!(
+                            "sha256 {sha}, registry records {}",
+                            recorded.describe()
+                        )),
+                        _ => Ok(sha),
+                    },
                 },
             };
             (name.clone(), status)
@@ -261,5 +313,47 @@ mod tests {
             ))
         );
         assert_eq!(status["gone.tflite"], Err("not built".to_string()));
+        std::fs::create_dir(dir.path().join("dir.tflite")).unwrap();
+        let status = verify(dir.path(), &registry("\"dir.tflite\" = { bytes = 5 }"));
+        assert_eq!(status["dir.tflite"], Err("not a regular file".to_string()));
+    }
+
+    #[test]
+    fn a_registry_with_a_bad_digest_or_file_name_is_refused_naming_the_entry() {
+        let digest = "a".repeat(64);
+        let check = |files: &str| -> String {
+            let text = format!("[models.m]\ndescription = \"d\"\n[models.m.files]\n{files}");
+            match toml::from_str::<Registry>(&text) {
+                Err(e) => e.to_string(),
+                Ok(registry) => registry.check().unwrap_err(),
+            }
+        };
+        for (files, expected) in [
+            (
+                format!("\"m.tflite\" = {{ sha256 = \"{}\" }}", "A".repeat(64)),
+                "[models.m.files] \"m.tflite\": sha256 \"AAAA",
+            ),
+            (
+                "\"m.tflite\" = { sha256 = \"\" }".to_string(),
+                "expected 64 lower-case hexadecimal digits",
+            ),
+            (
+                "\"m.tflite\" = { sha256 = {} }".to_string(),
+                "sha256 is an empty table",
+            ),
+            (
+                format!("\"../m.tflite\" = {{ sha256 = \"{digest}\" }}"),
+                "expected a file name, not a path",
+            ),
+            (
+                "\"m.tflite\" = { sha256 = 7 }".to_string(),
+                "a sha256 hex digest or a table of machine = sha256 hex digest",
+            ),
+        ] {
+            let message = check(&files);
+            assert!(message.contains(expected), "{files}: {message}");
+        }
+        let good = format!("[models.m]\ndescription = \"d\"\n[models.m.files]\n\"m.tflite\" = {{ sha256 = {{ x = \"{digest}\" }} }}");
+        toml::from_str::<Registry>(&good).unwrap().check().unwrap();
     }
 }

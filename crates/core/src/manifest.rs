@@ -465,20 +465,30 @@ impl ModelManifest {
             file: file.clone(),
             message,
         };
-        let kind = fs::metadata(&file).map_err(|e| invalid(format!("cannot open: {e}")))?;
+        let too_large = || {
+            invalid(format!(
+                "larger than {limit} bytes, the most accepted for {key}"
+            ))
+        };
+        let handle =
+            open_without_blocking(&file).map_err(|e| invalid(format!("cannot open: {e}")))?;
+        // The type and size of what was opened, not of whatever the path names by now.
+        let kind = handle
+            .metadata()
+            .map_err(|e| invalid(format!("cannot open: {e}")))?;
         if !kind.is_file() {
             return Err(invalid("not a regular file".into()));
         }
+        if kind.len() > limit {
+            return Err(too_large());
+        }
         let mut bytes = Vec::new();
-        fs::File::open(&file)
-            .map_err(|e| invalid(format!("cannot open: {e}")))?
-            .take(limit + 1)
+        handle
+            .take(limit.saturating_add(1))
             .read_to_end(&mut bytes)
             .map_err(|e| invalid(format!("cannot read: {e}")))?;
         if bytes.len() as u64 > limit {
-            return Err(invalid(format!(
-                "larger than {limit} bytes, the most a {key} file may be here"
-            )));
+            return Err(too_large());
         }
         let actual = sha256_hex(&bytes);
         if !actual.eq_ignore_ascii_case(&spec.sha256) {
@@ -597,6 +607,20 @@ fn file_identity(path: &Path) -> Option<String> {
         let _ = path;
         None
     }
+}
+
+/// Open `path` for reading without waiting on it: a FIFO with no writer would otherwise block
+/// the open itself, before its type could be checked. The flag does not change reads of a
+/// regular file.
+fn open_without_blocking(path: &Path) -> std::io::Result<fs::File> {
+    let mut options = fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    options.open(path)
 }
 
 /// Lower-case hexadecimal sha256 of a file, read in chunks (models can be GBs).
@@ -774,6 +798,7 @@ dtype = "float32"
             .is_ok());
         let message = error(&m, body.len() as u64 - 1);
         assert!(message.contains("larger than"), "{message}");
+        assert!(m.read_companion(Companion::Classifier, u64::MAX).is_ok());
 
         let message = error(&with(&"A".repeat(64)), 1024);
         assert!(
@@ -785,6 +810,17 @@ dtype = "float32"
         std::fs::create_dir(&file).unwrap();
         let message = error(&m, 1024);
         assert!(message.contains("not a regular file"), "{message}");
+
+        // A FIFO with no writer is refused at once rather than waited on.
+        #[cfg(unix)]
+        {
+            std::fs::remove_dir(&file).unwrap();
+            let made = std::process::Command::new("mkfifo").arg(&file).status();
+            if made.is_ok_and(|s| s.success()) {
+                let message = error(&m, 1024);
+                assert!(message.contains("not a regular file"), "{message}");
+            }
+        }
     }
 
     fn field_error(text: &str) -> (String, String) {

@@ -31,7 +31,7 @@ pub enum EngineError {
     },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("{manifest}: output correction {file}: {message}")]
+    #[error("{manifest}: output.correction.file {file}: {message}")]
     Correction {
         manifest: PathBuf,
         file: PathBuf,

@@ -228,6 +228,8 @@ mod tests {
         let path = dir.path().join("teacher.json");
         small().save(&path).unwrap();
         assert_eq!(MlpHead::load(&path).unwrap(), small());
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(MlpHead::from_json(&bytes, &path).unwrap(), small());
     }
 
     #[test]
@@ -297,6 +299,11 @@ mod tests {
         ] {
             std::fs::write(&path, &text).unwrap();
             match MlpHead::load(&path) {
+                Err(HeadError::Invalid { path: p, .. }) => assert_eq!(p, path),
+                other => panic!("{text:?} gave {other:?}"),
+            }
+            // Bytes read elsewhere (a manifest's checked companion) fail the same way.
+            match MlpHead::from_json(text.as_bytes(), &path) {
                 Err(HeadError::Invalid { path: p, .. }) => assert_eq!(p, path),
                 other => panic!("{text:?} gave {other:?}"),
             }

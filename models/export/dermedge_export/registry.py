@@ -2,9 +2,11 @@
 
 Steps, each skipped when its output is already there and verified: the image sets
 (.cache/models/images/), the stand-in SavedModel, the export. Every built .tflite is checked
-against the sha256 the registry records; a mismatch is an error (the conversion did not reproduce).
+against the sha256 the registry records for it (one per CPU family a build was recorded on); a file
+matching none is an error (the conversion did not reproduce).
 """
 import json
+import platform
 import time
 import tomllib
 from pathlib import Path
@@ -28,26 +30,37 @@ def recorded_digests(name: str, spec: dict) -> dict[str, str]:
     `sha256 = "<hex>"` records one build; `sha256 = { <machine> = "<hex>", ... }` records one per
     CPU family whose conversions differ in the last bits (models.toml says why). None: not recorded.
     """
+    if not isinstance(spec, dict):
+        raise ExportError(f"{REGISTRY}: file {name!r}: expected a table such as {{ sha256 = \"<hex>\" }}, "
+                          f"not {spec!r}")
     value = spec.get("sha256")
     if value is None:
         return {}
-    if isinstance(value, str):
-        return {"recorded": value}
-    if isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values()):
-        return dict(value)
-    raise ExportError(f"{REGISTRY}: file {name!r}: sha256 must be a hex digest or a table of "
-                      f"machine = hex digest, not {value!r}")
+    digests = {"recorded": value} if isinstance(value, str) else value
+    if not (isinstance(digests, dict) and digests and all(is_digest(d) for d in digests.values())):
+        raise ExportError(f"{REGISTRY}: file {name!r}: sha256 must be a hex digest (64 lower-case hex "
+                          f"digits) or a table of machine = hex digest, not {value!r}")
+    return dict(digests)
+
+
+def is_digest(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def this_cpu() -> str:
     """The CPU as /proc/cpuinfo names it, and its widest vector unit (what decides the last bits)."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return "an unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 "an unknown CPU")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+        lines = []
+
+    def field(key):
+        return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == key), "")
+
+    model = field("model name") or platform.machine() or "an unknown CPU"
+    if platform.machine() in ("aarch64", "arm64"):
+        return f"{model} (features: {field('Features') or 'unknown'})"
+    flags = field("flags").split()
     return f"{model} ({'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'})"
 
 

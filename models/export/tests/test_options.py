@@ -193,10 +193,13 @@ class Registry(unittest.TestCase):
                           problems[0])
             ok, problems = registry.verified(directory, {"gone.tflite": {"sha256": digest}})
             self.assertEqual((ok, problems), (False, ["gone.tflite: missing"]))
-            for bad in ({}, {"x": 3}, 7):
+            for bad in ({}, {"x": 3}, 7, "", "A" * 64, {"xeon-avx512": digest[:-1]}):
                 with self.assertRaises(ExportError) as caught:
                     registry.verified(directory, {"m.tflite": {"sha256": bad}})
                 self.assertIn("'m.tflite': sha256 must be", str(caught.exception))
+            with self.assertRaises(ExportError) as caught:
+                registry.verified(directory, {"m.tflite": digest})
+            self.assertIn("'m.tflite': expected a table", str(caught.exception))
 
 
 if __name__ == "__main__":
