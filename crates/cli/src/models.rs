@@ -57,10 +57,7 @@ impl RecordedBuilds {
     }
 
     fn matches(&self, sha: &str) -> bool {
-        match self {
-            Self::One(d) => d == sha,
-            Self::PerMachine(builds) => builds.values().any(|d| d == sha),
-        }
+        self.digests().contains(&sha)
     }
 
     fn describe(&self) -> String {

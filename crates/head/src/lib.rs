@@ -243,10 +243,7 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
     validate: impl Fn(&T) -> Result<(), String>,
 ) -> Result<T, HeadError> {
     use std::io::Read;
-    let invalid = |message: String| HeadError::Invalid {
-        path: path.into(),
-        message,
-    };
+    let invalid = |message| invalid_file(path, message);
     let read = |cause| HeadError::Read {
         path: path.into(),
         cause,
@@ -275,13 +272,17 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     path: &Path,
     validate: impl Fn(&T) -> Result<(), String>,
 ) -> Result<T, HeadError> {
-    let invalid = |message: String| HeadError::Invalid {
-        path: path.into(),
-        message,
-    };
+    let invalid = |message| invalid_file(path, message);
     let value: T = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
     validate(&value).map_err(invalid)?;
     Ok(value)
+}
+
+fn invalid_file(path: &Path, message: String) -> HeadError {
+    HeadError::Invalid {
+        path: path.into(),
+        message,
+    }
 }
 
 pub(crate) fn write_json<T: Serialize>(value: &T, path: &Path) -> std::io::Result<()> {
