@@ -111,6 +111,20 @@ pub fn train(
     options: &TrainOptions,
     mut progress: impl FnMut(usize, f32),
 ) -> Result<LinearHead, HeadError> {
+    fit(name, model_id, x, targets, classes, options, &mut progress)
+}
+
+// Not generic, unlike `train`: generic code is compiled in the calling crate at that crate's
+// optimisation level, and this loop is where a head's training time goes.
+fn fit(
+    name: &str,
+    model_id: &str,
+    x: &[Vec<f32>],
+    targets: &Targets,
+    classes: Vec<String>,
+    options: &TrainOptions,
+    progress: &mut dyn FnMut(usize, f32),
+) -> Result<LinearHead, HeadError> {
     let (n, k) = (x.len(), classes.len());
     if n == 0 || n != targets.len() {
         return Err(HeadError::Training(format!(
