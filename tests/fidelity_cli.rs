@@ -73,7 +73,16 @@ fn noise_floor_pair_passes_and_a_broken_model_fails_naming_the_gates() {
         out.to_str().unwrap(),
     ]);
     assert!(ok, "{stdout}\n{stderr}");
-    assert_eq!(report(&out)["verdict"], "PASS");
+    let noise_report = report(&out);
+    assert_eq!(noise_report["verdict"], "PASS");
+    // The noise floor's own run covers a sample (--noise-images, default 32) and says so.
+    let evaluated = noise_report["images"].as_array().unwrap().len();
+    let floor = &noise_report["noise_floor"];
+    assert_eq!(floor[1]["images"], 32, "{floor}");
+    assert_eq!(
+        floor[0].as_str().unwrap(),
+        format!("2 vs 1 threads, 32 of {evaluated} images")
+    );
     for file in [
         "report.json",
         "report.md",

@@ -49,6 +49,10 @@ pub struct FidelityArgs {
     /// Threads for the noise-floor run of the reference (default: 1, or 2 when --threads is 1).
     #[arg(long)]
     noise_threads: Option<u32>,
+    /// Images the noise-floor run embeds again, spread evenly over the sorted list: a count of at
+    /// least 3, or `all`. It is the slowest of the three runs (fewer threads).
+    #[arg(long, default_value = "32", value_parser = parse_noise_images)]
+    noise_images: NoiseImages,
     /// Backend for the candidate (default: --backend): compare LiteRT against classic
     /// TensorFlow Lite on the same model, say.
     #[arg(long)]
@@ -61,6 +65,37 @@ pub struct FidelityArgs {
     runtime: RuntimeArgs,
 }
 
+/// How many images the noise-floor run embeds again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NoiseImages {
+    All,
+    /// At least 3 (the fewest a comparison takes).
+    Count(usize),
+}
+
+fn parse_noise_images(text: &str) -> Result<NoiseImages, String> {
+    if text == "all" {
+        return Ok(NoiseImages::All);
+    }
+    match text.parse::<usize>() {
+        Ok(n) if n >= 3 => Ok(NoiseImages::Count(n)),
+        _ => Err(format!(
+            "expected `all` or a count of at least 3 images, got `{text}`"
+        )),
+    }
+}
+
+impl NoiseImages {
+    /// Which of `n` images: `k` indices spread evenly from the first, so that a list sorted by
+    /// name (by kind, here) is sampled across its kinds.
+    fn pick(self, n: usize) -> Vec<usize> {
+        match self {
+            NoiseImages::Count(k) if k < n => (0..k).map(|j| j * n / k).collect(),
+            _ => (0..n).collect(),
+        }
+    }
+}
+
 /// Embeddings of the same images by several models: `sets[model][image]`.
 type EmbeddingSets = Vec<Vec<Vec<f32>>>;
 
@@ -68,14 +103,20 @@ struct Embedded {
     files: Vec<String>,
     reference: Vec<Vec<f32>>,
     candidate: Vec<Vec<f32>>,
+    /// The noise-floor run covers a sample of the images: these, their reference embeddings
+    /// and the reference's second run.
+    noise_files: Vec<String>,
+    noise_reference: Vec<Vec<f32>>,
     noise: Vec<Vec<f32>>,
 }
 
+/// Every readable file embedded by every model; also which of `files` were read (an unreadable
+/// one is skipped with a warning).
 fn embed_all(
     files: &[PathBuf],
     models: &mut [&mut Box<dyn LoadedModel>],
     what: &str,
-) -> Result<(Vec<String>, EmbeddingSets)> {
+) -> Result<(Vec<usize>, EmbeddingSets)> {
     let bar = ProgressBar::new(files.len() as u64);
     bar.set_style(
         ProgressStyle::with_template(&format!(
@@ -86,7 +127,7 @@ fn embed_all(
     );
     let mut kept = Vec::new();
     let mut out = vec![Vec::new(); models.len()];
-    for file in files {
+    for (index, file) in files.iter().enumerate() {
         match decode_file(file, &DecodeLimits::default()) {
             Ok(image) => {
                 for (m, o) in models.iter_mut().zip(out.iter_mut()) {
@@ -96,7 +137,7 @@ fn embed_all(
                             .values,
                     );
                 }
-                kept.push(file.display().to_string());
+                kept.push(index);
             }
             Err(e) => bar.suspend(|| eprintln!("warning: skipped {e}")),
         }
@@ -277,11 +318,7 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
     };
     let mut noise_model = load(&reference, &noise_options)?;
 
-    let (kept, mut sets) = embed_all(
-        &files,
-        &mut [&mut ref_model, &mut cand_model, &mut noise_model],
-        "embedding",
-    )?;
+    let (kept, mut sets) = embed_all(&files, &mut [&mut ref_model, &mut cand_model], "embedding")?;
     if kept.len() < 3 {
         bail!(
             "only {} readable images in {:?}; fidelity needs at least 3 (better: hundreds)",
@@ -289,11 +326,28 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
             args.images
         );
     }
+    let (candidate_set, reference_set) = (sets.pop().unwrap(), sets.pop().unwrap());
+    let picked = args.noise_images.pick(kept.len());
+    let noise_files: Vec<PathBuf> = picked.iter().map(|&i| files[kept[i]].clone()).collect();
+    let (noise_kept, mut noise_sets) =
+        embed_all(&noise_files, &mut [&mut noise_model], "noise floor")?;
+    let noise_picked: Vec<usize> = noise_kept.iter().map(|&j| picked[j]).collect();
     let embedded = Embedded {
-        files: kept,
-        noise: sets.pop().unwrap(),
-        candidate: sets.pop().unwrap(),
-        reference: sets.pop().unwrap(),
+        files: kept
+            .iter()
+            .map(|&i| files[i].display().to_string())
+            .collect(),
+        noise_reference: noise_picked
+            .iter()
+            .map(|&i| reference_set[i].clone())
+            .collect(),
+        noise_files: noise_picked
+            .iter()
+            .map(|&i| files[kept[i]].display().to_string())
+            .collect(),
+        noise: noise_sets.pop().unwrap(),
+        candidate: candidate_set,
+        reference: reference_set,
     };
     let kmeans_heads = KmeansHeads::new(&reference.model.id, &embedded.reference);
     let given = head.is_some();
@@ -316,9 +370,9 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
     }
     comparison.head_ensemble = Some(kmeans_heads.ensemble(&embedded.candidate, &extra)?);
     let noise = compare_named(
-        &embedded.reference,
+        &embedded.noise_reference,
         &embedded.noise,
-        &embedded.files,
+        &embedded.noise_files,
         Some(&head),
     )?;
     let results = gates.evaluate(&comparison, &gates_name)?;
@@ -335,7 +389,11 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         warnings.push(format!("gate `{}` fails even for the reference against itself ({:.4}): it is below the noise floor", g.gate, g.value));
     }
     let pass = results.iter().all(|g| g.pass);
-    let noise_label = format!("{threads} vs {noise_threads} threads");
+    let noise_label = format!(
+        "{threads} vs {noise_threads} threads, {} of {} images",
+        embedded.noise_files.len(),
+        embedded.files.len()
+    );
     let describe = |m: &ModelManifest, p: &Path, backend: String| {
         format!(
             "{} {} ({}, {backend})",
@@ -363,6 +421,10 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
             &mut [&mut ref_model, &mut cand_model],
             "hard case",
         )?;
+        let kept: Vec<String> = kept
+            .iter()
+            .map(|&i| hard_files[i].display().to_string())
+            .collect();
         let (cand, refs) = (sets.pop().unwrap(), sets.pop().unwrap());
         let hard = compare_named(&refs, &cand, &kept, Some(&head))?;
         let hard_results = gates.evaluate(&hard, &gates_name)?;
@@ -484,4 +546,30 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
         eprintln!("error: fidelity gates failed: {}", failed.join("; "));
     }
     Ok(pass)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_noise_sample_spreads_over_the_list_and_is_never_larger_than_it() {
+        assert_eq!(NoiseImages::Count(4).pick(10), vec![0, 2, 5, 7]);
+        assert_eq!(NoiseImages::Count(32).pick(10), (0..10).collect::<Vec<_>>());
+        assert_eq!(NoiseImages::All.pick(5), (0..5).collect::<Vec<_>>());
+        let picked = NoiseImages::Count(32).pick(306);
+        assert_eq!(picked.len(), 32);
+        assert!(picked.windows(2).all(|w| (9..=10).contains(&(w[1] - w[0]))));
+        assert_eq!((picked[0], picked[31]), (0, 296));
+    }
+
+    #[test]
+    fn a_noise_sample_is_a_count_of_at_least_three_or_all() {
+        assert_eq!(parse_noise_images("all"), Ok(NoiseImages::All));
+        assert_eq!(parse_noise_images("3"), Ok(NoiseImages::Count(3)));
+        for bad in ["2", "0", "-1", "ALL", "", "3.5"] {
+            let err = parse_noise_images(bad).unwrap_err();
+            assert!(err.contains("at least 3") && err.contains(bad), "{err}");
+        }
+    }
 }
