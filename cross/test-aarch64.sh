@@ -19,7 +19,9 @@ cargo test --locked --target "$target" -p dermedge-engine --lib -- --skip bit_fl
 # The firmware build: the device application without the hub's server, SQLite or model tooling.
 cargo build --release --locked --target "$target" -p dermedge-cli --no-default-features --features firmware
 scripts/check-firmware-deps.sh --target "$target"
-cargo build --locked -p dermedge-cli
+# The workspace's feature set, as scripts/test.sh built it: `-p` alone would unify features
+# differently and compile the CLI and its crates again.
+cargo build --locked --workspace
 out="$(mktemp -d)"
 aarch64_litert="$(source scripts/litert-env.sh "$target"; echo "$DERMEDGE_LITERT_LIB")"
 # Every fixture image, both precisions, on the cores of both target boards: Cortex-A76 (Pi 5) and
@@ -45,5 +47,5 @@ if DERMEDGE_LITERT_LIB="$aarch64_litert" qemu-aarch64-static -cpu cortex-a72 -L 
   echo "fp16 arithmetic with fallback = fail ran on a Cortex-A72" >&2; exit 1
 fi
 grep -q cpu_arithmetic "$out/a72-fail.log" || { cat "$out/a72-fail.log" >&2; exit 1; }
-DERMEDGE_CROSS_DIR="$out" cargo test --locked -p dermedge-e2e --test cross_arch -- --ignored --nocapture
+DERMEDGE_CROSS_DIR="$out" cargo test --locked --workspace --test cross_arch -- --ignored --nocapture
 rm -rf "$out"

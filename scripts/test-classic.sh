@@ -37,5 +37,6 @@ DOCS_RS=1 cargo run --locked -q -p dermedge-cli --features classic -- fidelity -
 DOCS_RS=1 cargo run --locked -q -p dermedge-cli --features classic -- doctor 2>&1 | grep -E '^(classic|edge-tpu)'
 # A classic-only build (a Coral board's firmware without LiteRT) compiles and lints clean.
 DOCS_RS=1 cargo clippy --locked -p dermedge-cli --no-default-features --features classic,uvc -- -D warnings
-# Leave the default (LiteRT-only) binary in target/ for the steps after this one.
-cargo build --locked -p dermedge-cli
+# Leave the default (LiteRT-only) binary in target/ for the steps after this one, built with the
+# workspace's features (already compiled: `-p dermedge-cli` alone would compile it again).
+cargo build --locked --workspace
