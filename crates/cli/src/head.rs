@@ -280,7 +280,7 @@ fn train_head(args: &TrainArgs) -> Result<()> {
         &targets,
         classes,
         &options,
-        |_, loss| {
+        &mut |_, loss| {
             bar.inc(1);
             bar.set_message(format!("{loss:.4}"));
         },

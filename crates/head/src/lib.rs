@@ -435,7 +435,7 @@ mod tests {
             &targets,
             vec!["a".into(), "b".into()],
             &options,
-            |_, _| {},
+            &mut |_, _| {},
         )
         .unwrap();
         assert_eq!(head.kind, HeadKind::Sigmoid);

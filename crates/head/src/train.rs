@@ -87,7 +87,7 @@ pub fn train_softmax(
     y: &[usize],
     classes: Vec<String>,
     options: &TrainOptions,
-    progress: impl FnMut(usize, f32),
+    mut progress: impl FnMut(usize, f32),
 ) -> Result<LinearHead, HeadError> {
     train(
         name,
@@ -96,27 +96,15 @@ pub fn train_softmax(
         &Targets::Single(y.to_vec()),
         classes,
         options,
-        progress,
+        &mut progress,
     )
 }
 
 /// Fit a head to embeddings `x`: softmax for [`Targets::Single`], sigmoid for [`Targets::Multi`].
-/// `progress` is called with (iteration, loss) after each step.
+/// `progress` is called with (iteration, loss) after each step. (A `dyn` callback rather than a
+/// generic one: generic code is compiled in the calling crate, at that crate's optimisation
+/// level, and this loop is where a head's training time goes.)
 pub fn train(
-    name: &str,
-    model_id: &str,
-    x: &[Vec<f32>],
-    targets: &Targets,
-    classes: Vec<String>,
-    options: &TrainOptions,
-    mut progress: impl FnMut(usize, f32),
-) -> Result<LinearHead, HeadError> {
-    fit(name, model_id, x, targets, classes, options, &mut progress)
-}
-
-// Not generic, unlike `train`: generic code is compiled in the calling crate at that crate's
-// optimisation level, and this loop is where a head's training time goes.
-fn fit(
     name: &str,
     model_id: &str,
     x: &[Vec<f32>],

@@ -165,7 +165,7 @@ pub fn train_and_score(
         &Targets::Single(s.train.1.clone()),
         s.classes.clone(),
         &TrainOptions::default(),
-        |_, _| {},
+        &mut |_, _| {},
     )
     .map_err(|e| HubError::BadRequest(e.to_string()))?;
     let heldout = eval::evaluate(&head, &s.heldout.0, &Targets::Single(s.heldout.1.clone()))
