@@ -332,19 +332,17 @@ pub fn run(args: &FidelityArgs) -> Result<bool> {
     let (noise_kept, mut noise_sets) =
         embed_all(&noise_files, &mut [&mut noise_model], "noise floor")?;
     let noise_picked: Vec<usize> = noise_kept.iter().map(|&j| picked[j]).collect();
+    let names: Vec<String> = kept
+        .iter()
+        .map(|&i| files[i].display().to_string())
+        .collect();
     let embedded = Embedded {
-        files: kept
-            .iter()
-            .map(|&i| files[i].display().to_string())
-            .collect(),
         noise_reference: noise_picked
             .iter()
             .map(|&i| reference_set[i].clone())
             .collect(),
-        noise_files: noise_picked
-            .iter()
-            .map(|&i| files[kept[i]].display().to_string())
-            .collect(),
+        noise_files: noise_picked.iter().map(|&i| names[i].clone()).collect(),
+        files: names,
         noise: noise_sets.pop().unwrap(),
         candidate: candidate_set,
         reference: reference_set,
