@@ -355,6 +355,14 @@ def aeq_recipes(ctx: Context) -> list[Recipe]:
                "int8 with every convolution's weights rounded by GPTQ (each column's rounding error spread over "
                "the rest by the inverse Hessian of the layer's input, 16 calibration images) and bias-corrected; "
                "MSE activation ranges", lambda: _quantizer(ctx, "int8-gptq-mse")),
+        Recipe("aeq-int8-activation-corrected-mse", "int8",
+               "aeq-int8-bias-corrected-mse, then every convolution's bias moved by its output's mean error in the "
+               "quantised graph against float's (8 calibration images), one convolution after another in graph "
+               "order, each measured with the earlier ones corrected (empirical bias correction)",
+               lambda: _quantizer(ctx, "int8-activation-corrected-mse")),
+        Recipe("aeq-int8-gptq-activation-corrected-mse", "int8",
+               "aeq-int8-gptq-mse with the empirical bias correction of aeq-int8-activation-corrected-mse",
+               lambda: _quantizer(ctx, "int8-gptq-activation-corrected-mse")),
         Recipe("aeq-int8-weights-gptq", "dynamic-int8",
                "int8 weights rounded by GPTQ and bias-corrected, dequantised to float32 at load; float "
                "activations and arithmetic (fp32's speed, or fp16 arithmetic's with cpu_arithmetic = \"fp16\"), "

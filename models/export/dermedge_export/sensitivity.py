@@ -212,6 +212,131 @@ def bias_corrected(model: bytes, calibration: np.ndarray, threads: int = 2, kept
     return bytes(fu.convert_object_to_bytearray(flat))
 
 
+def _tensor_name(tensor) -> str:
+    return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
+
+
+def _dequantised(interp, detail: dict) -> np.ndarray:
+    """A tensor of a run as float: an integer one mapped through its scale and zero point."""
+    a = interp.get_tensor(detail["index"])
+    if a.dtype in (np.int8, np.uint8, np.int16):
+        scale, zero = detail["quantization"]
+        return (a.astype(np.float32) - zero) * np.float32(scale)
+    return a.astype(np.float32, copy=False)
+
+
+ACTIVATION_CORRECTION_IMAGES = 8
+
+
+def _quantised_biases(model: bytearray, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For each op of a quantised model whose output is named in `names` and whose third input is
+    an int32 bias: (a writable int32 view of that bias inside `model`, its per-channel scale)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    root = schema.Model.GetRootAs(model, 0)
+    graph = root.Subgraphs(0)
+    found, buffers = {}, set()
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        if op.OutputsLength() < 1 or op.InputsLength() < 3 or op.Inputs(2) < 0:
+            continue
+        name = graph.Tensors(op.Outputs(0)).Name().decode()
+        if name not in names:
+            continue
+        bias = graph.Tensors(op.Inputs(2))
+        buffer = root.Buffers(bias.Buffer())
+        # A large constant may sit after the flatbuffer, at an offset from the file's start.
+        data = buffer.DataAsNumpy() if buffer.Offset() <= 1 else np.frombuffer(model, np.uint8, buffer.Size(),
+                                                                               buffer.Offset())
+        if bias.Type() != schema.TensorType.INT32 or isinstance(data, int) or bias.Buffer() in buffers:
+            raise ExportError(f"activation bias correction: the bias of {name!r} in the quantised graph is not an "
+                              "int32 constant of its own")
+        buffers.add(bias.Buffer())
+        found[name] = (data.view(np.int32), bias.Quantization().ScaleAsNumpy().astype(np.float64))
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ExportError(f"activation bias correction: the convolutions {missing[:3]} are not in the quantised "
+                          "graph (did the quantizer rename their outputs?)")
+    return found
+
+
+def activation_bias_corrections(reference: bytes, quantised: bytes, calibration: np.ndarray, threads: int = 2,
+                                kept_float: set[int] = frozenset(), progress=None) -> tuple[dict[str, np.ndarray], dict]:
+    """Empirical bias correction (Nagel et al. 2019, "Data-free quantization", §4.2, measured
+    rather than modelled, layer by layer as AIMET does it): each convolution's bias moved by the
+    mean error of its output in the quantised graph against the `reference` float graph on the
+    calibration images, so each output channel's expected value is float's again whatever made
+    it wrong (its weights, the rounding and clipping of its int8 input, errors from upstream).
+    Where the convolution has a fused ReLU the error is divided by float's active positions, not
+    all of them: a bias shift moves only those (one Newton step on the mean after ReLU).
+
+    Strictly in graph order, each convolution measured with every earlier correction in place:
+    correcting upstream changes what reaches downstream, and correcting many at once from one
+    measurement corrects the same error several times over. The corrections are written into the
+    quantised graph's int32 biases directly (no re-quantisation between steps). Returns, per
+    convolution output name, the shift in float units (whole bias steps) to subtract from the
+    float graph's bias, and what was done."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    flat = fb.read_model(bytearray(reference))
+    subgraph = flat.subgraphs[0]
+    convs = [op for i, op in enumerate(subgraph.operators)
+             if i not in kept_float and (c := _conv_weights(flat, subgraph, op)) and c[2] is not None]
+    names = [_tensor_name(subgraph.tensors[op.outputs[0]]) for op in convs]
+    relu = {n: getattr(op.builtinOptions, "fusedActivationFunction", 0) != 0 for n, op in zip(names, convs)}
+    float_sum, moved = {n: 0.0 for n in names}, {n: 0.0 for n in names}
+    for interp in calibration_runs(reference, calibration, threads):
+        index = {d["name"]: d["index"] for d in interp.get_tensor_details()}
+        for n in names:
+            f = interp.get_tensor(index[n])
+            f = f.reshape(-1, f.shape[-1]).astype(np.float64)
+            float_sum[n] = float_sum[n] + f.sum(0)
+            moved[n] = moved[n] + ((f > 0).sum(0) if relu[n] else len(f))
+    model = bytearray(quantised)
+    biases = _quantised_biases(model, names)
+    shifts, started = {}, time.time()
+    for k, n in enumerate(names, 1):
+        interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
+        run = interp.get_signature_runner(SIGNATURE)
+        input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
+        detail = next(d for d in interp.get_tensor_details() if d["name"] == n)
+        q_sum = 0.0
+        for x in calibration:
+            run(**{input_name: x[None]})
+            q = _dequantised(interp, detail)
+            q_sum = q_sum + q.reshape(-1, q.shape[-1]).astype(np.float64).sum(0)
+        view, scale = biases[n]
+        steps = np.round((q_sum - float_sum[n]) / np.maximum(moved[n], 1.0) / scale)
+        info = np.iinfo(np.int32)
+        view[:] = np.clip(view.astype(np.int64) - steps.astype(np.int64), info.min, info.max).astype(np.int32)
+        shifts[n] = steps * scale
+        if progress is not None and (k % 10 == 0 or k == len(names)):
+            progress(f"  activation bias correction: {k}/{len(names)} convolutions ({time.time() - started:.0f} s)")
+    return shifts, {"activation_correction_convolutions": len(names), "activation_correction_images": len(calibration),
+                    "activation_correction_mean_steps": float(np.mean([np.abs(s / biases[n][1]).mean()
+                                                                       for n, s in shifts.items()])) if shifts else 0.0}
+
+
+def with_bias_shifts(graph: bytes, shifts: dict[str, np.ndarray]) -> bytes:
+    """The float graph with `shifts[name]` subtracted from the bias of the convolution whose output
+    is `name` (every name must match one)."""
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    flat = fb.read_model(bytearray(graph))
+    subgraph = flat.subgraphs[0]
+    done = set()
+    for op in subgraph.operators:
+        name = _tensor_name(subgraph.tensors[op.outputs[0]]) if len(op.outputs) else None
+        if name in shifts and (c := _conv_weights(flat, subgraph, op)) and c[2] is not None:
+            _set_constant(flat, op, 2, c[2] - shifts[name])
+            done.add(name)
+    if done != set(shifts):
+        raise ExportError(f"bias shifts for {sorted(set(shifts) - done)[:3]}: no such convolution with a bias")
+    return bytes(fu.convert_object_to_bytearray(flat))
+
+
 GPTQ_POSITIONS_PER_IMAGE = 4096
 GPTQ_DAMPING = 0.01  # of the Hessian's mean diagonal, as GPTQ's reference implementation
 
@@ -269,6 +394,41 @@ def _gptq(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return w
 
 
+def _moment(name: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Σ a bᵀ over the patches of one image: [1, d, d] for a convolution (one for every output
+    channel), [channels, kh·kw, kh·kw] for a depthwise one (one per channel)."""
+    if name == "CONV_2D":
+        a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+        return (a.T @ b)[None].astype(np.float64)
+    a, b = a.reshape(len(a), -1, a.shape[3]), b.reshape(len(b), -1, b.shape[3])  # [positions, kh·kw, channels]
+    return np.einsum("pkc,pjc->ckj", a, b).astype(np.float64)
+
+
+def _conv_patches(name: str, w: np.ndarray, a: np.ndarray, options, rng) -> np.ndarray:
+    """_patches, float32, with a depthwise input repeated for its depth multiplier."""
+    p = _patches(a, w.shape, options, rng).astype(np.float32)
+    return p if name == "CONV_2D" else np.repeat(p, w.shape[3] // p.shape[3], axis=3)
+
+
+def _rows(name: str, w: np.ndarray) -> np.ndarray:
+    """A convolution's weights as GPTQ's [groups, rows, d] (a depthwise one: a group per channel)."""
+    return w.reshape(1, w.shape[0], -1) if name == "CONV_2D" else w.reshape(-1, w.shape[3]).T[:, None, :]
+
+
+def _unrows(name: str, rows: np.ndarray, shape: tuple) -> np.ndarray:
+    return rows[0].reshape(shape) if name == "CONV_2D" else rows[:, 0, :].T.reshape(shape)
+
+
+def _rounded(name: str, rows: np.ndarray, hessian: np.ndarray, op, graph) -> np.ndarray:
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    try:
+        return _gptq(rows, hessian, np.abs(rows).max(2) / 127.0)
+    except np.linalg.LinAlgError as e:
+        raise ExportError(f"GPTQ: the input Hessian of {name} {fb.get_op_scope(op, graph.tensors)!r} "
+                          f"is not positive definite even damped ({e}); calibrate on more images") from e
+
+
 def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_float: set[int] = frozenset(),
                  seed: int = 0) -> bytes:
     """The float model with every convolution's weights already on its per-channel int8 grid
@@ -288,29 +448,12 @@ def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_f
     for interp in calibration_runs(model, calibration, threads):
         for n, (op, (name, w, _, _)) in enumerate(convs):
             a = interp.get_tensor(int(op.inputs[0]))
-            p = _patches(a, w.shape, op.builtinOptions, rng).astype(np.float32)
-            if name == "CONV_2D":
-                flat_p = p.reshape(len(p), -1)
-                update = (flat_p.T @ flat_p)[None]
-            else:
-                p = np.repeat(p, w.shape[3] // p.shape[3], axis=3)  # depth multiplier
-                flat_p = p.reshape(len(p), -1, p.shape[3])  # [positions, kh·kw, channels]
-                update = np.einsum("pkc,pjc->ckj", flat_p, flat_p)
-            hessians[n] = hessians.get(n, 0.0) + update.astype(np.float64)
+            p = _conv_patches(name, w, a, op.builtinOptions, rng)
+            hessians[n] = hessians.get(n, 0.0) + _moment(name, p, p)
             counts[n] = counts.get(n, 0) + len(p)
             means[n] = means.get(n, 0.0) + channel_mean(a)
     for n, (op, (name, w, b, axis)) in enumerate(convs):
-        h = hessians[n] / counts[n]
-        if name == "CONV_2D":  # [out, kh, kw, in]: one Hessian for every output channel
-            rows = w.reshape(1, w.shape[0], -1)
-        else:  # [1, kh, kw, channels]: one Hessian per channel, one row each
-            rows = w.reshape(-1, w.shape[3]).T[:, None, :]
-        try:
-            rounded = _gptq(rows, h, np.abs(rows).max(2) / 127.0)
-        except np.linalg.LinAlgError as e:
-            raise ExportError(f"GPTQ: the input Hessian of {name} {fb.get_op_scope(op, graph.tensors)!r} "
-                              f"is not positive definite even damped ({e}); calibrate on more images") from e
-        new = rounded[0].reshape(w.shape) if name == "CONV_2D" else rounded[:, 0, :].T.reshape(w.shape)
+        new = _unrows(name, _rounded(name, _rows(name, w), hessians[n] / counts[n], op, graph), w.shape)
         _set_constant(flat, op, 1, new)
         if b is not None:
             _set_constant(flat, op, 2, b - bias_shift(name, new - w, means[n] / len(calibration)))
@@ -521,23 +664,24 @@ class Quantiser:
         if ranges == "mse":
             self.qsvs = mse_ranges(model, self.qsvs, calibration, threads)
 
-    def quantise(self, recipe: list[dict]) -> bytes:
+    def quantise(self, recipe: list[dict], model: bytes | None = None) -> bytes:
+        """`model` (default: the calibrated one) quantised by `recipe` at the calibrated ranges."""
         from ai_edge_quantizer import quantizer
 
-        q = quantizer.Quantizer(bytearray(self.model))
+        q = quantizer.Quantizer(bytearray(self.model if model is None else model))
         q.load_quantization_recipe(recipe)
         return bytes(q.quantize(self.qsvs, enable_progress_report=False).quantized_model)
 
     def only(self, op: Op) -> bytes:
         return self.quantise([entry(scope_regex(op.scope), op.name, static_config(self.activation_bits))])
 
-    def all_but(self, kept_float: list[Op]) -> bytes:
+    def all_but(self, kept_float: list[Op], model: bytes | None = None) -> bytes:
         """Every op quantised but `kept_float`; the graph's input and output stay float32, as
         dermedge's exports are (the first and last ops quantise and dequantise)."""
         recipe = [entry(".*", "*", static_config(self.activation_bits)),
                   entry(".*", "INPUT", None), entry(".*", "OUTPUT", None)]
         recipe += [entry(scope_regex(op.scope), op.name, None) for op in kept_float]
-        return self.quantise(recipe)
+        return self.quantise(recipe, model)
 
 
 RANK_BY = "delta_mean"  # the mean counts an op that ruins a few images as well as one that shifts all
@@ -668,6 +812,9 @@ def whole_graph_variants(model: bytes, cal: np.ndarray, quantiser: "Quantiser", 
     return result
 
 
+WEIGHT_ROUNDINGS = ("nearest", "bias-corrected", "gptq")
+
+
 @dataclass(frozen=True)
 class Conversion:
     """How one of the AI Edge Quantizer recipes the exporter's search converts through this venv
@@ -679,18 +826,21 @@ class Conversion:
     ranges: str = "minmax"  # RANGES
     mixed: bool = False  # keep a sensitivity run's k most sensitive ops float
     weights_only: bool = False  # int8 weights dequantised at load, float activations and arithmetic
+    activation_correction: bool = False  # biases corrected for the quantised graph's measured output error
 
     def __post_init__(self):
         if self.activation_bits not in (8, 16):
             raise ValueError(f"activation_bits: 8 or 16, not {self.activation_bits}")
         if self.equalise is not None and self.equalise not in EQUALISATION_MODES:
             raise ValueError(f"equalise: one of {EQUALISATION_MODES}, not {self.equalise!r}")
-        if self.weights not in ("nearest", "bias-corrected", "gptq"):
-            raise ValueError(f"weights: nearest, bias-corrected or gptq, not {self.weights!r}")
+        if self.weights not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"weights: one of {WEIGHT_ROUNDINGS}, not {self.weights!r}")
         if self.ranges not in RANGES:
             raise ValueError(f"ranges: one of {RANGES}, not {self.ranges!r}")
-        if self.weights_only and (self.mixed or self.ranges != "minmax" or self.activation_bits != 8):
-            raise ValueError("weights_only quantises no activation: no mixed ops, ranges or activation bits")
+        if self.weights_only and (self.mixed or self.ranges != "minmax" or self.activation_bits != 8
+                                  or self.activation_correction):
+            raise ValueError("weights_only quantises no activation: no mixed ops, ranges, activation bits "
+                             "or activation correction")
 
 
 CONVERSIONS = {
@@ -699,6 +849,8 @@ CONVERSIONS = {
     "int8-bias-corrected-mse": Conversion(weights="bias-corrected", ranges="mse"),
     "int8-cle-bias-corrected-mse": Conversion(equalise="weights", weights="bias-corrected", ranges="mse"),
     "int8-gptq-mse": Conversion(weights="gptq", ranges="mse"),
+    "int8-activation-corrected-mse": Conversion(weights="bias-corrected", ranges="mse", activation_correction=True),
+    "int8-gptq-activation-corrected-mse": Conversion(weights="gptq", ranges="mse", activation_correction=True),
     "int8-weights-gptq": Conversion(weights="gptq", weights_only=True),
     "a16w8": Conversion(activation_bits=16),
     "mixed": Conversion(weights="bias-corrected", mixed=True),
@@ -744,10 +896,11 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
     kept = _ranked_ops(model, model_path, sensitivity, float_ops, conversion) if spec.mixed else []
     # The ops kept float keep their weights and biases: correcting them would add the error it removes.
     kept_float = {op.index for op in kept}
-    graph = model
+    float_graph = model  # what the quantised graph is compared with, activation by activation
     if spec.equalise is not None:
-        graph = equalised(graph, spread(cal), spec.equalise, threads)
+        float_graph = equalised(model, spread(cal), spec.equalise, threads)
         done["equalisation"] = spec.equalise
+    graph = float_graph
     if spec.weights == "bias-corrected":
         graph = bias_corrected(graph, spread(cal), threads, kept_float)
         done["bias_correction_images"] = len(spread(cal))
@@ -757,7 +910,14 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
     if spec.weights_only:
         data = weights_only(graph)  # nothing calibrated: the activations stay float
     else:
-        data = Quantiser(graph, cal, input_name, spec.activation_bits, threads, spec.ranges).all_but(kept)
+        quantiser = Quantiser(graph, cal, input_name, spec.activation_bits, threads, spec.ranges)
+
+        data = quantiser.all_but(kept, graph)
+        if spec.activation_correction:
+            shifts, corrected = activation_bias_corrections(float_graph, data, spread(cal, ACTIVATION_CORRECTION_IMAGES),
+                                                            threads, kept_float)
+            data = quantiser.all_but(kept, with_bias_shifts(graph, shifts))  # the ranges stay as calibrated
+            done |= corrected
         done["ranges"] = spec.ranges
     if kept:
         done |= {"float_ops": float_ops, "sensitivity": str(sensitivity), "kept_float": [op.scope for op in kept]}
@@ -765,6 +925,35 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
     return done
+
+
+def judge(model_path: Path, calibration: Path, images: Path, out: Path, conversions: list[str], threads: int = 2,
+          progress=print) -> dict:
+    """Convert the float model by each of `conversions` (CONVERSIONS) into `out` and measure δ on
+    `images` against the float model: `<name>.judged.{json,md}`."""
+    unknown = [c for c in conversions if c not in CONVERSIONS]
+    if unknown or not conversions:
+        raise ExportError(f"--judge: expected conversions from {', '.join(CONVERSIONS)}, got {', '.join(unknown) or 'none'}")
+    xs, _ = load_inputs(images)
+    reference = Runner(Path(model_path).read_bytes(), threads).embed(xs)
+    name = Path(model_path).name.split(".")[0]
+    rows = []
+    for conversion in conversions:
+        started = time.time()
+        tflite = Path(out) / f"{name}.{conversion}.tflite"
+        done = convert(model_path, calibration, conversion, tflite, threads=threads)
+        row = {"conversion": conversion, **stats(head_view_delta(Runner(tflite.read_bytes(), threads).embed(xs), reference)),
+               "seconds": round(time.time() - started, 1), "done": done}
+        rows.append(row)
+        progress(f"  {conversion}: delta median {row['delta_median']:.3f} p99 {row['delta_p99']:.3f}")
+    result = {"model": str(model_path), "images": str(images), "image_count": len(xs),
+              "calibration": str(calibration), "judged": rows}
+    (Path(out) / f"{name}.judged.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# {name}: conversions judged on {len(xs)} images", "", "| conversion | δ median | δ mean | δ p99 |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {r['conversion']} | {r['delta_median']:.4f} | {r['delta_mean']:.4f} | {r['delta_p99']:.4f} |" for r in rows]
+    (Path(out) / f"{name}.judged.md").write_text("\n".join(lines) + "\n")
+    return result
 
 
 def write(out: Path, name: str, result: dict) -> None:
@@ -803,6 +992,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=Path, help="inputs .npz to measure the embedding on")
     p.add_argument("--out", required=True, type=Path, help="the directory results go to (with --convert: the .tflite)")
     p.add_argument("--convert", choices=CONVERSIONS, help="write this quantised model to --out instead of measuring")
+    p.add_argument("--judge", help="comma-separated conversions: write each to --out and measure its delta on --images "
+                                   "(<name>.judged.{json,md})")
     p.add_argument("--sensitivity", type=Path, help="--convert mixed*: the sensitivity run whose ranking to use")
     p.add_argument("--float-ops", type=int, default=0, help="--convert mixed*: how many of the most sensitive ops stay float")
     p.add_argument("--top", default="1,2,4,8,16,32", help="k values for 'all but the k most sensitive'")
@@ -831,6 +1022,11 @@ def main(argv=None) -> int:
             return 0
         if args.images is None:
             raise ExportError("--images is needed to measure (or give --convert)")
+        if args.judge is not None:
+            judge(args.model, args.calibration, args.images, args.out, [c.strip() for c in args.judge.split(",")],
+                  args.threads)
+            print(f"wrote {args.out}/*.judged.{{json,md}}")
+            return 0
         result = measure(args.model, args.calibration, args.images, args.out, top, args.activation_bits, args.threads,
                          args.reuse, args.full_only, args.variants)
     except ExportError as e:

@@ -30,6 +30,17 @@ def inputs(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+def renamed(model: bytes) -> bytes:
+    """`model` with every tensor renamed (what a quantizer that renamed activations would give)."""
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    flat = fb.read_model(bytearray(model))
+    for t in flat.subgraphs[0].tensors:
+        t.name = S._tensor_name(t).encode() + b"/renamed"
+    return bytes(fu.convert_object_to_bytearray(flat))
+
+
 def check_patches(test, model: bytes, x: np.ndarray, only: str | None = None) -> int:
     """Assert that act(patches · Wᵀ + b) is each convolution's output (every position, fused
     NONE or RELU); returns how many convolutions were checked."""
@@ -178,6 +189,80 @@ class OnTheFixture(unittest.TestCase):
         kept = fb.read_model(bytearray(S.bias_corrected(self.model, cal, kept_float={index})))
         unmoved = S._conv_weights(kept, kept.subgraphs[0], kept.subgraphs[0].operators[index])[2]
         np.testing.assert_array_equal(unmoved, b)
+
+    def test_judge_writes_each_conversion_and_its_delta(self):
+        out = Path(self.dir.name) / "judged"
+        result = S.judge(MODEL, self.cal, self.images, out, ["int8", "int8-weights-gptq"], progress=lambda _: None)
+        rows = {r["conversion"]: r for r in result["judged"]}
+        self.assertEqual(set(rows), {"int8", "int8-weights-gptq"})
+        for conversion, row in rows.items():
+            self.assertTrue((out / f"df-mini.{conversion}.tflite").is_file())
+            self.assertTrue(0 < row["delta_median"] <= row["delta_p99"] < 10, row)
+        self.assertLess(rows["int8-weights-gptq"]["delta_p99"], rows["int8"]["delta_p99"])
+        written = json.loads((out / "df-mini.judged.json").read_text())
+        self.assertEqual([r["conversion"] for r in written["judged"]], ["int8", "int8-weights-gptq"])
+        self.assertIn("| int8-weights-gptq |", (out / "df-mini.judged.md").read_text())
+        with self.assertRaisesRegex(ExportError, "--judge: expected conversions from .*got int4"):
+            S.judge(MODEL, self.cal, self.images, out, ["int8", "int4"])
+
+    def _output_errors(self, quantised: bytes, cal: np.ndarray) -> dict:
+        """Each convolution's mean output error per channel, quantised against float, over `cal`
+        (divided by float's active positions where it has a fused ReLU, as the correction is)."""
+        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+        flat = fb.read_model(bytearray(self.model))
+        convs = {S._tensor_name(flat.subgraphs[0].tensors[op.outputs[0]]):
+                 getattr(op.builtinOptions, "fusedActivationFunction", 0) != 0
+                 for op in flat.subgraphs[0].operators if S._conv_weights(flat, flat.subgraphs[0], op)}
+        q_interp = Interpreter(model_content=quantised, experimental_preserve_all_tensors=True)
+        q_run = q_interp.get_signature_runner(S.SIGNATURE)
+        q_detail = {d["name"]: d for d in q_interp.get_tensor_details()}
+        input_name = S.Runner(self.model).input
+        error, count = {n: 0.0 for n in convs}, {n: 0.0 for n in convs}
+        for x, interp in zip(cal, S.calibration_runs(self.model, cal)):
+            q_run(**{input_name: x[None]})
+            index = {d["name"]: d["index"] for d in interp.get_tensor_details()}
+            for n, relu in convs.items():
+                f = interp.get_tensor(index[n])
+                f = f.reshape(-1, f.shape[-1])
+                q = S._dequantised(q_interp, q_detail[n]).reshape(f.shape)
+                error[n] = error[n] + (q - f).sum(0)
+                count[n] = count[n] + ((f > 0).sum(0) if relu else len(f))
+        return {n: np.abs(error[n] / np.maximum(count[n], 1)).mean() for n in convs}
+
+    def test_activation_correction_centres_every_output_and_moves_only_biases(self):
+        cal, _ = S.load_inputs(self.cal)
+        quantiser = S.Quantiser(self.model, cal, S.Runner(self.model).input, 8, ranges="mse")
+        quantised = quantiser.all_but([])
+        shifts, done = S.activation_bias_corrections(self.model, quantised, cal)
+        self.assertEqual(done["activation_correction_convolutions"], len(shifts))
+        corrected = S.with_bias_shifts(self.model, shifts)
+        before = self._output_errors(quantised, cal)
+        after = self._output_errors(quantiser.all_but([], corrected), cal)
+        # On the images it was measured on, the convolutions' outputs are centred on float's again
+        # (what is left: the shifts' rounding to whole bias steps and ReLU's boundary).
+        self.assertEqual(set(before), set(shifts))
+        self.assertLess(sum(after.values()), 0.3 * sum(before.values()), (before, after))
+        from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+        a, b = fb.read_model(bytearray(self.model)), fb.read_model(bytearray(corrected))
+        for x, y in zip(a.subgraphs[0].operators, b.subgraphs[0].operators):
+            old, new = S._conv_weights(a, a.subgraphs[0], x), S._conv_weights(b, b.subgraphs[0], y)
+            if old:
+                np.testing.assert_array_equal(old[1], new[1])
+                name = S._tensor_name(a.subgraphs[0].tensors[x.outputs[0]])
+                np.testing.assert_allclose(new[2], old[2] - shifts[name], rtol=1e-5, atol=1e-6)
+        with self.assertRaisesRegex(ExportError, "no such convolution"):
+            S.with_bias_shifts(self.model, {"not/a/tensor": np.zeros(1)})
+        # A kept op is not corrected; a quantised graph whose names differ is refused, not compared silently.
+        ops = a.subgraphs[0].operators
+        first = next(i for i, op in enumerate(ops) if S._conv_weights(a, a.subgraphs[0], op))
+        kept, _ = S.activation_bias_corrections(self.model, quantised, cal[:1], kept_float={first})
+        self.assertNotIn(S._tensor_name(a.subgraphs[0].tensors[ops[first].outputs[0]]), kept)
+        self.assertEqual(len(kept), len(shifts) - 1)
+        with self.assertRaisesRegex(ExportError, "not in the quantised graph"):
+            S.activation_bias_corrections(self.model, renamed(quantised), cal[:1])
 
     def test_mixed_keeps_the_ranked_ops_float_and_refuses_another_models_ranking(self):
         ops = S.quantisable_ops(self.model)
