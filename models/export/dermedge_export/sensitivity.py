@@ -318,6 +318,47 @@ def activation_bias_corrections(reference: bytes, quantised: bytes, calibration:
                                                                        for n, s in shifts.items()])) if shifts else 0.0}
 
 
+ERROR_PROFILE_IMAGES = 8
+
+
+def activation_error_profile(reference: bytes, quantised: bytes, inputs: np.ndarray, threads: int = 2) -> dict:
+    """How a quantised graph's convolution outputs err against the float graph's on `inputs`: per
+    output, the error's RMS relative to float's and the share of its energy that is a per-channel
+    mean (a bias, which a bias can take back; the rest is noise that no bias correction
+    removes). Medians and maxima over the convolutions."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    flat = fb.read_model(bytearray(reference))
+    subgraph = flat.subgraphs[0]
+    names = [_tensor_name(subgraph.tensors[op.outputs[0]]) for op in subgraph.operators
+             if _conv_weights(flat, subgraph, op)]
+    q_interp = Interpreter(model_content=bytes(quantised), num_threads=threads, experimental_preserve_all_tensors=True)
+    q_run = q_interp.get_signature_runner(SIGNATURE)
+    input_name = q_interp.get_signature_list()[SIGNATURE]["inputs"][0]
+    q_detail = {d["name"]: d for d in q_interp.get_tensor_details()}
+    names = [n for n in names if n in q_detail]
+    if not names:
+        raise ExportError("activation error profile: no convolution output of the float graph is in the quantised one")
+    error_sum, error_energy, float_energy, count = ({n: 0.0 for n in names} for _ in range(4))
+    for x, interp in zip(inputs, calibration_runs(reference, inputs, threads)):
+        q_run(**{input_name: x[None]})
+        index = {d["name"]: d["index"] for d in interp.get_tensor_details()}
+        for n in names:
+            f = interp.get_tensor(index[n])
+            f = f.reshape(-1, f.shape[-1]).astype(np.float64)
+            e = _dequantised(q_interp, q_detail[n]).reshape(f.shape) - f
+            error_sum[n] = error_sum[n] + e.sum(0)
+            error_energy[n] += float((e ** 2).sum())
+            float_energy[n] += float((f ** 2).sum())
+            count[n] += len(e)
+    share = [float(np.sum((error_sum[n] / count[n]) ** 2) * count[n] / max(error_energy[n], 1e-300)) for n in names]
+    relative = [float(np.sqrt(error_energy[n] / max(float_energy[n], 1e-300))) for n in names]
+    return {"convolutions": len(names), "images": len(inputs),
+            "bias_share_median": float(np.median(share)), "bias_share_max": float(np.max(share)),
+            "relative_rms_error_median": float(np.median(relative)), "relative_rms_error_max": float(np.max(relative))}
+
+
 def with_bias_shifts(graph: bytes, shifts: dict[str, np.ndarray]) -> bytes:
     """The float graph with `shifts[name]` subtracted from the bias of the convolution whose output
     is `name` (every name must match one)."""
@@ -935,23 +976,32 @@ def judge(model_path: Path, calibration: Path, images: Path, out: Path, conversi
     if unknown or not conversions:
         raise ExportError(f"--judge: expected conversions from {', '.join(CONVERSIONS)}, got {', '.join(unknown) or 'none'}")
     xs, _ = load_inputs(images)
-    reference = Runner(Path(model_path).read_bytes(), threads).embed(xs)
+    model = Path(model_path).read_bytes()
+    reference = Runner(model, threads).embed(xs)
     name = Path(model_path).name.split(".")[0]
     rows = []
     for conversion in conversions:
         started = time.time()
         tflite = Path(out) / f"{name}.{conversion}.tflite"
         done = convert(model_path, calibration, conversion, tflite, threads=threads)
-        row = {"conversion": conversion, **stats(head_view_delta(Runner(tflite.read_bytes(), threads).embed(xs), reference)),
+        quantised = tflite.read_bytes()
+        row = {"conversion": conversion, **stats(head_view_delta(Runner(quantised, threads).embed(xs), reference)),
+               "activation_error": activation_error_profile(model, quantised, spread(xs, ERROR_PROFILE_IMAGES), threads),
                "seconds": round(time.time() - started, 1), "done": done}
         rows.append(row)
         progress(f"  {conversion}: delta median {row['delta_median']:.3f} p99 {row['delta_p99']:.3f}")
     result = {"model": str(model_path), "images": str(images), "image_count": len(xs),
               "calibration": str(calibration), "judged": rows}
     (Path(out) / f"{name}.judged.json").write_text(json.dumps(result, indent=1))
-    lines = [f"# {name}: conversions judged on {len(xs)} images", "", "| conversion | δ median | δ mean | δ p99 |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {r['conversion']} | {r['delta_median']:.4f} | {r['delta_mean']:.4f} | {r['delta_p99']:.4f} |" for r in rows]
+    lines = [f"# {name}: conversions judged on {len(xs)} images", "",
+             f"The convolution outputs' error against float on {min(len(xs), ERROR_PROFILE_IMAGES)} of them: its RMS "
+             "relative to float's, and the share of its energy that is a per-channel mean (medians over the "
+             "convolutions).", "",
+             "| conversion | δ median | δ mean | δ p99 | output error (relative RMS) | of it a bias (share) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['conversion']} | {r['delta_median']:.4f} | {r['delta_mean']:.4f} | {r['delta_p99']:.4f} | "
+              f"{r['activation_error']['relative_rms_error_median']:.4f} | {r['activation_error']['bias_share_median']:.4f} |"
+              for r in rows]
     (Path(out) / f"{name}.judged.md").write_text("\n".join(lines) + "\n")
     return result
 

@@ -198,6 +198,12 @@ class OnTheFixture(unittest.TestCase):
         for conversion, row in rows.items():
             self.assertTrue((out / f"df-mini.{conversion}.tflite").is_file())
             self.assertTrue(0 < row["delta_median"] <= row["delta_p99"] < 10, row)
+            profile = row["activation_error"]
+            self.assertGreater(profile["convolutions"], 0)
+            self.assertTrue(0 <= profile["bias_share_median"] <= profile["bias_share_max"] <= 1, profile)
+        # int8 activations err more at each convolution than float ones behind int8 weights.
+        self.assertGreater(rows["int8"]["activation_error"]["relative_rms_error_median"],
+                           rows["int8-weights-gptq"]["activation_error"]["relative_rms_error_median"])
         self.assertLess(rows["int8-weights-gptq"]["delta_p99"], rows["int8"]["delta_p99"])
         written = json.loads((out / "df-mini.judged.json").read_text())
         self.assertEqual([r["conversion"] for r in written["judged"]], ["int8", "int8-weights-gptq"])
