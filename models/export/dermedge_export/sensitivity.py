@@ -639,8 +639,9 @@ def int8_weight_relative_error(model: bytes) -> float:
     return float(np.median(errors))
 
 
-def load_inputs(path: Path) -> tuple[np.ndarray, list[str]]:
-    """Preprocessed model inputs written by `dermedge_export inputs` (an .npz: inputs, names)."""
+def load_inputs(path: Path, runner: Runner | None = None) -> tuple[np.ndarray, list[str]]:
+    """Preprocessed model inputs written by `dermedge_export inputs` (an .npz: inputs, names); with
+    `runner`, checked to be of its model's input shape."""
     try:
         with np.load(path) as z:
             inputs, names = z["inputs"], [str(n) for n in z["names"]]
@@ -649,6 +650,9 @@ def load_inputs(path: Path) -> tuple[np.ndarray, list[str]]:
     if inputs.ndim != 4 or inputs.dtype != np.float32 or len(names) != len(inputs) or len(inputs) == 0:
         raise ExportError(f"{path}: expected float32 inputs [n, h, w, c] with one name each, "
                           f"got {inputs.dtype} {list(inputs.shape)} and {len(names)} names")
+    if runner is not None and list(inputs.shape[1:]) != [int(d) for d in runner.input_detail["shape"][1:]]:
+        raise ExportError(f"{path}: inputs of shape {list(inputs.shape[1:])}, but the model takes "
+                          f"{[int(d) for d in runner.input_detail['shape'][1:]]} (made for another model?)")
     return inputs, names
 
 
@@ -736,10 +740,10 @@ def measure(model_path: Path, calibration: Path, images: Path, out: Path, top: l
     images and calibration, checked) and measures only the cumulative curve; `full_only`
     measures only the graph with every op quantised."""
     model = Path(model_path).read_bytes()
-    cal, _ = load_inputs(calibration)
-    xs, names = load_inputs(images)
-    started = time.time()
     fp32 = Runner(model, threads)
+    cal, _ = load_inputs(calibration, fp32)
+    xs, names = load_inputs(images, fp32)
+    started = time.time()
     reference = fp32.embed(xs)
     quantiser = Quantiser(model, cal, fp32.input, activation_bits, threads)
     ops = quantisable_ops(model)
@@ -928,8 +932,9 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
         raise ExportError(f"conversion {conversion!r}: expected one of {', '.join(CONVERSIONS)}")
     spec = CONVERSIONS[conversion]
     model = Path(model_path).read_bytes()
-    cal, _ = load_inputs(calibration)
-    input_name = Runner(model, threads).input
+    runner = Runner(model, threads)
+    cal, _ = load_inputs(calibration, runner)
+    input_name = runner.input
     done = {"conversion": conversion, "calibration_count": len(cal)}
     if not spec.mixed and (sensitivity is not None or float_ops):
         raise ExportError(f"conversion {conversion}: --sensitivity and --float-ops are for the mixed conversions "
@@ -972,12 +977,14 @@ def judge(model_path: Path, calibration: Path, images: Path, out: Path, conversi
           progress=print) -> dict:
     """Convert the float model by each of `conversions` (CONVERSIONS) into `out` and measure δ on
     `images` against the float model: `<name>.judged.{json,md}`."""
-    unknown = [c for c in conversions if c not in CONVERSIONS]
+    unknown = [c or "an empty name" for c in conversions if c not in CONVERSIONS]
     if unknown or not conversions:
-        raise ExportError(f"--judge: expected conversions from {', '.join(CONVERSIONS)}, got {', '.join(unknown) or 'none'}")
-    xs, _ = load_inputs(images)
+        raise ExportError(f"--judge: expected conversions from {', '.join(CONVERSIONS)}, "
+                          f"got {', '.join(unknown) or 'none'}")
     model = Path(model_path).read_bytes()
-    reference = Runner(model, threads).embed(xs)
+    fp32 = Runner(model, threads)
+    xs, _ = load_inputs(images, fp32)
+    reference = fp32.embed(xs)
     name = Path(model_path).name.split(".")[0]
     rows = []
     for conversion in conversions:

@@ -210,6 +210,8 @@ class OnTheFixture(unittest.TestCase):
         self.assertIn("| int8-weights-gptq |", (out / "df-mini.judged.md").read_text())
         with self.assertRaisesRegex(ExportError, "--judge: expected conversions from .*got int4"):
             S.judge(MODEL, self.cal, self.images, out, ["int8", "int4"])
+        with self.assertRaisesRegex(ExportError, "got an empty name"):  # "int8," on the command line
+            S.judge(MODEL, self.cal, self.images, out, ["int8", ""])
 
     def _output_errors(self, quantised: bytes, cal: np.ndarray) -> dict:
         """Each convolution's mean output error per channel, quantised against float, over `cal`
@@ -384,6 +386,14 @@ class OnTheFixture(unittest.TestCase):
         not_npz.write_text("not an archive")
         with self.assertRaisesRegex(ExportError, "text.npz"):
             S.load_inputs(not_npz)
+        # Inputs preprocessed for another model's size are refused before any conversion runs.
+        small = Path(self.dir.name) / "small.npz"
+        np.savez(small, inputs=np.zeros((2, 224, 224, 3), np.float32), names=np.array(["a", "b"]))
+        for call in (lambda: S.convert(MODEL, small, "int8", Path(self.dir.name) / "x.tflite"),
+                     lambda: S.judge(MODEL, self.cal, small, Path(self.dir.name), ["int8"])):
+            with self.assertRaisesRegex(ExportError, r"small.npz: inputs of shape \[224, 224, 3\], but the model takes "
+                                                     r"\[448, 448, 3\]"):
+                call()
 
 
 LESION = ROOT / ".cache" / "models" / "lesion-x448" / "lesion-x448.fp32.tflite"
