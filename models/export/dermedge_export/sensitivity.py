@@ -132,8 +132,7 @@ def _set_constant(flat, op, slot: int, values: np.ndarray, subgraph: int = 0) ->
         tensor = copy.copy(tensor)
         tensor.buffer = len(flat.buffers) - 1
         # Tensor names must stay unique (the quantizer keys its ranges by name).
-        name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
-        tensor.name = f"{name}/own-{len(graph.tensors)}".encode()
+        tensor.name = f"{_tensor_name(tensor)}/own-{len(graph.tensors)}".encode()
         graph.tensors.append(tensor)
         inputs = list(op.inputs)
         inputs[slot] = len(graph.tensors) - 1
@@ -276,15 +275,22 @@ def activation_bias_corrections(reference: bytes, quantised: bytes, calibration:
     quantised graph's int32 biases directly (no re-quantisation between steps). Returns, per
     convolution output name, the shift in float units (whole bias steps) to subtract from the
     float graph's bias, and what was done."""
-    from ai_edge_litert.interpreter import Interpreter
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
     flat = fb.read_model(bytearray(reference))
     subgraph = flat.subgraphs[0]
     convs = [op for i, op in enumerate(subgraph.operators)
              if i not in kept_float and (c := _conv_weights(flat, subgraph, op)) and c[2] is not None]
+    without_bias = sum(1 for i, op in enumerate(subgraph.operators)
+                       if i not in kept_float and (c := _conv_weights(flat, subgraph, op)) and c[2] is None)
     names = [_tensor_name(subgraph.tensors[op.outputs[0]]) for op in convs]
-    relu = {n: getattr(op.builtinOptions, "fusedActivationFunction", 0) != 0 for n, op in zip(names, convs)}
+    activation = {n: getattr(op.builtinOptions, "fusedActivationFunction", 0) for n, op in zip(names, convs)}
+    other = {n: a for n, a in activation.items() if a not in (0, 1)}  # 0: NONE, 1: RELU
+    if other:
+        name, code = next(iter(other.items()))
+        raise ExportError(f"activation bias correction: the convolution {name!r} has fused activation {code} "
+                          "(RELU6, RELU_N1_TO_1, TANH, ...); only none and RELU are corrected")
+    relu = {n: a == 1 for n, a in activation.items()}
     float_sum, moved = {n: 0.0 for n in names}, {n: 0.0 for n in names}
     for interp in calibration_runs(reference, calibration, threads):
         index = {d["name"]: d["index"] for d in interp.get_tensor_details()}
@@ -296,24 +302,26 @@ def activation_bias_corrections(reference: bytes, quantised: bytes, calibration:
     model = bytearray(quantised)
     biases = _quantised_biases(model, names)
     shifts, started = {}, time.time()
+    # Measured on TFLite's own int8 kernels (keeping every tensor turns XNNPACK off), which round
+    # as XNNPACK's do up to ties: the mean error is the same.
     for k, n in enumerate(names, 1):
-        interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
-        run = interp.get_signature_runner(SIGNATURE)
-        input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
-        detail = next(d for d in interp.get_tensor_details() if d["name"] == n)
-        q_sum = 0.0
-        for x in calibration:
-            run(**{input_name: x[None]})
+        q_sum, detail = 0.0, None
+        for interp in calibration_runs(bytes(model), calibration, threads):
+            detail = detail or next(d for d in interp.get_tensor_details() if d["name"] == n)
             q = _dequantised(interp, detail)
             q_sum = q_sum + q.reshape(-1, q.shape[-1]).astype(np.float64).sum(0)
         view, scale = biases[n]
         steps = np.round((q_sum - float_sum[n]) / np.maximum(moved[n], 1.0) / scale)
+        if not np.all(np.isfinite(steps)):
+            raise ExportError(f"activation bias correction: the output of {n!r} is not finite on the calibration "
+                              "inputs; nothing was corrected")
         info = np.iinfo(np.int32)
         view[:] = np.clip(view.astype(np.int64) - steps.astype(np.int64), info.min, info.max).astype(np.int32)
         shifts[n] = steps * scale
         if progress is not None and (k % 10 == 0 or k == len(names)):
             progress(f"  activation bias correction: {k}/{len(names)} convolutions ({time.time() - started:.0f} s)")
-    return shifts, {"activation_correction_convolutions": len(names), "activation_correction_images": len(calibration),
+    return shifts, {"activation_correction_convolutions": len(names),
+                    "activation_correction_without_bias": without_bias, "activation_correction_images": len(calibration),
                     "activation_correction_mean_steps": float(np.mean([np.abs(s / biases[n][1]).mean()
                                                                        for n, s in shifts.items()])) if shifts else 0.0}
 
@@ -650,6 +658,8 @@ def load_inputs(path: Path, runner: Runner | None = None) -> tuple[np.ndarray, l
     if inputs.ndim != 4 or inputs.dtype != np.float32 or len(names) != len(inputs) or len(inputs) == 0:
         raise ExportError(f"{path}: expected float32 inputs [n, h, w, c] with one name each, "
                           f"got {inputs.dtype} {list(inputs.shape)} and {len(names)} names")
+    if not np.all(np.isfinite(inputs)):
+        raise ExportError(f"{path}: {int(np.sum(~np.isfinite(inputs)))} input values are not finite (NaN or infinite)")
     if runner is not None and list(inputs.shape[1:]) != [int(d) for d in runner.input_detail["shape"][1:]]:
         raise ExportError(f"{path}: inputs of shape {list(inputs.shape[1:])}, but the model takes "
                           f"{[int(d) for d in runner.input_detail['shape'][1:]]} (made for another model?)")
@@ -882,6 +892,8 @@ class Conversion:
             raise ValueError(f"weights: one of {WEIGHT_ROUNDINGS}, not {self.weights!r}")
         if self.ranges not in RANGES:
             raise ValueError(f"ranges: one of {RANGES}, not {self.ranges!r}")
+        if self.activation_correction and self.activation_bits != 8:
+            raise ValueError("activation_correction edits int32 biases: int8 activations only")
         if self.weights_only and (self.mixed or self.ranges != "minmax" or self.activation_bits != 8
                                   or self.activation_correction):
             raise ValueError("weights_only quantises no activation: no mixed ops, ranges, activation bits "
@@ -928,6 +940,17 @@ def _ranked_ops(model: bytes, model_path: Path, sensitivity: Path | None, float_
 def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sensitivity: Path | None = None,
             float_ops: int = 0, threads: int = 2) -> dict:
     """Write one of CONVERSIONS of the float model to `out`; returns what was done."""
+    data, done, _ = converted(model_path, calibration, conversion, sensitivity, float_ops, threads)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    return done
+
+
+def converted(model_path: Path, calibration: Path, conversion: str, sensitivity: Path | None = None,
+              float_ops: int = 0, threads: int = 2) -> tuple[bytes, dict, bytes]:
+    """One of CONVERSIONS of the float model: (the quantised file's bytes, what was done, the float
+    graph its activations correspond to: the model itself, or its equalised version)."""
     if conversion not in CONVERSIONS:
         raise ExportError(f"conversion {conversion!r}: expected one of {', '.join(CONVERSIONS)}")
     spec = CONVERSIONS[conversion]
@@ -957,7 +980,6 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
         data = weights_only(graph)  # nothing calibrated: the activations stay float
     else:
         quantiser = Quantiser(graph, cal, input_name, spec.activation_bits, threads, spec.ranges)
-
         data = quantiser.all_but(kept, graph)
         if spec.activation_correction:
             shifts, corrected = activation_bias_corrections(float_graph, data, spread(cal, ACTIVATION_CORRECTION_IMAGES),
@@ -967,20 +989,17 @@ def convert(model_path: Path, calibration: Path, conversion: str, out: Path, sen
         done["ranges"] = spec.ranges
     if kept:
         done |= {"float_ops": float_ops, "sensitivity": str(sensitivity), "kept_float": [op.scope for op in kept]}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
-    return done
+    return data, done, float_graph
 
 
 def judge(model_path: Path, calibration: Path, images: Path, out: Path, conversions: list[str], threads: int = 2,
           progress=print) -> dict:
     """Convert the float model by each of `conversions` (CONVERSIONS) into `out` and measure δ on
     `images` against the float model: `<name>.judged.{json,md}`."""
-    unknown = [c or "an empty name" for c in conversions if c not in CONVERSIONS]
+    unknown = [c or "an empty name" for c in conversions if c not in CONVERSIONS or CONVERSIONS[c].mixed]
     if unknown or not conversions:
-        raise ExportError(f"--judge: expected conversions from {', '.join(CONVERSIONS)}, "
-                          f"got {', '.join(unknown) or 'none'}")
+        raise ExportError(f"--judge: expected conversions from {', '.join(n for n, c in CONVERSIONS.items() if not c.mixed)} "
+                          f"(the mixed ones need a ranking: --convert), got {', '.join(unknown) or 'none'}")
     model = Path(model_path).read_bytes()
     fp32 = Runner(model, threads)
     xs, _ = load_inputs(images, fp32)
@@ -989,11 +1008,13 @@ def judge(model_path: Path, calibration: Path, images: Path, out: Path, conversi
     rows = []
     for conversion in conversions:
         started = time.time()
-        tflite = Path(out) / f"{name}.{conversion}.tflite"
-        done = convert(model_path, calibration, conversion, tflite, threads=threads)
-        quantised = tflite.read_bytes()
+        quantised, done, float_graph = converted(model_path, calibration, conversion, threads=threads)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"{name}.{conversion}.tflite").write_bytes(quantised)
+        # Against the float graph whose activations the quantised one carries (equalisation rescales channels).
+        profile = activation_error_profile(float_graph, quantised, spread(xs, ERROR_PROFILE_IMAGES), threads)
         row = {"conversion": conversion, **stats(head_view_delta(Runner(quantised, threads).embed(xs), reference)),
-               "activation_error": activation_error_profile(model, quantised, spread(xs, ERROR_PROFILE_IMAGES), threads),
+               "activation_error": profile,
                "seconds": round(time.time() - started, 1), "done": done}
         rows.append(row)
         progress(f"  {conversion}: delta median {row['delta_median']:.3f} p99 {row['delta_p99']:.3f}")
@@ -1048,8 +1069,9 @@ def main(argv=None) -> int:
     p.add_argument("--calibration", required=True, type=Path, help="inputs .npz to calibrate ranges on")
     p.add_argument("--images", type=Path, help="inputs .npz to measure the embedding on")
     p.add_argument("--out", required=True, type=Path, help="the directory results go to (with --convert: the .tflite)")
-    p.add_argument("--convert", choices=CONVERSIONS, help="write this quantised model to --out instead of measuring")
-    p.add_argument("--judge", help="comma-separated conversions: write each to --out and measure its delta on --images "
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--convert", choices=CONVERSIONS, help="write this quantised model to --out instead of measuring")
+    action.add_argument("--judge", help="comma-separated conversions: write each to --out and measure its delta on --images "
                                    "(<name>.judged.{json,md})")
     p.add_argument("--sensitivity", type=Path, help="--convert mixed*: the sensitivity run whose ranking to use")
     p.add_argument("--float-ops", type=int, default=0, help="--convert mixed*: how many of the most sensitive ops stay float")
