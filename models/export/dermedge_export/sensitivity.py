@@ -279,10 +279,10 @@ def activation_bias_corrections(reference: bytes, quantised: bytes, calibration:
 
     flat = fb.read_model(bytearray(reference))
     subgraph = flat.subgraphs[0]
-    convs = [op for i, op in enumerate(subgraph.operators)
-             if i not in kept_float and (c := _conv_weights(flat, subgraph, op)) and c[2] is not None]
-    without_bias = sum(1 for i, op in enumerate(subgraph.operators)
-                       if i not in kept_float and (c := _conv_weights(flat, subgraph, op)) and c[2] is None)
+    every = [(op, c[2] is not None) for i, op in enumerate(subgraph.operators)
+             if i not in kept_float and (c := _conv_weights(flat, subgraph, op))]
+    convs = [op for op, has_bias in every if has_bias]
+    without_bias = len(every) - len(convs)
     names = [_tensor_name(subgraph.tensors[op.outputs[0]]) for op in convs]
     activation = {n: getattr(op.builtinOptions, "fusedActivationFunction", 0) for n, op in zip(names, convs)}
     other = {n: a for n, a in activation.items() if a not in (0, 1)}  # 0: NONE, 1: RELU
@@ -443,41 +443,6 @@ def _gptq(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return w
 
 
-def _moment(name: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Σ a bᵀ over the patches of one image: [1, d, d] for a convolution (one for every output
-    channel), [channels, kh·kw, kh·kw] for a depthwise one (one per channel)."""
-    if name == "CONV_2D":
-        a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-        return (a.T @ b)[None].astype(np.float64)
-    a, b = a.reshape(len(a), -1, a.shape[3]), b.reshape(len(b), -1, b.shape[3])  # [positions, kh·kw, channels]
-    return np.einsum("pkc,pjc->ckj", a, b).astype(np.float64)
-
-
-def _conv_patches(name: str, w: np.ndarray, a: np.ndarray, options, rng) -> np.ndarray:
-    """_patches, float32, with a depthwise input repeated for its depth multiplier."""
-    p = _patches(a, w.shape, options, rng).astype(np.float32)
-    return p if name == "CONV_2D" else np.repeat(p, w.shape[3] // p.shape[3], axis=3)
-
-
-def _rows(name: str, w: np.ndarray) -> np.ndarray:
-    """A convolution's weights as GPTQ's [groups, rows, d] (a depthwise one: a group per channel)."""
-    return w.reshape(1, w.shape[0], -1) if name == "CONV_2D" else w.reshape(-1, w.shape[3]).T[:, None, :]
-
-
-def _unrows(name: str, rows: np.ndarray, shape: tuple) -> np.ndarray:
-    return rows[0].reshape(shape) if name == "CONV_2D" else rows[:, 0, :].T.reshape(shape)
-
-
-def _rounded(name: str, rows: np.ndarray, hessian: np.ndarray, op, graph) -> np.ndarray:
-    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
-
-    try:
-        return _gptq(rows, hessian, np.abs(rows).max(2) / 127.0)
-    except np.linalg.LinAlgError as e:
-        raise ExportError(f"GPTQ: the input Hessian of {name} {fb.get_op_scope(op, graph.tensors)!r} "
-                          f"is not positive definite even damped ({e}); calibrate on more images") from e
-
-
 def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_float: set[int] = frozenset(),
                  seed: int = 0) -> bytes:
     """The float model with every convolution's weights already on its per-channel int8 grid
@@ -497,12 +462,29 @@ def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_f
     for interp in calibration_runs(model, calibration, threads):
         for n, (op, (name, w, _, _)) in enumerate(convs):
             a = interp.get_tensor(int(op.inputs[0]))
-            p = _conv_patches(name, w, a, op.builtinOptions, rng)
-            hessians[n] = hessians.get(n, 0.0) + _moment(name, p, p)
+            p = _patches(a, w.shape, op.builtinOptions, rng).astype(np.float32)
+            if name == "CONV_2D":
+                flat_p = p.reshape(len(p), -1)
+                update = (flat_p.T @ flat_p)[None]
+            else:
+                p = np.repeat(p, w.shape[3] // p.shape[3], axis=3)  # depth multiplier
+                flat_p = p.reshape(len(p), -1, p.shape[3])  # [positions, kh·kw, channels]
+                update = np.einsum("pkc,pjc->ckj", flat_p, flat_p)
+            hessians[n] = hessians.get(n, 0.0) + update.astype(np.float64)
             counts[n] = counts.get(n, 0) + len(p)
             means[n] = means.get(n, 0.0) + channel_mean(a)
     for n, (op, (name, w, b, axis)) in enumerate(convs):
-        new = _unrows(name, _rounded(name, _rows(name, w), hessians[n] / counts[n], op, graph), w.shape)
+        h = hessians[n] / counts[n]
+        if name == "CONV_2D":  # [out, kh, kw, in]: one Hessian for every output channel
+            rows = w.reshape(1, w.shape[0], -1)
+        else:  # [1, kh, kw, channels]: one Hessian per channel, one row each
+            rows = w.reshape(-1, w.shape[3]).T[:, None, :]
+        try:
+            rounded = _gptq(rows, h, np.abs(rows).max(2) / 127.0)
+        except np.linalg.LinAlgError as e:
+            raise ExportError(f"GPTQ: the input Hessian of {name} {fb.get_op_scope(op, graph.tensors)!r} "
+                              f"is not positive definite even damped ({e}); calibrate on more images") from e
+        new = rounded[0].reshape(w.shape) if name == "CONV_2D" else rounded[:, 0, :].T.reshape(w.shape)
         _set_constant(flat, op, 1, new)
         if b is not None:
             _set_constant(flat, op, 2, b - bias_shift(name, new - w, means[n] / len(calibration)))
