@@ -227,9 +227,31 @@ def _dequantised(interp, detail: dict) -> np.ndarray:
 ACTIVATION_CORRECTION_IMAGES = 8
 
 
+def _writable_constant(root, model: bytearray, tensor, what: str) -> np.ndarray:
+    """A writable uint8 view, inside `model`, of the constant buffer behind `tensor`."""
+    buffer = root.Buffers(tensor.Buffer())
+    # A large constant may sit after the flatbuffer, at an offset from the file's start.
+    data = buffer.DataAsNumpy() if buffer.Offset() <= 1 else np.frombuffer(model, np.uint8, buffer.Size(),
+                                                                           buffer.Offset())
+    if isinstance(data, int) or len(data) == 0:
+        raise ExportError(f"{what} is not a constant in the quantised graph")
+    return data
+
+
 def _quantised_biases(model: bytearray, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """For each op of a quantised model whose output is named in `names` and whose third input is
     an int32 bias: (a writable int32 view of that bias inside `model`, its per-channel scale)."""
+    found = _quantised_convolutions(model, names, "activation bias correction")
+    if unbiased := [n for n, c in found.items() if c["bias"] is None]:
+        raise ExportError(f"activation bias correction: {unbiased[:3]} have no bias in the quantised graph")
+    return {n: (c["bias"], c["bias_scale"]) for n, c in found.items()}
+
+
+def _quantised_convolutions(model: bytearray, names: list[str], purpose: str) -> dict[str, dict]:
+    """For each op of a quantised model whose output is named in `names`: its input tensor's
+    index, a writable int8 view of its weights inside `model` (the op's own layout) and their
+    per-channel scales, and a writable int32 view of its bias and the bias's scales (None where
+    it has none). Every constant must be the op's own: an edit must not reach another op."""
     from ai_edge_litert import schema_py_generated as schema
 
     root = schema.Model.GetRootAs(model, 0)
@@ -237,24 +259,32 @@ def _quantised_biases(model: bytearray, names: list[str]) -> dict[str, tuple[np.
     found, buffers = {}, set()
     for i in range(graph.OperatorsLength()):
         op = graph.Operators(i)
-        if op.OutputsLength() < 1 or op.InputsLength() < 3 or op.Inputs(2) < 0:
+        if op.OutputsLength() < 1 or op.InputsLength() < 2:
             continue
         name = graph.Tensors(op.Outputs(0)).Name().decode()
         if name not in names:
             continue
-        bias = graph.Tensors(op.Inputs(2))
-        buffer = root.Buffers(bias.Buffer())
-        # A large constant may sit after the flatbuffer, at an offset from the file's start.
-        data = buffer.DataAsNumpy() if buffer.Offset() <= 1 else np.frombuffer(model, np.uint8, buffer.Size(),
-                                                                               buffer.Offset())
-        if bias.Type() != schema.TensorType.INT32 or isinstance(data, int) or bias.Buffer() in buffers:
-            raise ExportError(f"activation bias correction: the bias of {name!r} in the quantised graph is not an "
-                              "int32 constant of its own")
-        buffers.add(bias.Buffer())
-        found[name] = (data.view(np.int32), bias.Quantization().ScaleAsNumpy().astype(np.float64))
+        weights = graph.Tensors(op.Inputs(1))
+        has_bias = op.InputsLength() > 2 and op.Inputs(2) >= 0
+        bias = graph.Tensors(op.Inputs(2)) if has_bias else None
+        if (weights.Type() != schema.TensorType.INT8 or (bias is not None and bias.Type() != schema.TensorType.INT32)
+                or weights.Buffer() in buffers or (bias is not None and bias.Buffer() in buffers)):
+            raise ExportError(f"{purpose}: the weights or bias of {name!r} in the quantised graph are not int8 / "
+                              "int32 constants of its own")
+        w = _writable_constant(root, model, weights, f"{purpose}: the weights of {name!r}").view(np.int8)
+        w = w.reshape(weights.ShapeAsNumpy())
+        buffers.add(weights.Buffer())
+        entry = {"input": op.Inputs(0), "weights": w,
+                 "weight_scale": weights.Quantization().ScaleAsNumpy().astype(np.float64),
+                 "weight_axis": weights.Quantization().QuantizedDimension(), "bias": None, "bias_scale": None}
+        if bias is not None:
+            buffers.add(bias.Buffer())
+            entry["bias"] = _writable_constant(root, model, bias, f"{purpose}: the bias of {name!r}").view(np.int32)
+            entry["bias_scale"] = bias.Quantization().ScaleAsNumpy().astype(np.float64)
+        found[name] = entry
     missing = [n for n in names if n not in found]
     if missing:
-        raise ExportError(f"activation bias correction: the convolutions {missing[:3]} are not in the quantised "
+        raise ExportError(f"{purpose}: the convolutions {missing[:3]} are not in the quantised "
                           "graph (did the quantizer rename their outputs?)")
     return found
 
@@ -412,14 +442,14 @@ def _patches(x: np.ndarray, shape: tuple, options, rng) -> np.ndarray:
     return x[ys[:, :, None], xs[:, None, :], :]
 
 
-def _gptq(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def _gptq(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, keep_top: bool = True) -> np.ndarray:
     """GPTQ (Frantar et al. 2023) on groups of rows sharing a Hessian: w [groups, rows, d],
     hessian [groups, d, d], scale [groups, rows]. Each column is rounded to the symmetric int8
     grid in turn and its error spread over the columns not yet rounded, weighted by the inverse
     Hessian, so the layer's output error E‖(W' − W)x‖² is what is minimised, not each weight's.
-    Each row's largest weight is rounded to exactly ±127 steps (its original value), so the
-    quantizer, which takes the scale from it, finds the same scale. Returns the rounded weights
-    (on the grid: integers × scale)."""
+    With `keep_top`, each row's largest weight is rounded to exactly ±127 steps (its original
+    value), so the quantizer, which takes the scale from it, finds the same scale. Returns the
+    rounded weights (on the grid: integers × scale)."""
     original = w.astype(np.float64)
     w = original.copy()
     d = w.shape[2]
@@ -436,7 +466,8 @@ def _gptq(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray) -> np.ndarray:
     s = np.where(scale > 0, scale, 1.0)
     for i in range(d):
         q = np.clip(np.round(w[:, :, i] / s), -127, 127) * s
-        q = np.where(top == i, original[:, :, i], q)  # the scale-setting weight: ±127 steps exactly
+        if keep_top:
+            q = np.where(top == i, original[:, :, i], q)  # the scale-setting weight: ±127 steps exactly
         error = (w[:, :, i] - q) / upper[:, i, i][:, None]
         w[:, :, i + 1:] -= error[:, :, None] * upper[:, None, i, i + 1:]
         w[:, :, i] = q
@@ -489,6 +520,114 @@ def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_f
         if b is not None:
             _set_constant(flat, op, 2, b - bias_shift(name, new - w, means[n] / len(calibration)))
     return bytes(fu.convert_object_to_bytearray(flat))
+
+
+ADAPTATION_IMAGES = 8
+ADAPTATION_RIDGE = GPTQ_DAMPING  # of the input covariance's mean diagonal: how firmly W* is held at W
+
+
+def _moments(a: np.ndarray, b: np.ndarray, depthwise: bool) -> tuple:
+    """Sums over positions for one image's patches `a` (quantised graph) and `b` (float graph):
+    Σa, Σb, ΣaᵀA, ΣaᵀB, per channel for a depthwise convolution ([positions, kh·kw, channels])."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    if depthwise:
+        return a.sum(0).T, b.sum(0).T, np.einsum("pkc,pjc->ckj", a, a), np.einsum("pkc,pjc->ckj", a, b)
+    return a.sum(0)[None], b.sum(0)[None], (a.T @ a)[None], (a.T @ b)[None]
+
+
+def adapted_weights(reference: bytes, quantised: bytes, calibration: np.ndarray, threads: int = 2,
+                    kept_float: set[int] = frozenset(), seed: int = 0, progress=None) -> tuple[bytes, dict]:
+    """Every convolution's int8 weights and bias refitted to the inputs it meets in the quantised
+    graph, one convolution after another in graph order (GPTQ with quantised inputs, as GPTAQ
+    and QDrop argue for): with x the float graph's input patches and x̂ the quantised graph's at
+    the same positions (every earlier convolution already refitted), the float weights W are
+    replaced by the least-squares W* = argmin E‖W*(x̂ − E x̂) − W(x − E x)‖² + λ‖W* − W‖² (λ GPTQ's
+    damping: where the inputs do not decide, W stays), W* is rounded by GPTQ on the quantised
+    inputs' covariance onto the weights' existing int8 grid, and the bias becomes
+    b + W·E x − W′·E x̂. So each convolution takes back what it can predict of the error its
+    inputs carry (a gain, a mean, a correlated part) instead of passing it on.
+
+    The edits are written into the quantised graph's int8 weights and int32 biases (their scales
+    and the activation ranges stay as calibrated); what comes back is that graph. Fused
+    activations are not modelled: the fit is on the convolution's linear output."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    flat = fb.read_model(bytearray(reference))
+    subgraph = flat.subgraphs[0]
+    convs = [(op, c) for i, op in enumerate(subgraph.operators)
+             if i not in kept_float and (c := _conv_weights(flat, subgraph, op))]
+    names = [_tensor_name(subgraph.tensors[op.outputs[0]]) for op, _ in convs]
+    model = bytearray(quantised)
+    slots = _quantised_convolutions(model, names, "weight adaptation")
+    # Every convolution's float input on every image, kept once (the float graph does not change).
+    float_inputs = [{n: interp.get_tensor(int(op.inputs[0])).copy() for n, (op, _) in zip(names, convs)}
+                    for interp in calibration_runs(reference, calibration, threads)]
+    started, moved = time.time(), []
+    for k, (n, (op, (kind, w, b, _))) in enumerate(zip(names, convs), 1):
+        slot, depthwise = slots[n], kind == "DEPTHWISE_CONV_2D"
+        if slot["weight_scale"].size > 1 and slot["weight_axis"] != (3 if depthwise else 0):
+            raise ExportError(f"weight adaptation: the weights of {n!r} are quantised along axis "
+                              f"{slot['weight_axis']}, not per output channel")
+        if slot["weights"].shape != w.shape:
+            raise ExportError(f"weight adaptation: the weights of {n!r} are {tuple(slot['weights'].shape)} in the "
+                              f"quantised graph and {w.shape} in the float one")
+        interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
+        run = interp.get_signature_runner(SIGNATURE)
+        input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
+        detail = next(d for d in interp.get_tensor_details() if d["index"] == slot["input"])
+        sums = None
+        for i, (x, floats) in enumerate(zip(calibration, float_inputs)):
+            run(**{input_name: x[None]})
+            # The same positions in both graphs: one seed per convolution and image.
+            q = _patches(_dequantised(interp, detail), w.shape, op.builtinOptions, np.random.default_rng([seed, k, i]))
+            f = _patches(floats[n], w.shape, op.builtinOptions, np.random.default_rng([seed, k, i]))
+            if depthwise:
+                q = np.repeat(q, w.shape[3] // q.shape[3], axis=3).reshape(len(q), -1, w.shape[3])
+                f = np.repeat(f, w.shape[3] // f.shape[3], axis=3).reshape(len(f), -1, w.shape[3])
+            else:
+                q, f = q.reshape(len(q), -1), f.reshape(len(f), -1)
+            m = _moments(q, f, depthwise)
+            sums = m if sums is None else tuple(s + t for s, t in zip(sums, m))
+            count = len(q) * (i + 1)
+        mean_q, mean_f = sums[0] / count, sums[1] / count  # [groups, d]
+        cov_qq = sums[2] / count - mean_q[:, :, None] * mean_q[:, None, :]
+        cov_qf = sums[3] / count - mean_q[:, :, None] * mean_f[:, None, :]
+        # rows [groups, rows, d]: one group of every output channel, or one per depthwise channel.
+        rows = (w.reshape(-1, w.shape[3]).T[:, None, :] if depthwise else w.reshape(1, w.shape[0], -1)).astype(np.float64)
+        ridge = ADAPTATION_RIDGE * np.maximum(np.diagonal(cov_qq, axis1=1, axis2=2).mean(1), 1e-12)
+        eye = np.eye(rows.shape[2])
+        # W*ᵀ = (Σq̂q̂ + λI)⁻¹ (Σq̂x Wᵀ + λ Wᵀ), per group
+        target = np.linalg.solve(cov_qq + ridge[:, None, None] * eye,
+                                 cov_qf @ rows.transpose(0, 2, 1) + ridge[:, None, None] * rows.transpose(0, 2, 1))
+        fitted = target.transpose(0, 2, 1)
+        scale = np.broadcast_to(slot["weight_scale"], (w.shape[0] if not depthwise else w.shape[3],)).copy()
+        scale = scale.reshape(1, -1) if not depthwise else scale.reshape(-1, 1)
+        if not (np.all(np.isfinite(fitted)) and np.all(scale > 0)):
+            raise ExportError(f"weight adaptation: the refit of {n!r} is not finite (or its weight scale is zero); "
+                              "nothing was written")
+        try:
+            rounded = _gptq(fitted, cov_qq, scale, keep_top=False)
+        except np.linalg.LinAlgError as e:
+            raise ExportError(f"weight adaptation: the quantised input covariance of {n!r} is not positive definite "
+                              f"even damped ({e}); calibrate on more images") from e
+        steps = np.clip(np.round(rounded / scale[:, :, None]), -127, 127)
+        new = steps[0].reshape(w.shape) if not depthwise else steps[:, 0, :].T.reshape(w.shape)
+        slot["weights"][...] = new.astype(np.int8)
+        moved.append(float(np.abs(new - np.clip(np.round(w / (scale[0].reshape(-1, 1, 1, 1) if not depthwise
+                                                              else scale[:, 0])), -127, 127)).mean()))
+        if slot["bias"] is not None:
+            deq = steps * scale[:, :, None]  # [groups, rows, d]
+            # b' = b + W·E x − W'·E x̂, per output channel
+            shift = (np.einsum("grd,gd->gr", rows, mean_f) - np.einsum("grd,gd->gr", deq, mean_q))
+            shift = shift[0] if not depthwise else shift[:, 0]
+            bias = (0.0 if b is None else b.astype(np.float64)) + shift
+            info = np.iinfo(np.int32)
+            slot["bias"][:] = np.clip(np.round(bias / slot["bias_scale"]), info.min, info.max).astype(np.int32)
+        if progress is not None and (k % 10 == 0 or k == len(names)):
+            progress(f"  weight adaptation: {k}/{len(names)} convolutions ({time.time() - started:.0f} s)")
+    return bytes(model), {"adapted_convolutions": len(names), "adaptation_images": len(calibration),
+                          "adaptation_mean_steps_moved": float(np.mean(moved)) if moved else 0.0}
 
 
 EQUALISATION_MODES = ("weights", "activations")
@@ -864,6 +1003,7 @@ class Conversion:
     mixed: bool = False  # keep a sensitivity run's k most sensitive ops float
     weights_only: bool = False  # int8 weights dequantised at load, float activations and arithmetic
     activation_correction: bool = False  # biases corrected for the quantised graph's measured output error
+    adapted: bool = False  # weights and biases refitted, one convolution after another, to the quantised graph's inputs
 
     def __post_init__(self):
         if self.activation_bits not in (8, 16):
@@ -874,10 +1014,12 @@ class Conversion:
             raise ValueError(f"weights: one of {WEIGHT_ROUNDINGS}, not {self.weights!r}")
         if self.ranges not in RANGES:
             raise ValueError(f"ranges: one of {RANGES}, not {self.ranges!r}")
-        if self.activation_correction and self.activation_bits != 8:
-            raise ValueError("activation_correction edits int32 biases: int8 activations only")
+        if (self.activation_correction or self.adapted) and self.activation_bits != 8:
+            raise ValueError("activation_correction and adapted edit int32 biases: int8 activations only")
+        if self.activation_correction and self.adapted:
+            raise ValueError("adapted refits the biases itself: not with activation_correction")
         if self.weights_only and (self.mixed or self.ranges != "minmax" or self.activation_bits != 8
-                                  or self.activation_correction):
+                                  or self.activation_correction or self.adapted):
             raise ValueError("weights_only quantises no activation: no mixed ops, ranges, activation bits "
                              "or activation correction")
 
@@ -890,6 +1032,7 @@ CONVERSIONS = {
     "int8-gptq-mse": Conversion(weights="gptq", ranges="mse"),
     "int8-activation-corrected-mse": Conversion(weights="bias-corrected", ranges="mse", activation_correction=True),
     "int8-gptq-activation-corrected-mse": Conversion(weights="gptq", ranges="mse", activation_correction=True),
+    "int8-adapted-mse": Conversion(weights="gptq", ranges="mse", adapted=True),
     "int8-weights-gptq": Conversion(weights="gptq", weights_only=True),
     "a16w8": Conversion(activation_bits=16),
     "mixed": Conversion(weights="bias-corrected", mixed=True),
@@ -968,6 +1111,10 @@ def converted(model_path: Path, calibration: Path, conversion: str, sensitivity:
                                                             threads, kept_float)
             data = quantiser.all_but(kept, with_bias_shifts(graph, shifts))  # the ranges stay as calibrated
             done |= corrected
+        if spec.adapted:
+            data, adapted = adapted_weights(float_graph, data, spread(cal, ADAPTATION_IMAGES), threads, kept_float,
+                                            progress=lambda line: print(line, file=sys.stderr, flush=True))
+            done |= adapted
         done["ranges"] = spec.ranges
     if kept:
         done |= {"float_ops": float_ops, "sensitivity": str(sensitivity), "kept_float": [op.scope for op in kept]}

@@ -281,6 +281,45 @@ class OnTheFixture(unittest.TestCase):
         with self.assertRaisesRegex(ExportError, "has fused activation 3"):
             S.activation_bias_corrections(bytes(fu.convert_object_to_bytearray(relu6)), quantised, cal[:1])
 
+    def test_adaptation_changes_only_weights_and_biases_and_fits_what_it_measured(self):
+        from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+        cal, _ = S.load_inputs(self.cal)
+        quantised = S.Quantiser(self.model, cal, S.Runner(self.model).input, 8, ranges="mse").all_but([])
+        adapted, done = S.adapted_weights(self.model, quantised, cal)
+        flat = fb.read_model(bytearray(self.model))
+        convs = [op for op in flat.subgraphs[0].operators if S._conv_weights(flat, flat.subgraphs[0], op)]
+        self.assertEqual(done["adapted_convolutions"], len(convs))
+        self.assertGreater(done["adaptation_mean_steps_moved"], 0.0)
+        # Same file layout; only the convolutions' int8 weights and int32 biases differ (scales and
+        # activation ranges stay as calibrated).
+        before, after = fb.read_model(bytearray(quantised)), fb.read_model(bytearray(adapted))
+        g0, g1 = before.subgraphs[0], after.subgraphs[0]
+        edited = {int(i) for op in g0.operators if len(op.inputs) > 2 for i in op.inputs[1:3]
+                  if S._tensor_name(g0.tensors[op.outputs[0]]) in {S._tensor_name(flat.subgraphs[0].tensors[c.outputs[0]])
+                                                                   for c in convs}}
+        changed = set()
+        for i, (t0, t1) in enumerate(zip(g0.tensors, g1.tensors)):
+            q0, q1 = t0.quantization, t1.quantization
+            if q0 is not None:
+                np.testing.assert_array_equal(q0.scale, q1.scale, err_msg=S._tensor_name(t0))
+                np.testing.assert_array_equal(q0.zeroPoint, q1.zeroPoint, err_msg=S._tensor_name(t0))
+            d0, d1 = before.buffers[t0.buffer].data, after.buffers[t1.buffer].data
+            if d0 is not None and len(d0) and not np.array_equal(d0, d1):
+                changed.add(i)
+        self.assertTrue(changed, "nothing was refitted")
+        self.assertLessEqual(changed, edited, "a constant other than a convolution's weights or bias changed")
+        # Fitted on these images, it is closer to float on them than the graph it started from.
+        reference = S.Runner(self.model).embed(cal)
+        error = {name: float(np.linalg.norm(S.Runner(g).embed(cal) - reference)) for name, g in
+                 (("before", quantised), ("after", adapted))}
+        self.assertLess(error["after"], 0.95 * error["before"], error)
+        # A quantised graph whose names differ, or whose weights are not int8, is refused by name.
+        with self.assertRaisesRegex(ExportError, "weight adaptation: the convolutions .* are not in the quantised graph"):
+            S.adapted_weights(self.model, renamed(quantised), cal[:1])
+        with self.assertRaisesRegex(ExportError, "weight adaptation: the weights or bias of .* are not int8"):
+            S.adapted_weights(self.model, S.weights_only(self.model), cal[:1])
+
     def test_mixed_keeps_the_ranked_ops_float_and_refuses_another_models_ranking(self):
         ops = S.quantisable_ops(self.model)
         ranking = Path(self.dir.name) / "df-mini.sensitivity.json"
@@ -368,6 +407,8 @@ class OnTheFixture(unittest.TestCase):
                 if spec.activation_correction:
                     self.assertGreater(done["activation_correction_convolutions"], 0, done)
                     self.assertEqual(done["activation_correction_images"], 2, done)
+                if spec.adapted:
+                    self.assertEqual(done["adaptation_images"], 2, done)
                 runner = S.Runner(out.read_bytes())
                 self.assertEqual((runner.input_detail["dtype"], runner.output_detail["dtype"]), (np.float32, np.float32))
                 candidate = runner.embed(xs)
@@ -385,6 +426,8 @@ class OnTheFixture(unittest.TestCase):
             S.Conversion(weights="gtpq")
         with self.assertRaisesRegex(ValueError, "int8 activations only"):
             S.Conversion(activation_bits=16, activation_correction=True)
+        with self.assertRaisesRegex(ValueError, "not with activation_correction"):
+            S.Conversion(adapted=True, activation_correction=True)
 
     def test_patches_times_the_weights_are_the_convolutions_outputs(self):
         """GPTQ's Hessians are built from `_patches`: their layout, padding and strides must be the
