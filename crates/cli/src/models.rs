@@ -32,7 +32,10 @@ struct RegistryModel {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RegistryFile {
+    /// The file's size (the same on every CPU family: only the last bits of weights differ).
+    bytes: Option<u64>,
     sha256: Option<RecordedBuilds>,
 }
 
@@ -141,19 +144,27 @@ fn verify(
         .map(|(name, spec)| {
             let path = dir.join(name);
             // Only a regular file is hashed: a FIFO or a device there could block or never end.
-            let status = match std::fs::metadata(&path).map(|m| m.is_file()) {
+            let status = match std::fs::metadata(&path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("not built".to_string()),
                 Err(e) => Err(format!("cannot read: {e}")),
-                Ok(false) => Err("not a regular file".to_string()),
-                Ok(true) => match file_sha256(&path) {
+                Ok(m) if !m.is_file() => Err("not a regular file".to_string()),
+                Ok(m) => match file_sha256(&path) {
                     Err(e) => Err(format!("cannot read: {e}")),
-                    Ok(sha) => match &spec.sha256 {
-                        Some(recorded) if !recorded.matches(&sha) => Err(format!(
-                            "sha256 {sha}, registry records {}",
-                            recorded.describe()
-                        )),
-                        _ => Ok(sha),
-                    },
+                    // The digest decides; the size names what a mismatch is (a truncated copy,
+                    // say) and checks a file that has no digest recorded.
+                    Ok(sha) => {
+                        let recorded = spec.sha256.as_ref();
+                        let matches = recorded.is_some_and(|r| r.matches(&sha));
+                        match (spec.bytes, recorded) {
+                            (Some(size), _) if size != m.len() && !matches => {
+                                Err(format!("{} bytes, registry records {size}", m.len()))
+                            }
+                            (_, Some(r)) if !matches => {
+                                Err(format!("sha256 {sha}, registry records {}", r.describe()))
+                            }
+                            _ => Ok(sha),
+                        }
+                    }
                 },
             };
             (name.clone(), status)
@@ -310,6 +321,24 @@ mod tests {
             ))
         );
         assert_eq!(status["gone.tflite"], Err("not built".to_string()));
+        // The size checks a file without a digest and names what a digest mismatch is; the
+        // digest decides.
+        for files in [
+            "\"m.tflite\" = { bytes = 6 }".to_string(),
+            format!("\"m.tflite\" = {{ bytes = 6, sha256 = \"{other}\" }}"),
+        ] {
+            let status = verify(dir.path(), &registry(&files));
+            assert_eq!(
+                status["m.tflite"],
+                Err("5 bytes, registry records 6".to_string()),
+                "{files}"
+            );
+        }
+        let files = format!("\"m.tflite\" = {{ bytes = 6, sha256 = \"{sha}\" }}");
+        assert_eq!(
+            verify(dir.path(), &registry(&files))["m.tflite"],
+            Ok(sha.clone())
+        );
         std::fs::create_dir(dir.path().join("dir.tflite")).unwrap();
         let status = verify(dir.path(), &registry("\"dir.tflite\" = { bytes = 5 }"));
         assert_eq!(status["dir.tflite"], Err("not a regular file".to_string()));
@@ -345,6 +374,14 @@ mod tests {
             (
                 "\"m.tflite\" = { sha256 = 7 }".to_string(),
                 "a sha256 hex digest or a table of machine = sha256 hex digest",
+            ),
+            (
+                format!("\"m.tflite\" = {{ sha265 = \"{digest}\" }}"),
+                "unknown field `sha265`",
+            ),
+            (
+                "\"m.tflite\" = { bytes = -5 }".to_string(),
+                "invalid value: integer `-5`",
             ),
         ] {
             let message = check(&files);

@@ -18,6 +18,7 @@ from .options import ROOT, ExportOptions
 REGISTRY = ROOT / "models" / "models.toml"
 # A model table's own keys; every other key in it is an export option (options.ExportOptions).
 MODEL_KEYS = ("description", "standin", "ci", "files")
+FILE_KEYS = ("bytes", "sha256")
 
 
 def load_registry() -> dict:
@@ -33,6 +34,8 @@ def recorded_digests(name: str, spec: dict) -> dict[str, str]:
     if not isinstance(spec, dict):
         raise ExportError(f"{REGISTRY}: file {name!r}: expected a table such as {{ sha256 = \"<hex>\" }}, "
                           f"not {spec!r}")
+    if unknown := sorted(set(spec) - set(FILE_KEYS)):
+        raise ExportError(f"{REGISTRY}: file {name!r}: unknown key {unknown[0]!r} (expected {', '.join(FILE_KEYS)})")
     value = spec.get("sha256")
     if value is None:
         return {}
@@ -69,9 +72,19 @@ def verified(directory: Path, files: dict) -> tuple[bool, list[str]]:
     for name, spec in files.items():
         path = directory / name
         digests = recorded_digests(name, spec)
+        size = spec.get("bytes")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise ExportError(f"{REGISTRY}: file {name!r}: bytes must be a size in bytes, not {size!r}")
         if not path.is_file():
             problems.append(f"{name}: missing")
-        elif digests and (digest := sha256(path)) not in digests.values():
+            continue
+        # The digest decides; the size names what a mismatch is (a truncated copy, say) and checks
+        # a file that has no digest recorded.
+        digest = sha256(path) if digests else None
+        actual = path.stat().st_size
+        if size is not None and actual != size and digest not in digests.values():
+            problems.append(f"{name}: {actual} bytes, the registry records {size}")
+        elif digests and digest not in digests.values():
             recorded = ", ".join(f"{machine} {d}" for machine, d in digests.items())
             problems.append(f"{name}: sha256 {digest} matches no recorded build ({recorded}); built on {this_cpu()}")
     return not problems, problems

@@ -200,6 +200,18 @@ class Registry(unittest.TestCase):
             with self.assertRaises(ExportError) as caught:
                 registry.verified(directory, {"m.tflite": digest})
             self.assertIn("'m.tflite': expected a table", str(caught.exception))
+            # The size checks a file without a digest, and names what a digest mismatch is; the digest decides.
+            for files in ({"m.tflite": {"bytes": 6}}, {"m.tflite": {"bytes": 6, "sha256": other}}):
+                self.assertEqual(registry.verified(directory, files),
+                                 (False, ["m.tflite: 5 bytes, the registry records 6"]), files)
+            self.assertEqual(registry.verified(directory, {"m.tflite": {"bytes": 6, "sha256": digest}}), (True, []))
+            for bad in (-5, "5", 5.0, True):
+                with self.assertRaises(ExportError) as caught:
+                    registry.verified(directory, {"m.tflite": {"bytes": bad}})
+                self.assertIn("'m.tflite': bytes must be a size in bytes", str(caught.exception))
+            with self.assertRaises(ExportError) as caught:
+                registry.verified(directory, {"m.tflite": {"sha265": digest}})
+            self.assertIn("'m.tflite': unknown key 'sha265'", str(caught.exception))
 
 
 if __name__ == "__main__":
