@@ -18,6 +18,8 @@ use serde_json::Value;
 
 /// fp32 TFLite through Rust preprocessing vs the SavedModel serving path on PNG bytes.
 const FP32_VS_SAVEDMODEL_MIN_COSINE: f64 = 0.9999;
+/// Every how many evaluation images the int8 export embeds (16 of lesion-x448's 112).
+const INT8_SAMPLE_STEP: usize = 7;
 
 fn required() -> Vec<String> {
     std::env::var("DERMEDGE_REQUIRE_MODELS")
@@ -58,6 +60,9 @@ fn exported_models_reproduce_their_savedmodel_through_rust_preprocessing() {
         assert_eq!(reference.len(), images.len());
         let tmp = tempfile::tempdir().unwrap();
         let mut outputs = Vec::new();
+        // fp32 on every image (it must reproduce the SavedModel); int8 on a spread sample, only
+        // to show it runs and points the same way (its fidelity is the fidelity suite's).
+        let int8_images: Vec<&String> = images.iter().step_by(INT8_SAMPLE_STEP).collect();
         for precision in ["fp32", "int8"] {
             let manifest = dir.join(format!("{name}.{precision}.toml"));
             let info = dermedge(&[
@@ -82,7 +87,11 @@ fn exported_models_reproduce_their_savedmodel_through_rust_preprocessing() {
                 "--out",
                 out.to_str().unwrap(),
             ];
-            args.extend(images.iter().map(String::as_str));
+            if precision == "fp32" {
+                args.extend(images.iter().map(String::as_str));
+            } else {
+                args.extend(int8_images.iter().map(|s| s.as_str()));
+            }
             let run = dermedge(&args);
             assert!(
                 run.status.success(),
@@ -105,13 +114,18 @@ fn exported_models_reproduce_their_savedmodel_through_rust_preprocessing() {
                 "{name}: {image}: fp32 TFLite (Rust preprocessing) vs SavedModel cosine {c}"
             );
         }
-        let mut cos: Vec<f64> = fp32.iter().zip(int8).map(|(a, b)| cosine(a, b)).collect();
+        assert_eq!(int8.len(), int8_images.len(), "{name}: int8 embeddings");
+        let mut cos: Vec<f64> = fp32
+            .iter()
+            .step_by(INT8_SAMPLE_STEP)
+            .zip(int8)
+            .map(|(a, b)| cosine(a, b))
+            .collect();
         cos.sort_by(f64::total_cmp);
         eprintln!(
-            "{name} ({dim}-d): int8 vs fp32 cosine over {} evaluation images: min {:.4}, p1 {:.4}, median {:.4}",
+            "{name} ({dim}-d): int8 vs fp32 cosine over {} of the evaluation images: min {:.4}, median {:.4}",
             cos.len(),
             cos[0],
-            percentile(&cos, 0.01),
             percentile(&cos, 0.5)
         );
         assert!(
