@@ -25,7 +25,8 @@ RECIPE_NAMES = ("int8-plain", "int8-integer-groupnorm", "ablation-conv", "ablati
                 "int8-calibration-x4-affine", "int8-selective-5", "int8-selective-20", "dynamic-range-int8", "fp16",
                 "int16x8", "aeq-int8", "aeq-int8-bias-corrected", "aeq-int8-bias-corrected-affine",
                 "aeq-int8-bias-corrected-mse", "aeq-int8-cle-bias-corrected-mse", "aeq-int8-gptq-mse",
-                "aeq-int8-activation-corrected-mse", "aeq-int8-gptq-activation-corrected-mse", "aeq-int8-weights-gptq",
+                "aeq-int8-activation-corrected-mse", "aeq-int8-gptq-activation-corrected-mse", "aeq-int8-adapted-mse",
+                "aeq-int8-weights-gptq",
                 "aeq-mixed-8",
                 "aeq-mixed-32", "aeq-mixed-gptq-mse-8", "aeq-mixed-gptq-mse-32", "aeq-a16w8")
 

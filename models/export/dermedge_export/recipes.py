@@ -363,6 +363,11 @@ def aeq_recipes(ctx: Context) -> list[Recipe]:
         Recipe("aeq-int8-gptq-activation-corrected-mse", "int8",
                "aeq-int8-gptq-mse with the empirical bias correction of aeq-int8-activation-corrected-mse",
                lambda: _quantizer(ctx, "int8-gptq-activation-corrected-mse")),
+        Recipe("aeq-int8-adapted-mse", "int8",
+               "aeq-int8-gptq-mse, then every convolution's weights and bias refitted to the inputs it meets in the "
+               "quantised graph (least squares against float's output, held at the float weights by a ridge, "
+               "rounded by GPTQ on the quantised inputs; 8 calibration images), one convolution after another",
+               lambda: _quantizer(ctx, "int8-adapted-mse")),
         Recipe("aeq-int8-weights-gptq", "dynamic-int8",
                "int8 weights rounded by GPTQ and bias-corrected, dequantised to float32 at load; float "
                "activations and arithmetic (fp32's speed, or fp16 arithmetic's with cpu_arithmetic = \"fp16\"), "

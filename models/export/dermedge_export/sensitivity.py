@@ -523,7 +523,7 @@ def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_f
 
 
 ADAPTATION_IMAGES = 8
-ADAPTATION_RIDGE = GPTQ_DAMPING  # of the input covariance's mean diagonal: how firmly W* is held at W
+ADAPTATION_RIDGE = 1.0  # × the input covariance's mean diagonal: how firmly W* is held at W (docs/QUANTISATION.md)
 
 
 def _moments(a: np.ndarray, b: np.ndarray, depthwise: bool) -> tuple:
@@ -541,11 +541,12 @@ def adapted_weights(reference: bytes, quantised: bytes, calibration: np.ndarray,
     graph, one convolution after another in graph order (GPTQ with quantised inputs, as GPTAQ
     and QDrop argue for): with x the float graph's input patches and x̂ the quantised graph's at
     the same positions (every earlier convolution already refitted), the float weights W are
-    replaced by the least-squares W* = argmin E‖W*(x̂ − E x̂) − W(x − E x)‖² + λ‖W* − W‖² (λ GPTQ's
-    damping: where the inputs do not decide, W stays), W* is rounded by GPTQ on the quantised
-    inputs' covariance onto the weights' existing int8 grid, and the bias becomes
-    b + W·E x − W′·E x̂. So each convolution takes back what it can predict of the error its
-    inputs carry (a gain, a mean, a correlated part) instead of passing it on.
+    replaced by the least-squares W* = argmin E‖W*(x̂ − E x̂) − W(x − E x)‖² + λ‖W* − W‖² (λ
+    ADAPTATION_RIDGE times the covariance's mean diagonal: where a few images cannot decide, W
+    stays; a late convolution has more inputs than 8 images have positions), W* is rounded by
+    GPTQ on the quantised inputs' covariance onto the weights' existing int8 grid, and the bias
+    becomes b + W·E x − W′·E x̂. So each convolution takes back what it can predict of the error
+    its inputs carry (a gain, a mean, a correlated part) instead of passing it on.
 
     The edits are written into the quantised graph's int8 weights and int32 biases (their scales
     and the activation ranges stay as calibrated); what comes back is that graph. Fused
