@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=448)
     p.add_argument("--calibration-record", type=Path,
                    help="an export's <name>.calibration.json: exactly the images it calibrated on")
+    p.add_argument("--textures", type=int, default=0,
+                   help="also this many single-patch textures made from the images' mosaics (a quadrant tiled 2x2)")
     p.add_argument("--out", required=True, type=Path)
 
     p = sub.add_parser("build", help="build a registry model (models/models.toml) into the cache")
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
         elif args.command == "inputs":
             from . import export
             n = export.write_inputs(args.manifest, args.out, images=args.images, count=args.count, seed=args.seed,
-                                    calibration_record=args.calibration_record)
+                                    calibration_record=args.calibration_record, textures=args.textures)
             print(f"wrote {n} preprocessed inputs to {args.out}")
         elif args.command == "build":
             registry.build(args.name, args.cache)

@@ -308,9 +308,32 @@ def list_images(directory: Path, what: str) -> list[Path]:
 
 def model_input(path: Path, pre: Preprocessing) -> np.ndarray:
     """What dermedge's Rust preprocessing computes, in TensorFlow: decode, bilinear resize, affine."""
-    img = tf.io.decode_image(path.read_bytes(), channels=3, expand_animations=False)
-    img = tf.image.resize(img, [pre.height, pre.width], method="bilinear", antialias=False)
+    return pixels_input(tf.io.decode_image(path.read_bytes(), channels=3, expand_animations=False), pre)
+
+
+def pixels_input(pixels, pre: Preprocessing) -> np.ndarray:
+    """`model_input` after decoding: bilinear resize, affine."""
+    img = tf.image.resize(pixels, [pre.height, pre.width], method="bilinear", antialias=False)
     return (img.numpy() * np.float32(pre.scale) + np.float32(pre.offset))[None].astype(np.float32)
+
+
+def mosaic_textures(files: list[Path], count: int) -> list[tuple[str, np.ndarray]]:
+    """`count` single-patch textures made from the mosaics among `files` (evenly spread over them):
+    one quadrant of a mosaic (one patch tiled 7x7) tiled 2x2, the top-left and bottom-right
+    quadrants in turn — what evaluation-wide's textures are, from calibration sources only."""
+    from PIL import Image
+
+    mosaics = [f for f in files if f.name.startswith("mosaic")]
+    if len(mosaics) < count:
+        raise ExportError(f"inputs: --textures {count} needs as many mosaics among the images; there are {len(mosaics)}")
+    out = []
+    for k, i in enumerate(np.linspace(0, len(mosaics) - 1, count).round().astype(int)):
+        with Image.open(mosaics[i]) as img:
+            px = np.asarray(img.convert("RGB"))
+        h, w = px.shape[0] // 2, px.shape[1] // 2
+        quadrant = px[:h, :w] if k % 2 == 0 else px[h:2 * h, w:2 * w]
+        out.append((f"texture-of-{mosaics[i].name}", np.tile(quadrant, (2, 2, 1))))
+    return out
 
 
 def manifest_preprocessing(manifest: Path) -> Preprocessing:
@@ -327,10 +350,11 @@ def manifest_preprocessing(manifest: Path) -> Preprocessing:
 
 
 def write_inputs(manifest: Path, out: Path, images: Path | None = None, count: int | None = None, seed: int = 448,
-                 calibration_record: Path | None = None) -> int:
+                 calibration_record: Path | None = None, textures: int = 0) -> int:
     """Preprocess images for the manifest's model into `out` (.npz: float32 `inputs` [n, h, w, c],
     `names`): a directory (all, or a stratified seeded sample of `count`), or exactly the images an
-    export calibrated on (its `<name>.calibration.json`)."""
+    export calibrated on (its `<name>.calibration.json`); then `textures` single-patch textures
+    made from their mosaics (`mosaic_textures`)."""
     pre = manifest_preprocessing(manifest)
     if (images is None) == (calibration_record is None):
         raise ExportError("inputs: give either an image directory or a calibration record, not both or neither")
@@ -353,11 +377,14 @@ def write_inputs(manifest: Path, out: Path, images: Path | None = None, count: i
             files, _ = stratified_sample(files, count, seed)
     if not files:
         raise ExportError(f"inputs: {calibration_record or images} names no images")
-    inputs = np.concatenate([model_input(f, pre) for f in files])
+    if textures < 0:
+        raise ExportError(f"inputs: --textures must be 0 or more, not {textures}")
+    made = mosaic_textures(files, textures) if textures else []
+    inputs = np.concatenate([model_input(f, pre) for f in files] + [pixels_input(px, pre) for _, px in made])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, inputs=inputs, names=np.array([f.name for f in files]))
-    return len(files)
+    np.savez(out, inputs=inputs, names=np.array([f.name for f in files] + [name for name, _ in made]))
+    return len(inputs)
 
 
 def serialized_example(path: Path) -> bytes:
