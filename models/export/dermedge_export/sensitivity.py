@@ -254,9 +254,17 @@ def _quantised_convolutions(model: bytearray, names: list[str], purpose: str) ->
     it has none). Every constant must be the op's own: an edit must not reach another op."""
     from ai_edge_litert import schema_py_generated as schema
 
+    from collections import Counter
+
     root = schema.Model.GetRootAs(model, 0)
     graph = root.Subgraphs(0)
-    found, buffers = {}, set()
+    # Who else holds a constant: tensors on its buffer (every subgraph), ops reading its tensor.
+    owners = Counter(root.Subgraphs(g).Tensors(t).Buffer() for g in range(root.SubgraphsLength())
+                     for t in range(root.Subgraphs(g).TensorsLength()))
+    readers = Counter(graph.Operators(i).Inputs(j) for i in range(graph.OperatorsLength())
+                      for j in range(graph.Operators(i).InputsLength()))
+    convolutions = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D)
+    found = {}
     for i in range(graph.OperatorsLength()):
         op = graph.Operators(i)
         if op.OutputsLength() < 1 or op.InputsLength() < 2:
@@ -264,21 +272,21 @@ def _quantised_convolutions(model: bytearray, names: list[str], purpose: str) ->
         name = graph.Tensors(op.Outputs(0)).Name().decode()
         if name not in names:
             continue
-        weights = graph.Tensors(op.Inputs(1))
-        has_bias = op.InputsLength() > 2 and op.Inputs(2) >= 0
-        bias = graph.Tensors(op.Inputs(2)) if has_bias else None
+        code = root.OperatorCodes(op.OpcodeIndex())
+        if max(code.BuiltinCode(), code.DeprecatedBuiltinCode()) not in convolutions:
+            raise ExportError(f"{purpose}: {name!r} is not the output of a convolution in the quantised graph")
+        slots = [op.Inputs(1)] + ([op.Inputs(2)] if op.InputsLength() > 2 and op.Inputs(2) >= 0 else [])
+        weights, bias = graph.Tensors(slots[0]), (graph.Tensors(slots[1]) if len(slots) > 1 else None)
         if (weights.Type() != schema.TensorType.INT8 or (bias is not None and bias.Type() != schema.TensorType.INT32)
-                or weights.Buffer() in buffers or (bias is not None and bias.Buffer() in buffers)):
+                or any(readers[t] > 1 or owners[graph.Tensors(t).Buffer()] > 1 for t in slots)):
             raise ExportError(f"{purpose}: the weights or bias of {name!r} in the quantised graph are not int8 / "
                               "int32 constants of its own")
         w = _writable_constant(root, model, weights, f"{purpose}: the weights of {name!r}").view(np.int8)
         w = w.reshape(weights.ShapeAsNumpy())
-        buffers.add(weights.Buffer())
         entry = {"input": op.Inputs(0), "weights": w,
                  "weight_scale": weights.Quantization().ScaleAsNumpy().astype(np.float64),
                  "weight_axis": weights.Quantization().QuantizedDimension(), "bias": None, "bias_scale": None}
         if bias is not None:
-            buffers.add(bias.Buffer())
             entry["bias"] = _writable_constant(root, model, bias, f"{purpose}: the bias of {name!r}").view(np.int32)
             entry["bias_scale"] = bias.Quantization().ScaleAsNumpy().astype(np.float64)
         found[name] = entry
@@ -576,7 +584,9 @@ def adapted_weights(reference: bytes, quantised: bytes, calibration: np.ndarray,
         interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
         run = interp.get_signature_runner(SIGNATURE)
         input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
-        detail = next(d for d in interp.get_tensor_details() if d["index"] == slot["input"])
+        detail = next((d for d in interp.get_tensor_details() if d["index"] == slot["input"]), None)
+        if detail is None:
+            raise ExportError(f"weight adaptation: the input of {n!r} is not a tensor of the quantised graph")
         sums = None
         for i, (x, floats) in enumerate(zip(calibration, float_inputs)):
             run(**{input_name: x[None]})
@@ -602,7 +612,11 @@ def adapted_weights(reference: bytes, quantised: bytes, calibration: np.ndarray,
         target = np.linalg.solve(cov_qq + ridge[:, None, None] * eye,
                                  cov_qf @ rows.transpose(0, 2, 1) + ridge[:, None, None] * rows.transpose(0, 2, 1))
         fitted = target.transpose(0, 2, 1)
-        scale = np.broadcast_to(slot["weight_scale"], (w.shape[0] if not depthwise else w.shape[3],)).copy()
+        channels = w.shape[3] if depthwise else w.shape[0]
+        if slot["weight_scale"].size not in (1, channels):
+            raise ExportError(f"weight adaptation: the weights of {n!r} have {slot['weight_scale'].size} scales for "
+                              f"{channels} output channels")
+        scale = np.broadcast_to(slot["weight_scale"], (channels,)).copy()
         scale = scale.reshape(1, -1) if not depthwise else scale.reshape(-1, 1)
         if not (np.all(np.isfinite(fitted)) and np.all(scale > 0)):
             raise ExportError(f"weight adaptation: the refit of {n!r} is not finite (or its weight scale is zero); "
@@ -614,9 +628,8 @@ def adapted_weights(reference: bytes, quantised: bytes, calibration: np.ndarray,
                               f"even damped ({e}); calibrate on more images") from e
         steps = np.clip(np.round(rounded / scale[:, :, None]), -127, 127)
         new = steps[0].reshape(w.shape) if not depthwise else steps[:, 0, :].T.reshape(w.shape)
+        moved.append(float(np.abs(new - slot["weights"].astype(np.float64)).mean()))
         slot["weights"][...] = new.astype(np.int8)
-        moved.append(float(np.abs(new - np.clip(np.round(w / (scale[0].reshape(-1, 1, 1, 1) if not depthwise
-                                                              else scale[:, 0])), -127, 127)).mean()))
         if slot["bias"] is not None:
             deq = steps * scale[:, :, None]  # [groups, rows, d]
             # b' = b + W·E x − W'·E x̂, per output channel

@@ -319,6 +319,21 @@ class OnTheFixture(unittest.TestCase):
             S.adapted_weights(self.model, renamed(quantised), cal[:1])
         with self.assertRaisesRegex(ExportError, "weight adaptation: the weights or bias of .* are not int8"):
             S.adapted_weights(self.model, S.weights_only(self.model), cal[:1])
+        # A constant another tensor also stands on would be edited for both: refused.
+        from ai_edge_litert.tools import flatbuffer_utils as fu
+
+        shared = fb.read_model(bytearray(quantised))
+        g = shared.subgraphs[0]
+        qconvs = [op for op in g.operators if S._tensor_name(g.tensors[op.outputs[0]]) in
+                  {S._tensor_name(flat.subgraphs[0].tensors[c.outputs[0]]) for c in convs}]
+        g.tensors[qconvs[1].inputs[1]].buffer = g.tensors[qconvs[0].inputs[1]].buffer
+        with self.assertRaisesRegex(ExportError, "not int8 / int32 constants of its own"):
+            S.adapted_weights(self.model, bytes(fu.convert_object_to_bytearray(shared)), cal[:1])
+        # A name that is not a convolution's output in the quantised graph is refused, not edited.
+        other = next(S._tensor_name(g.tensors[op.outputs[0]]) for op in g.operators
+                     if op not in qconvs and len(op.inputs) >= 2)
+        with self.assertRaisesRegex(ExportError, "is not the output of a convolution"):
+            S._quantised_convolutions(bytearray(quantised), [other], "weight adaptation")
 
     def test_mixed_keeps_the_ranked_ops_float_and_refuses_another_models_ranking(self):
         ops = S.quantisable_ops(self.model)
