@@ -570,7 +570,8 @@ def adapted_weights(reference: bytes, quantised: bytes, calibration: np.ndarray,
     model = bytearray(quantised)
     slots = _quantised_convolutions(model, names, "weight adaptation")
     # Every convolution's float input on every image, kept once (the float graph does not change).
-    float_inputs = [{n: interp.get_tensor(int(op.inputs[0])).copy() for n, (op, _) in zip(names, convs)}
+    # Keyed by tensor: a residual 1×1 convolution and a separable branch read the same input.
+    float_inputs = [{int(op.inputs[0]): interp.get_tensor(int(op.inputs[0])).copy() for op, _ in convs}
                     for interp in calibration_runs(reference, calibration, threads)]
     started, moved = time.time(), []
     for k, (n, (op, (kind, w, b, _))) in enumerate(zip(names, convs), 1):
@@ -592,7 +593,7 @@ def adapted_weights(reference: bytes, quantised: bytes, calibration: np.ndarray,
             run(**{input_name: x[None]})
             # The same positions in both graphs: one seed per convolution and image.
             q = _patches(_dequantised(interp, detail), w.shape, op.builtinOptions, np.random.default_rng([seed, k, i]))
-            f = _patches(floats[n], w.shape, op.builtinOptions, np.random.default_rng([seed, k, i]))
+            f = _patches(floats[int(op.inputs[0])], w.shape, op.builtinOptions, np.random.default_rng([seed, k, i]))
             if depthwise:
                 q = np.repeat(q, w.shape[3] // q.shape[3], axis=3).reshape(len(q), -1, w.shape[3])
                 f = np.repeat(f, w.shape[3] // f.shape[3], axis=3).reshape(len(f), -1, w.shape[3])
