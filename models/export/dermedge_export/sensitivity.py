@@ -450,6 +450,26 @@ def _patches(x: np.ndarray, shape: tuple, options, rng) -> np.ndarray:
     return x[ys[:, :, None], xs[:, None, :], :]
 
 
+def _patch_rows(p: np.ndarray, shape: tuple, depthwise: bool) -> np.ndarray:
+    """Patches laid out as the weights' rows multiply them: [positions, kh·kw·in] for a
+    convolution, [positions, kh·kw, channels] for a depthwise one (its multiplier repeated)."""
+    if depthwise:
+        p = np.repeat(p, shape[3] // p.shape[3], axis=3)
+        return p.reshape(len(p), -1, p.shape[3])
+    return p.reshape(len(p), -1)
+
+
+def _weight_rows(w: np.ndarray, depthwise: bool) -> np.ndarray:
+    """Weights as `_gptq` takes them, [groups, rows, d]: one group of every output channel of a
+    convolution ([out, kh, kw, in]), or one group per channel of a depthwise one ([1, kh, kw, c])."""
+    return w.reshape(-1, w.shape[3]).T[:, None, :] if depthwise else w.reshape(1, w.shape[0], -1)
+
+
+def _from_weight_rows(rows: np.ndarray, shape: tuple, depthwise: bool) -> np.ndarray:
+    """`_weight_rows` undone."""
+    return rows[:, 0, :].T.reshape(shape) if depthwise else rows[0].reshape(shape)
+
+
 def _gptq(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, keep_top: bool = True) -> np.ndarray:
     """GPTQ (Frantar et al. 2023) on groups of rows sharing a Hessian: w [groups, rows, d],
     hessian [groups, d, d], scale [groups, rows]. Each column is rounded to the symmetric int8
@@ -501,29 +521,21 @@ def gptq_rounded(model: bytes, calibration: np.ndarray, threads: int = 2, kept_f
     for interp in calibration_runs(model, calibration, threads):
         for n, (op, (name, w, _, _)) in enumerate(convs):
             a = interp.get_tensor(int(op.inputs[0]))
-            p = _patches(a, w.shape, op.builtinOptions, rng).astype(np.float32)
-            if name == "CONV_2D":
-                flat_p = p.reshape(len(p), -1)
-                update = (flat_p.T @ flat_p)[None]
-            else:
-                p = np.repeat(p, w.shape[3] // p.shape[3], axis=3)  # depth multiplier
-                flat_p = p.reshape(len(p), -1, p.shape[3])  # [positions, kh·kw, channels]
-                update = np.einsum("pkc,pjc->ckj", flat_p, flat_p)
+            p = _patch_rows(_patches(a, w.shape, op.builtinOptions, rng).astype(np.float32), w.shape,
+                            name == "DEPTHWISE_CONV_2D")
+            update = (p.T @ p)[None] if name == "CONV_2D" else np.einsum("pkc,pjc->ckj", p, p)
             hessians[n] = hessians.get(n, 0.0) + update.astype(np.float64)
             counts[n] = counts.get(n, 0) + len(p)
             means[n] = means.get(n, 0.0) + channel_mean(a)
     for n, (op, (name, w, b, axis)) in enumerate(convs):
         h = hessians[n] / counts[n]
-        if name == "CONV_2D":  # [out, kh, kw, in]: one Hessian for every output channel
-            rows = w.reshape(1, w.shape[0], -1)
-        else:  # [1, kh, kw, channels]: one Hessian per channel, one row each
-            rows = w.reshape(-1, w.shape[3]).T[:, None, :]
+        rows = _weight_rows(w, name == "DEPTHWISE_CONV_2D")
         try:
             rounded = _gptq(rows, h, np.abs(rows).max(2) / 127.0)
         except np.linalg.LinAlgError as e:
             raise ExportError(f"GPTQ: the input Hessian of {name} {fb.get_op_scope(op, graph.tensors)!r} "
                               f"is not positive definite even damped ({e}); calibrate on more images") from e
-        new = rounded[0].reshape(w.shape) if name == "CONV_2D" else rounded[:, 0, :].T.reshape(w.shape)
+        new = _from_weight_rows(rounded, w.shape, name == "DEPTHWISE_CONV_2D")
         _set_constant(flat, op, 1, new)
         if b is not None:
             _set_constant(flat, op, 2, b - bias_shift(name, new - w, means[n] / len(calibration)))
@@ -559,7 +571,6 @@ def adapted_weights(reference: bytes, quantised: bytes, calibration: np.ndarray,
     The edits are written into the quantised graph's int8 weights and int32 biases (their scales
     and the activation ranges stay as calibrated); what comes back is that graph. Fused
     activations are not modelled: the fit is on the convolution's linear output."""
-    from ai_edge_litert.interpreter import Interpreter
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
     flat = fb.read_model(bytearray(reference))
@@ -582,31 +593,22 @@ def adapted_weights(reference: bytes, quantised: bytes, calibration: np.ndarray,
         if slot["weights"].shape != w.shape:
             raise ExportError(f"weight adaptation: the weights of {n!r} are {tuple(slot['weights'].shape)} in the "
                               f"quantised graph and {w.shape} in the float one")
-        interp = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True)
-        run = interp.get_signature_runner(SIGNATURE)
-        input_name = interp.get_signature_list()[SIGNATURE]["inputs"][0]
-        detail = next((d for d in interp.get_tensor_details() if d["index"] == slot["input"]), None)
-        if detail is None:
-            raise ExportError(f"weight adaptation: the input of {n!r} is not a tensor of the quantised graph")
-        sums = None
-        for i, (x, floats) in enumerate(zip(calibration, float_inputs)):
-            run(**{input_name: x[None]})
+        sums, count, detail = None, 0, None
+        for i, (interp, floats) in enumerate(zip(calibration_runs(bytes(model), calibration, threads), float_inputs)):
+            detail = detail or next((d for d in interp.get_tensor_details() if d["index"] == slot["input"]), None)
+            if detail is None:
+                raise ExportError(f"weight adaptation: the input of {n!r} is not a tensor of the quantised graph")
             # The same positions in both graphs: one seed per convolution and image.
-            q = _patches(_dequantised(interp, detail), w.shape, op.builtinOptions, np.random.default_rng([seed, k, i]))
-            f = _patches(floats[int(op.inputs[0])], w.shape, op.builtinOptions, np.random.default_rng([seed, k, i]))
-            if depthwise:
-                q = np.repeat(q, w.shape[3] // q.shape[3], axis=3).reshape(len(q), -1, w.shape[3])
-                f = np.repeat(f, w.shape[3] // f.shape[3], axis=3).reshape(len(f), -1, w.shape[3])
-            else:
-                q, f = q.reshape(len(q), -1), f.reshape(len(f), -1)
+            q, f = (_patch_rows(_patches(a, w.shape, op.builtinOptions, np.random.default_rng([seed, k, i])),
+                                w.shape, depthwise)
+                    for a in (_dequantised(interp, detail), floats[int(op.inputs[0])]))
             m = _moments(q, f, depthwise)
             sums = m if sums is None else tuple(s + t for s, t in zip(sums, m))
-            count = len(q) * (i + 1)
+            count += len(q)
         mean_q, mean_f = sums[0] / count, sums[1] / count  # [groups, d]
         cov_qq = sums[2] / count - mean_q[:, :, None] * mean_q[:, None, :]
         cov_qf = sums[3] / count - mean_q[:, :, None] * mean_f[:, None, :]
-        # rows [groups, rows, d]: one group of every output channel, or one per depthwise channel.
-        rows = (w.reshape(-1, w.shape[3]).T[:, None, :] if depthwise else w.reshape(1, w.shape[0], -1)).astype(np.float64)
+        rows = _weight_rows(w, depthwise).astype(np.float64)
         ridge = ADAPTATION_RIDGE * np.maximum(np.diagonal(cov_qq, axis1=1, axis2=2).mean(1), 1e-12)
         eye = np.eye(rows.shape[2])
         # W*ᵀ = (Σq̂q̂ + λI)⁻¹ (Σq̂x Wᵀ + λ Wᵀ), per group
@@ -628,7 +630,7 @@ def adapted_weights(reference: bytes, quantised: bytes, calibration: np.ndarray,
             raise ExportError(f"weight adaptation: the quantised input covariance of {n!r} is not positive definite "
                               f"even damped ({e}); calibrate on more images") from e
         steps = np.clip(np.round(rounded / scale[:, :, None]), -127, 127)
-        new = steps[0].reshape(w.shape) if not depthwise else steps[:, 0, :].T.reshape(w.shape)
+        new = _from_weight_rows(steps, w.shape, depthwise)
         moved.append(float(np.abs(new - slot["weights"].astype(np.float64)).mean()))
         slot["weights"][...] = new.astype(np.int8)
         if slot["bias"] is not None:
