@@ -6,7 +6,7 @@
     python -m dermedge_export build NAME            # per models/models.toml, into .cache/models/
     python -m dermedge_export recipes-report OUT --name NAME   # re-estimate a finished search
     python -m dermedge_export frontier OUT [OUT ...] --name NAME --svg FILE   # one plot of several searches
-    python -m dermedge_export inputs MANIFEST (--images DIR [--count N] | --calibration-record JSON) --out X.npz
+    python -m dermedge_export inputs (MANIFEST | --standin NAME) (--images DIR [--count N] | --calibration-record JSON) --out X.npz
 
 Run it through scripts/python-env.sh (or models/export/dermedge-export), which provides the
 pinned tensorflow-cpu venv.
@@ -90,7 +90,9 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("inputs", help="preprocess images as dermedge does for a model (its manifest) into an .npz, "
                                       "for tools in the quantizer venv")
-    p.add_argument("manifest", type=Path, help="the model's dermedge manifest (.toml): input size, scale, offset")
+    p.add_argument("manifest", type=Path, nargs="?", help="the model's dermedge manifest (.toml): input size, scale, offset")
+    p.add_argument("--standin", help="instead of a manifest: a BiT stand-in's input, df-mini or df-r101x3 "
+                                     "(for `dermedge_export.quantsim`)")
     p.add_argument("--images", type=Path, help="a directory of images")
     p.add_argument("--count", type=int, help="a seeded sample of this many, stratified by image kind (default: all)")
     p.add_argument("--seed", type=int, default=448)
@@ -147,7 +149,14 @@ def main(argv=None) -> int:
             print(f"wrote {args.svg} ({len(result['recipes'])} recipes)")
         elif args.command == "inputs":
             from . import export
-            n = export.write_inputs(args.manifest, args.out, images=args.images, count=args.count, seed=args.seed,
+            if (args.manifest is None) == (args.standin is None):
+                raise ExportError("inputs: give a manifest or --standin, not both or neither")
+            if args.standin is not None:
+                from . import standins
+                pre = standins.bit_preprocessing(args.standin)
+            else:
+                pre = export.manifest_preprocessing(args.manifest)
+            n = export.write_inputs(pre, args.out, images=args.images, count=args.count, seed=args.seed,
                                     calibration_record=args.calibration_record, textures=args.textures)
             print(f"wrote {n} preprocessed inputs to {args.out}")
         elif args.command == "build":

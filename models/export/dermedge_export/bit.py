@@ -40,10 +40,14 @@ class BiT(tf.Module):
         return (tf.Variable(gamma, trainable=False), tf.Variable(beta, trainable=False))
 
     @staticmethod
-    def std_conv(x, w, stride=1):
+    def standardised(w):
+        """Weight standardisation: each output channel's kernel to zero mean, unit variance."""
         mean, var = tf.nn.moments(w, axes=[0, 1, 2], keepdims=True)
-        w = (w - mean) / tf.sqrt(var + 1e-10)
-        return tf.nn.conv2d(x, w, strides=stride, padding="SAME")
+        return (w - mean) / tf.sqrt(var + 1e-10)
+
+    @staticmethod
+    def std_conv(x, w, stride=1):
+        return tf.nn.conv2d(x, BiT.standardised(w), strides=stride, padding="SAME")
 
     def group_norm(self, x, params, eps=1e-5):
         gamma, beta = params

@@ -349,13 +349,13 @@ def manifest_preprocessing(manifest: Path) -> Preprocessing:
         raise ExportError(f"{manifest}: not a dermedge manifest with [input] height, width, scale and offset ({e})") from e
 
 
-def write_inputs(manifest: Path, out: Path, images: Path | None = None, count: int | None = None, seed: int = 448,
+def write_inputs(pre: Preprocessing, out: Path, images: Path | None = None, count: int | None = None, seed: int = 448,
                  calibration_record: Path | None = None, textures: int = 0) -> int:
-    """Preprocess images for the manifest's model into `out` (.npz: float32 `inputs` [n, h, w, c],
-    `names`): a directory (all, or a stratified seeded sample of `count`), or exactly the images an
-    export calibrated on (its `<name>.calibration.json`); then `textures` single-patch textures
-    made from their mosaics (`mosaic_textures`)."""
-    pre = manifest_preprocessing(manifest)
+    """Preprocess images for a model (`pre`: its manifest's input, `manifest_preprocessing`) into
+    `out` (.npz: float32 `inputs` [n, h, w, c], `names`): a directory (all, or a stratified seeded
+    sample of `count`), or exactly the images an export calibrated on (its
+    `<name>.calibration.json`); then `textures` single-patch textures made from their mosaics
+    (`mosaic_textures`)."""
     if (images is None) == (calibration_record is None):
         raise ExportError("inputs: give either an image directory or a calibration record, not both or neither")
     if calibration_record is not None:

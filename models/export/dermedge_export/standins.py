@@ -16,6 +16,8 @@ import tensorflow as tf
 
 from . import bit
 from .classifier import TEACHER_METADATA
+from .errors import ExportError
+from .manifest import Preprocessing
 
 SIZE = 448
 SEED = 20261126
@@ -46,14 +48,37 @@ def _save(module, out: Path, signatures):
     tf.saved_model.save(module, str(out), signatures=signatures)
 
 
+# Each BiT stand-in: its seeded core, its input range (pixels 0..255 -> the core's input) and how it
+# describes itself.
+BIT_STANDINS = {
+    "df-mini": (bit.mini, lambda x: x / 255.0, "df-mini: seeded mini BiT ResNet-v2, input x/255"),
+    "df-r101x3": (bit.r101x3, lambda x: x / 127.5 - 1.0, "df-r101x3: seeded BiT-M ResNet101x3, input x/127.5-1"),
+}
+
+
+def _bit_standin(name: str):
+    if name not in BIT_STANDINS:
+        raise ExportError(f"{name!r} is not a BiT stand-in; expected one of {', '.join(BIT_STANDINS)}")
+    return BIT_STANDINS[name]
+
+
+def bit_core(name: str) -> bit.BiT:
+    """The seeded BiT network a stand-in serves (the weights its SavedModel holds)."""
+    return _bit_standin(name)[0](SEED)
+
+
+def bit_preprocessing(name: str) -> Preprocessing:
+    """A BiT stand-in's input as a dermedge manifest states it: SIZE x SIZE, pixels * scale + offset."""
+    to_model_range = _bit_standin(name)[1]
+    offset = float(to_model_range(np.float64(0.0)))
+    scale = float(to_model_range(np.float64(1.0))) - offset
+    return Preprocessing(decode_op="", resize_op="", height=SIZE, width=SIZE, scale=scale, offset=offset,
+                         cut_tensor="", chain=[], recovered=True)
+
+
 def build_bit(name: str, out: Path):
-    if name == "df-mini":
-        core = bit.mini(SEED)
-        serving = ExampleServing(core, lambda x: x / 255.0, "df-mini: seeded mini BiT ResNet-v2, input x/255")
-    else:
-        core = bit.r101x3(SEED)
-        serving = ExampleServing(core, lambda x: x / 127.5 - 1.0,
-                                 "df-r101x3: seeded BiT-M ResNet101x3, input x/127.5-1")
+    _, to_model_range, description = _bit_standin(name)
+    serving = ExampleServing(bit_core(name), to_model_range, description)
     _save(serving, out, {"serving_default": serving.serving_default})
 
 

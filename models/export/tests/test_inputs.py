@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from dermedge_export.errors import ExportError
-from dermedge_export.export import write_inputs
+from dermedge_export.export import manifest_preprocessing, write_inputs
 
 
 class Inputs(unittest.TestCase):
@@ -32,7 +32,7 @@ class Inputs(unittest.TestCase):
 
     def test_textures_are_a_mosaic_quadrant_tiled_two_by_two(self):
         out = Path(self.dir.name) / "x.npz"
-        self.assertEqual(write_inputs(self.manifest, out, images=self.images, textures=2), 5)
+        self.assertEqual(write_inputs(manifest_preprocessing(self.manifest), out, images=self.images, textures=2), 5)
         saved = np.load(out)
         names = list(saved["names"])
         self.assertEqual(names[3:], ["texture-of-mosaic-000.png", "texture-of-mosaic-001.png"])
@@ -44,9 +44,9 @@ class Inputs(unittest.TestCase):
     def test_more_textures_than_mosaics_or_a_negative_count_is_refused(self):
         out = Path(self.dir.name) / "x.npz"
         with self.assertRaisesRegex(ExportError, "--textures 3 needs as many mosaics among the images; there are 2"):
-            write_inputs(self.manifest, out, images=self.images, textures=3)
+            write_inputs(manifest_preprocessing(self.manifest), out, images=self.images, textures=3)
         with self.assertRaisesRegex(ExportError, "--textures must be 0 or more, not -1"):
-            write_inputs(self.manifest, out, images=self.images, textures=-1)
+            write_inputs(manifest_preprocessing(self.manifest), out, images=self.images, textures=-1)
         self.assertFalse(out.exists())
 
 
