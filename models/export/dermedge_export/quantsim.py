@@ -17,7 +17,7 @@ the real conversions on df-mini.
 
     python -m dermedge_export inputs --standin df-r101x3 --images DIR --count 16 --out eval.npz
     python -m dermedge_export.quantsim df-r101x3 --calibration cal.npz --images eval.npz --out DIR \\
-        [--layer-images 8] [--batch 2]
+        [--layer-images 8] [--batch 2] [--only ablation,levers,layers]
 """
 from __future__ import annotations
 
@@ -33,34 +33,48 @@ import numpy as np
 from .errors import ExportError
 from .sensitivity import head_view_delta, load_inputs, spread, stats
 
-# Op kinds in the order the ablation adds them (as the search's ablation recipes do).
-KINDS = ("conv", "add", "norm", "pool")
-ABLATION = (
-    ("int8 weights, float arithmetic", frozenset(), True),
-    ("int8 convolutions only", frozenset({"conv"}), True),
-    ("+ residual adds", frozenset({"conv", "add"}), True),
-    ("+ normalisation and activations", frozenset({"conv", "add", "norm"}), True),
-    ("+ pooling: every op int8", frozenset(KINDS), True),
-)
-GROUPNORM_EPS = 1e-5  # bit.BiT.group_norm's
+# Op kinds in the order the ablation adds them (as the search's ablation recipes do); "statistics"
+# are GroupNorm's per-group mean, square, variance and rsqrt, the rest of it is "norm".
+KINDS = ("conv", "add", "norm", "statistics", "pool")
 
 
 @dataclass(frozen=True)
 class Selection:
-    """Which tensors one variant rounds to int8: the activations of `kinds` and, with `weights`, the
-    convolution weights, in `layers` (None: all layers)."""
+    """Which tensors one variant rounds: the activations of `kinds` (to int16 for the kinds in
+    `wide`, else int8) and, with `weights`, the convolution weights, in `layers` (None: all)."""
     kinds: frozenset
     weights: bool
     layers: frozenset | None = None
+    wide: frozenset = frozenset()
 
-    def rounds(self, layer: str, kind: str) -> bool:
-        return kind in self.kinds and (self.layers is None or layer in self.layers)
+    def bits(self, layer: str, kind: str) -> int | None:
+        """The bits this tensor is rounded to, or None if it stays float."""
+        if kind not in self.kinds or (self.layers is not None and layer not in self.layers):
+            return None
+        return 16 if kind in self.wide else 8
 
     def rounds_weights(self, layer: str) -> bool:
         return self.weights and (self.layers is None or layer in self.layers)
 
 
 FLOAT = Selection(frozenset(), False)
+EVERY_OP = frozenset(KINDS)
+ABLATION = (
+    ("int8 weights, float arithmetic", Selection(frozenset(), True)),
+    ("int8 convolutions only", Selection(frozenset({"conv"}), True)),
+    ("+ residual adds", Selection(frozenset({"conv", "add"}), True)),
+    ("+ normalisation and activations", Selection(frozenset({"conv", "add", "norm", "statistics"}), True)),
+    ("+ pooling: every op int8", Selection(EVERY_OP, True)),
+)
+# Mixed recipes the ablation points at, simulated before anyone converts one; the first separates
+# what int8 activations cost from what int8 weights cost.
+LEVERS = (
+    ("every op's activations int8, float weights", Selection(EVERY_OP, False)),
+    ("every op int8 but GroupNorm's statistics (float)", Selection(EVERY_OP - {"statistics"}, True)),
+    ("every op int8, GroupNorm's statistics int16", Selection(EVERY_OP, True, wide=frozenset({"statistics"}))),
+)
+PARTS = ("ablation", "levers", "layers")
+GROUPNORM_EPS = 1e-5  # bit.BiT.group_norm's
 
 
 def int8_per_channel(w: np.ndarray) -> np.ndarray:
@@ -118,13 +132,14 @@ class Simulation:
             old = self.ranges.get(name, (lo, hi))
             self.ranges[name] = (min(old[0], lo), max(old[1], hi))
             return x
-        if not self._selection.rounds(layer, kind):
+        bits = self._selection.bits(layer, kind)
+        if bits is None:
             return x
         lo, hi = self.ranges[name]
         lo, hi = min(lo, 0.0), max(hi, 0.0)  # the converter's ranges always hold zero
         if hi - lo < 1e-12:
             return x
-        return self.tf.quantization.fake_quant_with_min_max_args(x, min=lo, max=hi, num_bits=8, narrow_range=False)
+        return self.tf.quantization.fake_quant_with_min_max_args(x, min=lo, max=hi, num_bits=bits, narrow_range=False)
 
     def _conv(self, x, layer: str, name: str, stride: int):
         x = self._round(layer, "conv", f"{name}/input", x)
@@ -141,14 +156,18 @@ class Simulation:
         _, h, w, c = x.shape
         g = min(self.core.groups, c)
 
-        def r(part, t):
-            return self._round(layer, "norm", f"{layer}/{name}/{part}", t)
+        def r(part, t, kind="norm"):
+            return self._round(layer, kind, f"{layer}/{name}/{part}", t)
+
+        def statistic(part, t):
+            return r(part, t, "statistics")
 
         xg = tf.reshape(r("input", x), [-1, h, w, g, c // g])
-        mean = r("mean", tf.reduce_mean(xg, axis=[1, 2, 4], keepdims=True))
+        mean = statistic("mean", tf.reduce_mean(xg, axis=[1, 2, 4], keepdims=True))
         centred = r("centred", xg - mean)
-        var = r("variance", tf.reduce_mean(r("square", tf.square(centred)), axis=[1, 2, 4], keepdims=True))
-        inverse = r("rsqrt", tf.math.rsqrt(r("variance_eps", var + GROUPNORM_EPS)))
+        var = statistic("variance", tf.reduce_mean(statistic("square", tf.square(centred)), axis=[1, 2, 4],
+                                                   keepdims=True))
+        inverse = statistic("rsqrt", tf.math.rsqrt(statistic("variance_eps", var + GROUPNORM_EPS)))
         normalised = r("normalised", centred * inverse)
         scaled = r("scaled", tf.reshape(normalised, [-1, h, w, c]) * gamma)
         return r("output", tf.nn.relu(scaled + beta))
@@ -176,14 +195,23 @@ def _worst(delta: np.ndarray, names: list[str], n: int = 5) -> list[dict]:
     return [{"image": names[i], "delta": float(delta[i])} for i in np.argsort(-delta)[:n]]
 
 
+def _judged(label: str, selection: Selection, delta: np.ndarray, names: list[str]) -> dict:
+    return {"variant": label, "kinds": sorted(selection.kinds), "int16": sorted(selection.wide),
+            "weights": selection.weights, **stats(delta), "worst": _worst(delta, names)}
+
+
 def measure(standin: str, calibration: Path, images: Path, out: Path, layer_images: int = 8, batch: int = 1,
-            progress=print) -> dict:
-    """The op-type ablation on every image of `images`, then each layer rounded alone on
-    `layer_images` of them (evenly spread); written to `out/<standin>.quantsim.json` and `.md`."""
+            parts: tuple = PARTS, progress=print) -> dict:
+    """The op-type ablation and the levers on every image of `images`, then each layer rounded
+    alone on `layer_images` of them (evenly spread) -- the `parts` asked for; written to
+    `out/<standin>.quantsim[-<parts>].json` and `.md`."""
     import tensorflow as tf
 
     from . import standins
 
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ExportError(f"quantsim: --only takes a comma-separated subset of {', '.join(PARTS)}, not {','.join(parts)!r}")
     if layer_images < 2:
         raise ExportError(f"quantsim: --layer-images must be at least 2 (the head view is centred on their mean), "
                           f"not {layer_images}")
@@ -196,6 +224,8 @@ def measure(standin: str, calibration: Path, images: Path, out: Path, layer_imag
         if list(arr.shape[1:]) != [expected.height, expected.width, 3]:
             raise ExportError(f"{path}: inputs of shape {list(arr.shape[1:])}, but {standin} takes "
                               f"{[expected.height, expected.width, 3]} (made for another model?)")
+    if len(xs) < 2:
+        raise ExportError(f"{images}: the head view needs at least 2 images (it is centred on their mean)")
     tf.random.set_seed(standins.SEED)
     started = time.time()
     progress(f"{standin}: building the seeded network")
@@ -204,54 +234,60 @@ def measure(standin: str, calibration: Path, images: Path, out: Path, layer_imag
     progress(f"{standin}: {len(sim.ranges)} int8 tensors calibrated on {len(cal)} images, "
              f"{len(sim.weights)} convolutions, {len(sim.layers)} layers ({time.time() - started:.0f} s)")
     reference = sim.embed(xs, FLOAT, batch, progress, "float reference")
-    ablation = []
-    for label, kinds, weights in ABLATION:
-        delta = head_view_delta(sim.embed(xs, Selection(kinds, weights), batch, progress, label), reference)
-        row = {"variant": label, "kinds": sorted(kinds), "weights": weights, **stats(delta), "worst": _worst(delta, names)}
-        ablation.append(row)
-        progress(f"{label}: delta median {row['delta_median']:.3f} p99 {row['delta_p99']:.3f}")
-    picked = spread(np.arange(len(xs)), min(layer_images, len(xs)))
-    sub, sub_names = xs[picked], [names[i] for i in picked]
-    sub_reference = reference[picked]
-    layers = []
-    for n, layer in enumerate(sim.layers, 1):
-        selection = Selection(frozenset(KINDS), True, frozenset({layer}))
-        delta = head_view_delta(sim.embed(sub, selection, batch), sub_reference)
-        layers.append({"layer": layer, **stats(delta)})
-        progress(f"  layer {n}/{len(sim.layers)} {layer}: delta median {layers[-1]['delta_median']:.3f} "
-                 f"({time.time() - started:.0f} s)")
     result = {
-        "standin": standin, "simulated": True,
+        "standin": standin, "simulated": True, "parts": list(parts),
         "definition": "delta = |P(c) - P(r)| / |P(r)|, P(x) = x/|x| - mean of the normalised float embeddings",
         "calibration": str(calibration), "calibration_images": cal_names,
-        "images": str(images), "image_names": names, "layer_images": sub_names,
+        "images": str(images), "image_names": names,
         "int8_tensors": len(sim.ranges), "convolutions": len(sim.weights),
-        "ablation": ablation,
-        "layers_ranked": sorted(layers, key=lambda r: r["delta_median"], reverse=True),
-        "seconds": round(time.time() - started, 1),
     }
+    for part, variants in (("ablation", ABLATION), ("levers", LEVERS)):
+        if part in parts:
+            result[part] = []
+            for label, selection in variants:
+                delta = head_view_delta(sim.embed(xs, selection, batch, progress, label), reference)
+                result[part].append(_judged(label, selection, delta, names))
+                progress(f"{label}: delta median {float(np.median(delta)):.3f} p99 {float(np.percentile(delta, 99)):.3f}")
+    if "layers" in parts:
+        picked = spread(np.arange(len(xs)), min(layer_images, len(xs)))
+        sub, sub_reference = xs[picked], reference[picked]
+        layers = []
+        for n, layer in enumerate(sim.layers, 1):
+            delta = head_view_delta(sim.embed(sub, Selection(EVERY_OP, True, frozenset({layer})), batch), sub_reference)
+            layers.append({"layer": layer, **stats(delta)})
+            progress(f"  layer {n}/{len(sim.layers)} {layer}: delta median {layers[-1]['delta_median']:.3f} "
+                     f"({time.time() - started:.0f} s)")
+        result["layer_images"] = [names[i] for i in picked]
+        result["layers_ranked"] = sorted(layers, key=lambda r: r["delta_median"], reverse=True)
+    result["seconds"] = round(time.time() - started, 1)
     write(out, result)
     return result
 
 
+def report_path(out: Path, result: dict, suffix: str) -> Path:
+    parts = "" if tuple(result["parts"]) == PARTS else "-" + "-".join(result["parts"])
+    return Path(out) / f"{result['standin']}.quantsim{parts}.{suffix}"
+
+
 def write(out: Path, result: dict) -> None:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = result["standin"]
-    (out / f"{name}.quantsim.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# {name}: simulated int8 (TensorFlow, fake quantisation)", "",
+    Path(out).mkdir(parents=True, exist_ok=True)
+    report_path(out, result, "json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# {result['standin']}: simulated int8 (TensorFlow, fake quantisation)", "",
              f"Calibrated on {len(result['calibration_images'])} images ({result['calibration']}); "
-             f"ablation on {len(result['image_names'])} images ({result['images']}); each layer alone on "
-             f"{len(result['layer_images'])} of them. {result['int8_tensors']} int8 tensors, "
-             f"{result['convolutions']} convolutions. {result['definition']}.", "",
-             "| variant | δ median | δ mean | δ p99 | worst images |", "|---|---:|---:|---:|---|"]
-    for r in result["ablation"]:
+             f"variants on {len(result['image_names'])} images ({result['images']}). {result['int8_tensors']} "
+             f"int8 tensors, {result['convolutions']} convolutions. {result['definition']}."]
+    variants = result.get("ablation", []) + result.get("levers", [])
+    if variants:
+        lines += ["", "| variant | δ median | δ mean | δ p99 | worst images |", "|---|---:|---:|---:|---|"]
+    for r in variants:
         worst = ", ".join(f"{w['image']} {w['delta']:.3f}" for w in r["worst"][:3])
         lines.append(f"| {r['variant']} | {r['delta_median']:.3f} | {r['delta_mean']:.3f} | {r['delta_p99']:.3f} | {worst} |")
-    lines += ["", "| layer rounded alone | δ median | δ mean | δ p99 |", "|---|---:|---:|---:|"]
-    for r in result["layers_ranked"]:
-        lines.append(f"| {r['layer']} | {r['delta_median']:.4f} | {r['delta_mean']:.4f} | {r['delta_p99']:.4f} |")
-    (out / f"{name}.quantsim.md").write_text("\n".join(lines) + "\n")
+    if "layers_ranked" in result:
+        lines += ["", f"Each layer rounded alone (every op kind, its weights too) on {len(result['layer_images'])} "
+                      f"of the images:", "", "| layer | δ median | δ mean | δ p99 |", "|---|---:|---:|---:|"]
+        for r in result["layers_ranked"]:
+            lines.append(f"| {r['layer']} | {r['delta_median']:.4f} | {r['delta_mean']:.4f} | {r['delta_p99']:.4f} |")
+    report_path(out, result, "md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
@@ -263,14 +299,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--layer-images", type=int, default=8, help="images each layer is measured alone on")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass")
+    p.add_argument("--only", default=",".join(PARTS), help=f"a comma-separated subset of {', '.join(PARTS)}")
     args = p.parse_args(argv)
     try:
         result = measure(args.standin, args.calibration, args.images, args.out, args.layer_images, args.batch,
-                         progress=lambda line: print(line, flush=True))
+                         tuple(args.only.split(",")), progress=lambda line: print(line, flush=True))
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out / (result['standin'] + '.quantsim.md')} ({result['seconds']:.0f} s)")
+    print(f"wrote {report_path(args.out, result, 'md')} ({result['seconds']:.0f} s)")
     return 0
 
 

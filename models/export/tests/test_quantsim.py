@@ -58,6 +58,15 @@ class Simulated(unittest.TestCase):
         # A selection of no layer at all rounds nothing.
         np.testing.assert_array_equal(self.sim.embed(x, Selection(frozenset(KINDS), True, frozenset())), reference)
 
+    def test_int16_statistics_move_the_embedding_far_less_than_int8(self):
+        x = images(4, seed=1)  # the calibration images: nothing clipped, all the error is rounding
+        reference = self.sim.embed(x, FLOAT)
+        int8 = np.abs(self.sim.embed(x, Selection(frozenset({"statistics"}), False)) - reference).max()
+        int16 = np.abs(self.sim.embed(x, Selection(frozenset({"statistics"}), False, wide=frozenset({"statistics"})))
+                       - reference).max()
+        self.assertGreater(int8, 0)
+        self.assertLess(int16, int8 / 20)
+
     def test_rounding_before_calibration_is_refused(self):
         with self.assertRaisesRegex(ExportError, "calibrate before rounding"):
             Simulation(self.core).embed(images(1), Selection(frozenset({"conv"}), False))
@@ -94,6 +103,7 @@ class Measure(unittest.TestCase):
         saved = json.loads((self.d / "out" / "df-mini.quantsim.json").read_text())
         self.assertEqual(saved["standin"], "df-mini")
         self.assertEqual([r["variant"] for r in saved["ablation"]], [v[0] for v in quantsim.ABLATION])
+        self.assertEqual([r["variant"] for r in saved["levers"]], [v[0] for v in quantsim.LEVERS])
         self.assertEqual({r["layer"] for r in saved["layers_ranked"]}, {"stem", "unit01", "unit02", "unit03", "unit04", "final"})
         self.assertEqual(len(saved["layer_images"]), 2)
         by_variant = {r["variant"]: r for r in result["ablation"]}
@@ -101,7 +111,14 @@ class Measure(unittest.TestCase):
         self.assertGreater(weights["delta_median"], 0)
         self.assertGreater(full["delta_median"], weights["delta_median"])
         self.assertEqual(len(full["worst"]), 3)
-        self.assertIn("| layer rounded alone |", (self.d / "out" / "df-mini.quantsim.md").read_text())
+        self.assertIn("Each layer rounded alone", (self.d / "out" / "df-mini.quantsim.md").read_text())
+        only = quantsim.measure("df-mini", cal, xs, self.d / "out", parts=("levers",), progress=lambda _: None)
+        self.assertNotIn("ablation", only)
+        self.assertNotIn("layers_ranked", only)
+        # The same simulation gives the same numbers, and a partial run does not overwrite the full one.
+        self.assertEqual(only["levers"], result["levers"])
+        self.assertTrue((self.d / "out" / "df-mini.quantsim-levers.json").is_file())
+        self.assertEqual(json.loads((self.d / "out" / "df-mini.quantsim.json").read_text()), saved)
 
     def test_bad_inputs_are_refused_by_name(self):
         small = self.save("small.npz", images(2))
@@ -109,6 +126,8 @@ class Measure(unittest.TestCase):
             quantsim.measure("df-mini", small, small, self.d / "out", progress=lambda _: None)
         with self.assertRaisesRegex(ExportError, "'df-huge' is not a BiT stand-in"):
             quantsim.measure("df-huge", small, small, self.d / "out", progress=lambda _: None)
+        with self.assertRaisesRegex(ExportError, "--only takes a comma-separated subset of ablation, levers, layers, not 'levers,everything'"):
+            quantsim.measure("df-mini", small, small, self.d / "out", parts=("levers", "everything"), progress=lambda _: None)
         with self.assertRaisesRegex(ExportError, "--layer-images must be at least 2"):
             quantsim.measure("df-mini", small, small, self.d / "out", layer_images=1, progress=lambda _: None)
         (self.d / "junk.npz").write_bytes(b"not an npz")
