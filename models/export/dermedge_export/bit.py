@@ -3,6 +3,8 @@ weight-standardised convolutions -- the architecture of Derm Foundation (BiT-M R
 import numpy as np
 import tensorflow as tf
 
+GROUPNORM_EPS = 1e-5
+
 
 class BiT(tf.Module):
     """Seeded BiT ResNet-v2. `stages` lists (mid channels, out channels, stride, units)."""
@@ -49,7 +51,7 @@ class BiT(tf.Module):
     def std_conv(x, w, stride=1):
         return tf.nn.conv2d(x, BiT.standardised(w), strides=stride, padding="SAME")
 
-    def group_norm(self, x, params, eps=1e-5):
+    def group_norm(self, x, params, eps=GROUPNORM_EPS):
         gamma, beta = params
         _, h, w, c = x.shape
         g = min(self.groups, c)

@@ -383,7 +383,8 @@ def write_inputs(pre: Preprocessing, out: Path, images: Path | None = None, coun
     inputs = np.concatenate([model_input(f, pre) for f in files] + [pixels_input(px, pre) for _, px in made])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, inputs=inputs, names=np.array([f.name for f in files] + [name for name, _ in made]))
+    np.savez(out, inputs=inputs, names=np.array([f.name for f in files] + [name for name, _ in made]),
+             scale=np.float64(pre.scale), offset=np.float64(pre.offset))
     return len(inputs)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import bit
 from .errors import ExportError
 from .sensitivity import head_view_delta, load_inputs, spread, stats
 
@@ -41,11 +42,13 @@ KINDS = ("conv", "add", "norm", "statistics", "pool")
 @dataclass(frozen=True)
 class Selection:
     """Which tensors one variant rounds: the activations of `kinds` (to int16 for the kinds in
-    `wide`, else int8) and, with `weights`, the convolution weights, in `layers` (None: all)."""
+    `wide`, else int8) and, with `weights`, the convolution weights (to `weight_bits`), in
+    `layers` (None: all)."""
     kinds: frozenset
     weights: bool
     layers: frozenset | None = None
     wide: frozenset = frozenset()
+    weight_bits: int = 8
 
     def bits(self, layer: str, kind: str) -> int | None:
         """The bits this tensor is rounded to, or None if it stays float."""
@@ -66,22 +69,36 @@ ABLATION = (
     ("+ normalisation and activations", Selection(frozenset({"conv", "add", "norm", "statistics"}), True)),
     ("+ pooling: every op int8", Selection(EVERY_OP, True)),
 )
-# Mixed recipes the ablation points at, simulated before anyone converts one; the first separates
-# what int8 activations cost from what int8 weights cost.
+# Mixed recipes the ablation points at, simulated before anyone converts one, and two diagnostics:
+# what int8 activations cost without int8 weights, and whether the weights' cost scales with their
+# error (int10 weights round 4x finer; a network whose embedding is chaotic in its weights would
+# lose nearly as much).
 LEVERS = (
     ("every op's activations int8, float weights", Selection(EVERY_OP, False)),
+    ("int10 weights (a quarter of int8's error), float arithmetic", Selection(frozenset(), True, weight_bits=10)),
     ("every op int8 but GroupNorm's statistics (float)", Selection(EVERY_OP - {"statistics"}, True)),
     ("every op int8, GroupNorm's statistics int16", Selection(EVERY_OP, True, wide=frozenset({"statistics"}))),
 )
 PARTS = ("ablation", "levers", "layers")
-GROUPNORM_EPS = 1e-5  # bit.BiT.group_norm's
 
 
-def int8_per_channel(w: np.ndarray) -> np.ndarray:
-    """Symmetric per-output-channel int8 (last axis, HWIO), in [-127, 127], back to float."""
-    scale = np.max(np.abs(w), axis=tuple(range(w.ndim - 1)), keepdims=True) / 127.0
+def per_channel(w: np.ndarray, bits: int = 8) -> np.ndarray:
+    """Symmetric per-output-channel integers (last axis, HWIO; int8: [-127, 127]), back to float."""
+    top = 2 ** (bits - 1) - 1
+    scale = np.max(np.abs(w), axis=tuple(range(w.ndim - 1)), keepdims=True) / top
     scale = np.where(scale > 0, scale, 1.0)
-    return (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32)
+    return (np.clip(np.round(w / scale), -top, top) * scale).astype(np.float32)
+
+
+def int8_per_tensor(v: np.ndarray) -> np.ndarray:
+    """Asymmetric per-tensor int8 over the range [min(v, 0), max(v, 0)] (how the converter stores
+    GroupNorm's gamma and beta), back to float."""
+    lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
+    if hi - lo < 1e-12:
+        return v.astype(np.float32)
+    scale = (hi - lo) / 255.0
+    zero = np.round(-128 - lo / scale)
+    return ((np.clip(np.round(v / scale) + zero, -128, 127) - zero) * scale).astype(np.float32)
 
 
 class Simulation:
@@ -98,7 +115,11 @@ class Simulation:
             for conv in ("proj", "conv1", "conv2", "conv3"):
                 if conv in unit:
                     self.weights[f"{layer}/{conv}"] = core.standardised(unit[conv]).numpy()
-        self.int8_weights = {name: int8_per_channel(w) for name, w in self.weights.items()}
+        self._rounded_weights: dict[int, dict[str, np.ndarray]] = {}
+        norms = [("final/gn", core.gn_final)] + [(f"{layer}/{gn}", unit[gn]) for layer, unit in
+                                                  zip(self.layers[1:-1], core.units) for gn in ("gn_a", "gn_b", "gn_c")]
+        self.norm_constants = {name: [v.numpy() for v in params] for name, params in norms}
+        self.int8_norm_constants = {name: [int8_per_tensor(v) for v in params] for name, params in self.norm_constants.items()}
         self.ranges: dict[str, tuple[float, float]] = {}
         self._selection = FLOAT
         self._recording = False
@@ -124,7 +145,19 @@ class Simulation:
                 progress(f"  {label}: {min(start + batch, len(images))}/{len(images)} images")
         return np.concatenate(out)
 
-    def _round(self, layer: str, kind: str, name: str, x):
+    def _weights(self, layer: str, name: str) -> np.ndarray:
+        if not self._selection.rounds_weights(layer):
+            return self.weights[name]
+        bits = self._selection.weight_bits
+        if bits not in self._rounded_weights:
+            self._rounded_weights[bits] = {n: per_channel(w, bits) for n, w in self.weights.items()}
+        return self._rounded_weights[bits][name]
+
+    def _round(self, layer: str, kind: str, name: str, x, shares: str | None = None):
+        """Round `x` (the tensor `name`) if the selection picks its layer and kind. `shares`: the
+        tensor whose range it takes -- an op's input is its producer's int8 tensor, and the
+        converter gives MAX_POOL's output, a residual branch's last convolution and GroupNorm's
+        variance + eps the range of their input or of the ADD they feed."""
         if self._recording:
             lo, hi = float(self.tf.reduce_min(x)), float(self.tf.reduce_max(x))
             if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -135,40 +168,48 @@ class Simulation:
         bits = self._selection.bits(layer, kind)
         if bits is None:
             return x
-        lo, hi = self.ranges[name]
+        lo, hi = self.ranges[shares or name]
         lo, hi = min(lo, 0.0), max(hi, 0.0)  # the converter's ranges always hold zero
         if hi - lo < 1e-12:
             return x
+        if bits == 16:  # TFLite's 16-bit activations are symmetric
+            top = max(-lo, hi)
+            return self.tf.quantization.fake_quant_with_min_max_args(x, min=-top, max=top, num_bits=16,
+                                                                      narrow_range=True)
         return self.tf.quantization.fake_quant_with_min_max_args(x, min=lo, max=hi, num_bits=bits, narrow_range=False)
 
-    def _conv(self, x, layer: str, name: str, stride: int):
-        x = self._round(layer, "conv", f"{name}/input", x)
-        w = (self.int8_weights if self._selection.rounds_weights(layer) else self.weights)[name]
-        y = self.tf.nn.conv2d(x, w, strides=stride, padding="SAME")
-        return self._round(layer, "conv", f"{name}/output", y)
+    def _conv(self, x, layer: str, name: str, stride: int, source: str | None = None, output_shares: str | None = None):
+        x = self._round(layer, "conv", f"{name}/input", x, shares=source)
+        y = self.tf.nn.conv2d(x, self._weights(layer, name), strides=stride, padding="SAME")
+        return self._round(layer, "conv", f"{name}/output", y, shares=output_shares)
 
-    def _norm_relu(self, x, params, layer: str, name: str):
+    def _norm_relu(self, x, layer: str, name: str, source: str):
         """bit.BiT.group_norm then ReLU, each intermediate an int8 tensor of its own, as the
         converter lowers it: MEAN, SUB, SQUARE of the difference, MEAN, ADD, RSQRT, MUL, MUL by
         gamma, ADD of beta with the ReLU fused."""
         tf = self.tf
-        gamma, beta = params
+        key = f"{layer}/{name}"
+        rounded = self._selection.bits(layer, "norm") is not None
+        gamma, beta = (self.int8_norm_constants if rounded else self.norm_constants)[key]
         _, h, w, c = x.shape
         g = min(self.core.groups, c)
 
-        def r(part, t, kind="norm"):
-            return self._round(layer, kind, f"{layer}/{name}/{part}", t)
+        def r(part, t, kind="norm", shares=None):
+            return self._round(layer, kind, f"{key}/{part}", t, shares=shares)
 
-        def statistic(part, t):
-            return r(part, t, "statistics")
+        def statistic(part, t, shares=None):
+            return r(part, t, "statistics", shares)
 
-        xg = tf.reshape(r("input", x), [-1, h, w, g, c // g])
+        # SUB and MUL are int8 ops of the normalisation: their statistic inputs reach them as int8
+        # whatever precision the statistics ran in (the second r(...) on mean and rsqrt).
+        xg = tf.reshape(r("input", x, shares=source), [-1, h, w, g, c // g])
         mean = statistic("mean", tf.reduce_mean(xg, axis=[1, 2, 4], keepdims=True))
-        centred = r("centred", xg - mean)
+        centred = r("centred", xg - r("mean", mean))
         var = statistic("variance", tf.reduce_mean(statistic("square", tf.square(centred)), axis=[1, 2, 4],
                                                    keepdims=True))
-        inverse = statistic("rsqrt", tf.math.rsqrt(statistic("variance_eps", var + GROUPNORM_EPS)))
-        normalised = r("normalised", centred * inverse)
+        inverse = statistic("rsqrt", tf.math.rsqrt(statistic("variance_eps", var + bit.GROUPNORM_EPS,
+                                                             shares=f"{key}/variance")))
+        normalised = r("normalised", centred * r("rsqrt", inverse))
         scaled = r("scaled", tf.reshape(normalised, [-1, h, w, c]) * gamma)
         return r("output", tf.nn.relu(scaled + beta))
 
@@ -177,17 +218,27 @@ class Simulation:
         tf = self.tf
         core = self.core
         x = self._conv(image, "stem", "stem/conv", 2)
-        x = self._round("stem", "pool", "stem/max_pool", tf.nn.max_pool2d(x, ksize=3, strides=2, padding="SAME"))
+        source = "stem/conv/output"  # the tensor x is, as far as its int8 range goes
+        x = self._round("stem", "pool", "stem/max_pool", tf.nn.max_pool2d(x, ksize=3, strides=2, padding="SAME"),
+                        shares=source)
         for layer, u in zip(self.layers[1:-1], core.units):
-            a = self._norm_relu(x, u["gn_a"], layer, "gn_a")
-            shortcut = self._conv(a, layer, f"{layer}/proj", u["stride"]) if "proj" in u else x
+            a = self._norm_relu(x, layer, "gn_a", source)
+            if "proj" in u:
+                shortcut = self._conv(a, layer, f"{layer}/proj", u["stride"])
+                shortcut_source = f"{layer}/proj/output"
+            else:
+                shortcut, shortcut_source = x, source
             y = self._conv(a, layer, f"{layer}/conv1", 1)
-            y = self._conv(self._norm_relu(y, u["gn_b"], layer, "gn_b"), layer, f"{layer}/conv2", u["stride"])
-            y = self._conv(self._norm_relu(y, u["gn_c"], layer, "gn_c"), layer, f"{layer}/conv3", 1)
-            shortcut = self._round(layer, "add", f"{layer}/add/shortcut", shortcut)
-            y = self._round(layer, "add", f"{layer}/add/residual", y)
+            y = self._conv(self._norm_relu(y, layer, "gn_b", f"{layer}/conv1/output"), layer, f"{layer}/conv2", u["stride"])
+            # With the ADD int8 too, the converter gives the branch's last convolution the ADD's range.
+            add_is_int8 = self._selection.bits(layer, "add") is not None
+            y = self._conv(self._norm_relu(y, layer, "gn_c", f"{layer}/conv2/output"), layer, f"{layer}/conv3", 1,
+                           output_shares=f"{layer}/add" if add_is_int8 else None)
+            shortcut = self._round(layer, "add", f"{layer}/add/shortcut", shortcut, shares=shortcut_source)
+            y = self._round(layer, "add", f"{layer}/add/residual", y, shares=f"{layer}/add")
             x = self._round(layer, "add", f"{layer}/add", y + shortcut)
-        x = self._norm_relu(x, core.gn_final, "final", "gn")
+            source = f"{layer}/add"
+        x = self._norm_relu(x, "final", "gn", source)
         return self._round("final", "pool", "final/mean", tf.reduce_mean(x, axis=[1, 2]))
 
 
@@ -209,9 +260,10 @@ def measure(standin: str, calibration: Path, images: Path, out: Path, layer_imag
 
     from . import standins
 
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
+    asked = [p.strip() for p in parts]
+    if not asked or any(p not in PARTS for p in asked):
         raise ExportError(f"quantsim: --only takes a comma-separated subset of {', '.join(PARTS)}, not {','.join(parts)!r}")
+    parts = tuple(p for p in PARTS if p in asked)
     if layer_images < 2:
         raise ExportError(f"quantsim: --layer-images must be at least 2 (the head view is centred on their mean), "
                           f"not {layer_images}")
@@ -224,8 +276,18 @@ def measure(standin: str, calibration: Path, images: Path, out: Path, layer_imag
         if list(arr.shape[1:]) != [expected.height, expected.width, 3]:
             raise ExportError(f"{path}: inputs of shape {list(arr.shape[1:])}, but {standin} takes "
                               f"{[expected.height, expected.width, 3]} (made for another model?)")
+        made_for = input_affine(path)
+        if made_for is not None and not np.allclose(made_for, (expected.scale, expected.offset), rtol=1e-6, atol=1e-9):
+            raise ExportError(f"{path}: inputs made with scale {made_for[0]:.6g} and offset {made_for[1]:.6g}, but "
+                              f"{standin} takes scale {expected.scale:.6g} and offset {expected.offset:.6g} "
+                              f"(made for another model?)")
     if len(xs) < 2:
         raise ExportError(f"{images}: the head view needs at least 2 images (it is centred on their mean)")
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"{out}: cannot write the results there ({e})") from e
+    batch = min(batch, max(len(cal), len(xs)))
     tf.random.set_seed(standins.SEED)
     started = time.time()
     progress(f"{standin}: building the seeded network")
@@ -234,6 +296,9 @@ def measure(standin: str, calibration: Path, images: Path, out: Path, layer_imag
     progress(f"{standin}: {len(sim.ranges)} int8 tensors calibrated on {len(cal)} images, "
              f"{len(sim.weights)} convolutions, {len(sim.layers)} layers ({time.time() - started:.0f} s)")
     reference = sim.embed(xs, FLOAT, batch, progress, "float reference")
+    bad = [names[i] for i in np.flatnonzero(~np.all(np.isfinite(reference), axis=1))]
+    if bad:
+        raise ExportError(f"{images}: the float network's embedding is not finite for {', '.join(bad[:5])}")
     result = {
         "standin": standin, "simulated": True, "parts": list(parts),
         "definition": "delta = |P(c) - P(r)| / |P(r)|, P(x) = x/|x| - mean of the normalised float embeddings",
@@ -248,20 +313,30 @@ def measure(standin: str, calibration: Path, images: Path, out: Path, layer_imag
                 delta = head_view_delta(sim.embed(xs, selection, batch, progress, label), reference)
                 result[part].append(_judged(label, selection, delta, names))
                 progress(f"{label}: delta median {float(np.median(delta)):.3f} p99 {float(np.percentile(delta, 99)):.3f}")
+            write(out, result)  # each part as it finishes: a long run killed later keeps it
     if "layers" in parts:
         picked = spread(np.arange(len(xs)), min(layer_images, len(xs)))
         sub, sub_reference = xs[picked], reference[picked]
         layers = []
+        result["layer_images"] = [names[i] for i in picked]
         for n, layer in enumerate(sim.layers, 1):
             delta = head_view_delta(sim.embed(sub, Selection(EVERY_OP, True, frozenset({layer})), batch), sub_reference)
             layers.append({"layer": layer, **stats(delta)})
+            result["layers_ranked"] = sorted(layers, key=lambda r: r["delta_median"], reverse=True)
+            write(out, result)
             progress(f"  layer {n}/{len(sim.layers)} {layer}: delta median {layers[-1]['delta_median']:.3f} "
                      f"({time.time() - started:.0f} s)")
-        result["layer_images"] = [names[i] for i in picked]
-        result["layers_ranked"] = sorted(layers, key=lambda r: r["delta_median"], reverse=True)
     result["seconds"] = round(time.time() - started, 1)
     write(out, result)
     return result
+
+
+def input_affine(path: Path) -> tuple[float, float] | None:
+    """The scale and offset `dermedge_export inputs` recorded in an inputs file (None if it did not)."""
+    with np.load(path) as z:
+        if "scale" not in z or "offset" not in z:
+            return None
+        return float(z["scale"]), float(z["offset"])
 
 
 def report_path(out: Path, result: dict, suffix: str) -> Path:
@@ -287,6 +362,8 @@ def write(out: Path, result: dict) -> None:
                       f"of the images:", "", "| layer | δ median | δ mean | δ p99 |", "|---|---:|---:|---:|"]
         for r in result["layers_ranked"]:
             lines.append(f"| {r['layer']} | {r['delta_median']:.4f} | {r['delta_mean']:.4f} | {r['delta_p99']:.4f} |")
+        lines += ["", "A layer rounded alone also reads its input as int8: the tensor between two layers counts "
+                      "toward both."]
     report_path(out, result, "md").write_text("\n".join(lines) + "\n")
 
 

@@ -791,7 +791,7 @@ def load_inputs(path: Path, runner: Runner | None = None) -> tuple[np.ndarray, l
     try:
         with np.load(path) as z:
             inputs, names = z["inputs"], [str(n) for n in z["names"]]
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:  # TypeError, AttributeError: an .npy
         raise ExportError(f"{path}: not an inputs file from `dermedge_export inputs` ({e})") from e
     if inputs.ndim != 4 or inputs.dtype != np.float32 or len(names) != len(inputs) or len(inputs) == 0:
         raise ExportError(f"{path}: expected float32 inputs [n, h, w, c] with one name each, "
