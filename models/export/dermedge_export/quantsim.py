@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from . import bit
 from .errors import ExportError
@@ -105,9 +106,6 @@ class Simulation:
     """A BiT network (`bit.BiT`) run with int8 rounding at the tensors a `Selection` picks."""
 
     def __init__(self, core):
-        import tensorflow as tf
-
-        self.tf = tf
         self.core = core
         self.layers = ["stem"] + [f"unit{i:02d}" for i in range(1, len(core.units) + 1)] + ["final"]
         self.weights = {"stem/conv": core.standardised(core.stem).numpy()}
@@ -140,7 +138,7 @@ class Simulation:
         self._selection = selection
         out = []
         for start in range(0, len(images), batch):
-            out.append(self._forward(self.tf.constant(images[start:start + batch])).numpy())
+            out.append(self._forward(tf.constant(images[start:start + batch])).numpy())
             if progress is not None:
                 progress(f"  {label}: {min(start + batch, len(images))}/{len(images)} images")
         return np.concatenate(out)
@@ -159,7 +157,7 @@ class Simulation:
         converter gives MAX_POOL's output, a residual branch's last convolution and GroupNorm's
         variance + eps the range of their input or of the ADD they feed."""
         if self._recording:
-            lo, hi = float(self.tf.reduce_min(x)), float(self.tf.reduce_max(x))
+            lo, hi = float(tf.reduce_min(x)), float(tf.reduce_max(x))
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 raise ExportError(f"quantsim: tensor {name} is not finite on the calibration images")
             old = self.ranges.get(name, (lo, hi))
@@ -174,20 +172,19 @@ class Simulation:
             return x
         if bits == 16:  # TFLite's 16-bit activations are symmetric
             top = max(-lo, hi)
-            return self.tf.quantization.fake_quant_with_min_max_args(x, min=-top, max=top, num_bits=16,
+            return tf.quantization.fake_quant_with_min_max_args(x, min=-top, max=top, num_bits=16,
                                                                       narrow_range=True)
-        return self.tf.quantization.fake_quant_with_min_max_args(x, min=lo, max=hi, num_bits=bits, narrow_range=False)
+        return tf.quantization.fake_quant_with_min_max_args(x, min=lo, max=hi, num_bits=bits, narrow_range=False)
 
     def _conv(self, x, layer: str, name: str, stride: int, source: str | None = None, output_shares: str | None = None):
         x = self._round(layer, "conv", f"{name}/input", x, shares=source)
-        y = self.tf.nn.conv2d(x, self._weights(layer, name), strides=stride, padding="SAME")
+        y = tf.nn.conv2d(x, self._weights(layer, name), strides=stride, padding="SAME")
         return self._round(layer, "conv", f"{name}/output", y, shares=output_shares)
 
     def _norm_relu(self, x, layer: str, name: str, source: str):
         """bit.BiT.group_norm then ReLU, each intermediate an int8 tensor of its own, as the
         converter lowers it: MEAN, SUB, SQUARE of the difference, MEAN, ADD, RSQRT, MUL, MUL by
         gamma, ADD of beta with the ReLU fused."""
-        tf = self.tf
         key = f"{layer}/{name}"
         rounded = self._selection.bits(layer, "norm") is not None
         gamma, beta = (self.int8_norm_constants if rounded else self.norm_constants)[key]
@@ -215,7 +212,6 @@ class Simulation:
 
     def _forward(self, image):
         """bit.BiT.__call__, layer by layer, with a rounding point at each int8 tensor."""
-        tf = self.tf
         core = self.core
         x = self._conv(image, "stem", "stem/conv", 2)
         source = "stem/conv/output"  # the tensor x is, as far as its int8 range goes
@@ -256,8 +252,6 @@ def measure(standin: str, calibration: Path, images: Path, out: Path, layer_imag
     """The op-type ablation and the levers on every image of `images`, then each layer rounded
     alone on `layer_images` of them (evenly spread) -- the `parts` asked for; written to
     `out/<standin>.quantsim[-<parts>].json` and `.md`."""
-    import tensorflow as tf
-
     from . import standins
 
     asked = [p.strip() for p in parts]
