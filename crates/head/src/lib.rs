@@ -248,13 +248,17 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
         path: path.into(),
         cause,
     };
+    // Checked before opening, so that a FIFO is refused rather than waited on, and again on what
+    // was opened, in case the path was swapped in between.
     if !std::fs::metadata(path).map_err(read)?.is_file() {
         return Err(invalid("not a regular file".into()));
     }
+    let file = std::fs::File::open(path).map_err(read)?;
+    if !file.metadata().map_err(read)?.is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .map_err(read)?
-        .take(MAX_FILE_BYTES + 1)
+    file.take(MAX_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(read)?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
@@ -407,6 +411,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("h.json"));
+        let err = LinearHead::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        #[cfg(unix)]
+        {
+            // A FIFO is refused before it is opened: opening one would wait for a writer.
+            let fifo = dir.path().join("fifo.json");
+            let status = std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let err = LinearHead::load(&fifo).unwrap_err().to_string();
+            assert!(
+                err.contains("fifo.json") && err.contains("not a regular file"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
