@@ -64,7 +64,9 @@ def main(argv=None) -> int:
                    help="also search int8 recipes in order of cost; keep the fastest that passes dermedge's "
                         "fidelity gates as <name>.<precision>-faithful.tflite (see docs/QUANTISATION.md)")
     p.add_argument("--validation", type=Path, help="recipe search: validation images (default: --evaluation)")
-    p.add_argument("--validation-count", type=int, help="recipe search: judge on the first N validation images")
+    p.add_argument("--validation-count", type=int,
+                   help="recipe search: judge on a seeded sample of N validation images, stratified by kind "
+                        "(the calibration seed)")
     p.add_argument("--holdout", type=Path, help="recipe search: images the search never sees, to check the choice")
     p.add_argument("--dermedge", default=None, help="recipe search: the dermedge binary (default: target/release)")
     p.add_argument("--threads", type=int, default=2, help="recipe search: threads for timing and fidelity")

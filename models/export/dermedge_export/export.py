@@ -419,6 +419,18 @@ def write_teacher_labels(loaded, embeddings: np.ndarray, files: list[Path], path
             f.write(f"{file.name},{TEACHER_CLASSES[int(np.argmax(row))]}\n")
 
 
+def validation_subset(files: list[Path], count: int, seed: int, subset: Path) -> Path:
+    """Copy a seeded sample of `count` of `files`, each image kind in proportion, into the fresh
+    directory `subset`, for a search on a full-size model, which costs seconds per image and
+    recipe (the first `count` in sorted order would be one kind)."""
+    sample, _ = stratified_sample(files, count, seed)
+    shutil.rmtree(subset, ignore_errors=True)
+    subset.mkdir(parents=True)
+    for f in sample:
+        shutil.copy(f, subset / f.name)
+    return subset
+
+
 def export(options: ExportOptions, progress=print) -> dict:
     """Writes the fp32 and int8 TFLite files, their manifests and reports to `options.out`; returns the report."""
     savedmodel, name, out, version = options.savedmodel, options.name, options.out, options.version
@@ -568,15 +580,9 @@ def export(options: ExportOptions, progress=print) -> dict:
         val_files = list_images(validation, "validation")
         if {sha256(p) for p in cal_files} & {sha256(p) for p in val_files}:
             raise ExportError(f"{validation}: validation images overlap the calibration set; they must be disjoint")
-        count = search.validation_count
-        if count and count < len(val_files):
-            # A full-size model costs seconds per image and recipe: judge on the first `count`.
-            subset = out / "recipes" / f"validation-first-{count}"
-            shutil.rmtree(subset, ignore_errors=True)
-            subset.mkdir(parents=True)
-            for f in val_files[:count]:
-                shutil.copy(f, subset / f.name)
-            validation = subset
+        if search.validation_count and search.validation_count < len(val_files):
+            validation = validation_subset(val_files, search.validation_count, options.calibration_seed,
+                                           out / "recipes" / f"validation-{search.validation_count}")
         report["recipe_search"] = recipes.search(context(
             dermedge=search.dermedge, validation=validation, holdout=search.holdout, threads=search.threads,
             latency_budget=search.latency_budget, bench_runs=search.bench_runs, only=search.recipes,

@@ -70,7 +70,7 @@ class TargetFidelity:
     """`--target-fidelity`: also search int8 recipes and keep the fastest that passes dermedge's gates."""
     dermedge: str = DEFAULT_DERMEDGE  # the binary that times and judges each recipe
     validation: Path | None = None  # None: the evaluation images
-    validation_count: int | None = None  # judge on the first N validation images; None: all
+    validation_count: int | None = None  # judge on a stratified seeded sample of N validation images; None: all
     holdout: Path | None = None  # images the search never sees, to check its choice
     threads: int = 2
     latency_budget: float = 1.2  # the slowest a recipe may be, relative to the plain int8 export

@@ -65,3 +65,31 @@ class Calibration(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ValidationSubset(unittest.TestCase):
+    def test_a_search_judges_every_kind_not_the_first_files_in_sorted_order(self):
+        import tempfile
+        from dermedge_export.export import validation_subset
+        with tempfile.TemporaryDirectory() as d:
+            source = Path(d) / "wide"
+            source.mkdir()
+            names = ([f"mosaic-{i:03d}.png" for i in range(40)] + [f"photo-retina-{i:02d}.png" for i in range(10)]
+                     + [f"texture-{i:03d}.png" for i in range(14)])
+            for n in names:
+                (source / n).write_bytes(n.encode())
+            files = sorted(source.iterdir())
+            stale = Path(d) / "subset"
+            stale.mkdir()
+            (stale / "mosaic-999.png").write_bytes(b"an earlier run's")
+            subset = validation_subset(files, 16, 448, stale)
+            chosen = sorted(p.name for p in subset.iterdir())
+            kinds = [image_kind(Path(n)) for n in chosen]
+            # 16 x 40/64 = 10 mosaics, 2.5 photos, 3.5 textures.
+            self.assertEqual(len(chosen), 16)
+            self.assertEqual(kinds.count("mosaic"), 10)
+            self.assertEqual(kinds.count("photo") + kinds.count("texture"), 6)
+            self.assertGreaterEqual(min(kinds.count("photo"), kinds.count("texture")), 2)
+            self.assertNotIn("mosaic-999.png", chosen)
+            self.assertTrue(all((subset / n).read_bytes() == n.encode() for n in chosen))
+            self.assertEqual(chosen, sorted(p.name for p in validation_subset(files, 16, 448, stale).iterdir()))
