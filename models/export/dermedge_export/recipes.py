@@ -606,11 +606,16 @@ def frontier_svg(name: str, result: dict) -> str:
     budget = result["latency_budget"]
     out.append(f'<line x1="{x(budget):.1f}" y1="{top}" x2="{x(budget):.1f}" y2="{height - bottom}" stroke="gray" '
                f'stroke-dasharray="4 3"/><text x="{x(budget) + 4:.1f}" y="{top + 10}" fill="gray">budget {budget}x</text>')
+    placed = []  # label baselines already used: a label that would overlap one moves down a line
     for recipe, lat, delta, verdict in points:
         colour = "green" if verdict == "PASS" else "firebrick"
         out.append(f'<circle cx="{x(lat):.1f}" cy="{y(delta):.1f}" r="4" fill="{colour}"><title>{recipe}: '
                    f'{lat:.2f}x, δ p99 {delta:.3f}, {verdict}</title></circle>')
-        out.append(f'<text x="{x(lat) + 6:.1f}" y="{y(delta) - 4:.1f}">{recipe}</text>')
+        lx, ly = x(lat) + 6, y(delta) - 4
+        while any(abs(ly - py) < 12 and abs(lx - px) < 7 * max(len(recipe), len(pr)) for px, py, pr in placed):
+            ly += 12
+        placed.append((lx, ly, recipe))
+        out.append(f'<text x="{lx:.1f}" y="{ly:.1f}">{recipe}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

@@ -177,6 +177,15 @@ class Recipes(unittest.TestCase):
         self.assertEqual(svg.count("<circle"), 2)
         self.assertIn("fp16: 2.90x", svg)
         self.assertIn("budget 1.2x", svg)
+        # Recipes at nearly the same point get labels on different lines.
+        import re
+        svg = recipes.frontier_svg("m", {"latency_budget": 1.2, "recipes": [
+            entry("int8-plain", 1.0, 1.09, "FAIL"), entry("ablation-conv-add-norm", 1.01, 1.086, "FAIL"),
+            entry("fp16", 2.7, 0.056, "PASS")]})
+        labels = {m[2]: (float(m[0]), float(m[1]))
+                  for m in re.findall(r'<text x="([0-9.]+)" y="([0-9.]+)">([a-z0-9-]+)</text>', svg)}
+        self.assertEqual(set(labels), {"int8-plain", "ablation-conv-add-norm", "fp16"})
+        self.assertGreaterEqual(abs(labels["int8-plain"][1] - labels["ablation-conv-add-norm"][1]), 12)
 
     def test_searches_merge_with_each_recipe_once_as_first_judged(self):
         def entry(name, delta):
