@@ -1,8 +1,10 @@
 """The calibration sample: stratified by kind in proportion, seeded, and recorded as drawn."""
+import tempfile
 import unittest
 from pathlib import Path
 
 from dermedge_export.calibration import calibration_sample, image_kind
+from dermedge_export.export import validation_subset
 from dermedge_export.options import ExportOptions
 
 
@@ -63,14 +65,9 @@ class Calibration(unittest.TestCase):
             options(calibration_seed=-1)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 class ValidationSubset(unittest.TestCase):
     def test_a_search_judges_every_kind_not_the_first_files_in_sorted_order(self):
-        import tempfile
-        from dermedge_export.export import validation_subset
         with tempfile.TemporaryDirectory() as d:
             source = Path(d) / "wide"
             source.mkdir()
@@ -93,3 +90,7 @@ class ValidationSubset(unittest.TestCase):
             self.assertNotIn("mosaic-999.png", chosen)
             self.assertTrue(all((subset / n).read_bytes() == n.encode() for n in chosen))
             self.assertEqual(chosen, sorted(p.name for p in validation_subset(files, 16, 448, stale).iterdir()))
+
+
+if __name__ == "__main__":
+    unittest.main()

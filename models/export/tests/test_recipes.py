@@ -1,6 +1,7 @@
 """The recipe search's own logic: which layers stay in float, the calibration augmentation, and
 how results are chosen and reported (the conversions themselves run in the documented search)."""
 import json
+import re
 import tempfile
 import unittest
 from pathlib import Path
@@ -178,7 +179,6 @@ class Recipes(unittest.TestCase):
         self.assertIn("fp16: 2.90x", svg)
         self.assertIn("budget 1.2x", svg)
         # Recipes at nearly the same point get labels on different lines.
-        import re
         svg = recipes.frontier_svg("m", {"latency_budget": 1.2, "recipes": [
             entry("int8-plain", 1.0, 1.09, "FAIL"), entry("ablation-conv-add-norm", 1.01, 1.086, "FAIL"),
             entry("fp16", 2.7, 0.056, "PASS")]})
