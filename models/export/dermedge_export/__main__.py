@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--sensitivity", type=Path,
                    help="recipe search: a per-layer sensitivity run of this model's fp32 export "
                         "(dermedge_export.sensitivity); offers the aeq-mixed-* recipes")
+    p.add_argument("--qat", type=Path,
+                   help="recipe search: the float .tflite of a quantisation-aware fine-tuning run of this model "
+                        "(dermedge_export.qat); offers aeq-int8-qat-mse, judged against this model's own fp32")
     p.add_argument("--recipes", help="recipe search: comma-separated recipe names to try (default: all; the plain "
                                      "int8 export is always tried, as the timing baseline)")
 
@@ -121,15 +124,16 @@ def main(argv=None) -> int:
             print(f"wrote image sets to {args.out}")
         elif args.command == "export":
             target = None
-            if args.sensitivity is not None and not args.target_fidelity:
-                raise ExportError("--sensitivity offers recipes to the search: it needs --target-fidelity")
+            for given, flag in ((args.sensitivity, "--sensitivity"), (args.qat, "--qat")):
+                if given is not None and not args.target_fidelity:
+                    raise ExportError(f"{flag} offers recipes to the search: it needs --target-fidelity")
             if args.target_fidelity:
                 target = TargetFidelity(
                     dermedge=args.dermedge or DEFAULT_DERMEDGE, validation=args.validation,
                     validation_count=args.validation_count, holdout=args.holdout, threads=args.threads,
                     latency_budget=args.latency_budget, bench_runs=args.bench_runs,
                     recipes=tuple(args.recipes.split(",")) if args.recipes is not None else None,
-                    sensitivity=args.sensitivity)
+                    sensitivity=args.sensitivity, qat=args.qat)
             options = ExportOptions(
                 savedmodel=args.savedmodel, name=args.name, out=args.out, calibration=args.calibration,
                 evaluation=args.evaluation, version=args.version, input_type=args.input_type,

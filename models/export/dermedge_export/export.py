@@ -586,7 +586,7 @@ def export(options: ExportOptions, progress=print) -> dict:
         report["recipe_search"] = recipes.search(context(
             dermedge=search.dermedge, validation=validation, holdout=search.holdout, threads=search.threads,
             latency_budget=search.latency_budget, bench_runs=search.bench_runs, only=search.recipes,
-            sensitivity=search.sensitivity))
+            sensitivity=search.sensitivity, qat=search.qat))
     if integer_core_dir is not None:
         shutil.rmtree(integer_core_dir, ignore_errors=True)
     shutil.rmtree(core_dir, ignore_errors=True)

@@ -28,7 +28,7 @@ RECIPE_NAMES = ("int8-plain", "int8-integer-groupnorm", "ablation-conv", "ablati
                 "aeq-int8-activation-corrected-mse", "aeq-int8-gptq-activation-corrected-mse", "aeq-int8-adapted-mse",
                 "aeq-int8-weights-gptq",
                 "aeq-mixed-8",
-                "aeq-mixed-32", "aeq-mixed-gptq-mse-8", "aeq-mixed-gptq-mse-32", "aeq-a16w8")
+                "aeq-mixed-32", "aeq-mixed-gptq-mse-8", "aeq-mixed-gptq-mse-32", "aeq-int8-qat-mse", "aeq-a16w8")
 
 
 def _set(obj, name: str, value):
@@ -79,6 +79,9 @@ class TargetFidelity:
     # A per-layer sensitivity run (dermedge_export.sensitivity) of this model's fp32 export: the
     # aeq-mixed-* recipes keep its most sensitive ops float. None: those recipes are not offered.
     sensitivity: Path | None = None
+    # A quantisation-aware fine-tuning run (dermedge_export.qat) of this model: its fine-tuned float
+    # .tflite, which aeq-int8-qat-mse quantises. None: that recipe is not offered.
+    qat: Path | None = None
 
     def __post_init__(self):
         if not isinstance(self.dermedge, (str, os.PathLike)) or not os.fspath(self.dermedge):
@@ -95,6 +98,11 @@ class TargetFidelity:
             if not self.sensitivity.is_file():
                 raise ExportError(f"sensitivity: {str(self.sensitivity)!r} is not a file (a sensitivity run's "
                                   "<name>.sensitivity.json)")
+        if self.qat is not None:
+            _set(self, "qat", _path("qat", self.qat))
+            if not self.qat.is_file() or self.qat.suffix != ".tflite":
+                raise ExportError(f"qat: {str(self.qat)!r} is not a .tflite file (a fine-tuning run's "
+                                  "<name>.fp32.tflite, from dermedge_export.qat)")
         if self.validation_count is not None:
             _count("validation_count", self.validation_count)
         _count("threads", self.threads)

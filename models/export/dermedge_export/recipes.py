@@ -80,6 +80,8 @@ class Context:
     shared: dict = field(default_factory=dict)
     # A per-layer sensitivity run of the fp32 export (sensitivity.py): offers aeq-mixed-*.
     sensitivity: Path | None = None
+    # A quantisation-aware fine-tuning run's float .tflite (qat.py): offers aeq-int8-qat-mse.
+    qat: Path | None = None
 
 
 def _converter(ctx: Context, integer_friendly: bool = False):
@@ -214,9 +216,10 @@ def _fp16(ctx: Context) -> bytes:
 QUANTIZER_TIMEOUT_S = 3 * 3600
 
 
-def _quantizer(ctx: Context, conversion: str, *extra: str) -> bytes:
+def _quantizer(ctx: Context, conversion: str, *extra: str, source: Path | None = None) -> bytes:
     """A conversion by the AI Edge Quantizer (sensitivity.CONVERSIONS), run in its own venv
-    (it pins another LiteRT) on the fp32 export, calibrated on the same images as every recipe."""
+    (it pins another LiteRT) on the fp32 export (or `source`, a fine-tuned copy of it), calibrated
+    on the same images as every recipe."""
     def calibration() -> Path:
         path = ctx.out / "recipes" / f"{ctx.name}.calibration-inputs.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,9 +227,9 @@ def _quantizer(ctx: Context, conversion: str, *extra: str) -> bytes:
         return path
 
     cal = _once(ctx, "calibration-npz", calibration)
-    out = ctx.out / "recipes" / f"{ctx.name}.{conversion}{''.join(extra[-1:])}.aeq.tflite"
+    out = ctx.out / "recipes" / f"{ctx.name}.{conversion}{''.join(extra[-1:])}{'.qat' if source else ''}.aeq.tflite"
     cmd = ["bash", str(ROOT / "scripts" / "python-env.sh"), "--venv", "quantizer", "-m", "dermedge_export.sensitivity",
-           str(ctx.fp32_tflite), "--calibration", str(cal), "--convert", conversion, "--out", str(out), *extra]
+           str(source or ctx.fp32_tflite), "--calibration", str(cal), "--convert", conversion, "--out", str(out), *extra]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=QUANTIZER_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
@@ -264,6 +267,7 @@ def selected(ctx: Context) -> list[Recipe]:
     missing = [n for n in ctx.only if n not in offered]
     if missing:
         why = {n: "needs --sensitivity (a per-layer sensitivity run)" if n.startswith("aeq-mixed-")
+               else "needs --qat (a quantisation-aware fine-tuning run)" if n == "aeq-int8-qat-mse"
                else "needs a graph with Square / SquaredDifference" for n in missing}
         raise ExportError("recipes not offered for this model: " + "; ".join(f"{n} {w}" for n, w in why.items()))
     return [r for r in every if r.name == "int8-plain" or r.name in ctx.only]
@@ -333,6 +337,14 @@ def aeq_recipes(ctx: Context) -> list[Recipe]:
                              lambda k=k, c=conversion: _quantizer(ctx, c, "--sensitivity", str(ctx.sensitivity),
                                                                   "--float-ops", str(k)))
                       for k in (8, 32)]
+    qat = []
+    if ctx.qat is not None:
+        qat = [Recipe("aeq-int8-qat-mse", "int8",
+                      f"int8 with MSE activation ranges and nearest-rounded weights, converted from a copy of the "
+                      f"model fine-tuned with int8 rounding in its forward pass towards its own float embeddings "
+                      f"({ctx.qat}; dermedge_export.qat), judged against the original fp32 export; "
+                      f"{n} calibration images",
+                      lambda: _quantizer(ctx, "int8-mse", source=ctx.qat))]
     return [
         Recipe("aeq-int8", "int8", f"AI Edge Quantizer int8 (min/max ranges, per-channel weights); {n} calibration images",
                lambda: _quantizer(ctx, "int8")),
@@ -373,6 +385,7 @@ def aeq_recipes(ctx: Context) -> list[Recipe]:
                "activations and arithmetic (fp32's speed, or fp16 arithmetic's with cpu_arithmetic = \"fp16\"), "
                "a quarter of the fp32 file", lambda: _quantizer(ctx, "int8-weights-gptq")),
         *mixed,
+        *qat,
         Recipe("aeq-a16w8", "int16x8", "AI Edge Quantizer int16 activations, int8 weights",
                lambda: _quantizer(ctx, "a16w8")),
     ]

@@ -1044,6 +1044,7 @@ class Conversion:
 CONVERSIONS = {
     "int8": Conversion(),
     "int8-bias-corrected": Conversion(weights="bias-corrected"),
+    "int8-mse": Conversion(ranges="mse"),
     "int8-bias-corrected-mse": Conversion(weights="bias-corrected", ranges="mse"),
     "int8-cle-bias-corrected-mse": Conversion(equalise="weights", weights="bias-corrected", ranges="mse"),
     "int8-gptq-mse": Conversion(weights="gptq", ranges="mse"),
@@ -1139,9 +1140,10 @@ def converted(model_path: Path, calibration: Path, conversion: str, sensitivity:
 
 
 def judge(model_path: Path, calibration: Path, images: Path, out: Path, conversions: list[str], threads: int = 2,
-          progress=print) -> dict:
+          progress=print, reference_model: Path | None = None) -> dict:
     """Convert the float model by each of `conversions` (CONVERSIONS) into `out` and measure δ on
-    `images` against the float model: `<name>.judged.{json,md}`."""
+    `images` against the float model (or `reference_model`, when the converted one is a fine-tuned
+    copy of it): `<name>.judged.{json,md}`."""
     unknown = [c or "an empty name" for c in conversions if c not in CONVERSIONS or CONVERSIONS[c].mixed]
     if unknown or not conversions:
         raise ExportError(f"--judge: expected conversions from {', '.join(n for n, c in CONVERSIONS.items() if not c.mixed)} "
@@ -1149,7 +1151,7 @@ def judge(model_path: Path, calibration: Path, images: Path, out: Path, conversi
     model = Path(model_path).read_bytes()
     fp32 = Runner(model, threads)
     xs, _ = load_inputs(images, fp32)
-    reference = fp32.embed(xs)
+    reference = (fp32 if reference_model is None else Runner(Path(reference_model).read_bytes(), threads)).embed(xs)
     name = Path(model_path).name.split(".")[0]
     rows = []
     for conversion in conversions:
@@ -1164,7 +1166,8 @@ def judge(model_path: Path, calibration: Path, images: Path, out: Path, conversi
                "seconds": round(time.time() - started, 1), "done": done}
         rows.append(row)
         progress(f"  {conversion}: delta median {row['delta_median']:.3f} p99 {row['delta_p99']:.3f}")
-    result = {"model": str(model_path), "images": str(images), "image_count": len(xs),
+    result = {"model": str(model_path), "reference": str(reference_model or model_path), "images": str(images),
+              "image_count": len(xs),
               "calibration": str(calibration), "judged": rows}
     (Path(out) / f"{name}.judged.json").write_text(json.dumps(result, indent=1))
     lines = [f"# {name}: conversions judged on {len(xs)} images", "",
@@ -1219,6 +1222,8 @@ def main(argv=None) -> int:
     action.add_argument("--convert", choices=CONVERSIONS, help="write this quantised model to --out instead of measuring")
     action.add_argument("--judge", help="comma-separated conversions: write each to --out and measure its delta on --images "
                                    "(<name>.judged.{json,md})")
+    p.add_argument("--reference", type=Path, help="--judge: measure against this float .tflite instead of the model "
+                                                 "(the original, when the model is a fine-tuned copy of it)")
     p.add_argument("--sensitivity", type=Path, help="--convert mixed*: the sensitivity run whose ranking to use")
     p.add_argument("--float-ops", type=int, default=0, help="--convert mixed*: how many of the most sensitive ops stay float")
     p.add_argument("--top", default="1,2,4,8,16,32", help="k values for 'all but the k most sensitive'")
@@ -1247,9 +1252,12 @@ def main(argv=None) -> int:
             return 0
         if args.images is None:
             raise ExportError("--images is needed to measure (or give --convert)")
+        if args.reference is not None and (args.judge is None or not args.reference.is_file()):
+            raise ExportError(f"--reference {args.reference}: " + ("no such model file" if args.judge is not None
+                                                                   else "only for --judge"))
         if args.judge is not None:
             judge(args.model, args.calibration, args.images, args.out, [c.strip() for c in args.judge.split(",")],
-                  args.threads)
+                  args.threads, reference_model=args.reference)
             print(f"wrote {args.out}/*.judged.{{json,md}}")
             return 0
         result = measure(args.model, args.calibration, args.images, args.out, top, args.activation_bits, args.threads,

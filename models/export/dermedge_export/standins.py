@@ -88,7 +88,9 @@ def sklesion_model_path() -> Path:
     return Path(os.path.dirname(sklesion.__file__)) / "model.keras"
 
 
-def build_lesion(out: Path):
+def lesion_parts():
+    """lesion-x448's Keras core (normalisation + Xception at 448x448, global-average-pooled) with
+    sklesion's trained weights, and the trained classifier it came from (for the teacher head)."""
     import keras
 
     trained = keras.models.load_model(sklesion_model_path(), compile=False)
@@ -111,7 +113,15 @@ def build_lesion(out: Path):
             copied += len(weights)
     assert copied == len(old_xception.get_weights()), "every trained Xception weight must be copied"
     core = keras.Model(inp, xception(norm(inp)), name="lesion_x448")
+    return core, trained
 
+
+def build_lesion(out: Path):
+    save_lesion(*lesion_parts(), out)
+
+
+def save_lesion(core, trained, out: Path, description: str = ""):
+    """The SavedModel of lesion-x448 around `core` (the trained one, or a fine-tuned copy)."""
     L = trained.get_layer
 
     class Lesion(ExampleServing):
@@ -139,7 +149,7 @@ def build_lesion(out: Path):
         return x
 
     serving = Lesion(run_core, identity,
-                     "lesion-x448: sklesion 0.2.2 HAM10000 Xception image path at 448x448, GAP 2048-d")
+                     description or "lesion-x448: sklesion 0.2.2 HAM10000 Xception image path at 448x448, GAP 2048-d")
     serving.keras_core = core
     serving.head_layers = [L(n) for n in ["dense", "batch_normalization_4", "dense_1", "batch_normalization_5",
                                           "dense_2", "batch_normalization_6", "concatenate", "dense_3",

@@ -103,6 +103,8 @@ class Options(unittest.TestCase):
             ("recipes", dict(recipes=["int8-plain", "int4"]), "unknown recipe int4", ", ".join(RECIPE_NAMES)),
             ("recipes", dict(recipes=[""]), "unknown recipe ''"),
             ("recipes", dict(recipes="int16x8"), "a list of recipe names"),
+            ("qat", dict(qat=missing), "not a .tflite file", missing),
+            ("qat", dict(qat=BINARY), "not a .tflite file", "dermedge_export.qat"),
         ]
         for field, changes, *fragments in cases:
             with self.subTest(field=field, changes=changes):

@@ -132,7 +132,7 @@ class Recipes(unittest.TestCase):
                               threads=2, latency_budget=1.2, bench_runs=1, only=("dynamic-range-int8",))
         self.assertEqual([r.name for r in recipes.selected(ctx)], ["int8-plain", "dynamic-range-int8"])
         ctx.only = None
-        without = [n for n in RECIPE_NAMES if not n.startswith("aeq-mixed-")]
+        without = [n for n in RECIPE_NAMES if not n.startswith("aeq-mixed-") and n != "aeq-int8-qat-mse"]
         self.assertEqual([r.name for r in recipes.selected(ctx)], without)
         # The mixed-precision recipes need a sensitivity run's ranking, and say so when asked for.
         ctx.only = ("aeq-mixed-8",)
@@ -140,6 +140,12 @@ class Recipes(unittest.TestCase):
             recipes.selected(ctx)
         ctx.sensitivity = Path("m.sensitivity.json")
         self.assertEqual([r.name for r in recipes.selected(ctx)], ["int8-plain", "aeq-mixed-8"])
+        # So does the fine-tuned one: it quantises a fine-tuning run's float file.
+        ctx.only = ("aeq-int8-qat-mse",)
+        with self.assertRaisesRegex(ExportError, "aeq-int8-qat-mse needs --qat"):
+            recipes.selected(ctx)
+        ctx.qat = Path("qat/m.fp32.tflite")
+        self.assertEqual([r.name for r in recipes.selected(ctx)], ["int8-plain", "aeq-int8-qat-mse"])
         ctx.only = None
         self.assertEqual([r.name for r in recipes.selected(ctx)], list(RECIPE_NAMES))
 

@@ -214,6 +214,15 @@ class OnTheFixture(unittest.TestCase):
             S.judge(MODEL, self.cal, self.images, out, ["int8", ""])
         with self.assertRaisesRegex(ExportError, "the mixed ones need a ranking.*got mixed"):
             S.judge(MODEL, self.cal, self.images, out, ["int8", "mixed"])
+        # A fine-tuned copy is judged against the original: the same conversion, another reference.
+        original = Path(self.dir.name) / "original.tflite"
+        original.write_bytes(S.with_weight_noise(self.model, 0.05))
+        against = S.judge(MODEL, self.cal, self.images, Path(self.dir.name) / "against", ["int8"],
+                          progress=lambda _: None, reference_model=original)
+        self.assertEqual((against["model"], against["reference"]), (str(MODEL), str(original)))
+        self.assertNotAlmostEqual(against["judged"][0]["delta_median"], rows["int8"]["delta_median"], places=4)
+        self.assertEqual(S.main([str(MODEL), "--calibration", str(self.cal), "--images", str(self.images),
+                                 "--out", str(out), "--reference", str(original)]), 2)  # only for --judge
 
     def _output_errors(self, quantised: bytes, cal: np.ndarray) -> dict:
         """Each convolution's mean output error per channel, quantised against float, over `cal`

@@ -1,0 +1,124 @@
+"""Quantisation-aware fine-tuning: the simulation rounds where the converted graph holds int8
+tensors, runs exactly the float network when it rounds nothing, and keeps the best epoch."""
+import tempfile
+import unittest
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dermedge_export.qat import VIEWS, Simulated, embed, fine_tune, round_weights, view
+from dermedge_export.sensitivity import head_view_delta
+
+
+def tiny_core(seed: int = 0):
+    """Normalisation + a nested backbone with every layer kind Xception has: a convolution with a
+    batch norm and a fused ReLU, a separable convolution, a residual 1x1 convolution, max pool,
+    add, a standalone ReLU and global average pooling."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, use_bias=False, name="stem")(inp)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.Activation("relu", name="stem_act")(x)
+    residual = keras.layers.Conv2D(12, 1, strides=2, padding="same", use_bias=False, name="res")(x)
+    residual = keras.layers.BatchNormalization(name="res_bn")(residual)
+    y = keras.layers.SeparableConv2D(12, 3, padding="same", use_bias=False, name="sep")(x)
+    y = keras.layers.BatchNormalization(name="sep_bn")(y)
+    y = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool")(y)
+    y = keras.layers.Add(name="add")([y, residual])
+    y = keras.layers.Activation("relu", name="add_act")(y)
+    y = keras.layers.GlobalAveragePooling2D(name="gap")(y)
+    backbone = keras.Model(inp, y, name="backbone")
+    for layer in backbone.layers:  # batch norms with statistics of their own, not the identity
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            rng = np.random.default_rng(len(layer.name))
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n), rng.normal(0, 0.1, n),
+                               rng.uniform(0.5, 2.0, n)])
+    top = keras.Input((16, 16, 3))
+    norm = keras.layers.Normalization(axis=-1, mean=[100.0, 110.0, 120.0], variance=[900.0, 800.0, 700.0])
+    return keras.Model(top, backbone(norm(top)))
+
+
+def images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (n, 16, 16, 3)).astype(np.float32)
+
+
+class RoundWeights(unittest.TestCase):
+    def test_per_channel_symmetric_grid_with_straight_through_gradient(self):
+        w = tf.Variable(np.random.default_rng(1).normal(0, 1, (3, 3, 4, 5)).astype(np.float32))
+        with tf.GradientTape() as tape:
+            q = round_weights(w, -1)
+            total = tf.reduce_sum(q * 2.0)
+        q = q.numpy()
+        for c in range(5):
+            scale = np.abs(w.numpy()[..., c]).max() / 127
+            steps = q[..., c] / scale
+            np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+            self.assertAlmostEqual(float(np.abs(steps).max()), 127.0, places=3)
+        np.testing.assert_allclose(tape.gradient(total, w).numpy(), 2.0)
+
+    def test_an_all_zero_channel_stays_zero(self):
+        w = np.zeros((1, 1, 2, 3), np.float32)
+        w[..., 1] = 0.5
+        self.assertTrue(np.all(np.isfinite(round_weights(tf.constant(w), -1).numpy())))
+        np.testing.assert_allclose(round_weights(tf.constant(w), -1).numpy(), w)
+
+
+class Views(unittest.TestCase):
+    def test_eight_distinct_symmetries_and_the_first_is_the_image(self):
+        x = images(1, 2)
+        np.testing.assert_array_equal(view(x, 0), x)
+        seen = {view(x, k).tobytes() for k in range(VIEWS)}
+        self.assertEqual(len(seen), VIEWS)
+
+
+class Simulation(unittest.TestCase):
+    def setUp(self):
+        self.core = tiny_core()
+        self.sim = Simulated(self.core)
+        self.x = images(6, 3)
+
+    def test_rounding_nothing_is_the_float_network(self):
+        np.testing.assert_array_equal(embed(self.sim, self.x), self.core(self.x, training=False).numpy())
+
+    def test_rounds_where_the_converted_graph_holds_int8_tensors(self):
+        ranges = self.sim.calibrate(self.x)
+        # Folded away: convolutions into their batch norms, the stem's batch norm into its ReLU,
+        # and the max pool (its input's range). The separable convolution's depthwise half is its own.
+        self.assertEqual(sorted(ranges), ["add", "add_act", "gap", "input", "res_bn", "sep/depthwise", "sep_bn",
+                                          "stem_act"])
+        self.assertEqual(ranges["stem_act"][0], 0.0)  # a fused ReLU's range starts at zero
+        self.sim.mode = "int8"
+        rounded = embed(self.sim, self.x)
+        reference = self.core(self.x, training=False).numpy()
+        self.assertFalse(np.array_equal(rounded, reference))
+        self.assertLess(float(np.median(head_view_delta(rounded, reference))), 0.5)
+        self.sim.activations = self.sim.weights = False
+        np.testing.assert_array_equal(embed(self.sim, self.x), reference)
+
+    def test_an_unmodelled_layer_is_named(self):
+        inp = keras.Input((8, 8, 3))
+        backbone = keras.Model(inp, keras.layers.GlobalAveragePooling2D()(keras.layers.UpSampling2D(name="up")(inp)))
+        top = keras.Input((8, 8, 3))
+        with self.assertRaisesRegex(Exception, "up: layer type UpSampling2D"):
+            Simulated(keras.Model(top, backbone(top)))(tf.constant(images(1, 4)[:, :8, :8]))
+
+
+class FineTune(unittest.TestCase):
+    def test_the_kept_weights_are_the_best_validation_epochs(self):
+        core = tiny_core(5)
+        untouched = [v.numpy() for v in core.trainable_variables]
+        with tempfile.TemporaryDirectory() as d:
+            record = fine_tune(core, images(8, 6), images(6, 7), epochs=3, learning_rate=1e-2, batch=2, out=Path(d),
+                               progress=lambda line: None)
+            self.assertTrue((Path(d) / "qat.json").is_file())
+        p99 = [h["validation"]["delta_p99"] for h in record["history"]]
+        self.assertEqual(record["kept_epoch"], int(np.argmin(p99)))
+        changed = any(not np.array_equal(a, v.numpy()) for a, v in zip(untouched, core.trainable_variables))
+        self.assertEqual(changed, record["kept_epoch"] > 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
