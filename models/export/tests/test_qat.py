@@ -119,6 +119,24 @@ class FineTune(unittest.TestCase):
         changed = any(not np.array_equal(a, v.numpy()) for a, v in zip(untouched, core.trainable_variables))
         self.assertEqual(changed, record["kept_epoch"] > 0)
 
+    def test_ranges_chosen_again_during_training_and_targets_kept_in_their_cache(self):
+        core = tiny_core(8)
+        with tempfile.TemporaryDirectory() as d:
+            cache = Path(d) / "targets.npz"
+            lines = []
+            record = fine_tune(core, images(4, 9), images(4, 10), epochs=2, learning_rate=1e-3, batch=2, out=Path(d),
+                               progress=lines.append, targets_cache=cache, recalibrate_every=1)
+            self.assertEqual([h["epoch"] for h in record["history"]], [0, 1, 2])
+            self.assertEqual(sum("ranges of" in line for line in lines), 1)
+            with np.load(cache) as z:
+                self.assertEqual(z["views"].shape, (VIEWS, 4, 12))
+                kept = str(z["key"])
+            # Other weights are another model: its targets are computed again, not read.
+            fine_tune(tiny_core(11), images(4, 9), images(4, 10), epochs=1, learning_rate=1e-3, batch=2, out=Path(d),
+                      progress=lambda line: None, targets_cache=cache)
+            with np.load(cache) as z:
+                self.assertNotEqual(str(z["key"]), kept)
+
 
 if __name__ == "__main__":
     unittest.main()
