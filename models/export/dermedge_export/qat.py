@@ -286,7 +286,20 @@ def write_float_tflite(core, path: Path, size: int) -> None:
     def serving_default(x):
         return {"embedding": core(x, training=False)}
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([serving_default.get_concrete_function()], core)
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    # Frozen, then wrapped again: converted with its variables, the file would read every weight
+    # from a runtime variable (VAR_HANDLE), and a frozen function alone loses the signature the
+    # quantiser runs.
+    frozen = convert_variables_to_constants_v2(serving_default.get_concrete_function())
+
+    @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name="image")])
+    def signature(x):
+        return {"embedding": frozen(x)[0]}
+
+    holder = tf.Module()
+    holder.signature = signature
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([signature.get_concrete_function()], holder)
     path.write_bytes(converter.convert())
 
 

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dermedge_export.qat import VIEWS, Simulated, embed, fine_tune, round_weights, view
+from dermedge_export.qat import VIEWS, Simulated, embed, fine_tune, round_weights, view, write_float_tflite
 from dermedge_export.sensitivity import head_view_delta
 
 
@@ -104,6 +104,22 @@ class Simulation(unittest.TestCase):
         top = keras.Input((8, 8, 3))
         with self.assertRaisesRegex(Exception, "up: layer type UpSampling2D"):
             Simulated(keras.Model(top, backbone(top)))(tf.constant(images(1, 4)[:, :8, :8]))
+
+
+class FloatFile(unittest.TestCase):
+    def test_the_float_file_carries_its_weights_and_computes_the_core(self):
+        from ai_edge_litert.interpreter import Interpreter
+
+        core = tiny_core(12)
+        x = images(1, 13)
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "m.fp32.tflite"
+            write_float_tflite(core, path, 16)
+            interp = Interpreter(model_path=str(path))
+            ops = {op["op_name"] for op in interp._get_ops_details()}
+            self.assertFalse(ops & {"VAR_HANDLE", "READ_VARIABLE"}, ops)
+            out = interp.get_signature_runner("serving_default")(image=x)["embedding"]
+        np.testing.assert_allclose(out, core(x, training=False).numpy(), rtol=1e-4, atol=1e-5)
 
 
 class FineTune(unittest.TestCase):
