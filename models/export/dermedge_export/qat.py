@@ -330,9 +330,8 @@ def main(argv=None) -> int:
         save_lesion(core, trained, args.out / "savedmodel",
                     "lesion-x448, fine-tuned for int8 by distillation from its float model "
                     f"({record['kept_epoch']} epochs kept)")
-        core.save_weights(args.out / "core.weights.h5")
         write_float_tflite(core, args.out / "lesion-x448.fp32.tflite", SIZE)
-        print(f"wrote {args.out}/savedmodel, core.weights.h5, lesion-x448.fp32.tflite and qat.json")
+        print(f"wrote {args.out}/savedmodel, lesion-x448.fp32.tflite and qat.json")
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
