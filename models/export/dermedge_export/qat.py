@@ -334,7 +334,7 @@ def main(argv=None) -> int:
         print(f"wrote {args.out}/savedmodel, lesion-x448.fp32.tflite and qat.json")
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
