@@ -95,7 +95,9 @@ class Simulation(unittest.TestCase):
         reference = self.core(self.x, training=False).numpy()
         self.assertFalse(np.array_equal(rounded, reference))
         self.assertLess(float(np.median(head_view_delta(rounded, reference))), 0.5)
-        self.sim.activations = self.sim.weights = False
+        self.sim.activations = False  # the weights alone are rounded too
+        self.assertFalse(np.array_equal(embed(self.sim, self.x), reference))
+        self.sim.weights = False
         np.testing.assert_array_equal(embed(self.sim, self.x), reference)
 
     def test_an_unmodelled_layer_is_named(self):
