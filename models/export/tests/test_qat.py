@@ -2,13 +2,15 @@
 tensors, runs exactly the float network when it rounds nothing, and keeps the best epoch."""
 import tempfile
 import unittest
+from unittest import mock
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from dermedge_export.qat import VIEWS, Simulated, embed, fine_tune, round_weights, view, write_float_tflite
+from dermedge_export.qat import (VIEWS, Simulated, embed, fine_tune, float_targets, round_weights, view,
+                                 write_float_tflite)
 from dermedge_export.sensitivity import head_view_delta
 
 
@@ -141,11 +143,15 @@ class FineTune(unittest.TestCase):
         core = tiny_core(8)
         with tempfile.TemporaryDirectory() as d:
             cache = Path(d) / "targets.npz"
-            lines = []
-            record = fine_tune(core, images(4, 9), images(4, 10), epochs=2, learning_rate=1e-3, batch=2, out=Path(d),
-                               progress=lines.append, targets_cache=cache, recalibrate_every=1)
+            with mock.patch.object(Simulated, "calibrate", autospec=True, side_effect=Simulated.calibrate) as chosen:
+                record = fine_tune(core, images(4, 9), images(4, 10), epochs=2, learning_rate=1e-3, batch=2,
+                                   out=Path(d), progress=lambda line: None, targets_cache=cache, recalibrate_every=1)
             self.assertEqual([h["epoch"] for h in record["history"]], [0, 1, 2])
-            self.assertEqual(sum("ranges of" in line for line in lines), 1)
+            self.assertEqual(chosen.call_count, 2)  # before training, and again before epoch 2
+            with mock.patch("dermedge_export.qat.embed", side_effect=AssertionError("computed again")):
+                # The same inputs and untrained weights (the core above has trained): read from the cache.
+                self.assertEqual(float_targets(Simulated(tiny_core(8)), images(4, 9), images(4, 10), 2, cache)[0].shape,
+                                 (VIEWS, 4, 12))
             with np.load(cache) as z:
                 self.assertEqual(z["views"].shape, (VIEWS, 4, 12))
                 kept = str(z["key"])
