@@ -47,6 +47,9 @@ class Recipe:
     # Fit a per-dimension output correction (correction.py) on the calibration images and ship
     # it in the manifest.
     corrected: bool = False
+    # The float .tflite converted when it is not the fp32 export (a fine-tuned copy); its path and
+    # checksum go into the manifest's provenance.
+    source: Path | None = None
 
 
 @dataclass
@@ -344,7 +347,7 @@ def aeq_recipes(ctx: Context) -> list[Recipe]:
                       f"model fine-tuned with int8 rounding in its forward pass towards its own float embeddings "
                       f"({ctx.qat}; dermedge_export.qat), judged against the original fp32 export; "
                       f"{n} calibration images",
-                      lambda: _quantizer(ctx, "int8-mse", source=ctx.qat))]
+                      lambda: _quantizer(ctx, "int8-mse", source=ctx.qat), source=ctx.qat)]
     return [
         Recipe("aeq-int8", "int8", f"AI Edge Quantizer int8 (min/max ranges, per-channel weights); {n} calibration images",
                lambda: _quantizer(ctx, "int8")),
@@ -644,8 +647,12 @@ def write_recipe(ctx: Context, recipe: Recipe, model: bytes, work: Path, entry: 
         fitted = work / f"{ctx.name}.{recipe.name}.correction.npy"
         entry["correction"] = fit_correction(ctx, tflite, fitted)
     manifest = work / f"{ctx.name}.{recipe.name}.toml"
+    source = {"source": "the exporter's core SavedModel"}
+    if recipe.source is not None:
+        source = {"source": f"{recipe.source.resolve()} (a fine-tuned copy of the exporter's core SavedModel)",
+                  "source_sha256": sha256(recipe.source)}
     write_manifest(manifest, tflite, ctx.name, ctx.version, recipe.precision, ctx.dim, ctx.pre, "float32", None,
-                   {"source": "the exporter's core SavedModel", "tool": f"models/export (tensorflow {tf.__version__})",
+                   {**source, "tool": f"models/export (tensorflow {tf.__version__})",
                     "conversion": recipe.how, "recipe": recipe.name}, correction=fitted)
     entry.update({"file": tflite.name, "bytes": tflite.stat().st_size, "sha256": sha256(tflite)})
     return tflite, manifest

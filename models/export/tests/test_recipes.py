@@ -149,6 +149,28 @@ class Recipes(unittest.TestCase):
         ctx.only = None
         self.assertEqual([r.name for r in recipes.selected(ctx)], list(RECIPE_NAMES))
 
+    def test_a_recipe_from_a_fine_tuned_copy_names_that_copy_and_its_checksum_in_the_manifest(self):
+        from dermedge_export.manifest import Preprocessing, sha256
+        work = Path(tempfile.mkdtemp())
+        tuned = work / "tuned.fp32.tflite"
+        tuned.write_bytes(b"fine-tuned float model")
+        pre = Preprocessing("DecodePng", "ResizeBilinear", 8, 8, 1 / 255, 0.0, "x", [], True)
+        ctx = recipes.Context(core_dir=Path("c"), integer_core_dir=None, name="m", version="1", out=work,
+                              pre=pre, dim=4, cal_inputs=[], plain_int8=Path("p"), fp32_manifest=Path("f"),
+                              fp32_tflite=Path("f"), layer_errors=Path("l"), debug_count=1, dermedge="d",
+                              validation=Path("v"), holdout=None, threads=2, latency_budget=1.2, bench_runs=1,
+                              qat=tuned)
+        made = {r.name: r for r in recipes.recipes(ctx)}
+        entry = {}
+        _, manifest = recipes.write_recipe(ctx, made["aeq-int8-qat-mse"], b"converted", work, entry)
+        text = manifest.read_text()
+        self.assertIn(f'source = "{tuned.resolve()} (a fine-tuned copy', text)
+        self.assertIn(f'source_sha256 = "{sha256(tuned)}"', text)
+        # A recipe of the fp32 export itself names no copy.
+        _, manifest = recipes.write_recipe(ctx, made["aeq-int8"], b"converted", work, {})
+        self.assertIn('source = "the exporter\'s core SavedModel"', manifest.read_text())
+        self.assertNotIn("source_sha256", manifest.read_text())
+
     def test_the_choice_is_the_fastest_pass_within_budget_else_the_fastest_pass_said_over_budget(self):
         def entry(name, verdict, seconds, within):
             gates = {"centred_cosine_p1": {"value": 0.99 if verdict == "PASS" else 0.5, "min": 0.95,
