@@ -307,6 +307,29 @@ def write_float_tflite(core, path: Path, size: int) -> None:
     path.write_bytes(converter.convert())
 
 
+# The written float file against the Keras core, relative L2 per image: float32 arithmetic in
+# another order differs by ~1e-7; a lost weight or normalisation by orders of magnitude more.
+FLOAT_FILE_TOLERANCE = 1e-4
+
+
+def check_float_tflite(core, path: Path, inputs: np.ndarray) -> float:
+    """The worst relative L2 error of `path` (LiteRT) against `core` (Keras) on `inputs`; an
+    ExportError naming the file when it exceeds FLOAT_FILE_TOLERANCE, since every recipe made
+    from that file would silently quantise another model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
+    worst = 0.0
+    for x in inputs:
+        want = core(x[None], training=False).numpy()
+        got = runner(image=x[None].astype(np.float32))["embedding"]
+        worst = max(worst, float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)))
+    if not worst <= FLOAT_FILE_TOLERANCE:
+        raise ExportError(f"{path}: computes {worst:.3g} (relative L2) away from the fine-tuned Keras model it was "
+                          f"written from; at most {FLOAT_FILE_TOLERANCE} expected")
+    return worst
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dermedge_export.qat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -344,6 +367,8 @@ def main(argv=None) -> int:
                     "lesion-x448, fine-tuned for int8 by distillation from its float model "
                     f"(epoch {record['kept_epoch']} kept)")
         write_float_tflite(core, args.out / "lesion-x448.fp32.tflite", SIZE)
+        worst = check_float_tflite(core, args.out / "lesion-x448.fp32.tflite", validation[:2])
+        print(f"lesion-x448.fp32.tflite computes what the fine-tuned Keras model does (relative L2 at most {worst:.2g})")
         print(f"wrote {args.out}/savedmodel, lesion-x448.fp32.tflite and qat.json")
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from dermedge_export.qat import (VIEWS, Simulated, embed, fine_tune, float_targets, round_weights, view,
-                                 write_float_tflite)
+                                 write_float_tflite, check_float_tflite)
 from dermedge_export.sensitivity import head_view_delta
 
 
@@ -124,6 +124,21 @@ class FloatFile(unittest.TestCase):
             self.assertFalse(ops & {"VAR_HANDLE", "READ_VARIABLE"}, ops)
             out = interp.get_signature_runner("serving_default")(image=x)["embedding"]
         np.testing.assert_allclose(out, core(x, training=False).numpy(), rtol=1e-4, atol=1e-5)
+
+    def test_the_written_float_file_is_checked_against_the_model_it_came_from(self):
+        from dermedge_export.errors import ExportError
+
+        core = tiny_core(14)
+        x = images(2, 15)
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "m.fp32.tflite"
+            write_float_tflite(core, path, 16)
+            self.assertLess(check_float_tflite(core, path, x), 1e-5)
+            # A model that no longer matches its file (a weight changed after writing) is named.
+            stem = core.layers[-1].get_layer("stem")
+            stem.kernel.assign(stem.kernel * 1.5)
+            with self.assertRaisesRegex(ExportError, "m.fp32.tflite: computes .* away from the fine-tuned"):
+                check_float_tflite(core, path, x)
 
 
 class FineTune(unittest.TestCase):
