@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dermedge_export.qat import (VIEWS, Simulated, embed, fine_tune, float_targets, round_weights, view,
+from dermedge_export.qat import (VIEWS, Simulated, embed, fine_tune, float_targets, power_loss, round_weights, view,
                                  write_float_tflite, check_float_tflite)
 from dermedge_export.sensitivity import head_view_delta
 
@@ -142,6 +142,24 @@ class FloatFile(unittest.TestCase):
 
 
 class FineTune(unittest.TestCase):
+    def test_the_power_loss_is_mean_delta2_at_2_leans_to_the_worst_image_above_and_keeps_its_scale(self):
+        d2 = tf.constant([0.01, 0.04, 0.25])
+        self.assertAlmostEqual(float(power_loss(d2, 2.0)), 0.1, places=6)
+        self.assertGreater(float(power_loss(d2, 8.0)), float(power_loss(d2, 4.0)))
+        self.assertGreater(float(power_loss(d2, 4.0)), 0.1)
+        self.assertLess(float(power_loss(d2, 16.0)), 0.25)
+        for p in (1.0, 2.0, 6.0):
+            self.assertAlmostEqual(float(power_loss(tf.constant([0.09, 0.09]), p)), 0.09, places=6)
+        # The worst image's share of the gradient grows with p.
+        shares = []
+        for p in (2.0, 8.0):
+            x = tf.Variable([0.01, 0.25])
+            with tf.GradientTape() as tape:
+                loss = power_loss(x, p)
+            g = tape.gradient(loss, x).numpy()
+            shares.append(g[1] / g.sum())
+        self.assertGreater(shares[1], shares[0])
+
     def test_the_kept_weights_are_the_best_validation_epochs(self):
         core = tiny_core(5)
         untouched = [v.numpy() for v in core.trainable_variables]
@@ -176,6 +194,44 @@ class FineTune(unittest.TestCase):
             with np.load(cache) as z:
                 self.assertNotEqual(str(z["key"]), kept)
 
+
+
+class CommandLine(unittest.TestCase):
+    """Refusals come before the model is loaded or anything is computed, with exit status 2."""
+
+    def refused(self, *argv: str) -> str:
+        import contextlib
+        import io
+
+        from dermedge_export.qat import main
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            self.assertEqual(main(list(argv)), 2)
+        return err.getvalue()
+
+    def test_bad_inputs_and_options_are_refused_by_name(self):
+        with tempfile.TemporaryDirectory() as d:
+            d = Path(d)
+            small = d / "small.npz"
+            np.savez(small, inputs=images(2, 1), names=np.array(["a", "b"]))
+            right = d / "right.npz"
+            np.savez(right, inputs=np.zeros((2, 448, 448, 3), np.float32), names=np.array(["a", "b"]))
+            one = d / "one.npz"
+            np.savez(one, inputs=np.zeros((1, 448, 448, 3), np.float32), names=np.array(["a"]))
+            (d / "file").write_text("")
+            common = ["--calibration", str(right), "--validation", str(right), "--out"]
+            self.assertIn("/etc/passwd", self.refused("--calibration", "/etc/passwd", "--validation", str(right),
+                                                      "--out", str(d / "o")))
+            self.assertIn(f"{small}: inputs of shape [16, 16, 3]",
+                          self.refused("--calibration", str(small), "--validation", str(right), "--out", str(d / "o")))
+            self.assertIn("at least 2 validation images",
+                          self.refused("--calibration", str(right), "--validation", str(one), "--out", str(d / "o")))
+            self.assertIn("is not a directory", self.refused(*common, str(d / "file")))
+            self.assertIn("--epochs", self.refused(*common, str(d / "o"), "--epochs", "0"))
+            for power in ("0.5", "17", "nan"):
+                self.assertIn(f"--loss-power {float(power)}", self.refused(*common, str(d / "o"), "--loss-power", power))
+            self.assertFalse((d / "o").exists(), "nothing written for a refused run")
 
 if __name__ == "__main__":
     unittest.main()
