@@ -20,7 +20,7 @@ The result is a float SavedModel; the int8 file is made from it by the usual rec
 against the *original* float model (never the fine-tuned one):
 
     python -m dermedge_export.qat --calibration cal.npz --validation wide-32.npz --out DIR \\
-        [--epochs 12] [--learning-rate 3e-5] [--batch 2]
+        [--epochs 12] [--learning-rate 3e-5] [--batch 2] [--recalibrate-every 0] [--loss-power 2]
 """
 from __future__ import annotations
 
