@@ -208,7 +208,9 @@ def float_targets(sim: Simulated, calibration: np.ndarray, validation: np.ndarra
 def power_loss(delta2: tf.Tensor, power: float) -> tf.Tensor:
     """(mean δ^p)^(2/p) of a batch's δ²: mean δ² at p = 2, towards max δ² as p grows; equal
     errors give δ² at any p, so the learning rate means the same for every p."""
-    return tf.reduce_mean(delta2 ** (power / 2)) ** (2 / power)
+    # Floored: the gradient of x^y is infinite at x = 0 (an exact image, or δ^p underflowing).
+    floor = 1e-12
+    return tf.maximum(tf.reduce_mean(tf.maximum(delta2, floor) ** (power / 2)), floor) ** (2 / power)
 
 
 def fine_tune(core, calibration: np.ndarray, validation: np.ndarray, epochs: int, learning_rate: float,
@@ -328,11 +330,12 @@ def check_float_tflite(core, path: Path, inputs: np.ndarray) -> float:
     from ai_edge_litert.interpreter import Interpreter
 
     runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
-    worst = 0.0
+    errors = []
     for x in inputs:
         want = core(x[None], training=False).numpy()
         got = runner(image=x[None].astype(np.float32))["embedding"]
-        worst = max(worst, float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)))
+        errors.append(float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)))
+    worst = float(np.max(errors))  # NaN, from either side, stays NaN and is refused
     if not worst <= FLOAT_FILE_TOLERANCE:
         raise ExportError(f"{path}: computes {worst:.3g} (relative L2) away from the fine-tuned Keras model it was "
                           f"written from; at most {FLOAT_FILE_TOLERANCE} expected")
@@ -367,7 +370,8 @@ def main(argv=None) -> int:
             raise ExportError(f"{args.validation}: the head view needs at least 2 validation images, got {len(validation)}")
         if args.out.exists() and not args.out.is_dir():
             raise ExportError(f"--out {args.out}: exists and is not a directory")
-        if args.epochs < 1 or args.batch < 1 or not args.learning_rate > 0 or args.recalibrate_every < 0:
+        if (args.epochs < 1 or args.batch < 1 or not 0 < args.learning_rate < float("inf")
+                or args.recalibrate_every < 0):
             raise ExportError("--epochs and --batch must be >= 1, --learning-rate > 0 and --recalibrate-every >= 0")
         if not 1.0 <= args.loss_power <= 16.0:
             raise ExportError(f"--loss-power {args.loss_power}: expected a power from 1 to 16")
@@ -380,8 +384,15 @@ def main(argv=None) -> int:
         save_lesion(core, trained, args.out / "savedmodel",
                     "lesion-x448, fine-tuned for int8 by distillation from its float model "
                     f"(epoch {record['kept_epoch']} kept)")
-        write_float_tflite(core, args.out / "lesion-x448.fp32.tflite", SIZE)
-        worst = check_float_tflite(core, args.out / "lesion-x448.fp32.tflite", validation[:2])
+        # Written aside and checked before it takes the name the recipes read.
+        unchecked = args.out / "lesion-x448.fp32.tflite.unchecked"
+        write_float_tflite(core, unchecked, SIZE)
+        try:
+            worst = check_float_tflite(core, unchecked, validation[:2])
+        except ExportError:
+            unchecked.unlink()
+            raise
+        unchecked.replace(args.out / "lesion-x448.fp32.tflite")
         print(f"lesion-x448.fp32.tflite computes what the fine-tuned Keras model does (relative L2 at most {worst:.2g})")
         print(f"wrote {args.out}/savedmodel, lesion-x448.fp32.tflite and qat.json")
     except ExportError as e:

@@ -649,7 +649,7 @@ def write_recipe(ctx: Context, recipe: Recipe, model: bytes, work: Path, entry: 
     manifest = work / f"{ctx.name}.{recipe.name}.toml"
     source = {"source": "the exporter's core SavedModel"}
     if recipe.source is not None:
-        source = {"source": f"{recipe.source.resolve()} (a fine-tuned copy of the exporter's core SavedModel)",
+        source = {"source": f"{recipe.source} (a fine-tuned copy of the exporter's core SavedModel)",
                   "source_sha256": sha256(recipe.source)}
     write_manifest(manifest, tflite, ctx.name, ctx.version, recipe.precision, ctx.dim, ctx.pre, "float32", None,
                    {**source, "tool": f"models/export (tensorflow {tf.__version__})",

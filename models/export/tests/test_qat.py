@@ -139,6 +139,10 @@ class FloatFile(unittest.TestCase):
             stem.kernel.assign(stem.kernel * 1.5)
             with self.assertRaisesRegex(ExportError, "m.fp32.tflite: computes .* away from the fine-tuned"):
                 check_float_tflite(core, path, x)
+            # Nor does a NaN output pass (NaN compares false with every bound).
+            x[1, 0, 0, 0] = np.nan
+            with self.assertRaisesRegex(ExportError, "computes nan"):
+                check_float_tflite(core, path, x)
 
 
 class FineTune(unittest.TestCase):
@@ -159,6 +163,13 @@ class FineTune(unittest.TestCase):
             g = tape.gradient(loss, x).numpy()
             shares.append(g[1] / g.sum())
         self.assertGreater(shares[1], shares[0])
+        # An exact image (δ² = 0) leaves every gradient finite, at any allowed power.
+        for p in (1.0, 2.0, 16.0):
+            for d2 in ([0.0, 0.04], [0.0, 0.0], [1e-7, 1e-7]):
+                x = tf.Variable(d2)
+                with tf.GradientTape() as tape:
+                    loss = power_loss(x, p)
+                self.assertTrue(np.all(np.isfinite(tape.gradient(loss, x).numpy())), (p, d2))
 
     def test_the_kept_weights_are_the_best_validation_epochs(self):
         core = tiny_core(5)
@@ -229,6 +240,8 @@ class CommandLine(unittest.TestCase):
                           self.refused("--calibration", str(right), "--validation", str(one), "--out", str(d / "o")))
             self.assertIn("is not a directory", self.refused(*common, str(d / "file")))
             self.assertIn("--epochs", self.refused(*common, str(d / "o"), "--epochs", "0"))
+            for rate in ("inf", "nan", "0"):
+                self.assertIn("--learning-rate", self.refused(*common, str(d / "o"), "--learning-rate", rate))
             for power in ("0.5", "17", "nan"):
                 self.assertIn(f"--loss-power {float(power)}", self.refused(*common, str(d / "o"), "--loss-power", power))
             self.assertFalse((d / "o").exists(), "nothing written for a refused run")
