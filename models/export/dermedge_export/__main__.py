@@ -78,7 +78,8 @@ def main(argv=None) -> int:
                         "(dermedge_export.sensitivity); offers the aeq-mixed-* recipes")
     p.add_argument("--qat", type=Path,
                    help="recipe search: the float .tflite of a quantisation-aware fine-tuning run of this model "
-                        "(dermedge_export.qat); offers aeq-int8-qat-mse, judged against this model's own fp32")
+                        "(dermedge_export.qat); offers aeq-int8-qat-mse and its -affine twin, judged against "
+                        "this model's own fp32")
     p.add_argument("--recipes", help="recipe search: comma-separated recipe names to try (default: all; the plain "
                                      "int8 export is always tried, as the timing baseline)")
 

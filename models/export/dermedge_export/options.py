@@ -28,7 +28,8 @@ RECIPE_NAMES = ("int8-plain", "int8-integer-groupnorm", "ablation-conv", "ablati
                 "aeq-int8-activation-corrected-mse", "aeq-int8-gptq-activation-corrected-mse", "aeq-int8-adapted-mse",
                 "aeq-int8-weights-gptq",
                 "aeq-mixed-8",
-                "aeq-mixed-32", "aeq-mixed-gptq-mse-8", "aeq-mixed-gptq-mse-32", "aeq-int8-qat-mse", "aeq-a16w8")
+                "aeq-mixed-32", "aeq-mixed-gptq-mse-8", "aeq-mixed-gptq-mse-32", "aeq-int8-qat-mse",
+                "aeq-int8-qat-mse-affine", "aeq-a16w8")
 
 
 def _set(obj, name: str, value):

@@ -270,7 +270,7 @@ def selected(ctx: Context) -> list[Recipe]:
     missing = [n for n in ctx.only if n not in offered]
     if missing:
         why = {n: "needs --sensitivity (a per-layer sensitivity run)" if n.startswith("aeq-mixed-")
-               else "needs --qat (a quantisation-aware fine-tuning run)" if n == "aeq-int8-qat-mse"
+               else "needs --qat (a quantisation-aware fine-tuning run)" if n.startswith("aeq-int8-qat-mse")
                else "needs a graph with Square / SquaredDifference" for n in missing}
         raise ExportError("recipes not offered for this model: " + "; ".join(f"{n} {w}" for n, w in why.items()))
     return [r for r in every if r.name == "int8-plain" or r.name in ctx.only]
@@ -342,12 +342,17 @@ def aeq_recipes(ctx: Context) -> list[Recipe]:
                       for k in (8, 32)]
     qat = []
     if ctx.qat is not None:
+        def fine_tuned() -> bytes:
+            return _once(ctx, "qat-int8-mse", lambda: _quantizer(ctx, "int8-mse", source=ctx.qat))
+
         qat = [Recipe("aeq-int8-qat-mse", "int8",
                       f"int8 with MSE activation ranges and nearest-rounded weights, converted from a copy of the "
                       f"model fine-tuned with int8 rounding in its forward pass towards its own float embeddings "
                       f"({ctx.qat}; dermedge_export.qat), judged against the original fp32 export; "
-                      f"{n} calibration images",
-                      lambda: _quantizer(ctx, "int8-mse", source=ctx.qat), source=ctx.qat)]
+                      f"{n} calibration images", fine_tuned, source=ctx.qat),
+               Recipe("aeq-int8-qat-mse-affine", "int8",
+                      "aeq-int8-qat-mse with the per-dimension output correction of int8-affine, fitted against "
+                      "the original fp32 export", fine_tuned, corrected=True, source=ctx.qat)]
     return [
         Recipe("aeq-int8", "int8", f"AI Edge Quantizer int8 (min/max ranges, per-channel weights); {n} calibration images",
                lambda: _quantizer(ctx, "int8")),

@@ -4,6 +4,7 @@ import json
 import re
 import tempfile
 import unittest
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,7 @@ class Recipes(unittest.TestCase):
                               threads=2, latency_budget=1.2, bench_runs=1, only=("dynamic-range-int8",))
         self.assertEqual([r.name for r in recipes.selected(ctx)], ["int8-plain", "dynamic-range-int8"])
         ctx.only = None
-        without = [n for n in RECIPE_NAMES if not n.startswith("aeq-mixed-") and n != "aeq-int8-qat-mse"]
+        without = [n for n in RECIPE_NAMES if not n.startswith(("aeq-mixed-", "aeq-int8-qat-mse"))]
         self.assertEqual([r.name for r in recipes.selected(ctx)], without)
         # The mixed-precision recipes need a sensitivity run's ranking, and say so when asked for.
         ctx.only = ("aeq-mixed-8",)
@@ -144,8 +145,19 @@ class Recipes(unittest.TestCase):
         ctx.only = ("aeq-int8-qat-mse",)
         with self.assertRaisesRegex(ExportError, "aeq-int8-qat-mse needs --qat"):
             recipes.selected(ctx)
+        ctx.only = ("aeq-int8-qat-mse", "aeq-int8-qat-mse-affine")
+        with self.assertRaisesRegex(ExportError, "aeq-int8-qat-mse-affine needs --qat"):
+            recipes.selected(ctx)
         ctx.qat = Path("qat/m.fp32.tflite")
-        self.assertEqual([r.name for r in recipes.selected(ctx)], ["int8-plain", "aeq-int8-qat-mse"])
+        picked = recipes.selected(ctx)
+        self.assertEqual([r.name for r in picked], ["int8-plain", "aeq-int8-qat-mse", "aeq-int8-qat-mse-affine"])
+        # The corrected twin ships a correction and converts once with the plain one (shared).
+        self.assertEqual([r.corrected for r in picked[1:]], [False, True])
+        self.assertEqual({r.source for r in picked[1:]}, {ctx.qat})
+        calls = []
+        with mock.patch.object(recipes, "_quantizer", lambda *a, **k: calls.append(k) or b"model"):
+            self.assertEqual([r.convert() for r in picked[1:]], [b"model", b"model"])
+        self.assertEqual(calls, [{"source": ctx.qat}])
         ctx.only = None
         self.assertEqual([r.name for r in recipes.selected(ctx)], list(RECIPE_NAMES))
 
