@@ -183,6 +183,26 @@ class Recipes(unittest.TestCase):
         self.assertIn('source = "the exporter\'s core SavedModel"', manifest.read_text())
         self.assertNotIn("source_sha256", manifest.read_text())
 
+    def test_the_output_correction_is_fitted_against_the_original_fp32_not_a_fine_tuned_copy(self):
+        work = Path(tempfile.mkdtemp())
+        ctx = recipes.Context(core_dir=Path("c"), integer_core_dir=None, name="m", version="1", out=work,
+                              pre=None, dim=4, cal_inputs=[np.zeros((1, 4, 4, 3), np.float32)] * 3,
+                              plain_int8=Path("p"), fp32_manifest=Path("f"), fp32_tflite=Path("original.fp32.tflite"),
+                              layer_errors=Path("l"), debug_count=1, dermedge="d", validation=Path("v"), holdout=None,
+                              threads=2, latency_budget=1.2, bench_runs=1, qat=Path("tuned.fp32.tflite"))
+        rng = np.random.default_rng(3)
+        original = rng.normal(0, 1, (12, 4)).astype(np.float32)
+        runs = []
+
+        def run_tflite(path, samples):
+            runs.append(Path(path).name)
+            return original if Path(path).name == "original.fp32.tflite" else original * 2.0 + 1.0
+
+        with mock.patch.object(recipes, "run_tflite", run_tflite):
+            fit = recipes.fit_correction(ctx, work / "m.aeq-int8-qat-mse-affine.tflite", work / "c.npy")
+        self.assertEqual(runs, ["original.fp32.tflite", "m.aeq-int8-qat-mse-affine.tflite"])
+        self.assertLess(fit["relative_error_after"], 0.05 * fit["relative_error_before"])
+
     def test_the_choice_is_the_fastest_pass_within_budget_else_the_fastest_pass_said_over_budget(self):
         def entry(name, verdict, seconds, within):
             gates = {"centred_cosine_p1": {"value": 0.99 if verdict == "PASS" else 0.5, "min": 0.95,
