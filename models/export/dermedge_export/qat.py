@@ -327,14 +327,11 @@ def check_float_tflite(core, path: Path, inputs: np.ndarray) -> float:
     """The worst relative L2 error of `path` (LiteRT) against `core` (Keras) on `inputs`; an
     ExportError naming the file when it exceeds FLOAT_FILE_TOLERANCE, since every recipe made
     from that file would silently quantise another model."""
-    from ai_edge_litert.interpreter import Interpreter
+    from .runner import run_tflite
 
-    runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
-    errors = []
-    for x in inputs:
-        want = core(x[None], training=False).numpy()
-        got = runner(image=x[None].astype(np.float32))["embedding"]
-        errors.append(float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)))
+    want = core(inputs, training=False).numpy()
+    got = run_tflite(path, [x[None] for x in inputs])
+    errors = np.linalg.norm(got - want, axis=1) / np.maximum(np.linalg.norm(want, axis=1), 1e-30)
     worst = float(np.max(errors))  # NaN, from either side, stays NaN and is refused
     if not worst <= FLOAT_FILE_TOLERANCE:
         raise ExportError(f"{path}: computes {worst:.3g} (relative L2) away from the fine-tuned Keras model it was "

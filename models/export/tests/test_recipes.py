@@ -14,6 +14,15 @@ from dermedge_export.errors import ExportError
 from dermedge_export.options import RECIPE_NAMES
 
 
+def context(**given) -> recipes.Context:
+    """A search context with placeholder paths; a test gives what it uses."""
+    fields = dict(core_dir=Path("c"), integer_core_dir=None, name="m", version="1", out=Path("o"), pre=None, dim=4,
+                  cal_inputs=[], plain_int8=Path("p"), fp32_manifest=Path("f"), fp32_tflite=Path("f"),
+                  layer_errors=Path("l"), debug_count=1, dermedge="d", validation=Path("v"), holdout=None,
+                  threads=2, latency_budget=1.2, bench_runs=1)
+    return recipes.Context(**{**fields, **given})
+
+
 class Recipes(unittest.TestCase):
     def test_worst_layers_rank_by_error_relative_to_the_quantisation_step(self):
         csv = Path(tempfile.mkdtemp()) / "layer-errors.csv"
@@ -127,10 +136,7 @@ class Recipes(unittest.TestCase):
 
 
     def test_recipe_selection_keeps_the_plain_baseline(self):
-        ctx = recipes.Context(core_dir=Path("c"), integer_core_dir=Path("i"), name="m", version="1", out=Path("o"),
-                              pre=None, dim=4, cal_inputs=[], plain_int8=Path("p"), fp32_manifest=Path("f"), fp32_tflite=Path("f"),
-                              layer_errors=Path("l"), debug_count=1, dermedge="d", validation=Path("v"), holdout=None,
-                              threads=2, latency_budget=1.2, bench_runs=1, only=("dynamic-range-int8",))
+        ctx = context(integer_core_dir=Path("i"), only=("dynamic-range-int8",))
         self.assertEqual([r.name for r in recipes.selected(ctx)], ["int8-plain", "dynamic-range-int8"])
         ctx.only = None
         without = [n for n in RECIPE_NAMES if not n.startswith(("aeq-mixed-", "aeq-int8-qat-mse"))]
@@ -167,11 +173,7 @@ class Recipes(unittest.TestCase):
         tuned = work / "tuned.fp32.tflite"
         tuned.write_bytes(b"fine-tuned float model")
         pre = Preprocessing("DecodePng", "ResizeBilinear", 8, 8, 1 / 255, 0.0, "x", [], True)
-        ctx = recipes.Context(core_dir=Path("c"), integer_core_dir=None, name="m", version="1", out=work,
-                              pre=pre, dim=4, cal_inputs=[], plain_int8=Path("p"), fp32_manifest=Path("f"),
-                              fp32_tflite=Path("f"), layer_errors=Path("l"), debug_count=1, dermedge="d",
-                              validation=Path("v"), holdout=None, threads=2, latency_budget=1.2, bench_runs=1,
-                              qat=tuned)
+        ctx = context(out=work, pre=pre, qat=tuned)
         made = {r.name: r for r in recipes.recipes(ctx)}
         entry = {}
         _, manifest = recipes.write_recipe(ctx, made["aeq-int8-qat-mse"], b"converted", work, entry)
@@ -185,11 +187,8 @@ class Recipes(unittest.TestCase):
 
     def test_the_output_correction_is_fitted_against_the_original_fp32_not_a_fine_tuned_copy(self):
         work = Path(tempfile.mkdtemp())
-        ctx = recipes.Context(core_dir=Path("c"), integer_core_dir=None, name="m", version="1", out=work,
-                              pre=None, dim=4, cal_inputs=[np.zeros((1, 4, 4, 3), np.float32)] * 3,
-                              plain_int8=Path("p"), fp32_manifest=Path("f"), fp32_tflite=Path("original.fp32.tflite"),
-                              layer_errors=Path("l"), debug_count=1, dermedge="d", validation=Path("v"), holdout=None,
-                              threads=2, latency_budget=1.2, bench_runs=1, qat=Path("tuned.fp32.tflite"))
+        ctx = context(out=work, cal_inputs=[np.zeros((1, 4, 4, 3), np.float32)] * 3,
+                      fp32_tflite=Path("original.fp32.tflite"), qat=Path("tuned.fp32.tflite"))
         rng = np.random.default_rng(3)
         original = rng.normal(0, 1, (12, 4)).astype(np.float32)
         runs = []
