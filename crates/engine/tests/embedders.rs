@@ -327,25 +327,22 @@ fn unavailable_accelerators_fall_back_to_cpu_or_fail_as_asked() {
 
 /// `[output.correction]` is applied by `dermedge_engine::load` to whatever the backend returns:
 /// every value becomes `x * scale + offset` of the uncorrected model's, and a damaged correction
-/// is refused before the model loads.
-#[test]
-fn an_output_correction_is_applied_to_every_value() {
-    let dir = tempfile::tempdir().unwrap();
-    let toml = copy_fixture(dir.path(), "int8");
-    let plain = ModelManifest::load(&toml).unwrap();
+/// is refused before the model loads. `toml` is a manifest in `dir`, loaded with `options`.
+fn check_output_correction(dir: &Path, toml: &Path, options: &EngineOptions) {
+    let plain = ModelManifest::load(toml).unwrap();
     let dim = plain.model.embedding_dim;
     let scale: Vec<f32> = (0..dim).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
     let offset: Vec<f32> = (0..dim).map(|i| (i % 5) as f32 - 2.0).collect();
     let mut npy = Vec::new();
     dermedge_core::npy::write_f32_rows(&mut npy, dim, [&scale[..], &offset[..]].into_iter())
         .unwrap();
-    fs::write(dir.path().join("c.npy"), &npy).unwrap();
+    fs::write(dir.join("c.npy"), &npy).unwrap();
     let section = format!(
         "[output.correction]\nfile = \"c.npy\"\nsha256 = \"{}\"\n",
         dermedge_core::sha256_hex(&npy)
     );
-    let text = fs::read_to_string(&toml).unwrap();
-    let corrected_toml = dir.path().join("corrected.toml");
+    let text = fs::read_to_string(toml).unwrap();
+    let corrected_toml = dir.join("corrected.toml");
     fs::write(
         &corrected_toml,
         text.replace("[provenance]", &format!("{section}\n[provenance]")),
@@ -358,12 +355,12 @@ fn an_output_correction_is_applied_to_every_value() {
         &DecodeLimits::default(),
     )
     .unwrap();
-    let x = dermedge_engine::load(&plain, &options(1))
+    let x = dermedge_engine::load(&plain, options)
         .unwrap()
         .embed(&image)
         .unwrap()
         .values;
-    let mut model = dermedge_engine::load(&corrected, &options(1)).unwrap();
+    let mut model = dermedge_engine::load(&corrected, options).unwrap();
     let y = model.embed(&image).unwrap().values;
     for i in 0..dim {
         assert_eq!(y[i], x[i] * scale[i] + offset[i], "value {i}");
@@ -376,12 +373,35 @@ fn an_output_correction_is_applied_to_every_value() {
 
     // One flipped byte in the correction file: refused, naming it and the checksum.
     npy[200] ^= 1;
-    fs::write(dir.path().join("c.npy"), &npy).unwrap();
-    let err = dermedge_engine::load(&corrected, &options(1))
+    fs::write(dir.join("c.npy"), &npy).unwrap();
+    let err = dermedge_engine::load(&corrected, options)
         .err()
         .expect("a damaged correction must be refused")
         .to_string();
     assert!(err.contains("c.npy") && err.contains("sha256"), "{err}");
+}
+
+#[test]
+fn an_output_correction_is_applied_to_every_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = copy_fixture(dir.path(), "int8");
+    check_output_correction(dir.path(), &toml, &options(1));
+}
+
+/// The correction wraps whichever backend runs the model: the classic one too, on the one-op
+/// fixture TensorFlow Lite 2.6 can run.
+#[cfg(feature = "classic")]
+#[test]
+fn an_output_correction_is_applied_on_the_classic_backend_too() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["patch.toml", "patch.tflite"] {
+        fs::copy(fixtures().join("edgetpu").join(name), dir.path().join(name)).unwrap();
+    }
+    let classic = EngineOptions {
+        backend: dermedge_engine::Backend::Classic,
+        ..options(1)
+    };
+    check_output_correction(dir.path(), &dir.path().join("patch.toml"), &classic);
 }
 
 /// Resident bytes of `path`'s mappings in this process.
