@@ -596,7 +596,7 @@ def frontier_svg(name: str, result: dict) -> str:
                t["fidelity"]["verdict"]) for t in result["recipes"]
               if t.get("fidelity") and "a76_vs_plain_int8" in t
               and (t["fidelity"]["gates"].get("head_view_delta_p99") or {}).get("value")]
-    width, height, left, bottom, top, right = 720, 420, 70, 50, 30, 190
+    width, height, left, bottom, top, right = 900, 480, 70, 50, 30, 330
     xs = [p[1] for p in points] + [result["latency_budget"], 1.0]
     x_max = max(xs) * 1.1
     y_lo, y_hi = -3.0, 1.0  # log10 of δ: 0.001 to 10
@@ -623,20 +623,29 @@ def frontier_svg(name: str, result: dict) -> str:
                'text-anchor="middle">head-view δ p99 (log)</text>')
     gate = 0.33
     out.append(f'<line x1="{left}" y1="{y(gate):.1f}" x2="{width - right}" y2="{y(gate):.1f}" stroke="green" '
-               f'stroke-dasharray="4 3"/><text x="{width - right + 4}" y="{y(gate) + 4:.1f}" fill="green">gate δ p99 ≤ 0.33</text>')
+               f'stroke-dasharray="4 3"/><text x="{left + 4}" y="{y(gate) - 4:.1f}" fill="green">gate δ p99 ≤ 0.33</text>')
     budget = result["latency_budget"]
     out.append(f'<line x1="{x(budget):.1f}" y1="{top}" x2="{x(budget):.1f}" y2="{height - bottom}" stroke="gray" '
                f'stroke-dasharray="4 3"/><text x="{x(budget) + 4:.1f}" y="{top + 10}" fill="gray">budget {budget}x</text>')
-    placed = []  # label baselines already used: a label that would overlap one moves down a line
-    for recipe, lat, delta, verdict in points:
+    # Labels in one column right of the plot, in the order of their points' height, each as near
+    # its point's height as the ones above it allow and joined to it by a line: many recipes sit
+    # at the same latency, where labels beside the points would cover each other.
+    marks = sorted(((x(lat), y(delta), recipe, lat, delta, verdict) for recipe, lat, delta, verdict in points),
+                   key=lambda m: (m[1], m[0]))
+    column, line = width - right + 24, 12
+    baselines = []
+    for _, cy, *_ in marks:
+        baselines.append(max(cy + 4, baselines[-1] + line) if baselines else cy + 4)
+    overflow = (baselines[-1] - (height - 4)) if baselines else 0
+    if overflow > 0:  # the column ran off the bottom: lift it, keeping the lines apart
+        baselines = [max(b - overflow, top + line * (i + 1)) for i, b in enumerate(baselines)]
+    for (cx, cy, recipe, lat, delta, verdict), ly in zip(marks, baselines):
         colour = "green" if verdict == "PASS" else "firebrick"
-        out.append(f'<circle cx="{x(lat):.1f}" cy="{y(delta):.1f}" r="4" fill="{colour}"><title>{recipe}: '
+        out.append(f'<line x1="{cx + 4:.1f}" y1="{cy:.1f}" x2="{column - 4}" y2="{ly - 4:.1f}" stroke="{colour}" '
+                   'stroke-opacity="0.35" stroke-width="0.8"/>')
+        out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{colour}"><title>{recipe}: '
                    f'{lat:.2f}x, δ p99 {delta:.3f}, {verdict}</title></circle>')
-        lx, ly = x(lat) + 6, y(delta) - 4
-        while any(abs(ly - py) < 12 and abs(lx - px) < 7 * max(len(recipe), len(pr)) for px, py, pr in placed):
-            ly += 12
-        placed.append((lx, ly, recipe))
-        out.append(f'<text x="{lx:.1f}" y="{ly:.1f}">{recipe}</text>')
+        out.append(f'<text x="{column}" y="{ly:.1f}">{recipe}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

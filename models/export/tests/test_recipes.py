@@ -245,6 +245,11 @@ class Recipes(unittest.TestCase):
                   for m in re.findall(r'<text x="([0-9.]+)" y="([0-9.]+)">([a-z0-9-]+)</text>', svg)}
         self.assertEqual(set(labels), {"int8-plain", "ablation-conv-add-norm", "fp16"})
         self.assertGreaterEqual(abs(labels["int8-plain"][1] - labels["ablation-conv-add-norm"][1]), 12)
+        # One column, in the points' order from the top, each label joined to its point.
+        self.assertEqual(len({lx for lx, _ in labels.values()}), 1)
+        self.assertLess(labels["int8-plain"][1], labels["ablation-conv-add-norm"][1])
+        self.assertLess(labels["ablation-conv-add-norm"][1], labels["fp16"][1])
+        self.assertEqual(svg.count("<line") - 4, 3)  # besides the two axes, the gate and the budget
 
     def test_searches_merge_with_each_recipe_once_as_first_judged(self):
         def entry(name, delta):
