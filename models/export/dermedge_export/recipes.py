@@ -596,7 +596,8 @@ def frontier_svg(name: str, result: dict) -> str:
                t["fidelity"]["verdict"]) for t in result["recipes"]
               if t.get("fidelity") and "a76_vs_plain_int8" in t
               and (t["fidelity"]["gates"].get("head_view_delta_p99") or {}).get("value")]
-    width, height, left, bottom, top, right = 900, 480, 70, 50, 30, 330
+    width, left, bottom, top, right = 900, 70, 50, 30, 330
+    height = max(480, top + 12 * (len(points) + 1) + 4)  # tall enough for the label column
     xs = [p[1] for p in points] + [result["latency_budget"], 1.0]
     x_max = max(xs) * 1.1
     y_lo, y_hi = -3.0, 1.0  # log10 of δ: 0.001 to 10

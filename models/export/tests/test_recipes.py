@@ -250,6 +250,15 @@ class Recipes(unittest.TestCase):
         self.assertLess(labels["int8-plain"][1], labels["ablation-conv-add-norm"][1])
         self.assertLess(labels["ablation-conv-add-norm"][1], labels["fp16"][1])
         self.assertEqual(svg.count("<line") - 4, 3)  # besides the two axes, the gate and the budget
+        # However many recipes, every label stays inside the picture, one line apart.
+        svg = recipes.frontier_svg("m", {"latency_budget": 1.2, "recipes": [
+            entry(f"r{i}", 1.0, 0.5 + i / 100, "FAIL") for i in range(60)]})
+        height = float(re.search(r'<svg [^>]*height="([0-9.]+)"', svg).group(1))
+        baselines = sorted(float(m) for m in re.findall(r'<text x="[0-9.]+" y="([0-9.]+)">r[0-9]+</text>', svg))
+        self.assertEqual(len(baselines), 60)
+        self.assertLessEqual(baselines[-1], height)
+        self.assertGreaterEqual(min(b - a for a, b in zip(baselines, baselines[1:])), 12 - 1e-6)
+        self.assertEqual(recipes.frontier_svg("m", {"latency_budget": 1.2, "recipes": []}).count("<circle"), 0)
 
     def test_searches_merge_with_each_recipe_once_as_first_judged(self):
         def entry(name, delta):
