@@ -591,10 +591,12 @@ def merged(outs: list[Path], name: str) -> dict:
 
 def frontier_svg(name: str, result: dict) -> str:
     """Fidelity against latency for every judged recipe: head-view δ p99 (log scale; the gate at
-    0.33) over the Cortex-A76 estimate relative to the plain int8 export (the budget marked)."""
+    0.33) over the Cortex-A76 estimate relative to the plain int8 export (the budget marked). A
+    recipe without a finite latency has no place on it; a δ that is not finite (a broken file's
+    NaN) is drawn at the top, as the worst."""
     points = [(t["recipe"], t["a76_vs_plain_int8"], t["fidelity"]["gates"]["head_view_delta_p99"]["value"],
                t["fidelity"]["verdict"]) for t in result["recipes"]
-              if t.get("fidelity") and "a76_vs_plain_int8" in t
+              if t.get("fidelity") and np.isfinite(t.get("a76_vs_plain_int8", np.nan))
               and (t["fidelity"]["gates"].get("head_view_delta_p99") or {}).get("value")]
     width, left, bottom, top, right = 900, 70, 50, 30, 330
     height = max(480, top + 12 * (len(points) + 1) + 4)  # tall enough for the label column
@@ -606,7 +608,7 @@ def frontier_svg(name: str, result: dict) -> str:
         return left + (width - left - right) * v / x_max
 
     def y(v):
-        ly = min(max(np.log10(max(v, 1e-3)), y_lo), y_hi)
+        ly = min(max(np.log10(max(v, 1e-3)), y_lo), y_hi) if np.isfinite(v) else y_hi
         return top + (height - top - bottom) * (y_hi - ly) / (y_hi - y_lo)
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '

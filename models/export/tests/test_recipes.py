@@ -259,6 +259,16 @@ class Recipes(unittest.TestCase):
         self.assertLessEqual(baselines[-1], height)
         self.assertGreaterEqual(min(b - a for a, b in zip(baselines, baselines[1:])), 12 - 1e-6)
         self.assertEqual(recipes.frontier_svg("m", {"latency_budget": 1.2, "recipes": []}).count("<circle"), 0)
+        # A NaN or infinite δ is drawn at the top edge; a recipe with no finite latency is left out.
+        svg = recipes.frontier_svg("m", {"latency_budget": 1.2, "recipes": [
+            entry("broken", 1.0, float("nan"), "FAIL"), entry("huge", 1.0, float("inf"), "FAIL"),
+            entry("untimed", float("nan"), 0.5, "FAIL"), entry("fine", 1.0, 0.5, "FAIL")]})
+        self.assertNotRegex(svg, r'="[^"]*nan')  # no coordinate is NaN; the title still says what was measured
+        self.assertIn("broken: 1.00x, δ p99 nan", svg)
+        self.assertNotIn("untimed", svg)
+        tops = {name: float(cy) for cy, name in re.findall(r'<circle cx="[0-9.]+" cy="([0-9.]+)"[^>]*><title>([a-z]+):', svg)}
+        self.assertEqual(tops["broken"], tops["huge"])
+        self.assertLess(tops["broken"], tops["fine"])
 
     def test_searches_merge_with_each_recipe_once_as_first_judged(self):
         def entry(name, delta):
