@@ -266,7 +266,8 @@ class Recipes(unittest.TestCase):
         self.assertNotRegex(svg, r'="[^"]*nan')  # no coordinate is NaN; the title still says what was measured
         self.assertIn("broken: 1.00x, δ p99 nan", svg)
         self.assertNotIn("untimed", svg)
-        tops = {name: float(cy) for cy, name in re.findall(r'<circle cx="[0-9.]+" cy="([0-9.]+)"[^>]*><title>([a-z]+):', svg)}
+        circle = r'<circle cx="[0-9.]+" cy="([0-9.]+)"[^>]*><title>([a-z]+):'
+        tops = {name: float(cy) for cy, name in re.findall(circle, svg)}
         self.assertEqual(tops["broken"], tops["huge"])
         self.assertLess(tops["broken"], tops["fine"])
 
